@@ -1,0 +1,1 @@
+"""gRPC transport: servicers that translate messages and status codes, and the interceptor around them."""

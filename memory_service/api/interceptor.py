@@ -1,0 +1,203 @@
+"""Wraps every RPC handler: authentication, domain-error translation, and metrics.
+
+One wrapper rather than three interceptors, because the order matters and is easy to get wrong: metrics must see
+the final status code, which exists only after errors are translated, and an unauthenticated call must still be
+counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from memory_service import errors
+from memory_service.api.status import status_for
+from memory_service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Services anyone may call: load balancers and grpcurl need them before they have credentials.
+OPEN_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+
+current_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_principal", default=None)
+"""The authenticated caller of the running RPC (``token:<fingerprint>``), or None when auth is off."""
+
+
+class Authenticator:
+    """Accepts ``authorization: Bearer <token>`` for any configured token, compared in constant time."""
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        self._tokens = [t.encode() for t in tokens]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._tokens)
+
+    def principal(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+        """The caller's principal; raises Unauthenticated when no configured token is presented."""
+        presented = b""
+        for key, value in metadata or ():
+            if key == "authorization":
+                raw = value.encode() if isinstance(value, str) else value
+                scheme, _, token = raw.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    presented = token.strip()
+        # Compare against every token so timing does not reveal which one matched.
+        matched = b""
+        for token in self._tokens:
+            if hmac.compare_digest(presented, token):
+                matched = token
+        if not matched:
+            raise _Unauthenticated()
+        return "token:" + hashlib.sha256(matched).hexdigest()[:12]
+
+
+class _Unauthenticated(Exception):
+    pass
+
+
+class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, metrics: Metrics, authenticator: Authenticator) -> None:
+        self._metrics = metrics
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        call = _Call(self._metrics, self._auth, service, method, handler)
+        factory, behavior = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+        original = getattr(handler, behavior)
+        wrapped = call.wrap_stream(original) if handler.response_streaming else call.wrap_unary(original)
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+_HANDLER_KINDS: dict[tuple[bool, bool], tuple[Callable[..., grpc.RpcMethodHandler], str]] = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+}
+
+
+class _Call:
+    """Everything the wrapper needs to know about one method."""
+
+    def __init__(
+        self, metrics: Metrics, auth: Authenticator, service: str, method: str, handler: grpc.RpcMethodHandler
+    ) -> None:
+        kind = {
+            (False, False): "unary",
+            (False, True): "server_stream",
+            (True, False): "client_stream",
+            (True, True): "bidi_stream",
+        }[(handler.request_streaming, handler.response_streaming)]
+        self.labels = (kind, service, method)
+        self.metrics = metrics
+        self.auth = auth if service not in OPEN_SERVICES else None
+
+    def _authenticate(self, context: aio.ServicerContext) -> None:
+        if self.auth is not None and self.auth.enabled:
+            current_principal.set(self.auth.principal(context.invocation_metadata()))
+
+    def _finish(self, started: float, code: grpc.StatusCode) -> None:
+        self.metrics.grpc_handled.labels(*self.labels, code.name).inc()
+        self.metrics.grpc_latency.labels(*self.labels).observe(time.perf_counter() - started)
+
+    def wrap_unary(self, behavior: Callable[[Any, aio.ServicerContext], Awaitable[Any]]) -> Any:
+        async def unary(request: Any, context: aio.ServicerContext) -> Any:
+            self.metrics.grpc_started.labels(*self.labels).inc()
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                self._authenticate(context)
+                return await behavior(request, context)
+            except BaseException as exc:
+                code = _status_of(exc, context)
+                await _abort_unless_final(exc, code, context)
+                raise
+            finally:
+                self._finish(started, code)
+
+        return unary
+
+    def wrap_stream(self, behavior: Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]) -> Any:
+        async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            self.metrics.grpc_started.labels(*self.labels).inc()
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                self._authenticate(context)
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as exc:
+                code = _status_of(exc, context)
+                await _abort_unless_final(exc, code, context)
+                raise
+            finally:
+                self._finish(started, code)
+
+        return stream
+
+
+def _status_of(exc: BaseException, context: aio.ServicerContext) -> grpc.StatusCode:
+    """The status this exception ends the call with."""
+    if isinstance(exc, aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[no-any-return]
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        # The client cancelled, or its deadline passed; grpc reports the status itself.
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    if isinstance(exc, _Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(exc, errors.MemoryServiceError):
+        return status_for(exc)
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort_unless_final(exc: BaseException, code: grpc.StatusCode, context: aio.ServicerContext) -> None:
+    """End the call with ``code`` and a message a client can read; never a traceback, never UNKNOWN.
+
+    Aborts and cancellations already carry their status and pass through unchanged.
+    """
+    if isinstance(exc, aio.AbortError | asyncio.CancelledError | GeneratorExit):
+        return
+    if isinstance(exc, _Unauthenticated):
+        message = "a valid bearer token is required in the authorization metadata"
+    elif isinstance(exc, errors.MemoryServiceError):
+        message = str(exc)
+    elif isinstance(exc, NotImplementedError):
+        message = "this method is not implemented yet"
+    else:
+        reference = uuid.uuid4().hex[:12]
+        log.error("internal error (ref %s)", reference, exc_info=exc)
+        message = f"internal error; the server log has the details (ref {reference})"
+    await context.abort(code, message)

@@ -1,0 +1,115 @@
+"""The `memory-service` command: serve, migrate, and the operator tools.
+
+Flags override the environment variables of the same meaning; ``memory-service <command> --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+from memory_service.config import Settings
+from memory_service.errors import StartupError
+
+log = logging.getLogger("memory_service")
+
+EPILOG = """\
+Configuration comes from environment variables (DATABASE_URL, GRPC_PORT, EMBEDDING_PROVIDER, ...); see the
+README's table. With DATABASE_URL unset, an embedded PostgreSQL keeps its data in MEMORY_SERVICE_DATA_DIR.
+"""
+
+
+def _database_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", metavar="DSN", help="PostgreSQL DSN (DATABASE_URL); unset: embedded")
+    parser.add_argument("--data-dir", metavar="DIR", help="embedded PostgreSQL data dir (MEMORY_SERVICE_DATA_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memory-service",
+        description="Long-term memory for AI agents: a gRPC service over PostgreSQL + pgvector.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC server (migrates first unless --no-migrate)")
+    _database_flags(serve)
+    serve.add_argument("--host", help="address to listen on (GRPC_HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="gRPC port (GRPC_PORT, default 50051; 0 picks a free one)")
+    serve.add_argument("--metrics-port", help="Prometheus port (METRICS_PORT, default 9464; 'off' disables)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations (MIGRATE_ON_START)")
+    serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser("migrate", help="apply pending database migrations and exit")
+    _database_flags(migrate)
+    migrate.set_defaults(run=_migrate)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    """Flags as the environment variables they stand for."""
+    mapping = {
+        "database_url": "DATABASE_URL",
+        "data_dir": "MEMORY_SERVICE_DATA_DIR",
+        "host": "GRPC_HOST",
+        "port": "GRPC_PORT",
+        "metrics_port": "METRICS_PORT",
+    }
+    env = {var: str(getattr(args, attr)) for attr, var in mapping.items() if getattr(args, attr, None) is not None}
+    if getattr(args, "no_migrate", False):
+        env["MIGRATE_ON_START"] = "false"
+    return env
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("asyncio", "pgserver"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from memory_service.server import serve
+
+    return asyncio.run(serve(settings))
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from memory_service.storage.embedded import EmbeddedPostgres
+    from memory_service.storage.migrations import apply_migrations
+
+    embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
+    dsn = settings.database_url or embedded.start()  # type: ignore[union-attr]
+    try:
+        applied = asyncio.run(apply_migrations(dsn))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else "; up to date"))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[Settings, argparse.Namespace], int] = args.run
+    try:
+        settings = Settings.from_env({**(os.environ if env is None else env), **_overrides(args)})
+        _configure_logging(settings.log_level)
+        return run(settings, args)
+    except StartupError as exc:
+        print(f"memory-service: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

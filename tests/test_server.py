@@ -1,0 +1,53 @@
+"""The server's contract surface: health, reflection, metrics, status codes for unknown methods."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from memory_service.v1 import memory_pb2
+from tests.conftest import RunningServer, code_of
+
+
+async def test_health_is_serving_for_every_service(server: RunningServer) -> None:
+    health = health_pb2_grpc.HealthStub(server.channel)
+    for service in ("", "memory_service.v1.MemoryService", "memory_service.v1.LeaseService"):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_both_services(server: RunningServer) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    call = stub.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    response = await call.read()
+    await call.done_writing()
+    names = {s.name for s in response.list_services_response.service}
+    assert {
+        "memory_service.v1.MemoryService",
+        "memory_service.v1.LeaseService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+async def test_metrics_count_calls_by_method_and_code(server: RunningServer) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        await server.memory.Get(memory_pb2.GetRequest(id=123456789))
+    assert code_of(caught.value) == grpc.StatusCode.NOT_FOUND
+
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    assert 'grpc_server_started_total{grpc_method="Get",grpc_service="memory_service.v1.MemoryService"' in body
+    handled = [
+        line
+        for line in body.splitlines()
+        if line.startswith("grpc_server_handled_total") and 'grpc_method="Get"' in line
+    ]
+    assert handled and 'grpc_code="NOT_FOUND"' in handled[0] and handled[0].endswith(" 1.0")
+    assert "grpc_server_handling_seconds_bucket" in body
+    assert "memory_db_pool_connections" in body
