@@ -1,0 +1,553 @@
+"""Lease rules: validation, waiting, idempotent grants, the Hold loop, and clean-up of grants nobody received.
+
+Who holds a name is decided only inside one database transaction, by the database clock
+(``memory_service.storage.leases_sql``). This module decides the rest: how long to wait and poll, when a Hold
+stream renews, when a holder must be told it lost the lease, and which grants to release because the caller that
+asked for them is gone (cancelled, timed out, or its answer was lost to an ambiguous commit). It knows no gRPC.
+
+Fail closed: any database error or timeout is ``Unavailable`` and never a grant; a grant whose answer may not have
+reached its caller is released in the background unless the caller gave a ``request_id`` to retry with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+import asyncpg
+
+from memory_service.config import Settings
+from memory_service.errors import (
+    DatabaseUnavailable,
+    DeadlineExceeded,
+    InvalidArgument,
+    LeaseLost,
+    MemoryServiceError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from memory_service.metrics import Metrics
+from memory_service.storage import leases_sql as sql
+from memory_service.storage.database import Database
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Lease = sql.LeaseRow
+Holder = sql.HolderRow
+
+MAX_NAME_LENGTH = 200
+MAX_HOLDER_LENGTH = 200
+MAX_REQUEST_ID_LENGTH = 128
+DEFAULT_PAGE_SIZE = 100
+OP_TIMEOUT = 5.0
+"""Seconds one lease transaction may take (including waiting for its lock) before the call answers UNAVAILABLE."""
+RETENTION = timedelta(days=1)
+"""How long ended leases and answered request ids are kept for fenced writes and late retries."""
+_POLL_MIN, _POLL_MAX = 0.01, 0.25
+_GAUGE_INTERVAL, _PURGE_INTERVAL = 10.0, 600.0
+_MAX_ORPHANS = 100_000
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")
+
+
+def lock_key(namespace: str, name: str) -> int:
+    """The advisory lock key of a name: a keyed blake2b, identical in every process and release."""
+    digest = hashlib.blake2b(f"{namespace}\0{name}".encode(), digest_size=8, person=b"memsvc-lease").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def owner_key(owner: str) -> int:
+    """The advisory lock key that serialises one owner's grants so its quota count is exact."""
+    digest = hashlib.blake2b(owner.encode(), digest_size=8, person=b"memsvc-owner").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _check_name(field: str, value: str) -> None:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidArgument(field, f"is expected to be at most {MAX_NAME_LENGTH} characters (got {len(value)})")
+    if not _NAME.fullmatch(value):
+        raise InvalidArgument(
+            field,
+            f"is expected to start with a letter or digit and use only A-Z a-z 0-9 . _ : / @ + = - (got {value!r})",
+        )
+
+
+def _check_text(field: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise InvalidArgument(field, f"is expected to be at most {limit} characters (got {len(value)})")
+    if not value.isprintable():
+        raise InvalidArgument(field, "is expected to hold printable characters only")
+
+
+def _check_ttl(settings: Settings, ttl: float | None, field: str = "ttl") -> float:
+    if ttl is None or ttl <= 0:
+        raise InvalidArgument(field, "is required and must be positive")
+    if not settings.lease_min_ttl <= ttl <= settings.lease_max_ttl:
+        raise InvalidArgument(
+            field,
+            f"is expected between {settings.lease_min_ttl:g}s and {settings.lease_max_ttl:g}s (got {ttl:g}s)",
+        )
+    return ttl
+
+
+def parse_lease_id(lease_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(lease_id)
+    except ValueError:
+        raise InvalidArgument(
+            "lease_id", f"is expected to be a lease id from Acquire (got {lease_id[:64]!r})"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AcquireSpec:
+    """What a caller asks for; ``validated`` checks it against the settings."""
+
+    namespace: str
+    name: str
+    ttl: float | None
+    wait: float = 0.0
+    request_id: str = ""
+    holder: str = ""
+
+    def validated(self, settings: Settings) -> AcquireSpec:
+        _check_name("namespace", self.namespace)
+        _check_name("name", self.name)
+        _check_ttl(settings, self.ttl)
+        if not 0 <= self.wait <= settings.lease_max_wait:
+            raise InvalidArgument(
+                "wait", f"is expected between 0 and {settings.lease_max_wait:g}s (got {self.wait:g}s)"
+            )
+        _check_text("request_id", self.request_id, MAX_REQUEST_ID_LENGTH)
+        _check_text("holder", self.holder, MAX_HOLDER_LENGTH)
+        return self
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Acquired:
+    acquired: bool
+    lease: Lease | None = None
+    holder: Holder | None = None
+    final: bool = True
+    started: float = 0.0
+    """Monotonic time the granting attempt began: the holder's TTL runs from no earlier than this."""
+
+
+class HoldEventKind(enum.Enum):
+    GRANTED = "granted"
+    RENEWED = "renewed"
+    WAITING = "waiting"
+    LOST = "lost"
+    RELEASED = "released"
+    NOT_ACQUIRED = "not_acquired"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HoldEvent:
+    kind: HoldEventKind
+    lease: Lease | None = None
+    holder: Holder | None = None
+    reason: str = ""
+
+
+class HoldCommand(enum.Enum):
+    RELEASE = "release"
+
+
+def encode_page_token(namespace: str, name: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([namespace, name]).encode()).decode()
+
+
+def decode_page_token(token: str) -> tuple[str, str] | None:
+    if not token:
+        return None
+    try:
+        namespace, name = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if isinstance(namespace, str) and isinstance(name, str):
+            return namespace, name
+    except (ValueError, TypeError):
+        pass
+    raise InvalidArgument("page_token", "is expected to be a next_page_token from a previous List")
+
+
+def _ambiguous(exc: BaseException) -> bool:
+    """Whether a grant may have committed although its caller did not get the answer."""
+    return not isinstance(exc, MemoryServiceError) or isinstance(exc, Unavailable | DeadlineExceeded)
+
+
+class LeaseManager:
+    """The lease domain of one instance, plus the background work that keeps it tidy."""
+
+    def __init__(self, db: Database, settings: Settings, metrics: Metrics) -> None:
+        self._db = db
+        self._settings = settings
+        self._metrics = metrics
+        self._orphans: dict[uuid.UUID, float] = {}
+        """Grants to release because nobody may know of them, with the monotonic time they expire anyway."""
+        self._orphan_added = asyncio.Event()
+        self._holds: dict[uuid.UUID, Lease] = {}
+        self._freed: dict[tuple[str, str], tuple[asyncio.Event, int]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._maintain()), asyncio.create_task(self._release_orphans())]
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Release the leases of this instance's Hold streams and pending orphans, within ``timeout``."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for lease_id in list(self._holds):
+            self._orphans.setdefault(lease_id, float("inf"))
+        self._holds.clear()
+        with contextlib.suppress(TimeoutError, MemoryServiceError):
+            async with asyncio.timeout(timeout):
+                for lease_id in list(self._orphans):
+                    await self._release_id(lease_id)
+                    self._orphans.pop(lease_id, None)
+        if self._orphans:
+            log.warning("%d lease(s) left to expire at their TTL: the database did not answer", len(self._orphans))
+
+    async def _run(self, op: Callable[[asyncpg.Connection], Awaitable[T]], deadline: float | None = None) -> T:
+        """One lease transaction on a pooled connection, bounded by OP_TIMEOUT and the caller's deadline."""
+        budget = OP_TIMEOUT if deadline is None else min(OP_TIMEOUT, deadline - time.monotonic())
+        if budget <= 0:
+            raise DeadlineExceeded("the call's deadline passed before the lease transaction could start")
+        try:
+            async with asyncio.timeout(budget), self._db.connection(timeout=budget) as conn:
+                return await op(conn)
+        except TimeoutError as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("the call's deadline passed during the lease transaction") from exc
+            raise DatabaseUnavailable(f"the lease transaction did not finish within {budget:.1f}s") from exc
+
+    # --- acquire ------------------------------------------------------------------------------------------------
+
+    async def acquire(self, spec: AcquireSpec, *, owner: str, deadline: float | None = None) -> Acquired:
+        """Grant the lease, or wait up to ``spec.wait`` for it; contention answers ``acquired=False``."""
+        spec = spec.validated(self._settings)
+        steps = self._acquire_steps(spec, owner=owner, lease_id=uuid.uuid4(), deadline=deadline)
+        async with contextlib.aclosing(steps):
+            async for step in steps:
+                if step.final:
+                    return step
+        raise AssertionError("the acquire loop ended without an answer")
+
+    async def _acquire_steps(
+        self, spec: AcquireSpec, *, owner: str, lease_id: uuid.UUID, deadline: float | None
+    ) -> AsyncGenerator[Acquired, None]:
+        """Yield a non-final step each time the name is found held, then the final answer."""
+        wait_until = time.monotonic() + spec.wait
+        if deadline is not None:
+            wait_until = min(wait_until, deadline)
+        delay = _POLL_MIN
+        while True:
+            started = time.monotonic()
+            result = await self._grant_once(spec, owner=owner, lease_id=lease_id, deadline=deadline)
+            if result.outcome in (sql.Outcome.GRANTED, sql.Outcome.REPLAYED):
+                yield Acquired(acquired=True, lease=result.lease, started=started)
+                return
+            if result.outcome is sql.Outcome.REPLAY_ENDED:
+                raise LeaseLost(
+                    f"request_id {spec.request_id!r} was granted earlier, but that grant has ended; "
+                    "acquire again with a new request id"
+                )
+            if result.outcome is sql.Outcome.OVER_QUOTA:
+                raise ResourceExhausted(
+                    f"lease quota reached: this caller holds {result.live_count} leases "
+                    f"(limit {self._settings.lease_quota}); release some first"
+                )
+            assert result.holder is not None
+            left = wait_until - time.monotonic()
+            if left <= 0:
+                yield Acquired(acquired=False, holder=result.holder)
+                return
+            yield Acquired(acquired=False, holder=result.holder, final=False)
+            # Jittered backoff, but wake as soon as the holder's TTL ends or this instance sees a release.
+            pause = min(delay * random.uniform(0.5, 1.0), left, max(result.holder.remaining, 0.0) + 0.005)
+            await self._sleep_until_freed((spec.namespace, spec.name), pause)
+            delay = min(delay * 2, _POLL_MAX)
+
+    async def _grant_once(
+        self, spec: AcquireSpec, *, owner: str, lease_id: uuid.UUID, deadline: float | None
+    ) -> sql.AcquireResult:
+        assert spec.ttl is not None
+        ttl = timedelta(seconds=spec.ttl)
+        try:
+            result = await self._run(
+                lambda conn: sql.acquire(
+                    conn,
+                    namespace=spec.namespace,
+                    name=spec.name,
+                    lock_key=lock_key(spec.namespace, spec.name),
+                    owner_key=owner_key(owner),
+                    lease_id=lease_id,
+                    holder=spec.holder,
+                    owner=owner,
+                    ttl=ttl,
+                    quota=self._settings.lease_quota,
+                    request_id=spec.request_id or None,
+                ),
+                deadline,
+            )
+        except BaseException as exc:
+            # Cancelled or failed mid-commit: the grant may exist with nobody knowing it. Without a request id
+            # to retry with, nobody ever will, so release it (a no-op if it never committed).
+            if not spec.request_id and _ambiguous(exc):
+                self._add_orphan(lease_id, spec.ttl)
+            raise
+        if result.outcome is sql.Outcome.GRANTED:
+            self._metrics.leases_granted.inc()
+            if deadline is not None and time.monotonic() >= deadline and not spec.request_id:
+                self._add_orphan(lease_id, spec.ttl)
+                raise DeadlineExceeded("the lease was granted after the call's deadline and has been released")
+        return result
+
+    async def _sleep_until_freed(self, key: tuple[str, str], pause: float) -> None:
+        event, waiters = self._freed.get(key, (asyncio.Event(), 0))
+        self._freed[key] = (event, waiters + 1)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await event.wait()
+        finally:
+            current = self._freed.get(key)
+            if current is not None and current[0] is event:
+                if current[1] <= 1:
+                    del self._freed[key]
+                else:
+                    self._freed[key] = (event, current[1] - 1)
+
+    def _wake(self, key: tuple[str, str]) -> None:
+        entry = self._freed.pop(key, None)
+        if entry is not None:
+            entry[0].set()
+
+    # --- renew, release, read -------------------------------------------------------------------------------------
+
+    async def renew(self, lease_id: str, ttl: float | None = None, *, deadline: float | None = None) -> Lease:
+        """Extend a live lease; a lease that has ended is never revived (LeaseLost)."""
+        lid = parse_lease_id(lease_id)
+        new_ttl = None if ttl is None else timedelta(seconds=_check_ttl(self._settings, ttl))
+        result = await self._run(lambda conn: sql.renew(conn, lid, new_ttl), deadline)
+        if isinstance(result, str):
+            raise LeaseLost(
+                f"lease {lease_id} cannot be renewed: {result}; stop work that relies on it and acquire again"
+            )
+        return result
+
+    async def release(self, lease_id: str, *, deadline: float | None = None) -> bool:
+        """End the named grant if it is live; False (not an error) when it had already ended."""
+        lid = parse_lease_id(lease_id)
+        freed = await self._run(lambda conn: sql.release(conn, lid), deadline)
+        self._holds.pop(lid, None)
+        if freed is not None:
+            self._wake(freed)
+        return freed is not None
+
+    async def _release_id(self, lease_id: uuid.UUID) -> tuple[str, str] | None:
+        return await self._run(lambda conn: sql.release(conn, lease_id))
+
+    async def get(self, namespace: str, name: str) -> Lease:
+        _check_name("namespace", namespace)
+        _check_name("name", name)
+        lease = await self._run(lambda conn: sql.get(conn, namespace, name))
+        if lease is None:
+            raise NotFound(f"no live lease on {namespace}/{name}")
+        return lease
+
+    async def list_page(self, namespace: str, page_size: int, page_token: str) -> tuple[list[Lease], str]:
+        """One page of live leases in (namespace, name) order and the token of the next page ("" at the end)."""
+        if namespace:
+            _check_name("namespace", namespace)
+        if page_size < 0:
+            raise InvalidArgument("page_size", f"is expected to be positive (got {page_size})")
+        limit = min(page_size or DEFAULT_PAGE_SIZE, self._settings.list_max_page_size)
+        after = decode_page_token(page_token)
+        leases = await self._run(
+            lambda conn: sql.list_live(conn, namespace=namespace or None, after=after, limit=limit + 1)
+        )
+        if len(leases) <= limit:
+            return leases, ""
+        last = leases[limit - 1]
+        return leases[:limit], encode_page_token(last.namespace, last.name)
+
+    @staticmethod
+    def shows_lease_id(lease: Lease, principal: str | None) -> bool:
+        """The lease id renews and releases a lease, so with auth on only its owner sees it in Get and List."""
+        return principal is None or principal == lease.owner
+
+    # --- Hold -----------------------------------------------------------------------------------------------------
+
+    async def hold(
+        self, spec: AcquireSpec, *, owner: str, commands: AsyncIterator[HoldCommand]
+    ) -> AsyncGenerator[HoldEvent, None]:
+        """Acquire, then keep renewing at about TTL/3 until released, lost, or the caller goes away."""
+        spec = spec.validated(self._settings)
+        assert spec.ttl is not None
+        release_requested = asyncio.Event()
+        failures: list[Exception] = []
+        reader = asyncio.create_task(self._read_commands(commands, release_requested, failures))
+        lease_id = uuid.uuid4()
+        pending = True  # a grant may exist that this stream has not ended yet
+        try:
+            steps = self._acquire_steps(spec, owner=owner, lease_id=lease_id, deadline=None)
+            seen_token = None
+            async with contextlib.aclosing(steps):
+                async for step in steps:
+                    if step.final or release_requested.is_set():
+                        break
+                    assert step.holder is not None
+                    if step.holder.fencing_token != seen_token:
+                        seen_token = step.holder.fencing_token
+                        yield HoldEvent(kind=HoldEventKind.WAITING, holder=step.holder)
+            if not step.acquired or step.lease is None:
+                pending = False
+                reason = _not_acquired(step, cancelled=release_requested.is_set())
+                yield HoldEvent(kind=HoldEventKind.NOT_ACQUIRED, holder=step.holder, reason=reason)
+                return
+            lease_id = step.lease.lease_id  # a replayed request id may name an earlier grant
+            self._holds[lease_id] = step.lease
+            yield HoldEvent(kind=HoldEventKind.GRANTED, lease=step.lease)
+            async for event in self._keep(step.lease, step.started, release_requested):
+                if event.kind in (HoldEventKind.LOST, HoldEventKind.RELEASED):
+                    pending = False
+                yield event
+            if failures:
+                raise failures[0]
+        finally:
+            reader.cancel()
+            self._holds.pop(lease_id, None)
+            if pending:
+                self._add_orphan(lease_id, spec.ttl)
+
+    async def _keep(
+        self, lease: Lease, last_ok: float, release_requested: asyncio.Event
+    ) -> AsyncGenerator[HoldEvent, None]:
+        ttl = lease.ttl.total_seconds()
+        retry = min(ttl / 10, 1.0)
+        next_at = last_ok + ttl / 3
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(next_at - time.monotonic(), 0)):
+                    await release_requested.wait()
+            if release_requested.is_set():
+                yield await self._release_for_hold(lease)
+                return
+            # Give up a little before the TTL the database counts, so the holder stops before a successor starts.
+            give_up_at = last_ok + ttl - retry
+            started = time.monotonic()
+            try:
+                lease = await self.renew(str(lease.lease_id), deadline=give_up_at)
+            except LeaseLost as exc:
+                yield HoldEvent(kind=HoldEventKind.LOST, lease=lease, reason=str(exc))
+                return
+            except (Unavailable, DeadlineExceeded) as exc:
+                if time.monotonic() + retry >= give_up_at:
+                    reason = f"the lease could not be renewed before its TTL ran out ({exc}); stop and acquire again"
+                    yield HoldEvent(kind=HoldEventKind.LOST, lease=lease, reason=reason)
+                    return
+                next_at = time.monotonic() + retry
+                continue
+            last_ok = started
+            next_at = last_ok + ttl / 3
+            yield HoldEvent(kind=HoldEventKind.RENEWED, lease=lease)
+
+    async def _release_for_hold(self, lease: Lease) -> HoldEvent:
+        try:
+            released = await self.release(str(lease.lease_id))
+        except (Unavailable, DeadlineExceeded):
+            self._add_orphan(lease.lease_id, lease.ttl.total_seconds())
+            reason = "the database did not answer; the lease is released in the background or ends at its TTL"
+            return HoldEvent(kind=HoldEventKind.RELEASED, lease=lease, reason=reason)
+        reason = "" if released else "the lease had already ended"
+        return HoldEvent(kind=HoldEventKind.RELEASED, lease=lease, reason=reason)
+
+    @staticmethod
+    async def _read_commands(
+        commands: AsyncIterator[HoldCommand], release_requested: asyncio.Event, failures: list[Exception]
+    ) -> None:
+        """A release ends the hold; the client half-closing its side does not (the stream ending does)."""
+        try:
+            async for command in commands:
+                if command is HoldCommand.RELEASE:
+                    break
+            else:
+                return
+        except Exception as exc:
+            failures.append(exc)
+        release_requested.set()
+
+    # --- background work ------------------------------------------------------------------------------------------
+
+    def _add_orphan(self, lease_id: uuid.UUID, ttl: float) -> None:
+        if len(self._orphans) >= _MAX_ORPHANS:
+            return  # it still ends at its TTL
+        self._orphans.setdefault(lease_id, time.monotonic() + ttl)
+        self._orphan_added.set()
+
+    async def _release_orphans(self) -> None:
+        """Release grants nobody received, retrying while the database is away until they expire anyway."""
+        delay = 0.1
+        while True:
+            await self._orphan_added.wait()
+            self._orphan_added.clear()
+            while self._orphans:
+                for lease_id, expires in list(self._orphans.items()):
+                    if time.monotonic() >= expires:
+                        self._orphans.pop(lease_id, None)
+                        continue
+                    try:
+                        freed = await self._release_id(lease_id)
+                    except MemoryServiceError:
+                        break
+                    self._orphans.pop(lease_id, None)
+                    if freed is not None:
+                        log.info("released lease %s on %s/%s: its caller never received it", lease_id, *freed)
+                        self._wake(freed)
+                else:
+                    delay = 0.1
+                    continue
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _maintain(self) -> None:
+        """Keep the leases-held gauge current and purge rows that ended long ago."""
+        last_purge = float("-inf")
+        while True:
+            try:
+                self._metrics.leases_held.set(await self._run(sql.count_live))
+                if time.monotonic() - last_purge >= _PURGE_INTERVAL:
+                    leases, requests = await self._run(lambda conn: sql.purge(conn, RETENTION))
+                    last_purge = time.monotonic()
+                    if leases or requests:
+                        log.info("purged %d ended lease(s) and %d answered request id(s)", leases, requests)
+            except MemoryServiceError as exc:
+                log.debug("lease maintenance skipped: %s", exc)
+            await asyncio.sleep(_GAUGE_INTERVAL)
+
+
+def _not_acquired(step: Acquired, *, cancelled: bool) -> str:
+    if cancelled or step.holder is None:
+        return "the client asked to release before the lease was granted"
+    return f"held by {step.holder.holder!r} (token {step.holder.fencing_token}) when the wait ended"
