@@ -65,6 +65,8 @@ class Settings:
     """``hash`` (local, lexical, no network) or ``openai`` (any OpenAI-compatible server)."""
     embedding_model: str = DEFAULT_HASH_MODEL
     embedding_dim: int = 384
+    embedding_dim_explicit: bool = False
+    """EMBEDDING_DIM was set, so the OpenAI provider sends it as ``dimensions`` (text-embedding-3 models)."""
     embedding_batch_size: int = 128
     """Texts per provider request."""
     embedding_timeout: float = 30.0
@@ -97,6 +99,8 @@ class Settings:
     """Probes for approximate search; unset fits them to the index (about sqrt(lists))."""
     exact_search_max_rows: int = 20_000
     """Below this many rows there is no ivfflat index and every search is exact."""
+    search_narrow_filter_rows: int = 5000
+    """A filter matching fewer rows than this is searched exactly through the btree indexes, not through ivfflat."""
     purge_interval: float = 60.0
 
     lease_min_ttl: float = 1.0
@@ -126,6 +130,7 @@ class Settings:
             embedding_provider=provider,
             embedding_model=reader.text("EMBEDDING_MODEL") or default_model,
             embedding_dim=reader.integer("EMBEDDING_DIM", default_dim, minimum=1, maximum=16000),
+            embedding_dim_explicit=reader.text("EMBEDDING_DIM") is not None,
             embedding_batch_size=reader.integer("EMBEDDING_BATCH_SIZE", 128, minimum=1, maximum=2048),
             embedding_timeout=reader.duration("EMBEDDING_TIMEOUT", 30.0),
             embedding_max_retries=reader.integer("EMBEDDING_MAX_RETRIES", 4, minimum=0, maximum=20),
@@ -150,6 +155,7 @@ class Settings:
             embed_max_texts=reader.integer("EMBED_MAX_TEXTS", 256, minimum=1, maximum=10_000),
             ivfflat_probes=reader.optional_integer("IVFFLAT_PROBES", minimum=1, maximum=32768),
             exact_search_max_rows=reader.integer("EXACT_SEARCH_MAX_ROWS", 20_000, minimum=0),
+            search_narrow_filter_rows=reader.integer("SEARCH_NARROW_FILTER_ROWS", 5000, minimum=0),
             purge_interval=reader.duration("PURGE_INTERVAL", 60.0),
             lease_min_ttl=reader.duration("LEASE_MIN_TTL", 1.0),
             lease_max_ttl=reader.duration("LEASE_MAX_TTL", 3600.0),

@@ -7,44 +7,137 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+from memory_service import maintenance
 from memory_service.config import Settings
+from memory_service.embeddings.factory import create_provider
+from memory_service.embeddings.service import EmbeddingService
+from memory_service.index_care import IndexCare
+from memory_service.leases import LeaseManager
+from memory_service.memories import MemoryStore
 from memory_service.metrics import Metrics
+from memory_service.search import SearchEngine
+from memory_service.stats import Stats, collect
+from memory_service.storage import settings_sql
 from memory_service.storage.database import Database
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
 
+INDEX_CHECK_INTERVAL = 60.0
+
+
+def _version_at_least(version: str, wanted: tuple[int, ...]) -> bool:
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) >= wanted
+
 
 class Runtime:
+    """Owns every long-lived component; ``start`` builds them in dependency order, ``close`` tears them down."""
+
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.embedded: EmbeddedPostgres | None = None
+        self.dsn = ""
         self._db: Database | None = None
+        self._read_db: Database | None = None
+        self._embedder: EmbeddingService | None = None
+        self._memories: MemoryStore | None = None
+        self._search: SearchEngine | None = None
+        self._index: IndexCare | None = None
+        self._leases: LeaseManager | None = None
+        self.postgres_version = ""
+        self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
     @property
     def db(self) -> Database:
-        if self._db is None:
-            raise RuntimeError("the runtime is not started")
-        return self._db
+        return _started(self._db)
 
-    async def start(self) -> None:
+    @property
+    def embedder(self) -> EmbeddingService:
+        return _started(self._embedder)
+
+    @property
+    def memories(self) -> MemoryStore:
+        return _started(self._memories)
+
+    @property
+    def search(self) -> SearchEngine:
+        return _started(self._search)
+
+    @property
+    def index(self) -> IndexCare:
+        return _started(self._index)
+
+    @property
+    def leases(self) -> LeaseManager:
+        return _started(self._leases)
+
+    async def start(self, *, background: bool = True) -> None:
+        settings = self.settings
         try:
-            dsn = await self._database_dsn()
-            if self.settings.migrate_on_start:
-                applied = await apply_migrations(dsn)
+            self.dsn = await self._database_dsn()
+            if settings.migrate_on_start:
+                applied = await apply_migrations(self.dsn)
                 log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
-            self._db = await Database.connect(
-                dsn, min_size=self.settings.database_pool_min, max_size=self.settings.database_pool_max
+            self._db = db = await Database.connect(
+                self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max
             )
-            self.metrics.watch_pool(self._db.pool_size, self._db.pool_idle)
+            self.metrics.watch_pool(db.pool_size, db.pool_idle)
+            self._leases = LeaseManager(db, settings, self.metrics)
+            await self._leases.start()
+            async with db.transaction() as conn:
+                self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
+                if await settings_sql.bind_embedding_model(conn, settings.embedding_model, settings.embedding_dim):
+                    log.info(
+                        "bound this database to %s (%d dimensions)", settings.embedding_model, settings.embedding_dim
+                    )
+            iterative = _version_at_least(self.pgvector_version, (0, 8))
+            log.info(
+                "PostgreSQL %s, pgvector %s (iterative index scans %s)",
+                self.postgres_version,
+                self.pgvector_version,
+                "available" if iterative else "unavailable: filtered searches fall back to exact scans",
+            )
+            self._embedder = EmbeddingService(create_provider(settings, self.metrics), db, self.metrics)
+            self._memories = MemoryStore(db, self._embedder)
+            self._index = IndexCare(db, self.dsn, exact_max_rows=settings.exact_search_max_rows)
+            await self._index.refresh()
+            read_db = db
+            if settings.database_read_url:
+                self._read_db = read_db = await Database.connect(
+                    settings.database_read_url, min_size=1, max_size=settings.database_pool_max
+                )
+            self._search = SearchEngine(
+                read_db,
+                self._embedder,
+                self._index,
+                self.metrics,
+                iterative_scan=iterative,
+                default_probes=settings.ivfflat_probes,
+                narrow_filter_rows=settings.search_narrow_filter_rows,
+            )
+            if background:
+                self._spawn("purge expired memories", settings.purge_interval, self._purge)
+                self._spawn("index maintenance", INDEX_CHECK_INTERVAL, self._index.maintain)
         except BaseException:
             await self.close()
             raise
+
+    def _spawn(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
+        self._tasks.append(asyncio.create_task(maintenance.every(interval, name, work), name=name))
+
+    async def _purge(self) -> int:
+        return await maintenance.purge_expired(self.db, self.metrics)
 
     async def _database_dsn(self) -> str:
         if self.settings.database_url is not None:
@@ -53,15 +146,40 @@ class Runtime:
         log.info("DATABASE_URL is unset: using the embedded PostgreSQL in %s", self.embedded.pgdata)
         return await asyncio.to_thread(self.embedded.start)
 
+    async def stats(self) -> Stats:
+        return await collect(
+            self.db,
+            self.index,
+            embedding_model=self.embedder.model,
+            dimension=self.embedder.dimension,
+            postgres_version=self.postgres_version,
+            pgvector_version=self.pgvector_version,
+            iterative_scan=self.search.iterative_scan,
+        )
+
     async def close(self) -> None:
-        """Stop background work, then close the pool, then the embedded database. Idempotent."""
+        """Stop background work, close the embedder, then the pools, then the embedded database. Idempotent."""
         if self._closed:
             return
         self._closed = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._db is not None:
-            await self._db.close()
+        if self._leases is not None:
+            await self._leases.close()  # releases this instance's Hold leases while the pool is still open
+        if self._embedder is not None:
+            await self._embedder.close()
+        for db in (self._read_db, self._db):
+            if db is not None:
+                await db.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
+
+
+T = TypeVar("T")
+
+
+def _started(component: T | None) -> T:
+    if component is None:
+        raise RuntimeError("the runtime is not started")
+    return component

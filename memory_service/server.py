@@ -126,6 +126,7 @@ class MemoryServer:
             ) from exc
         self._metrics_http = server
         self.metrics_port = int(server.server_port)
+        log.info("serving metrics on %s:%d/metrics", self.settings.metrics_host, self.metrics_port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and shut down in the documented order; safe to call twice."""

@@ -113,6 +113,9 @@ def test_env(database_url: str, **overrides: str) -> dict[str, str]:
     return env
 
 
+test_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test, despite its name
+
+
 class RunningServer:
     """An in-process server and channels to it."""
 

@@ -168,7 +168,7 @@ class _Call:
 def _status_of(exc: BaseException, context: aio.ServicerContext) -> grpc.StatusCode:
     """The status this exception ends the call with."""
     if isinstance(exc, aio.AbortError):
-        return context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[no-any-return]
+        return context.code() or grpc.StatusCode.UNKNOWN
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         # The client cancelled, or its deadline passed; grpc reports the status itself.
         remaining = context.time_remaining()

@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import asyncpg
+import numpy as np
+import numpy.typing as npt
+from pgvector import Vector
 from pgvector.asyncpg import register_vector
 
 from memory_service.errors import DatabaseUnavailable, DeadlineExceeded
@@ -45,12 +48,25 @@ def translate_errors() -> Any:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
 
+def _decode_vector(data: bytes) -> npt.NDArray[np.float32]:
+    return Vector.from_binary(data).to_numpy()
+
+
+def _encode_vector(value: Vector | npt.NDArray[np.floating[Any]] | list[float]) -> bytes:
+    vector = value if isinstance(value, Vector) else Vector(value)
+    encoded: bytes = vector.to_binary()
+    return encoded
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    """Binary pgvector codec and JSON codecs on every pooled connection."""
+    """Binary pgvector codecs (vectors decode to numpy arrays) and JSON codecs on every pooled connection."""
     schema = await conn.fetchval(
         "SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = 'vector'"
     )
     await register_vector(conn, schema=schema or "public")
+    await conn.set_type_codec(
+        "vector", schema=schema or "public", encoder=_encode_vector, decoder=_decode_vector, format="binary"
+    )
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 

@@ -620,7 +620,9 @@ class DeleteRequest(_message.Message):
     id: _builtins.int
     @_builtins.property
     def filter(self) -> Global___MemoryFilter:
-        """Must name at least one condition: an empty filter is refused rather than deleting everything."""
+        """Must name at least one condition: an empty filter is refused rather than deleting everything.
+        Deleting an id that does not exist answers deleted = 0, so a retried delete is safe.
+        """
 
     def __init__(
         self,
@@ -873,9 +875,11 @@ class SearchResponse(_message.Message):
     PROBES_FIELD_NUMBER: _builtins.int
     mode: Global___SearchMode.ValueType
     exact: _builtins.bool
-    """True when the vector candidates came from an exact scan; false when from the approximate index."""
+    """True when the vector candidates are guaranteed exact (an exact scan ran). False when the ivfflat index was
+    allowed: the hits are still top_k whenever that many match, but a closer memory may have been missed.
+    """
     plan: _builtins.str
-    """How the vector candidates were found, for operators: "exact", "ivfflat", "ivfflat-iterative"."""
+    """How the vector candidates were sought, for operators: "exact", "ivfflat", "ivfflat-iterative", or "text"."""
     probes: _builtins.int
     """ivfflat.probes used, 0 for exact plans."""
     @_builtins.property

@@ -1,0 +1,88 @@
+"""The embedder the domain uses: cache first, then the provider in batches, then the cache again.
+
+A text already embedded with this model and dimension costs no provider call, whichever instance embedded it.
+Identical texts within one request are embedded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Sequence
+
+import numpy as np
+
+from memory_service.embeddings.base import EmbeddingProvider
+from memory_service.metrics import Metrics
+from memory_service.models import Vector, content_hash
+from memory_service.storage import embedding_cache_sql
+from memory_service.storage.database import Database
+
+# Provider requests in flight per call; bounded so one large ingest cannot flood the provider.
+_CONCURRENT_REQUESTS = 4
+_QUERY_CACHE_SIZE = 2048
+
+
+class EmbeddingService:
+    def __init__(self, provider: EmbeddingProvider, db: Database, metrics: Metrics) -> None:
+        self.provider = provider
+        self._db = db
+        self._metrics = metrics
+        self._queries: collections.OrderedDict[str, Vector] = collections.OrderedDict()
+
+    @property
+    def model(self) -> str:
+        return self.provider.model
+
+    @property
+    def dimension(self) -> int:
+        return self.provider.dimension
+
+    async def embed(self, texts: Sequence[str], hashes: Sequence[bytes] | None = None) -> list[Vector]:
+        """Vectors for ``texts``, in order; ``hashes`` (SHA-256 of each text) may be passed when already known."""
+        if not texts:
+            return []
+        digests = list(hashes) if hashes is not None else [content_hash(t) for t in texts]
+        unique: dict[bytes, str] = dict(zip(digests, texts, strict=True))
+        async with self._db.connection() as conn:
+            found = await embedding_cache_sql.lookup(conn, self.model, self.dimension, list(unique))
+        self._metrics.embedding_cache_hits.inc(sum(1 for d in digests if d in found))
+        missing = [(d, t) for d, t in unique.items() if d not in found]
+        if missing:
+            computed = await self._embed_uncached([t for _, t in missing])
+            fresh = [(d, v) for (d, _), v in zip(missing, computed, strict=True)]
+            async with self._db.connection() as conn:
+                await embedding_cache_sql.insert(conn, self.model, self.dimension, fresh)
+            found.update(fresh)
+        return [found[d] for d in digests]
+
+    async def embed_query(self, text: str) -> Vector:
+        """A search query's vector; repeated queries are served from a small in-process cache."""
+        cached = self._queries.get(text)
+        if cached is not None:
+            self._queries.move_to_end(text)
+            self._metrics.embedding_cache_hits.inc()
+            return cached
+        (vector,) = await self._embed_uncached([text])
+        self._queries[text] = vector
+        if len(self._queries) > _QUERY_CACHE_SIZE:
+            self._queries.popitem(last=False)
+        return vector
+
+    async def _embed_uncached(self, texts: list[str]) -> list[Vector]:
+        """One provider request per ``max_batch`` texts, a few in flight at once."""
+        size = self.provider.max_batch
+        batches = [texts[i : i + size] for i in range(0, len(texts), size)]
+        gate = asyncio.Semaphore(_CONCURRENT_REQUESTS)
+
+        async def run(batch: list[str]) -> list[Vector]:
+            async with gate:
+                array = await self.provider.embed_batch(batch)
+            self._metrics.embedding_texts.labels(self.provider.name).inc(len(batch))
+            return list(np.asarray(array, dtype=np.float32))
+
+        results = await asyncio.gather(*(run(b) for b in batches))
+        return [vector for batch in results for vector in batch]
+
+    async def close(self) -> None:
+        await self.provider.close()

@@ -1,0 +1,44 @@
+"""Background work each instance runs: purging expired memories and keeping the vector index fitted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+from memory_service.errors import MemoryServiceError
+from memory_service.metrics import Metrics
+from memory_service.storage import memories_sql
+from memory_service.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+_PURGE_BATCH = 5000
+
+
+async def every(interval: float, name: str, work: Callable[[], Awaitable[object]]) -> None:
+    """Run ``work`` forever with jittered pauses; a failure is logged and retried next round, never fatal."""
+    while True:
+        await asyncio.sleep(interval * (0.8 + 0.4 * random.random()))
+        try:
+            await work()
+        except MemoryServiceError as exc:
+            log.warning("%s failed: %s", name, exc)
+        except Exception:
+            log.exception("%s failed unexpectedly", name)
+
+
+async def purge_expired(db: Database, metrics: Metrics) -> int:
+    """Delete expired memories in batches until none are left."""
+    total = 0
+    while True:
+        async with db.transaction() as conn:
+            deleted = await memories_sql.purge_expired(conn, batch=_PURGE_BATCH)
+        total += deleted
+        metrics.memories_purged.inc(deleted)
+        if deleted < _PURGE_BATCH:
+            break
+    if total:
+        log.info("purged %d expired memories", total)
+    return total

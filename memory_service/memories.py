@@ -1,0 +1,98 @@
+"""Storing, reading, listing and deleting memories: the rules, not the SQL."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+
+from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import InvalidArgument, NotFound
+from memory_service.models import Fence, Memory, MemoryFilter, NewMemory, StoreResult
+from memory_service.storage import memories_sql
+from memory_service.storage.database import Database
+from memory_service.storage.fencing import check_fence
+
+log = logging.getLogger(__name__)
+
+_CURSOR_VERSION = "1"
+
+
+class MemoryStore:
+    def __init__(self, db: Database, embedder: EmbeddingService) -> None:
+        self._db = db
+        self._embedder = embedder
+
+    async def store(self, memory: NewMemory, *, fence: Fence | None = None) -> StoreResult:
+        """Upsert by identity. Content already stored under this identity is never embedded again."""
+        embedding = memory.embedding
+        if embedding is None:
+            async with self._db.connection() as conn:
+                embedding = await memories_sql.stored_embedding(conn, memory, self._embedder.model)
+            if embedding is None:
+                (embedding,) = await self._embedder.embed([memory.value], [memory.content_hash])
+        async with self._db.transaction() as conn:
+            if fence is not None:
+                await check_fence(conn, fence)
+            memory_id, outcome = await memories_sql.upsert(conn, memory, embedding, self._embedder.model)
+        return StoreResult(id=memory_id, key=memory.key, outcome=outcome)
+
+    async def get(self, memory_id: int, *, with_embedding: bool = False) -> Memory:
+        async with self._db.connection() as conn:
+            memory = await memories_sql.get(conn, memory_id, with_embedding=with_embedding)
+        if memory is None:
+            raise NotFound(f"no live memory with id {memory_id}")
+        return memory
+
+    async def delete(self, memory_id: int) -> int:
+        """Deleting a missing memory is not an error, so a retried delete is safe."""
+        async with self._db.transaction() as conn:
+            return await memories_sql.delete_by_id(conn, memory_id)
+
+    async def delete_matching(self, memory_filter: MemoryFilter) -> int:
+        if memory_filter.is_empty:
+            raise InvalidArgument("filter", "must name at least one condition; an empty filter would delete everything")
+        async with self._db.transaction() as conn:
+            return await memories_sql.delete_matching(conn, memory_filter)
+
+    async def list(
+        self, memory_filter: MemoryFilter, *, page_size: int, page_token: str, with_embedding: bool = False
+    ) -> tuple[list[Memory], str]:
+        """One page in id order and the token of the next page ("" on the last)."""
+        after_id = decode_cursor(page_token, memory_filter)
+        async with self._db.connection() as conn:
+            rows = await memories_sql.list_page(
+                conn, memory_filter, after_id=after_id, limit=page_size + 1, with_embedding=with_embedding
+            )
+        page = rows[:page_size]
+        next_token = encode_cursor(page[-1].id, memory_filter) if len(rows) > page_size else ""
+        return page, next_token
+
+
+def _filter_fingerprint(memory_filter: MemoryFilter) -> str:
+    """Binds a cursor to the filter it was issued for, so it cannot silently page through another."""
+    encoded = json.dumps(asdict(memory_filter), sort_keys=True, default=str)
+    return hashlib.sha256(encoded.encode()).hexdigest()[:16]
+
+
+def encode_cursor(after_id: int, memory_filter: MemoryFilter) -> str:
+    raw = f"{_CURSOR_VERSION}:{after_id}:{_filter_fingerprint(memory_filter)}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str, memory_filter: MemoryFilter) -> int:
+    if not token:
+        return 0
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        version, after, fingerprint = base64.urlsafe_b64decode(padded.encode()).decode().split(":")
+        after_id = int(after)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "is not a token this service issued") from None
+    if version != _CURSOR_VERSION or after_id < 0:
+        raise InvalidArgument("page_token", "is not a token this service issued")
+    if fingerprint != _filter_fingerprint(memory_filter):
+        raise InvalidArgument("page_token", "was issued for a different filter")
+    return after_id

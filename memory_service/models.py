@@ -1,0 +1,180 @@
+"""Domain values shared by the memory, search, ingest and lease modules. No gRPC, no SQL."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Vector = npt.NDArray[np.float32]
+
+DERIVED_KEY_PREFIX = "sha256:"
+
+
+class Scope(enum.StrEnum):
+    GLOBAL = "global"
+    CIRCLE = "circle"
+    AGENT = "agent"
+    CONVERSATION = "conversation"
+    PROJECT = "project"
+
+
+class MemoryType(enum.StrEnum):
+    FACT = "fact"
+    PREFERENCE = "preference"
+    EXPERIENCE = "experience"
+    SKILL = "skill"
+    RELATIONSHIP = "relationship"
+    CONTEXT = "context"
+    DECISION = "decision"
+
+
+class WriteOutcome(enum.StrEnum):
+    CREATED = "created"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+
+
+class SearchMode(enum.StrEnum):
+    VECTOR = "vector"
+    TEXT = "text"
+    HYBRID = "hybrid"
+
+
+class Fusion(enum.StrEnum):
+    RRF = "rrf"
+    WEIGHTED = "weighted"
+
+
+def content_hash(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def derived_key(digest: bytes) -> str:
+    """The identity key of a memory stored without one: the same text in a scope is one memory."""
+    return DERIVED_KEY_PREFIX + digest.hex()[:48]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Fence:
+    """A lease and the token its holder was granted; writes carrying it are refused once it is superseded."""
+
+    namespace: str
+    name: str
+    token: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NewMemory:
+    """A validated memory as a client writes it."""
+
+    scope: Scope
+    scope_id: int
+    key: str
+    value: str
+    content_hash: bytes
+    agent_id: int | None = None
+    memory_type: MemoryType = MemoryType.FACT
+    importance: float = 0.5
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    embedding: Vector | None = None
+    expires_at: datetime | None = None
+    ttl_seconds: float | None = None
+    """Relative expiry, resolved against the database clock when written."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Memory:
+    """A stored memory."""
+
+    id: int
+    scope: Scope
+    scope_id: int
+    agent_id: int | None
+    memory_type: MemoryType
+    key: str
+    value: str
+    importance: float
+    tags: tuple[str, ...]
+    metadata: dict[str, Any]
+    content_hash: bytes
+    embedding_model: str | None
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None
+    embedding: Vector | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoreResult:
+    id: int
+    key: str
+    outcome: WriteOutcome
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScopeRef:
+    scope: Scope
+    scope_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryFilter:
+    """Conditions that must all hold; an empty filter matches every live memory."""
+
+    scopes: tuple[ScopeRef, ...] = ()
+    agent_id: int | None = None
+    memory_types: tuple[MemoryType, ...] = ()
+    tags: tuple[str, ...] = ()
+    min_importance: float | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    metadata_contains: dict[str, Any] | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self == MemoryFilter()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchQuery:
+    text: str = ""
+    embedding: Vector | None = None
+    mode: SearchMode = SearchMode.HYBRID
+    top_k: int = 10
+    filter: MemoryFilter = MemoryFilter()
+    min_score: float | None = None
+    fusion: Fusion = Fusion.RRF
+    rrf_k: int = 60
+    alpha: float = 0.5
+    importance_boost: float = 0.0
+    recency_boost: float = 0.0
+    recency_half_life_seconds: float | None = None
+    probes: int | None = None
+    exact: bool = False
+    include_embedding: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchHit:
+    memory: Memory
+    score: float
+    cosine_similarity: float | None = None
+    text_score: float | None = None
+    vector_rank: int | None = None
+    text_rank: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    hits: list[SearchHit]
+    mode: SearchMode
+    exact: bool
+    plan: str
+    probes: int = 0

@@ -1,0 +1,120 @@
+"""Plans and runs a search so that it is complete: ``top_k`` hits whenever ``top_k`` memories match.
+
+ivfflat applies filters after its index scan, so a filtered approximate query can come back short. The plan:
+
+* exact scan when the table is small (no index worth using), when the caller asks, or when the filter is narrow
+  (a bounded count through the btree indexes finds few matches: scanning them all is cheap and exact);
+* otherwise the ivfflat index, with iterative scans where pgvector has them (0.8+), which keep probing lists
+  until enough rows pass the filter;
+* and whenever the approximate plan returns fewer than ``top_k`` vector candidates, the exact scan, so a short
+  answer is only ever the true number of matches.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from memory_service.embeddings.service import EmbeddingService
+from memory_service.index_care import IndexCare, fitted_probes
+from memory_service.metrics import Metrics
+from memory_service.models import SearchMode, SearchQuery, SearchResult, Vector
+from memory_service.search.fusion import rank_candidates
+from memory_service.storage import search_sql
+from memory_service.storage.database import Database
+
+# Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
+_MIN_CANDIDATES = 40
+_CANDIDATE_FACTOR = 3
+
+
+class SearchEngine:
+    def __init__(
+        self,
+        db: Database,
+        embedder: EmbeddingService,
+        index: IndexCare,
+        metrics: Metrics,
+        *,
+        iterative_scan: bool,
+        default_probes: int | None,
+        narrow_filter_rows: int = 5000,
+    ) -> None:
+        self._db = db
+        self._embedder = embedder
+        self._index = index
+        self._metrics = metrics
+        self.iterative_scan = iterative_scan
+        self._default_probes = default_probes
+        self._narrow_filter_rows = narrow_filter_rows
+
+    async def search(self, query: SearchQuery) -> SearchResult:
+        started = time.perf_counter()
+        vector = await self._query_vector(query)
+        text = query.text if query.mode in (SearchMode.TEXT, SearchMode.HYBRID) else None
+        limit = query.top_k
+        if query.mode is not SearchMode.VECTOR:
+            limit = max(query.top_k * _CANDIDATE_FACTOR, _MIN_CANDIDATES)
+        result = await self._run(query, vector, text, limit)
+        self._metrics.search_latency.labels(query.mode.value).observe(time.perf_counter() - started)
+        return result
+
+    async def _query_vector(self, query: SearchQuery) -> Vector | None:
+        if query.mode is SearchMode.TEXT:
+            return None
+        if query.embedding is not None:
+            return query.embedding
+        return await self._embedder.embed_query(query.text)
+
+    def _probes(self, query: SearchQuery, lists: int) -> int:
+        return min(query.probes or self._default_probes or fitted_probes(lists), lists)
+
+    async def _run(self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int) -> SearchResult:
+        state = self._index.state
+        approximate_possible = (
+            vector is not None and not query.exact and state.usable and state.rows >= self._index.exact_max_rows
+        )
+        probes = self._probes(query, state.lists) if approximate_possible else 0
+        settings = self._scan_settings(probes) if approximate_possible else {}
+        async with self._db.transaction(settings=settings, readonly=True) as conn:
+            use_index = approximate_possible
+            if use_index and not query.filter.is_empty:
+                matching = await search_sql.count_matching(conn, query.filter, cap=self._narrow_filter_rows)
+                use_index = matching >= self._narrow_filter_rows
+            found = await search_sql.candidates(
+                conn,
+                query.filter,
+                vector=vector,
+                text=text,
+                limit=limit,
+                exact=not use_index,
+                with_embedding=query.include_embedding,
+            )
+            if use_index and sum(c.distance is not None for c in found) < limit:
+                # The index came back short: only an exact scan can tell "few matches" from "missed matches".
+                use_index = False
+                found = await search_sql.candidates(
+                    conn,
+                    query.filter,
+                    vector=vector,
+                    text=text,
+                    limit=limit,
+                    exact=True,
+                    with_embedding=query.include_embedding,
+                )
+            now = datetime.now(UTC)
+        hits = rank_candidates(found, query, now)
+        if vector is None:
+            return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
+        if use_index:
+            plan = "ivfflat-iterative" if self.iterative_scan else "ivfflat"
+            return SearchResult(hits=hits, mode=query.mode, exact=False, plan=plan, probes=probes)
+        return SearchResult(hits=hits, mode=query.mode, exact=True, plan="exact")
+
+    def _scan_settings(self, probes: int) -> dict[str, str]:
+        settings = {"ivfflat.probes": str(probes)}
+        if self.iterative_scan:
+            # Relaxed order keeps scanning lists until LIMIT rows pass the filter; candidates are re-sorted
+            # by exact distance afterwards, so the looser order within the scan costs nothing.
+            settings["ivfflat.iterative_scan"] = "relaxed_order"
+        return settings

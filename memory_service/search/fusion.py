@@ -1,0 +1,80 @@
+"""Scoring maths: rank fusion, weighted fusion and boosts. Pure functions over candidates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from memory_service.models import Fusion, SearchHit, SearchMode, SearchQuery
+from memory_service.storage.search_sql import Candidate
+
+
+def rank_candidates(candidates: Sequence[Candidate], query: SearchQuery, now: datetime) -> list[SearchHit]:
+    """Score, boost, filter by min_score, and order (best first, ties by id) the candidates of one search."""
+    vector_ranks = _ranks(candidates, key=lambda c: c.distance, descending=False)
+    text_ranks = _ranks(candidates, key=lambda c: c.text_score, descending=True)
+    best_text = max((c.text_score for c in candidates if c.text_score is not None), default=0.0)
+    hits = []
+    for candidate in candidates:
+        cosine = None if candidate.distance is None else 1.0 - candidate.distance
+        v_rank = vector_ranks.get(candidate.memory.id)
+        t_rank = text_ranks.get(candidate.memory.id)
+        score = _base_score(
+            query, cosine=cosine, text_score=candidate.text_score, v_rank=v_rank, t_rank=t_rank, best_text=best_text
+        )
+        score *= _boost(query, candidate, now)
+        if query.min_score is not None and score < query.min_score:
+            continue
+        hits.append(
+            SearchHit(
+                memory=candidate.memory,
+                score=score,
+                cosine_similarity=cosine,
+                text_score=candidate.text_score,
+                vector_rank=v_rank,
+                text_rank=t_rank,
+            )
+        )
+    hits.sort(key=lambda h: (-h.score, h.memory.id))
+    return hits[: query.top_k]
+
+
+def _base_score(
+    query: SearchQuery,
+    *,
+    cosine: float | None,
+    text_score: float | None,
+    v_rank: int | None,
+    t_rank: int | None,
+    best_text: float,
+) -> float:
+    if query.mode is SearchMode.VECTOR:
+        return cosine if cosine is not None else 0.0
+    if query.mode is SearchMode.TEXT:
+        return text_score if text_score is not None else 0.0
+    if query.fusion is Fusion.WEIGHTED:
+        # Cosine is already on a common scale; ts_rank_cd is not, so it is divided by the best text score.
+        vector_part = max(cosine, 0.0) if cosine is not None else 0.0
+        text_part = text_score / best_text if text_score is not None and best_text > 0 else 0.0
+        return query.alpha * vector_part + (1.0 - query.alpha) * text_part
+    return sum(1.0 / (query.rrf_k + rank) for rank in (v_rank, t_rank) if rank is not None)
+
+
+def _boost(query: SearchQuery, candidate: Candidate, now: datetime) -> float:
+    factor = 1.0
+    if query.importance_boost:
+        factor *= 1.0 + query.importance_boost * candidate.memory.importance
+    if query.recency_boost and query.recency_half_life_seconds:
+        age = max((now - candidate.memory.updated_at).total_seconds(), 0.0)
+        factor *= 1.0 + query.recency_boost * math.pow(0.5, age / query.recency_half_life_seconds)
+    return factor
+
+
+def _ranks(
+    candidates: Sequence[Candidate], *, key: Callable[[Candidate], float | None], descending: bool
+) -> dict[int, int]:
+    """1-based rank of each candidate that has a value for ``key``; ties broken by id for stable output."""
+    scored = [(value, c.memory.id) for c in candidates if (value := key(c)) is not None]
+    scored.sort(key=lambda pair: ((-pair[0] if descending else pair[0]), pair[1]))
+    return {memory_id: rank for rank, (_, memory_id) in enumerate(scored, start=1)}

@@ -1,0 +1,37 @@
+"""SQL for the embedding cache, keyed by (model, dimension, content hash)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+from memory_service.models import Vector
+
+
+async def lookup(conn: asyncpg.Connection, model: str, dimension: int, hashes: Sequence[bytes]) -> dict[bytes, Vector]:
+    rows = await conn.fetch(
+        """
+        SELECT content_hash, embedding FROM memory.embedding_cache
+        WHERE model = $1 AND dimension = $2 AND content_hash = ANY($3::bytea[])
+        """,
+        model,
+        dimension,
+        list(hashes),
+    )
+    return {bytes(r["content_hash"]): r["embedding"] for r in rows}
+
+
+async def insert(conn: asyncpg.Connection, model: str, dimension: int, entries: Sequence[tuple[bytes, Vector]]) -> None:
+    await conn.executemany(
+        """
+        INSERT INTO memory.embedding_cache (model, dimension, content_hash, embedding)
+        VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING
+        """,
+        [(model, dimension, digest, vector) for digest, vector in entries],
+    )
+
+
+async def count(conn: asyncpg.Connection) -> int:
+    value: int = await conn.fetchval("SELECT count(*) FROM memory.embedding_cache")
+    return value

@@ -1,0 +1,173 @@
+"""SQL for storing, reading, listing and deleting memories."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from memory_service.models import Memory, MemoryFilter, MemoryType, NewMemory, Scope, Vector, WriteOutcome
+from memory_service.storage.filters import LIVE, Params, where_clause
+
+COLUMNS = (
+    "m.id, m.scope::text AS scope, m.scope_id, m.agent_id, m.memory_type::text AS memory_type, m.key, m.value, "
+    "m.importance, m.tags, m.metadata, m.content_hash, m.embedding_model, m.created_at, m.updated_at, m.expires_at"
+)
+COLUMNS_WITH_EMBEDDING = COLUMNS + ", m.embedding"
+
+# The columns a write sets, in the order of the VALUES below and of the bulk staging table.
+WRITE_COLUMNS = (
+    "scope, scope_id, agent_id, memory_type, key, value, embedding, importance, tags, metadata, "
+    "content_hash, embedding_model, expires_at"
+)
+
+# On conflict the row is rewritten only when something differs, so "unchanged" costs no new row version and
+# reports no update.
+UPSERT_TAIL = """
+ON CONFLICT (scope, scope_id, key) DO UPDATE SET
+    agent_id = EXCLUDED.agent_id,
+    memory_type = EXCLUDED.memory_type,
+    value = EXCLUDED.value,
+    embedding = EXCLUDED.embedding,
+    importance = EXCLUDED.importance,
+    tags = EXCLUDED.tags,
+    metadata = EXCLUDED.metadata,
+    content_hash = EXCLUDED.content_hash,
+    embedding_model = EXCLUDED.embedding_model,
+    expires_at = EXCLUDED.expires_at,
+    updated_at = clock_timestamp()
+WHERE (m.agent_id, m.memory_type, m.content_hash, m.importance, m.tags, m.metadata, m.embedding_model,
+       m.expires_at)
+      IS DISTINCT FROM
+      (EXCLUDED.agent_id, EXCLUDED.memory_type, EXCLUDED.content_hash, EXCLUDED.importance, EXCLUDED.tags,
+       EXCLUDED.metadata, EXCLUDED.embedding_model, EXCLUDED.expires_at)
+   OR m.embedding IS DISTINCT FROM EXCLUDED.embedding
+RETURNING m.id, (m.xmax = 0) AS created
+"""
+
+_UPSERT_ONE = f"""
+INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
+VALUES ($1::text::memory.scope, $2, $3, $4::text::memory.memory_type, $5, $6, $7, $8, $9, $10::jsonb, $11,
+        $12, COALESCE($13::timestamptz, clock_timestamp() + make_interval(secs => $14::float8)))
+{UPSERT_TAIL}
+"""
+
+
+async def upsert(
+    conn: asyncpg.Connection, memory: NewMemory, embedding: Vector, model: str
+) -> tuple[int, WriteOutcome]:
+    row = await conn.fetchrow(
+        _UPSERT_ONE,
+        memory.scope.value,
+        memory.scope_id,
+        memory.agent_id,
+        memory.memory_type.value,
+        memory.key,
+        memory.value,
+        embedding,
+        memory.importance,
+        list(memory.tags),
+        memory.metadata,
+        memory.content_hash,
+        model,
+        memory.expires_at,
+        memory.ttl_seconds,
+    )
+    if row is not None:
+        return row["id"], WriteOutcome.CREATED if row["created"] else WriteOutcome.UPDATED
+    existing = await conn.fetchval(
+        "SELECT id FROM memory.memories WHERE scope = $1::text::memory.scope AND scope_id = $2 AND key = $3",
+        memory.scope.value,
+        memory.scope_id,
+        memory.key,
+    )
+    return existing, WriteOutcome.UNCHANGED
+
+
+async def stored_embedding(conn: asyncpg.Connection, memory: NewMemory, model: str) -> Vector | None:
+    """The embedding already stored for this identity when its content is the same, so it need not be recomputed."""
+    result: Vector | None = await conn.fetchval(
+        """
+        SELECT embedding FROM memory.memories
+        WHERE scope = $1::text::memory.scope AND scope_id = $2 AND key = $3 AND content_hash = $4
+          AND embedding_model = $5
+        """,
+        memory.scope.value,
+        memory.scope_id,
+        memory.key,
+        memory.content_hash,
+        model,
+    )
+    return result
+
+
+async def get(conn: asyncpg.Connection, memory_id: int, *, with_embedding: bool) -> Memory | None:
+    columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
+    row = await conn.fetchrow(f"SELECT {columns} FROM memory.memories m WHERE m.id = $1 AND {LIVE}", memory_id)
+    return None if row is None else memory_from_row(row)
+
+
+async def delete_by_id(conn: asyncpg.Connection, memory_id: int) -> int:
+    result = await conn.execute("DELETE FROM memory.memories WHERE id = $1", memory_id)
+    return _affected(result)
+
+
+async def delete_matching(conn: asyncpg.Connection, memory_filter: MemoryFilter) -> int:
+    params = Params()
+    where = where_clause(memory_filter, params, live_only=False)
+    result = await conn.execute(f"DELETE FROM memory.memories m WHERE {where}", *params.values)
+    return _affected(result)
+
+
+async def list_page(
+    conn: asyncpg.Connection, memory_filter: MemoryFilter, *, after_id: int, limit: int, with_embedding: bool
+) -> list[Memory]:
+    params = Params()
+    where = where_clause(memory_filter, params)
+    columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
+    rows = await conn.fetch(
+        f"SELECT {columns} FROM memory.memories m WHERE {where} AND m.id > {params.add(after_id)} "
+        f"ORDER BY m.id LIMIT {params.add(limit)}",
+        *params.values,
+    )
+    return [memory_from_row(row) for row in rows]
+
+
+async def purge_expired(conn: asyncpg.Connection, *, batch: int) -> int:
+    """Delete up to ``batch`` expired memories; SKIP LOCKED lets several instances purge side by side."""
+    result = await conn.execute(
+        """
+        DELETE FROM memory.memories WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM memory.memories
+            WHERE expires_at <= clock_timestamp() LIMIT $1 FOR UPDATE SKIP LOCKED))
+        """,
+        batch,
+    )
+    return _affected(result)
+
+
+def memory_from_row(row: asyncpg.Record | dict[str, Any]) -> Memory:
+    embedding = row.get("embedding") if hasattr(row, "get") else None
+    return Memory(
+        id=row["id"],
+        scope=Scope(row["scope"]),
+        scope_id=row["scope_id"],
+        agent_id=row["agent_id"],
+        memory_type=MemoryType(row["memory_type"]),
+        key=row["key"],
+        value=row["value"],
+        importance=float(row["importance"]),
+        tags=tuple(row["tags"] or ()),
+        metadata=row["metadata"] or {},
+        content_hash=bytes(row["content_hash"]),
+        embedding_model=row["embedding_model"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+        embedding=embedding,
+    )
+
+
+def _affected(status: str) -> int:
+    """Row count from a command tag such as ``DELETE 3``."""
+    return int(status.rsplit(" ", 1)[-1])

@@ -1,0 +1,111 @@
+"""Input rules every entry point applies, each failure an InvalidArgument naming the field.
+
+These are domain rules, not wire rules: PostgreSQL text cannot hold NUL, a zero vector has no cosine, and so on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from memory_service.errors import InvalidArgument
+from memory_service.models import Vector
+
+MAX_KEY_CHARS = 200
+MAX_TAGS = 64
+MAX_TAG_CHARS = 100
+MAX_METADATA_BYTES = 64 * 1024
+MAX_SCOPES = 100
+MAX_ID = 2**63 - 1
+
+
+def check_text(field: str, value: str, *, max_bytes: int, allow_empty: bool = False) -> str:
+    if not allow_empty and not value.strip():
+        raise InvalidArgument(field, "must not be empty")
+    _check_no_nul(field, value)
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidArgument(field, f"is {size} bytes; the limit is {max_bytes}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(field, "must be valid UTF-8 (it contains a lone surrogate)") from None
+    return value
+
+
+def check_key(field: str, key: str) -> str:
+    if len(key) > MAX_KEY_CHARS:
+        raise InvalidArgument(field, f"is {len(key)} characters; the limit is {MAX_KEY_CHARS}")
+    if key and not key.strip():
+        raise InvalidArgument(field, "must not be only whitespace")
+    _check_no_nul(field, key)
+    return key
+
+
+def check_vector(field: str, values: Sequence[float], dimension: int) -> Vector:
+    if len(values) != dimension:
+        raise InvalidArgument(field, f"has {len(values)} dimensions; this database stores {dimension}")
+    vector = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(vector).all():
+        raise InvalidArgument(field, "must contain only finite numbers (no NaN or infinity)")
+    if not vector.any():
+        raise InvalidArgument(field, "must not be all zeros (a zero vector has no direction to compare)")
+    return vector
+
+
+def check_fraction(field: str, value: float) -> float:
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise InvalidArgument(field, f"must be between 0 and 1 (got {value})")
+    return value
+
+
+def check_non_negative(field: str, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgument(field, f"must be a finite number >= 0 (got {value})")
+    return value
+
+
+def check_id(field: str, value: int, *, allow_zero: bool = False) -> int:
+    if value < 0 or (value == 0 and not allow_zero) or value > MAX_ID:
+        raise InvalidArgument(field, f"must be a positive id (got {value})")
+    return value
+
+
+def check_tags(field: str, tags: Sequence[str]) -> tuple[str, ...]:
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgument(field, f"has {len(tags)} tags; the limit is {MAX_TAGS}")
+    for index, tag in enumerate(tags):
+        if not tag.strip() or len(tag) > MAX_TAG_CHARS:
+            raise InvalidArgument(f"{field}[{index}]", f"must be 1 to {MAX_TAG_CHARS} characters")
+        _check_no_nul(f"{field}[{index}]", tag)
+    return tuple(dict.fromkeys(tags))
+
+
+def check_metadata(field: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    try:
+        encoded = json.dumps(metadata, allow_nan=False)
+    except ValueError:
+        raise InvalidArgument(field, "must not contain NaN or infinite numbers") from None
+    if "\\u0000" in encoded:
+        raise InvalidArgument(field, "must not contain NUL characters")
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise InvalidArgument(field, f"is {len(encoded)} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+    return metadata
+
+
+def check_limit(field: str, value: int, *, default: int, maximum: int) -> int:
+    """0 means the default; negatives and values above the cap are refused rather than silently clamped."""
+    if value == 0:
+        return default
+    if value < 0 or value > maximum:
+        raise InvalidArgument(field, f"must be between 1 and {maximum} (got {value})")
+    return value
+
+
+def _check_no_nul(field: str, value: str) -> None:
+    if "\x00" in value:
+        raise InvalidArgument(field, "must not contain NUL characters (PostgreSQL text cannot store them)")
