@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="apply pending database migrations and exit")
     _database_flags(migrate)
     migrate.set_defaults(run=_migrate)
+
+    from memory_service import cli_lease
+
+    cli_lease.register(commands)
     return parser
 
 
