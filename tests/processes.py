@@ -89,3 +89,5 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._reader.join(5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()

@@ -86,7 +86,11 @@ def _timestamp(message: timestamp_pb2.Timestamp) -> datetime:
 
 
 def _struct(field: str, message: struct_pb2.Struct) -> dict[str, Any]:
-    return validation.check_metadata(field, json_format.MessageToDict(message))
+    try:
+        as_dict = json_format.MessageToDict(message)
+    except ValueError:
+        raise InvalidArgument(field, "must not contain NaN or infinite numbers") from None
+    return validation.check_metadata(field, as_dict)
 
 
 def fence_from_proto(message: memory_pb2.Fence, field: str = "fence") -> Fence | None:

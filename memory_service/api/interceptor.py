@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import hashlib
 import hmac
+import inspect
 import logging
 import time
 import uuid
@@ -89,7 +90,9 @@ class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         call = _Call(self._metrics, self._auth, service, method, handler)
         factory, behavior = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
         original = getattr(handler, behavior)
-        wrapped = call.wrap_stream(original) if handler.response_streaming else call.wrap_unary(original)
+        # Streaming handlers come in two shapes: async generators that yield responses, and coroutines that
+        # call context.write (grpc's own health servicer). Each needs a wrapper of the same shape.
+        wrapped = call.wrap_stream(original) if inspect.isasyncgenfunction(original) else call.wrap_unary(original)
         return factory(
             wrapped,
             request_deserializer=handler.request_deserializer,

@@ -1,0 +1,111 @@
+"""The server process's life: start on the embedded PostgreSQL, drain on SIGTERM, exit 0, find its data again."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memory_service.v1 import memory_pb2, memory_pb2_grpc
+from tests.conftest import test_env
+from tests.processes import ServerProcess
+
+
+def note(value: str) -> memory_pb2.StoreRequest:
+    return memory_pb2.StoreRequest(memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, value=value))
+
+
+async def _wait_for_lock_waiter(conn: asyncpg.Connection) -> None:
+    async with asyncio.timeout(30):
+        while not await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ):
+            await asyncio.sleep(0.05)
+
+
+async def test_sigterm_drains_in_flight_call_then_exits_zero(database_url: str) -> None:
+    process = ServerProcess(test_env(database_url, SHUTDOWN_GRACE="30s"))
+    try:
+        await asyncio.to_thread(process.wait_serving)
+        blocker = await asyncpg.connect(database_url)
+        async with aio.insecure_channel(process.address) as channel:
+            memory = memory_pb2_grpc.MemoryServiceStub(channel)
+            await memory.Store(note("warm up"), timeout=30)
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="memory_service.v1.MemoryService"))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+
+            # Hold a lock that makes the next Store wait inside PostgreSQL: a slow call, started before SIGTERM.
+            transaction = blocker.transaction()
+            await transaction.start()
+            await blocker.execute("LOCK TABLE memory.memories IN EXCLUSIVE MODE")
+            slow = asyncio.ensure_future(memory.Store(note("written during shutdown"), timeout=60))
+            await _wait_for_lock_waiter(blocker)
+
+            process.terminate()
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            assert not slow.done()
+            await transaction.commit()
+            response = await slow
+            assert response.outcome == memory_pb2.WRITE_OUTCOME_CREATED
+        assert await asyncio.to_thread(process.wait, 60) == 0
+        stored = await blocker.fetchval("SELECT count(*) FROM memory.memories WHERE value = 'written during shutdown'")
+        await blocker.close()
+        assert stored == 1
+        assert any("draining in-flight calls" in line for line in process.log)
+    finally:
+        process.stop()
+
+
+async def test_new_calls_are_refused_after_shutdown(database_url: str) -> None:
+    process = ServerProcess(test_env(database_url))
+    try:
+        await asyncio.to_thread(process.wait_serving)
+        process.terminate()
+        assert await asyncio.to_thread(process.wait, 60) == 0
+        async with aio.insecure_channel(process.address) as channel:
+            try:
+                await memory_pb2_grpc.MemoryServiceStub(channel).Stats(memory_pb2.StatsRequest(), timeout=2)
+                raise AssertionError("a stopped server answered")
+            except grpc.RpcError as error:
+                assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        process.stop()
+
+
+async def test_embedded_database_keeps_data_across_restarts(tmp_path: Path) -> None:
+    env = {
+        "MEMORY_SERVICE_DATA_DIR": str(tmp_path / "data"),
+        "GRPC_HOST": "127.0.0.1",
+        "GRPC_PORT": "0",
+        "METRICS_PORT": "off",
+        "DATABASE_URL": "",
+    }
+    first = ServerProcess(env)
+    try:
+        await asyncio.to_thread(first.wait_serving)
+        async with aio.insecure_channel(first.address) as channel:
+            stored = await memory_pb2_grpc.MemoryServiceStub(channel).Store(note("remember me"), timeout=30)
+        first.terminate()
+        assert await asyncio.to_thread(first.wait, 60) == 0
+    finally:
+        first.stop()
+    assert any("using the embedded PostgreSQL" in line for line in first.log)
+    assert (tmp_path / "data" / "pgdata" / "PG_VERSION").exists()
+
+    second = ServerProcess(env)
+    try:
+        await asyncio.to_thread(second.wait_serving)
+        async with aio.insecure_channel(second.address) as channel:
+            got = await memory_pb2_grpc.MemoryServiceStub(channel).Get(memory_pb2.GetRequest(id=stored.id), timeout=30)
+        assert got.memory.value == "remember me"
+        assert any("migrations: up to date" in line for line in second.log)
+        second.terminate()
+        assert await asyncio.to_thread(second.wait, 60) == 0
+    finally:
+        second.stop()

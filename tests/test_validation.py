@@ -1,0 +1,175 @@
+"""Nothing a client sends produces UNKNOWN or INTERNAL: bad input is INVALID_ARGUMENT naming the field.
+
+Property-based: hypothesis throws arbitrary text, numbers and enum values at a real server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memory_service.v1 import memory_pb2
+from tests.conftest import RunningServer, code_of, create_database, drop_database, start_server, stop_server, test_env
+
+ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+PROPERTY = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+
+any_text = st.text(st.characters(codec="utf-8"), max_size=300)
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+enum_values = st.integers(min_value=-5, max_value=20)
+int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@pytest.fixture(scope="module")
+async def shared_server(server_dsn: str, template_dsn: str) -> AsyncIterator[RunningServer]:
+    dsn = await create_database(server_dsn, "memory_service_test_template")
+    running = await start_server(test_env(dsn, MAX_TEXT_BYTES="2048"))
+    yield running
+    await stop_server(running)
+    await drop_database(server_dsn, dsn)
+
+
+async def outcome(call: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.RpcError as error:
+        return code_of(error), error.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+@PROPERTY
+@given(
+    value=any_text,
+    key=any_text,
+    scope=enum_values,
+    scope_id=int64,
+    memory_type=enum_values,
+    importance=floats,
+    tags=st.lists(any_text, max_size=4),
+    embedding=st.one_of(st.just([]), st.lists(floats, min_size=1, max_size=5), st.just([0.0] * 384)),
+)
+async def test_store_never_fails_unexpectedly(
+    shared_server: RunningServer,
+    value: str,
+    key: str,
+    scope: int,
+    scope_id: int,
+    memory_type: int,
+    importance: float,
+    tags: list[str],
+    embedding: list[float],
+) -> None:
+    message = memory_pb2.MemoryInput(
+        scope=scope,  # type: ignore[arg-type]
+        scope_id=scope_id,
+        key=key,
+        value=value,
+        memory_type=memory_type,  # type: ignore[arg-type]
+        importance=importance,
+        tags=tags,
+        embedding=embedding,
+    )
+    code, details = await outcome(shared_server.memory.Store(memory_pb2.StoreRequest(memory=message)))
+    assert code in ACCEPTABLE, (code, details)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        assert details.startswith("memory."), details
+
+
+@PROPERTY
+@given(
+    query=any_text,
+    top_k=st.integers(min_value=-10, max_value=100_000),
+    mode=enum_values,
+    alpha=floats,
+    min_score=floats,
+    vector=st.one_of(st.just([]), st.lists(floats, min_size=384, max_size=384)),
+)
+async def test_search_never_fails_unexpectedly(
+    shared_server: RunningServer, query: str, top_k: int, mode: int, alpha: float, min_score: float, vector: list[float]
+) -> None:
+    request = memory_pb2.SearchRequest(
+        query=query,
+        top_k=top_k,
+        mode=mode,  # type: ignore[arg-type]
+        alpha=alpha,
+        min_score=min_score,
+        query_embedding=vector,
+    )
+    code, details = await outcome(shared_server.memory.Search(request))
+    assert code in ACCEPTABLE, (code, details)
+    if code is grpc.StatusCode.OK:
+        assert 0 <= top_k <= 200
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, value=""), "memory.value"),
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, value="   "), "memory.value"),
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, value="a\x00b"), "memory.value"),
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, value="x" * 5000), "memory.value"),
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, value="v", key="k" * 201), "memory.key"),
+        (memory_pb2.MemoryInput(value="v"), "memory.scope"),
+        (memory_pb2.MemoryInput(scope=42, value="v"), "memory.scope"),  # type: ignore[arg-type]
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_GLOBAL, scope_id=3, value="v"), "memory.scope_id"),
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=-1, value="v"), "memory.scope_id"),
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", importance=1.5), "memory.importance"),
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", importance=math.nan), "memory.importance"),
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", memory_type=99), "memory.memory_type"),  # type: ignore[arg-type]
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", embedding=[0.1] * 3), "memory.embedding"),
+        (
+            memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", embedding=[math.nan] * 384),
+            "memory.embedding",
+        ),
+        (
+            memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", embedding=[math.inf] * 384),
+            "memory.embedding",
+        ),
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", tags=["ok", ""]), "memory.tags[1]"),
+        (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", agent_id=0), "memory.agent_id"),
+    ],
+)
+async def test_store_names_the_bad_field(
+    shared_server: RunningServer, message: memory_pb2.MemoryInput, field: str
+) -> None:
+    code, details = await outcome(shared_server.memory.Store(memory_pb2.StoreRequest(memory=message)))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(field + ":"), details
+
+
+async def test_metadata_with_nul_or_nan_is_refused(shared_server: RunningServer) -> None:
+    for bad in ({"note": "a\x00b"}, {"score": math.nan}):
+        message = memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v")
+        message.metadata.update(bad)
+        code, details = await outcome(shared_server.memory.Store(memory_pb2.StoreRequest(memory=message)))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith("memory.metadata"), details
+
+
+async def test_other_rpcs_validate_their_fields(shared_server: RunningServer) -> None:
+    memory = shared_server.memory
+    cases = [
+        (memory.Get(memory_pb2.GetRequest(id=0)), "id"),
+        (memory.Get(memory_pb2.GetRequest(id=-4)), "id"),
+        (memory.Delete(memory_pb2.DeleteRequest()), "target"),
+        (memory.List(memory_pb2.ListRequest(page_size=-1)), "page_size"),
+        (memory.List(memory_pb2.ListRequest(page_size=10**6)), "page_size"),
+        (memory.Embed(memory_pb2.EmbedRequest()), "texts"),
+        (memory.Embed(memory_pb2.EmbedRequest(texts=["ok", ""])), "texts[1]"),
+        (memory.Embed(memory_pb2.EmbedRequest(texts=["x"] * 1000)), "texts"),
+        (memory.Store(memory_pb2.StoreRequest()), "memory"),
+        (
+            memory.List(memory_pb2.ListRequest(filter=memory_pb2.MemoryFilter(memory_types=[77]))),  # type: ignore[list-item]
+            "filter.memory_types[0]",
+        ),
+    ]
+    for call, field in cases:
+        code, details = await outcome(call)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, (field, code, details)
+        assert details.startswith(field + ":"), (field, details)
