@@ -109,6 +109,13 @@ class Settings:
     lease_quota: int = 1000
     """Leases one caller may hold at a time."""
 
+    bulk_max_items_per_request: int = 1000
+    """Items one BulkStore request may carry; larger requests are refused, not silently split."""
+    bulk_batch_rows: int = 1000
+    """Rows BulkStore writes per transaction (and acknowledges per ack)."""
+    bulk_queue_depth: int = 2
+    """Requests, and batches, BulkStore buffers between receive, embed and write: its backpressure bound."""
+
     @property
     def embedded_database(self) -> bool:
         return self.database_url is None
@@ -161,6 +168,9 @@ class Settings:
             lease_max_ttl=reader.duration("LEASE_MAX_TTL", 3600.0),
             lease_max_wait=reader.duration("LEASE_MAX_WAIT", 300.0),
             lease_quota=reader.integer("LEASE_QUOTA", 1000, minimum=1),
+            bulk_max_items_per_request=reader.integer("BULK_MAX_ITEMS_PER_REQUEST", 1000, minimum=1, maximum=100_000),
+            bulk_batch_rows=reader.integer("BULK_BATCH_ROWS", 1000, minimum=1, maximum=100_000),
+            bulk_queue_depth=reader.integer("BULK_QUEUE_DEPTH", 2, minimum=1, maximum=64),
         )
         data_dir = reader.path("MEMORY_SERVICE_DATA_DIR")
         if data_dir is not None:

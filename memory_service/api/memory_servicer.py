@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from grpc import aio
 
-from memory_service import validation
+from memory_service import ingest, validation
 from memory_service.api import convert
 from memory_service.errors import InvalidArgument
 from memory_service.runtime import Runtime
@@ -33,8 +33,44 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     async def BulkStore(
         self, request_iterator: AsyncIterator[memory_pb2.BulkStoreRequest], context: aio.ServicerContext
     ) -> AsyncIterator[memory_pb2.BulkStoreAck]:
-        raise NotImplementedError
-        yield  # pragma: no cover - makes this an async generator like the finished method will be
+        settings = self._settings
+        dimension = self._runtime.embedder.dimension
+
+        def item(message: memory_pb2.BulkItem) -> ingest.BulkItem:
+            """An invalid item becomes its rejection; fields are named relative to the item ("memory.value")."""
+            try:
+                if not message.HasField("memory"):
+                    raise InvalidArgument("memory", "is required")
+                memory = convert.new_memory_from_proto(message.memory, settings, dimension, "memory")
+            except InvalidArgument as error:
+                return ingest.BulkItem(sequence=message.sequence, memory=error)
+            return ingest.BulkItem(sequence=message.sequence, memory=memory)
+
+        async def requests() -> AsyncIterator[ingest.BulkRequest]:
+            async for message in request_iterator:
+                ingest.check_request_size(len(message.items), settings.bulk_max_items_per_request)
+                fence = convert.fence_from_proto(message.fence)
+                yield ingest.BulkRequest(items=[item(m) for m in message.items], fence=fence)
+
+        bulk = ingest.BulkIngest(
+            self._runtime.db,
+            self._runtime.embedder,
+            self._runtime.metrics,
+            batch_rows=settings.bulk_batch_rows,
+            queue_depth=settings.bulk_queue_depth,
+            max_items_per_request=settings.bulk_max_items_per_request,
+        )
+        async for ack in bulk.run(requests()):
+            yield memory_pb2.BulkStoreAck(
+                durable_sequence=ack.durable_sequence,
+                created=ack.created,
+                updated=ack.updated,
+                unchanged=ack.unchanged,
+                rejected=ack.rejected,
+                rejections=[
+                    memory_pb2.Rejection(sequence=r.sequence, field=r.field, reason=r.reason) for r in ack.rejections
+                ],
+            )
 
     async def Get(self, request: memory_pb2.GetRequest, context: aio.ServicerContext) -> memory_pb2.GetResponse:
         memory_id = validation.check_id("id", request.id)

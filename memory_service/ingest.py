@@ -1,0 +1,294 @@
+"""Bulk ingest: one BulkStore stream as a pipeline of receive -> prepare (dedup, embed) -> write -> ack.
+
+The stages run concurrently, so the database writes batch N while batch N+1 is embedded and N+2 is received,
+and they are joined by bounded queues: when the database is the slowest stage the queues fill, the receiver
+stops reading, gRPC flow control stops the client, and the server's memory stays bounded however fast the
+client sends.
+
+Guarantees a resuming client relies on:
+
+- Each batch is one transaction; its ack is sent only after it committed and names the highest sequence number
+  of the batch. Batches commit in stream order, so everything up to an acked sequence is durable (stored or
+  rejected), and nothing after it is half-written.
+- Writes are upserts by identity, so resending rows that did commit (their ack was lost) changes nothing.
+- Within a batch, several rows with one identity collapse to the last; the superseded ones count as "updated"
+  when they differ from the row that replaced them and "unchanged" otherwise, as consecutive Stores would count
+  them. Across batches the database applies them in order, because one stream has one writer.
+- An invalid row is rejected with its sequence number and the rest of its batch lands. A stream-level error (a
+  request too large, a sequence number that does not increase, a superseded fence) first lets the batches before
+  it commit, then ends the stream.
+
+The embedding cache is written by the embedder when it computes vectors, just before the batch's transaction
+rather than inside it: entries are content-addressed and idempotent, so one whose batch then fails is still
+correct and saves the retry its provider call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+
+from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import InvalidArgument
+from memory_service.metrics import Metrics
+from memory_service.models import Fence, NewMemory, Vector
+from memory_service.storage import ingest_sql
+from memory_service.storage.database import Database
+from memory_service.storage.fencing import check_fence
+
+log = logging.getLogger(__name__)
+
+LINGER = 0.01
+"""Seconds a partial batch waits for more rows before it is written: long enough to fill batches from a client
+that streams, short enough that a client waiting for its ack does not notice."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BulkItem:
+    """One received item: a validated memory, or the error that rejects it."""
+
+    sequence: int
+    memory: NewMemory | InvalidArgument
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BulkRequest:
+    items: Sequence[BulkItem]
+    fence: Fence | None = None
+    """Applies to this request's items and, until another is given, to every later request of the stream."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rejection:
+    sequence: int
+    field: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BulkAck:
+    """Sent after each committed batch; counts are for that batch."""
+
+    durable_sequence: int
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejections: tuple[Rejection, ...] = ()
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejections)
+
+
+def check_request_size(count: int, limit: int) -> None:
+    """Refuse an oversized request before any of it is converted."""
+    if count > limit:
+        raise InvalidArgument("items", f"holds {count} items; the limit is {limit} per request")
+
+
+@dataclasses.dataclass
+class _End:
+    """The end of the stream, or the error that ends it; passed down the pipeline behind the batches before it."""
+
+    error: BaseException | None = None
+
+
+@dataclasses.dataclass
+class _Batch:
+    last_sequence: int
+    fences: tuple[Fence, ...]
+    memories: list[NewMemory]
+    """Distinct identities, sorted by identity."""
+    embeddings: list[Vector]
+    rejections: tuple[Rejection, ...]
+    collapsed_updated: int
+    collapsed_unchanged: int
+
+
+_Pending = tuple[BulkItem, Fence | None]
+
+
+class BulkIngest:
+    """Runs BulkStore streams; holds no per-stream state, so one instance serves them all."""
+
+    def __init__(
+        self,
+        db: Database,
+        embedder: EmbeddingService,
+        metrics: Metrics,
+        *,
+        batch_rows: int,
+        queue_depth: int,
+        max_items_per_request: int,
+    ) -> None:
+        self._db = db
+        self._embedder = embedder
+        self._metrics = metrics
+        self._batch_rows = batch_rows
+        self._depth = queue_depth
+        self._max_items = max_items_per_request
+
+    async def run(self, requests: AsyncIterator[BulkRequest]) -> AsyncIterator[BulkAck]:
+        """Acks in stream order, one per committed batch; raises the error that ends the stream, if any."""
+        received: asyncio.Queue[list[_Pending] | _End] = asyncio.Queue(self._depth)
+        prepared: asyncio.Queue[_Batch | _End] = asyncio.Queue(self._depth)
+        tasks = [
+            asyncio.create_task(self._receive(requests, received), name="bulk receive"),
+            asyncio.create_task(self._prepare(received, prepared), name="bulk prepare"),
+        ]
+        rows = batches = 0
+        try:
+            while True:
+                batch = await prepared.get()
+                if isinstance(batch, _End):
+                    if batch.error is not None:
+                        raise batch.error
+                    break
+                ack = await self._write(batch)
+                rows += ack.created + ack.updated + ack.unchanged + ack.rejected
+                batches += 1
+                yield ack
+        finally:
+            # Also reached when the client cancels: committed batches stay, the one in flight was rolled back.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            log.info("bulk stream ended after %d rows in %d batches", rows, batches)
+
+    async def _receive(self, requests: AsyncIterator[BulkRequest], out: asyncio.Queue[list[_Pending] | _End]) -> None:
+        """Check stream-level rules and hand each request's items on; blocks while the pipeline is full."""
+        last = -1
+        fence: Fence | None = None
+        try:
+            async for request in requests:
+                check_request_size(len(request.items), self._max_items)
+                for index, item in enumerate(request.items):
+                    if item.sequence <= last:
+                        raise InvalidArgument(
+                            f"items[{index}].sequence",
+                            f"must be greater than the previous item's ({item.sequence} <= {last}); "
+                            "sequence numbers strictly increase within a stream",
+                        )
+                    last = item.sequence
+                fence = request.fence or fence
+                if request.items:
+                    await out.put([(item, fence) for item in request.items])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await out.put(_End(exc))
+            return
+        await out.put(_End())
+
+    async def _prepare(self, source: asyncio.Queue[list[_Pending] | _End], out: asyncio.Queue[_Batch | _End]) -> None:
+        """Cut the item stream into batches of ``batch_rows`` (or less after LINGER idle), embed, pass on."""
+        pending: list[_Pending] = []
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(LINGER if pending else None):
+                        entry = await source.get()
+                except TimeoutError:
+                    await out.put(await self._batch(pending))
+                    pending = []
+                    continue
+                if isinstance(entry, _End):
+                    if pending:
+                        await out.put(await self._batch(pending))
+                    await out.put(entry)
+                    return
+                pending.extend(entry)
+                while len(pending) >= self._batch_rows:
+                    batch, pending = pending[: self._batch_rows], pending[self._batch_rows :]
+                    await out.put(await self._batch(batch))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await out.put(_End(exc))
+
+    async def _batch(self, items: list[_Pending]) -> _Batch:
+        rejections: list[Rejection] = []
+        latest: dict[tuple[str, int, str], NewMemory] = {}
+        collapsed_updated = collapsed_unchanged = 0
+        for item, _ in items:
+            memory = item.memory
+            if isinstance(memory, InvalidArgument):
+                rejections.append(Rejection(sequence=item.sequence, field=memory.field, reason=memory.message))
+                continue
+            identity = (memory.scope.value, memory.scope_id, memory.key)
+            superseded = latest.get(identity)
+            if superseded is not None:
+                if _same(superseded, memory):
+                    collapsed_unchanged += 1
+                else:
+                    collapsed_updated += 1
+            latest[identity] = memory
+        memories = [latest[identity] for identity in sorted(latest)]
+        return _Batch(
+            last_sequence=items[-1][0].sequence,
+            fences=tuple(dict.fromkeys(fence for item, fence in items if fence is not None)),
+            memories=memories,
+            embeddings=await self._embeddings(memories),
+            rejections=tuple(rejections),
+            collapsed_updated=collapsed_updated,
+            collapsed_unchanged=collapsed_unchanged,
+        )
+
+    async def _embeddings(self, memories: list[NewMemory]) -> list[Vector]:
+        """Given vectors as they are; otherwise the stored one when the content is unchanged; otherwise embed."""
+        vectors: list[Vector | None] = [m.embedding for m in memories]
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        if missing:
+            model = self._embedder.model
+            async with self._db.connection() as conn:
+                stored = await ingest_sql.stored_embeddings(conn, [memories[i] for i in missing], model)
+            for position, vector in stored.items():
+                vectors[missing[position]] = vector
+            missing = [i for i in missing if vectors[i] is None]
+        if missing:
+            # One provider request per provider batch (EmbeddingService), not per row.
+            computed = await self._embedder.embed(
+                [memories[i].value for i in missing], [memories[i].content_hash for i in missing]
+            )
+            for i, vector in zip(missing, computed, strict=True):
+                vectors[i] = vector
+        result = [v for v in vectors if v is not None]
+        assert len(result) == len(memories)
+        return result
+
+    async def _write(self, batch: _Batch) -> BulkAck:
+        counts = ingest_sql.WriteCounts(0, 0, 0)
+        if batch.memories:
+            async with self._db.transaction() as conn:
+                for fence in batch.fences:
+                    await check_fence(conn, fence)
+                counts = await ingest_sql.write_batch(conn, batch.memories, batch.embeddings, self._embedder.model)
+        ack = BulkAck(
+            durable_sequence=batch.last_sequence,
+            created=counts.created,
+            updated=counts.updated + batch.collapsed_updated,
+            unchanged=counts.unchanged + batch.collapsed_unchanged,
+            rejections=batch.rejections,
+        )
+        for outcome, count in (
+            ("created", ack.created),
+            ("updated", ack.updated),
+            ("unchanged", ack.unchanged),
+            ("rejected", ack.rejected),
+        ):
+            if count:
+                self._metrics.ingest_rows.labels(outcome).inc(count)
+        return ack
+
+
+def _same(a: NewMemory, b: NewMemory) -> bool:
+    """Whether two writes of one identity store the same thing (vectors compared by value)."""
+    if dataclasses.replace(a, embedding=None) != dataclasses.replace(b, embedding=None):
+        return False
+    if a.embedding is None or b.embedding is None:
+        return a.embedding is b.embedding
+    return bool(np.array_equal(a.embedding, b.embedding))

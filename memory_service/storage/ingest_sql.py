@@ -1,0 +1,135 @@
+"""SQL for bulk ingest: reuse of stored embeddings, and one batch written through a staging table.
+
+A batch is copied (binary COPY) into a temporary staging table and moved into ``memory.memories`` by one
+``INSERT ... SELECT ... ON CONFLICT`` statement, the same upsert a single Store runs, so both paths agree on what
+"created", "updated" and "unchanged" mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import asyncpg
+
+from memory_service.models import NewMemory, Vector
+from memory_service.storage.memories_sql import UPSERT_TAIL, WRITE_COLUMNS
+
+STAGING = "memory_bulk_staging"
+
+# Temporary tables survive the pool's reset (RESET ALL, CLOSE ALL, UNLISTEN, advisory unlock), so each pooled
+# connection creates its staging table once; ON COMMIT DELETE ROWS empties it at every commit, and a rolled-back
+# batch leaves nothing behind either. Enums and JSON travel as text: asyncpg has no binary COPY encoder for jsonb.
+_CREATE_STAGING = f"""
+CREATE TEMP TABLE IF NOT EXISTS {STAGING} (
+    ord          integer NOT NULL,
+    scope        text NOT NULL,
+    scope_id     bigint NOT NULL,
+    agent_id     bigint,
+    memory_type  text NOT NULL,
+    key          text NOT NULL,
+    value        text NOT NULL,
+    embedding    vector NOT NULL,
+    importance   real NOT NULL,
+    tags         text[] NOT NULL,
+    metadata     text NOT NULL,
+    content_hash bytea NOT NULL,
+    expires_at   timestamptz,
+    ttl_seconds  float8
+) ON COMMIT DELETE ROWS
+"""
+
+_STAGING_COLUMNS = (
+    "ord",
+    "scope",
+    "scope_id",
+    "agent_id",
+    "memory_type",
+    "key",
+    "value",
+    "embedding",
+    "importance",
+    "tags",
+    "metadata",
+    "content_hash",
+    "expires_at",
+    "ttl_seconds",
+)
+
+# Rows go in staging order, which the caller sorts by identity: concurrent loads that touch the same memories
+# then lock them in the same order and cannot deadlock.
+_UPSERT_FROM_STAGING = f"""
+INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
+SELECT s.scope::memory.scope, s.scope_id, s.agent_id, s.memory_type::memory.memory_type, s.key, s.value,
+       s.embedding, s.importance, s.tags, s.metadata::jsonb, s.content_hash, $1::text,
+       COALESCE(s.expires_at, clock_timestamp() + make_interval(secs => s.ttl_seconds))
+FROM pg_temp.{STAGING} s
+ORDER BY s.ord
+{UPSERT_TAIL}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteCounts:
+    created: int
+    updated: int
+    unchanged: int
+
+
+async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemory], model: str) -> dict[int, Vector]:
+    """Embeddings already stored for these identities with the same content and model, by position.
+
+    The batched form of ``memories_sql.stored_embedding``: a reloaded file costs no embedding work.
+    """
+    if not memories:
+        return {}
+    rows = await conn.fetch(
+        """
+        SELECT i.ord, m.embedding
+        FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[]) WITH ORDINALITY
+             AS i(scope, scope_id, key, content_hash, ord)
+        JOIN memory.memories m
+          ON m.scope = i.scope::memory.scope AND m.scope_id = i.scope_id AND m.key = i.key
+         AND m.content_hash = i.content_hash AND m.embedding_model = $5
+        WHERE m.embedding IS NOT NULL
+        """,
+        [m.scope.value for m in memories],
+        [m.scope_id for m in memories],
+        [m.key for m in memories],
+        [m.content_hash for m in memories],
+        model,
+    )
+    return {int(r["ord"]) - 1: r["embedding"] for r in rows}
+
+
+async def write_batch(
+    conn: asyncpg.Connection, memories: Sequence[NewMemory], embeddings: Sequence[Vector], model: str
+) -> WriteCounts:
+    """Upsert ``memories`` (distinct identities) inside the caller's transaction and count the outcomes."""
+    if not memories:
+        return WriteCounts(0, 0, 0)
+    await conn.execute(_CREATE_STAGING)
+    records = [
+        (
+            ord_,
+            m.scope.value,
+            m.scope_id,
+            m.agent_id,
+            m.memory_type.value,
+            m.key,
+            m.value,
+            embedding,
+            m.importance,
+            list(m.tags),
+            json.dumps(m.metadata),
+            m.content_hash,
+            m.expires_at,
+            m.ttl_seconds,
+        )
+        for ord_, (m, embedding) in enumerate(zip(memories, embeddings, strict=True))
+    ]
+    await conn.copy_records_to_table(STAGING, schema_name="pg_temp", columns=_STAGING_COLUMNS, records=records)
+    returned = await conn.fetch(_UPSERT_FROM_STAGING, model)
+    created = sum(1 for r in returned if r["created"])
+    return WriteCounts(created=created, updated=len(returned) - created, unchanged=len(memories) - len(returned))
