@@ -57,25 +57,12 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", metavar="PEM", help="use TLS, trusting this CA (MEMORY_SERVICE_CA_FILE)")
 
 
-def register(commands: Any) -> None:
-    """Add ``lease run`` and ``lease list`` to the CLI's subcommands."""
-    lease = commands.add_parser("lease", help="hold a lease while a command runs; list leases")
-    sub = lease.add_subparsers(dest="lease_command", required=True, metavar="LEASE_COMMAND")
-
-    run = sub.add_parser(
-        "run",
-        help="run COMMAND while holding lease NAME (like flock for a fleet)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _run_options(run: argparse.ArgumentParser) -> None:
     _client_flags(run)
-    run.add_argument("name", help="the lease name")
     run.add_argument("--namespace", default="default", help="lease namespace (default: default)")
     run.add_argument("--ttl", type=_duration, default=30.0, help="lease TTL (default 30s); renewed every TTL/3")
     group = run.add_mutually_exclusive_group()
-    group.add_argument(
-        "--wait", type=_duration, help="give up after waiting this long (default: wait as long as it takes)"
-    )
+    group.add_argument("--wait", type=_duration, help="give up after this long (default: wait forever)")
     group.add_argument("-n", "--no-wait", action="store_true", help="give up at once if the lease is held")
     run.add_argument("--holder", default=f"{socket.gethostname()}:{os.getpid()}", help="how contenders see you")
     run.add_argument(
@@ -84,7 +71,43 @@ def register(commands: Any) -> None:
     run.add_argument(
         "--kill-after", type=_duration, default=10.0, help="SIGKILL this long after SIGTERM when the lease is lost"
     )
-    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+
+
+def _split_command(args: argparse.Namespace) -> list[str]:
+    """Apply the options written after NAME, and return the command after ``--``.
+
+    argparse hands everything after the first positional to a REMAINDER argument, so options that follow NAME (as
+    in ``lease run NAME --ttl 5s -- COMMAND``) are parsed here.
+    """
+    rest = list(args.command)
+    if rest[:1] == ["--"]:
+        return rest[1:]
+    if not rest or not rest[0].startswith("-") or "--" not in rest:
+        return rest  # no options after NAME (argparse may already have dropped the "--")
+    split = rest.index("--")
+    options = argparse.ArgumentParser(prog="memory-service lease run NAME", add_help=False)
+    _run_options(options)
+    defaults = {action.dest: getattr(args, action.dest) for action in options._actions}
+    options.set_defaults(**defaults)
+    options.parse_args(rest[:split], namespace=args)
+    return rest[split + 1 :]
+
+
+def register(commands: Any) -> None:
+    """Add ``lease run`` and ``lease list`` to the CLI's subcommands."""
+    lease = commands.add_parser("lease", help="hold a lease while a command runs; list leases")
+    sub = lease.add_subparsers(dest="lease_command", required=True, metavar="LEASE_COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run COMMAND while holding lease NAME (like flock for a fleet)",
+        usage="memory-service lease run NAME [options] -- COMMAND [ARG...]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("name", help="the lease name")
+    _run_options(run)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="[options] -- COMMAND [ARG...]")
     run.set_defaults(run=_run)
 
     listing = sub.add_parser("list", help="list live leases")
@@ -116,7 +139,7 @@ def _say(message: str) -> None:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = _split_command(args)
     if not command:
         _say("a command is required: lease run NAME [options] -- COMMAND [ARG...]")
         return EX_USAGE

@@ -240,6 +240,9 @@ class LeaseManager:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the call's deadline passed during the lease transaction") from exc
             raise DatabaseUnavailable(f"the lease transaction did not finish within {budget:.1f}s") from exc
+        except asyncpg.InternalClientError as exc:
+            # What asyncpg raises on a pooled connection whose backend was terminated while it sat idle.
+            raise DatabaseUnavailable(f"database connection broken: {exc}") from exc
 
     # --- acquire ------------------------------------------------------------------------------------------------
 

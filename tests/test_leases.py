@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import grpc
@@ -38,11 +38,10 @@ def acquire_request(
     )
 
 
-async def eventually(check: object, timeout: float = 15.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
     """Poll an async predicate until it holds; fail after ``timeout`` (a bound on the test, not a claim)."""
-    assert callable(check)
     async with asyncio.timeout(timeout):
-        while not await check():  # noqa: ASYNC110 - the condition lives in another process or the database
+        while not await check():
             await asyncio.sleep(0.02)
 
 
