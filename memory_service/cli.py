@@ -49,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     _database_flags(migrate)
     migrate.set_defaults(run=_migrate)
 
-    from memory_service import cli_lease
+    from memory_service import cli_ingest, cli_lease, cli_ops
 
+    cli_ingest.register(commands)
     cli_lease.register(commands)
+    cli_ops.register(commands)
     return parser
 
 

@@ -12,7 +12,7 @@ import pytest
 from bench.datasets import Corpus, clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter
 from memory_service.storage import search_sql
-from memory_service.storage.database import _init_connection
+from memory_service.storage.database import init_connection
 from memory_service.storage.filters import Params, where_clause
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
@@ -132,7 +132,7 @@ async def indexed(database_url: str) -> AsyncIterator[tuple[RunningServer, Corpu
     running = await start_server(env)
     conn = await asyncpg.connect(database_url)
     try:
-        await _init_connection(conn)
+        await init_connection(conn)
         await copy_into_memories(conn, records(corpus, model="hash-ngram-v1"))
         await conn.execute("ANALYZE memory.memories")
     finally:
@@ -152,7 +152,7 @@ async def _plan_uses_ivfflat(
     sql = "EXPLAIN " + search_sql._vector_cte(where, params.add(vector), params.add(limit), exact=False)
     conn = await asyncpg.connect(database_url)
     try:
-        await _init_connection(conn)
+        await init_connection(conn)
         plan = "\n".join(r[0] for r in await conn.fetch(sql, *params.values))
     finally:
         await conn.close()
@@ -225,7 +225,7 @@ async def test_narrow_filter_is_searched_exactly(database_url: str) -> None:
     try:
         conn = await asyncpg.connect(database_url)
         try:
-            await _init_connection(conn)
+            await init_connection(conn)
             await copy_into_memories(conn, records(corpus, model="hash-ngram-v1"))
         finally:
             await conn.close()

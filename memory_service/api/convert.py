@@ -276,11 +276,18 @@ def memory_to_proto(memory: Memory) -> memory_pb2.Memory:
         message.metadata.update(memory.metadata)
     if memory.embedding is not None:
         message.embedding.extend(memory.embedding.tolist())
-    message.created_at.FromDatetime(memory.created_at)
-    message.updated_at.FromDatetime(memory.updated_at)
+    _set_timestamp(message.created_at, memory.created_at)
+    _set_timestamp(message.updated_at, memory.updated_at)
     if memory.expires_at is not None:
-        message.expires_at.FromDatetime(memory.expires_at)
+        _set_timestamp(message.expires_at, memory.expires_at)
     return message
+
+
+def _set_timestamp(message: timestamp_pb2.Timestamp, value: datetime) -> None:
+    """Like ``FromDatetime`` for the aware datetimes asyncpg returns, without its per-call validation cost,
+    which showed in search profiles (three timestamps per hit)."""
+    message.seconds = math.floor(value.timestamp())
+    message.nanos = value.microsecond * 1000
 
 
 def outcome_to_proto(outcome: WriteOutcome) -> memory_pb2.WriteOutcome.ValueType:

@@ -77,27 +77,35 @@ class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: Metrics, authenticator: Authenticator) -> None:
         self._metrics = metrics
         self._auth = authenticator
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        call = _Call(self._metrics, self._auth, service, method, handler)
+        service, _, name = method.lstrip("/").rpartition("/")
+        call = _Call(self._metrics, self._auth, service, name, handler)
         factory, behavior = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
         original = getattr(handler, behavior)
         # Streaming handlers come in two shapes: async generators that yield responses, and coroutines that
         # call context.write (grpc's own health servicer). Each needs a wrapper of the same shape.
         wrapped = call.wrap_stream(original) if inspect.isasyncgenfunction(original) else call.wrap_unary(original)
-        return factory(
+        result = factory(
             wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        # Handlers are fixed per method once the server starts, so each is wrapped once, not on every call.
+        self._wrapped[method] = result
+        return result
 
 
 _HANDLER_KINDS: dict[tuple[bool, bool], tuple[Callable[..., grpc.RpcMethodHandler], str]] = {
@@ -122,6 +130,8 @@ class _Call:
         }[(handler.request_streaming, handler.response_streaming)]
         self.labels = (kind, service, method)
         self.metrics = metrics
+        self._started = metrics.grpc_started.labels(*self.labels)
+        self._latency = metrics.grpc_latency.labels(*self.labels)
         self.auth = auth if service not in OPEN_SERVICES else None
 
     def _authenticate(self, context: aio.ServicerContext) -> None:
@@ -130,11 +140,11 @@ class _Call:
 
     def _finish(self, started: float, code: grpc.StatusCode) -> None:
         self.metrics.grpc_handled.labels(*self.labels, code.name).inc()
-        self.metrics.grpc_latency.labels(*self.labels).observe(time.perf_counter() - started)
+        self._latency.observe(time.perf_counter() - started)
 
     def wrap_unary(self, behavior: Callable[[Any, aio.ServicerContext], Awaitable[Any]]) -> Any:
         async def unary(request: Any, context: aio.ServicerContext) -> Any:
-            self.metrics.grpc_started.labels(*self.labels).inc()
+            self._started.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -151,7 +161,7 @@ class _Call:
 
     def wrap_stream(self, behavior: Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]) -> Any:
         async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            self.metrics.grpc_started.labels(*self.labels).inc()
+            self._started.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:

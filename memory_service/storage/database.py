@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -58,7 +59,7 @@ def _encode_vector(value: Vector | npt.NDArray[np.floating[Any]] | list[float]) 
     return encoded
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     """Binary pgvector codecs (vectors decode to numpy arrays) and JSON codecs on every pooled connection."""
     schema = await conn.fetchval(
         "SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = 'vector'"
@@ -69,6 +70,21 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+_SETTING_NAME = re.compile(r"^[a-z_]+(\.[a-z_]+)?$")
+_SETTING_VALUE = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def begin_statement(settings: Mapping[str, str], *, readonly: bool = False) -> str:
+    """``BEGIN; SET LOCAL ...`` as one simple query. Settings come from code, never from a client, and are
+    checked against a strict pattern all the same, since simple queries cannot carry parameters."""
+    parts = ["BEGIN READ ONLY" if readonly else "BEGIN"]
+    for name, value in settings.items():
+        if not _SETTING_NAME.match(name) or not _SETTING_VALUE.match(value):
+            raise ValueError(f"refusing to SET LOCAL {name!r} = {value!r}")
+        parts.append(f"SET LOCAL {name} = '{value}'")
+    return "; ".join(parts)
 
 
 class Database:
@@ -90,7 +106,7 @@ class Database:
                 dsn,
                 min_size=min_size,
                 max_size=max_size,
-                init=_init_connection,
+                init=init_connection,
                 timeout=timeout,
                 command_timeout=None,
                 # Idle connections are recycled so a restarted database is rejoined without manual action.
@@ -120,13 +136,21 @@ class Database:
     ) -> AsyncIterator[asyncpg.Connection]:
         """A connection inside a transaction, with ``settings`` applied for this transaction only."""
         with translate_errors():
-            async with (
-                self.pool.acquire(timeout=10.0) as conn,
-                conn.transaction(isolation=isolation, readonly=readonly),
-            ):
-                for name, value in (settings or {}).items():
-                    await conn.execute("SELECT set_config($1, $2, true)", name, value)
-                yield conn
+            async with self.pool.acquire(timeout=10.0) as conn:
+                if not settings:
+                    async with conn.transaction(isolation=isolation, readonly=readonly):
+                        yield conn
+                    return
+                # BEGIN and every SET LOCAL travel in one round trip; on a search that is a third of its trips.
+                await conn.execute(begin_statement(settings, readonly=readonly))
+                try:
+                    yield conn
+                except BaseException:
+                    if not conn.is_closed():
+                        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                            await conn.execute("ROLLBACK")
+                    raise
+                await conn.execute("COMMIT")
 
     def pool_size(self) -> int:
         return int(self.pool.get_size())

@@ -1,0 +1,151 @@
+"""What every benchmark needs: a database, a server process, timers and a table printer.
+
+The database is BENCH_DATABASE_URL's server when set, otherwise an embedded PostgreSQL in a temporary
+directory. The server runs as its own process, as in production, so the client's Python does not share its GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import numpy as np
+
+from memory_service.storage.embedded import EmbeddedPostgres
+
+_PORT_LINE = re.compile(r"serving gRPC on [^:]+:(\d+)")
+
+
+@contextlib.contextmanager
+def database_server() -> Iterator[str]:
+    """DSN of a PostgreSQL server's maintenance database."""
+    if os.environ.get("BENCH_DATABASE_URL"):
+        yield os.environ["BENCH_DATABASE_URL"]
+        return
+    with tempfile.TemporaryDirectory(prefix="ms-bench-") as tmp:
+        embedded = EmbeddedPostgres(Path(tmp))
+        embedded.start()
+        try:
+            yield embedded.dsn
+        finally:
+            embedded.stop(force=True)
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(server_dsn: str) -> AsyncIterator[str]:
+    name = "bench_" + uuid.uuid4().hex[:10]
+    conn = await asyncpg.connect(server_dsn)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    dsn = urlunsplit(urlsplit(server_dsn)._replace(path="/" + name))
+    try:
+        yield dsn
+    finally:
+        conn = await asyncpg.connect(server_dsn)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
+class ServerProcess:
+    """``memory-service serve`` on a free loopback port; ``address`` is known once it logs that it serves."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        full_env = {
+            **os.environ,
+            "GRPC_HOST": "127.0.0.1",
+            "GRPC_PORT": "0",
+            "METRICS_PORT": "off",
+            # INFO carries the port line; after start-up the service logs little at INFO.
+            "LOG_LEVEL": "INFO",
+            **env,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "memory_service", "serve"],
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.port = 0
+        self._ready = threading.Event()
+        self._log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._log.append(line)
+            if (match := _PORT_LINE.search(line)) is not None:
+                self.port = int(match.group(1))
+                self._ready.set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        if not self._ready.wait(timeout):
+            raise RuntimeError("server did not start:\n" + "".join(self._log[-20:]))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+
+def percentile_ms(samples: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples) * 1000.0, q))
+
+
+async def latencies(call: Callable[[int], Awaitable[object]], count: int) -> list[float]:
+    """One caller, one call at a time: seconds per call."""
+    samples = []
+    for i in range(count):
+        started = time.perf_counter()
+        await call(i)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def throughput(call: Callable[[int], Awaitable[object]], *, in_flight: int, total: int) -> float:
+    """Calls per second with ``in_flight`` callers sharing ``total`` calls."""
+    counter = iter(range(total))
+
+    async def worker() -> None:
+        for i in counter:
+            await call(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return total / (time.perf_counter() - started)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A Markdown table, so the output pastes straight into docs/benchmarks.md."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\n".join(lines), flush=True)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 10 else f"{value:.0f}"
+    return str(value)

@@ -1,0 +1,174 @@
+"""A Python client over the generated stubs: deadlines on every call and retries of UNAVAILABLE.
+
+    async with MemoryClient("localhost:50051") as client:
+        await client.store("Alice prefers tea", scope="agent", scope_id=7)
+        response = await client.search("what does Alice drink?", scope="agent", scope_id=7)
+
+Retries use gRPC's own retry policy (exponential backoff, UNAVAILABLE only), so a call is retried only when the
+server never started it or reported it could not reach its dependencies. Every write is an upsert by identity,
+so a retried Store cannot duplicate a memory.
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from memory_service.v1 import lease_pb2_grpc, memory_pb2, memory_pb2_grpc
+
+_SCOPES = {
+    "global": memory_pb2.SCOPE_GLOBAL,
+    "circle": memory_pb2.SCOPE_CIRCLE,
+    "agent": memory_pb2.SCOPE_AGENT,
+    "conversation": memory_pb2.SCOPE_CONVERSATION,
+    "project": memory_pb2.SCOPE_PROJECT,
+}
+_MODES = {
+    "vector": memory_pb2.SEARCH_MODE_VECTOR,
+    "text": memory_pb2.SEARCH_MODE_TEXT,
+    "hybrid": memory_pb2.SEARCH_MODE_HYBRID,
+}
+
+
+def scope_value(name: str) -> memory_pb2.Scope.ValueType:
+    try:
+        return _SCOPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown scope {name!r}; expected one of {', '.join(_SCOPES)}") from None
+
+
+def mode_value(name: str) -> memory_pb2.SearchMode.ValueType:
+    try:
+        return _MODES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown search mode {name!r}; expected one of {', '.join(_MODES)}") from None
+
+
+def _service_config(attempts: int) -> str:
+    policy = {
+        "maxAttempts": attempts,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": "memory_service.v1.MemoryService"}, {"service": "memory_service.v1.LeaseService"}]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
+def open_channel(
+    address: str,
+    *,
+    token: str | None = None,
+    root_certificates: bytes | None = None,
+    tls: bool = False,
+    attempts: int = 4,
+) -> aio.Channel:
+    """A channel with retries of UNAVAILABLE, TLS when asked, and the bearer token on every call."""
+    options = [("grpc.enable_retries", 1), ("grpc.service_config", _service_config(attempts))]
+    if not (tls or root_certificates or token):
+        return aio.insecure_channel(address, options=options)
+    if not (tls or root_certificates):
+        # A token over plaintext is allowed only to loopback, where gRPC permits call credentials on insecure ports.
+        credentials = grpc.local_channel_credentials()
+    else:
+        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return aio.secure_channel(address, credentials, options=options)
+
+
+class MemoryClient:
+    """Thin, typed conveniences over ``MemoryServiceStub``; ``.memory`` and ``.leases`` expose the raw stubs."""
+
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float = 10.0,
+        attempts: int = 4,
+    ) -> None:
+        self.channel = open_channel(
+            address, token=token, tls=tls, root_certificates=root_certificates, attempts=attempts
+        )
+        self.memory = memory_pb2_grpc.MemoryServiceStub(self.channel)
+        self.leases = lease_pb2_grpc.LeaseServiceStub(self.channel)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> MemoryClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def store(
+        self,
+        value: str,
+        *,
+        scope: str = "global",
+        scope_id: int = 0,
+        key: str = "",
+        memory_type: str = "fact",
+        importance: float | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        agent_id: int | None = None,
+        ttl_seconds: float | None = None,
+    ) -> memory_pb2.StoreResponse:
+        memory = memory_pb2.MemoryInput(
+            scope=scope_value(scope),
+            scope_id=scope_id,
+            key=key,
+            value=value,
+            memory_type=memory_pb2.MemoryType.Value("MEMORY_TYPE_" + memory_type.upper()),
+            tags=tags or [],
+        )
+        if importance is not None:
+            memory.importance = importance
+        if agent_id is not None:
+            memory.agent_id = agent_id
+        if metadata:
+            memory.metadata.update(metadata)
+        if ttl_seconds is not None:
+            memory.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
+        response: memory_pb2.StoreResponse = await self.memory.Store(
+            memory_pb2.StoreRequest(memory=memory), timeout=self.timeout
+        )
+        return response
+
+    async def get(self, memory_id: int) -> memory_pb2.Memory:
+        response = await self.memory.Get(memory_pb2.GetRequest(id=memory_id), timeout=self.timeout)
+        return response.memory  # type: ignore[no-any-return]
+
+    async def search(
+        self,
+        query: str,
+        *,
+        mode: str = "hybrid",
+        top_k: int = 10,
+        scope: str | None = None,
+        scope_id: int | None = None,
+    ) -> memory_pb2.SearchResponse:
+        request = memory_pb2.SearchRequest(query=query, mode=mode_value(mode), top_k=top_k)
+        if scope is not None:
+            ref = request.filter.scopes.add(scope=scope_value(scope))
+            if scope_id is not None:
+                ref.scope_id = scope_id
+        response: memory_pb2.SearchResponse = await self.memory.Search(request, timeout=self.timeout)
+        return response
+
+    async def stats(self) -> memory_pb2.StatsResponse:
+        response: memory_pb2.StatsResponse = await self.memory.Stats(memory_pb2.StatsRequest(), timeout=self.timeout)
+        return response
