@@ -1,0 +1,501 @@
+"""``memory-service ingest FILE.jsonl``: load memories through BulkStore, resuming on its own after failures.
+
+One JSON object per line (blank lines are skipped)::
+
+    {"scope": "agent", "scope_id": 1, "key": "...", "value": "...", "memory_type": "fact", "importance": 0.5,
+     "tags": ["..."], "metadata": {...}, "embedding": [...], "agent_id": 7, "ttl_seconds": 60}
+
+``value`` is required; ``expires_at`` (RFC 3339) may replace ``ttl_seconds``; without ``embedding`` the server
+embeds the value. Each line's sequence number is its line number, so every rejection names a line.
+
+The file is streamed, never read whole: only lines sent but not yet acknowledged are kept, and reading pauses while
+``--window`` of them are in flight. When the stream breaks (UNAVAILABLE, a server restart, a dropped connection)
+the client reconnects with backoff and resends what follows the last acknowledged line; the server's upsert by
+identity makes the resent lines that had in fact committed a no-op. Under ``memory-service lease run`` the load is
+fenced by that lease, so it stops with ABORTED once another holder takes over.
+
+Exit codes: 0 every line stored; 1 some lines rejected; 2 the server refused the load (fence superseded, invalid
+request, authentication); 64 the file cannot be read; 69 the server stayed unreachable for ``--retry-timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import os
+import random
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc import aio
+
+from memory_service.config import Settings, parse_duration
+from memory_service.v1 import memory_pb2, memory_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+EX_REJECTED = 1
+EX_REFUSED = 2
+EX_NOINPUT = 64
+EX_UNAVAILABLE = 69
+# Codes after which resending the unacknowledged tail is safe and may succeed. CANCELLED and INTERNAL cover a
+# server that went away mid-stream (shutdown, reset HTTP/2 stream); the client itself never cancels.
+_RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
+_REJECTIONS_KEPT = 1000
+
+_SCOPES = {name.removeprefix("SCOPE_").lower(): value for name, value in memory_pb2.Scope.items() if value}
+_TYPES = {name.removeprefix("MEMORY_TYPE_").lower(): value for name, value in memory_pb2.MemoryType.items() if value}
+_FIELDS = (
+    "scope",
+    "scope_id",
+    "agent_id",
+    "memory_type",
+    "key",
+    "value",
+    "importance",
+    "tags",
+    "metadata",
+    "embedding",
+    "ttl_seconds",
+    "expires_at",
+)
+
+
+class LineError(Exception):
+    """A line this client cannot send; ``field`` is the JSON field at fault, or "" for the whole line."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+
+def _get(data: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = data.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+        raise LineError(name, f"must be {what}")
+    return value
+
+
+def parse_line(raw: bytes) -> memory_pb2.MemoryInput:
+    """One JSONL line as a MemoryInput; LineError for what is malformed here (the server checks the rest)."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise LineError("", f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise LineError("", "not a JSON object")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise LineError(unknown[0], "is not a known field (expected " + ", ".join(_FIELDS) + ")")
+    value = _get(data, "value", str, "a string")
+    if value is None:
+        raise LineError("value", "is required")
+    message = memory_pb2.MemoryInput(value=value, key=_get(data, "key", str, "a string") or "")
+    for name, table, target in (("scope", _SCOPES, "scope"), ("memory_type", _TYPES, "memory_type")):
+        label = _get(data, name, str, "a string")
+        if label is not None:
+            if label.lower() not in table:
+                raise LineError(name, f"must be one of {', '.join(table)} (got {label!r})")
+            setattr(message, target, table[label.lower()])
+    if message.scope == 0:
+        raise LineError("scope", "is required")
+    for name in ("scope_id", "agent_id"):
+        number = _get(data, name, int, "an integer")
+        if number is not None:
+            if not -(2**63) <= number < 2**63:
+                raise LineError(name, "is out of range for a 64-bit id")
+            setattr(message, name, number)
+    importance = _get(data, "importance", (int, float), "a number")
+    if importance is not None:
+        message.importance = float(importance)
+    tags = _get(data, "tags", list, "a list of strings")
+    if tags is not None:
+        if not all(isinstance(tag, str) for tag in tags):
+            raise LineError("tags", "must be a list of strings")
+        message.tags.extend(tags)
+    metadata = _get(data, "metadata", dict, "a JSON object")
+    if metadata:
+        message.metadata.update(metadata)
+    embedding = _get(data, "embedding", list, "a list of numbers")
+    if embedding:
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in embedding):
+            raise LineError("embedding", "must be a list of numbers")
+        message.embedding.extend(embedding)
+    ttl = _get(data, "ttl_seconds", (int, float), "a number of seconds")
+    expires_at = _get(data, "expires_at", str, "an RFC 3339 timestamp")
+    if ttl is not None and expires_at is not None:
+        raise LineError("ttl_seconds", "give ttl_seconds or expires_at, not both")
+    if ttl is not None:
+        message.ttl.FromNanoseconds(int(ttl * 1e9))
+    if expires_at is not None:
+        try:
+            message.expires_at.FromJsonString(expires_at)
+        except ValueError:
+            raise LineError("expires_at", f"must be an RFC 3339 timestamp (got {expires_at!r})") from None
+    return message
+
+
+@dataclasses.dataclass
+class _Line:
+    sequence: int
+    item: memory_pb2.BulkItem
+    end_offset: int
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """What one read from the file produced, up to and including line ``last_line`` (ending at ``end_offset``)."""
+
+    lines: list[_Line]
+    errors: list[tuple[int, LineError]]
+    read: int
+    last_line: int
+    end_offset: int
+
+
+@dataclasses.dataclass
+class Summary:
+    lines: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    rejections: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Line number -> "field: reason", for the first ``_REJECTIONS_KEPT`` rejected lines."""
+
+    @property
+    def done(self) -> int:
+        return self.created + self.updated + self.unchanged + self.rejected
+
+    def reject(self, line: int, field: str, reason: str) -> None:
+        self.rejected += 1
+        if len(self.rejections) < _REJECTIONS_KEPT:
+            self.rejections[line] = f"{field}: {reason}" if field else reason
+
+
+class Progress:
+    """A one-line bar on a terminal; otherwise a log line every ``interval`` seconds."""
+
+    def __init__(self, stream: IO[str], total_bytes: int | None, *, enabled: bool, interval: float = 10.0) -> None:
+        self._stream = stream
+        self._total = total_bytes
+        self._tty = enabled and stream.isatty()
+        self._enabled = enabled
+        self._interval = 0.2 if self._tty else interval
+        self._started = time.monotonic()
+        self._shown = 0.0
+
+    def show(self, rows: int, offset: int, *, force: bool = False, note: str = "") -> None:
+        now = time.monotonic()
+        if not self._enabled or (not force and now - self._shown < self._interval):
+            return
+        self._shown = now
+        elapsed = max(now - self._started, 1e-6)
+        parts = [f"{rows:,} rows", f"{rows / elapsed:,.0f} rows/s"]
+        if self._total:
+            fraction = min(offset / self._total, 1.0)
+            eta = (self._total - offset) * elapsed / offset if offset else None
+            bar = "#" * int(fraction * 30)
+            parts.insert(0, f"[{bar:<30}] {fraction:6.1%}")
+            parts.append("ETA " + (time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "--:--:--"))
+        if note:
+            parts.append(note)
+        text = "  ".join(parts)
+        if self._tty:
+            self._stream.write("\r\033[K" + text)
+        else:
+            self._stream.write(f"memory-service ingest: {text}\n")
+        self._stream.flush()
+
+    def note(self, text: str, rows: int, offset: int) -> None:
+        """A message that must not be lost in the bar: on a terminal it rides along, otherwise it is a line."""
+        if self._tty:
+            self.show(rows, offset, force=True, note=text)
+        else:
+            self._stream.write(f"memory-service ingest: {text}\n")
+            self._stream.flush()
+
+    def close(self) -> None:
+        if self._tty:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+class Refused(Exception):
+    """The server refused the load; resending cannot help."""
+
+
+class Loader:
+    """Streams ``source`` through BulkStore, keeping only the unacknowledged lines, resuming after failures."""
+
+    def __init__(
+        self,
+        stub: memory_pb2_grpc.MemoryServiceStub,
+        source: IO[bytes],
+        *,
+        batch_size: int = 500,
+        window: int = 10_000,
+        metadata: tuple[tuple[str, str], ...] = (),
+        fence: memory_pb2.Fence | None = None,
+        retry_timeout: float = 300.0,
+        progress: Progress | None = None,
+    ) -> None:
+        self.summary = Summary()
+        self._stub = stub
+        self._source = source
+        self._batch_size = batch_size
+        self._window = max(window, batch_size)
+        self._metadata = metadata
+        self._fence = fence
+        self._retry_timeout = retry_timeout
+        self._progress = progress
+        self._unacked: collections.deque[_Line] = collections.deque()
+        self._room = asyncio.Event()
+        self._eof = False
+        self._epoch = 0
+        self._reading: asyncio.Future[_Chunk] | None = None
+        self._line_no = 0  # the reader thread's position
+        self._read_offset = 0
+        self._taken_line = 0  # the last line the event loop took from the reader
+        self._taken_offset = 0
+        self._durable_offset = 0
+
+    async def run(self) -> Summary:
+        """Raises Refused, or TimeoutError when the server stays unreachable for ``retry_timeout``."""
+        failing_since: float | None = None
+        attempt = 0
+        while True:
+            acked_before = self.summary.done
+            try:
+                await self._stream()
+                return self.summary
+            except grpc.RpcError as error:
+                code: grpc.StatusCode = error.code()
+                if code not in _RETRYABLE:
+                    raise Refused(f"{code.name}: {error.details()}") from None
+                why = f"{code.name}: {error.details()}"
+            now = time.monotonic()
+            if self.summary.done > acked_before or failing_since is None:
+                failing_since, attempt = now, 0
+            if now - failing_since > self._retry_timeout:
+                raise TimeoutError(f"the server stayed unreachable for {self._retry_timeout:.0f}s ({why})")
+            delay = min(0.2 * 2**attempt, 5.0) * (0.5 + random.random())
+            attempt += 1
+            if self._progress is not None:
+                note = f"stream broken ({why}); resuming after line {self.durable_line} in {delay:.1f}s"
+                self._progress.note(note, self.summary.done, self._durable_offset)
+            await asyncio.sleep(delay)
+
+    @property
+    def durable_line(self) -> int:
+        """Every line up to this one is stored or rejected."""
+        return self._unacked[0].sequence - 1 if self._unacked else self._taken_line
+
+    async def _stream(self) -> None:
+        self._epoch += 1
+        call = self._stub.BulkStore(self._requests(self._epoch), metadata=self._metadata)
+        async for ack in call:
+            while self._unacked and self._unacked[0].sequence <= ack.durable_sequence:
+                self._durable_offset = self._unacked.popleft().end_offset
+            if not self._unacked:
+                self._durable_offset = self._taken_offset
+            if len(self._unacked) < self._window:
+                self._room.set()
+            summary = self.summary
+            summary.created += ack.created
+            summary.updated += ack.updated
+            summary.unchanged += ack.unchanged
+            for rejection in ack.rejections:
+                summary.reject(rejection.sequence, rejection.field, rejection.reason)
+            self._show()
+        if self._unacked or not self._eof:
+            # The server ended the stream without acknowledging everything: treat it as a broken stream.
+            raise _BrokenStream()
+
+    async def _requests(self, epoch: int) -> Any:
+        """The unacknowledged tail, then new lines while the window has room.
+
+        grpc keeps pulling from a broken call's request iterator until its next write fails, so the iterator of a
+        superseded stream may still wake up: it must then leave the lines alone, or they would be counted as sent
+        on the new stream. A read in progress outlives its iterator (shielded) and passes to the next one.
+        """
+        fence = self._fence
+        resend = list(self._unacked)
+        for start in range(0, len(resend), self._batch_size):
+            part = resend[start : start + self._batch_size]
+            yield memory_pb2.BulkStoreRequest(items=[line.item for line in part], fence=fence)
+        while not self._eof or self._reading is not None:
+            while len(self._unacked) >= self._window:
+                self._room.clear()
+                await self._room.wait()
+                if epoch != self._epoch:
+                    return
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(asyncio.to_thread(self._read, self._batch_size))
+            reading = self._reading
+            chunk = await asyncio.shield(reading)
+            if epoch != self._epoch or self._reading is not reading:
+                return
+            self._reading = None
+            self._taken_line, self._taken_offset = chunk.last_line, chunk.end_offset
+            self.summary.lines += chunk.read
+            for line_no, error in chunk.errors:
+                self.summary.reject(line_no, error.field, error.reason)
+            if not self._unacked:
+                self._durable_offset = self._taken_offset
+            if chunk.lines:
+                self._unacked.extend(chunk.lines)
+                yield memory_pb2.BulkStoreRequest(items=[line.item for line in chunk.lines], fence=fence)
+
+    def _read(self, count: int) -> _Chunk:
+        """Up to ``count`` valid lines and the malformed ones met on the way (counted here, never sent).
+
+        Runs in a worker thread and alone moves the file position, so the event loop keeps acknowledging.
+        """
+        lines: list[_Line] = []
+        errors: list[tuple[int, LineError]] = []
+        read = 0
+        while len(lines) < count:
+            raw = self._source.readline()
+            if not raw:
+                self._eof = True
+                break
+            read += 1
+            self._line_no += 1
+            self._read_offset += len(raw)
+            if not raw.strip():
+                continue
+            try:
+                memory = parse_line(raw)
+            except LineError as error:
+                errors.append((self._line_no, error))
+                continue
+            item = memory_pb2.BulkItem(sequence=self._line_no, memory=memory)
+            lines.append(_Line(self._line_no, item, self._read_offset))
+        return _Chunk(lines, errors, read, self._line_no, self._read_offset)
+
+    def _show(self, *, force: bool = False, note: str = "") -> None:
+        if self._progress is not None:
+            self._progress.show(self.summary.done, self._durable_offset, force=force, note=note)
+
+
+class _BrokenStream(grpc.RpcError):  # type: ignore[misc]
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the server ended the stream before acknowledging every line"
+
+
+def register(commands: Any) -> None:
+    """Add ``ingest`` to the CLI's subcommands."""
+    env = os.environ
+    parser = commands.add_parser(
+        "ingest",
+        help="bulk-load a JSON-lines file of memories (resumes on its own)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("file", help="JSON-lines file, or - for stdin")
+    parser.add_argument(
+        "--address",
+        default=env.get("MEMORY_SERVICE_ADDRESS", "localhost:50051"),
+        help="server host:port (MEMORY_SERVICE_ADDRESS, default localhost:50051)",
+    )
+    parser.add_argument("--token", default=env.get("MEMORY_SERVICE_TOKEN"), help="bearer token (MEMORY_SERVICE_TOKEN)")
+    parser.add_argument(
+        "--ca-file", default=env.get("MEMORY_SERVICE_CA_FILE"), metavar="PEM", help="use TLS, trusting this CA"
+    )
+    parser.add_argument("--batch-size", type=_positive, default=500, help="lines per request (default 500)")
+    parser.add_argument(
+        "--window", type=_positive, default=10_000, help="most lines in flight unacknowledged (default 10000)"
+    )
+    parser.add_argument(
+        "--retry-timeout",
+        type=parse_duration,
+        default=300.0,
+        help="give up when the server stays unreachable this long (default 5m)",
+    )
+    parser.add_argument("--fence-namespace", default=env.get("MEMORY_SERVICE_LEASE_NAMESPACE", "default"))
+    parser.add_argument("--fence-name", default=env.get("MEMORY_SERVICE_LEASE_NAME"), help="fence with this lease")
+    parser.add_argument("--fence-token", type=int, default=env.get("MEMORY_SERVICE_LEASE_TOKEN"), help="its token")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(run=_ingest)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text})")
+    return value
+
+
+def _ingest(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        ca = Path(args.ca_file).read_bytes() if args.ca_file else None
+        source: IO[bytes] = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    except OSError as exc:
+        print(f"memory-service ingest: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EX_NOINPUT
+    with source:
+        return asyncio.run(_load(args, source, ca))
+
+
+async def _load(args: argparse.Namespace, source: IO[bytes], ca: bytes | None) -> int:
+    options = [("grpc.keepalive_time_ms", 30_000)]
+    if ca is not None:
+        channel = aio.secure_channel(args.address, grpc.ssl_channel_credentials(ca), options=options)
+    else:
+        channel = aio.insecure_channel(args.address, options=options)
+    fence = None
+    if args.fence_name and args.fence_token is not None:
+        fence = memory_pb2.Fence(namespace=args.fence_namespace, name=args.fence_name, fencing_token=args.fence_token)
+    status = os.fstat(source.fileno())
+    progress = Progress(sys.stderr, status.st_size if stat.S_ISREG(status.st_mode) else None, enabled=not args.quiet)
+    loader = Loader(
+        memory_pb2_grpc.MemoryServiceStub(channel),
+        source,
+        batch_size=args.batch_size,
+        window=args.window,
+        metadata=(("authorization", f"Bearer {args.token}"),) if args.token else (),
+        fence=fence,
+        retry_timeout=args.retry_timeout,
+        progress=progress,
+    )
+    started = time.monotonic()
+    code = 0
+    try:
+        summary = await loader.run()
+    except Refused as exc:
+        summary, code = loader.summary, EX_REFUSED
+        print(f"memory-service ingest: the server refused the load: {exc}", file=sys.stderr)
+    except TimeoutError as exc:
+        summary, code = loader.summary, EX_UNAVAILABLE
+        print(f"memory-service ingest: {exc}", file=sys.stderr)
+    finally:
+        progress.close()
+        await channel.close()
+    elapsed = time.monotonic() - started
+    print(
+        f"{args.file}: {summary.lines:,} lines; created {summary.created:,}, updated {summary.updated:,}, "
+        f"unchanged {summary.unchanged:,}, rejected {summary.rejected:,} "
+        f"({elapsed:.1f}s, {summary.done / max(elapsed, 1e-6):,.0f} rows/s)"
+    )
+    if code:
+        print(f"stopped after line {loader.durable_line}; lines up to it are stored or rejected")
+    for line, reason in sorted(summary.rejections.items()):
+        print(f"  line {line}: {reason}")
+    if summary.rejected > len(summary.rejections):
+        print(f"  ... and {summary.rejected - len(summary.rejections):,} more rejected lines")
+    return code or (EX_REJECTED if summary.rejected else 0)
