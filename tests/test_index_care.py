@@ -1,0 +1,140 @@
+"""The ivfflat index: none on small tables, fitted lists past the threshold, rebuilt on growth, concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from bench.datasets import clustered, copy_into_memories, records
+from memory_service.index_care import fitted_lists, fitted_probes
+from memory_service.storage.database import init_connection
+from memory_service.v1 import memory_pb2
+from tests.conftest import RunningServer, start_server, stop_server, test_env
+
+THRESHOLD = 500
+
+
+@pytest.fixture
+async def small_threshold_server(database_url: str) -> AsyncIterator[RunningServer]:
+    running = await start_server(test_env(database_url, EXACT_SEARCH_MAX_ROWS=str(THRESHOLD)))
+    yield running
+    await stop_server(running)
+
+
+async def load(database_url: str, rows: int, *, seed: int, offset: int = 0) -> None:
+    corpus = clustered(rows, topics=20, seed=seed)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await init_connection(conn)
+        batch = [(r[0], r[1], f"{r[2]}-{offset}", *r[3:]) for r in records(corpus, model="hash-ngram-v1")]
+        await copy_into_memories(conn, batch)
+    finally:
+        await conn.close()
+
+
+def test_lists_and_probes_follow_pgvector_guidance() -> None:
+    assert fitted_lists(30_000) == 30
+    assert fitted_lists(1_000_000) == 1000
+    assert fitted_lists(4_000_000) == 2000
+    assert fitted_lists(100) == 10
+    assert fitted_probes(100) == 10
+    assert fitted_probes(1) == 1
+
+
+async def test_small_table_keeps_no_index_then_builds_and_rebuilds_on_growth(
+    small_threshold_server: RunningServer, database_url: str
+) -> None:
+    index = small_threshold_server.server.runtime.index
+    await load(database_url, 200, seed=1)
+    assert (await index.maintain()).startswith("exact search")
+    assert not index.state.exists
+
+    await load(database_url, 10_300, seed=2, offset=1)
+    assert await index.maintain() == "rebuilt with lists=10 for 10500 rows"
+    assert index.state.usable and index.state.rows_at_build == 10_500
+    assert await index.maintain() == "up to date"
+
+    await load(database_url, 12_000, seed=3, offset=2)
+    assert await index.maintain() == "rebuilt with lists=22 for 22500 rows"
+    stats = await small_threshold_server.memory.Stats(memory_pb2.StatsRequest())
+    assert stats.index.exists and stats.index.valid and stats.index.lists == 22
+    assert stats.index.rows_at_build == 22_500 and stats.index.HasField("built_at")
+    assert stats.memories == 22_500
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        names = await conn.fetch("SELECT indexname FROM pg_indexes WHERE indexname LIKE 'memories_embedding%'")
+    finally:
+        await conn.close()
+    assert [r[0] for r in names] == ["memories_embedding_ivfflat"]
+
+
+async def test_rebuild_does_not_block_writes(small_threshold_server: RunningServer, database_url: str) -> None:
+    await load(database_url, 1000, seed=4)
+    # An open snapshot makes CREATE INDEX CONCURRENTLY wait in its last phase; writes must go on meanwhile.
+    holder = await asyncpg.connect(database_url)
+    observer = await asyncpg.connect(database_url)  # the holder's transaction would see frozen statistics
+    transaction = holder.transaction(isolation="repeatable_read")
+    await transaction.start()
+    await holder.fetchval("SELECT count(*) FROM memory.settings")
+    rebuild = asyncio.create_task(small_threshold_server.server.runtime.index.maintain(force=True))
+    try:
+        async with asyncio.timeout(30):
+            while not await observer.fetchval(
+                "SELECT count(*) FROM pg_stat_progress_create_index WHERE phase LIKE 'waiting for old snapshots%'"
+            ):
+                await asyncio.sleep(0.02)
+        stored = await small_threshold_server.memory.Store(
+            memory_pb2.StoreRequest(
+                memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, value="written mid-build")
+            ),
+            timeout=10,
+        )
+        assert stored.outcome == memory_pb2.WRITE_OUTCOME_CREATED
+        assert not rebuild.done()
+    finally:
+        await transaction.rollback()
+        await holder.close()
+        await observer.close()
+    assert (await rebuild).startswith("rebuilt with lists=")
+
+
+async def test_only_one_instance_rebuilds_at_a_time(database_url: str) -> None:
+    env = test_env(database_url, EXACT_SEARCH_MAX_ROWS=str(THRESHOLD))
+    first, second = await start_server(env), await start_server(env)
+    try:
+        await load(database_url, 3000, seed=5)
+        outcomes = await asyncio.gather(
+            first.server.runtime.index.maintain(force=True), second.server.runtime.index.maintain(force=True)
+        )
+    finally:
+        await stop_server(first)
+        await stop_server(second)
+    assert sorted(o.split(" with")[0] for o in outcomes) == ["another instance is rebuilding the index", "rebuilt"]
+
+
+async def test_reindex_and_stats_commands(database_url: str) -> None:
+    running = await start_server(test_env(database_url))
+    await stop_server(running)
+    await load(database_url, 1200, seed=6)
+    env = {**os.environ, "DATABASE_URL": database_url, "EXACT_SEARCH_MAX_ROWS": "1000", "LOG_LEVEL": "WARNING"}
+
+    def cli(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "memory_service", *args], env=env, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert (await asyncio.to_thread(cli, "reindex")).strip() == "rebuilt with lists=10 for 1200 rows"
+    assert (await asyncio.to_thread(cli, "reindex")).strip() == "up to date"
+    stats = json.loads(await asyncio.to_thread(cli, "stats", "--json"))
+    assert stats["memories"] == 1200 and stats["by_scope"] == {"project": 1200}
+    assert stats["index"]["lists"] == 10 and stats["dimension"] == 384
