@@ -51,3 +51,17 @@ async def test_metrics_count_calls_by_method_and_code(server: RunningServer) -> 
     assert handled and 'grpc_code="NOT_FOUND"' in handled[0] and handled[0].endswith(" 1.0")
     assert "grpc_server_handling_seconds_bucket" in body
     assert "memory_db_pool_connections" in body
+
+
+async def test_metrics_cover_search_and_embeddings(server: RunningServer) -> None:
+    request = memory_pb2.StoreRequest(memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_GLOBAL, value="metrics"))
+    await server.memory.Store(request)
+    await server.memory.Store(request)
+    await server.memory.Search(memory_pb2.SearchRequest(query="metrics"))
+    await server.memory.Embed(memory_pb2.EmbedRequest(texts=["metrics"]))
+    registry = server.server.metrics.registry
+    assert registry.get_sample_value("memory_search_seconds_count", {"mode": "hybrid"}) == 1
+    assert registry.get_sample_value("memory_embedding_texts_total", {"provider": "hash"}) == 2  # value and query
+    assert registry.get_sample_value("memory_embedding_cache_hits_total") == 1  # Embed of a stored text
+    handled = {"grpc_type": "unary", "grpc_service": "memory_service.v1.MemoryService", "grpc_method": "Store"}
+    assert registry.get_sample_value("grpc_server_handled_total", {**handled, "grpc_code": "OK"}) == 2

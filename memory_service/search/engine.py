@@ -77,31 +77,27 @@ class SearchEngine:
         probes = self._probes(query, state.lists) if approximate_possible else 0
         settings = self._scan_settings(probes) if approximate_possible else {}
         async with self._db.transaction(settings=settings, readonly=True) as conn:
-            use_index = approximate_possible
-            if use_index and not query.filter.is_empty:
-                matching = await search_sql.count_matching(conn, query.filter, cap=self._narrow_filter_rows)
-                use_index = matching >= self._narrow_filter_rows
-            found = await search_sql.candidates(
-                conn,
-                query.filter,
-                vector=vector,
-                text=text,
-                limit=limit,
-                exact=not use_index,
-                with_embedding=query.include_embedding,
-            )
-            if use_index and sum(c.distance is not None for c in found) < limit:
-                # The index came back short: only an exact scan can tell "few matches" from "missed matches".
-                use_index = False
-                found = await search_sql.candidates(
+
+            async def fetch(*, exact: bool) -> list[search_sql.Candidate]:
+                return await search_sql.candidates(
                     conn,
                     query.filter,
                     vector=vector,
                     text=text,
                     limit=limit,
-                    exact=True,
+                    exact=exact,
                     with_embedding=query.include_embedding,
                 )
+
+            use_index = approximate_possible
+            if use_index and not query.filter.is_empty:
+                matching = await search_sql.count_matching(conn, query.filter, cap=self._narrow_filter_rows)
+                use_index = matching >= self._narrow_filter_rows
+            found = await fetch(exact=not use_index)
+            if use_index and sum(c.distance is not None for c in found) < limit:
+                # The index came back short: only an exact scan can tell "few matches" from "missed matches".
+                use_index = False
+                found = await fetch(exact=True)
             now = datetime.now(UTC)
         hits = rank_candidates(found, query, now)
         if vector is None:
