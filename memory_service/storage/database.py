@@ -87,6 +87,18 @@ def begin_statement(settings: Mapping[str, str], *, readonly: bool = False) -> s
     return "; ".join(parts)
 
 
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """Roll back a transaction left open (after a cancelled call); otherwise send nothing.
+
+    asyncpg's default reset sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every release:
+    a round trip per call for state this service never creates. It changes settings only with SET LOCAL, takes
+    advisory locks only at transaction level, and keeps cursors and LISTEN off pooled connections (the migration
+    runner and the index builder use connections of their own). Whatever a transaction did ends with it.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class Database:
     """One pool per DSN. Hands out connections and transactions with driver errors translated.
 
@@ -107,6 +119,7 @@ class Database:
                 min_size=min_size,
                 max_size=max_size,
                 init=init_connection,
+                reset=_reset_connection,
                 timeout=timeout,
                 command_timeout=None,
                 # Idle connections are recycled so a restarted database is rejoined without manual action.
