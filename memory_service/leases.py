@@ -42,7 +42,7 @@ from memory_service.errors import (
 )
 from memory_service.metrics import Metrics
 from memory_service.storage import leases_sql as sql
-from memory_service.storage.database import Database
+from memory_service.storage.database import Database, translate_errors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -234,8 +234,11 @@ class LeaseManager:
         if budget <= 0:
             raise DeadlineExceeded("the call's deadline passed before the lease transaction could start")
         try:
-            async with asyncio.timeout(budget), self._db.connection(timeout=budget) as conn:
-                return await op(conn)
+            # The pool's own acquire timeout would cost a task per call; one timeout bounds the whole operation.
+            async with asyncio.timeout(budget):
+                with translate_errors():
+                    async with self._db.pool.acquire() as conn:
+                        return await op(conn)
         except TimeoutError as exc:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the call's deadline passed during the lease transaction") from exc

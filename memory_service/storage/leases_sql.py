@@ -1,12 +1,14 @@
-"""All lease SQL: each acquire, renew and release is one short transaction under a transaction-level advisory lock.
+"""All lease SQL: each acquire, renew and release is one statement, so one short transaction, under a transaction-level
+advisory lock.
 
-The lock is ``pg_advisory_xact_lock(lock_key)`` where ``lock_key`` is a stable 64-bit hash of (namespace, name)
-computed by the caller. It is released by COMMIT or ROLLBACK, never held across calls, so a pool reset
-(``pg_advisory_unlock_all()``), a killed backend or a transaction-mode pooler cannot leave it behind or drop it
-early. The row is the truth: every statement re-checks liveness against ``clock_timestamp()``, so two names whose
-hashes collide only wait for each other.
+The writes are the functions memory.lease_acquire / lease_renew / lease_release (migrations/0003_leases.sql). Each
+takes ``pg_advisory_xact_lock(lock_key)``, where ``lock_key`` is a stable 64-bit hash of (namespace, name) computed
+by the caller, and the statement's implicit transaction releases it: never held across calls or across a network
+round trip, so a pool reset (``pg_advisory_unlock_all()``), a killed backend or a transaction-mode pooler can
+neither leave it behind nor drop it early. The row is the truth: every check runs against the row and
+``clock_timestamp()``, so two names whose hashes collide only wait for each other.
 
-Functions here take a connection that is not in a transaction and open their own; callers choose the pool.
+Functions here take a pooled connection that is not inside a transaction.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class HolderRow:
 
 
 class Outcome(enum.Enum):
+    """What an acquire found; the values are the outcomes memory.lease_acquire() returns."""
+
     GRANTED = "granted"
     """A new grant, made by this transaction."""
     REPLAYED = "replayed"
@@ -70,76 +74,11 @@ class AcquireResult:
 
 _LEASE_COLUMNS = "namespace, name, lease_id, holder, owner, fencing_token, ttl, acquired_at, renewed_at, expires_at"
 
-# The name lock, then the owner lock that makes the quota count exact. Acquires never wait for a name lock while
-# holding an owner lock, and renew/release take one lock only, so the order cannot deadlock.
-_LOCK_NAME_AND_OWNER = "SELECT pg_advisory_xact_lock($1::bigint), pg_advisory_xact_lock($2::bigint)"
-
-_PREVIOUS_REQUEST = f"""
-SELECT r.namespace AS request_namespace, r.name AS request_name,
-       l.lease_id IS NOT NULL AND l.released_at IS NULL AND l.expires_at > clock_timestamp() AS live,
-       {", ".join("l." + c for c in _LEASE_COLUMNS.split(", "))}
-FROM memory.lease_requests r LEFT JOIN memory.leases l ON l.lease_id = r.lease_id
-WHERE r.owner = $1 AND r.request_id = $2
-"""
-
-# One statement decides and grants, after the locks: the snapshot it reads is taken once they are held.
-# nextval() runs only for a row that passes the WHERE, and the ON CONFLICT condition repeats the liveness check
-# against the row itself. The request id is recorded in the same transaction as the grant.
-_GRANT = f"""
-WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
-held AS (
-    SELECT l.holder, l.fencing_token, l.expires_at, extract(epoch FROM l.expires_at - c.now)::float8 AS remaining
-    FROM memory.leases l, clock c
-    WHERE l.namespace = $1 AND l.name = $2 AND l.released_at IS NULL AND l.expires_at > c.now
-),
-quota AS (
-    SELECT count(*) AS live FROM memory.leases l, clock c
-    WHERE l.owner = $6 AND l.released_at IS NULL AND l.expires_at > c.now
-),
-granted AS (
-    INSERT INTO memory.leases AS l
-        (namespace, name, lock_key, lease_id, holder, owner, fencing_token, ttl, acquired_at, renewed_at, expires_at)
-    SELECT $1, $2, $3, $4, $5, $6, nextval('memory.fencing_tokens'), $7, c.now, c.now, c.now + $7::interval
-    FROM clock c, quota q
-    WHERE q.live < $8 AND NOT EXISTS (SELECT FROM held)
-    ON CONFLICT (namespace, name) DO UPDATE SET
-        lock_key = EXCLUDED.lock_key, lease_id = EXCLUDED.lease_id, holder = EXCLUDED.holder,
-        owner = EXCLUDED.owner, fencing_token = EXCLUDED.fencing_token, ttl = EXCLUDED.ttl,
-        acquired_at = EXCLUDED.acquired_at, renewed_at = EXCLUDED.renewed_at, expires_at = EXCLUDED.expires_at,
-        released_at = NULL
-    WHERE l.released_at IS NOT NULL OR l.expires_at <= EXCLUDED.acquired_at
-    RETURNING {_LEASE_COLUMNS}
-),
-recorded AS (
-    INSERT INTO memory.lease_requests (owner, request_id, lease_id, namespace, name)
-    SELECT g.owner, $9, g.lease_id, g.namespace, g.name FROM granted g WHERE $9::text IS NOT NULL
-)
-SELECT g.*, h.holder AS held_by, h.fencing_token AS held_token, h.expires_at AS held_until,
-       h.remaining AS held_remaining, q.live
-FROM quota q LEFT JOIN granted g ON true LEFT JOIN held h ON true
-"""
-
-_LOCK_BY_ID = "SELECT pg_advisory_xact_lock(lock_key) FROM memory.leases WHERE lease_id = $1"
-
-# greatest(): a renew never shortens a lease, so the TTL already promised stays a lower bound.
-_RENEW = f"""
-UPDATE memory.leases l SET
-    ttl = coalesce($2::interval, l.ttl),
-    renewed_at = clock_timestamp(),
-    expires_at = greatest(l.expires_at, clock_timestamp() + coalesce($2::interval, l.ttl))
-WHERE l.lease_id = $1 AND l.released_at IS NULL AND l.expires_at > clock_timestamp()
-RETURNING {_LEASE_COLUMNS}
-"""
-
-_RELEASE = """
-UPDATE memory.leases SET released_at = clock_timestamp(), expires_at = least(expires_at, clock_timestamp())
-WHERE lease_id = $1 AND released_at IS NULL AND expires_at > clock_timestamp()
-RETURNING namespace, name
-"""
-
-_WHY_ENDED = """
-SELECT released_at IS NOT NULL AS released, expires_at FROM memory.leases WHERE lease_id = $1
-"""
+# The three writes are functions in migrations/0003_leases.sql, each called as a statement of its own (never inside
+# an explicit transaction): the advisory lock lives exactly as long as that statement, one round trip.
+_ACQUIRE = "SELECT outcome, lease, remaining, live FROM memory.lease_acquire($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_RENEW = "SELECT outcome, lease FROM memory.lease_renew($1, $2)"
+_RELEASE = "SELECT released_namespace, released_name FROM memory.lease_release($1)"
 
 _GET = f"""
 SELECT {_LEASE_COLUMNS} FROM memory.leases
@@ -172,6 +111,7 @@ DELETE FROM memory.leases WHERE coalesce(released_at, expires_at) < clock_timest
 
 
 def _lease(row: asyncpg.Record) -> LeaseRow:
+    """A lease from a row of memory.leases, or from the composite value the lease functions return."""
     return LeaseRow(
         namespace=row["namespace"],
         name=row["name"],
@@ -201,56 +141,43 @@ async def acquire(
     request_id: str | None,
 ) -> AcquireResult:
     """Grant the name unless it is live; with a request id already answered, return that grant instead."""
-    async with conn.transaction():
-        await conn.execute(_LOCK_NAME_AND_OWNER, lock_key, owner_key)
-        if request_id is not None:
-            previous = await conn.fetchrow(_PREVIOUS_REQUEST, owner, request_id)
-            if previous is not None:
-                if (previous["request_namespace"], previous["request_name"]) != (namespace, name):
-                    raise InvalidArgument(
-                        "request_id",
-                        f"{request_id!r} was already used to acquire "
-                        f"{previous['request_namespace']}/{previous['request_name']}; use a new request id",
-                    )
-                if previous["live"]:
-                    return AcquireResult(outcome=Outcome.REPLAYED, lease=_lease(previous))
-                return AcquireResult(outcome=Outcome.REPLAY_ENDED)
-        try:
-            row = await conn.fetchrow(
-                _GRANT, namespace, name, lock_key, lease_id, holder, owner, ttl, quota, request_id
-            )
-        except asyncpg.UniqueViolationError as exc:
-            # Only lease_requests can collide: the same request id raced for two different names.
-            raise InvalidArgument("request_id", f"{request_id!r} is being used for another lease") from exc
-    assert row is not None
-    if row["lease_id"] is not None:
-        return AcquireResult(outcome=Outcome.GRANTED, lease=_lease(row), live_count=row["live"] + 1)
-    if row["held_by"] is not None:
-        holder_row = HolderRow(
-            holder=row["held_by"],
-            fencing_token=row["held_token"],
-            expires_at=row["held_until"],
-            remaining=row["held_remaining"],
+    try:
+        row = await conn.fetchrow(
+            _ACQUIRE, namespace, name, lock_key, owner_key, lease_id, holder, owner, ttl, quota, request_id
         )
-        return AcquireResult(outcome=Outcome.HELD, holder=holder_row, live_count=row["live"])
-    return AcquireResult(outcome=Outcome.OVER_QUOTA, live_count=row["live"])
+    except asyncpg.UniqueViolationError as exc:
+        # Only lease_requests can collide: the same request id raced for two different names.
+        raise InvalidArgument("request_id", f"{request_id!r} is being used for another lease") from exc
+    outcome, lease = row["outcome"], row["lease"]
+    if outcome == "request_mismatch":
+        raise InvalidArgument(
+            "request_id",
+            f"{request_id!r} was already used to acquire {lease['namespace']}/{lease['name']}; use a new request id",
+        )
+    if outcome == "held":
+        holder_row = HolderRow(
+            holder=lease["holder"],
+            fencing_token=lease["fencing_token"],
+            expires_at=lease["expires_at"],
+            remaining=row["remaining"],
+        )
+        return AcquireResult(outcome=Outcome.HELD, holder=holder_row)
+    if outcome in ("granted", "replayed"):
+        return AcquireResult(outcome=Outcome(outcome), lease=_lease(lease), live_count=row["live"] or 0)
+    return AcquireResult(outcome=Outcome(outcome), live_count=row["live"] or 0)
 
 
 async def renew(conn: asyncpg.Connection, lease_id: uuid.UUID, ttl: timedelta | None) -> LeaseRow | str:
     """The renewed lease, or why it cannot be renewed (it is never revived)."""
-    async with conn.transaction():
-        locked = await conn.fetchrow(_LOCK_BY_ID, lease_id)
-        if locked is None:
-            return "it passed to a newer holder (or never existed)"
-        row = await conn.fetchrow(_RENEW, lease_id, ttl)
-        if row is not None:
-            return _lease(row)
-        ended = await conn.fetchrow(_WHY_ENDED, lease_id)
-    if ended is None:
-        return "it passed to a newer holder"
-    if ended["released"]:
+    row = await conn.fetchrow(_RENEW, lease_id, ttl)
+    outcome, lease = row["outcome"], row["lease"]
+    if outcome == "renewed":
+        return _lease(lease)
+    if outcome == "released":
         return "it was released"
-    return f"it expired at {ended['expires_at'].isoformat()}"
+    if outcome == "expired":
+        return f"it expired at {lease['expires_at'].isoformat()}"
+    return "it passed to a newer holder (or never existed)"
 
 
 async def release(conn: asyncpg.Connection, lease_id: uuid.UUID) -> tuple[str, str] | None:
@@ -258,12 +185,10 @@ async def release(conn: asyncpg.Connection, lease_id: uuid.UUID) -> tuple[str, s
 
     A newer holder's grant has another id and is untouched.
     """
-    async with conn.transaction():
-        locked = await conn.fetchrow(_LOCK_BY_ID, lease_id)
-        if locked is None:
-            return None
-        row = await conn.fetchrow(_RELEASE, lease_id)
-    return None if row is None else (row["namespace"], row["name"])
+    row = await conn.fetchrow(_RELEASE, lease_id)
+    if row["released_namespace"] is None:
+        return None
+    return row["released_namespace"], row["released_name"]
 
 
 async def get(conn: asyncpg.Connection, namespace: str, name: str) -> LeaseRow | None:
