@@ -193,6 +193,8 @@ class _LeaseRun:
                 if exc.code() not in _RETRYABLE or (give_up is not None and time.monotonic() >= give_up):
                     _say(f"cannot acquire {args.namespace}/{args.name}: {exc.code().name}: {exc.details()}")
                     return EX_UNAVAILABLE if exc.code() in _RETRYABLE else EX_USAGE
+                if backoff == 0.1:
+                    _say(f"{args.address} answers {exc.code().name}; retrying with the same request id")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

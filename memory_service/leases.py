@@ -59,6 +59,7 @@ OP_TIMEOUT = 5.0
 RETENTION = timedelta(days=1)
 """How long ended leases and answered request ids are kept for fenced writes and late retries."""
 _POLL_MIN, _POLL_MAX = 0.01, 0.25
+_DEADLINE_MARGIN = 0.1
 _GAUGE_INTERVAL, _PURGE_INTERVAL = 10.0, 600.0
 _MAX_ORPHANS = 100_000
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")
@@ -265,7 +266,8 @@ class LeaseManager:
         """Yield a non-final step each time the name is found held, then the final answer."""
         wait_until = time.monotonic() + spec.wait
         if deadline is not None:
-            wait_until = min(wait_until, deadline)
+            # Stop waiting a little before the caller's deadline, so it hears "not acquired" rather than a timeout.
+            wait_until = min(wait_until, deadline - _DEADLINE_MARGIN)
         delay = _POLL_MIN
         while True:
             started = time.monotonic()

@@ -165,6 +165,19 @@ async def test_wait_is_granted_when_the_holder_releases(lease_server: RunningSer
     assert not timed_out.acquired and timed_out.current_holder.holder == "b"
 
 
+async def test_a_wait_cut_short_by_the_client_deadline_never_grants(lease_server: RunningServer) -> None:
+    stub = lease_server.leases
+    first = (await stub.Acquire(acquire_request("deadline", holder="a"))).lease
+    try:
+        answer = await stub.Acquire(acquire_request("deadline", holder="b", wait=60), timeout=1.0)
+        assert not answer.acquired  # the server stops waiting just before the deadline and says so
+    except grpc.RpcError as exc:
+        assert code_of(exc) == grpc.StatusCode.DEADLINE_EXCEEDED
+    await stub.Release(lease_pb2.ReleaseRequest(lease_id=first.lease_id))
+    await asyncio.sleep(0.5)  # were the waiter still polling, it would take the lease now
+    assert await lease_gone(stub, "deadline")
+
+
 async def test_expired_holder_is_fenced_out(lease_server: RunningServer, database_url: str) -> None:
     stub = lease_server.leases
     old = (await stub.Acquire(acquire_request("expiring", ttl=0.3, holder="old"))).lease

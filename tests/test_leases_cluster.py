@@ -285,10 +285,26 @@ rmdir "$DIR/inside"
 """
 
 
+_spawned: list[asyncio.subprocess.Process] = []
+
+
 async def _spawn(argv: list[str], env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+    process = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env
     )
+    _spawned.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+async def _no_stray_processes() -> AsyncIterator[None]:
+    """A failed test must not leave ``lease run`` processes behind."""
+    yield
+    while _spawned:
+        process = _spawned.pop()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def test_lease_run_never_overlaps(cluster: Cluster, tmp_path: Path) -> None:
