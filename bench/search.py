@@ -115,8 +115,11 @@ class PlainSql:
                 text=None if mode == "vector" else text,
                 limit=limit,
                 exact=exact,
-                with_embedding=False,
+                full_rows=mode == "vector",
             )
+            if mode != "vector":
+                # The service fetches the memories of the k winners after fusion; any k candidates cost the same.
+                await search_sql.memories_by_id(conn, [c.id for c in found[:K]], with_embedding=False)
             await conn.execute("COMMIT")
             return found
 

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.index_care import IndexCare, fitted_probes
 from memory_service.metrics import Metrics
-from memory_service.models import SearchMode, SearchQuery, SearchResult, Vector
+from memory_service.models import SearchHit, SearchMode, SearchQuery, SearchResult, Vector
 from memory_service.search.fusion import rank_candidates
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database
@@ -77,6 +77,9 @@ class SearchEngine:
         probes = self._probes(query, state.lists) if approximate_possible else 0
         settings = self._scan_settings(probes) if approximate_possible else {}
         async with self._db.transaction(settings=settings, readonly=True) as conn:
+            # VECTOR asks for exactly top_k candidates, so they come with their memories in the same query; the
+            # other modes rank more candidates than they return and fetch the winners' memories afterwards.
+            full_rows = query.mode is SearchMode.VECTOR
 
             async def fetch(*, exact: bool) -> list[search_sql.Candidate]:
                 return await search_sql.candidates(
@@ -86,6 +89,7 @@ class SearchEngine:
                     text=text,
                     limit=limit,
                     exact=exact,
+                    full_rows=full_rows,
                     with_embedding=query.include_embedding,
                 )
 
@@ -98,8 +102,26 @@ class SearchEngine:
                 # The index came back short: only an exact scan can tell "few matches" from "missed matches".
                 use_index = False
                 found = await fetch(exact=True)
-            now = datetime.now(UTC)
-        hits = rank_candidates(found, query, now)
+            ranked = rank_candidates(found, query, datetime.now(UTC))
+            memories = (
+                {}
+                if full_rows
+                else await search_sql.memories_by_id(
+                    conn, [s.candidate.id for s in ranked], with_embedding=query.include_embedding
+                )
+            )
+        hits = [
+            SearchHit(
+                memory=s.candidate.memory or memories[s.candidate.id],
+                score=s.score,
+                cosine_similarity=s.cosine_similarity,
+                text_score=s.candidate.text_score,
+                vector_rank=s.vector_rank,
+                text_rank=s.text_rank,
+            )
+            for s in ranked
+            if s.candidate.memory is not None or s.candidate.id in memories
+        ]
         if vector is None:
             return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
         if use_index:

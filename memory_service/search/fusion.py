@@ -2,42 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from memory_service.models import Fusion, SearchHit, SearchMode, SearchQuery
+from memory_service.models import Fusion, SearchMode, SearchQuery
 from memory_service.storage.search_sql import Candidate
 
 
-def rank_candidates(candidates: Sequence[Candidate], query: SearchQuery, now: datetime) -> list[SearchHit]:
-    """Score, boost, filter by min_score, and order (best first, ties by id) the candidates of one search."""
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    candidate: Candidate
+    score: float
+    cosine_similarity: float | None
+    vector_rank: int | None
+    text_rank: int | None
+
+
+def rank_candidates(candidates: Sequence[Candidate], query: SearchQuery, now: datetime) -> list[Scored]:
+    """Score, boost, filter by min_score, and keep the best ``top_k`` (ties by id) of one search's candidates."""
     vector_ranks = _ranks(candidates, key=lambda c: c.distance, descending=False)
     text_ranks = _ranks(candidates, key=lambda c: c.text_score, descending=True)
     best_text = max((c.text_score for c in candidates if c.text_score is not None), default=0.0)
-    hits = []
+    scored = []
     for candidate in candidates:
         cosine = None if candidate.distance is None else 1.0 - candidate.distance
-        v_rank = vector_ranks.get(candidate.memory.id)
-        t_rank = text_ranks.get(candidate.memory.id)
+        v_rank = vector_ranks.get(candidate.id)
+        t_rank = text_ranks.get(candidate.id)
         score = _base_score(
             query, cosine=cosine, text_score=candidate.text_score, v_rank=v_rank, t_rank=t_rank, best_text=best_text
         )
         score *= _boost(query, candidate, now)
         if query.min_score is not None and score < query.min_score:
             continue
-        hits.append(
-            SearchHit(
-                memory=candidate.memory,
-                score=score,
-                cosine_similarity=cosine,
-                text_score=candidate.text_score,
-                vector_rank=v_rank,
-                text_rank=t_rank,
-            )
-        )
-    hits.sort(key=lambda h: (-h.score, h.memory.id))
-    return hits[: query.top_k]
+        scored.append(Scored(candidate, score, cosine, v_rank, t_rank))
+    scored.sort(key=lambda s: (-s.score, s.candidate.id))
+    return scored[: query.top_k]
 
 
 def _base_score(
@@ -64,9 +65,9 @@ def _base_score(
 def _boost(query: SearchQuery, candidate: Candidate, now: datetime) -> float:
     factor = 1.0
     if query.importance_boost:
-        factor *= 1.0 + query.importance_boost * candidate.memory.importance
+        factor *= 1.0 + query.importance_boost * candidate.importance
     if query.recency_boost and query.recency_half_life_seconds:
-        age = max((now - candidate.memory.updated_at).total_seconds(), 0.0)
+        age = max((now - candidate.updated_at).total_seconds(), 0.0)
         factor *= 1.0 + query.recency_boost * math.pow(0.5, age / query.recency_half_life_seconds)
     return factor
 
@@ -75,6 +76,6 @@ def _ranks(
     candidates: Sequence[Candidate], *, key: Callable[[Candidate], float | None], descending: bool
 ) -> dict[int, int]:
     """1-based rank of each candidate that has a value for ``key``; ties broken by id for stable output."""
-    scored = [(value, c.memory.id) for c in candidates if (value := key(c)) is not None]
+    scored = [(value, c.id) for c in candidates if (value := key(c)) is not None]
     scored.sort(key=lambda pair: ((-pair[0] if descending else pair[0]), pair[1]))
     return {memory_id: rank for rank, (_, memory_id) in enumerate(scored, start=1)}

@@ -8,6 +8,7 @@ every distance among the filtered rows.
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 
 import asyncpg
 
@@ -20,9 +21,14 @@ TEXT_CONFIG = "english"
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    memory: Memory
+    """One memory a search considered: what ranking needs, and the whole memory when it was fetched along."""
+
+    id: int
     distance: float | None
     text_score: float | None
+    importance: float
+    updated_at: datetime
+    memory: Memory | None = None
 
 
 def _vector_cte(where: str, query: str, limit: str, *, exact: bool) -> str:
@@ -53,9 +59,14 @@ async def candidates(
     text: str | None,
     limit: int,
     exact: bool,
-    with_embedding: bool,
+    full_rows: bool,
+    with_embedding: bool = False,
 ) -> list[Candidate]:
-    """Up to ``limit`` nearest by vector and up to ``limit`` best by text (whichever are asked for), merged by id."""
+    """Up to ``limit`` nearest by vector and up to ``limit`` best by text (whichever are asked for), merged by id.
+
+    With ``full_rows`` each candidate carries its whole memory; without, only what ranking needs, so a hybrid
+    search that keeps 10 of 80 candidates decodes 10 memories (``memories_by_id``), not 80.
+    """
     params = Params()
     where = where_clause(memory_filter, params)
     limit_param = params.add(limit)
@@ -73,7 +84,10 @@ async def candidates(
         sources.append("SELECT id FROM t")
         joins.append("LEFT JOIN t ON t.id = m.id")
         text_score = "t.text_score"
-    columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
+    if full_rows:
+        columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
+    else:
+        columns = "m.id, m.importance, m.updated_at"
     sql = (
         f"WITH {', '.join(ctes)} "
         f"SELECT {columns}, {distance} AS distance, {text_score} AS text_score "
@@ -82,12 +96,21 @@ async def candidates(
     rows = await conn.fetch(sql, *params.values)
     return [
         Candidate(
-            memory=memory_from_row(row),
-            distance=None if row["distance"] is None else float(row["distance"]),
-            text_score=None if row["text_score"] is None else float(row["text_score"]),
+            id=row["id"],
+            distance=row["distance"],
+            text_score=row["text_score"],
+            importance=row["importance"],
+            updated_at=row["updated_at"],
+            memory=memory_from_row(row) if full_rows else None,
         )
         for row in rows
     ]
+
+
+async def memories_by_id(conn: asyncpg.Connection, ids: list[int], *, with_embedding: bool) -> dict[int, Memory]:
+    columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
+    rows = await conn.fetch(f"SELECT {columns} FROM memory.memories m WHERE m.id = ANY($1::bigint[])", ids)
+    return {row["id"]: memory_from_row(row) for row in rows}
 
 
 async def count_matching(conn: asyncpg.Connection, memory_filter: MemoryFilter, *, cap: int) -> int:
