@@ -10,7 +10,9 @@ from typing import Any
 
 from memory_service.models import MemoryFilter
 
-LIVE = "(m.expires_at IS NULL OR m.expires_at > clock_timestamp())"
+# now() (the transaction's start), not clock_timestamp(): a stable value is computed once per statement instead of
+# once per row, and the planner may use it in index conditions.
+LIVE = "(m.expires_at IS NULL OR m.expires_at > now())"
 
 
 class Params:
