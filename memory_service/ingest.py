@@ -1,9 +1,9 @@
 """Bulk ingest: one BulkStore stream as a pipeline of receive -> prepare (dedup, embed) -> write -> ack.
 
-The stages run concurrently, so the database writes batch N while batch N+1 is embedded and N+2 is received,
-and they are joined by bounded queues: when the database is the slowest stage the queues fill, the receiver
-stops reading, gRPC flow control stops the client, and the server's memory stays bounded however fast the
-client sends.
+The stages run concurrently, so the database upserts batch N while batch N+1 is copied into its staging table,
+N+2 is embedded and N+3 received, and they are joined by bounded queues: when the database is the slowest stage
+the queues fill, the receiver stops reading, gRPC flow control stops the client, and the server's memory stays
+bounded however fast the client sends.
 
 Guarantees a resuming client relies on:
 
@@ -13,7 +13,7 @@ Guarantees a resuming client relies on:
 - Writes are upserts by identity, so resending rows that did commit (their ack was lost) changes nothing.
 - Within a batch, several rows with one identity collapse to the last; the superseded ones count as "updated"
   when they differ from the row that replaced them and "unchanged" otherwise, as consecutive Stores would count
-  them. Across batches the database applies them in order, because one stream has one writer.
+  them. Across batches the database applies them in order: each batch's upsert starts after the previous commit.
 - An invalid row is rejected with its sequence number and the rest of its batch lands. A stream-level error (a
   request too large, a sequence number that does not increase, a superseded fence) first lets the batches before
   it commit, then ends the stream.
@@ -26,6 +26,7 @@ correct and saves the retry its provider call.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -41,6 +42,10 @@ from memory_service.storage.database import Database
 from memory_service.storage.fencing import check_fence
 
 log = logging.getLogger(__name__)
+
+WRITES_IN_FLIGHT = 2
+"""Batches in their transactions at once: one stages its rows (binary COPY) while the one before it upserts and
+commits. Upserts still run one at a time in stream order, each after the previous batch committed."""
 
 LINGER = 0.01
 """Seconds a partial batch waits for more rows before it is written: long enough to fill batches from a client
@@ -83,6 +88,10 @@ class BulkAck:
     def rejected(self) -> int:
         return len(self.rejections)
 
+    @property
+    def rows(self) -> int:
+        return self.created + self.updated + self.unchanged + self.rejected
+
 
 def check_request_size(count: int, limit: int) -> None:
     """Refuse an oversized request before any of it is converted."""
@@ -101,15 +110,31 @@ class _End:
 class _Batch:
     last_sequence: int
     fences: tuple[Fence, ...]
-    memories: list[NewMemory]
-    """Distinct identities, sorted by identity."""
-    embeddings: list[Vector]
+    records: list[ingest_sql.StagingRecord]
+    """One per distinct identity, sorted by identity."""
     rejections: tuple[Rejection, ...]
     collapsed_updated: int
     collapsed_unchanged: int
 
 
 _Pending = tuple[BulkItem, Fence | None]
+
+
+class _Commit:
+    """Set when a batch's transaction has ended; ``ok`` says whether it committed."""
+
+    def __init__(self) -> None:
+        self.ended = asyncio.Event()
+        self.ok = False
+
+    async def wait(self) -> None:
+        await self.ended.wait()
+        if not self.ok:
+            raise _PreviousBatchFailed()
+
+
+class _PreviousBatchFailed(Exception):
+    """Never reaches the client: the previous batch's own error is raised first."""
 
 
 class BulkIngest:
@@ -140,23 +165,37 @@ class BulkIngest:
             asyncio.create_task(self._receive(requests, received), name="bulk receive"),
             asyncio.create_task(self._prepare(received, prepared), name="bulk prepare"),
         ]
+        writes: collections.deque[asyncio.Task[BulkAck]] = collections.deque()
+        previous: _Commit | None = None
+        getter: asyncio.Task[_Batch | _End] | None = None
+        end: _End | None = None
         rows = batches = 0
         try:
-            while True:
-                batch = await prepared.get()
-                if isinstance(batch, _End):
-                    if batch.error is not None:
-                        raise batch.error
-                    break
-                ack = await self._write(batch)
-                rows += ack.created + ack.updated + ack.unchanged + ack.rejected
-                batches += 1
-                yield ack
+            while end is None or writes:
+                if end is None and getter is None and len(writes) < WRITES_IN_FLIGHT:
+                    getter = asyncio.create_task(prepared.get())
+                waiting = [task for task in (writes[0] if writes else None, getter) if task is not None]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if writes and writes[0].done():
+                    ack = writes.popleft().result()  # raises the batch's error, ending the stream
+                    rows, batches = rows + ack.rows, batches + 1
+                    yield ack
+                elif getter is not None and getter.done():
+                    batch, getter = getter.result(), None
+                    if isinstance(batch, _End):
+                        end = batch
+                    else:
+                        commit = _Commit()
+                        writes.append(asyncio.create_task(self._write(batch, previous, commit), name="bulk write"))
+                        previous = commit
+            if end.error is not None:
+                raise end.error
         finally:
-            # Also reached when the client cancels: committed batches stay, the one in flight was rolled back.
-            for task in tasks:
+            # Also reached when the client cancels: committed batches stay, those in flight roll back.
+            pending = [*tasks, *writes, *([getter] if getter is not None else [])]
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
             log.info("bulk stream ended after %d rows in %d batches", rows, batches)
 
     async def _receive(self, requests: AsyncIterator[BulkRequest], out: asyncio.Queue[list[_Pending] | _End]) -> None:
@@ -231,8 +270,7 @@ class BulkIngest:
         return _Batch(
             last_sequence=items[-1][0].sequence,
             fences=tuple(dict.fromkeys(fence for item, fence in items if fence is not None)),
-            memories=memories,
-            embeddings=await self._embeddings(memories),
+            records=ingest_sql.staging_records(memories, await self._embeddings(memories)),
             rejections=tuple(rejections),
             collapsed_updated=collapsed_updated,
             collapsed_unchanged=collapsed_unchanged,
@@ -260,13 +298,23 @@ class BulkIngest:
         assert len(result) == len(memories)
         return result
 
-    async def _write(self, batch: _Batch) -> BulkAck:
+    async def _write(self, batch: _Batch, previous: _Commit | None, commit: _Commit) -> BulkAck:
+        """One batch's transaction; its upsert waits until ``previous`` has committed, so the last write wins."""
         counts = ingest_sql.WriteCounts(0, 0, 0)
-        if batch.memories:
-            async with self._db.transaction() as conn:
-                for fence in batch.fences:
-                    await check_fence(conn, fence)
-                counts = await ingest_sql.write_batch(conn, batch.memories, batch.embeddings, self._embedder.model)
+        try:
+            if batch.records:
+                async with self._db.transaction() as conn:
+                    for fence in batch.fences:
+                        await check_fence(conn, fence)
+                    await ingest_sql.stage(conn, batch.records)
+                    if previous is not None:
+                        await previous.wait()
+                    counts = await ingest_sql.upsert_staged(conn, len(batch.records), self._embedder.model)
+            elif previous is not None:
+                await previous.wait()  # its ack vouches for every batch before it
+            commit.ok = True
+        finally:
+            commit.ended.set()
         ack = BulkAck(
             durable_sequence=batch.last_sequence,
             created=counts.created,

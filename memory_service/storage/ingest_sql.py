@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 
 import asyncpg
+import pgvector
 
 from memory_service.models import NewMemory, Vector
 from memory_service.storage.memories_sql import UPSERT_TAIL, WRITE_COLUMNS
@@ -63,7 +64,8 @@ _UPSERT_FROM_STAGING = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
 SELECT s.scope::memory.scope, s.scope_id, s.agent_id, s.memory_type::memory.memory_type, s.key, s.value,
        s.embedding, s.importance, s.tags, s.metadata::jsonb, s.content_hash, $1::text,
-       COALESCE(s.expires_at, clock_timestamp() + make_interval(secs => s.ttl_seconds))
+       CASE WHEN s.ttl_seconds IS NULL THEN s.expires_at
+            ELSE clock_timestamp() + make_interval(secs => s.ttl_seconds) END
 FROM pg_temp.{STAGING} s
 ORDER BY s.ord
 {UPSERT_TAIL}
@@ -103,14 +105,16 @@ async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemo
     return {int(r["ord"]) - 1: r["embedding"] for r in rows}
 
 
-async def write_batch(
-    conn: asyncpg.Connection, memories: Sequence[NewMemory], embeddings: Sequence[Vector], model: str
-) -> WriteCounts:
-    """Upsert ``memories`` (distinct identities) inside the caller's transaction and count the outcomes."""
-    if not memories:
-        return WriteCounts(0, 0, 0)
-    await conn.execute(_CREATE_STAGING)
-    records = [
+StagingRecord = tuple[object, ...]
+
+
+def staging_records(memories: Sequence[NewMemory], embeddings: Sequence[Vector]) -> list[StagingRecord]:
+    """COPY rows for ``memories`` (distinct identities, in the order they are to be written).
+
+    Built apart from ``write_batch`` so the pipeline can do it while the previous batch's transaction runs; vectors
+    are wrapped here for the same reason, leaving only their byte encoding to the COPY itself.
+    """
+    return [
         (
             ord_,
             m.scope.value,
@@ -119,7 +123,7 @@ async def write_batch(
             m.memory_type.value,
             m.key,
             m.value,
-            embedding,
+            pgvector.Vector(embedding),
             m.importance,
             list(m.tags),
             json.dumps(m.metadata),
@@ -129,7 +133,16 @@ async def write_batch(
         )
         for ord_, (m, embedding) in enumerate(zip(memories, embeddings, strict=True))
     ]
+
+
+async def stage(conn: asyncpg.Connection, records: Sequence[StagingRecord]) -> None:
+    """Binary COPY of the rows into this connection's staging table, inside the caller's transaction."""
+    await conn.execute(_CREATE_STAGING)
     await conn.copy_records_to_table(STAGING, schema_name="pg_temp", columns=_STAGING_COLUMNS, records=records)
+
+
+async def upsert_staged(conn: asyncpg.Connection, staged: int, model: str) -> WriteCounts:
+    """Move the ``staged`` rows into memory.memories with one upsert and count the outcomes."""
     returned = await conn.fetch(_UPSERT_FROM_STAGING, model)
     created = sum(1 for r in returned if r["created"])
-    return WriteCounts(created=created, updated=len(returned) - created, unchanged=len(memories) - len(returned))
+    return WriteCounts(created=created, updated=len(returned) - created, unchanged=staged - len(returned))
