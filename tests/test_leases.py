@@ -335,10 +335,11 @@ async def _events(call: aio.StreamStreamCall) -> AsyncIterator[lease_pb2.HoldEve
         yield event
 
 
-async def test_hold_granted_then_released_when_the_client_cancels(lease_server: RunningServer) -> None:
+async def test_hold_renews_while_the_call_lives_and_releases_when_cancelled(lease_server: RunningServer) -> None:
     stub = lease_server.leases
     call = stub.Hold()
     await call.write(lease_pb2.HoldRequest(acquire=acquire_request("held", ttl=0.6, holder="holder")))
+    await call.done_writing()  # half-closing is not a release: the lease lives as long as the call
     granted = await call.read()
     assert granted.kind == lease_pb2.HoldEvent.KIND_GRANTED and granted.lease.fencing_token > 0
     renewed = await call.read()  # the server renews at about TTL/3 while the stream lives

@@ -27,22 +27,23 @@ _EVENT_KINDS = {
 }
 
 
-def _seconds(field: str, message: lease_pb2.AcquireRequest, name: str) -> float | None:
-    if not message.HasField(name):  # type: ignore[arg-type]
+def _seconds(request: lease_pb2.AcquireRequest, name: str, field: str) -> float | None:
+    """A Duration field of ``request`` in seconds; None when unset."""
+    if not request.HasField(name):  # type: ignore[arg-type]
         return None
-    duration: duration_pb2.Duration = getattr(message, name)
+    duration: duration_pb2.Duration = getattr(request, name)
     seconds = duration.seconds + duration.nanos / 1e9
     if seconds < 0:
         raise InvalidArgument(field, f"is expected to be positive (got {seconds:g}s)")
     return seconds
 
 
-def _spec(request: lease_pb2.AcquireRequest, field: str = "") -> AcquireSpec:
+def _spec(request: lease_pb2.AcquireRequest, prefix: str = "") -> AcquireSpec:
     return AcquireSpec(
         namespace=request.namespace,
         name=request.name,
-        ttl=_seconds(field + "ttl", request, "ttl"),
-        wait=_seconds(field + "wait", request, "wait") or 0.0,
+        ttl=_seconds(request, "ttl", prefix + "ttl"),
+        wait=_seconds(request, "wait", prefix + "wait") or 0.0,
         request_id=request.request_id,
         holder=request.holder,
     )
