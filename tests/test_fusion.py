@@ -1,0 +1,90 @@
+"""The ranking maths, on hand-made candidates."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from memory_service.models import Fusion, SearchMode, SearchQuery
+from memory_service.search.fusion import rank_candidates
+from memory_service.storage.search_sql import Candidate
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def candidate(
+    id: int, *, distance: float | None = None, text: float | None = None, importance: float = 0.5, age_days: float = 0
+) -> Candidate:
+    return Candidate(
+        id=id,
+        distance=distance,
+        text_score=text,
+        importance=importance,
+        updated_at=NOW - timedelta(days=age_days),
+    )
+
+
+def ranked_ids(candidates: list[Candidate], **query: object) -> list[int]:
+    return [s.candidate.id for s in rank_candidates(candidates, SearchQuery(**query), NOW)]  # type: ignore[arg-type]
+
+
+def test_rrf_sums_reciprocal_ranks_over_both_lists() -> None:
+    candidates = [
+        candidate(1, distance=0.1),  # vector rank 1, no text
+        candidate(2, distance=0.2, text=0.5),  # vector rank 2, text rank 1
+        candidate(3, text=0.4),  # text rank 2
+    ]
+    scored = rank_candidates(candidates, SearchQuery(text="q", mode=SearchMode.HYBRID, rrf_k=60), NOW)
+    by_id = {s.candidate.id: s for s in scored}
+    assert by_id[2].score == pytest.approx(1 / 62 + 1 / 61)
+    assert by_id[1].score == pytest.approx(1 / 61)
+    assert by_id[3].score == pytest.approx(1 / 62)
+    assert [s.candidate.id for s in scored] == [2, 1, 3]
+    assert (by_id[2].vector_rank, by_id[2].text_rank) == (2, 1)
+    assert by_id[1].cosine_similarity == pytest.approx(0.9)
+
+
+def test_weighted_fusion_normalises_text_by_the_best_text_score() -> None:
+    candidates = [candidate(1, distance=0.2, text=2.0), candidate(2, distance=0.6, text=4.0)]
+    scored = rank_candidates(
+        candidates, SearchQuery(text="q", mode=SearchMode.HYBRID, fusion=Fusion.WEIGHTED, alpha=0.25), NOW
+    )
+    by_id = {s.candidate.id: s.score for s in scored}
+    assert by_id[1] == pytest.approx(0.25 * 0.8 + 0.75 * 0.5)
+    assert by_id[2] == pytest.approx(0.25 * 0.4 + 0.75 * 1.0)
+
+
+def test_boosts_multiply_and_min_score_filters_after_them() -> None:
+    candidates = [
+        candidate(1, distance=0.5, importance=0.0),
+        candidate(2, distance=0.5, importance=1.0),
+        candidate(3, distance=0.5, importance=0.0, age_days=0),
+        candidate(4, distance=0.5, importance=0.0, age_days=30),
+    ]
+    scored = rank_candidates(
+        candidates,
+        SearchQuery(
+            mode=SearchMode.VECTOR,
+            importance_boost=1.0,
+            recency_boost=1.0,
+            recency_half_life_seconds=30 * 86400,
+            min_score=0.8,
+            top_k=10,
+        ),
+        NOW,
+    )
+    by_id = {s.candidate.id: s.score for s in scored}
+    assert by_id[2] == pytest.approx(0.5 * 2.0 * 2.0)
+    assert by_id[1] == pytest.approx(0.5 * 1.0 * 2.0)
+    assert 4 not in by_id  # 0.5 * 1.5 = 0.75 < min_score
+
+
+def test_top_k_and_ties_break_by_id() -> None:
+    candidates = [candidate(i, distance=0.3) for i in (5, 3, 9, 1)]
+    assert ranked_ids(candidates, mode=SearchMode.VECTOR, top_k=3) == [1, 3, 5]
+
+
+def test_text_mode_scores_by_text_rank_value() -> None:
+    candidates = [candidate(1, text=0.1), candidate(2, text=0.3)]
+    assert ranked_ids(candidates, text="q", mode=SearchMode.TEXT) == [2, 1]
