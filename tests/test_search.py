@@ -15,7 +15,15 @@ from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.filters import Params, where_clause
 from memory_service.v1 import memory_pb2
-from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
+from tests.conftest import (
+    RunningServer,
+    code_of,
+    create_database,
+    drop_database,
+    start_server,
+    stop_server,
+    test_env,
+)
 
 
 def agent_memory(value: str, scope_id: int = 1, **fields: object) -> memory_pb2.StoreRequest:
@@ -264,3 +272,17 @@ async def test_search_rejects_bad_requests(server: RunningServer) -> None:
             await server.memory.Search(request)
         assert code_of(caught.value) == grpc.StatusCode.INVALID_ARGUMENT, request
         assert (caught.value.details() or "").startswith(field), (field, caught.value.details())
+
+
+async def test_searches_go_to_the_read_replica(database_url: str, server_dsn: str, template_dsn: str) -> None:
+    # A second database stands in for a replica that has not caught up: searches must read from it.
+    replica = await create_database(server_dsn, "memory_service_test_template")
+    running = await start_server(test_env(database_url, DATABASE_READ_URL=replica))
+    try:
+        stored = await running.memory.Store(agent_memory("only on the primary"))
+        response = await running.memory.Search(memory_pb2.SearchRequest(query="only on the primary"))
+        assert list(response.hits) == []
+        assert (await running.memory.Get(memory_pb2.GetRequest(id=stored.id))).memory.value == "only on the primary"
+    finally:
+        await stop_server(running)
+        await drop_database(server_dsn, replica)
