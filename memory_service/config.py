@@ -80,6 +80,8 @@ class Settings:
     metrics_port: int | None = 9464
     """None (``METRICS_PORT=off``) disables the metrics endpoint; 0 picks a free port, as GRPC_PORT=0 does."""
     grpc_max_message_bytes: int = 8 * 1024 * 1024
+    grpc_max_concurrent_rpcs: int = 1000
+    """Calls in progress past this answer RESOURCE_EXHAUSTED at once instead of queueing without bound."""
     shutdown_grace: float = 20.0
     """Seconds in-flight calls get to finish after SIGTERM."""
     auth_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)
@@ -147,6 +149,7 @@ class Settings:
             grpc_port=reader.integer("GRPC_PORT", 50051, minimum=0, maximum=65535),
             metrics_host=reader.text("METRICS_HOST") or "0.0.0.0",
             metrics_port=reader.port_or_off("METRICS_PORT", 9464),
+            grpc_max_concurrent_rpcs=reader.integer("GRPC_MAX_CONCURRENT_RPCS", 1000, minimum=1, maximum=1_000_000),
             grpc_max_message_bytes=reader.integer(
                 "GRPC_MAX_MESSAGE_BYTES", 8 * 1024 * 1024, minimum=64 * 1024, maximum=1 << 30
             ),

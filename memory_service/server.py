@@ -71,6 +71,7 @@ class MemoryServer:
         settings = self.settings
         limit = settings.grpc_max_message_bytes
         server = aio.server(
+            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
             interceptors=[ServiceInterceptor(self.metrics, Authenticator(settings.auth_tokens))],
             options=[
                 ("grpc.max_receive_message_length", limit),

@@ -11,7 +11,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
-from tests.conftest import test_env
+from tests.conftest import start_server, stop_server, test_env
 from tests.processes import ServerProcess
 
 
@@ -19,10 +19,14 @@ def note(value: str) -> memory_pb2.StoreRequest:
     return memory_pb2.StoreRequest(memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, value=value))
 
 
-async def _wait_for_lock_waiter(conn: asyncpg.Connection) -> None:
+async def _wait_for_lock_waiters(conn: asyncpg.Connection, count: int = 1) -> None:
+    """Until ``count`` backends of this database wait on a lock: calls that are in flight, held in PostgreSQL."""
     async with asyncio.timeout(30):
-        while not await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        while (
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            < count
         ):
             await asyncio.sleep(0.05)
 
@@ -44,7 +48,7 @@ async def test_sigterm_drains_in_flight_call_then_exits_zero(database_url: str) 
             await transaction.start()
             await blocker.execute("LOCK TABLE memory.memories IN EXCLUSIVE MODE")
             slow = asyncio.ensure_future(memory.Store(note("written during shutdown"), timeout=60))
-            await _wait_for_lock_waiter(blocker)
+            await _wait_for_lock_waiters(blocker)
 
             process.terminate()
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -109,3 +113,24 @@ async def test_embedded_database_keeps_data_across_restarts(tmp_path: Path) -> N
         assert await asyncio.to_thread(second.wait, 60) == 0
     finally:
         second.stop()
+
+
+async def test_calls_past_the_concurrency_limit_are_refused_not_queued(database_url: str) -> None:
+    running = await start_server(test_env(database_url, GRPC_MAX_CONCURRENT_RPCS="2"))
+    blocker = await asyncpg.connect(database_url)
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("LOCK TABLE memory.memories IN EXCLUSIVE MODE")
+        slow = [asyncio.ensure_future(running.memory.Store(note(f"slow {i}"), timeout=30)) for i in range(2)]
+        await _wait_for_lock_waiters(blocker, 2)
+        try:
+            await running.memory.Stats(memory_pb2.StatsRequest(), timeout=10)
+            raise AssertionError("a call past the limit was served")
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await transaction.commit()
+        assert [r.outcome for r in await asyncio.gather(*slow)] == [memory_pb2.WRITE_OUTCOME_CREATED] * 2
+    finally:
+        await blocker.close()
+        await stop_server(running)
