@@ -438,8 +438,8 @@ class LeaseManager:
             self._holds[lease_id] = step.lease
             yield HoldEvent(kind=HoldEventKind.GRANTED, lease=step.lease)
             async for event in self._keep(step.lease, step.started, release_requested):
-                if event.kind in (HoldEventKind.LOST, HoldEventKind.RELEASED):
-                    pending = False
+                # After LOST the grant may still be live (the database was unreachable): release it when possible.
+                pending = event.kind is not HoldEventKind.RELEASED
                 yield event
             if failures:
                 raise failures[0]
