@@ -5,8 +5,8 @@ One JSON object per line (blank lines are skipped)::
     {"scope": "agent", "scope_id": 1, "key": "...", "value": "...", "memory_type": "fact", "importance": 0.5,
      "tags": ["..."], "metadata": {...}, "embedding": [...], "agent_id": 7, "ttl_seconds": 60}
 
-``value`` is required; ``expires_at`` (RFC 3339) may replace ``ttl_seconds``; without ``embedding`` the server
-embeds the value. Each line's sequence number is its line number, so every rejection names a line.
+``scope`` and ``value`` are required; ``expires_at`` (RFC 3339) may replace ``ttl_seconds``; without ``embedding``
+the server embeds the value. Each line's sequence number is its line number, so every rejection names a line.
 
 The file is streamed, never read whole: only lines sent but not yet acknowledged are kept, and reading pauses while
 ``--window`` of them are in flight. When the stream breaks (UNAVAILABLE, a server restart, a dropped connection)
@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import collections
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -38,6 +37,7 @@ import grpc
 from grpc import aio
 
 from memory_service.config import Settings, parse_duration
+from memory_service.ingest_jsonl import LineError, parse_line
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,98 +52,6 @@ _RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
 _REJECTIONS_KEPT = 1000
-
-_SCOPES = {name.removeprefix("SCOPE_").lower(): value for name, value in memory_pb2.Scope.items() if value}
-_TYPES = {name.removeprefix("MEMORY_TYPE_").lower(): value for name, value in memory_pb2.MemoryType.items() if value}
-_FIELDS = (
-    "scope",
-    "scope_id",
-    "agent_id",
-    "memory_type",
-    "key",
-    "value",
-    "importance",
-    "tags",
-    "metadata",
-    "embedding",
-    "ttl_seconds",
-    "expires_at",
-)
-
-
-class LineError(Exception):
-    """A line this client cannot send; ``field`` is the JSON field at fault, or "" for the whole line."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}" if field else reason)
-        self.field = field
-        self.reason = reason
-
-
-def _get(data: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
-    value = data.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-        raise LineError(name, f"must be {what}")
-    return value
-
-
-def parse_line(raw: bytes) -> memory_pb2.MemoryInput:
-    """One JSONL line as a MemoryInput; LineError for what is malformed here (the server checks the rest)."""
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise LineError("", f"not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise LineError("", "not a JSON object")
-    unknown = sorted(set(data) - set(_FIELDS))
-    if unknown:
-        raise LineError(unknown[0], "is not a known field (expected " + ", ".join(_FIELDS) + ")")
-    value = _get(data, "value", str, "a string")
-    if value is None:
-        raise LineError("value", "is required")
-    message = memory_pb2.MemoryInput(value=value, key=_get(data, "key", str, "a string") or "")
-    for name, table, target in (("scope", _SCOPES, "scope"), ("memory_type", _TYPES, "memory_type")):
-        label = _get(data, name, str, "a string")
-        if label is not None:
-            if label.lower() not in table:
-                raise LineError(name, f"must be one of {', '.join(table)} (got {label!r})")
-            setattr(message, target, table[label.lower()])
-    if message.scope == 0:
-        raise LineError("scope", "is required")
-    for name in ("scope_id", "agent_id"):
-        number = _get(data, name, int, "an integer")
-        if number is not None:
-            if not -(2**63) <= number < 2**63:
-                raise LineError(name, "is out of range for a 64-bit id")
-            setattr(message, name, number)
-    importance = _get(data, "importance", (int, float), "a number")
-    if importance is not None:
-        message.importance = float(importance)
-    tags = _get(data, "tags", list, "a list of strings")
-    if tags is not None:
-        if not all(isinstance(tag, str) for tag in tags):
-            raise LineError("tags", "must be a list of strings")
-        message.tags.extend(tags)
-    metadata = _get(data, "metadata", dict, "a JSON object")
-    if metadata:
-        message.metadata.update(metadata)
-    embedding = _get(data, "embedding", list, "a list of numbers")
-    if embedding:
-        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in embedding):
-            raise LineError("embedding", "must be a list of numbers")
-        message.embedding.extend(embedding)
-    ttl = _get(data, "ttl_seconds", (int, float), "a number of seconds")
-    expires_at = _get(data, "expires_at", str, "an RFC 3339 timestamp")
-    if ttl is not None and expires_at is not None:
-        raise LineError("ttl_seconds", "give ttl_seconds or expires_at, not both")
-    if ttl is not None:
-        message.ttl.FromNanoseconds(int(ttl * 1e9))
-    if expires_at is not None:
-        try:
-            message.expires_at.FromJsonString(expires_at)
-        except ValueError:
-            raise LineError("expires_at", f"must be an RFC 3339 timestamp (got {expires_at!r})") from None
-    return message
 
 
 @dataclasses.dataclass
@@ -279,6 +187,7 @@ class Loader:
             acked_before = self.summary.done
             try:
                 await self._stream()
+                self._show(force=True)
                 return self.summary
             except grpc.RpcError as error:
                 code: grpc.StatusCode = error.code()

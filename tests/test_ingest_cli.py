@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from memory_service.cli_ingest import LineError, parse_line
+from memory_service.ingest_jsonl import LineError, parse_line
 from memory_service.v1 import lease_pb2, memory_pb2
 from tests.conftest import RunningServer, test_env
 from tests.processes import ServerProcess
@@ -171,6 +171,8 @@ async def test_a_superseded_lease_from_lease_run_stops_the_load(server: RunningS
         (b'{"scope": "agent", "value": "x", "embedding": [1, "a"]}', "embedding"),
         (b'{"scope": "agent", "value": "x", "expires_at": "tomorrow"}', "expires_at"),
         (b'{"scope": "agent", "value": "x", "memory_type": "gossip"}', "memory_type"),
+        (b'{"scope": "agent", "value": "x", "ttl_seconds": NaN}', "ttl_seconds"),
+        (b'{"scope": "agent", "value": "x", "metadata": []}', "metadata"),
     ],
 )
 def test_malformed_lines_name_the_field(raw: bytes, field: str) -> None:
