@@ -206,6 +206,7 @@ class LeaseManager:
         self._freed: dict[tuple[str, str], tuple[asyncio.Event, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._maintain()), asyncio.create_task(self._release_orphans())]
@@ -215,6 +216,7 @@ class LeaseManager:
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -228,6 +230,14 @@ class LeaseManager:
                     self._orphans.pop(lease_id, None)
         if self._orphans:
             log.warning("%d lease(s) left to expire at their TTL: the database did not answer", len(self._orphans))
+
+    def begin_shutdown(self) -> None:
+        """End every Hold stream of this instance now: release its lease and send LOST.
+
+        Hold streams never end by themselves, so a server that calls this before draining calls does not wait out
+        its grace period for them; their clients re-acquire through another instance.
+        """
+        self._stopping.set()
 
     async def _run(self, op: Callable[[asyncpg.Connection], Awaitable[T]], deadline: float | None = None) -> T:
         """One lease transaction on a pooled connection, bounded by OP_TIMEOUT and the caller's deadline."""
@@ -423,7 +433,7 @@ class LeaseManager:
             seen_token = None
             async with contextlib.aclosing(steps):
                 async for step in steps:
-                    if step.final or release_requested.is_set():
+                    if step.final or release_requested.is_set() or self._stopping.is_set():
                         break
                     assert step.holder is not None
                     if step.holder.fencing_token != seen_token:
@@ -431,7 +441,7 @@ class LeaseManager:
                         yield HoldEvent(kind=HoldEventKind.WAITING, holder=step.holder)
             if not step.acquired or step.lease is None:
                 pending = False
-                reason = _not_acquired(step, cancelled=release_requested.is_set())
+                reason = _not_acquired(step, cancelled=release_requested.is_set(), stopping=self._stopping.is_set())
                 yield HoldEvent(kind=HoldEventKind.NOT_ACQUIRED, holder=step.holder, reason=reason)
                 return
             lease_id = step.lease.lease_id  # a replayed request id may name an earlier grant
@@ -456,11 +466,14 @@ class LeaseManager:
         retry = min(ttl / 10, 1.0)
         next_at = last_ok + ttl / 3
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(next_at - time.monotonic(), 0)):
-                    await release_requested.wait()
+            await _first_of(release_requested, self._stopping, timeout=max(next_at - time.monotonic(), 0))
             if release_requested.is_set():
                 yield await self._release_for_hold(lease)
+                return
+            if self._stopping.is_set():
+                released = await self._release_for_hold(lease)
+                reason = "the server is shutting down; the lease was released: acquire again through another instance"
+                yield HoldEvent(kind=HoldEventKind.LOST, lease=released.lease, reason=reason)
                 return
             # Give up a little before the TTL the database counts, so the holder stops before a successor starts.
             give_up_at = last_ok + ttl - retry
@@ -555,7 +568,19 @@ class LeaseManager:
             await asyncio.sleep(_GAUGE_INTERVAL)
 
 
-def _not_acquired(step: Acquired, *, cancelled: bool) -> str:
+async def _first_of(first: asyncio.Event, second: asyncio.Event, *, timeout: float) -> None:
+    """Wait until either event is set or ``timeout`` passes."""
+    waiters = {asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _not_acquired(step: Acquired, *, cancelled: bool, stopping: bool) -> str:
+    if stopping:
+        return "the server is shutting down: acquire through another instance"
     if cancelled or step.holder is None:
         return "the client asked to release before the lease was granted"
     return f"held by {step.holder.holder!r} (token {step.holder.fencing_token}) when the wait ended"

@@ -404,3 +404,14 @@ async def test_hold_first_message_must_acquire(lease_server: RunningServer) -> N
     call = lease_server.leases.Hold()
     await call.write(lease_pb2.HoldRequest(release=True))
     assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_hold_streams_end_with_lost_when_the_server_begins_shutdown(lease_server: RunningServer) -> None:
+    stub = lease_server.leases
+    call = stub.Hold()
+    await call.write(lease_pb2.HoldRequest(acquire=acquire_request("draining", ttl=30)))
+    assert (await call.read()).kind == lease_pb2.HoldEvent.KIND_GRANTED
+    lease_server.server.runtime.leases.begin_shutdown()
+    events = [event async for event in _events(call)]
+    assert events[-1].kind == lease_pb2.HoldEvent.KIND_LOST and "shutting down" in events[-1].reason
+    assert await lease_gone(stub, "draining")
