@@ -157,6 +157,11 @@ class Runtime:
             iterative_scan=self.search.iterative_scan,
         )
 
+    def begin_shutdown(self) -> None:
+        """Stop work that would otherwise outlive a drain (lease Hold streams)."""
+        if self._leases is not None:
+            self._leases.begin_shutdown()
+
     async def close(self) -> None:
         """Stop background work, close the embedder, then the pools, then the embedded database. Idempotent."""
         if self._closed:

@@ -133,6 +133,9 @@ class MemoryServer:
         """Drain and shut down in the documented order; safe to call twice."""
         grace = self.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        # Hold streams never end by themselves; ending them first (LOST, lease released) keeps them from
+        # holding the drain open for the whole grace period.
+        self.runtime.begin_shutdown()
         await self._stop_grpc(grace)
         await self.runtime.close()
         if self._metrics_http is not None:

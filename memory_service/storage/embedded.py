@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import warnings
@@ -116,17 +117,11 @@ class EmbeddedPostgres:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _initdb(self) -> None:
-        _commands = _pgserver_commands()
-
         log.info("initialising embedded PostgreSQL in %s", self.pgdata)
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self._prepare_permissions()
         try:
-            _commands.initdb(
-                ["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"],
-                pgdata=self.pgdata,
-                user=self._user,
-            )
+            self._run("initdb", ["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"])
         except (subprocess.CalledProcessError, OSError) as exc:
             raise StartupError(f"could not initialise the embedded PostgreSQL in {self.pgdata}: {exc}") from exc
 
@@ -170,9 +165,27 @@ class EmbeddedPostgres:
         log.info("embedded PostgreSQL started in %s", self.pgdata)
 
     def _pg_ctl(self, args: list[str]) -> str:
-        _commands = _pgserver_commands()
-        result: str = _commands.pg_ctl(args, pgdata=self.pgdata, user=self._user)
-        return result
+        return self._run("pg_ctl", args)
+
+    def _run(self, program: str, args: list[str]) -> str:
+        """Run one of the bundled PostgreSQL programs on this data directory, as the unprivileged user if root.
+
+        The user switch goes through ``runuser`` rather than ``subprocess``'s ``user=``: that argument makes Python
+        fork instead of spawn, and in a process that has used gRPC, gRPC's fork handlers can crash the child.
+        """
+        binary = str(_pgserver_commands().POSTGRES_BIN_PATH / program)
+        command = [binary, "-D", str(self.pgdata), *args]
+        user: str | None = None
+        if self._user is not None:
+            runuser = shutil.which("runuser")
+            if runuser is not None:
+                command = [runuser, "-u", self._user, "--", *command]
+            else:
+                user = self._user
+        result = subprocess.run(
+            command, check=True, stdin=subprocess.DEVNULL, capture_output=True, text=True, user=user, timeout=180
+        )
+        return result.stdout
 
     def _log_tail(self) -> str:
         try:
