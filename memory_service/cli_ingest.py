@@ -15,7 +15,8 @@ identity makes the resent lines that had in fact committed a no-op. Under ``memo
 fenced by that lease, so it stops with ABORTED once another holder takes over.
 
 Exit codes: 0 every line stored; 1 some lines rejected; 2 the server refused the load (fence superseded, invalid
-request, authentication); 64 the file cannot be read; 69 the server stayed unreachable for ``--retry-timeout``.
+request, authentication, a request too large); 64 the file cannot be read; 69 the server stayed unreachable (or
+overloaded) for ``--retry-timeout``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ _RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
 _REJECTIONS_KEPT = 1000
+
+
+def _retryable(error: grpc.RpcError) -> bool:
+    """RESOURCE_EXHAUSTED means overloaded (retry later) unless a message was too large (retrying cannot help)."""
+    code = error.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "larger than" not in (error.details() or "")
+    return code in _RETRYABLE
 
 
 @dataclasses.dataclass
@@ -191,7 +200,7 @@ class Loader:
                 return self.summary
             except grpc.RpcError as error:
                 code: grpc.StatusCode = error.code()
-                if code not in _RETRYABLE:
+                if not _retryable(error):
                     raise Refused(f"{code.name}: {error.details()}") from None
                 why = f"{code.name}: {error.details()}"
             now = time.monotonic()

@@ -15,9 +15,9 @@ import pytest
 
 from memory_service.ingest_jsonl import LineError, parse_line
 from memory_service.v1 import lease_pb2, memory_pb2
-from tests.conftest import RunningServer, test_env
+from tests.conftest import RunningServer, start_server, stop_server, test_env
 from tests.processes import ServerProcess
-from tests.test_ingest import fetch, stored
+from tests.test_ingest import Feeder, fetch, item, stored
 from tests.test_leases import acquire_request, eventually
 
 _SUMMARY = re.compile(r"created ([\d,]+), updated ([\d,]+), unchanged ([\d,]+), rejected ([\d,]+)")
@@ -185,3 +185,24 @@ def test_a_line_becomes_a_memory_input() -> None:
     message = parse_line(line(1, memory_type="Skill", tags=["a"], ttl_seconds=1.5, agent_id=3).encode())
     assert message.scope == memory_pb2.SCOPE_AGENT and message.memory_type == memory_pb2.MEMORY_TYPE_SKILL
     assert message.ttl.ToNanoseconds() == 1_500_000_000 and message.agent_id == 3
+
+
+async def test_an_overloaded_server_slows_the_load_down(database_url: str, tmp_path: Path) -> None:
+    running = await start_server(test_env(database_url, GRPC_MAX_CONCURRENT_RPCS="1"))
+    try:
+        data = tmp_path / "load.jsonl"
+        data.write_text(line(1) + "\n")
+        feeder = Feeder()
+        busy = running.memory.BulkStore(feeder.__aiter__())  # takes the server's only call slot
+        await feeder.queue.put(memory_pb2.BulkStoreRequest(items=[item(100)]))
+        assert (await busy.read()).durable_sequence == 100
+        client = asyncio.create_task(ingest(running.address, str(data)))
+        await asyncio.sleep(1)  # the client meets RESOURCE_EXHAUSTED and backs off, it does not give up
+        assert not client.done()
+        feeder.close()
+        await busy.read()  # the end of the held stream
+        code, out, err = await client
+        assert code == 0, err
+        assert "RESOURCE_EXHAUSTED" in err and summary(out) == (1, 0, 0, 0)
+    finally:
+        await stop_server(running)
