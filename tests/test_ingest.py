@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 
 import asyncpg
 import grpc
@@ -218,6 +218,10 @@ async def _backend_waiting_on_lock(dsn: str) -> bool:
     return bool(rows)
 
 
+async def _not(check: Awaitable[bool]) -> bool:
+    return not await check
+
+
 async def test_client_cancel_mid_batch_keeps_committed_batches_only(
     small_batches: RunningServer, database_url: str
 ) -> None:
@@ -236,6 +240,8 @@ async def test_client_cancel_mid_batch_keeps_committed_batches_only(
         await eventually(lambda: _backend_waiting_on_lock(database_url))
         call.cancel()
         feeder.close()
+        # The server saw the cancel while the batch waited: it cancelled the statement, so the lock wait ends.
+        await eventually(lambda: _not(_backend_waiting_on_lock(database_url)))
         await transaction.rollback()
     finally:
         await blocker.close()
