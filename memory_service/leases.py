@@ -1,9 +1,10 @@
-"""Lease rules: validation, waiting, idempotent grants, the Hold loop, and clean-up of grants nobody received.
+"""Lease rules: waiting, idempotent grants, renew, release, reads, and clean-up of grants nobody received.
 
 Who holds a name is decided only inside one database transaction, by the database clock
-(``memory_service.storage.leases_sql``). This module decides the rest: how long to wait and poll, when a Hold
-stream renews, when a holder must be told it lost the lease, and which grants to release because the caller that
-asked for them is gone (cancelled, timed out, or its answer was lost to an ambiguous commit). It knows no gRPC.
+(``memory_service.storage.leases_sql``). This module decides the rest: how long to wait and poll, and which grants
+to release because the caller that asked for them is gone (cancelled, timed out, or its answer was lost to an
+ambiguous commit). It knows no gRPC. What callers may send is checked in ``lease_validation``; when a Hold stream
+renews and when its holder is told it lost the lease is decided in ``lease_hold``.
 
 Fail closed: any database error or timeout is ``Unavailable`` and never a grant; a grant whose answer may not have
 reached its caller is released in the background unless the caller gave a ``request_id`` to retry with.
@@ -12,15 +13,11 @@ reached its caller is released in the background unless the caller gave a ``requ
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
-import enum
 import hashlib
-import json
 import logging
 import random
-import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -29,6 +26,7 @@ from typing import TypeVar
 
 import asyncpg
 
+from memory_service import lease_hold
 from memory_service.config import Settings
 from memory_service.errors import (
     DatabaseUnavailable,
@@ -40,6 +38,15 @@ from memory_service.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from memory_service.lease_hold import HoldCommand, HoldEvent
+from memory_service.lease_validation import (
+    AcquireSpec,
+    check_name,
+    check_ttl,
+    decode_page_token,
+    encode_page_token,
+    parse_lease_id,
+)
 from memory_service.metrics import Metrics
 from memory_service.storage import leases_sql as sql
 from memory_service.storage.database import Database, translate_errors
@@ -50,9 +57,6 @@ T = TypeVar("T")
 Lease = sql.LeaseRow
 Holder = sql.HolderRow
 
-MAX_NAME_LENGTH = 200
-MAX_HOLDER_LENGTH = 200
-MAX_REQUEST_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 100
 OP_TIMEOUT = 5.0
 """Seconds one lease transaction may take (including waiting for its lock) before the call answers UNAVAILABLE."""
@@ -62,7 +66,6 @@ _POLL_MIN, _POLL_MAX = 0.01, 0.25
 _DEADLINE_MARGIN = 0.1
 _GAUGE_INTERVAL, _PURGE_INTERVAL = 10.0, 600.0
 _MAX_ORPHANS = 100_000
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")
 
 
 def lock_key(namespace: str, name: str) -> int:
@@ -77,69 +80,6 @@ def owner_key(owner: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _check_name(field: str, value: str) -> None:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if len(value) > MAX_NAME_LENGTH:
-        raise InvalidArgument(field, f"is expected to be at most {MAX_NAME_LENGTH} characters (got {len(value)})")
-    if not _NAME.fullmatch(value):
-        raise InvalidArgument(
-            field,
-            f"is expected to start with a letter or digit and use only A-Z a-z 0-9 . _ : / @ + = - (got {value!r})",
-        )
-
-
-def _check_text(field: str, value: str, limit: int) -> None:
-    if len(value) > limit:
-        raise InvalidArgument(field, f"is expected to be at most {limit} characters (got {len(value)})")
-    if not value.isprintable():
-        raise InvalidArgument(field, "is expected to hold printable characters only")
-
-
-def _check_ttl(settings: Settings, ttl: float | None, field: str = "ttl") -> float:
-    if ttl is None or ttl <= 0:
-        raise InvalidArgument(field, "is required and must be positive")
-    if not settings.lease_min_ttl <= ttl <= settings.lease_max_ttl:
-        raise InvalidArgument(
-            field,
-            f"is expected between {settings.lease_min_ttl:g}s and {settings.lease_max_ttl:g}s (got {ttl:g}s)",
-        )
-    return ttl
-
-
-def parse_lease_id(lease_id: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(lease_id)
-    except ValueError:
-        raise InvalidArgument(
-            "lease_id", f"is expected to be a lease id from Acquire (got {lease_id[:64]!r})"
-        ) from None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AcquireSpec:
-    """What a caller asks for; ``validated`` checks it against the settings."""
-
-    namespace: str
-    name: str
-    ttl: float | None
-    wait: float = 0.0
-    request_id: str = ""
-    holder: str = ""
-
-    def validated(self, settings: Settings) -> AcquireSpec:
-        _check_name("namespace", self.namespace)
-        _check_name("name", self.name)
-        _check_ttl(settings, self.ttl)
-        if not 0 <= self.wait <= settings.lease_max_wait:
-            raise InvalidArgument(
-                "wait", f"is expected between 0 and {settings.lease_max_wait:g}s (got {self.wait:g}s)"
-            )
-        _check_text("request_id", self.request_id, MAX_REQUEST_ID_LENGTH)
-        _check_text("holder", self.holder, MAX_HOLDER_LENGTH)
-        return self
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Acquired:
     acquired: bool
@@ -148,43 +88,6 @@ class Acquired:
     final: bool = True
     started: float = 0.0
     """Monotonic time the granting attempt began: the holder's TTL runs from no earlier than this."""
-
-
-class HoldEventKind(enum.Enum):
-    GRANTED = "granted"
-    RENEWED = "renewed"
-    WAITING = "waiting"
-    LOST = "lost"
-    RELEASED = "released"
-    NOT_ACQUIRED = "not_acquired"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HoldEvent:
-    kind: HoldEventKind
-    lease: Lease | None = None
-    holder: Holder | None = None
-    reason: str = ""
-
-
-class HoldCommand(enum.Enum):
-    RELEASE = "release"
-
-
-def encode_page_token(namespace: str, name: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([namespace, name]).encode()).decode()
-
-
-def decode_page_token(token: str) -> tuple[str, str] | None:
-    if not token:
-        return None
-    try:
-        namespace, name = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if isinstance(namespace, str) and isinstance(name, str):
-            return namespace, name
-    except (ValueError, TypeError):
-        pass
-    raise InvalidArgument("page_token", "is expected to be a next_page_token from a previous List")
 
 
 def _ambiguous(exc: BaseException) -> bool:
@@ -263,14 +166,14 @@ class LeaseManager:
     async def acquire(self, spec: AcquireSpec, *, owner: str, deadline: float | None = None) -> Acquired:
         """Grant the lease, or wait up to ``spec.wait`` for it; contention answers ``acquired=False``."""
         spec = spec.validated(self._settings)
-        steps = self._acquire_steps(spec, owner=owner, lease_id=uuid.uuid4(), deadline=deadline)
+        steps = self.acquire_steps(spec, owner=owner, lease_id=uuid.uuid4(), deadline=deadline)
         async with contextlib.aclosing(steps):
             async for step in steps:
                 if step.final:
                     return step
         raise AssertionError("the acquire loop ended without an answer")
 
-    async def _acquire_steps(
+    async def acquire_steps(
         self, spec: AcquireSpec, *, owner: str, lease_id: uuid.UUID, deadline: float | None
     ) -> AsyncGenerator[Acquired, None]:
         """Yield a non-final step each time the name is found held, then the final answer."""
@@ -332,12 +235,12 @@ class LeaseManager:
             # Cancelled or failed mid-commit: the grant may exist with nobody knowing it. Without a request id
             # to retry with, nobody ever will, so release it (a no-op if it never committed).
             if not spec.request_id and _ambiguous(exc):
-                self._add_orphan(lease_id, spec.ttl)
+                self.add_orphan(lease_id, spec.ttl)
             raise
         if result.outcome is sql.Outcome.GRANTED:
             self._metrics.leases_granted.inc()
             if deadline is not None and time.monotonic() >= deadline and not spec.request_id:
-                self._add_orphan(lease_id, spec.ttl)
+                self.add_orphan(lease_id, spec.ttl)
                 raise DeadlineExceeded("the lease was granted after the call's deadline and has been released")
         return result
 
@@ -366,7 +269,7 @@ class LeaseManager:
     async def renew(self, lease_id: str, ttl: float | None = None, *, deadline: float | None = None) -> Lease:
         """Extend a live lease; a lease that has ended is never revived (LeaseLost)."""
         lid = parse_lease_id(lease_id)
-        new_ttl = None if ttl is None else timedelta(seconds=_check_ttl(self._settings, ttl))
+        new_ttl = None if ttl is None else timedelta(seconds=check_ttl(self._settings, ttl))
         result = await self._run(lambda conn: sql.renew(conn, lid, new_ttl), deadline)
         if isinstance(result, str):
             raise LeaseLost(
@@ -387,8 +290,8 @@ class LeaseManager:
         return await self._run(lambda conn: sql.release(conn, lease_id))
 
     async def get(self, namespace: str, name: str) -> Lease:
-        _check_name("namespace", namespace)
-        _check_name("name", name)
+        check_name("namespace", namespace)
+        check_name("name", name)
         lease = await self._run(lambda conn: sql.get(conn, namespace, name))
         if lease is None:
             raise NotFound(f"no live lease on {namespace}/{name}")
@@ -397,7 +300,7 @@ class LeaseManager:
     async def list_page(self, namespace: str, page_size: int, page_token: str) -> tuple[list[Lease], str]:
         """One page of live leases in (namespace, name) order and the token of the next page ("" at the end)."""
         if namespace:
-            _check_name("namespace", namespace)
+            check_name("namespace", namespace)
         if page_size < 0:
             raise InvalidArgument("page_size", f"is expected to be positive (got {page_size})")
         limit = min(page_size or DEFAULT_PAGE_SIZE, self._settings.list_max_page_size)
@@ -415,113 +318,34 @@ class LeaseManager:
         """The lease id renews and releases a lease, so with auth on only its owner sees it in Get and List."""
         return principal is None or principal == lease.owner
 
-    # --- Hold -----------------------------------------------------------------------------------------------------
+    # --- Hold streams (see lease_hold) ----------------------------------------------------------------------------
 
-    async def hold(
+    def hold(
         self, spec: AcquireSpec, *, owner: str, commands: AsyncIterator[HoldCommand]
     ) -> AsyncGenerator[HoldEvent, None]:
         """Acquire, then keep renewing at about TTL/3 until released, lost, or the caller goes away."""
-        spec = spec.validated(self._settings)
-        assert spec.ttl is not None
-        release_requested = asyncio.Event()
-        failures: list[Exception] = []
-        reader = asyncio.create_task(self._read_commands(commands, release_requested, failures))
-        lease_id = uuid.uuid4()
-        pending = True  # a grant may exist that this stream has not ended yet
-        try:
-            steps = self._acquire_steps(spec, owner=owner, lease_id=lease_id, deadline=None)
-            seen_token = None
-            async with contextlib.aclosing(steps):
-                async for step in steps:
-                    if step.final or release_requested.is_set() or self._stopping.is_set():
-                        break
-                    assert step.holder is not None
-                    if step.holder.fencing_token != seen_token:
-                        seen_token = step.holder.fencing_token
-                        yield HoldEvent(kind=HoldEventKind.WAITING, holder=step.holder)
-            if not step.acquired or step.lease is None:
-                pending = False
-                reason = _not_acquired(step, cancelled=release_requested.is_set(), stopping=self._stopping.is_set())
-                yield HoldEvent(kind=HoldEventKind.NOT_ACQUIRED, holder=step.holder, reason=reason)
-                return
-            lease_id = step.lease.lease_id  # a replayed request id may name an earlier grant
-            self._holds[lease_id] = step.lease
-            yield HoldEvent(kind=HoldEventKind.GRANTED, lease=step.lease)
-            async for event in self._keep(step.lease, step.started, release_requested):
-                # After LOST the grant may still be live (the database was unreachable): release it when possible.
-                pending = event.kind is not HoldEventKind.RELEASED
-                yield event
-            if failures:
-                raise failures[0]
-        finally:
-            reader.cancel()
-            self._holds.pop(lease_id, None)
-            if pending:
-                self._add_orphan(lease_id, spec.ttl)
+        return lease_hold.hold(self, spec, owner=owner, commands=commands)
 
-    async def _keep(
-        self, lease: Lease, last_ok: float, release_requested: asyncio.Event
-    ) -> AsyncGenerator[HoldEvent, None]:
-        ttl = lease.ttl.total_seconds()
-        retry = min(ttl / 10, 1.0)
-        next_at = last_ok + ttl / 3
-        while True:
-            await _first_of(release_requested, self._stopping, timeout=max(next_at - time.monotonic(), 0))
-            if release_requested.is_set():
-                yield await self._release_for_hold(lease)
-                return
-            if self._stopping.is_set():
-                released = await self._release_for_hold(lease)
-                reason = "the server is shutting down; the lease was released: acquire again through another instance"
-                yield HoldEvent(kind=HoldEventKind.LOST, lease=released.lease, reason=reason)
-                return
-            # Give up a little before the TTL the database counts, so the holder stops before a successor starts.
-            give_up_at = last_ok + ttl - retry
-            started = time.monotonic()
-            try:
-                lease = await self.renew(str(lease.lease_id), deadline=give_up_at)
-            except LeaseLost as exc:
-                yield HoldEvent(kind=HoldEventKind.LOST, lease=lease, reason=str(exc))
-                return
-            except (Unavailable, DeadlineExceeded) as exc:
-                if time.monotonic() + retry >= give_up_at:
-                    reason = f"the lease could not be renewed before its TTL ran out ({exc}); stop and acquire again"
-                    yield HoldEvent(kind=HoldEventKind.LOST, lease=lease, reason=reason)
-                    return
-                next_at = time.monotonic() + retry
-                continue
-            last_ok = started
-            next_at = last_ok + ttl / 3
-            yield HoldEvent(kind=HoldEventKind.RENEWED, lease=lease)
+    @property
+    def settings(self) -> Settings:
+        return self._settings
 
-    async def _release_for_hold(self, lease: Lease) -> HoldEvent:
-        try:
-            released = await self.release(str(lease.lease_id))
-        except (Unavailable, DeadlineExceeded):
-            self._add_orphan(lease.lease_id, lease.ttl.total_seconds())
-            reason = "the database did not answer; the lease is released in the background or ends at its TTL"
-            return HoldEvent(kind=HoldEventKind.RELEASED, lease=lease, reason=reason)
-        reason = "" if released else "the lease had already ended"
-        return HoldEvent(kind=HoldEventKind.RELEASED, lease=lease, reason=reason)
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set by ``begin_shutdown`` and ``close``: Hold streams release their leases and end with LOST."""
+        return self._stopping
 
-    @staticmethod
-    async def _read_commands(
-        commands: AsyncIterator[HoldCommand], release_requested: asyncio.Event, failures: list[Exception]
-    ) -> None:
-        """A release ends the hold; the client half-closing its side does not (the stream ending does)."""
-        try:
-            async for command in commands:
-                if command is HoldCommand.RELEASE:
-                    break
-            else:
-                return
-        except Exception as exc:
-            failures.append(exc)
-        release_requested.set()
+    def track_hold(self, lease: Lease) -> None:
+        """Count a Hold stream's lease as this instance's, so ``close`` releases it."""
+        self._holds[lease.lease_id] = lease
+
+    def untrack_hold(self, lease_id: uuid.UUID) -> None:
+        self._holds.pop(lease_id, None)
 
     # --- background work ------------------------------------------------------------------------------------------
 
-    def _add_orphan(self, lease_id: uuid.UUID, ttl: float) -> None:
+    def add_orphan(self, lease_id: uuid.UUID, ttl: float) -> None:
+        """Release this grant in the background: nobody may know of it. ``ttl`` bounds how long that is worth trying."""
         if len(self._orphans) >= _MAX_ORPHANS:
             return  # it still ends at its TTL
         self._orphans.setdefault(lease_id, time.monotonic() + ttl)
@@ -566,21 +390,3 @@ class LeaseManager:
             except MemoryServiceError as exc:
                 log.debug("lease maintenance skipped: %s", exc)
             await asyncio.sleep(_GAUGE_INTERVAL)
-
-
-async def _first_of(first: asyncio.Event, second: asyncio.Event, *, timeout: float) -> None:
-    """Wait until either event is set or ``timeout`` passes."""
-    waiters = {asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())}
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
-def _not_acquired(step: Acquired, *, cancelled: bool, stopping: bool) -> str:
-    if stopping:
-        return "the server is shutting down: acquire through another instance"
-    if cancelled or step.holder is None:
-        return "the client asked to release before the lease was granted"
-    return f"held by {step.holder.holder!r} (token {step.holder.fencing_token}) when the wait ended"
