@@ -29,6 +29,9 @@ def line(number: int, **fields: object) -> str:
     return json.dumps(data)
 
 
+_INGEST = (sys.executable, "-m", "memory_service", "ingest")
+
+
 def summary(stdout: str) -> tuple[int, int, int, int]:
     match = _SUMMARY.search(stdout)
     assert match is not None, stdout
@@ -40,10 +43,7 @@ async def ingest(
     address: str, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "memory_service",
-        "ingest",
+        *_INGEST,
         "--address",
         address,
         *args,
@@ -196,13 +196,23 @@ async def test_an_overloaded_server_slows_the_load_down(database_url: str, tmp_p
         busy = running.memory.BulkStore(feeder.__aiter__())  # takes the server's only call slot
         await feeder.queue.put(memory_pb2.BulkStoreRequest(items=[item(100)]))
         assert (await busy.read()).durable_sequence == 100
-        client = asyncio.create_task(ingest(running.address, str(data)))
-        await asyncio.sleep(1)  # the client meets RESOURCE_EXHAUSTED and backs off, it does not give up
-        assert not client.done()
+        process = await asyncio.create_subprocess_exec(
+            *_INGEST,
+            "--address",
+            running.address,
+            str(data),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stderr is not None
+        async with asyncio.timeout(60):
+            # The client meets RESOURCE_EXHAUSTED and backs off instead of giving up.
+            while b"RESOURCE_EXHAUSTED" not in (said := await process.stderr.readline()):
+                assert said, "the client ended without meeting RESOURCE_EXHAUSTED"
         feeder.close()
-        await busy.read()  # the end of the held stream
-        code, out, err = await client
-        assert code == 0, err
-        assert "RESOURCE_EXHAUSTED" in err and summary(out) == (1, 0, 0, 0)
+        await busy.read()  # the held stream ends and frees the slot
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0
+        assert summary(out.decode()) == (1, 0, 0, 0)
     finally:
         await stop_server(running)
