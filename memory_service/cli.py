@@ -106,8 +106,12 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[Settings, argparse.Namespace], int] = args.run
+    environment = os.environ if env is None else env
+    if getattr(args, "client", False):
+        # Client commands talk to a server; the server's variables are not theirs to validate.
+        environment = {key: value for key, value in environment.items() if key == "LOG_LEVEL"}
     try:
-        settings = Settings.from_env({**(os.environ if env is None else env), **_overrides(args)})
+        settings = Settings.from_env({**environment, **_overrides(args)})
         _configure_logging(settings.log_level)
         return run(settings, args)
     except StartupError as exc:

@@ -349,7 +349,7 @@ def register(commands: Any) -> None:
     parser.add_argument("--fence-name", default=env.get("MEMORY_SERVICE_LEASE_NAME"), help="fence with this lease")
     parser.add_argument("--fence-token", type=int, default=env.get("MEMORY_SERVICE_LEASE_TOKEN"), help="its token")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    parser.set_defaults(run=_ingest)
+    parser.set_defaults(run=_ingest, client=True)
 
 
 def _positive(text: str) -> int:

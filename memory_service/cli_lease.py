@@ -108,12 +108,12 @@ def register(commands: Any) -> None:
     run.add_argument("name", help="the lease name")
     _run_options(run)
     run.add_argument("command", nargs=argparse.REMAINDER, help="[options] -- COMMAND [ARG...]")
-    run.set_defaults(run=_run)
+    run.set_defaults(run=_run, client=True)
 
     listing = sub.add_parser("list", help="list live leases")
     _client_flags(listing)
     listing.add_argument("--namespace", default="", help="only this namespace (default: all)")
-    listing.set_defaults(run=_list)
+    listing.set_defaults(run=_list, client=True)
 
 
 class _Client:

@@ -6,11 +6,17 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 from typing import Any
+
+import grpc
 
 from memory_service.config import Settings
 from memory_service.metrics import Metrics
 from memory_service.runtime import Runtime
+
+# sysexits.h: the service could not be reached.
+EX_UNAVAILABLE = 69
 
 
 def register(commands: Any) -> None:
@@ -33,7 +39,7 @@ def register(commands: Any) -> None:
     search.add_argument("--top-k", type=int, default=10)
     search.add_argument("--scope", help="restrict to a scope, e.g. agent or agent:42")
     search.add_argument("--address", default=os.environ.get("MEMORY_SERVICE_ADDRESS", "localhost:50051"))
-    search.set_defaults(run=_search)
+    search.set_defaults(run=_search, client=True)
 
 
 async def _with_runtime(settings: Settings, work: Any) -> Any:
@@ -96,13 +102,17 @@ def _search(settings: Settings, args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with MemoryClient(args.address, token=os.environ.get("MEMORY_SERVICE_TOKEN")) as client:
-            response = await client.search(
-                args.query,
-                mode=args.mode,
-                top_k=args.top_k,
-                scope=scope or None,
-                scope_id=int(scope_id) if scope_id else None,
-            )
+            try:
+                response = await client.search(
+                    args.query,
+                    mode=args.mode,
+                    top_k=args.top_k,
+                    scope=scope or None,
+                    scope_id=int(scope_id) if scope_id else None,
+                )
+            except grpc.RpcError as error:
+                print(f"memory-service: search failed: {error.code().name}: {error.details()}", file=sys.stderr)
+                return EX_UNAVAILABLE if error.code() is grpc.StatusCode.UNAVAILABLE else 1
         for hit in response.hits:
             print(f"{hit.score:8.4f}  #{hit.memory.id:<8} {hit.memory.value}")
         plan = f"{response.plan}, probes {response.probes}" if response.probes else response.plan

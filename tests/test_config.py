@@ -81,3 +81,17 @@ def test_cli_help_lists_commands() -> None:
     assert result.returncode == 0
     for command in ("serve", "migrate"):
         assert command in result.stdout
+
+
+def test_client_commands_ignore_the_servers_variables() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "memory_service", "search", "tea", "--address", "127.0.0.1:1"],
+        env={"GRPC_PORT": "not-a-port", "DATABASE_POOL_MIN": "0", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 69
+    assert "GRPC_PORT" not in result.stderr and "DATABASE_POOL_MIN" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("memory-service: search failed: UNAVAILABLE")

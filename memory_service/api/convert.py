@@ -86,6 +86,8 @@ def _timestamp(message: timestamp_pb2.Timestamp) -> datetime:
 
 
 def _struct(field: str, message: struct_pb2.Struct) -> dict[str, Any]:
+    if not message.fields:
+        return {}
     try:
         as_dict = json_format.MessageToDict(message)
     except ValueError:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import re
+import struct
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -51,11 +52,20 @@ def translate_errors() -> Any:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
 
+_HEADER = struct.Struct(">HH")
+
+
 def _decode_vector(data: bytes) -> npt.NDArray[np.float32]:
     return Vector.from_binary(data).to_numpy()
 
 
 def _encode_vector(value: Vector | npt.NDArray[np.floating[Any]] | list[float]) -> bytes:
+    """pgvector's binary format: dimension and a reserved word (uint16 each), then big-endian float32s.
+
+    One-dimensional numpy arrays, what the service writes, are packed directly: through pgvector's ``Vector``
+    each costs several microseconds more, which shows in bulk ingest."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return _HEADER.pack(value.shape[0], 0) + value.astype(">f4", copy=False).tobytes()
     vector = value if isinstance(value, Vector) else Vector(value)
     encoded: bytes = vector.to_binary()
     return encoded
