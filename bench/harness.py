@@ -113,13 +113,17 @@ def percentile_ms(samples: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples) * 1000.0, q))
 
 
-async def latencies(call: Callable[[int], Awaitable[object]], count: int) -> list[float]:
-    """One caller, one call at a time: seconds per call."""
-    samples = []
+async def latencies(*calls: Callable[[int], Awaitable[object]], count: int) -> list[list[float]]:
+    """One caller, one call at a time: seconds per call, for each of ``calls``.
+
+    The calls alternate (a, b, a, b, ...), so every path sees the same machine: on a shared two-core host, timing
+    one path after the other mostly measures what else was running at the time."""
+    samples: list[list[float]] = [[] for _ in calls]
     for i in range(count):
-        started = time.perf_counter()
-        await call(i)
-        samples.append(time.perf_counter() - started)
+        for call, bucket in zip(calls, samples, strict=True):
+            started = time.perf_counter()
+            await call(i)
+            bucket.append(time.perf_counter() - started)
     return samples
 
 

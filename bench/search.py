@@ -182,10 +182,8 @@ async def measure(dsn: str, address: str, workload: Workload, *, count: int, tot
                     j = i % len(workload.texts)
                     await plain.search(mode, workload.vectors[j], workload.texts[j], filtered)
 
-                await latencies(via_grpc, 20)  # warm up both paths
-                await latencies(via_sql, 20)
-                grpc_lat = await latencies(via_grpc, count)
-                sql_lat = await latencies(via_sql, count)
+                await latencies(via_grpc, via_sql, count=20)  # warm up both paths
+                grpc_lat, sql_lat = await latencies(via_grpc, via_sql, count=count)
                 grpc_rate = await throughput(via_grpc, in_flight=16, total=total)
                 sql_rate = await throughput(via_sql, in_flight=16, total=total)
                 p50[(mode, filtered)] = percentile_ms(grpc_lat, 50)
