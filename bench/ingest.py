@@ -1,6 +1,6 @@
 """Bulk ingest benchmark: BulkStore against plain asyncpg into the same fully indexed table, in one run.
 
-    python bench/ingest.py --rows 100000
+    python -m bench.ingest --rows 100000
 
 Every path loads the same pre-embedded 384-d corpus into a fresh database whose memory.memories carries all its
 indexes, the ivfflat one included (built with the lists a table of this size gets), each in transactions of
@@ -34,8 +34,6 @@ from pathlib import Path
 
 import asyncpg
 from grpc import aio
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.datasets import COPY_COLUMNS, Corpus, clustered, copy_into_memories, records
 from bench.harness import ServerProcess, database_server, fresh_database, print_table
