@@ -5,6 +5,7 @@ Run ``python scripts/gen_protos.py``; ``tests/test_generated_code.py`` fails whe
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +13,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "protos"
 PACKAGE = "memory_service/v1"
+
+
+def _plugin(name: str) -> str:
+    """mypy-protobuf's plugins sit beside this interpreter, which need not be on PATH (a venv used unactivated)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
+    return found
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -22,6 +32,8 @@ def generate(out_dir: Path) -> list[Path]:
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
+        f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_dir}",

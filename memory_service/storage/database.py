@@ -148,8 +148,21 @@ class Database:
     @contextlib.asynccontextmanager
     async def connection(self, *, timeout: float = 10.0) -> AsyncIterator[asyncpg.Connection]:
         with translate_errors():
-            async with self.pool.acquire(timeout=timeout) as conn:
+            async with self._acquire(timeout) as conn:
                 yield conn
+
+    @contextlib.asynccontextmanager
+    async def _acquire(self, timeout: float) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection, waiting at most ``timeout`` for one.
+
+        ``pool.acquire(timeout=...)`` runs each acquire in a task of its own; a timer around a plain acquire
+        bounds the wait the same way without a task per call."""
+        async with asyncio.timeout(timeout):
+            conn = await self.pool.acquire()
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn)
 
     @contextlib.asynccontextmanager
     async def transaction(
@@ -161,7 +174,7 @@ class Database:
     ) -> AsyncIterator[asyncpg.Connection]:
         """A connection inside a transaction, with ``settings`` applied for this transaction only."""
         with translate_errors():
-            async with self.pool.acquire(timeout=10.0) as conn:
+            async with self._acquire(10.0) as conn:
                 if not settings:
                     async with conn.transaction(isolation=isolation, readonly=readonly):
                         yield conn
