@@ -12,7 +12,6 @@ PostgreSQL if this process started it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -165,8 +164,11 @@ async def serve(settings: Settings, *, on_ready: Callable[[MemoryServer], Awaita
         await stop.wait()
         log.info("shutdown requested")
     finally:
-        with contextlib.suppress(Exception):
+        try:
             await server.stop()
+        except Exception:
+            # Shutdown goes on; the operator still learns what did not stop cleanly.
+            log.exception("shutdown did not complete cleanly")
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return 0
