@@ -173,3 +173,19 @@ async def test_other_rpcs_validate_their_fields(shared_server: RunningServer) ->
         code, details = await outcome(call)
         assert code is grpc.StatusCode.INVALID_ARGUMENT, (field, code, details)
         assert details.startswith(field + ":"), (field, details)
+
+
+async def test_a_message_that_does_not_parse_is_invalid_argument(shared_server: RunningServer) -> None:
+    channel = shared_server.channel
+    raw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    broken_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (a string) holding bytes that are not UTF-8
+    unary = channel.unary_unary("/memory_service.v1.MemoryService/Search", **raw)
+    code, details = await outcome(unary(broken_utf8, timeout=10))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("request: is not a valid message")
+
+    stream = channel.stream_stream("/memory_service.v1.MemoryService/BulkStore", **raw)
+    call = stream(iter([b"\x0a\x05\x08"]), timeout=10)  # items[0] says 5 bytes, carries 1
+    code, details = await outcome(call.read())
+    assert code is grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith("request: is not a valid message")

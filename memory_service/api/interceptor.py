@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from memory_service import errors
@@ -100,7 +101,7 @@ class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         wrapped = call.wrap_stream(original) if inspect.isasyncgenfunction(original) else call.wrap_unary(original)
         result = factory(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         # Handlers are fixed per method once the server starts, so each is wrapped once, not on every call.
@@ -114,6 +115,40 @@ _HANDLER_KINDS: dict[tuple[bool, bool], tuple[Callable[..., grpc.RpcMethodHandle
     (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
     (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
 }
+
+
+class _Undecodable:
+    """Stands in for a request that would not parse, so the call can end with INVALID_ARGUMENT.
+
+    A deserializer that raises makes grpc answer UNKNOWN, which a client cannot act on.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument("request", f"is not a valid message: {request.reason}")
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
 
 
 class _Call:
@@ -130,6 +165,7 @@ class _Call:
         }[(handler.request_streaming, handler.response_streaming)]
         self.labels = (kind, service, method)
         self.metrics = metrics
+        self._check: Callable[[Any], Any] = _checked_stream if handler.request_streaming else _checked
         self._started = metrics.grpc_started.labels(*self.labels)
         self._latency = metrics.grpc_latency.labels(*self.labels)
         self.auth = auth if service not in OPEN_SERVICES else None
@@ -149,7 +185,7 @@ class _Call:
             code = grpc.StatusCode.OK
             try:
                 self._authenticate(context)
-                return await behavior(request, context)
+                return await behavior(self._check(request), context)
             except BaseException as exc:
                 code = _status_of(exc, context)
                 await _abort_unless_final(exc, code, context)
@@ -166,7 +202,7 @@ class _Call:
             code = grpc.StatusCode.OK
             try:
                 self._authenticate(context)
-                async for response in behavior(request, context):
+                async for response in behavior(self._check(request), context):
                     yield response
             except BaseException as exc:
                 code = _status_of(exc, context)
