@@ -20,32 +20,34 @@ from grpc import aio
 
 from memory_service.v1 import lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
-_SCOPES = {
-    "global": memory_pb2.SCOPE_GLOBAL,
-    "circle": memory_pb2.SCOPE_CIRCLE,
-    "agent": memory_pb2.SCOPE_AGENT,
-    "conversation": memory_pb2.SCOPE_CONVERSATION,
-    "project": memory_pb2.SCOPE_PROJECT,
-}
-_MODES = {
-    "vector": memory_pb2.SEARCH_MODE_VECTOR,
-    "text": memory_pb2.SEARCH_MODE_TEXT,
-    "hybrid": memory_pb2.SEARCH_MODE_HYBRID,
-}
+
+def _names(enum: Any, prefix: str) -> dict[str, int]:
+    """The lower-case names of a wire enum (``SCOPE_AGENT`` -> ``agent``), without its UNSPECIFIED zero."""
+    return {name.removeprefix(prefix).lower(): value for name, value in enum.items() if value}
+
+
+SCOPES = _names(memory_pb2.Scope, "SCOPE_")
+MEMORY_TYPES = _names(memory_pb2.MemoryType, "MEMORY_TYPE_")
+SEARCH_MODES = _names(memory_pb2.SearchMode, "SEARCH_MODE_")
+
+
+def _value(table: dict[str, int], what: str, name: str) -> Any:
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {', '.join(table)}") from None
 
 
 def scope_value(name: str) -> memory_pb2.Scope.ValueType:
-    try:
-        return _SCOPES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown scope {name!r}; expected one of {', '.join(_SCOPES)}") from None
+    return _value(SCOPES, "scope", name)  # type: ignore[no-any-return]
+
+
+def memory_type_value(name: str) -> memory_pb2.MemoryType.ValueType:
+    return _value(MEMORY_TYPES, "memory type", name)  # type: ignore[no-any-return]
 
 
 def mode_value(name: str) -> memory_pb2.SearchMode.ValueType:
-    try:
-        return _MODES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown search mode {name!r}; expected one of {', '.join(_MODES)}") from None
+    return _value(SEARCH_MODES, "search mode", name)  # type: ignore[no-any-return]
 
 
 def _service_config(attempts: int) -> str:
@@ -132,7 +134,7 @@ class MemoryClient:
             scope_id=scope_id,
             key=key,
             value=value,
-            memory_type=memory_pb2.MemoryType.Value("MEMORY_TYPE_" + memory_type.upper()),
+            memory_type=memory_type_value(memory_type),
             tags=tags or [],
         )
         if importance is not None:

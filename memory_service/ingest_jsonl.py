@@ -10,10 +10,9 @@ import json
 import math
 from typing import Any
 
+from memory_service.client import MEMORY_TYPES, SCOPES
 from memory_service.v1 import memory_pb2
 
-_SCOPES = {name.removeprefix("SCOPE_").lower(): value for name, value in memory_pb2.Scope.items() if value}
-_TYPES = {name.removeprefix("MEMORY_TYPE_").lower(): value for name, value in memory_pb2.MemoryType.items() if value}
 _MAX_TTL_SECONDS = 315_576_000_000  # the range of google.protobuf.Duration
 _FIELDS = (
     "scope",
@@ -62,7 +61,7 @@ def parse_line(raw: bytes) -> memory_pb2.MemoryInput:
     if value is None:
         raise LineError("value", "is required")
     message = memory_pb2.MemoryInput(value=value, key=_get(data, "key", str, "a string") or "")
-    for name, table, target in (("scope", _SCOPES, "scope"), ("memory_type", _TYPES, "memory_type")):
+    for name, table, target in (("scope", SCOPES, "scope"), ("memory_type", MEMORY_TYPES, "memory_type")):
         label = _get(data, name, str, "a string")
         if label is not None:
             if label.lower() not in table:
