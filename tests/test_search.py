@@ -12,7 +12,7 @@ import pytest
 from bench.datasets import Corpus, clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter
 from memory_service.storage import search_sql
-from memory_service.storage.database import init_connection
+from memory_service.storage.database import begin_statement, init_connection
 from memory_service.storage.filters import Params, where_clause
 from memory_service.v1 import memory_pb2
 from tests.conftest import (
@@ -286,3 +286,12 @@ async def test_searches_go_to_the_read_replica(database_url: str, server_dsn: st
     finally:
         await stop_server(running)
         await drop_database(server_dsn, replica)
+
+
+def test_set_local_statement_accepts_only_plain_names_and_values() -> None:
+    assert begin_statement({"ivfflat.probes": "10"}, readonly=True) == (
+        "BEGIN READ ONLY; SET LOCAL ivfflat.probes = '10'"
+    )
+    for name, value in (("ivfflat.probes", "1'; DROP TABLE x; --"), ("search_path; RESET", "x"), ("a.b", "")):
+        with pytest.raises(ValueError):
+            begin_statement({name: value})

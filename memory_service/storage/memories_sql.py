@@ -147,7 +147,6 @@ async def purge_expired(conn: asyncpg.Connection, *, batch: int) -> int:
 
 
 def memory_from_row(row: asyncpg.Record | dict[str, Any]) -> Memory:
-    embedding = row.get("embedding") if hasattr(row, "get") else None
     return Memory(
         id=row["id"],
         scope=Scope(row["scope"]),
@@ -164,7 +163,7 @@ def memory_from_row(row: asyncpg.Record | dict[str, Any]) -> Memory:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         expires_at=row["expires_at"],
-        embedding=embedding,
+        embedding=row.get("embedding"),
     )
 
 
