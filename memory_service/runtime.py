@@ -12,18 +12,20 @@ from typing import TypeVar
 
 from memory_service import maintenance
 from memory_service.config import Settings
-from memory_service.embeddings.factory import create_provider
+from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.index_care import IndexCare
 from memory_service.leases import LeaseManager
 from memory_service.memories import MemoryStore
 from memory_service.metrics import Metrics
 from memory_service.search import SearchEngine
+from memory_service.search.text_stats import TextStats
 from memory_service.stats import Stats, collect
 from memory_service.storage import settings_sql
 from memory_service.storage.database import Database
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
+from memory_service.storage.search_sql import TextRanking
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Runtime:
         self._memories: MemoryStore | None = None
         self._search: SearchEngine | None = None
         self._index: IndexCare | None = None
+        self._text_stats: TextStats | None = None
         self._leases: LeaseManager | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
@@ -77,6 +80,10 @@ class Runtime:
     @property
     def index(self) -> IndexCare:
         return _started(self._index)
+
+    @property
+    def text_stats(self) -> TextStats:
+        return _started(self._text_stats)
 
     @property
     def leases(self) -> LeaseManager:
@@ -108,10 +115,14 @@ class Runtime:
                 self.pgvector_version,
                 "available" if iterative else "unavailable: filtered searches fall back to exact scans",
             )
-            self._embedder = EmbeddingService(create_provider(settings, self.metrics), db, self.metrics)
+            # Loading a local model reads and compiles it (or downloads it once): not on the event loop.
+            provider = await asyncio.to_thread(create_provider, settings, self.metrics)
+            self._embedder = EmbeddingService(provider, db, self.metrics)
             self._memories = MemoryStore(db, self._embedder)
             self._index = IndexCare(db, self.dsn, exact_max_rows=settings.exact_search_max_rows)
             await self._index.refresh()
+            self._text_stats = TextStats(db)
+            await self._text_stats.maintain()
             read_db = db
             if settings.database_read_url:
                 self._read_db = read_db = await Database.connect(
@@ -125,10 +136,13 @@ class Runtime:
                 iterative_scan=iterative,
                 default_probes=settings.ivfflat_probes,
                 narrow_filter_rows=settings.search_narrow_filter_rows,
+                text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
+                hybrid_alpha=hybrid_alpha(settings, provider),
             )
             if background:
                 self._spawn("purge expired memories", settings.purge_interval, self._purge)
                 self._spawn("index maintenance", INDEX_CHECK_INTERVAL, self._index.maintain)
+                self._spawn("text statistics", settings.text_stats_interval, self._text_stats.maintain)
         except BaseException:
             await self.close()
             raise

@@ -22,6 +22,7 @@ from memory_service.models import SearchHit, SearchMode, SearchQuery, SearchResu
 from memory_service.search.fusion import rank_candidates
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database
+from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
 
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
 _MIN_CANDIDATES = 40
@@ -39,6 +40,8 @@ class SearchEngine:
         iterative_scan: bool,
         default_probes: int | None,
         narrow_filter_rows: int = 5000,
+        text_ranking: TextRanking = DEFAULT_TEXT_RANKING,
+        hybrid_alpha: float = 0.5,
     ) -> None:
         self._db = db
         self._embedder = embedder
@@ -47,6 +50,9 @@ class SearchEngine:
         self.iterative_scan = iterative_scan
         self._default_probes = default_probes
         self._narrow_filter_rows = narrow_filter_rows
+        self._text_ranking = text_ranking
+        self.hybrid_alpha = hybrid_alpha
+        """Weight of the vector score in weighted fusion when the request does not set ``alpha``."""
 
     async def search(self, query: SearchQuery) -> SearchResult:
         started = time.perf_counter()
@@ -80,8 +86,12 @@ class SearchEngine:
             # VECTOR asks for exactly top_k candidates, so they come with their memories in the same query; the
             # other modes rank more candidates than they return and fetch the winners' memories afterwards.
             full_rows = query.mode is SearchMode.VECTOR
+            narrow = False
+            if not query.filter.is_empty and (approximate_possible or text is not None):
+                matching = await search_sql.count_matching(conn, query.filter, cap=self._narrow_filter_rows)
+                narrow = matching < self._narrow_filter_rows
 
-            async def fetch(*, exact: bool) -> list[search_sql.Candidate]:
+            async def fetch(*, exact: bool, pruned: bool) -> list[search_sql.Candidate]:
                 return await search_sql.candidates(
                     conn,
                     query.filter,
@@ -90,19 +100,24 @@ class SearchEngine:
                     limit=limit,
                     exact=exact,
                     full_rows=full_rows,
+                    ranking=self._text_ranking,
+                    pruned=pruned,
                     with_embedding=query.include_embedding,
                 )
 
-            use_index = approximate_possible
-            if use_index and not query.filter.is_empty:
-                matching = await search_sql.count_matching(conn, query.filter, cap=self._narrow_filter_rows)
-                use_index = matching >= self._narrow_filter_rows
-            found = await fetch(exact=not use_index)
-            if use_index and sum(c.distance is not None for c in found) < limit:
+            use_index = approximate_possible and not narrow
+            # A narrow filter leaves few memories to score, so every query term may bring in candidates.
+            pruned = not narrow
+            found = await fetch(exact=not use_index, pruned=pruned)
+            vector_short = use_index and sum(c.from_vector for c in found) < limit
+            text_short = text is not None and pruned and sum(c.from_text for c in found) < limit
+            if vector_short or text_short:
                 # The index came back short: only an exact scan can tell "few matches" from "missed matches".
-                use_index = False
-                found = await fetch(exact=True)
-            ranked = rank_candidates(found, query, datetime.now(UTC))
+                # Too few memories held the query's rarest terms: let its common terms bring in candidates too.
+                use_index = use_index and not vector_short
+                pruned = pruned and not text_short
+                found = await fetch(exact=not use_index, pruned=pruned)
+            ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self._alpha(query))
             memories = (
                 {}
                 if full_rows
@@ -128,6 +143,9 @@ class SearchEngine:
             plan = "ivfflat-iterative" if self.iterative_scan else "ivfflat"
             return SearchResult(hits=hits, mode=query.mode, exact=False, plan=plan, probes=probes)
         return SearchResult(hits=hits, mode=query.mode, exact=True, plan="exact")
+
+    def _alpha(self, query: SearchQuery) -> float:
+        return self.hybrid_alpha if query.alpha is None else query.alpha
 
     def _scan_settings(self, probes: int) -> dict[str, str]:
         settings = {"ivfflat.probes": str(probes)}

@@ -3,6 +3,20 @@
 Vector candidates come either from the ivfflat index (``ORDER BY embedding <=> q LIMIT n`` directly on the table)
 or from an exact scan: ``OFFSET 0`` fences the subquery so PostgreSQL cannot use the index order and must compute
 every distance among the filtered rows.
+
+Text candidates are ranked by Okapi BM25, computed here from the stored ``search_tsv``:
+
+* the query's lexemes are ``to_tsvector`` of its text (the text configuration's stopwords and stemming), and a
+  memory matches when it holds any of them;
+* idf comes from ``memory.text_terms`` (document frequencies of the live memories, refreshed in the background by
+  ``search/text_stats.py``), ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``;
+* a term's frequency is the number of positions the tsvector keeps for it, and a memory's length is its number
+  of distinct lexemes, ``length(search_tsv)``, normalised by the corpus average.
+
+Broad queries stay bounded: terms are taken rarest first until their documents would exceed ``max_scored``, and
+no more than ``max_scored`` memories are scored. The more common terms still score every candidate; they only stop
+bringing in candidates of their own. In hybrid searches every candidate gets both its exact cosine and its exact
+BM25 score, so fusion compares like with like.
 """
 
 from __future__ import annotations
@@ -17,6 +31,8 @@ from memory_service.storage.filters import Params, where_clause
 from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING, memory_from_row
 
 TEXT_CONFIG = "english"
+# A query of hundreds of words is still valid; its rarest terms carry its meaning, so only these many are ranked.
+MAX_QUERY_TERMS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +45,22 @@ class Candidate:
     importance: float
     updated_at: datetime
     memory: Memory | None = None
+    from_vector: bool = False
+    """Among the nearest ``limit`` by vector."""
+    from_text: bool = False
+    """Among the best ``limit`` by BM25."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextRanking:
+    """BM25 parameters and the bound on how many memories one query scores."""
+
+    k1: float = 1.2
+    b: float = 0.75
+    max_scored: int = 5000
+
+
+DEFAULT_TEXT_RANKING = TextRanking()
 
 
 def _vector_cte(where: str, query: str, limit: str, *, exact: bool) -> str:
@@ -43,11 +75,50 @@ def _vector_cte(where: str, query: str, limit: str, *, exact: bool) -> str:
     )
 
 
-def _text_cte(where: str, query: str, limit: str) -> str:
+def _term_ctes(text: str, budget: str) -> str:
+    """``qt`` (query lexemes with df), ``tc`` (corpus size, average length), ``w`` (idf per lexeme) and ``wa``
+    (every lexeme; ``core``, the any-word tsquery of the rarest lexemes whose documents fit in ``budget``, at least
+    one; ``broad``, the tsquery of them all)."""
     return (
-        f"SELECT m.id, ts_rank_cd(m.search_tsv, q) AS text_score "
-        f"FROM memory.memories m, websearch_to_tsquery('{TEXT_CONFIG}', {query}) q "
-        f"WHERE m.search_tsv @@ q AND {where} ORDER BY text_score DESC, m.id LIMIT {limit}"
+        f"qt AS (SELECT u.lexeme, coalesce(s.df, 0)::float8 AS df "
+        f"FROM unnest(to_tsvector('{TEXT_CONFIG}', {text})) u LEFT JOIN memory.text_terms s ON s.lexeme = u.lexeme "
+        f"ORDER BY 2, 1 LIMIT {MAX_QUERY_TERMS}), "
+        "tc AS (SELECT coalesce(max(docs), 0)::float8 AS docs, "
+        "max(total_length)::float8 / nullif(max(docs), 0) AS avgdl FROM memory.text_corpus), "
+        "w AS (SELECT qt.lexeme, qt.df, ln(1 + (greatest(tc.docs, qt.df) - qt.df + 0.5) / (qt.df + 0.5)) AS idf, "
+        "sum(qt.df) OVER (ORDER BY qt.df, qt.lexeme) AS reach, "
+        "row_number() OVER (ORDER BY qt.df, qt.lexeme) AS n FROM qt, tc), "
+        "wa AS (SELECT array_agg(lexeme) AS lexemes, memory.any_lexeme_query(array_agg(lexeme)) AS broad, "
+        f"memory.any_lexeme_query(array_agg(lexeme) FILTER (WHERE n = 1 OR reach <= {budget}::bigint)) AS core "
+        "FROM w)"
+    )
+
+
+def _bm25(k1_param: str, b_param: str) -> str:
+    """BM25 of memory ``m`` for the query in ``w``: 0 when it holds none of the query's lexemes.
+
+    The query's lexemes are marked with weight A on a copy of the tsvector and filtered out, which leaves their
+    positions (the term frequencies) without unnesting the whole document."""
+    k1, b = f"{k1_param}::float8", f"{b_param}::float8"
+    return (
+        f"(SELECT coalesce(sum(w.idf * u.tf * ({k1} + 1) / (u.tf + {k1} * (1 - {b} + {b} * "
+        "coalesce(length(m.search_tsv) / (SELECT avgdl FROM tc), 1)))), 0) "
+        "FROM (SELECT lexeme, array_length(positions, 1)::float8 AS tf FROM unnest(ts_filter(setweight(setweight("
+        "m.search_tsv, 'D'), 'A', (SELECT lexemes FROM wa)), '{a}'))) u JOIN w ON w.lexeme = u.lexeme)"
+    )
+
+
+def _text_cte(where: str, limit: str, budget: str, bm25: str, *, pruned: bool) -> str:
+    """The best ``limit`` by BM25 among at most ``budget`` memories holding the core terms (plus, unpruned, at
+    most ``budget`` more holding any term)."""
+    core = f"SELECT m.id FROM memory.memories m WHERE m.search_tsv @@ (SELECT core FROM wa) AND {where} LIMIT {budget}"
+    ids = core
+    if not pruned:
+        broad = core.replace("(SELECT core FROM wa)", "(SELECT broad FROM wa)")
+        ids = f"({core}) UNION ({broad})"
+    return (
+        f"SELECT m.id, {bm25} AS text_score FROM memory.memories m WHERE m.id IN ({ids}) "
+        f"ORDER BY text_score DESC, m.id LIMIT {limit}"
     )
 
 
@@ -60,12 +131,16 @@ async def candidates(
     limit: int,
     exact: bool,
     full_rows: bool,
+    ranking: TextRanking = DEFAULT_TEXT_RANKING,
+    pruned: bool = True,
     with_embedding: bool = False,
 ) -> list[Candidate]:
     """Up to ``limit`` nearest by vector and up to ``limit`` best by text (whichever are asked for), merged by id.
 
-    With ``full_rows`` each candidate carries its whole memory; without, only what ranking needs, so a hybrid
-    search that keeps 10 of 80 candidates decodes 10 memories (``memories_by_id``), not 80.
+    With both, each candidate carries its exact distance and BM25 score whichever list found it. With
+    ``full_rows`` each candidate carries its whole memory; without, only what ranking needs, so a hybrid search
+    that keeps 10 of 80 candidates decodes 10 memories (``memories_by_id``), not 80. Without ``pruned`` every
+    query term brings in candidates too (at most ``ranking.max_scored`` more).
     """
     params = Params()
     where = where_clause(memory_filter, params)
@@ -73,24 +148,32 @@ async def candidates(
     ctes: list[str] = []
     sources: list[str] = []
     joins: list[str] = []
-    distance, text_score = "NULL::float8", "NULL::float4"
+    distance, text_score = "NULL::float8", "NULL::float8"
+    from_vector, from_text = "false", "false"
     if vector is not None:
-        ctes.append(f"v AS ({_vector_cte(where, params.add(vector), limit_param, exact=exact)})")
+        vector_param = params.add(vector)
+        ctes.append(f"v AS ({_vector_cte(where, vector_param, limit_param, exact=exact)})")
         sources.append("SELECT id FROM v")
         joins.append("LEFT JOIN v ON v.id = m.id")
-        distance = "v.distance"
+        distance = f"m.embedding <=> {vector_param}"
+        from_vector = "v.id IS NOT NULL"
     if text is not None:
-        ctes.append(f"t AS ({_text_cte(where, params.add(text), limit_param)})")
+        budget = params.add(ranking.max_scored)
+        bm25 = _bm25(params.add(ranking.k1), params.add(ranking.b))
+        ctes.append(_term_ctes(params.add(text), budget))
+        ctes.append(f"t AS ({_text_cte(where, limit_param, f'{budget}::bigint', bm25, pruned=pruned)})")
         sources.append("SELECT id FROM t")
         joins.append("LEFT JOIN t ON t.id = m.id")
-        text_score = "t.text_score"
+        text_score = f"coalesce(t.text_score, {bm25})" if vector is not None else "t.text_score"
+        from_text = "t.id IS NOT NULL"
     if full_rows:
         columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
     else:
         columns = "m.id, m.importance, m.updated_at"
     sql = (
         f"WITH {', '.join(ctes)} "
-        f"SELECT {columns}, {distance} AS distance, {text_score} AS text_score "
+        f"SELECT {columns}, {distance} AS distance, {text_score} AS text_score, "
+        f"{from_vector} AS from_vector, {from_text} AS from_text "
         f"FROM ({' UNION '.join(sources)}) ids JOIN memory.memories m ON m.id = ids.id {' '.join(joins)}"
     )
     rows = await conn.fetch(sql, *params.values)
@@ -102,6 +185,8 @@ async def candidates(
             importance=row["importance"],
             updated_at=row["updated_at"],
             memory=memory_from_row(row) if full_rows else None,
+            from_vector=row["from_vector"],
+            from_text=row["from_text"],
         )
         for row in rows
     ]

@@ -1,0 +1,80 @@
+"""The SQL behind BM25's corpus statistics: how much changed, and a refresh of the whole snapshot.
+
+A refresh recomputes document frequencies with ``ts_stat`` over the live memories and writes only the lexemes whose
+count changed, in one transaction, so a search sees either the old snapshot or the new one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+
+import asyncpg
+
+from memory_service.storage.filters import LIVE
+
+# pg_try_advisory_xact_lock key: the ASCII bytes "ms-bm25" read as a big-endian integer.
+_REFRESH_LOCK_KEY = int.from_bytes(b"ms-bm25", "big")
+
+_WRITES = """
+SELECT coalesce(n_tup_ins + n_tup_upd + n_tup_del, 0) FROM pg_stat_user_tables
+WHERE relid = 'memory.memories'::regclass
+"""
+
+_SNAPSHOT = "SELECT docs, total_length, writes_seen, refreshed_at FROM memory.text_corpus"
+
+# ts_stat runs the query it is given; only a fixed statement is ever passed.
+_REFRESH_TERMS = f"""
+WITH fresh AS MATERIALIZED (
+    SELECT word AS lexeme, ndoc::integer AS df
+    FROM ts_stat('SELECT m.search_tsv FROM memory.memories m WHERE {LIVE.replace("'", "''")}')
+),
+gone AS (
+    DELETE FROM memory.text_terms t WHERE NOT EXISTS (SELECT 1 FROM fresh f WHERE f.lexeme = t.lexeme)
+)
+INSERT INTO memory.text_terms AS t (lexeme, df) SELECT lexeme, df FROM fresh
+ON CONFLICT (lexeme) DO UPDATE SET df = EXCLUDED.df WHERE t.df <> EXCLUDED.df
+"""
+
+_REFRESH_CORPUS = f"""
+INSERT INTO memory.text_corpus AS c (docs, total_length, writes_seen, refreshed_at)
+SELECT count(*), coalesce(sum(length(m.search_tsv)), 0), $1, clock_timestamp()
+FROM memory.memories m WHERE {LIVE}
+ON CONFLICT (singleton) DO UPDATE
+SET docs = EXCLUDED.docs, total_length = EXCLUDED.total_length, writes_seen = EXCLUDED.writes_seen,
+    refreshed_at = EXCLUDED.refreshed_at
+RETURNING docs
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """When the statistics were taken and what they cover."""
+
+    docs: int
+    total_length: int
+    writes_seen: int
+    refreshed_at: datetime
+
+
+async def writes_so_far(conn: asyncpg.Connection) -> int:
+    """Rows inserted, updated and deleted in memory.memories since the statistics collector's last reset."""
+    value: int | None = await conn.fetchval(_WRITES)
+    return value or 0
+
+
+async def snapshot(conn: asyncpg.Connection) -> Snapshot | None:
+    row = await conn.fetchrow(_SNAPSHOT)
+    if row is None:
+        return None
+    return Snapshot(row["docs"], row["total_length"], row["writes_seen"], row["refreshed_at"])
+
+
+async def refresh(conn: asyncpg.Connection) -> int | None:
+    """Recompute the statistics (inside the caller's transaction); None when another session is refreshing."""
+    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _REFRESH_LOCK_KEY):
+        return None
+    writes = await writes_so_far(conn)
+    await conn.execute(_REFRESH_TERMS)
+    docs: int = await conn.fetchval(_REFRESH_CORPUS, writes)
+    return docs
