@@ -23,9 +23,12 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
-EMBEDDING_PROVIDERS = ("hash", "openai")
+EMBEDDING_PROVIDERS = ("hash", "openai", "local")
 DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
 DEFAULT_HASH_MODEL = "hash-ngram-v1"
+DEFAULT_LOCAL_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+_DEFAULT_MODELS = {"openai": DEFAULT_OPENAI_MODEL, "hash": DEFAULT_HASH_MODEL, "local": DEFAULT_LOCAL_MODEL}
+_DEFAULT_DIMS = {"openai": 1536, "hash": 384, "local": 384}
 
 
 def parse_duration(text: str) -> float:
@@ -62,7 +65,12 @@ class Settings:
     migrate_on_start: bool = True
 
     embedding_provider: str = "hash"
-    """``hash`` (local, lexical, no network) or ``openai`` (any OpenAI-compatible server)."""
+    """``hash`` (lexical, no network), ``local`` (a semantic ONNX model in-process) or ``openai`` (any
+    OpenAI-compatible server)."""
+    embedding_model_path: Path | None = None
+    """Directory of the local provider's model (ONNX and tokenizer); unset downloads ``embedding_model``."""
+    embedding_threads: int = 2
+    """Threads the local provider's model may use for one batch."""
     embedding_model: str = DEFAULT_HASH_MODEL
     embedding_dim: int = 384
     embedding_dim_explicit: bool = False
@@ -103,6 +111,16 @@ class Settings:
     """Below this many rows there is no ivfflat index and every search is exact."""
     search_narrow_filter_rows: int = 5000
     """A filter matching fewer rows than this is searched exactly through the btree indexes, not through ivfflat."""
+    bm25_k1: float = 1.2
+    """BM25 term-frequency saturation."""
+    bm25_b: float = 0.75
+    """BM25 document-length normalisation (0 = none, 1 = full)."""
+    text_max_scored: int = 5000
+    """Most memories one text query scores; terms are taken rarest first until their documents reach it."""
+    text_stats_interval: float = 10.0
+    """How often each instance checks whether BM25's corpus statistics are due for a refresh."""
+    hybrid_alpha: float | None = None
+    """Vector weight in weighted hybrid fusion; unset: 0.5 with a semantic provider, 0.2 with the hash embedder."""
     purge_interval: float = 60.0
 
     lease_min_ttl: float = 1.0
@@ -127,9 +145,12 @@ class Settings:
         """Read and validate settings; raise ConfigError with one line on the first bad value."""
         reader = _EnvReader(os.environ if env is None else env)
         api_key = reader.text("OPENAI_API_KEY")
-        provider = reader.choice("EMBEDDING_PROVIDER", EMBEDDING_PROVIDERS, "openai" if api_key else "hash")
-        default_model = DEFAULT_OPENAI_MODEL if provider == "openai" else DEFAULT_HASH_MODEL
-        default_dim = 1536 if provider == "openai" else 384
+        base_url = reader.text("OPENAI_BASE_URL")
+        # Naming an endpoint or a key says which provider is meant, as much as EMBEDDING_PROVIDER would.
+        implied = "openai" if api_key or base_url else "hash"
+        provider = reader.choice("EMBEDDING_PROVIDER", EMBEDDING_PROVIDERS, implied)
+        default_model = _DEFAULT_MODELS[provider]
+        default_dim = _DEFAULT_DIMS[provider]
         values: dict[str, Any] = dict(
             database_url=reader.text("DATABASE_URL"),
             database_read_url=reader.text("DATABASE_READ_URL"),
@@ -144,7 +165,9 @@ class Settings:
             embedding_timeout=reader.duration("EMBEDDING_TIMEOUT", 30.0),
             embedding_max_retries=reader.integer("EMBEDDING_MAX_RETRIES", 4, minimum=0, maximum=20),
             openai_api_key=api_key,
-            openai_base_url=reader.text("OPENAI_BASE_URL"),
+            openai_base_url=base_url,
+            embedding_model_path=reader.path("EMBEDDING_MODEL_PATH"),
+            embedding_threads=reader.integer("EMBEDDING_THREADS", 2, minimum=1, maximum=64),
             grpc_host=reader.text("GRPC_HOST") or "0.0.0.0",
             grpc_port=reader.integer("GRPC_PORT", 50051, minimum=0, maximum=65535),
             metrics_host=reader.text("METRICS_HOST") or "0.0.0.0",
@@ -166,6 +189,11 @@ class Settings:
             ivfflat_probes=reader.optional_integer("IVFFLAT_PROBES", minimum=1, maximum=32768),
             exact_search_max_rows=reader.integer("EXACT_SEARCH_MAX_ROWS", 20_000, minimum=0),
             search_narrow_filter_rows=reader.integer("SEARCH_NARROW_FILTER_ROWS", 5000, minimum=0),
+            bm25_k1=reader.number("BM25_K1", 1.2, minimum=0.0, maximum=10.0),
+            bm25_b=reader.number("BM25_B", 0.75, minimum=0.0, maximum=1.0),
+            text_max_scored=reader.integer("TEXT_MAX_SCORED", 5000, minimum=100, maximum=10_000_000),
+            text_stats_interval=reader.duration("TEXT_STATS_INTERVAL", 10.0),
+            hybrid_alpha=reader.optional_number("SEARCH_HYBRID_ALPHA", minimum=0.0, maximum=1.0),
             purge_interval=reader.duration("PURGE_INTERVAL", 60.0),
             lease_min_ttl=reader.duration("LEASE_MIN_TTL", 1.0),
             lease_max_ttl=reader.duration("LEASE_MAX_TTL", 3600.0),
@@ -205,6 +233,10 @@ class Settings:
         ):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{name} is expected to name a readable file (got {str(path)!r})")
+        if self.embedding_model_path is not None and not self.embedding_model_path.is_dir():
+            raise ConfigError(
+                f"EMBEDDING_MODEL_PATH is expected to name a model directory (got {str(self.embedding_model_path)!r})"
+            )
         if self.embedding_provider == "openai" and not (self.openai_api_key or self.openai_base_url):
             raise ConfigError(
                 "EMBEDDING_PROVIDER=openai is expected with OPENAI_API_KEY or OPENAI_BASE_URL (got neither)"
@@ -244,6 +276,19 @@ class _EnvReader:
             return value
 
         return self._parse(name, None, parse, bounds)
+
+    def number(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
+        value = self.optional_number(name, minimum=minimum, maximum=maximum)
+        return default if value is None else value
+
+    def optional_number(self, name: str, *, minimum: float, maximum: float) -> float | None:
+        def parse(raw: str) -> float:
+            value = float(raw)
+            if not minimum <= value <= maximum:  # also refuses NaN
+                raise ValueError(raw)
+            return value
+
+        return self._parse(name, None, parse, f"a number from {minimum:g} to {maximum:g}")
 
     def port_or_off(self, name: str, default: int) -> int | None:
         if (self.text(name) or "").lower() == "off":

@@ -150,9 +150,10 @@ class SearchQuery:
     top_k: int = 10
     filter: MemoryFilter = MemoryFilter()
     min_score: float | None = None
-    fusion: Fusion = Fusion.RRF
+    fusion: Fusion = Fusion.WEIGHTED
     rrf_k: int = 60
-    alpha: float = 0.5
+    alpha: float | None = None
+    """Vector weight in weighted fusion; None takes the service's default for its embedding provider."""
     importance_boost: float = 0.0
     recency_boost: float = 0.0
     recency_half_life_seconds: float | None = None

@@ -39,7 +39,7 @@ def test_openai_key_selects_openai_provider() -> None:
         ),
         (
             {"EMBEDDING_PROVIDER": "bert"},
-            "EMBEDDING_PROVIDER is expected to be one of hash, openai (got 'bert')",
+            "EMBEDDING_PROVIDER is expected to be one of hash, openai, local (got 'bert')",
         ),
         ({"SHUTDOWN_GRACE": "soon"}, "SHUTDOWN_GRACE is expected to be a positive duration"),
         ({"MIGRATE_ON_START": "maybe"}, "MIGRATE_ON_START is expected to be true or false (got 'maybe')"),

@@ -14,14 +14,24 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def candidate(
-    id: int, *, distance: float | None = None, text: float | None = None, importance: float = 0.5, age_days: float = 0
+    id: int,
+    *,
+    distance: float | None = None,
+    text: float | None = None,
+    importance: float = 0.5,
+    age_days: float = 0,
+    listed: tuple[bool, bool] | None = None,
 ) -> Candidate:
+    """``listed``: whether it was among the vector and the text candidates; by default, wherever it has a score."""
+    from_vector, from_text = listed if listed is not None else (distance is not None, bool(text))
     return Candidate(
         id=id,
         distance=distance,
         text_score=text,
         importance=importance,
         updated_at=NOW - timedelta(days=age_days),
+        from_vector=from_vector,
+        from_text=from_text,
     )
 
 
@@ -35,7 +45,9 @@ def test_rrf_sums_reciprocal_ranks_over_both_lists() -> None:
         candidate(2, distance=0.2, text=0.5),  # vector rank 2, text rank 1
         candidate(3, text=0.4),  # text rank 2
     ]
-    scored = rank_candidates(candidates, SearchQuery(text="q", mode=SearchMode.HYBRID, rrf_k=60), NOW)
+    scored = rank_candidates(
+        candidates, SearchQuery(text="q", mode=SearchMode.HYBRID, fusion=Fusion.RRF, rrf_k=60), NOW
+    )
     by_id = {s.candidate.id: s for s in scored}
     assert by_id[2].score == pytest.approx(1 / 62 + 1 / 61)
     assert by_id[1].score == pytest.approx(1 / 61)
@@ -45,14 +57,44 @@ def test_rrf_sums_reciprocal_ranks_over_both_lists() -> None:
     assert by_id[1].cosine_similarity == pytest.approx(0.9)
 
 
-def test_weighted_fusion_normalises_text_by_the_best_text_score() -> None:
+def test_rrf_counts_only_the_lists_a_candidate_was_found_in() -> None:
+    # Hybrid candidates carry both exact scores, but rank fusion ranks the retrieved lists only.
+    candidates = [
+        candidate(1, distance=0.1, text=0.0, listed=(True, False)),
+        candidate(2, distance=0.9, text=3.0, listed=(False, True)),
+    ]
+    scored = rank_candidates(candidates, SearchQuery(text="q", mode=SearchMode.HYBRID, fusion=Fusion.RRF), NOW)
+    by_id = {s.candidate.id: s for s in scored}
+    assert (by_id[1].vector_rank, by_id[1].text_rank) == (1, None)
+    assert (by_id[2].vector_rank, by_id[2].text_rank) == (None, 1)
+    assert by_id[1].score == pytest.approx(by_id[2].score) == pytest.approx(1 / 61)
+
+
+def test_weighted_fusion_divides_each_part_by_its_best() -> None:
     candidates = [candidate(1, distance=0.2, text=2.0), candidate(2, distance=0.6, text=4.0)]
     scored = rank_candidates(
         candidates, SearchQuery(text="q", mode=SearchMode.HYBRID, fusion=Fusion.WEIGHTED, alpha=0.25), NOW
     )
     by_id = {s.candidate.id: s.score for s in scored}
-    assert by_id[1] == pytest.approx(0.25 * 0.8 + 0.75 * 0.5)
-    assert by_id[2] == pytest.approx(0.25 * 0.4 + 0.75 * 1.0)
+    assert by_id[1] == pytest.approx(0.25 * 0.8 / 0.8 + 0.75 * 2.0 / 4.0)
+    assert by_id[2] == pytest.approx(0.25 * 0.4 / 0.8 + 0.75 * 1.0)
+
+
+def test_weighted_is_the_default_and_takes_the_services_alpha_unless_the_query_sets_one() -> None:
+    candidates = [candidate(1, distance=0.5, text=1.0), candidate(2, distance=0.0, text=0.0)]
+    query = SearchQuery(text="q", mode=SearchMode.HYBRID)
+    by_id = {s.candidate.id: s.score for s in rank_candidates(candidates, query, NOW, alpha=0.2)}
+    assert by_id[1] == pytest.approx(0.2 * 0.5 + 0.8 * 1.0)
+    assert by_id[2] == pytest.approx(0.2 * 1.0 + 0.8 * 0.0)
+    own = SearchQuery(text="q", mode=SearchMode.HYBRID, alpha=1.0)
+    assert [s.candidate.id for s in rank_candidates(candidates, own, NOW, alpha=0.2)] == [2, 1]
+
+
+def test_weighted_fusion_ignores_negative_cosine_and_survives_no_text_match() -> None:
+    candidates = [candidate(1, distance=1.5, text=0.0), candidate(2, distance=0.4, text=0.0)]
+    scored = rank_candidates(candidates, SearchQuery(text="q", mode=SearchMode.HYBRID, alpha=0.5), NOW)
+    by_id = {s.candidate.id: s.score for s in scored}
+    assert by_id == {1: 0.0, 2: pytest.approx(0.5)}
 
 
 def test_boosts_multiply_and_min_score_filters_after_them() -> None:

@@ -51,13 +51,23 @@ async def test_hybrid_hits_explain_their_score(server: RunningServer) -> None:
         await server.memory.Store(agent_memory(value))
     response = await server.memory.Search(memory_pb2.SearchRequest(query="deploy pipeline", top_k=3))
     assert response.mode == memory_pb2.SEARCH_MODE_HYBRID
-    top = response.hits[0]
-    assert top.memory.value == "the deploy pipeline uses argo"
-    assert top.HasField("cosine_similarity") and top.HasField("vector_rank")
-    expected = 1 / (60 + top.vector_rank) + (1 / (60 + top.text_rank) if top.HasField("text_rank") else 0)
-    assert top.score == pytest.approx(expected)
-    scores = [h.score for h in response.hits]
-    assert scores == sorted(scores, reverse=True)
+    assert [h.memory.value for h in response.hits][:2] == ["the deploy pipeline uses argo", "deploys happen on tuesday"]
+    # Every hybrid candidate carries both exact scores, whichever list found it; the unrelated memory has BM25 0.
+    assert all(h.HasField("cosine_similarity") and h.HasField("text_score") for h in response.hits)
+    assert response.hits[2].memory.value == "cats sleep all day" and response.hits[2].text_score == 0.0
+    # The default fusion with the hash embedder: 0.2 * cosine / best cosine + 0.8 * BM25 / best BM25, where the
+    # best are taken over the candidates (here all three memories).
+    best_cosine = max(h.cosine_similarity for h in response.hits)
+    best_text = max(h.text_score for h in response.hits)
+    for hit in response.hits:
+        expected = 0.2 * max(hit.cosine_similarity, 0) / best_cosine + 0.8 * hit.text_score / best_text
+        assert hit.score == pytest.approx(expected)
+    rrf = await server.memory.Search(
+        memory_pb2.SearchRequest(query="deploy pipeline", top_k=3, fusion=memory_pb2.FUSION_RRF)
+    )
+    top = rrf.hits[0]
+    assert top.memory.value == "the deploy pipeline uses argo" and (top.vector_rank, top.text_rank) == (1, 1)
+    assert top.score == pytest.approx(2 / 61)
 
 
 async def test_weighted_fusion_and_boosts(server: RunningServer) -> None:

@@ -55,7 +55,7 @@ _MODES = {
     memory_pb2.SEARCH_MODE_HYBRID: SearchMode.HYBRID,
 }
 _FUSIONS = {
-    memory_pb2.FUSION_UNSPECIFIED: Fusion.RRF,
+    memory_pb2.FUSION_UNSPECIFIED: Fusion.WEIGHTED,
     memory_pb2.FUSION_RRF: Fusion.RRF,
     memory_pb2.FUSION_WEIGHTED: Fusion.WEIGHTED,
 }
@@ -217,7 +217,7 @@ def search_query_from_proto(message: memory_pb2.SearchRequest, settings: Setting
         min_score=_optional(message, "min_score", lambda v: _finite("min_score", v), None),
         fusion=_enum("fusion", message.fusion, _FUSIONS),
         rrf_k=_optional(message, "rrf_k", _rrf_k, 60),
-        alpha=_optional(message, "alpha", lambda v: validation.check_fraction("alpha", v), 0.5),
+        alpha=_optional(message, "alpha", lambda v: validation.check_fraction("alpha", v), None),
         importance_boost=_optional(message, "importance_boost", lambda v: _boost_value("importance_boost", v), 0.0),
         recency_boost=recency_boost,
         recency_half_life_seconds=half_life,

@@ -1,4 +1,9 @@
-"""Scoring maths: rank fusion, weighted fusion and boosts. Pure functions over candidates."""
+"""Scoring maths: weighted fusion, rank fusion and boosts. Pure functions over candidates.
+
+Weighted fusion (the default) compares exact scores: every hybrid candidate carries both its cosine and its BM25
+score, each divided by the best of its kind among the candidates. Rank fusion (RRF) only sees positions, which
+gives a weak list as much say as a strong one; it stays available on request.
+"""
 
 from __future__ import annotations
 
@@ -20,18 +25,30 @@ class Scored:
     text_rank: int | None
 
 
-def rank_candidates(candidates: Sequence[Candidate], query: SearchQuery, now: datetime) -> list[Scored]:
-    """Score, boost, filter by min_score, and keep the best ``top_k`` (ties by id) of one search's candidates."""
-    vector_ranks = _ranks(candidates, key=lambda c: c.distance, descending=False)
-    text_ranks = _ranks(candidates, key=lambda c: c.text_score, descending=True)
-    best_text = max((c.text_score for c in candidates if c.text_score is not None), default=0.0)
+def rank_candidates(
+    candidates: Sequence[Candidate], query: SearchQuery, now: datetime, *, alpha: float = 0.5
+) -> list[Scored]:
+    """Score, boost, filter by min_score, and keep the best ``top_k`` (ties by id) of one search's candidates.
+
+    ``alpha`` is the vector weight of weighted fusion when the query does not set its own.
+    """
+    vector_ranks = _ranks([c for c in candidates if c.from_vector], key=lambda c: c.distance, descending=False)
+    text_ranks = _ranks([c for c in candidates if c.from_text], key=lambda c: c.text_score, descending=True)
+    scale = _Scale.of(candidates)
+    weight = alpha if query.alpha is None else query.alpha
     scored = []
     for candidate in candidates:
         cosine = None if candidate.distance is None else 1.0 - candidate.distance
         v_rank = vector_ranks.get(candidate.id)
         t_rank = text_ranks.get(candidate.id)
         score = _base_score(
-            query, cosine=cosine, text_score=candidate.text_score, v_rank=v_rank, t_rank=t_rank, best_text=best_text
+            query,
+            cosine=cosine,
+            text_score=candidate.text_score,
+            v_rank=v_rank,
+            t_rank=t_rank,
+            scale=scale,
+            alpha=weight,
         )
         score *= _boost(query, candidate, now)
         if query.min_score is not None and score < query.min_score:
@@ -48,18 +65,36 @@ def _base_score(
     text_score: float | None,
     v_rank: int | None,
     t_rank: int | None,
-    best_text: float,
+    scale: _Scale,
+    alpha: float,
 ) -> float:
     if query.mode is SearchMode.VECTOR:
         return cosine if cosine is not None else 0.0
     if query.mode is SearchMode.TEXT:
         return text_score if text_score is not None else 0.0
     if query.fusion is Fusion.WEIGHTED:
-        # Cosine is already on a common scale; ts_rank_cd is not, so it is divided by the best text score.
-        vector_part = max(cosine, 0.0) if cosine is not None else 0.0
-        text_part = text_score / best_text if text_score is not None and best_text > 0 else 0.0
-        return query.alpha * vector_part + (1.0 - query.alpha) * text_part
+        # Each part is divided by its best value among the candidates, so both run from 0 to 1 whatever the model's
+        # cosine range or the corpus's BM25 range. A candidate that shares no word with the query has BM25 0 and
+        # must win on meaning alone; a negative cosine counts as no similarity.
+        vector_part = max(cosine, 0.0) / scale.best_cosine if cosine is not None and scale.best_cosine > 0 else 0.0
+        text_part = text_score / scale.best_text if text_score is not None and scale.best_text > 0 else 0.0
+        return alpha * vector_part + (1.0 - alpha) * text_part
     return sum(1.0 / (query.rrf_k + rank) for rank in (v_rank, t_rank) if rank is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scale:
+    """The best score of each kind among one search's candidates: the normalisers of weighted fusion."""
+
+    best_cosine: float
+    best_text: float
+
+    @classmethod
+    def of(cls, candidates: Sequence[Candidate]) -> _Scale:
+        return cls(
+            best_cosine=max((1.0 - c.distance for c in candidates if c.distance is not None), default=0.0),
+            best_text=max((c.text_score for c in candidates if c.text_score is not None), default=0.0),
+        )
 
 
 def _boost(query: SearchQuery, candidate: Candidate, now: datetime) -> float:
