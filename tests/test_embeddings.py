@@ -156,8 +156,19 @@ async def test_dimension_is_bound_on_first_start(database_url: str) -> None:
 
 def test_hash_embedder_is_deterministic_unit_length_and_lexical() -> None:
     embedder = HashEmbedder(model="hash-ngram-v1", dimension=384)
-    a, b, c, empty = embedder.embed_now(["deploy the service", "deploying the services", "banana bread", ""])
+    a, b, c = embedder.embed_now(["deploy the service", "deploying the services", "banana bread"])
     assert np.allclose(embedder.embed_now(["deploy the service"])[0], a)
     assert np.linalg.norm(a) == pytest.approx(1.0, abs=1e-5)
     assert float(a @ b) > float(a @ c) + 0.2
-    assert not empty.any()
+
+
+def test_hash_embedder_gives_wordless_text_a_direction() -> None:
+    # No word characters: emoji, punctuation, spaces. A zero vector would make every cosine NaN.
+    embedder = HashEmbedder(model="hash-ngram-v1", dimension=384)
+    texts = ["🎉🎉", "🎉", "🚀", "?!…", "   ", ""]
+    vectors = embedder.embed_now(texts)
+    assert np.isfinite(vectors).all()
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    party_twice, party, rocket = vectors[:3]
+    assert float(party_twice @ party) > float(party_twice @ rocket)
+    assert np.allclose(vectors[4], vectors[5])  # nothing but spaces is the same as nothing

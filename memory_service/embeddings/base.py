@@ -13,7 +13,9 @@ class EmbeddingProvider(Protocol):
     """Turns texts into unit-length float32 vectors of a fixed dimension."""
 
     name: str
-    """Short provider name for metrics and logs (``hash``, ``openai``)."""
+    """Short provider name for metrics and logs (``hash``, ``local``, ``openai``)."""
+    semantic: bool
+    """Whether its vectors carry meaning (a trained model) or only the words (the hash embedder)."""
     model: str
     dimension: int
     max_batch: int

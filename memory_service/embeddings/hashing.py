@@ -18,12 +18,14 @@ import numpy.typing as npt
 from memory_service.embeddings.base import normalise_rows
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_NO_CONTENT = "\x00empty"
 # Batches larger than this are hashed in a worker thread so the event loop keeps serving other calls.
 _INLINE_BATCH = 16
 
 
 class HashEmbedder:
     name = "hash"
+    semantic = False
 
     def __init__(self, *, model: str, dimension: int, max_batch: int = 512) -> None:
         self.model = model
@@ -39,10 +41,17 @@ class HashEmbedder:
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
         for row, text in enumerate(texts):
             self._accumulate(out[row], text)
+            if not out[row].any():
+                # Features that all cancel out (vanishingly rare): fall back to the fixed direction.
+                self._accumulate(out[row], _NO_CONTENT)
         return normalise_rows(out)
 
     def _accumulate(self, row: npt.NDArray[np.float32], text: str) -> None:
         words = _WORD.findall(text.lower())
+        if not words:
+            # Emoji and punctuation carry no word characters; their symbols are the only content there is, and a
+            # text of nothing but spaces still gets one fixed direction. A zero vector would have no cosine.
+            words = [ch for ch in text if not ch.isspace()] or [_NO_CONTENT]
         features: list[tuple[bytes, float]] = []
         for word in words:
             features.append((b"w:" + word.encode(), 1.0))

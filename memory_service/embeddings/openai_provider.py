@@ -28,6 +28,7 @@ _MAX_BACKOFF = 10.0
 
 class OpenAIEmbedder:
     name = "openai"
+    semantic = True
 
     def __init__(
         self,
