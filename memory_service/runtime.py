@@ -14,11 +14,11 @@ from memory_service import maintenance
 from memory_service.config import Settings
 from memory_service.embeddings.factory import create_provider
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.index_care import IndexCare
-from memory_service.leases import LeaseManager
+from memory_service.leases.manager import LeaseManager
 from memory_service.memories import MemoryStore
 from memory_service.metrics import Metrics
 from memory_service.search import SearchEngine
+from memory_service.search.index_care import IndexCare
 from memory_service.stats import Stats, collect
 from memory_service.storage import settings_sql
 from memory_service.storage.database import Database

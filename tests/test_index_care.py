@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from bench.datasets import clustered, copy_into_memories, records
-from memory_service.index_care import fitted_lists, fitted_probes
+from memory_service.search.index_care import fitted_lists, fitted_probes
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env

@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import duration_pb2
 from grpc import aio
 
-from memory_service.leases import lock_key
+from memory_service.leases.manager import lock_key
 from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2
 from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
 

@@ -13,9 +13,9 @@ from grpc import aio
 
 from memory_service.api.interceptor import current_principal
 from memory_service.errors import InvalidArgument
-from memory_service.lease_hold import HoldCommand, HoldEvent, HoldEventKind
-from memory_service.lease_validation import AcquireSpec
-from memory_service.leases import Holder, Lease, LeaseManager
+from memory_service.leases.hold import HoldCommand, HoldEvent, HoldEventKind
+from memory_service.leases.manager import Holder, Lease, LeaseManager
+from memory_service.leases.rules import AcquireSpec
 from memory_service.runtime import Runtime
 from memory_service.v1 import lease_pb2, lease_pb2_grpc
 

@@ -16,10 +16,10 @@ import time
 from datetime import UTC, datetime
 
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.index_care import IndexCare, fitted_probes
 from memory_service.metrics import Metrics
 from memory_service.models import SearchHit, SearchMode, SearchQuery, SearchResult, Vector
 from memory_service.search.fusion import rank_candidates
+from memory_service.search.index_care import IndexCare, fitted_probes
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database
 

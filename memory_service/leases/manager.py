@@ -3,8 +3,8 @@
 Who holds a name is decided only inside one database transaction, by the database clock
 (``memory_service.storage.leases_sql``). This module decides the rest: how long to wait and poll, and which grants
 to release because the caller that asked for them is gone (cancelled, timed out, or its answer was lost to an
-ambiguous commit). It knows no gRPC. What callers may send is checked in ``lease_validation``; when a Hold stream
-renews and when its holder is told it lost the lease is decided in ``lease_hold``.
+ambiguous commit). It knows no gRPC. What callers may send is checked in ``leases.rules``; when a Hold stream
+renews and when its holder is told it lost the lease is decided in ``leases.hold``.
 
 Fail closed: any database error or timeout is ``Unavailable`` and never a grant; a grant whose answer may not have
 reached its caller is released in the background unless the caller gave a ``request_id`` to retry with.
@@ -26,7 +26,6 @@ from typing import TypeVar
 
 import asyncpg
 
-from memory_service import lease_hold
 from memory_service.config import Settings
 from memory_service.errors import (
     DatabaseUnavailable,
@@ -38,8 +37,9 @@ from memory_service.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from memory_service.lease_hold import HoldCommand, HoldEvent
-from memory_service.lease_validation import (
+from memory_service.leases import hold as lease_hold
+from memory_service.leases.hold import HoldCommand, HoldEvent
+from memory_service.leases.rules import (
     AcquireSpec,
     check_name,
     check_ttl,
@@ -318,7 +318,7 @@ class LeaseManager:
         """The lease id renews and releases a lease, so with auth on only its owner sees it in Get and List."""
         return principal is None or principal == lease.owner
 
-    # --- Hold streams (see lease_hold) ----------------------------------------------------------------------------
+    # --- Hold streams (see leases.hold) ----------------------------------------------------------------------------
 
     def hold(
         self, spec: AcquireSpec, *, owner: str, commands: AsyncIterator[HoldCommand]

@@ -1,6 +1,6 @@
 """What a lease caller may send: names, holder text, TTLs, waits, lease ids and page tokens.
 
-The rules live apart from ``leases.py`` so they read in one place and the manager reads as the lease lifecycle
+The rules live apart from ``manager.py`` so they read in one place and the manager reads as the lease lifecycle
 alone. Every check fails early with ``InvalidArgument`` naming what was expected and what came.
 """
 

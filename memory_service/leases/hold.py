@@ -2,7 +2,7 @@
 
 A Hold is a state machine over the lease manager's own operations (acquire steps, renew, release), with its own
 timing: when to renew, when to retry, when to tell the holder it lost the lease, and what to do when the client
-cancels or the server begins shutting down. It lives apart from ``leases.py`` so that timing reads in one place;
+cancels or the server begins shutting down. It lives apart from ``manager.py`` so that timing reads in one place;
 like the manager, it knows no gRPC.
 """
 
@@ -18,10 +18,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING
 
 from memory_service.errors import DeadlineExceeded, LeaseLost, Unavailable
-from memory_service.lease_validation import AcquireSpec
+from memory_service.leases.rules import AcquireSpec
 
 if TYPE_CHECKING:
-    from memory_service.leases import Acquired, Holder, Lease, LeaseManager
+    from memory_service.leases.manager import Acquired, Holder, Lease, LeaseManager
 
 
 class HoldEventKind(enum.Enum):
