@@ -14,6 +14,7 @@ from memory_service import maintenance
 from memory_service.config import Settings
 from memory_service.embeddings.factory import create_provider
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.ingest import BulkIngest
 from memory_service.leases.manager import LeaseManager
 from memory_service.memories import MemoryStore
 from memory_service.metrics import Metrics
@@ -53,6 +54,7 @@ class Runtime:
         self._search: SearchEngine | None = None
         self._index: IndexCare | None = None
         self._leases: LeaseManager | None = None
+        self._bulk: BulkIngest | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -82,6 +84,11 @@ class Runtime:
     def leases(self) -> LeaseManager:
         return _started(self._leases)
 
+    @property
+    def bulk(self) -> BulkIngest:
+        """The BulkStore pipeline; it keeps no per-stream state, so one serves every stream."""
+        return _started(self._bulk)
+
     async def start(self, *, background: bool = True) -> None:
         settings = self.settings
         try:
@@ -110,6 +117,14 @@ class Runtime:
             )
             self._embedder = EmbeddingService(create_provider(settings, self.metrics), db, self.metrics)
             self._memories = MemoryStore(db, self._embedder)
+            self._bulk = BulkIngest(
+                db,
+                self._embedder,
+                self.metrics,
+                batch_rows=settings.bulk_batch_rows,
+                queue_depth=settings.bulk_queue_depth,
+                max_items_per_request=settings.bulk_max_items_per_request,
+            )
             self._index = IndexCare(db, self.dsn, exact_max_rows=settings.exact_search_max_rows)
             await self._index.refresh()
             read_db = db

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
 from typing import TypeVar
-
-import asyncpg
 
 from memory_service.config import Settings
 from memory_service.errors import (
@@ -37,8 +34,6 @@ from memory_service.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from memory_service.leases import hold as lease_hold
-from memory_service.leases.hold import HoldCommand, HoldEvent
 from memory_service.leases.rules import (
     AcquireSpec,
     check_name,
@@ -47,15 +42,14 @@ from memory_service.leases.rules import (
     encode_page_token,
     parse_lease_id,
 )
+from memory_service.leases.types import Acquired, Lease
 from memory_service.metrics import Metrics
 from memory_service.storage import leases_sql as sql
-from memory_service.storage.database import Database, translate_errors
+from memory_service.storage.database import Connection, Database
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Lease = sql.LeaseRow
-Holder = sql.HolderRow
 
 DEFAULT_PAGE_SIZE = 100
 OP_TIMEOUT = 5.0
@@ -78,16 +72,6 @@ def owner_key(owner: str) -> int:
     """The advisory lock key that serialises one owner's grants so its quota count is exact."""
     digest = hashlib.blake2b(owner.encode(), digest_size=8, person=b"memsvc-owner").digest()
     return int.from_bytes(digest, "big", signed=True)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Acquired:
-    acquired: bool
-    lease: Lease | None = None
-    holder: Holder | None = None
-    final: bool = True
-    started: float = 0.0
-    """Monotonic time the granting attempt began: the holder's TTL runs from no earlier than this."""
 
 
 def _ambiguous(exc: BaseException) -> bool:
@@ -142,24 +126,19 @@ class LeaseManager:
         """
         self._stopping.set()
 
-    async def _run(self, op: Callable[[asyncpg.Connection], Awaitable[T]], deadline: float | None = None) -> T:
+    async def _run(self, op: Callable[[Connection], Awaitable[T]], deadline: float | None = None) -> T:
         """One lease transaction on a pooled connection, bounded by OP_TIMEOUT and the caller's deadline."""
         budget = OP_TIMEOUT if deadline is None else min(OP_TIMEOUT, deadline - time.monotonic())
         if budget <= 0:
             raise DeadlineExceeded("the call's deadline passed before the lease transaction could start")
         try:
-            # The pool's own acquire timeout would cost a task per call; one timeout bounds the whole operation.
+            # One timer bounds the whole operation, waiting for a connection included.
             async with asyncio.timeout(budget):
-                with translate_errors():
-                    async with self._db.pool.acquire() as conn:
-                        return await op(conn)
+                return await self._db.run(op)
         except TimeoutError as exc:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the call's deadline passed during the lease transaction") from exc
             raise DatabaseUnavailable(f"the lease transaction did not finish within {budget:.1f}s") from exc
-        except asyncpg.InternalClientError as exc:
-            # What asyncpg raises on a pooled connection whose backend was terminated while it sat idle.
-            raise DatabaseUnavailable(f"database connection broken: {exc}") from exc
 
     # --- acquire ------------------------------------------------------------------------------------------------
 
@@ -313,18 +292,7 @@ class LeaseManager:
         last = leases[limit - 1]
         return leases[:limit], encode_page_token(last.namespace, last.name)
 
-    @staticmethod
-    def shows_lease_id(lease: Lease, principal: str | None) -> bool:
-        """The lease id renews and releases a lease, so with auth on only its owner sees it in Get and List."""
-        return principal is None or principal == lease.owner
-
-    # --- Hold streams (see leases.hold) ----------------------------------------------------------------------------
-
-    def hold(
-        self, spec: AcquireSpec, *, owner: str, commands: AsyncIterator[HoldCommand]
-    ) -> AsyncGenerator[HoldEvent, None]:
-        """Acquire, then keep renewing at about TTL/3 until released, lost, or the caller goes away."""
-        return lease_hold.hold(self, spec, owner=owner, commands=commands)
+    # --- what Hold streams (leases.hold) use -------------------------------------------------------------------
 
     @property
     def settings(self) -> Settings:
