@@ -161,6 +161,18 @@ class SearchQuery:
     include_embedding: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One memory a search considered: what ranking needs, and the whole memory when it was fetched along."""
+
+    id: int
+    distance: float | None
+    text_score: float | None
+    importance: float
+    updated_at: datetime
+    memory: Memory | None = None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SearchHit:
     memory: Memory

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.metrics import Metrics
-from memory_service.models import SearchHit, SearchMode, SearchQuery, SearchResult, Vector
+from memory_service.models import Candidate, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
 from memory_service.search.fusion import rank_candidates
 from memory_service.search.index_care import IndexCare, fitted_probes
 from memory_service.storage import search_sql
@@ -81,7 +81,7 @@ class SearchEngine:
             # other modes rank more candidates than they return and fetch the winners' memories afterwards.
             full_rows = query.mode is SearchMode.VECTOR
 
-            async def fetch(*, exact: bool) -> list[search_sql.Candidate]:
+            async def fetch(*, exact: bool) -> list[Candidate]:
                 return await search_sql.candidates(
                     conn,
                     query.filter,

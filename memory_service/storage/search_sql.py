@@ -7,28 +7,13 @@ every distance among the filtered rows.
 
 from __future__ import annotations
 
-import dataclasses
-from datetime import datetime
-
 import asyncpg
 
-from memory_service.models import Memory, MemoryFilter, Vector
+from memory_service.models import Candidate, Memory, MemoryFilter, Vector
 from memory_service.storage.filters import Params, where_clause
 from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING, memory_from_row
 
 TEXT_CONFIG = "english"
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """One memory a search considered: what ranking needs, and the whole memory when it was fetched along."""
-
-    id: int
-    distance: float | None
-    text_score: float | None
-    importance: float
-    updated_at: datetime
-    memory: Memory | None = None
 
 
 def _vector_cte(where: str, query: str, limit: str, *, exact: bool) -> str:
