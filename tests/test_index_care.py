@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import asyncpg
 import pytest
 
 from bench.datasets import clustered, copy_into_memories, records
-from memory_service.search.index_care import fitted_lists, fitted_probes
+from memory_service.search.index_care import IndexState, fitted_lists, fitted_probes, needs_rebuild
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
@@ -46,6 +47,16 @@ def test_lists_and_probes_follow_pgvector_guidance() -> None:
     assert fitted_lists(100) == 10
     assert fitted_probes(100) == 10
     assert fitted_probes(1) == 1
+
+
+def test_rebuild_policy_needs_no_database() -> None:
+    built = IndexState(exists=True, valid=True, lists=10, rows=10_000, rows_at_build=10_000)
+    assert not needs_rebuild(IndexState(rows=499), exact_max_rows=500)
+    assert needs_rebuild(IndexState(rows=500), exact_max_rows=500)  # past the threshold with no index
+    assert needs_rebuild(IndexState(exists=True, valid=False, lists=10, rows=600), exact_max_rows=500)
+    assert not needs_rebuild(built, exact_max_rows=500)
+    assert not needs_rebuild(dataclasses.replace(built, rows=19_999), exact_max_rows=500)
+    assert needs_rebuild(dataclasses.replace(built, rows=20_000), exact_max_rows=500)  # doubled since the build
 
 
 async def test_small_table_keeps_no_index_then_builds_and_rebuilds_on_growth(

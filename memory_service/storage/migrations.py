@@ -14,7 +14,7 @@ from memory_service.errors import MigrationError, StartupError
 
 log = logging.getLogger(__name__)
 
-# Any constant works as long as nothing else in the database uses it; it spells "memsvc-migrate".
+# Any constant works as long as nothing else in the database uses it; its bytes spell "memsvcmg".
 MIGRATION_LOCK_KEY = 0x6D656D7376636D67
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
