@@ -8,6 +8,7 @@ runs. A failure names the import that goes against the layers.
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -217,3 +218,12 @@ def test_modules_stay_small() -> None:
     """Typical module sizes in the projects this one follows are 100 to 400 lines (STYLE.md)."""
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 420}
     assert not long, f"modules past ~400 lines: {long}"
+
+
+def test_the_openai_sdk_is_imported_only_when_its_provider_is_used() -> None:
+    """It costs about half a second at start-up, so `memory-service --help` and hash-embedder servers skip it."""
+    code = (
+        "import sys, memory_service.server, memory_service.cli.main, memory_service.embeddings; "
+        "sys.exit('openai' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -7,7 +7,6 @@ import logging
 from memory_service.config import Settings
 from memory_service.embeddings.base import EmbeddingProvider
 from memory_service.embeddings.hashing import HashEmbedder
-from memory_service.embeddings.openai_provider import OpenAIEmbedder
 from memory_service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -15,6 +14,10 @@ log = logging.getLogger(__name__)
 
 def create_provider(settings: Settings, metrics: Metrics) -> EmbeddingProvider:
     if settings.embedding_provider == "openai":
+        # Imported here: the openai SDK takes longer to import than the rest of the service, and most runs
+        # (the CLI, the hash embedder) never need it.
+        from memory_service.embeddings.openai_provider import OpenAIEmbedder
+
         log.info(
             "embedding with %s (%d dimensions) at %s",
             settings.embedding_model,
