@@ -152,7 +152,10 @@ class Runtime:
         self._tasks.append(asyncio.create_task(maintenance.every(interval, name, work), name=name))
 
     async def _purge(self) -> int:
-        return await maintenance.purge_expired(self.db, self.metrics)
+        """Purge expired memories (returning how many) and evict old embedding-cache entries."""
+        purged = await maintenance.purge_expired(self.db, self.metrics)
+        await maintenance.evict_embedding_cache(self.db)
+        return purged
 
     async def _database_dsn(self) -> str:
         if self.settings.database_url is not None:

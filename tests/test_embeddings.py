@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
+from memory_service import maintenance
 from memory_service.config import Settings
 from memory_service.embeddings.hashing import HashEmbedder
 from memory_service.errors import EmbeddingConfigMismatch
@@ -161,3 +162,19 @@ def test_hash_embedder_is_deterministic_unit_length_and_lexical() -> None:
     assert np.linalg.norm(a) == pytest.approx(1.0, abs=1e-5)
     assert float(a @ b) > float(a @ c) + 0.2
     assert not empty.any()
+
+
+async def test_old_cache_entries_are_evicted(server: RunningServer) -> None:
+    db = server.server.runtime.db
+    vector = np.zeros(384, dtype=np.float32)
+    async with db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO memory.embedding_cache (model, dimension, content_hash, embedding, created_at) "
+            "VALUES ('evict-test', 384, '\\x01', $1, clock_timestamp() - interval '31 days'), "
+            "('evict-test', 384, '\\x02', $1, clock_timestamp())",
+            vector,
+        )
+    assert await maintenance.evict_embedding_cache(db) >= 1
+    async with db.connection() as conn:
+        left = await conn.fetch("SELECT content_hash FROM memory.embedding_cache WHERE model = 'evict-test'")
+    assert [bytes(r["content_hash"]) for r in left] == [b"\x02"]

@@ -1,4 +1,8 @@
-"""Applies migrations/NNNN_*.sql in order, once each, even with several instances starting together."""
+"""Applies migrations/NNNN_*.sql in order, once each, even with several instances starting together.
+
+The runner itself creates the schema ``memory`` and its bookkeeping table ``memory.schema_migrations`` before it
+reads them (``_apply_locked``); the numbered files create everything inside the schema and may assume it exists.
+"""
 
 from __future__ import annotations
 
