@@ -120,12 +120,28 @@ async def test_rebuild_does_not_block_writes(small_threshold_server: RunningServ
 async def test_only_one_instance_rebuilds_at_a_time(database_url: str) -> None:
     env = test_env(database_url, EXACT_SEARCH_MAX_ROWS=str(THRESHOLD))
     first, second = await start_server(env), await start_server(env)
+    holder = await asyncpg.connect(database_url)
+    observer = await asyncpg.connect(database_url)
     try:
         await load(database_url, 3000, seed=5)
-        outcomes = await asyncio.gather(
-            first.server.runtime.index.maintain(force=True), second.server.runtime.index.maintain(force=True)
-        )
+        # An open snapshot holds the first build in its last phase, so the second call certainly overlaps it
+        # (two calls that happened not to overlap would both rebuild, proving nothing about the lock).
+        transaction = holder.transaction(isolation="repeatable_read")
+        await transaction.start()
+        await holder.fetchval("SELECT count(*) FROM memory.settings")
+        building = asyncio.create_task(first.server.runtime.index.maintain(force=True))
+        async with asyncio.timeout(30):
+            while not await observer.fetchval(
+                "SELECT count(*) FROM pg_stat_progress_create_index WHERE phase LIKE 'waiting for old snapshots%'"
+            ):
+                await asyncio.sleep(0.02)
+        refused = await second.server.runtime.index.maintain(force=True)
+        assert not building.done()
+        await transaction.rollback()
+        outcomes = [await building, refused]
     finally:
+        await holder.close()
+        await observer.close()
         await stop_server(first)
         await stop_server(second)
     assert sorted(o.split(" with")[0] for o in outcomes) == ["another instance is rebuilding the index", "rebuilt"]

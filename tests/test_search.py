@@ -54,6 +54,14 @@ async def test_hybrid_hits_explain_their_score(server: RunningServer) -> None:
     top = response.hits[0]
     assert top.memory.value == "the deploy pipeline uses argo"
     assert top.HasField("cosine_similarity") and top.HasField("vector_rank")
+    # The ranks the score is checked against are first checked against the scores they come from, so wrong ranks
+    # cannot pass by agreeing with a score computed from themselves.
+    with_cosine = [h for h in response.hits if h.HasField("cosine_similarity")]
+    by_cosine = sorted(with_cosine, key=lambda h: -h.cosine_similarity)
+    assert [h.vector_rank for h in by_cosine] == list(range(1, len(by_cosine) + 1))
+    by_text = sorted((h for h in response.hits if h.HasField("text_score")), key=lambda h: -h.text_score)
+    assert [h.text_rank for h in by_text] == list(range(1, len(by_text) + 1))
+    assert top.text_rank == 1  # the only memory with both query words
     expected = 1 / (60 + top.vector_rank) + (1 / (60 + top.text_rank) if top.HasField("text_rank") else 0)
     assert top.score == pytest.approx(expected)
     scores = [h.score for h in response.hits]
