@@ -27,7 +27,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.harness import ServerProcess, database_server, fresh_database, print_table
-from memory_service.leases import lock_key, owner_key
+from memory_service.leases.manager import lock_key, owner_key
 from memory_service.storage import leases_sql
 from memory_service.storage.database import Database
 from memory_service.storage.migrations import apply_migrations

@@ -32,10 +32,10 @@ from bench.harness import (
     throughput,
 )
 from memory_service.config import Settings
-from memory_service.index_care import fitted_probes
 from memory_service.metrics import Metrics
-from memory_service.models import MemoryFilter, Scope, ScopeRef
+from memory_service.models import Candidate, MemoryFilter, Scope, ScopeRef
 from memory_service.runtime import Runtime
+from memory_service.search.index_care import fitted_probes
 from memory_service.storage import search_sql
 from memory_service.storage.database import begin_statement, init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
@@ -94,7 +94,7 @@ class PlainSql:
         self.pool = pool
         self.probes = probes
 
-    async def search(self, mode: str, vector: np.ndarray, text: str, filtered: bool) -> list[search_sql.Candidate]:
+    async def search(self, mode: str, vector: np.ndarray, text: str, filtered: bool) -> list[Candidate]:
         memory_filter = (
             MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=FILTER_SCOPE),)) if filtered else MemoryFilter()
         )

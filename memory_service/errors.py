@@ -1,20 +1,24 @@
 """The project's one error tree.
 
-Domain and storage code raise these; the gRPC layer maps each class to a status code in one table
-(``memory_service.api.status``), and start-up code turns ``StartupError`` into a one-line message and exit code.
+Domain and storage code raise these. Two tables translate at the boundaries, one each: driver exceptions to these
+classes (``memory_service.storage.database.DRIVER_ERRORS``), and these classes to gRPC status codes
+(``memory_service.api.status``). Start-up code turns ``StartupError`` into a one-line message and exit code.
 
     MemoryServiceError
-    ├── InvalidArgument          bad input; names the field         -> INVALID_ARGUMENT
-    ├── NotFound                                                    -> NOT_FOUND
-    ├── FailedPrecondition       e.g. wrong embedding dimension      -> FAILED_PRECONDITION
-    ├── Aborted                                                     -> ABORTED
+    ├── InvalidArgument          bad input; names the field              -> INVALID_ARGUMENT
+    ├── NotFound                                                         -> NOT_FOUND
+    ├── FailedPrecondition       e.g. wrong embedding dimension           -> FAILED_PRECONDITION
+    ├── Aborted                  re-read and retry                        -> ABORTED
     │   ├── LeaseLost            renew of an expired or superseded lease
-    │   └── FenceRejected        a write whose lease has a newer holder
-    ├── ResourceExhausted        quotas, overload, oversize          -> RESOURCE_EXHAUSTED
-    ├── Unavailable              retryable: database or provider down -> UNAVAILABLE
+    │   ├── FenceRejected        a write whose lease has a newer holder
+    │   └── DatabaseConflict     serialization failure or deadlock
+    ├── ResourceExhausted        quotas, overload, oversize               -> RESOURCE_EXHAUSTED
+    ├── Unauthenticated          no valid bearer token                    -> UNAUTHENTICATED
+    ├── Unavailable              retryable: database or provider down     -> UNAVAILABLE
     │   ├── DatabaseUnavailable
     │   └── EmbeddingUnavailable
-    ├── DeadlineExceeded         the call's deadline cancelled the work -> DEADLINE_EXCEEDED
+    ├── DeadlineExceeded         the call's deadline cancelled the work   -> DEADLINE_EXCEEDED
+    ├── Internal                 a bug: a dependency was misused; logged  -> INTERNAL
     └── StartupError             the service cannot start; printed as one line
         ├── ConfigError          a bad environment value or flag
         ├── MigrationError       an applied migration changed, or a migration failed
@@ -38,15 +42,15 @@ class InvalidArgument(MemoryServiceError):
 
 
 class NotFound(MemoryServiceError):
-    pass
+    """What the request names does not exist (or is not live)."""
 
 
 class FailedPrecondition(MemoryServiceError):
-    pass
+    """The system is not in a state where the request can run, e.g. bound to another embedding model."""
 
 
 class Aborted(MemoryServiceError):
-    pass
+    """The operation lost a race; the caller may re-read and retry."""
 
 
 class LeaseLost(Aborted):
@@ -57,8 +61,19 @@ class FenceRejected(Aborted):
     """A write named a lease token that a newer grant has superseded."""
 
 
+class DatabaseConflict(Aborted):
+    """PostgreSQL rolled the transaction back (serialization failure or deadlock); nothing of it was written."""
+
+
 class ResourceExhausted(MemoryServiceError):
-    pass
+    """A quota, a size limit or the server's capacity was reached."""
+
+
+class Unauthenticated(MemoryServiceError):
+    """The call carries no bearer token that the server accepts."""
+
+    def __init__(self, message: str = "a valid bearer token is required in the authorization metadata") -> None:
+        super().__init__(message)
 
 
 class Unavailable(MemoryServiceError):
@@ -66,15 +81,19 @@ class Unavailable(MemoryServiceError):
 
 
 class DatabaseUnavailable(Unavailable):
-    pass
+    """PostgreSQL could not be reached, dropped the connection, or did not answer in time."""
 
 
 class EmbeddingUnavailable(Unavailable):
-    pass
+    """The embedding provider could not be reached or failed transiently."""
 
 
 class DeadlineExceeded(MemoryServiceError):
-    pass
+    """The call's deadline (or a statement timeout) passed and the work was cancelled."""
+
+
+class Internal(MemoryServiceError):
+    """A bug in the service, such as a driver misused; answered as INTERNAL and logged with a reference."""
 
 
 class StartupError(MemoryServiceError):
@@ -82,12 +101,12 @@ class StartupError(MemoryServiceError):
 
 
 class ConfigError(StartupError):
-    pass
+    """An environment variable or flag has a value the service cannot use."""
 
 
 class MigrationError(StartupError):
-    pass
+    """A migration failed, or an applied migration's file has changed since."""
 
 
 class EmbeddingConfigMismatch(StartupError):
-    pass
+    """The database is bound to another embedding model or dimension than the one configured."""

@@ -1,4 +1,4 @@
-"""Background work each instance runs: purging expired memories and keeping the vector index fitted."""
+"""Background work each instance runs: purging expired memories and old embedding-cache entries."""
 
 from __future__ import annotations
 
@@ -6,15 +6,20 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 from memory_service.errors import MemoryServiceError
 from memory_service.metrics import Metrics
-from memory_service.storage import memories_sql
+from memory_service.storage import embedding_cache_sql, memories_sql
 from memory_service.storage.database import Database
 
 log = logging.getLogger(__name__)
 
 _PURGE_BATCH = 5000
+
+EMBEDDING_CACHE_RETENTION = timedelta(days=30)
+"""How long an embedding-cache entry is kept. The cache saves provider calls for texts seen again soon (a reloaded
+file, a retried batch); past a month an entry is more likely dead weight, and evicting a live one costs one call."""
 
 
 async def every(interval: float, name: str, work: Callable[[], Awaitable[object]]) -> None:
@@ -41,4 +46,18 @@ async def purge_expired(db: Database, metrics: Metrics) -> int:
             break
     if total:
         log.info("purged %d expired memories", total)
+    return total
+
+
+async def evict_embedding_cache(db: Database, age: timedelta = EMBEDDING_CACHE_RETENTION) -> int:
+    """Delete embedding-cache entries older than ``age`` in batches, so the cache stays bounded."""
+    total = 0
+    while True:
+        async with db.transaction() as conn:
+            deleted = await embedding_cache_sql.evict_older_than(conn, age, batch=_PURGE_BATCH)
+        total += deleted
+        if deleted < _PURGE_BATCH:
+            break
+    if total:
+        log.info("evicted %d embedding-cache entries older than %s", total, age)
     return total

@@ -162,6 +162,22 @@ class SearchQuery:
     include_embedding: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One memory a search considered: what ranking needs, and the whole memory when it was fetched along."""
+
+    id: int
+    distance: float | None
+    text_score: float | None
+    importance: float
+    updated_at: datetime
+    memory: Memory | None = None
+    from_vector: bool = False
+    """Among the nearest ``limit`` by vector."""
+    from_text: bool = False
+    """Among the best ``limit`` by BM25."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SearchHit:
     memory: Memory

@@ -14,11 +14,12 @@ from memory_service import maintenance
 from memory_service.config import Settings
 from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.index_care import IndexCare
-from memory_service.leases import LeaseManager
+from memory_service.ingest import BulkIngest
+from memory_service.leases.manager import LeaseManager
 from memory_service.memories import MemoryStore
 from memory_service.metrics import Metrics
 from memory_service.search import SearchEngine
+from memory_service.search.index_care import IndexCare
 from memory_service.search.text_stats import TextStats
 from memory_service.stats import Stats, collect
 from memory_service.storage import settings_sql
@@ -56,6 +57,7 @@ class Runtime:
         self._index: IndexCare | None = None
         self._text_stats: TextStats | None = None
         self._leases: LeaseManager | None = None
+        self._bulk: BulkIngest | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -89,6 +91,11 @@ class Runtime:
     def leases(self) -> LeaseManager:
         return _started(self._leases)
 
+    @property
+    def bulk(self) -> BulkIngest:
+        """The BulkStore pipeline; it keeps no per-stream state, so one serves every stream."""
+        return _started(self._bulk)
+
     async def start(self, *, background: bool = True) -> None:
         settings = self.settings
         try:
@@ -119,6 +126,14 @@ class Runtime:
             provider = await asyncio.to_thread(create_provider, settings, self.metrics)
             self._embedder = EmbeddingService(provider, db, self.metrics)
             self._memories = MemoryStore(db, self._embedder)
+            self._bulk = BulkIngest(
+                db,
+                self._embedder,
+                self.metrics,
+                batch_rows=settings.bulk_batch_rows,
+                queue_depth=settings.bulk_queue_depth,
+                max_items_per_request=settings.bulk_max_items_per_request,
+            )
             self._index = IndexCare(db, self.dsn, exact_max_rows=settings.exact_search_max_rows)
             await self._index.refresh()
             self._text_stats = TextStats(db)
@@ -151,7 +166,10 @@ class Runtime:
         self._tasks.append(asyncio.create_task(maintenance.every(interval, name, work), name=name))
 
     async def _purge(self) -> int:
-        return await maintenance.purge_expired(self.db, self.metrics)
+        """Purge expired memories (returning how many) and evict old embedding-cache entries."""
+        purged = await maintenance.purge_expired(self.db, self.metrics)
+        await maintenance.evict_embedding_cache(self.db)
+        return purged
 
     async def _database_dsn(self) -> str:
         if self.settings.database_url is not None:

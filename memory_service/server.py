@@ -80,8 +80,17 @@ class MemoryServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
         )
-        memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self.runtime), server)
-        lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.runtime), server)
+        runtime = self.runtime
+        memory_servicer = MemoryServicer(
+            settings,
+            memories=runtime.memories,
+            search=runtime.search,
+            embedder=runtime.embedder,
+            bulk=runtime.bulk,
+            stats=runtime.stats,
+        )
+        memory_pb2_grpc.add_MemoryServiceServicer_to_server(memory_servicer, server)
+        lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(runtime.leases), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
         address = f"{settings.grpc_host}:{settings.grpc_port}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from memory_service.index_care import IndexCare, IndexState
 from memory_service.models import Scope
+from memory_service.search.index_care import IndexCare, IndexState
 from memory_service.storage import embedding_cache_sql, stats_sql
 from memory_service.storage.database import Database
 

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
+from memory_service import maintenance
 from memory_service.config import Settings
 from memory_service.embeddings.hashing import HashEmbedder
 from memory_service.errors import EmbeddingConfigMismatch
@@ -172,3 +173,19 @@ def test_hash_embedder_gives_wordless_text_a_direction() -> None:
     party_twice, party, rocket = vectors[:3]
     assert float(party_twice @ party) > float(party_twice @ rocket)
     assert np.allclose(vectors[4], vectors[5])  # nothing but spaces is the same as nothing
+
+
+async def test_old_cache_entries_are_evicted(server: RunningServer) -> None:
+    db = server.server.runtime.db
+    vector = np.zeros(384, dtype=np.float32)
+    async with db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO memory.embedding_cache (model, dimension, content_hash, embedding, created_at) "
+            "VALUES ('evict-test', 384, '\\x01', $1, clock_timestamp() - interval '31 days'), "
+            "('evict-test', 384, '\\x02', $1, clock_timestamp())",
+            vector,
+        )
+    assert await maintenance.evict_embedding_cache(db) >= 1
+    async with db.connection() as conn:
+        left = await conn.fetch("SELECT content_hash FROM memory.embedding_cache WHERE model = 'evict-test'")
+    assert [bytes(r["content_hash"]) for r in left] == [b"\x02"]

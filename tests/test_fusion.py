@@ -6,9 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from memory_service.models import Fusion, SearchMode, SearchQuery
+from memory_service.models import Candidate, Fusion, SearchMode, SearchQuery
 from memory_service.search.fusion import rank_candidates
-from memory_service.storage.search_sql import Candidate
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

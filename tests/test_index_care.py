@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import asyncpg
 import pytest
 
 from bench.datasets import clustered, copy_into_memories, records
-from memory_service.index_care import fitted_lists, fitted_probes
+from memory_service.search.index_care import IndexState, fitted_lists, fitted_probes, needs_rebuild
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
@@ -46,6 +47,16 @@ def test_lists_and_probes_follow_pgvector_guidance() -> None:
     assert fitted_lists(100) == 10
     assert fitted_probes(100) == 10
     assert fitted_probes(1) == 1
+
+
+def test_rebuild_policy_needs_no_database() -> None:
+    built = IndexState(exists=True, valid=True, lists=10, rows=10_000, rows_at_build=10_000)
+    assert not needs_rebuild(IndexState(rows=499), exact_max_rows=500)
+    assert needs_rebuild(IndexState(rows=500), exact_max_rows=500)  # past the threshold with no index
+    assert needs_rebuild(IndexState(exists=True, valid=False, lists=10, rows=600), exact_max_rows=500)
+    assert not needs_rebuild(built, exact_max_rows=500)
+    assert not needs_rebuild(dataclasses.replace(built, rows=19_999), exact_max_rows=500)
+    assert needs_rebuild(dataclasses.replace(built, rows=20_000), exact_max_rows=500)  # doubled since the build
 
 
 async def test_small_table_keeps_no_index_then_builds_and_rebuilds_on_growth(
@@ -109,12 +120,28 @@ async def test_rebuild_does_not_block_writes(small_threshold_server: RunningServ
 async def test_only_one_instance_rebuilds_at_a_time(database_url: str) -> None:
     env = test_env(database_url, EXACT_SEARCH_MAX_ROWS=str(THRESHOLD))
     first, second = await start_server(env), await start_server(env)
+    holder = await asyncpg.connect(database_url)
+    observer = await asyncpg.connect(database_url)
     try:
         await load(database_url, 3000, seed=5)
-        outcomes = await asyncio.gather(
-            first.server.runtime.index.maintain(force=True), second.server.runtime.index.maintain(force=True)
-        )
+        # An open snapshot holds the first build in its last phase, so the second call certainly overlaps it
+        # (two calls that happened not to overlap would both rebuild, proving nothing about the lock).
+        transaction = holder.transaction(isolation="repeatable_read")
+        await transaction.start()
+        await holder.fetchval("SELECT count(*) FROM memory.settings")
+        building = asyncio.create_task(first.server.runtime.index.maintain(force=True))
+        async with asyncio.timeout(30):
+            while not await observer.fetchval(
+                "SELECT count(*) FROM pg_stat_progress_create_index WHERE phase LIKE 'waiting for old snapshots%'"
+            ):
+                await asyncio.sleep(0.02)
+        refused = await second.server.runtime.index.maintain(force=True)
+        assert not building.done()
+        await transaction.rollback()
+        outcomes = [await building, refused]
     finally:
+        await holder.close()
+        await observer.close()
         await stop_server(first)
         await stop_server(second)
     assert sorted(o.split(" with")[0] for o in outcomes) == ["another instance is rebuilding the index", "rebuilt"]

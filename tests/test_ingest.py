@@ -301,7 +301,13 @@ async def test_a_fast_client_is_held_back_by_a_slow_database(server: RunningServ
 
             consumer = asyncio.create_task(consume())
             await eventually(lambda: _backend_waiting_on_lock(database_url))
-            await asyncio.sleep(0.3)  # time for a pipeline without bounds to run far ahead
+            # Wait until the pipeline stops pulling, rather than for a fixed time that a slow machine may not fill:
+            # a pipeline without bounds only stops once it has pulled all 100 requests, and fails below.
+            async with asyncio.timeout(30):
+                last = -1
+                while pulled != last:
+                    last = pulled
+                    await asyncio.sleep(0.3)
             # Two batches in their transactions, one queued, one being prepared, one request queued, one being
             # received: nothing more, however long the database takes.
             assert pulled <= 7

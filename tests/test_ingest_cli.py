@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from memory_service.ingest_jsonl import LineError, parse_line
+from memory_service.cli.jsonl import LineError, parse_line
 from memory_service.v1 import lease_pb2, memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
 from tests.processes import ServerProcess

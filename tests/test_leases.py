@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import duration_pb2
 from grpc import aio
 
-from memory_service.leases import lock_key
+from memory_service.leases.manager import lock_key
 from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2
 from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
 
@@ -165,7 +165,9 @@ async def test_wait_is_granted_when_the_holder_releases(lease_server: RunningSer
     assert not timed_out.acquired and timed_out.current_holder.holder == "b"
 
 
-async def test_a_wait_cut_short_by_the_client_deadline_never_grants(lease_server: RunningServer) -> None:
+async def test_a_wait_cut_short_by_the_client_deadline_never_grants(
+    lease_server: RunningServer, database_url: str
+) -> None:
     stub = lease_server.leases
     first = (await stub.Acquire(acquire_request("deadline", holder="a"))).lease
     try:
@@ -176,6 +178,17 @@ async def test_a_wait_cut_short_by_the_client_deadline_never_grants(lease_server
     await stub.Release(lease_pb2.ReleaseRequest(lease_id=first.lease_id))
     await asyncio.sleep(0.5)  # were the waiter still polling, it would take the lease now
     assert await lease_gone(stub, "deadline")
+    # Whichever way the call ended, no grant was ever made after the first: the table keeps the latest grant of a
+    # name, even one released since, so a grant to "b" (live or already cleaned up) would show here.
+    conn = await asyncpg.connect(database_url)
+    try:
+        latest = await conn.fetchrow(
+            "SELECT lease_id::text AS lease_id, holder FROM memory.leases WHERE namespace = $1 AND name = 'deadline'",
+            NS,
+        )
+    finally:
+        await conn.close()
+    assert (latest["lease_id"], latest["holder"]) == (first.lease_id, "a")
 
 
 async def test_expired_holder_is_fenced_out(lease_server: RunningServer, database_url: str) -> None:

@@ -77,3 +77,25 @@ async def test_new_file_is_applied_after_existing_ones(empty_database_url: str, 
     await apply_migrations(empty_database_url, directory=copy)
     (copy / "9999_extra.sql").write_text("CREATE TABLE memory.extra (id int);")
     assert await apply_migrations(empty_database_url, directory=copy) == ["9999_extra.sql"]
+
+
+async def test_the_tidy_migration_states_the_rules_in_the_schema(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'pg_trgm'") == 0
+        assert await conn.fetchval("SELECT to_regclass('memory.memories_memory_type')") is None
+        async with conn.transaction():
+            with pytest.raises(asyncpg.CheckViolationError, match="leases_name_length"):
+                await conn.execute(
+                    "INSERT INTO memory.leases (namespace, name, lock_key, lease_id, holder, owner, fencing_token, "
+                    "ttl, acquired_at, renewed_at, expires_at) VALUES ('ns', repeat('n', 201), 0, gen_random_uuid(), "
+                    "'', '', 0, '1 second', now(), now(), now())"
+                )
+        async with conn.transaction():
+            with pytest.raises(asyncpg.CheckViolationError, match="memories_embedding_model"):
+                await conn.execute(
+                    "INSERT INTO memory.memories (scope, scope_id, key, value, content_hash, embedding_model) "
+                    "VALUES ('global', 0, 'tidy-check', 'v', '\\x00', 'some-model')"
+                )
+    finally:
+        await conn.close()

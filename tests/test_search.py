@@ -65,6 +65,12 @@ async def test_hybrid_hits_explain_their_score(server: RunningServer) -> None:
     rrf = await server.memory.Search(
         memory_pb2.SearchRequest(query="deploy pipeline", top_k=3, fusion=memory_pb2.FUSION_RRF)
     )
+    # The ranks the RRF score is checked against are first checked against the scores they come from, so wrong
+    # ranks cannot pass by agreeing with a score computed from themselves.
+    by_cosine = sorted(rrf.hits, key=lambda h: -h.cosine_similarity)
+    assert [h.vector_rank for h in by_cosine] == [1, 2, 3]
+    by_text = sorted((h for h in rrf.hits if h.HasField("text_rank")), key=lambda h: -h.text_score)
+    assert [h.text_rank for h in by_text] == [1, 2]  # the memory without a query word was no text candidate
     top = rrf.hits[0]
     assert top.memory.value == "the deploy pipeline uses argo" and (top.vector_rank, top.text_rank) == (1, 1)
     assert top.score == pytest.approx(2 / 61)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -12,6 +12,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from memory_service import validation
 from memory_service.config import Settings
 from memory_service.errors import InvalidArgument
+from memory_service.ingest import BulkAck
 from memory_service.models import (
     Fence,
     Fusion,
@@ -25,10 +26,12 @@ from memory_service.models import (
     SearchMode,
     SearchQuery,
     SearchResult,
+    Vector,
     WriteOutcome,
     content_hash,
     derived_key,
 )
+from memory_service.stats import Stats
 from memory_service.v1 import memory_pb2
 
 E = TypeVar("E")
@@ -321,3 +324,47 @@ def _hit_to_proto(hit: SearchHit) -> memory_pb2.SearchHit:
     if hit.text_rank is not None:
         message.text_rank = hit.text_rank
     return message
+
+
+def bulk_ack_to_proto(ack: BulkAck) -> memory_pb2.BulkStoreAck:
+    return memory_pb2.BulkStoreAck(
+        durable_sequence=ack.durable_sequence,
+        created=ack.created,
+        updated=ack.updated,
+        unchanged=ack.unchanged,
+        rejected=ack.rejected,
+        rejections=[memory_pb2.Rejection(sequence=r.sequence, field=r.field, reason=r.reason) for r in ack.rejections],
+    )
+
+
+def embed_response(vectors: Sequence[Vector], *, model: str, dimension: int) -> memory_pb2.EmbedResponse:
+    return memory_pb2.EmbedResponse(
+        embeddings=[memory_pb2.Embedding(values=v.tolist()) for v in vectors], model=model, dimension=dimension
+    )
+
+
+def stats_to_proto(stats: Stats) -> memory_pb2.StatsResponse:
+    response = memory_pb2.StatsResponse(
+        memories=stats.memories,
+        by_scope=[
+            memory_pb2.ScopeCount(scope=scope_to_proto(scope), memories=count)
+            for scope, count in sorted(stats.by_scope.items())
+        ],
+        expired_pending_purge=stats.expired_pending_purge,
+        embedding_model=stats.embedding_model,
+        dimension=stats.dimension,
+        pgvector_version=stats.pgvector_version,
+        postgres_version=stats.postgres_version,
+        iterative_scan=stats.iterative_scan,
+        index=memory_pb2.IndexState(
+            exists=stats.index.exists,
+            valid=stats.index.valid,
+            lists=stats.index.lists,
+            rows_at_build=stats.index.rows_at_build,
+            exact_threshold=stats.exact_threshold,
+        ),
+        embedding_cache_entries=stats.embedding_cache_entries,
+    )
+    if stats.index.built_at is not None:
+        response.index.built_at.FromDatetime(stats.index.built_at)
+    return response

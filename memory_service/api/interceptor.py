@@ -52,7 +52,7 @@ class Authenticator:
         return bool(self._tokens)
 
     def principal(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
-        """The caller's principal; raises Unauthenticated when no configured token is presented."""
+        """The caller's principal; raises ``errors.Unauthenticated`` when no configured token is presented."""
         presented = b""
         for key, value in metadata or ():
             if key == "authorization":
@@ -66,12 +66,8 @@ class Authenticator:
             if hmac.compare_digest(presented, token):
                 matched = token
         if not matched:
-            raise _Unauthenticated()
+            raise errors.Unauthenticated()
         return "token:" + hashlib.sha256(matched).hexdigest()[:12]
-
-
-class _Unauthenticated(Exception):
-    pass
 
 
 class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
@@ -223,8 +219,6 @@ def _status_of(exc: BaseException, context: aio.ServicerContext) -> grpc.StatusC
         remaining = context.time_remaining()
         expired = remaining is not None and remaining <= 0
         return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-    if isinstance(exc, _Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, errors.MemoryServiceError):
         return status_for(exc)
     if isinstance(exc, NotImplementedError):
@@ -239,9 +233,7 @@ async def _abort_unless_final(exc: BaseException, code: grpc.StatusCode, context
     """
     if isinstance(exc, aio.AbortError | asyncio.CancelledError | GeneratorExit):
         return
-    if isinstance(exc, _Unauthenticated):
-        message = "a valid bearer token is required in the authorization metadata"
-    elif isinstance(exc, errors.MemoryServiceError):
+    if isinstance(exc, errors.MemoryServiceError) and code is not grpc.StatusCode.INTERNAL:
         message = str(exc)
     elif isinstance(exc, NotImplementedError):
         message = "this method is not implemented yet"

@@ -26,6 +26,8 @@ def hybrid_alpha(settings: Settings, provider: EmbeddingProvider) -> float:
 
 def create_provider(settings: Settings, metrics: Metrics) -> EmbeddingProvider:
     if settings.embedding_provider == "openai":
+        # Imported here: the openai SDK takes longer to import than the rest of the service, and most runs
+        # (the CLI, the hash embedder) never need it.
         from memory_service.embeddings.openai_provider import OpenAIEmbedder
 
         log.info(

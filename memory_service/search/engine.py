@@ -16,10 +16,10 @@ import time
 from datetime import UTC, datetime
 
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.index_care import IndexCare, fitted_probes
 from memory_service.metrics import Metrics
-from memory_service.models import SearchHit, SearchMode, SearchQuery, SearchResult, Vector
+from memory_service.models import Candidate, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
 from memory_service.search.fusion import rank_candidates
+from memory_service.search.index_care import IndexCare, fitted_probes
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database
 from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
@@ -91,7 +91,7 @@ class SearchEngine:
                 matching = await search_sql.count_matching(conn, query.filter, cap=self._narrow_filter_rows)
                 narrow = matching < self._narrow_filter_rows
 
-            async def fetch(*, exact: bool, pruned: bool) -> list[search_sql.Candidate]:
+            async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
                 return await search_sql.candidates(
                     conn,
                     query.filter,

@@ -12,8 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from memory_service.models import Fusion, SearchMode, SearchQuery
-from memory_service.storage.search_sql import Candidate
+from memory_service.models import Candidate, Fusion, SearchMode, SearchQuery
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,8 @@ import json
 import logging
 import re
 import struct
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import asyncpg
 import numpy as np
@@ -17,39 +17,75 @@ import numpy.typing as npt
 from pgvector import Vector
 from pgvector.asyncpg import register_vector
 
-from memory_service.errors import DatabaseUnavailable, DeadlineExceeded
+from memory_service.errors import (
+    DatabaseConflict,
+    DatabaseUnavailable,
+    DeadlineExceeded,
+    Internal,
+    MemoryServiceError,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# Errors that mean "the database could not be reached or dropped us", as opposed to "the query was wrong".
-# Callers may retry these; a write that failed with one of them may or may not have committed.
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.ConnectionFailureError,
+Connection = asyncpg.Connection
+"""A pooled connection, named here so that domain modules can annotate callbacks without importing the driver."""
+
+# The one table from driver exceptions to domain errors, looked up along each exception's MRO (the nearest class
+# wins). Storage modules that expect a specific error (a unique violation they can name) catch it themselves first.
+DRIVER_ERRORS: dict[type[BaseException], type[MemoryServiceError]] = {
+    # The database could not be reached or dropped us: retryable, and a write may or may not have committed.
+    asyncpg.PostgresConnectionError: DatabaseUnavailable,
+    asyncpg.CannotConnectNowError: DatabaseUnavailable,
+    asyncpg.TooManyConnectionsError: DatabaseUnavailable,
+    asyncpg.AdminShutdownError: DatabaseUnavailable,
+    asyncpg.CrashShutdownError: DatabaseUnavailable,
+    asyncpg.ConnectionFailureError: DatabaseUnavailable,
+    # asyncpg raises InterfaceError (not only for misuse) on a connection that was closed under it.
+    asyncpg.InterfaceError: DatabaseUnavailable,
     # A pooled connection whose backend was killed while idle fails its next use with this.
-    asyncpg.InternalClientError,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-)
+    asyncpg.InternalClientError: DatabaseUnavailable,
+    ConnectionError: DatabaseUnavailable,
+    OSError: DatabaseUnavailable,
+    TimeoutError: DatabaseUnavailable,
+    # PostgreSQL rolled the transaction back to keep it consistent: nothing was written; re-read and retry.
+    asyncpg.SerializationError: DatabaseConflict,
+    asyncpg.DeadlockDetectedError: DatabaseConflict,
+    # The deadline or statement_timeout cancelled the query.
+    asyncpg.QueryCanceledError: DeadlineExceeded,
+    # The service handed the driver a value it cannot encode: a bug here, not the client's or the database's.
+    asyncpg.DataError: Internal,
+}
+
+_MESSAGES: dict[type[MemoryServiceError], str] = {
+    DatabaseUnavailable: "database unavailable: {name}",
+    DatabaseConflict: "the transaction conflicted with another and was rolled back ({name}); retry",
+    DeadlineExceeded: "the query was cancelled: its deadline or statement_timeout passed",
+    Internal: "the database driver refused a value the service sent ({name}): {exc}",
+}
+
+
+def driver_error(exc: BaseException) -> MemoryServiceError | None:
+    """The domain error for a driver exception, or None when it is not one the table knows (it propagates as is)."""
+    for cls in type(exc).__mro__:
+        target = DRIVER_ERRORS.get(cls)
+        if target is not None:
+            return target(_MESSAGES[target].format(name=type(exc).__name__, exc=exc))
+    return None
 
 
 @contextlib.contextmanager
-def translate_errors() -> Any:
-    """Raise DatabaseUnavailable / DeadlineExceeded for driver errors a client can act on."""
+def translate_errors() -> Iterator[None]:
+    """Raise the domain counterpart (``DRIVER_ERRORS``) of a driver exception, chained to it."""
     try:
         yield
-    except asyncpg.QueryCanceledError as exc:
-        raise DeadlineExceeded("the query was cancelled: its deadline or statement_timeout passed") from exc
-    except _CONNECTION_ERRORS as exc:
-        raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+    except Exception as exc:
+        translated = driver_error(exc)
+        if translated is None:
+            raise
+        if isinstance(translated, Internal):
+            log.error("database driver misused: %s", exc, exc_info=exc)
+        raise translated from exc
 
 
 _HEADER = struct.Struct(">HH")
@@ -114,9 +150,9 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
 class Database:
     """One pool per DSN. Hands out connections and transactions with driver errors translated.
 
-    Per-query settings go through ``transaction(settings=...)``, which applies them with
-    ``set_config(..., is_local => true)`` (the same as ``SET LOCAL``): a session-level SET would be undone by the
-    ``RESET ALL`` asyncpg runs when a connection returns to the pool.
+    Per-query settings go through ``transaction(settings=...)``, which sends ``BEGIN`` and one ``SET LOCAL`` per
+    setting in a single simple query (``begin_statement``): they end with the transaction, so nothing leaks to the
+    next user of the connection even though the pool's reset (``_reset_connection``) no longer runs ``RESET ALL``.
     """
 
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
@@ -146,13 +182,23 @@ class Database:
             self.pool.terminate()
 
     @contextlib.asynccontextmanager
-    async def connection(self, *, timeout: float = 10.0) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self, *, timeout: float | None = 10.0) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; ``timeout=None`` leaves bounding the wait to the caller's own timer."""
         with translate_errors():
             async with self._acquire(timeout) as conn:
                 yield conn
 
+    async def run(self, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """``op`` on a pooled connection outside a transaction (each of its statements commits on its own).
+
+        No acquire timeout of its own: the caller bounds the whole call, waiting for a connection included, with
+        one ``asyncio.timeout``, which costs no task per call as ``pool.acquire(timeout=...)`` would.
+        """
+        async with self.connection(timeout=None) as conn:
+            return await op(conn)
+
     @contextlib.asynccontextmanager
-    async def _acquire(self, timeout: float) -> AsyncIterator[asyncpg.Connection]:
+    async def _acquire(self, timeout: float | None) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection, waiting at most ``timeout`` for one.
 
         ``pool.acquire(timeout=...)`` runs each acquire in a task of its own; a timer around a plain acquire

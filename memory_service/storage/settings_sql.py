@@ -6,7 +6,7 @@ import asyncpg
 
 from memory_service.errors import EmbeddingConfigMismatch
 
-# Serialises first-start binding between instances; spells "memsvc-bind".
+# Serialises first-start binding between instances; its bytes spell "memsvcb".
 _BIND_LOCK_KEY = 0x6D656D73766362
 
 

@@ -124,18 +124,20 @@ class _Fusion:
 class _FusionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Fusion.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     FUSION_UNSPECIFIED: _Fusion.ValueType  # 0
-    """Reciprocal Rank Fusion."""
+    """FUSION_WEIGHTED."""
     FUSION_RRF: _Fusion.ValueType  # 1
+    """Reciprocal Rank Fusion: 1 / (rrf_k + rank) summed over the candidate lists a memory was found in."""
     FUSION_WEIGHTED: _Fusion.ValueType  # 2
-    """alpha * normalised cosine + (1 - alpha) * normalised text rank."""
+    """alpha * cosine / best cosine + (1 - alpha) * BM25 / best BM25, the best taken over the candidates."""
 
 class Fusion(_Fusion, metaclass=_FusionEnumTypeWrapper): ...
 
 FUSION_UNSPECIFIED: Fusion.ValueType  # 0
-"""Reciprocal Rank Fusion."""
+"""FUSION_WEIGHTED."""
 FUSION_RRF: Fusion.ValueType  # 1
+"""Reciprocal Rank Fusion: 1 / (rrf_k + rank) summed over the candidate lists a memory was found in."""
 FUSION_WEIGHTED: Fusion.ValueType  # 2
-"""alpha * normalised cosine + (1 - alpha) * normalised text rank."""
+"""alpha * cosine / best cosine + (1 - alpha) * BM25 / best BM25, the best taken over the candidates."""
 Global___Fusion: _TypeAlias = Fusion  # noqa: Y015
 
 @_typing.final
@@ -742,7 +744,9 @@ class SearchRequest(_message.Message):
     rrf_k: _builtins.int
     """RRF constant; 60 when unset."""
     alpha: _builtins.float
-    """Weight of the vector score in FUSION_WEIGHTED; 0.5 when unset."""
+    """Weight of the vector score in FUSION_WEIGHTED; when unset, the server's SEARCH_HYBRID_ALPHA, or 0.5 with a
+    semantic embedding provider and 0.2 with the lexical hash embedder.
+    """
     importance_boost: _builtins.float
     """score *= 1 + importance_boost * importance."""
     recency_boost: _builtins.float
@@ -822,9 +826,9 @@ class SearchHit(_message.Message):
     score: _builtins.float
     """The fused and boosted score the hits are ordered by."""
     cosine_similarity: _builtins.float
-    """1 - cosine distance, when the memory was a vector candidate."""
+    """1 - cosine distance, in VECTOR and HYBRID searches."""
     text_score: _builtins.float
-    """ts_rank_cd, when the memory was a text candidate."""
+    """Okapi BM25 of the query's words in the memory (0 when it holds none), in TEXT and HYBRID searches."""
     vector_rank: _builtins.int
     """1-based rank in the vector candidates."""
     text_rank: _builtins.int

@@ -1,24 +1,22 @@
-"""Keeping the ivfflat index worth using.
+"""Keeping the ivfflat index worth using: the policy, and the state it decides on.
 
 An ivfflat index built on an empty or small table has poor recall: its list centroids describe data that is no
 longer there. Below a row threshold every search is exact and no index is kept; past it, the index is built with
 ``lists`` fitted to the row count, and rebuilt each time the table has doubled since the last build. Builds run
-concurrently with writes, and only one instance builds at a time.
+concurrently with writes, and only one instance builds at a time (``storage.index_sql.rebuild_exclusively``).
+
+The row count the policy watches is the planner's estimate, read from the catalog: checking every minute on every
+instance (and on every Stats call) must not scan the table. A rebuild counts exactly, once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from datetime import datetime
 
-import asyncpg
-
 from memory_service.storage import index_sql, settings_sql
-from memory_service.storage.database import Database, translate_errors
-
-log = logging.getLogger(__name__)
+from memory_service.storage.database import Database
 
 GROWTH_FACTOR = 2.0
 
@@ -41,12 +39,22 @@ class IndexState:
     valid: bool = False
     lists: int = 0
     rows: int = 0
+    """Rows with an embedding, as the planner estimates them."""
     rows_at_build: int = 0
     built_at: datetime | None = None
 
     @property
     def usable(self) -> bool:
         return self.exists and self.valid and self.lists > 0
+
+
+def needs_rebuild(state: IndexState, *, exact_max_rows: int) -> bool:
+    """Past the exact-search threshold, build when there is no usable index or the table has doubled since."""
+    if state.rows < exact_max_rows:
+        return False
+    if not state.usable:
+        return True
+    return state.rows >= GROWTH_FACTOR * max(state.rows_at_build, 1)
 
 
 class IndexCare:
@@ -59,7 +67,7 @@ class IndexCare:
     async def refresh(self) -> IndexState:
         async with self._db.connection() as conn:
             info = await index_sql.index_info(conn)
-            rows = await index_sql.row_count(conn)
+            rows = await index_sql.estimated_rows(conn)
             stored = await settings_sql.read_settings(conn)
         built = stored.get("ivfflat_built_at")
         self.state = IndexState(
@@ -73,37 +81,15 @@ class IndexCare:
         return self.state
 
     def needs_rebuild(self, state: IndexState) -> bool:
-        if state.rows < self.exact_max_rows:
-            return False
-        if not state.usable:
-            return True
-        return state.rows >= GROWTH_FACTOR * max(state.rows_at_build, 1)
+        return needs_rebuild(state, exact_max_rows=self.exact_max_rows)
 
     async def maintain(self, *, force: bool = False) -> str:
         """Rebuild when due (or when forced); return what was done, for logs and the CLI."""
         state = await self.refresh()
         if not force and not self.needs_rebuild(state):
             return "up to date" if state.usable else f"exact search ({state.rows} rows < {self.exact_max_rows})"
-        lists = fitted_lists(state.rows)
-        with translate_errors():
-            conn = await asyncpg.connect(self._dsn)
-            try:
-                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", index_sql.REBUILD_LOCK_KEY):
-                    return "another instance is rebuilding the index"
-                try:
-                    log.info("building ivfflat index: %d rows, lists=%d", state.rows, lists)
-                    await conn.execute("SET maintenance_work_mem = '512MB'")
-                    await index_sql.rebuild(conn, lists=lists)
-                    await settings_sql.write_settings(
-                        conn,
-                        {
-                            "ivfflat_rows_at_build": str(state.rows),
-                            "ivfflat_built_at": (await conn.fetchval("SELECT clock_timestamp()")).isoformat(),
-                        },
-                    )
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", index_sql.REBUILD_LOCK_KEY)
-            finally:
-                await conn.close()
+        rebuilt = await index_sql.rebuild_exclusively(self._dsn, fitted_lists)
+        if rebuilt is None:
+            return "another instance is rebuilding the index"
         await self.refresh()
-        return f"rebuilt with lists={lists} for {state.rows} rows"
+        return f"rebuilt with lists={rebuilt.lists} for {rebuilt.rows} rows"

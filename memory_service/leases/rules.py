@@ -1,6 +1,6 @@
 """What a lease caller may send: names, holder text, TTLs, waits, lease ids and page tokens.
 
-The rules live apart from ``leases.py`` so they read in one place and the manager reads as the lease lifecycle
+The rules live apart from ``manager.py`` so they read in one place and the manager reads as the lease lifecycle
 alone. Every check fails early with ``InvalidArgument`` naming what was expected and what came.
 """
 
@@ -14,6 +14,7 @@ import uuid
 
 from memory_service.config import Settings
 from memory_service.errors import InvalidArgument
+from memory_service.leases.types import Lease
 
 MAX_NAME_LENGTH = 200
 MAX_HOLDER_LENGTH = 200
@@ -98,3 +99,13 @@ def decode_page_token(token: str) -> tuple[str, str] | None:
     except (ValueError, TypeError):
         pass
     raise InvalidArgument("page_token", "is expected to be a next_page_token from a previous List")
+
+
+def owner_for(principal: str | None, holder: str) -> str:
+    """Who a grant is charged to for quotas: the authenticated caller, or the holder's description when auth is off."""
+    return principal if principal is not None else "holder:" + (holder or "anonymous")
+
+
+def shows_lease_id(lease: Lease, principal: str | None) -> bool:
+    """The lease id renews and releases a lease, so with auth on only its owner sees it in Get and List."""
+    return principal is None or principal == lease.owner

@@ -2,47 +2,22 @@
 
 A Hold is a state machine over the lease manager's own operations (acquire steps, renew, release), with its own
 timing: when to renew, when to retry, when to tell the holder it lost the lease, and what to do when the client
-cancels or the server begins shutting down. It lives apart from ``leases.py`` so that timing reads in one place;
-like the manager, it knows no gRPC.
+cancels or the server begins shutting down. It lives apart from ``manager.py`` so that timing reads in one place;
+it uses the manager and the manager does not know it. Like the manager, it knows no gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import enum
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING
 
 from memory_service.errors import DeadlineExceeded, LeaseLost, Unavailable
-from memory_service.lease_validation import AcquireSpec
-
-if TYPE_CHECKING:
-    from memory_service.leases import Acquired, Holder, Lease, LeaseManager
-
-
-class HoldEventKind(enum.Enum):
-    GRANTED = "granted"
-    RENEWED = "renewed"
-    WAITING = "waiting"
-    LOST = "lost"
-    RELEASED = "released"
-    NOT_ACQUIRED = "not_acquired"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HoldEvent:
-    kind: HoldEventKind
-    lease: Lease | None = None
-    holder: Holder | None = None
-    reason: str = ""
-
-
-class HoldCommand(enum.Enum):
-    RELEASE = "release"
+from memory_service.leases.manager import LeaseManager
+from memory_service.leases.rules import AcquireSpec
+from memory_service.leases.types import Acquired, HoldCommand, HoldEvent, HoldEventKind, Lease
 
 
 async def hold(

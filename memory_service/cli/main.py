@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     _database_flags(migrate)
     migrate.set_defaults(run=_migrate)
 
-    from memory_service import cli_ingest, cli_lease, cli_ops
+    from memory_service.cli import ingest as cli_ingest
+    from memory_service.cli import lease as cli_lease
+    from memory_service.cli import ops as cli_ops
 
     cli_ingest.register(commands)
     cli_lease.register(commands)

@@ -3,8 +3,8 @@
 Who holds a name is decided only inside one database transaction, by the database clock
 (``memory_service.storage.leases_sql``). This module decides the rest: how long to wait and poll, and which grants
 to release because the caller that asked for them is gone (cancelled, timed out, or its answer was lost to an
-ambiguous commit). It knows no gRPC. What callers may send is checked in ``lease_validation``; when a Hold stream
-renews and when its holder is told it lost the lease is decided in ``lease_hold``.
+ambiguous commit). It knows no gRPC. What callers may send is checked in ``leases.rules``; when a Hold stream
+renews and when its holder is told it lost the lease is decided in ``leases.hold``.
 
 Fail closed: any database error or timeout is ``Unavailable`` and never a grant; a grant whose answer may not have
 reached its caller is released in the background unless the caller gave a ``request_id`` to retry with.
@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
 from typing import TypeVar
 
-import asyncpg
-
-from memory_service import lease_hold
 from memory_service.config import Settings
 from memory_service.errors import (
     DatabaseUnavailable,
@@ -38,8 +34,7 @@ from memory_service.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from memory_service.lease_hold import HoldCommand, HoldEvent
-from memory_service.lease_validation import (
+from memory_service.leases.rules import (
     AcquireSpec,
     check_name,
     check_ttl,
@@ -47,15 +42,14 @@ from memory_service.lease_validation import (
     encode_page_token,
     parse_lease_id,
 )
+from memory_service.leases.types import Acquired, Lease
 from memory_service.metrics import Metrics
 from memory_service.storage import leases_sql as sql
-from memory_service.storage.database import Database, translate_errors
+from memory_service.storage.database import Connection, Database
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Lease = sql.LeaseRow
-Holder = sql.HolderRow
 
 DEFAULT_PAGE_SIZE = 100
 OP_TIMEOUT = 5.0
@@ -78,16 +72,6 @@ def owner_key(owner: str) -> int:
     """The advisory lock key that serialises one owner's grants so its quota count is exact."""
     digest = hashlib.blake2b(owner.encode(), digest_size=8, person=b"memsvc-owner").digest()
     return int.from_bytes(digest, "big", signed=True)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Acquired:
-    acquired: bool
-    lease: Lease | None = None
-    holder: Holder | None = None
-    final: bool = True
-    started: float = 0.0
-    """Monotonic time the granting attempt began: the holder's TTL runs from no earlier than this."""
 
 
 def _ambiguous(exc: BaseException) -> bool:
@@ -142,24 +126,19 @@ class LeaseManager:
         """
         self._stopping.set()
 
-    async def _run(self, op: Callable[[asyncpg.Connection], Awaitable[T]], deadline: float | None = None) -> T:
+    async def _run(self, op: Callable[[Connection], Awaitable[T]], deadline: float | None = None) -> T:
         """One lease transaction on a pooled connection, bounded by OP_TIMEOUT and the caller's deadline."""
         budget = OP_TIMEOUT if deadline is None else min(OP_TIMEOUT, deadline - time.monotonic())
         if budget <= 0:
             raise DeadlineExceeded("the call's deadline passed before the lease transaction could start")
         try:
-            # The pool's own acquire timeout would cost a task per call; one timeout bounds the whole operation.
+            # One timer bounds the whole operation, waiting for a connection included.
             async with asyncio.timeout(budget):
-                with translate_errors():
-                    async with self._db.pool.acquire() as conn:
-                        return await op(conn)
+                return await self._db.run(op)
         except TimeoutError as exc:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the call's deadline passed during the lease transaction") from exc
             raise DatabaseUnavailable(f"the lease transaction did not finish within {budget:.1f}s") from exc
-        except asyncpg.InternalClientError as exc:
-            # What asyncpg raises on a pooled connection whose backend was terminated while it sat idle.
-            raise DatabaseUnavailable(f"database connection broken: {exc}") from exc
 
     # --- acquire ------------------------------------------------------------------------------------------------
 
@@ -313,18 +292,7 @@ class LeaseManager:
         last = leases[limit - 1]
         return leases[:limit], encode_page_token(last.namespace, last.name)
 
-    @staticmethod
-    def shows_lease_id(lease: Lease, principal: str | None) -> bool:
-        """The lease id renews and releases a lease, so with auth on only its owner sees it in Get and List."""
-        return principal is None or principal == lease.owner
-
-    # --- Hold streams (see lease_hold) ----------------------------------------------------------------------------
-
-    def hold(
-        self, spec: AcquireSpec, *, owner: str, commands: AsyncIterator[HoldCommand]
-    ) -> AsyncGenerator[HoldEvent, None]:
-        """Acquire, then keep renewing at about TTL/3 until released, lost, or the caller goes away."""
-        return lease_hold.hold(self, spec, owner=owner, commands=commands)
+    # --- what Hold streams (leases.hold) use -------------------------------------------------------------------
 
     @property
     def settings(self) -> Settings:

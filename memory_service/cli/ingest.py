@@ -37,8 +37,8 @@ from typing import IO, Any
 import grpc
 from grpc import aio
 
+from memory_service.cli.jsonl import LineError, parse_line
 from memory_service.config import Settings, parse_duration
-from memory_service.ingest_jsonl import LineError, parse_line
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger(__name__)
