@@ -162,7 +162,9 @@ async def check_vectors_agree(stub: memory_pb2_grpc.MemoryServiceStub, data: Lab
     )
 
 
-async def search_all(stub: memory_pb2_grpc.MemoryServiceStub, data: LabeledSet, **options: int) -> dict[str, list[str]]:
+async def search_all(
+    stub: memory_pb2_grpc.MemoryServiceStub, data: LabeledSet, **options: float
+) -> dict[str, list[str]]:
     runs = {}
     for query_id, text in data.queries.items():
         response = await stub.Search(memory_pb2.SearchRequest(query=text, top_k=TOP_K, **options))
@@ -183,7 +185,13 @@ async def served(server_dsn: str, env: dict[str, str]) -> AsyncIterator[tuple[st
 
 
 async def measure(
-    name: str, server_dsn: str, env: dict[str, str], data: LabeledSet, *, with_vectors: bool
+    name: str,
+    server_dsn: str,
+    env: dict[str, str],
+    data: LabeledSet,
+    *,
+    with_vectors: bool,
+    alphas: Sequence[float] = (),
 ) -> list[list[object]]:
     rows: list[list[object]] = []
     async with served(server_dsn, env) as (dsn, stub):
@@ -192,7 +200,10 @@ async def measure(
         if with_vectors:
             print(f"{name}: lowest cosine, service vs precomputed vectors: {await check_vectors_agree(stub, data):.6f}")
         await wait_for_text_statistics(dsn, len(data.docs))
-        for mode, options in MODES.items():
+        modes = dict(MODES)
+        for alpha in alphas:
+            modes[f"HYBRID alpha={alpha:g}"] = dict(mode=memory_pb2.SEARCH_MODE_HYBRID, alpha=alpha)
+        for mode, options in modes.items():
             started = time.perf_counter()
             runs = await search_all(stub, data, **options)
             per_query_ms = (time.perf_counter() - started) * 1000 / len(data.queries)
@@ -209,11 +220,19 @@ async def run(args: argparse.Namespace) -> None:
         ["bm25s (in process)", *baseline, (time.perf_counter() - started) * 1000 / len(data.queries)]
     ]
     with database_server() as server_dsn:
-        rows += await measure("hash embedder", server_dsn, {"EMBEDDING_PROVIDER": "hash"}, data, with_vectors=False)
+        extra = {f"{key}": value for key, value in (pair.split("=", 1) for pair in args.env)}
+        rows += await measure(
+            "hash embedder",
+            server_dsn,
+            {"EMBEDDING_PROVIDER": "hash", **extra},
+            data,
+            with_vectors=False,
+            alphas=args.alphas,
+        )
         if args.model is not None:
-            env = {"EMBEDDING_PROVIDER": "local", "EMBEDDING_MODEL_PATH": str(args.model.resolve())}
+            env = {"EMBEDDING_PROVIDER": "local", "EMBEDDING_MODEL_PATH": str(args.model.resolve()), **extra}
             with_vectors = data.vectors is not None and not args.embed_corpus
-            rows += await measure("local MiniLM", server_dsn, env, data, with_vectors=with_vectors)
+            rows += await measure("local MiniLM", server_dsn, env, data, with_vectors=with_vectors, alphas=args.alphas)
     print()
     print(f"{len(data.docs)} documents, {len(data.queries)} queries ({args.data.name})")
     print_table(["system", "nDCG@10", "recall@100", "ms/query"], rows)
@@ -224,6 +243,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/scifact"))
     parser.add_argument("--model", type=Path, default=None, help="a local ONNX model directory (EMBEDDING_MODEL_PATH)")
     parser.add_argument("--embed-corpus", action="store_true", help="let the service embed the documents too")
+    parser.add_argument("--alphas", type=float, nargs="*", default=[], help="also run weighted hybrid at these alphas")
+    parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE settings for the servers")
     asyncio.run(run(parser.parse_args()))
 
 

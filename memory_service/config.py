@@ -115,7 +115,7 @@ class Settings:
     """BM25 term-frequency saturation."""
     bm25_b: float = 0.75
     """BM25 document-length normalisation (0 = none, 1 = full)."""
-    text_max_scored: int = 5000
+    text_max_scored: int = 2000
     """Most memories one text query scores; terms are taken rarest first until their documents reach it."""
     text_stats_interval: float = 10.0
     """How often each instance checks whether BM25's corpus statistics are due for a refresh."""
@@ -191,7 +191,7 @@ class Settings:
             search_narrow_filter_rows=reader.integer("SEARCH_NARROW_FILTER_ROWS", 5000, minimum=0),
             bm25_k1=reader.number("BM25_K1", 1.2, minimum=0.0, maximum=10.0),
             bm25_b=reader.number("BM25_B", 0.75, minimum=0.0, maximum=1.0),
-            text_max_scored=reader.integer("TEXT_MAX_SCORED", 5000, minimum=100, maximum=10_000_000),
+            text_max_scored=reader.integer("TEXT_MAX_SCORED", 2000, minimum=100, maximum=10_000_000),
             text_stats_interval=reader.duration("TEXT_STATS_INTERVAL", 10.0),
             hybrid_alpha=reader.optional_number("SEARCH_HYBRID_ALPHA", minimum=0.0, maximum=1.0),
             purge_interval=reader.duration("PURGE_INTERVAL", 60.0),

@@ -40,7 +40,7 @@ class TextRanking:
 
     k1: float = 1.2
     b: float = 0.75
-    max_scored: int = 5000
+    max_scored: int = 2000
 
 
 DEFAULT_TEXT_RANKING = TextRanking()
@@ -94,15 +94,18 @@ def _bm25(k1_param: str, b_param: str) -> str:
 def _text_cte(where: str, limit: str, budget: str, bm25: str, *, pruned: bool) -> str:
     """The best ``limit`` by BM25 among at most ``budget`` memories holding the core terms (plus, unpruned, at
     most ``budget`` more holding any term)."""
-    core = f"SELECT m.id FROM memory.memories m WHERE m.search_tsv @@ (SELECT core FROM wa) AND {where} LIMIT {budget}"
-    ids = core
-    if not pruned:
-        broad = core.replace("(SELECT core FROM wa)", "(SELECT broad FROM wa)")
-        ids = f"({core}) UNION ({broad})"
-    return (
-        f"SELECT m.id, {bm25} AS text_score FROM memory.memories m WHERE m.id IN ({ids}) "
-        f"ORDER BY text_score DESC, m.id LIMIT {limit}"
-    )
+    core = f"m.search_tsv @@ (SELECT core FROM wa) AND {where}"
+    if pruned:
+        # Scored as the index finds them: one visit to each memory.
+        scored = f"SELECT m.id, {bm25} AS text_score FROM memory.memories m WHERE {core} LIMIT {budget}"
+    else:
+        broad = f"m.search_tsv @@ (SELECT broad FROM wa) AND {where}"
+        ids = (
+            f"(SELECT m.id FROM memory.memories m WHERE {core} LIMIT {budget}) UNION "
+            f"(SELECT m.id FROM memory.memories m WHERE {broad} LIMIT {budget})"
+        )
+        scored = f"SELECT m.id, {bm25} AS text_score FROM memory.memories m WHERE m.id IN ({ids})"
+    return f"SELECT id, text_score FROM ({scored}) s ORDER BY text_score DESC, id LIMIT {limit}"
 
 
 async def candidates(
