@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,11 @@ MAX_TAG_CHARS = 100
 MAX_METADATA_BYTES = 64 * 1024
 MAX_SCOPES = 100
 MAX_ID = 2**63 - 1
+LATEST_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+"""The latest ``expires_at`` the service stores: PostgreSQL goes further, but neither the driver's datetimes nor
+protobuf's Timestamps do, so a later row could never be read back."""
+TTL_CLOCK_MARGIN = timedelta(days=1)
+"""A TTL is added to the database's clock, not this instance's: the bound keeps a day's skew in hand."""
 
 
 def check_text(field: str, value: str, *, max_bytes: int, allow_empty: bool = False) -> str:
@@ -95,6 +101,20 @@ def check_metadata(field: str, metadata: dict[str, Any]) -> dict[str, Any]:
     if len(encoded) > MAX_METADATA_BYTES:
         raise InvalidArgument(field, f"is {len(encoded)} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
     return metadata
+
+
+def check_ttl(field: str, ttl: timedelta, *, now: datetime | None = None) -> float:
+    """A memory's TTL in seconds: positive, and ending no later than LATEST_EXPIRY."""
+    if ttl <= timedelta(0):
+        raise InvalidArgument(field, f"must be positive (got {ttl.total_seconds():g}s)")
+    longest = LATEST_EXPIRY - TTL_CLOCK_MARGIN - (now or datetime.now(UTC))
+    if ttl > longest:
+        raise InvalidArgument(
+            field,
+            f"would expire after 9999-12-31, the latest expiry that can be stored "
+            f"(got {ttl.total_seconds():.0f}s; at most {longest.total_seconds():.0f}s today)",
+        )
+    return ttl.total_seconds()
 
 
 def check_limit(field: str, value: int, *, default: int, maximum: int) -> int:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from google.protobuf import duration_pb2
 from grpc import aio
 
+from memory_service.api import times
 from memory_service.api.interceptor import current_principal
 from memory_service.errors import InvalidArgument
 from memory_service.lease_hold import HoldCommand, HoldEvent, HoldEventKind
@@ -34,7 +35,7 @@ def _seconds(request: lease_pb2.AcquireRequest, name: str, field: str) -> float 
     if not request.HasField(name):  # type: ignore[arg-type]
         return None
     duration: duration_pb2.Duration = getattr(request, name)
-    seconds = duration.seconds + duration.nanos / 1e9
+    seconds = times.duration(field, duration).total_seconds()
     if seconds < 0:
         raise InvalidArgument(field, f"is expected to be positive (got {seconds:g}s)")
     return seconds
@@ -122,7 +123,7 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     async def Renew(self, request: lease_pb2.RenewRequest, context: aio.ServicerContext) -> lease_pb2.RenewResponse:
         ttl = None
         if request.HasField("ttl"):
-            ttl = request.ttl.seconds + request.ttl.nanos / 1e9
+            ttl = times.duration("ttl", request.ttl).total_seconds()
         lease = await self._leases.renew(request.lease_id, ttl, deadline=_deadline(context))
         return lease_pb2.RenewResponse(lease=_lease(lease))
 
