@@ -118,12 +118,13 @@ def check_ttl(field: str, ttl: timedelta, *, now: datetime | None = None) -> flo
 
 
 def check_limit(field: str, value: int, *, default: int, maximum: int) -> int:
-    """0 means the default; negatives and values above the cap are refused rather than silently clamped."""
+    """0 means the default; above ``maximum`` means the maximum, as the proto's "capped by the server" promises (a
+    client cannot know the cap, so refusing would fail a request that has a sensible answer). Negatives are refused."""
     if value == 0:
         return default
-    if value < 0 or value > maximum:
-        raise InvalidArgument(field, f"must be between 1 and {maximum} (got {value})")
-    return value
+    if value < 0:
+        raise InvalidArgument(field, f"must be a positive number, or 0 for the default {default} (got {value})")
+    return min(value, maximum)
 
 
 def _check_no_nul(field: str, value: str) -> None:
