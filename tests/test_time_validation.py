@@ -20,7 +20,16 @@ from hypothesis import strategies as st
 
 from memory_service.storage.migrations import apply_migrations
 from memory_service.v1 import lease_pb2, memory_pb2
-from tests.conftest import RunningServer, code_of, create_database, drop_database, start_server, stop_server, test_env
+from tests.conftest import (
+    RunningServer,
+    bad_request_fields,
+    code_of,
+    create_database,
+    drop_database,
+    start_server,
+    stop_server,
+    test_env,
+)
 
 TS_MIN, TS_MAX = -62_135_596_800, 253_402_300_799
 DUR_MAX = 315_576_000_000
@@ -80,9 +89,15 @@ async def outcome(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
 
 
 async def assert_invalid(call: Awaitable[object], field: str) -> None:
-    code, details = await outcome(call)
-    assert code is grpc.StatusCode.INVALID_ARGUMENT, (field, code, details)
-    assert details.startswith(field + ":"), (field, details)
+    """INVALID_ARGUMENT naming ``field`` in the message and in the google.rpc.BadRequest details."""
+    try:
+        await call
+    except grpc.RpcError as error:
+        assert code_of(error) is grpc.StatusCode.INVALID_ARGUMENT, (field, error)
+        assert (error.details() or "").startswith(field + ":"), (field, error.details())
+        assert bad_request_fields(error) == [field]
+        return
+    raise AssertionError(f"{field}: accepted")
 
 
 def unary_calls(server: RunningServer, stamp: timestamp_pb2.Timestamp) -> list[tuple[Awaitable[object], str]]:
@@ -129,12 +144,14 @@ async def test_bad_durations_are_invalid_on_every_unary_rpc(
         await assert_invalid(call, field)
 
 
-async def hold_first_event(server: RunningServer, request: lease_pb2.AcquireRequest) -> tuple[grpc.StatusCode, str]:
+async def hold_first_event(server: RunningServer, request: lease_pb2.AcquireRequest) -> lease_pb2.HoldEvent:
     call = server.leases.Hold()
-    await call.write(lease_pb2.HoldRequest(acquire=request))
-    code, details = await outcome(call.read())
-    call.cancel()
-    return code, details
+    try:
+        await call.write(lease_pb2.HoldRequest(acquire=request))
+        event: lease_pb2.HoldEvent = await call.read()
+        return event
+    finally:
+        call.cancel()
 
 
 @pytest.mark.parametrize(("seconds", "nanos"), BAD_DURATIONS)
@@ -144,9 +161,7 @@ async def test_bad_durations_are_invalid_on_hold(shared_server: RunningServer, s
         (lease_pb2.AcquireRequest(namespace="t", name="h", ttl=bad), "acquire.ttl"),
         (lease_pb2.AcquireRequest(namespace="t", name="h", ttl=dur(5, 0), wait=bad), "acquire.wait"),
     ):
-        code, details = await hold_first_event(shared_server, request)
-        assert code is grpc.StatusCode.INVALID_ARGUMENT, (field, code, details)
-        assert details.startswith(field + ":"), details
+        await assert_invalid(hold_first_event(shared_server, request), field)
 
 
 async def test_a_ttl_past_year_9999_is_invalid_not_stored(shared_server: RunningServer) -> None:

@@ -14,7 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memory_service.v1 import memory_pb2
-from tests.conftest import RunningServer, code_of, create_database, drop_database, start_server, stop_server, test_env
+from tests.conftest import (
+    RunningServer,
+    bad_request_fields,
+    code_of,
+    create_database,
+    drop_database,
+    start_server,
+    stop_server,
+    test_env,
+)
 
 ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 PROPERTY = settings(
@@ -222,3 +231,29 @@ async def test_sizes_above_the_cap_are_capped_not_refused(database_url: str) -> 
             assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field + ":"), details
     finally:
         await stop_server(running)
+
+
+async def test_invalid_argument_carries_bad_request_details(shared_server: RunningServer) -> None:
+    """Clients in any language read the field from google.rpc.BadRequest, not from the message text."""
+    memory = shared_server.memory
+    with pytest.raises(grpc.RpcError) as caught:
+        await memory.Embed(memory_pb2.EmbedRequest(texts=["ok", ""]))
+    assert bad_request_fields(caught.value) == ["texts[1]"]
+
+    items = [
+        memory_pb2.BulkItem(sequence=s, memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v"))
+        for s in (5, 4)
+    ]
+    with pytest.raises(grpc.RpcError) as caught:
+        _ = [ack async for ack in memory.BulkStore(iter([memory_pb2.BulkStoreRequest(items=items)]))]
+    assert code_of(caught.value) is grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == ["items[1].sequence"]
+
+    # Other codes carry no BadRequest.
+    with pytest.raises(grpc.RpcError) as caught:
+        await memory.Get(memory_pb2.GetRequest(id=2**62))
+    assert code_of(caught.value) is grpc.StatusCode.NOT_FOUND
+    assert caught.value.trailing_metadata() is None or all(  # type: ignore[attr-defined]
+        key != "grpc-status-details-bin"
+        for key, _ in caught.value.trailing_metadata()  # type: ignore[attr-defined]
+    )
