@@ -44,6 +44,26 @@ SERVICE_NAMES = (
 )
 
 
+def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """Ping every client every GRPC_KEEPALIVE_TIME and drop it when a ping goes unanswered for
+    GRPC_KEEPALIVE_TIMEOUT, so the calls of a silent peer end (and a Hold stream releases its lease) in bounded time.
+
+    gRPC's default is two hours, and a peer behind a connection that stops forwarding would keep a Hold lease
+    renewed all that time. Pings continue on streams that carry no data (a Hold between renewals), and clients may
+    ping as often as every 5 s (the Python client's default is 10 s). In grpcio 1.85 an unanswered keepalive ping
+    ends the connection only after ``grpc.http2.ping_timeout_ms`` (one minute by default), not after
+    ``keepalive_timeout_ms`` alone, so both are set (measured with a proxy that stops forwarding).
+    """
+    return [
+        ("grpc.keepalive_time_ms", round(settings.grpc_keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", round(settings.grpc_keepalive_timeout * 1000)),
+        ("grpc.http2.ping_timeout_ms", round(settings.grpc_keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
 class MemoryServer:
     """One running instance: the runtime (database, embedder, domain services) behind a gRPC server."""
 
@@ -84,8 +104,7 @@ class MemoryServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                *keepalive_options(settings),
             ],
         )
         memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(self.runtime), server)
