@@ -57,6 +57,8 @@ class Runtime:
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self.stopping = asyncio.Event()
+        """Set when shutdown begins: streams stop taking new work (BulkStore ends after committing what it has)."""
 
     @property
     def db(self) -> Database:
@@ -158,7 +160,8 @@ class Runtime:
         )
 
     def begin_shutdown(self) -> None:
-        """Stop work that would otherwise outlive a drain (lease Hold streams)."""
+        """Stop work that would otherwise outlive a drain (lease Hold streams, BulkStore streams)."""
+        self.stopping.set()
         if self._leases is not None:
             self._leases.begin_shutdown()
 

@@ -67,6 +67,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             batch_rows=settings.bulk_batch_rows,
             queue_depth=settings.bulk_queue_depth,
             max_items_per_request=settings.bulk_max_items_per_request,
+            stopping=self._runtime.stopping,
         )
         async for ack in bulk.run(requests()):
             yield memory_pb2.BulkStoreAck(
