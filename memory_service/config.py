@@ -92,6 +92,12 @@ class Settings:
     """Calls in progress past this answer RESOURCE_EXHAUSTED at once instead of queueing without bound."""
     shutdown_grace: float = 20.0
     """Seconds in-flight calls get to finish after SIGTERM."""
+    grpc_keepalive_time: float = 10.0
+    """Seconds between HTTP/2 keepalive pings on a connection, from the server and from the Python client."""
+    grpc_keepalive_timeout: float = 5.0
+    """Seconds a ping may go unanswered before the peer is taken for dead and its calls (Hold streams) end."""
+    health_check_interval: float = 1.0
+    """Seconds between the health probes of PostgreSQL that turn the gRPC health status NOT_SERVING and back."""
     auth_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     """Bearer tokens accepted in the ``authorization`` metadata; empty disables auth."""
     tls_cert_file: Path | None = None
@@ -177,6 +183,9 @@ class Settings:
                 "GRPC_MAX_MESSAGE_BYTES", 8 * 1024 * 1024, minimum=64 * 1024, maximum=1 << 30
             ),
             shutdown_grace=reader.duration("SHUTDOWN_GRACE", 20.0),
+            grpc_keepalive_time=reader.duration("GRPC_KEEPALIVE_TIME", 10.0),
+            grpc_keepalive_timeout=reader.duration("GRPC_KEEPALIVE_TIMEOUT", 5.0),
+            health_check_interval=reader.duration("HEALTH_CHECK_INTERVAL", 1.0),
             auth_tokens=reader.token_list("AUTH_TOKENS"),
             tls_cert_file=reader.path("TLS_CERT_FILE"),
             tls_key_file=reader.path("TLS_KEY_FILE"),

@@ -17,6 +17,9 @@ Guarantees a resuming client relies on:
 - An invalid row is rejected with its sequence number and the rest of its batch lands. A stream-level error (a
   request too large, a sequence number that does not increase, a superseded fence) first lets the batches before
   it commit, then ends the stream.
+- When the server begins shutting down, the stream stops reading requests, commits and acknowledges what it had
+  received, and ends with Unavailable at once, so the client resumes elsewhere instead of streaming on into the
+  drain's grace period.
 
 The embedding cache is written by the embedder when it computes vectors, just before the batch's transaction
 rather than inside it: entries are content-addressed and idempotent, so one whose batch then fails is still
@@ -34,7 +37,7 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.errors import InvalidArgument
+from memory_service.errors import InvalidArgument, Unavailable
 from memory_service.metrics import Metrics
 from memory_service.models import Fence, NewMemory, Vector
 from memory_service.storage import ingest_sql
@@ -149,6 +152,7 @@ class BulkIngest:
         batch_rows: int,
         queue_depth: int,
         max_items_per_request: int,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self._db = db
         self._embedder = embedder
@@ -156,6 +160,7 @@ class BulkIngest:
         self._batch_rows = batch_rows
         self._depth = queue_depth
         self._max_items = max_items_per_request
+        self._stopping = stopping or asyncio.Event()
 
     async def run(self, requests: AsyncIterator[BulkRequest]) -> AsyncIterator[BulkAck]:
         """Acks in stream order, one per committed batch; raises the error that ends the stream, if any."""
@@ -202,8 +207,9 @@ class BulkIngest:
         """Check stream-level rules and hand each request's items on; blocks while the pipeline is full."""
         last = -1
         fence: Fence | None = None
+        iterator = aiter(requests)
         try:
-            async for request in requests:
+            while (request := await self._next_request(iterator)) is not None:
                 check_request_size(len(request.items), self._max_items)
                 for index, item in enumerate(request.items):
                     if item.sequence <= last:
@@ -222,6 +228,25 @@ class BulkIngest:
             await out.put(_End(exc))
             return
         await out.put(_End())
+
+    async def _next_request(self, iterator: AsyncIterator[BulkRequest]) -> BulkRequest | None:
+        """The next request, None at the end of the stream; Unavailable once the server is shutting down."""
+        if not self._stopping.is_set():
+            receive = asyncio.ensure_future(anext(iterator, None))
+            stop = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait((receive, stop), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                if not receive.done():
+                    receive.cancel()  # never acknowledged, so the client sends it again elsewhere
+                    await asyncio.gather(receive, return_exceptions=True)
+            if receive.done() and not receive.cancelled():
+                return receive.result()
+        raise Unavailable(
+            "the server is shutting down: every acknowledged item is stored; resume after the last acknowledged "
+            "durable_sequence on another instance"
+        )
 
     async def _prepare(self, source: asyncio.Queue[list[_Pending] | _End], out: asyncio.Queue[_Batch | _End]) -> None:
         """Cut the item stream into batches of ``batch_rows`` (or less after LINGER idle), embed, pass on."""

@@ -62,6 +62,8 @@ class Runtime:
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self.stopping = asyncio.Event()
+        """Set when shutdown begins: streams stop taking new work (BulkStore ends after committing what it has)."""
 
     @property
     def db(self) -> Database:
@@ -133,6 +135,7 @@ class Runtime:
                 batch_rows=settings.bulk_batch_rows,
                 queue_depth=settings.bulk_queue_depth,
                 max_items_per_request=settings.bulk_max_items_per_request,
+                stopping=self.stopping,
             )
             self._index = IndexCare(db, self.dsn, exact_max_rows=settings.exact_search_max_rows)
             await self._index.refresh()
@@ -190,7 +193,8 @@ class Runtime:
         )
 
     def begin_shutdown(self) -> None:
-        """Stop work that would otherwise outlive a drain (lease Hold streams)."""
+        """Stop work that would otherwise outlive a drain (lease Hold streams, BulkStore streams)."""
+        self.stopping.set()
         if self._leases is not None:
             self._leases.begin_shutdown()
 

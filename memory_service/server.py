@@ -2,7 +2,9 @@
 
 Start-up order: database (embedded or DATABASE_URL), migrations, pool, lease manager, embedder, domain services,
 gRPC server, metrics endpoint, health SERVING. Migrations run before the pool because every pooled connection
-registers the pgvector codec, which needs the extension to exist.
+registers the pgvector codec, which needs the extension to exist. From then on the health status follows the
+database (a probe every HEALTH_CHECK_INTERVAL): NOT_SERVING while PostgreSQL cannot be reached, SERVING when it
+answers again.
 
 Shutdown (SIGTERM/SIGINT): health NOT_SERVING, stop accepting, drain in-flight calls within the grace period,
 stop background work and release held leases, close the embedder, close the pool last, then stop the embedded
@@ -19,10 +21,11 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from memory_service.api.health import HealthMonitor
 from memory_service.api.interceptor import Authenticator, ServiceInterceptor
 from memory_service.api.lease_servicer import LeaseServicer
 from memory_service.api.memory_servicer import MemoryServicer
@@ -30,6 +33,7 @@ from memory_service.config import Settings
 from memory_service.errors import StartupError
 from memory_service.metrics import Metrics
 from memory_service.runtime import Runtime
+from memory_service.storage.probe import DatabaseProbe
 from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,26 @@ SERVICE_NAMES = (
     memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
     lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
 )
+
+
+def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """Ping every client every GRPC_KEEPALIVE_TIME and drop it when a ping goes unanswered for
+    GRPC_KEEPALIVE_TIMEOUT, so the calls of a silent peer end (and a Hold stream releases its lease) in bounded time.
+
+    gRPC's default is two hours, and a peer behind a connection that stops forwarding would keep a Hold lease
+    renewed all that time. Pings continue on streams that carry no data (a Hold between renewals), and clients may
+    ping as often as every 5 s (the Python client's default is 10 s). In grpcio 1.85 an unanswered keepalive ping
+    ends the connection only after ``grpc.http2.ping_timeout_ms`` (one minute by default), not after
+    ``keepalive_timeout_ms`` alone, so both are set (measured with a proxy that stops forwarding).
+    """
+    return [
+        ("grpc.keepalive_time_ms", round(settings.grpc_keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", round(settings.grpc_keepalive_timeout * 1000)),
+        ("grpc.http2.ping_timeout_ms", round(settings.grpc_keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
 
 
 class MemoryServer:
@@ -50,6 +74,8 @@ class MemoryServer:
         self.health = HealthServicer()
         self._server: aio.Server | None = None
         self._metrics_http: Any = None
+        self._monitor: HealthMonitor | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port = 0
 
@@ -62,8 +88,10 @@ class MemoryServer:
             await self._stop_grpc(0)
             await self.runtime.close()
             raise
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        probe = DatabaseProbe(self.runtime.dsn, timeout=max(self.settings.health_check_interval, 1.0))
+        self._monitor = HealthMonitor(self.health, probe, ("", *SERVICE_NAMES), self.settings.health_check_interval)
+        await self._monitor.set_all(True)
+        self._monitor_task = asyncio.create_task(self._monitor.run(), name="health monitor")
         log.info("serving gRPC on %s:%d", self.settings.grpc_host, self.port)
 
     async def _start_grpc(self) -> None:
@@ -76,8 +104,7 @@ class MemoryServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                *keepalive_options(settings),
             ],
         )
         runtime = self.runtime
@@ -141,6 +168,10 @@ class MemoryServer:
         """Drain and shut down in the documented order; safe to call twice."""
         grace = self.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            await asyncio.gather(self._monitor_task, return_exceptions=True)
+            self._monitor_task = None
         # Hold streams never end by themselves; ending them first (LOST, lease released) keeps them from
         # holding the drain open for the whole grace period.
         self.runtime.begin_shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,11 @@ MAX_TAG_CHARS = 100
 MAX_METADATA_BYTES = 64 * 1024
 MAX_SCOPES = 100
 MAX_ID = 2**63 - 1
+LATEST_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+"""The latest ``expires_at`` the service stores: PostgreSQL goes further, but neither the driver's datetimes nor
+protobuf's Timestamps do, so a later row could never be read back."""
+TTL_CLOCK_MARGIN = timedelta(days=1)
+"""A TTL is added to the database's clock, not this instance's: the bound keeps a day's skew in hand."""
 
 
 def check_text(field: str, value: str, *, max_bytes: int, allow_empty: bool = False) -> str:
@@ -97,13 +103,28 @@ def check_metadata(field: str, metadata: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
+def check_ttl(field: str, ttl: timedelta, *, now: datetime | None = None) -> float:
+    """A memory's TTL in seconds: positive, and ending no later than LATEST_EXPIRY."""
+    if ttl <= timedelta(0):
+        raise InvalidArgument(field, f"must be positive (got {ttl.total_seconds():g}s)")
+    longest = LATEST_EXPIRY - TTL_CLOCK_MARGIN - (now or datetime.now(UTC))
+    if ttl > longest:
+        raise InvalidArgument(
+            field,
+            f"would expire after 9999-12-31, the latest expiry that can be stored "
+            f"(got {ttl.total_seconds():.0f}s; at most {longest.total_seconds():.0f}s today)",
+        )
+    return ttl.total_seconds()
+
+
 def check_limit(field: str, value: int, *, default: int, maximum: int) -> int:
-    """0 means the default; negatives and values above the cap are refused rather than silently clamped."""
+    """0 means the default; above ``maximum`` means the maximum, as the proto's "capped by the server" promises (a
+    client cannot know the cap, so refusing would fail a request that has a sensible answer). Negatives are refused."""
     if value == 0:
         return default
-    if value < 0 or value > maximum:
-        raise InvalidArgument(field, f"must be between 1 and {maximum} (got {value})")
-    return value
+    if value < 0:
+        raise InvalidArgument(field, f"must be a positive number, or 0 for the default {default} (got {value})")
+    return min(value, maximum)
 
 
 def _check_no_nul(field: str, value: str) -> None:

@@ -152,3 +152,19 @@ async def server(database_url: str) -> AsyncIterator[RunningServer]:
 def code_of(error: BaseException) -> grpc.StatusCode:
     assert isinstance(error, grpc.RpcError), error
     return error.code()  # type: ignore[no-any-return]
+
+
+def bad_request_fields(error: BaseException) -> list[str]:
+    """The fields of the ``google.rpc.BadRequest`` violations an INVALID_ARGUMENT carries, decoded as a client would."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    assert isinstance(error, grpc.RpcError), error
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "no google.rpc.Status in the trailers"
+    fields = []
+    for detail in status.details:
+        request = error_details_pb2.BadRequest()
+        if detail.Unpack(request):
+            fields.extend(v.field for v in request.field_violations)
+    return fields

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import grpc
+import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -134,3 +136,53 @@ async def test_calls_past_the_concurrency_limit_are_refused_not_queued(database_
     finally:
         await blocker.close()
         await stop_server(running)
+
+
+async def test_sigterm_ends_an_open_bulk_store_at_once_with_every_acked_row_stored(database_url: str) -> None:
+    """The stream stops taking batches, commits what it has, and ends UNAVAILABLE well before the grace."""
+    grace = 120
+    process = ServerProcess(test_env(database_url, SHUTDOWN_GRACE=f"{grace}s"))
+    try:
+        await asyncio.to_thread(process.wait_serving)
+        acked = 0
+        sent = 0
+        terminated = False
+
+        async def requests() -> AsyncIterator[memory_pb2.BulkStoreRequest]:
+            nonlocal sent
+            while True:  # a client that would stream forever
+                items = [
+                    memory_pb2.BulkItem(
+                        sequence=sent + i + 1,
+                        memory=memory_pb2.MemoryInput(
+                            scope=memory_pb2.SCOPE_AGENT, scope_id=3, value=f"bulk row {sent + i + 1}"
+                        ),
+                    )
+                    for i in range(20)
+                ]
+                sent += len(items)
+                yield memory_pb2.BulkStoreRequest(items=items)
+                await asyncio.sleep(0.02)
+
+        async with aio.insecure_channel(process.address) as channel:
+            call = memory_pb2_grpc.MemoryServiceStub(channel).BulkStore(requests())
+            with pytest.raises(grpc.RpcError) as caught:
+                async for ack in call:
+                    assert not ack.rejections
+                    acked = ack.durable_sequence
+                    if acked >= 200 and process.process.poll() is None and not terminated:
+                        process.terminate()
+                        terminated = True
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value  # type: ignore[attr-defined]
+            assert "shutting down" in (caught.value.details() or "")  # type: ignore[attr-defined]
+        # Exits well before the grace: waiting longer than half of it fails the test.
+        assert await asyncio.to_thread(process.wait, grace / 2) == 0
+        conn = await asyncpg.connect(database_url)
+        try:
+            values = [f"bulk row {seq}" for seq in range(1, acked + 1)]
+            stored = await conn.fetchval("SELECT count(*) FROM memory.memories WHERE value = ANY($1::text[])", values)
+        finally:
+            await conn.close()
+        assert acked >= 200 and stored == acked, (acked, stored, sent)
+    finally:
+        process.stop()

@@ -14,7 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memory_service.v1 import memory_pb2
-from tests.conftest import RunningServer, code_of, create_database, drop_database, start_server, stop_server, test_env
+from tests.conftest import (
+    RunningServer,
+    bad_request_fields,
+    code_of,
+    create_database,
+    drop_database,
+    start_server,
+    stop_server,
+    test_env,
+)
 
 ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 PROPERTY = settings(
@@ -105,7 +114,7 @@ async def test_search_never_fails_unexpectedly(
     code, details = await outcome(shared_server.memory.Search(request))
     assert code in ACCEPTABLE, (code, details)
     if code is grpc.StatusCode.OK:
-        assert 0 <= top_k <= 200
+        assert top_k >= 0  # above the cap it is capped, not refused
 
 
 @pytest.mark.parametrize(
@@ -159,7 +168,6 @@ async def test_other_rpcs_validate_their_fields(shared_server: RunningServer) ->
         (memory.Get(memory_pb2.GetRequest(id=-4)), "id"),
         (memory.Delete(memory_pb2.DeleteRequest()), "target"),
         (memory.List(memory_pb2.ListRequest(page_size=-1)), "page_size"),
-        (memory.List(memory_pb2.ListRequest(page_size=10**6)), "page_size"),
         (memory.Embed(memory_pb2.EmbedRequest()), "texts"),
         (memory.Embed(memory_pb2.EmbedRequest(texts=["ok", ""])), "texts[1]"),
         (memory.Embed(memory_pb2.EmbedRequest(texts=["x"] * 1000)), "texts"),
@@ -189,3 +197,63 @@ async def test_a_message_that_does_not_parse_is_invalid_argument(shared_server: 
     code, details = await outcome(call.read())
     assert code is grpc.StatusCode.INVALID_ARGUMENT, details
     assert details.startswith("request: is not a valid message")
+
+
+async def test_sizes_above_the_cap_are_capped_not_refused(database_url: str) -> None:
+    running = await start_server(test_env(database_url, SEARCH_MAX_TOP_K="3", LIST_MAX_PAGE_SIZE="4"))
+    try:
+        memory = running.memory
+        items = [
+            memory_pb2.BulkItem(
+                sequence=i + 1,
+                memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=5, value=f"capped note {i}"),
+            )
+            for i in range(10)
+        ]
+        _ = [ack async for ack in memory.BulkStore(iter([memory_pb2.BulkStoreRequest(items=items)]))]
+        hits = await memory.Search(memory_pb2.SearchRequest(query="capped note", top_k=2**31 - 1))
+        assert len(hits.hits) == 3
+        seen: list[int] = []
+        token = ""
+        while True:
+            page = await memory.List(memory_pb2.ListRequest(page_size=10**6, page_token=token))
+            assert len(page.memories) <= 4
+            seen.extend(m.id for m in page.memories)
+            token = page.next_page_token
+            if not token:
+                break
+        assert len(seen) == len(set(seen)) == 10
+        for call, field in (
+            (memory.Search(memory_pb2.SearchRequest(query="q", top_k=-1)), "top_k"),
+            (memory.List(memory_pb2.ListRequest(page_size=-1)), "page_size"),
+        ):
+            code, details = await outcome(call)
+            assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field + ":"), details
+    finally:
+        await stop_server(running)
+
+
+async def test_invalid_argument_carries_bad_request_details(shared_server: RunningServer) -> None:
+    """Clients in any language read the field from google.rpc.BadRequest, not from the message text."""
+    memory = shared_server.memory
+    with pytest.raises(grpc.RpcError) as caught:
+        await memory.Embed(memory_pb2.EmbedRequest(texts=["ok", ""]))
+    assert bad_request_fields(caught.value) == ["texts[1]"]
+
+    items = [
+        memory_pb2.BulkItem(sequence=s, memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v"))
+        for s in (5, 4)
+    ]
+    with pytest.raises(grpc.RpcError) as caught:
+        _ = [ack async for ack in memory.BulkStore(iter([memory_pb2.BulkStoreRequest(items=items)]))]
+    assert code_of(caught.value) is grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == ["items[1].sequence"]
+
+    # Other codes carry no BadRequest.
+    with pytest.raises(grpc.RpcError) as caught:
+        await memory.Get(memory_pb2.GetRequest(id=2**62))
+    assert code_of(caught.value) is grpc.StatusCode.NOT_FOUND
+    assert caught.value.trailing_metadata() is None or all(  # type: ignore[attr-defined]
+        key != "grpc-status-details-bin"
+        for key, _ in caught.value.trailing_metadata()  # type: ignore[attr-defined]
+    )

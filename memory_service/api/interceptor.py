@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from memory_service import errors
+from memory_service.api import details
 from memory_service.api.status import status_for
 from memory_service.metrics import Metrics
 
@@ -233,6 +234,9 @@ async def _abort_unless_final(exc: BaseException, code: grpc.StatusCode, context
     """
     if isinstance(exc, aio.AbortError | asyncio.CancelledError | GeneratorExit):
         return
+    if isinstance(exc, errors.InvalidArgument):
+        message = str(exc)
+        await context.abort(code, message, trailing_metadata=details.bad_request(exc, message))
     if isinstance(exc, errors.MemoryServiceError) and code is not grpc.StatusCode.INTERNAL:
         message = str(exc)
     elif isinstance(exc, NotImplementedError):

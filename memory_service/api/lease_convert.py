@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from google.protobuf import duration_pb2
 
+from memory_service.api import times
 from memory_service.errors import InvalidArgument
 from memory_service.leases.rules import AcquireSpec
 from memory_service.leases.types import HoldCommand, Holder, HoldEvent, HoldEventKind, Lease
@@ -26,7 +27,7 @@ def _seconds(request: lease_pb2.AcquireRequest, name: str, field: str) -> float 
     if not request.HasField(name):  # type: ignore[arg-type]
         return None
     duration: duration_pb2.Duration = getattr(request, name)
-    seconds = duration.seconds + duration.nanos / 1e9
+    seconds = times.duration(field, duration).total_seconds()
     if seconds < 0:
         raise InvalidArgument(field, f"is expected to be positive (got {seconds:g}s)")
     return seconds

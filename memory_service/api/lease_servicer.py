@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from grpc import aio
 
 from memory_service.api import lease_convert as convert
+from memory_service.api import times
 from memory_service.api.interceptor import current_principal
 from memory_service.errors import InvalidArgument
 from memory_service.leases.hold import hold
@@ -48,7 +49,7 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     async def Renew(self, request: lease_pb2.RenewRequest, context: aio.ServicerContext) -> lease_pb2.RenewResponse:
         ttl = None
         if request.HasField("ttl"):
-            ttl = request.ttl.seconds + request.ttl.nanos / 1e9
+            ttl = times.duration("ttl", request.ttl).total_seconds()
         lease = await self._leases.renew(request.lease_id, ttl, deadline=_deadline(context))
         return lease_pb2.RenewResponse(lease=convert.lease_to_proto(lease))
 

@@ -15,7 +15,7 @@ import asyncpg
 import pgvector
 
 from memory_service.models import NewMemory, Vector
-from memory_service.storage.memories_sql import UPSERT_TAIL, WRITE_COLUMNS
+from memory_service.storage.memories_sql import LATEST_EXPIRY, UPSERT_TAIL, WRITE_COLUMNS
 
 STAGING = "memory_bulk_staging"
 
@@ -66,7 +66,7 @@ INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
 SELECT s.scope::memory.scope, s.scope_id, s.agent_id, s.memory_type::memory.memory_type, s.key, s.value,
        s.embedding, s.importance, s.tags, s.metadata::jsonb, s.content_hash, $1::text,
        CASE WHEN s.ttl_seconds IS NULL THEN s.expires_at
-            ELSE clock_timestamp() + make_interval(secs => s.ttl_seconds) END
+            ELSE LEAST(clock_timestamp() + make_interval(secs => s.ttl_seconds), {LATEST_EXPIRY}) END
 FROM pg_temp.{STAGING} s
 ORDER BY s.ord
 {UPSERT_TAIL}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -20,6 +21,10 @@ WRITE_COLUMNS = (
     "scope, scope_id, agent_id, memory_type, key, value, embedding, importance, tags, metadata, "
     "content_hash, embedding_model, expires_at"
 )
+
+LATEST_EXPIRY = "'9999-12-31 23:59:59.999999+00'::timestamptz"
+"""The latest expiry stored (validation.LATEST_EXPIRY); a TTL added to the database clock is capped at it, so even a
+skewed clock cannot store a row that the driver cannot read back (migration 0006 also forbids one)."""
 
 # On conflict the row is rewritten only when something differs, so "unchanged" costs no new row version and
 # reports no update.
@@ -48,7 +53,7 @@ RETURNING m.id, (m.xmax = 0) AS created
 _UPSERT_ONE = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
 VALUES ($1::text::memory.scope, $2, $3, $4::text::memory.memory_type, $5, $6, $7, $8, $9, $10::jsonb, $11,
-        $12, COALESCE($13::timestamptz, clock_timestamp() + make_interval(secs => $14::float8)))
+        $12, COALESCE($13::timestamptz, LEAST(clock_timestamp() + make_interval(secs => $14::float8), {LATEST_EXPIRY})))
 {UPSERT_TAIL}
 """
 
@@ -162,9 +167,16 @@ def memory_from_row(row: asyncpg.Record | dict[str, Any]) -> Memory:
         embedding_model=row["embedding_model"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
+        expires_at=_aware(row["expires_at"]),
         embedding=row.get("embedding"),
     )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """asyncpg reads timestamptz 'infinity' (which is also how it writes datetime.max) as a naive datetime.max."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 def _affected(status: str) -> int:
