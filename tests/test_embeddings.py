@@ -189,3 +189,20 @@ async def test_old_cache_entries_are_evicted(server: RunningServer) -> None:
     async with db.connection() as conn:
         left = await conn.fetch("SELECT content_hash FROM memory.embedding_cache WHERE model = 'evict-test'")
     assert [bytes(r["content_hash"]) for r in left] == [b"\x02"]
+
+
+async def test_a_provider_that_answers_a_zero_vector_is_refused(
+    openai_server: RunningServer, fake_openai: FakeOpenAI
+) -> None:
+    # Stored, a zero vector would make every search that meets it NaN; the write fails instead and stores nothing.
+    fake_openai.zero_for.add("nothing to see")
+    with pytest.raises(grpc.RpcError) as caught:
+        await openai_server.memory.Store(
+            memory_pb2.StoreRequest(
+                memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_GLOBAL, value="nothing to see")
+            )
+        )
+    assert code_of(caught.value) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "zero or non-finite vector" in caught.value.details()
+    listed = await openai_server.memory.List(memory_pb2.ListRequest())
+    assert list(listed.memories) == []
