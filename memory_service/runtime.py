@@ -23,7 +23,7 @@ from memory_service.search.index_care import IndexCare
 from memory_service.search.text_stats import TextStats
 from memory_service.stats import Stats, collect
 from memory_service.storage import settings_sql
-from memory_service.storage.database import Database
+from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
 from memory_service.storage.search_sql import TextRanking
@@ -102,6 +102,7 @@ class Runtime:
         settings = self.settings
         try:
             self.dsn = await self._database_dsn()
+            await check_reachable(self.dsn, named_by=self._named_by)
             if settings.migrate_on_start:
                 applied = await apply_migrations(self.dsn)
                 log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
@@ -143,6 +144,7 @@ class Runtime:
             await self._text_stats.maintain()
             read_db = db
             if settings.database_read_url:
+                await check_reachable(settings.database_read_url, named_by="named by DATABASE_READ_URL")
                 self._read_db = read_db = await Database.connect(
                     settings.database_read_url, min_size=1, max_size=settings.database_pool_max
                 )
@@ -180,6 +182,12 @@ class Runtime:
         self.embedded = EmbeddedPostgres(self.settings.data_dir)
         log.info("DATABASE_URL is unset: using the embedded PostgreSQL in %s", self.embedded.pgdata)
         return await asyncio.to_thread(self.embedded.start)
+
+    @property
+    def _named_by(self) -> str:
+        if self.embedded is not None:
+            return f"embedded in {self.embedded.data_dir} (MEMORY_SERVICE_DATA_DIR)"
+        return "named by DATABASE_URL"
 
     async def stats(self) -> Stats:
         return await collect(

@@ -91,13 +91,20 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from memory_service.storage.database import check_reachable
     from memory_service.storage.embedded import EmbeddedPostgres
     from memory_service.storage.migrations import apply_migrations
 
     embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
     dsn = settings.database_url or embedded.start()  # type: ignore[union-attr]
+    named_by = "named by DATABASE_URL" if embedded is None else f"embedded in {embedded.data_dir}"
+
+    async def run() -> list[str]:
+        await check_reachable(dsn, named_by=named_by)
+        return await apply_migrations(dsn)
+
     try:
-        applied = asyncio.run(apply_migrations(dsn))
+        applied = asyncio.run(run())
     finally:
         if embedded is not None:
             embedded.stop()

@@ -17,12 +17,14 @@ import numpy.typing as npt
 from pgvector import Vector
 from pgvector.asyncpg import register_vector
 
+from memory_service.config import redact_url
 from memory_service.errors import (
     DatabaseConflict,
     DatabaseUnavailable,
     DeadlineExceeded,
     Internal,
     MemoryServiceError,
+    StartupError,
 )
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,20 @@ def translate_errors() -> Iterator[None]:
         if isinstance(translated, Internal):
             log.error("database driver misused: %s", exc, exc_info=exc)
         raise translated from exc
+
+
+async def check_reachable(dsn: str, *, named_by: str, timeout: float = 10.0) -> None:
+    """Open and close one connection, so that start-up reports a database it cannot use as one line.
+
+    Covers what the pool and the migration runner would otherwise raise as tracebacks: a refused or unresolvable
+    host, a timeout, a wrong password, a missing database, a DSN the driver cannot parse.
+    """
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout)
+    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise StartupError(f"cannot connect to the database {named_by} ({redact_url(dsn)}): {reason}") from exc
+    await conn.close()
 
 
 _HEADER = struct.Struct(">HH")
