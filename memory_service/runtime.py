@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from memory_service import maintenance
-from memory_service.config import Settings
+from memory_service.binding import ModelBinding
+from memory_service.config import Settings, redact_url
 from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.ingest import BulkIngest
@@ -58,6 +59,7 @@ class Runtime:
         self._text_stats: TextStats | None = None
         self._leases: LeaseManager | None = None
         self._bulk: BulkIngest | None = None
+        self._binding: ModelBinding | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -68,6 +70,10 @@ class Runtime:
     @property
     def db(self) -> Database:
         return _started(self._db)
+
+    @property
+    def binding(self) -> ModelBinding:
+        return _started(self._binding)
 
     @property
     def embedder(self) -> EmbeddingService:
@@ -112,12 +118,17 @@ class Runtime:
             self.metrics.watch_pool(db.pool_size, db.pool_idle)
             self._leases = LeaseManager(db, settings, self.metrics)
             await self._leases.start()
-            async with db.transaction() as conn:
+            async with db.connection() as conn:
                 self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
-                if await settings_sql.bind_embedding_model(conn, settings.embedding_model, settings.embedding_dim):
-                    log.info(
-                        "bound this database to %s (%d dimensions)", settings.embedding_model, settings.embedding_dim
-                    )
+            location, start_over = self._where()
+            self._binding = ModelBinding(
+                db,
+                model=settings.embedding_model,
+                dimension=settings.embedding_dim,
+                location=location,
+                start_over=start_over,
+            )
+            await self._binding.check()
             iterative = _version_at_least(self.pgvector_version, (0, 8))
             log.info(
                 "PostgreSQL %s, pgvector %s (iterative index scans %s)",
@@ -128,10 +139,11 @@ class Runtime:
             # Loading a local model reads and compiles it (or downloads it once): not on the event loop.
             provider = await asyncio.to_thread(create_provider, settings, self.metrics)
             self._embedder = EmbeddingService(provider, db, self.metrics)
-            self._memories = MemoryStore(db, self._embedder)
+            self._memories = MemoryStore(db, self._embedder, self._binding)
             self._bulk = BulkIngest(
                 db,
                 self._embedder,
+                self._binding,
                 self.metrics,
                 batch_rows=settings.bulk_batch_rows,
                 queue_depth=settings.bulk_queue_depth,
@@ -188,6 +200,21 @@ class Runtime:
         if self.embedded is not None:
             return f"embedded in {self.embedded.data_dir} (MEMORY_SERVICE_DATA_DIR)"
         return "named by DATABASE_URL"
+
+    def _where(self) -> tuple[str, str]:
+        """Where the data lives, and how to start over with an empty database, as an operator reads them."""
+        if self.embedded is not None:
+            data_dir = self.embedded.data_dir
+            return (
+                f"the embedded database in {data_dir} (MEMORY_SERVICE_DATA_DIR)",
+                "start over with an empty database: set MEMORY_SERVICE_DATA_DIR to a new directory, or stop the "
+                f"server and move {data_dir} away (deleting it deletes every memory)",
+            )
+        return (
+            f"the database {redact_url(self.dsn)} (DATABASE_URL)",
+            "start over with an empty database: point DATABASE_URL at a new database, or drop the schema memory "
+            "of this one (DROP SCHEMA memory CASCADE deletes every memory)",
+        )
 
     async def stats(self) -> Stats:
         return await collect(

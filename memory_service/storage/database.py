@@ -53,6 +53,9 @@ DRIVER_ERRORS: dict[type[BaseException], type[MemoryServiceError]] = {
     # PostgreSQL rolled the transaction back to keep it consistent: nothing was written; re-read and retry.
     asyncpg.SerializationError: DatabaseConflict,
     asyncpg.DeadlockDetectedError: DatabaseConflict,
+    # A statement prepared before a schema change (binding the embedding column's type), run in a transaction:
+    # asyncpg drops its statement cache, so the retry succeeds.
+    asyncpg.InvalidCachedStatementError: DatabaseUnavailable,
     # The deadline or statement_timeout cancelled the query.
     asyncpg.QueryCanceledError: DeadlineExceeded,
     # The service handed the driver a value it cannot encode: a bug here, not the client's or the database's.
@@ -251,6 +254,10 @@ class Database:
                             await conn.execute("ROLLBACK")
                     raise
                 await conn.execute("COMMIT")
+
+    async def expire_connections(self) -> None:
+        """Replace every pooled connection as it is next released (dropping their prepared statements)."""
+        await self.pool.expire_connections()
 
     def pool_size(self) -> int:
         return int(self.pool.get_size())
