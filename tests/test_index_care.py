@@ -165,6 +165,11 @@ async def test_reindex_and_stats_commands(database_url: str) -> None:
 
     assert (await asyncio.to_thread(cli, "reindex")).strip() == "rebuilt with lists=10 for 1200 rows"
     assert (await asyncio.to_thread(cli, "reindex")).strip() == "up to date"
-    stats = json.loads(await asyncio.to_thread(cli, "stats", "--json"))
+    # stats asks a server, never the database.
+    running = await start_server(test_env(database_url, EXACT_SEARCH_MAX_ROWS="1000"))
+    try:
+        stats = json.loads(await asyncio.to_thread(cli, "stats", "--json", "--address", running.address))
+    finally:
+        await stop_server(running)
     assert stats["memories"] == 1200 and stats["by_scope"] == {"project": 1200}
     assert stats["index"]["lists"] == 10 and stats["dimension"] == 384
