@@ -83,6 +83,7 @@ async def load(dsn: str, texts: list[str]) -> None:
     runtime = Runtime(settings, Metrics())
     await runtime.start(background=False)
     try:
+        await runtime.binding.bind_now()  # the rows are copied in behind the service's back
         rng = np.random.default_rng(3)
         vectors = rng.normal(size=(len(texts), settings.embedding_dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -12,13 +12,16 @@ so a retried Store cannot duplicate a memory.
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 from grpc import aio
 
-from memory_service.v1 import lease_pb2_grpc, memory_pb2, memory_pb2_grpc
+from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 
 def _names(enum: Any, prefix: str) -> dict[str, int]:
@@ -48,6 +51,22 @@ def memory_type_value(name: str) -> memory_pb2.MemoryType.ValueType:
 
 def mode_value(name: str) -> memory_pb2.SearchMode.ValueType:
     return _value(SEARCH_MODES, "search mode", name)  # type: ignore[no-any-return]
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    message.FromNanoseconds(round(seconds * 1e9))
+    return message
+
+
+def scope_filter(scope: str | None = None, scope_id: int | None = None) -> memory_pb2.MemoryFilter:
+    """A filter on one scope (every scope_id of it when ``scope_id`` is None), or no filter at all."""
+    memory_filter = memory_pb2.MemoryFilter()
+    if scope is not None:
+        ref = memory_filter.scopes.add(scope=scope_value(scope))
+        if scope_id is not None:
+            ref.scope_id = scope_id
+    return memory_filter
 
 
 def _service_config(attempts: int) -> str:
@@ -101,7 +120,11 @@ def open_channel(
 
 
 class MemoryClient:
-    """Thin, typed conveniences over ``MemoryServiceStub``; ``.memory`` and ``.leases`` expose the raw stubs."""
+    """Thin, typed conveniences, one method per RPC; ``.memory`` and ``.leases`` expose the raw stubs.
+
+    Every call carries the client's deadline (``timeout``; an Acquire adds its ``wait``) and is retried on
+    UNAVAILABLE by the channel's retry policy. BulkStore and lease Hold are not wrapped yet: use the stubs.
+    """
 
     def __init__(
         self,
@@ -179,14 +202,113 @@ class MemoryClient:
         scope: str | None = None,
         scope_id: int | None = None,
     ) -> memory_pb2.SearchResponse:
-        request = memory_pb2.SearchRequest(query=query, mode=mode_value(mode), top_k=top_k)
-        if scope is not None:
-            ref = request.filter.scopes.add(scope=scope_value(scope))
-            if scope_id is not None:
-                ref.scope_id = scope_id
+        request = memory_pb2.SearchRequest(
+            query=query, mode=mode_value(mode), top_k=top_k, filter=scope_filter(scope, scope_id)
+        )
         response: memory_pb2.SearchResponse = await self.memory.Search(request, timeout=self.timeout)
         return response
 
     async def stats(self) -> memory_pb2.StatsResponse:
         response: memory_pb2.StatsResponse = await self.memory.Stats(memory_pb2.StatsRequest(), timeout=self.timeout)
         return response
+
+    async def list_pages(
+        self,
+        memory_filter: memory_pb2.MemoryFilter | None = None,
+        *,
+        page_size: int = 100,
+        include_embedding: bool = False,
+    ) -> AsyncIterator[memory_pb2.ListResponse]:
+        """Every page of a List, in id order; each page is one call with its own deadline and retries."""
+        token = ""
+        while True:
+            request = memory_pb2.ListRequest(
+                filter=memory_filter, page_size=page_size, page_token=token, include_embedding=include_embedding
+            )
+            page: memory_pb2.ListResponse = await self.memory.List(request, timeout=self.timeout)
+            yield page
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def list_memories(
+        self,
+        memory_filter: memory_pb2.MemoryFilter | None = None,
+        *,
+        page_size: int = 100,
+        include_embedding: bool = False,
+    ) -> AsyncIterator[memory_pb2.Memory]:
+        """Every memory the filter matches, a page at a time: ``async for memory in client.list_memories(...)``."""
+        async for page in self.list_pages(memory_filter, page_size=page_size, include_embedding=include_embedding):
+            for memory in page.memories:
+                yield memory
+
+    async def delete(self, memory_id: int) -> int:
+        """Delete one memory; 0 when it did not exist, so a retried delete is safe."""
+        response = await self.memory.Delete(memory_pb2.DeleteRequest(id=memory_id), timeout=self.timeout)
+        return int(response.deleted)
+
+    async def delete_matching(self, memory_filter: memory_pb2.MemoryFilter) -> int:
+        """Delete every memory the (non-empty) filter matches; the count deleted."""
+        response = await self.memory.Delete(memory_pb2.DeleteRequest(filter=memory_filter), timeout=self.timeout)
+        return int(response.deleted)
+
+    async def embed(self, texts: list[str]) -> memory_pb2.EmbedResponse:
+        response: memory_pb2.EmbedResponse = await self.memory.Embed(
+            memory_pb2.EmbedRequest(texts=texts), timeout=self.timeout
+        )
+        return response
+
+    async def acquire(
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        ttl: float = 30.0,
+        wait: float = 0.0,
+        holder: str = "",
+        request_id: str | None = None,
+    ) -> lease_pb2.AcquireResponse:
+        """One Acquire; retries (of UNAVAILABLE) reuse one request id, so an ambiguous commit cannot grant twice."""
+        request = lease_pb2.AcquireRequest(
+            namespace=namespace,
+            name=name,
+            ttl=_duration(ttl),
+            wait=_duration(wait),
+            request_id=request_id or uuid.uuid4().hex,
+            holder=holder,
+        )
+        response: lease_pb2.AcquireResponse = await self.leases.Acquire(request, timeout=self.timeout + wait)
+        return response
+
+    async def renew(self, lease_id: str, *, ttl: float | None = None) -> lease_pb2.Lease:
+        """Extend the lease; ABORTED when it was lost (never revived)."""
+        request = lease_pb2.RenewRequest(lease_id=lease_id)
+        if ttl is not None:
+            request.ttl.CopyFrom(_duration(ttl))
+        response = await self.leases.Renew(request, timeout=self.timeout)
+        return response.lease  # type: ignore[no-any-return]
+
+    async def release(self, lease_id: str) -> bool:
+        """Idempotent: releasing a lease already released or lost answers False."""
+        response = await self.leases.Release(lease_pb2.ReleaseRequest(lease_id=lease_id), timeout=self.timeout)
+        return bool(response.released)
+
+    async def get_lease(self, name: str, *, namespace: str = "default") -> lease_pb2.Lease:
+        """The live lease on the name; NOT_FOUND when nobody holds it."""
+        response = await self.leases.Get(
+            lease_pb2.GetLeaseRequest(namespace=namespace, name=name), timeout=self.timeout
+        )
+        return response.lease  # type: ignore[no-any-return]
+
+    async def list_leases(self, *, namespace: str = "", page_size: int = 500) -> AsyncIterator[lease_pb2.Lease]:
+        """Every live lease (of one namespace, or all), a page at a time."""
+        token = ""
+        while True:
+            request = lease_pb2.ListLeasesRequest(namespace=namespace, page_size=page_size, page_token=token)
+            page = await self.leases.List(request, timeout=self.timeout)
+            for lease in page.leases:
+                yield lease
+            token = page.next_page_token
+            if not token:
+                return

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import platformdirs
 
@@ -29,6 +30,8 @@ DEFAULT_HASH_MODEL = "hash-ngram-v1"
 DEFAULT_LOCAL_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_MODELS = {"openai": DEFAULT_OPENAI_MODEL, "hash": DEFAULT_HASH_MODEL, "local": DEFAULT_LOCAL_MODEL}
 _DEFAULT_DIMS = {"openai": 1536, "hash": 384, "local": 384}
+MIN_TOKEN_LENGTH = 16
+"""Shortest bearer token AUTH_TOKENS accepts: 16 characters."""
 
 
 def parse_duration(text: str) -> float:
@@ -151,15 +154,15 @@ class Settings:
         """Read and validate settings; raise ConfigError with one line on the first bad value."""
         reader = _EnvReader(os.environ if env is None else env)
         api_key = reader.text("OPENAI_API_KEY")
-        base_url = reader.text("OPENAI_BASE_URL")
+        base_url = reader.http_url("OPENAI_BASE_URL")
         # Naming an endpoint or a key says which provider is meant, as much as EMBEDDING_PROVIDER would.
         implied = "openai" if api_key or base_url else "hash"
         provider = reader.choice("EMBEDDING_PROVIDER", EMBEDDING_PROVIDERS, implied)
         default_model = _DEFAULT_MODELS[provider]
         default_dim = _DEFAULT_DIMS[provider]
         values: dict[str, Any] = dict(
-            database_url=reader.text("DATABASE_URL"),
-            database_read_url=reader.text("DATABASE_READ_URL"),
+            database_url=reader.postgres_url("DATABASE_URL"),
+            database_read_url=reader.postgres_url("DATABASE_READ_URL"),
             database_pool_min=reader.integer("DATABASE_POOL_MIN", 4, minimum=1),
             database_pool_max=reader.integer("DATABASE_POOL_MAX", 20, minimum=1),
             migrate_on_start=reader.boolean("MIGRATE_ON_START", True),
@@ -334,6 +337,63 @@ class _EnvReader:
         if raw is None:
             return ()
         tokens = tuple(token.strip() for token in raw.split(",") if token.strip())
-        if any(len(token) < 16 for token in tokens):
-            raise ConfigError(f"{name} is expected to hold comma-separated tokens of at least 16 characters")
+        # A value that holds no token (",") must not start the server with auth off: unset means off, nothing else.
+        if not tokens or any(len(token) < MIN_TOKEN_LENGTH for token in tokens):
+            got = f"one of {min(len(t) for t in tokens)}" if tokens else "no token"
+            raise ConfigError(
+                f"{name} is expected to hold comma-separated tokens of at least {MIN_TOKEN_LENGTH} characters "
+                f"(got {got}); unset it to turn auth off"
+            )
         return tokens
+
+    def postgres_url(self, name: str) -> str | None:
+        """A ``postgresql://`` URL whose ports are numbers; the driver's own errors would be tracebacks."""
+        raw = self.text(name)
+        if raw is None:
+            return None
+        problem = _postgres_url_problem(raw)
+        if problem is not None:
+            raise ConfigError(
+                f"{name} is expected to be a URL such as postgresql://user:password@host:5432/database "
+                f"({problem}; got {redact_url(raw)!r})"
+            )
+        return raw
+
+    def http_url(self, name: str) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"{name} is expected to be an http:// or https:// URL such as http://localhost:11434/v1 "
+                f"(got {redact_url(raw)!r})"
+            )
+        return raw
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, fit for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return f"{scheme}://{userinfo}{at}{hosts}{slash}{tail}"
+
+
+def _postgres_url_problem(url: str) -> str | None:
+    """Why asyncpg would refuse ``url``, or None; checks the scheme and every host's port (multi-host URLs too)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        return "the scheme must be postgresql or postgres"
+    netloc = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    for host in netloc.split(","):
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        if ":" in port:
+            digits = port.rpartition(":")[2]
+            if not digits.isdigit() or not 0 < int(digits) <= 65535:
+                return f"the port {digits!r} is not a number from 1 to 65535"
+    return None

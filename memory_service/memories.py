@@ -8,6 +8,7 @@ import json
 import logging
 from dataclasses import asdict
 
+from memory_service.binding import ModelBinding
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, NotFound
 from memory_service.models import Fence, Memory, MemoryFilter, NewMemory, StoreResult
@@ -21,9 +22,10 @@ _CURSOR_VERSION = "1"
 
 
 class MemoryStore:
-    def __init__(self, db: Database, embedder: EmbeddingService) -> None:
+    def __init__(self, db: Database, embedder: EmbeddingService, binding: ModelBinding) -> None:
         self._db = db
         self._embedder = embedder
+        self._binding = binding
 
     async def store(self, memory: NewMemory, *, fence: Fence | None = None) -> StoreResult:
         """Upsert by identity. Content already stored under this identity is never embedded again."""
@@ -34,9 +36,11 @@ class MemoryStore:
             if embedding is None:
                 (embedding,) = await self._embedder.embed([memory.value], [memory.content_hash])
         async with self._db.transaction() as conn:
+            bound_now = await self._binding.ensure(conn)
             if fence is not None:
                 await check_fence(conn, fence)
             memory_id, outcome = await memories_sql.upsert(conn, memory, embedding, self._embedder.model)
+        await self._binding.committed(bound_now)
         return StoreResult(id=memory_id, key=memory.key, outcome=outcome)
 
     async def get(self, memory_id: int, *, with_embedding: bool = False) -> Memory:

@@ -31,6 +31,7 @@ LAYERS: dict[str, str] = {
     "ingest": "domain",
     "leases": "domain",
     "stats": "domain",
+    "binding": "domain",
     "maintenance": "domain",
     "validation": "domain",
     "runtime": "composition",

@@ -38,6 +38,7 @@ import grpc
 from grpc import aio
 
 from memory_service.cli.jsonl import LineError, parse_line
+from memory_service.cli.remote import add_server_flags
 from memory_service.config import Settings, parse_duration
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
@@ -326,15 +327,7 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("file", help="JSON-lines file, or - for stdin")
-    parser.add_argument(
-        "--address",
-        default=env.get("MEMORY_SERVICE_ADDRESS", "localhost:50051"),
-        help="server host:port (MEMORY_SERVICE_ADDRESS, default localhost:50051)",
-    )
-    parser.add_argument("--token", default=env.get("MEMORY_SERVICE_TOKEN"), help="bearer token (MEMORY_SERVICE_TOKEN)")
-    parser.add_argument(
-        "--ca-file", default=env.get("MEMORY_SERVICE_CA_FILE"), metavar="PEM", help="use TLS, trusting this CA"
-    )
+    add_server_flags(parser)
     parser.add_argument("--batch-size", type=_positive, default=500, help="lines per request (default 500)")
     parser.add_argument(
         "--window", type=_positive, default=10_000, help="most lines in flight unacknowledged (default 10000)"
