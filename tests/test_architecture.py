@@ -22,6 +22,7 @@ LAYERS: dict[str, str] = {
     "errors": "foundation",
     "models": "foundation",
     "config": "foundation",
+    "env_reader": "foundation",
     "metrics": "foundation",
     "v1": "wire",
     "storage": "storage",
