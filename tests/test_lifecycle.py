@@ -174,6 +174,11 @@ async def test_sigterm_ends_an_open_bulk_store_at_once_with_every_acked_row_stor
         async def requests() -> AsyncIterator[memory_pb2.BulkStoreRequest]:
             nonlocal sent
             while True:  # a client that would stream forever
+                if terminated:
+                    # Keep the stream open but stop writing: a write racing the server's close fails inside
+                    # grpc.aio's client as INTERNAL ("Internal error from Core") before the server's status
+                    # arrives, which would hide the status this test is about.
+                    await asyncio.Event().wait()
                 items = [
                     memory_pb2.BulkItem(
                         sequence=sent + i + 1,
