@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -21,6 +21,8 @@ import grpc
 from google.protobuf import duration_pb2
 from grpc import aio
 
+from memory_service.client_bulk import BulkSummary, Entry, ResumableBulkStore, numbered
+from memory_service.client_hold import HeldLease, NotAcquired  # noqa: F401  (callers catch client.NotAcquired)
 from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 
@@ -67,6 +69,41 @@ def scope_filter(scope: str | None = None, scope_id: int | None = None) -> memor
         if scope_id is not None:
             ref.scope_id = scope_id
     return memory_filter
+
+
+def memory_input(
+    value: str,
+    *,
+    scope: str = "global",
+    scope_id: int = 0,
+    key: str = "",
+    memory_type: str = "fact",
+    importance: float | None = None,
+    tags: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    agent_id: int | None = None,
+    ttl_seconds: float | None = None,
+    embedding: Sequence[float] | None = None,
+) -> memory_pb2.MemoryInput:
+    """A memory to store, from the same keywords as ``MemoryClient.store`` (a dict of them works with ``**``)."""
+    memory = memory_pb2.MemoryInput(
+        scope=scope_value(scope),
+        scope_id=scope_id,
+        key=key,
+        value=value,
+        memory_type=memory_type_value(memory_type),
+        tags=tags or [],
+        embedding=embedding or [],
+    )
+    if importance is not None:
+        memory.importance = importance
+    if agent_id is not None:
+        memory.agent_id = agent_id
+    if metadata:
+        memory.metadata.update(metadata)
+    if ttl_seconds is not None:
+        memory.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
+    return memory
 
 
 def _service_config(attempts: int) -> str:
@@ -123,7 +160,8 @@ class MemoryClient:
     """Thin, typed conveniences, one method per RPC; ``.memory`` and ``.leases`` expose the raw stubs.
 
     Every call carries the client's deadline (``timeout``; an Acquire adds its ``wait``) and is retried on
-    UNAVAILABLE by the channel's retry policy. BulkStore and lease Hold are not wrapped yet: use the stubs.
+    UNAVAILABLE by the channel's retry policy; ``bulk_store`` resumes a broken stream on its own and ``hold``
+    keeps a lease over the Hold stream for an ``async with`` block.
     """
 
     def __init__(
@@ -168,26 +206,51 @@ class MemoryClient:
         agent_id: int | None = None,
         ttl_seconds: float | None = None,
     ) -> memory_pb2.StoreResponse:
-        memory = memory_pb2.MemoryInput(
-            scope=scope_value(scope),
+        memory = memory_input(
+            value,
+            scope=scope,
             scope_id=scope_id,
             key=key,
-            value=value,
-            memory_type=memory_type_value(memory_type),
-            tags=tags or [],
+            memory_type=memory_type,
+            importance=importance,
+            tags=tags,
+            metadata=metadata,
+            agent_id=agent_id,
+            ttl_seconds=ttl_seconds,
         )
-        if importance is not None:
-            memory.importance = importance
-        if agent_id is not None:
-            memory.agent_id = agent_id
-        if metadata:
-            memory.metadata.update(metadata)
-        if ttl_seconds is not None:
-            memory.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
         response: memory_pb2.StoreResponse = await self.memory.Store(
             memory_pb2.StoreRequest(memory=memory), timeout=self.timeout
         )
         return response
+
+    async def bulk_store(
+        self,
+        items: Iterable[Entry] | AsyncIterable[Entry],
+        *,
+        batch_size: int = 500,
+        window: int = 10_000,
+        fence: memory_pb2.Fence | None = None,
+        retry_timeout: float = 300.0,
+        on_ack: Callable[[memory_pb2.BulkStoreAck], None] | None = None,
+    ) -> BulkSummary:
+        """Stream memories through BulkStore, numbered 1, 2, ... in source order, resuming after a broken stream.
+
+        Items are MemoryInputs or dicts of ``store``'s keywords (plus ``embedding``). At most ``window`` items are
+        unacknowledged at a time: the source is read no faster than the server commits. The summary's
+        ``rejections`` name each rejected item by its sequence number. Raises the server's error when resending
+        cannot help (ABORTED by a superseded ``fence``, INVALID_ARGUMENT), TimeoutError when the server stays
+        unreachable or overloaded for ``retry_timeout`` seconds, and ValueError for a dict with an unknown name.
+        """
+        engine = ResumableBulkStore(
+            self.memory,
+            numbered(items, lambda entry: memory_input(**entry)),
+            batch_size=batch_size,
+            window=window,
+            fence=fence,
+            retry_timeout=retry_timeout,
+            on_ack=on_ack,
+        )
+        return await engine.run()
 
     async def get(self, memory_id: int) -> memory_pb2.Memory:
         response = await self.memory.Get(memory_pb2.GetRequest(id=memory_id), timeout=self.timeout)
@@ -300,6 +363,31 @@ class MemoryClient:
             lease_pb2.GetLeaseRequest(namespace=namespace, name=name), timeout=self.timeout
         )
         return response.lease  # type: ignore[no-any-return]
+
+    def hold(
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        ttl: float = 30.0,
+        wait: float = 0.0,
+        holder: str = "",
+        request_id: str | None = None,
+    ) -> HeldLease:
+        """``async with client.hold(name) as lease:`` holds the lease over a Hold stream for the block.
+
+        Entering waits up to ``wait`` seconds for the grant and raises ``NotAcquired`` when it does not come;
+        ``lease.lost`` is set if the lease is lost while the block runs; leaving releases it.
+        """
+        request = lease_pb2.AcquireRequest(
+            namespace=namespace,
+            name=name,
+            ttl=_duration(ttl),
+            wait=_duration(wait),
+            request_id=request_id or uuid.uuid4().hex,
+            holder=holder,
+        )
+        return HeldLease(self.leases, request, timeout=self.timeout)
 
     async def list_leases(self, *, namespace: str = "", page_size: int = 500) -> AsyncIterator[lease_pb2.Lease]:
         """Every live lease (of one namespace, or all), a page at a time."""

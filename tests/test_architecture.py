@@ -39,6 +39,8 @@ LAYERS: dict[str, str] = {
     "api": "api",
     "server": "composition",
     "client": "client",
+    "client_bulk": "client",
+    "client_hold": "client",
     "cli": "cli",
     "__main__": "cli",
 }
