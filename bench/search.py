@@ -6,7 +6,8 @@ For VECTOR, TEXT and HYBRID, unfiltered and with a 1% filter (one scope_id of 10
 exact search, the share of searches that were complete (as many hits as exact search: k, or every match when
 fewer match), p50/p99 latency at one client, and calls/s
 at 16 in flight; the "sql" columns run the very statements the service runs (built by
-memory_service.storage.search_sql, with the same SET LOCAL settings) over a plain asyncpg pool.
+memory_service.storage.search_sql, with the same scan settings, set once per pooled connection, and no
+transaction) over a plain asyncpg pool.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from memory_service.models import Candidate, MemoryFilter, Scope, ScopeRef
 from memory_service.runtime import Runtime
 from memory_service.search.index_care import fitted_probes
 from memory_service.storage import search_sql
-from memory_service.storage.database import begin_statement, init_connection
+from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 K = 10
@@ -89,26 +90,23 @@ def grpc_request(mode: str, vector: np.ndarray, text: str, filtered: bool, *, ex
 
 
 class PlainSql:
-    """The service's statements, run by hand: the floor the gRPC path is measured against."""
+    """The service's statements, run by hand: the floor the gRPC path is measured against.
 
-    def __init__(self, pool: asyncpg.Pool, probes: int) -> None:
+    The floor is the least a client could send: each pooled connection gets its scan settings once, when it is
+    opened, and every search is its statements alone, with no transaction around them."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.probes = probes
 
     async def search(self, mode: str, vector: np.ndarray, text: str, filtered: bool) -> list[Candidate]:
         memory_filter = (
             MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=FILTER_SCOPE),)) if filtered else MemoryFilter()
         )
         limit = K if mode == "vector" else max(3 * K, 40)
-        settings = {"ivfflat.probes": str(self.probes), "ivfflat.iterative_scan": "relaxed_order"}
         async with self.pool.acquire() as conn:
             exact = mode == "text"
-            if exact:
-                await conn.execute("BEGIN READ ONLY")
-            else:
-                await conn.execute(begin_statement(settings, readonly=True))
-                if filtered:
-                    exact = await search_sql.count_matching(conn, memory_filter, cap=5000) < 5000
+            if not exact and filtered:
+                exact = await search_sql.count_matching(conn, memory_filter, cap=5000) < 5000
             found = await search_sql.candidates(
                 conn,
                 memory_filter,
@@ -121,7 +119,6 @@ class PlainSql:
             if mode != "vector":
                 # The service fetches the memories of the k winners after fusion; any k candidates cost the same.
                 await search_sql.memories_by_id(conn, [c.id for c in found[:K]], with_embedding=False)
-            await conn.execute("COMMIT")
             return found
 
 
@@ -150,8 +147,13 @@ async def run(rows: int, count: int, total: int) -> None:
 async def measure(dsn: str, address: str, workload: Workload, *, count: int, total: int, rows: int) -> None:
     lists = max(10, rows // 1000)
     probes = fitted_probes(lists)
-    pool = await asyncpg.create_pool(dsn, min_size=16, max_size=16, init=init_connection)
-    plain = PlainSql(pool, probes)
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await init_connection(conn)
+        await conn.execute(f"SET ivfflat.probes = {probes}; SET ivfflat.iterative_scan = relaxed_order")
+
+    pool = await asyncpg.create_pool(dsn, min_size=16, max_size=16, init=init)
+    plain = PlainSql(pool)
     channel = aio.insecure_channel(address)
     stub = memory_pb2_grpc.MemoryServiceStub(channel)
     table = []
