@@ -174,7 +174,7 @@ async def _plan_uses_ivfflat(
     """Whether PostgreSQL would answer this filtered query through the ivfflat index (not a btree and a sort)."""
     params = Params()
     where = where_clause(memory_filter, params)
-    sql = "EXPLAIN " + search_sql._vector_cte(where, params.add(vector), params.add(limit), exact=False)
+    sql = "EXPLAIN " + search_sql._vector_cte(where, params.add(vector), str(limit), exact=False)
     conn = await asyncpg.connect(database_url)
     try:
         await init_connection(conn)

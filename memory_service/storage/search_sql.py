@@ -22,6 +22,7 @@ BM25 score, so fusion compares like with like.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import asyncpg
 
@@ -108,6 +109,64 @@ def _text_cte(where: str, limit: str, budget: str, bm25: str, *, pruned: bool) -
     return f"SELECT id, text_score FROM ({scored}) s ORDER BY text_score DESC, id LIMIT {limit}"
 
 
+def _bound(value: int) -> str:
+    """A planner-relevant bound as a literal: ``int()`` lets nothing but digits into the SQL text.
+
+    PostgreSQL's generic plan assumes a ``LIMIT $n`` keeps 10% of the rows, plans a sequential scan and a sort for
+    it, and so never adopts the generic plan; written as a literal, the statement is planned once per connection."""
+    return str(int(value))
+
+
+def candidates_statement(
+    memory_filter: MemoryFilter,
+    *,
+    vector: Vector | None,
+    text: str | None,
+    limit: int,
+    exact: bool,
+    full_rows: bool,
+    ranking: TextRanking = DEFAULT_TEXT_RANKING,
+    pruned: bool = True,
+    with_embedding: bool = False,
+) -> tuple[str, list[Any]]:
+    """The SQL and parameters of ``candidates``: every user value a ``$n`` parameter, the bounds literals."""
+    params = Params()
+    where = where_clause(memory_filter, params)
+    limit_sql = _bound(limit)
+    ctes: list[str] = []
+    sources: list[str] = []
+    joins: list[str] = []
+    distance, text_score = "NULL::float8", "NULL::float8"
+    from_vector, from_text = "false", "false"
+    if vector is not None:
+        vector_param = params.add(vector)
+        ctes.append(f"v AS ({_vector_cte(where, vector_param, limit_sql, exact=exact)})")
+        sources.append("SELECT id FROM v")
+        joins.append("LEFT JOIN v ON v.id = m.id")
+        distance = f"m.embedding <=> {vector_param}"
+        from_vector = "v.id IS NOT NULL"
+    if text is not None:
+        budget = _bound(ranking.max_scored)
+        bm25 = _bm25(params.add(ranking.k1), params.add(ranking.b))
+        ctes.append(_term_ctes(params.add(text), budget))
+        ctes.append(f"t AS ({_text_cte(where, limit_sql, budget, bm25, pruned=pruned)})")
+        sources.append("SELECT id FROM t")
+        joins.append("LEFT JOIN t ON t.id = m.id")
+        text_score = f"coalesce(t.text_score, {bm25})" if vector is not None else "t.text_score"
+        from_text = "t.id IS NOT NULL"
+    if full_rows:
+        columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
+    else:
+        columns = "m.id, m.importance, m.updated_at"
+    sql = (
+        f"WITH {', '.join(ctes)} "
+        f"SELECT {columns}, {distance} AS distance, {text_score} AS text_score, "
+        f"{from_vector} AS from_vector, {from_text} AS from_text "
+        f"FROM ({' UNION '.join(sources)}) ids JOIN memory.memories m ON m.id = ids.id {' '.join(joins)}"
+    )
+    return sql, params.values
+
+
 async def candidates(
     conn: asyncpg.Connection,
     memory_filter: MemoryFilter,
@@ -128,41 +187,18 @@ async def candidates(
     that keeps 10 of 80 candidates decodes 10 memories (``memories_by_id``), not 80. Without ``pruned`` every
     query term brings in candidates too (at most ``ranking.max_scored`` more).
     """
-    params = Params()
-    where = where_clause(memory_filter, params)
-    limit_param = params.add(limit)
-    ctes: list[str] = []
-    sources: list[str] = []
-    joins: list[str] = []
-    distance, text_score = "NULL::float8", "NULL::float8"
-    from_vector, from_text = "false", "false"
-    if vector is not None:
-        vector_param = params.add(vector)
-        ctes.append(f"v AS ({_vector_cte(where, vector_param, limit_param, exact=exact)})")
-        sources.append("SELECT id FROM v")
-        joins.append("LEFT JOIN v ON v.id = m.id")
-        distance = f"m.embedding <=> {vector_param}"
-        from_vector = "v.id IS NOT NULL"
-    if text is not None:
-        budget = params.add(ranking.max_scored)
-        bm25 = _bm25(params.add(ranking.k1), params.add(ranking.b))
-        ctes.append(_term_ctes(params.add(text), budget))
-        ctes.append(f"t AS ({_text_cte(where, limit_param, f'{budget}::bigint', bm25, pruned=pruned)})")
-        sources.append("SELECT id FROM t")
-        joins.append("LEFT JOIN t ON t.id = m.id")
-        text_score = f"coalesce(t.text_score, {bm25})" if vector is not None else "t.text_score"
-        from_text = "t.id IS NOT NULL"
-    if full_rows:
-        columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
-    else:
-        columns = "m.id, m.importance, m.updated_at"
-    sql = (
-        f"WITH {', '.join(ctes)} "
-        f"SELECT {columns}, {distance} AS distance, {text_score} AS text_score, "
-        f"{from_vector} AS from_vector, {from_text} AS from_text "
-        f"FROM ({' UNION '.join(sources)}) ids JOIN memory.memories m ON m.id = ids.id {' '.join(joins)}"
+    sql, values = candidates_statement(
+        memory_filter,
+        vector=vector,
+        text=text,
+        limit=limit,
+        exact=exact,
+        full_rows=full_rows,
+        ranking=ranking,
+        pruned=pruned,
+        with_embedding=with_embedding,
     )
-    rows = await conn.fetch(sql, *params.values)
+    rows = await conn.fetch(sql, *values)
     return [
         Candidate(
             id=row["id"],
@@ -178,19 +214,28 @@ async def candidates(
     ]
 
 
-async def memories_by_id(conn: asyncpg.Connection, ids: list[int], *, with_embedding: bool) -> dict[int, Memory]:
+def memories_by_id_statement(*, with_embedding: bool) -> str:
     columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
-    rows = await conn.fetch(f"SELECT {columns} FROM memory.memories m WHERE m.id = ANY($1::bigint[])", ids)
+    return f"SELECT {columns} FROM memory.memories m WHERE m.id = ANY($1::bigint[])"
+
+
+async def memories_by_id(conn: asyncpg.Connection, ids: list[int], *, with_embedding: bool) -> dict[int, Memory]:
+    rows = await conn.fetch(memories_by_id_statement(with_embedding=with_embedding), ids)
     return {row["id"]: memory_from_row(row) for row in rows}
+
+
+def count_matching_statement(memory_filter: MemoryFilter, *, cap: int) -> tuple[str, list[Any]]:
+    params = Params()
+    where = where_clause(memory_filter, params)
+    sql = (
+        f"SELECT count(*) FROM (SELECT 1 FROM memory.memories m WHERE {where} "
+        f"AND m.embedding IS NOT NULL LIMIT {_bound(cap)}) s"
+    )
+    return sql, params.values
 
 
 async def count_matching(conn: asyncpg.Connection, memory_filter: MemoryFilter, *, cap: int) -> int:
     """How many live memories match, counting no further than ``cap`` (cheap for narrow filters)."""
-    params = Params()
-    where = where_clause(memory_filter, params)
-    value: int = await conn.fetchval(
-        f"SELECT count(*) FROM (SELECT 1 FROM memory.memories m WHERE {where} "
-        f"AND m.embedding IS NOT NULL LIMIT {params.add(cap)}) s",
-        *params.values,
-    )
+    sql, values = count_matching_statement(memory_filter, cap=cap)
+    value: int = await conn.fetchval(sql, *values)
     return value

@@ -1,0 +1,111 @@
+"""How searches reach PostgreSQL: statements whose generic plan is good, and scan settings per pooled connection."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import numpy as np
+import pytest
+
+from bench.datasets import Corpus, clustered, copy_into_memories, records
+from memory_service.models import MemoryFilter, Scope, ScopeRef
+from memory_service.storage import search_sql
+from memory_service.storage.database import init_connection
+from tests.conftest import (
+    TEMPLATE_DB,
+    RunningServer,
+    create_database,
+    drop_database,
+    start_server,
+    stop_server,
+    test_env,
+)
+
+ROWS = 20000
+SCOPES = 100  # one scope_id selects 1% of the rows
+
+
+@pytest.fixture(scope="module")
+async def indexed(server_dsn: str, template_dsn: str) -> AsyncIterator[tuple[RunningServer, Corpus, str]]:
+    """20,000 memories, ANALYZEd, with the service's ivfflat index, behind a server whose pool has one connection."""
+    dsn = await create_database(server_dsn, TEMPLATE_DB)
+    corpus = clustered(ROWS, topics=60, scopes=SCOPES)
+    env = test_env(
+        dsn, EXACT_SEARCH_MAX_ROWS="1000", SEARCH_NARROW_FILTER_ROWS="10", DATABASE_POOL_MIN="1", DATABASE_POOL_MAX="1"
+    )
+    running = await start_server(env)
+    try:
+        await running.server.runtime.binding.bind_now()  # the rows below are copied in behind the service's back
+        conn = await asyncpg.connect(dsn)
+        try:
+            await init_connection(conn)
+            await copy_into_memories(conn, records(corpus, model="hash-ngram-v1"))
+            await conn.execute("ANALYZE memory.memories")
+        finally:
+            await conn.close()
+        assert (await running.server.runtime.index.maintain()).startswith("rebuilt with lists=")
+        yield running, corpus, dsn
+    finally:
+        await stop_server(running)
+        await drop_database(server_dsn, dsn)
+
+
+SCOPED = MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=7),))
+NONE = MemoryFilter()
+
+
+def _statements() -> list[tuple[str, str, bool]]:
+    """(name, SQL, whether an index must serve it) for every statement shape a search issues."""
+    shapes: list[tuple[str, str, bool]] = []
+    vector, text = np.zeros(384, dtype=np.float32), "query words"
+    for name, memory_filter in (("unfiltered", NONE), ("scoped", SCOPED)):
+        for exact in (False, True):
+            for mode in ("vector", "text", "hybrid"):
+                if mode == "text" and exact:
+                    continue
+                for pruned in (True, False) if mode != "vector" else (True,):
+                    sql, _ = search_sql.candidates_statement(
+                        memory_filter,
+                        vector=vector if mode != "text" else None,
+                        text=text if mode != "vector" else None,
+                        limit=10 if mode == "vector" else 40,
+                        exact=exact,
+                        full_rows=mode == "vector",
+                        pruned=pruned,
+                    )
+                    # The exact scan computes every distance among the filtered rows on purpose (the OFFSET 0
+                    # fence): unfiltered, that is the whole table, and a sequential scan is the right plan.
+                    needs_index = not (exact and memory_filter is NONE)
+                    label = f"{mode} {'exact' if exact else 'index'} {name}{'' if pruned else ' unpruned'}"
+                    shapes.append((label, sql, needs_index))
+    shapes.append(("count_matching scoped", search_sql.count_matching_statement(SCOPED, cap=5000)[0], True))
+    shapes.append(("memories_by_id", search_sql.memories_by_id_statement(with_embedding=False), True))
+    return shapes
+
+
+async def test_search_statements_have_generic_plans_that_use_the_indexes(
+    indexed: tuple[RunningServer, Corpus, str],
+) -> None:
+    # A generic plan that scans the whole table is one the plan cache never adopts (each search is planned anew),
+    # or, with plan_cache_mode = force_generic_plan, one that runs for 100+ ms where an index answers in a few.
+    _, _, dsn = indexed
+    conn = await asyncpg.connect(dsn)
+    try:
+        # Run from PL/pgSQL so no values are bound: over the extended protocol the driver would bind them, and a
+        # plan made with values at hand is a custom plan, not the generic one.
+        await conn.execute(
+            "CREATE FUNCTION pg_temp.generic_plan(statement text) RETURNS SETOF text LANGUAGE plpgsql AS "
+            "$$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || statement; END $$"
+        )
+        checked = 0
+        for label, sql, needs_index in _statements():
+            plan = "\n".join(r[0] for r in await conn.fetch("SELECT * FROM pg_temp.generic_plan($1)", sql))
+            if needs_index:
+                assert "Seq Scan on memories" not in plan, f"{label}:\n{plan}"
+                checked += 1
+            if label == "vector index unfiltered":
+                assert "memories_embedding_ivfflat" in plan, plan
+    finally:
+        await conn.close()
+    assert checked >= 12
