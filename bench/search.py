@@ -147,12 +147,12 @@ async def run(rows: int, count: int, total: int) -> None:
 async def measure(dsn: str, address: str, workload: Workload, *, count: int, total: int, rows: int) -> None:
     lists = max(10, rows // 1000)
     probes = fitted_probes(lists)
-
-    async def init(conn: asyncpg.Connection) -> None:
-        await init_connection(conn)
-        await conn.execute(f"SET ivfflat.probes = {probes}; SET ivfflat.iterative_scan = relaxed_order")
-
-    pool = await asyncpg.create_pool(dsn, min_size=16, max_size=16, init=init)
+    # Startup settings, not SET: asyncpg's default reset runs RESET ALL on every release, which returns to these.
+    scan = {"ivfflat.probes": str(probes), "ivfflat.iterative_scan": "relaxed_order"}
+    pool = await asyncpg.create_pool(dsn, min_size=16, max_size=16, init=init_connection, server_settings=scan)
+    for _ in range(2):  # the second time after a release and its reset
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SHOW ivfflat.probes") == str(probes), "the floor lost its scan settings"
     plain = PlainSql(pool)
     channel = aio.insecure_channel(address)
     stub = memory_pb2_grpc.MemoryServiceStub(channel)
