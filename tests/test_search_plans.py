@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 from bench.datasets import Corpus, clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter, Scope, ScopeRef
 from memory_service.storage import search_sql
-from memory_service.storage.database import init_connection
+from memory_service.storage.database import init_connection, session_statement
+from memory_service.v1 import memory_pb2
 from tests.conftest import (
     TEMPLATE_DB,
     RunningServer,
@@ -109,3 +111,64 @@ async def test_search_statements_have_generic_plans_that_use_the_indexes(
     finally:
         await conn.close()
     assert checked >= 12
+
+
+async def _show(running: RunningServer, name: str) -> str:
+    async with running.server.runtime.db.connection() as conn:
+        value: str = await conn.fetchval(f"SHOW {name}")
+        return value
+
+
+async def test_searches_with_different_probes_each_run_with_their_own(
+    indexed: tuple[RunningServer, Corpus, str],
+) -> None:
+    running, corpus, _ = indexed
+    engine = running.server.runtime.search
+    lists = running.server.runtime.index.state.lists
+    assert lists >= 6
+    # Without iterative scans the plan shows the probes a query really ran with: at probes = 1 one list holds
+    # about 10 rows with importance >= 0.99 (the index comes back short and the engine falls back to the exact
+    # scan); probing every list finds them all. The pool has one connection, so each search reuses the last one's.
+    engine.iterative_scan = False
+    try:
+
+        def request(probes: int) -> memory_pb2.SearchRequest:
+            return memory_pb2.SearchRequest(
+                query_embedding=corpus.vectors[5].tolist(),
+                top_k=20,
+                probes=probes,
+                mode=memory_pb2.SEARCH_MODE_VECTOR,
+                filter=memory_pb2.MemoryFilter(min_importance=0.99),
+            )
+
+        for probes in (lists, 1, lists, 1):
+            response = await running.memory.Search(request(probes))
+            assert len(response.hits) == 20
+            assert response.plan == ("ivfflat" if probes == lists else "exact"), probes
+            assert await _show(running, "ivfflat.probes") == str(probes)
+            assert await _show(running, "ivfflat.iterative_scan") == "off"
+    finally:
+        engine.iterative_scan = True
+    # The next search that wants iterative scans gets them, and its own probes.
+    response = await running.memory.Search(request(2))
+    assert response.plan == "ivfflat-iterative" and len(response.hits) == 20
+    assert await _show(running, "ivfflat.probes") == "2"
+    assert await _show(running, "ivfflat.iterative_scan") == "relaxed_order"
+    # Exact and text searches need no scan settings and send none: the connection keeps what it has.
+    await running.memory.Search(memory_pb2.SearchRequest(query="anything", mode=memory_pb2.SEARCH_MODE_TEXT))
+    await running.memory.Search(memory_pb2.SearchRequest(query_embedding=corpus.vectors[1].tolist(), exact=True))
+    assert await _show(running, "ivfflat.probes") == "2"
+
+
+def test_session_statement_changes_only_what_differs() -> None:
+    probes = {"ivfflat.probes": "3"}
+    both = {"ivfflat.probes": "3", "ivfflat.iterative_scan": "relaxed_order"}
+    assert session_statement({}, both) == "SET ivfflat.probes = '3'; SET ivfflat.iterative_scan = 'relaxed_order'"
+    assert session_statement(both, probes) == "RESET ivfflat.iterative_scan"
+    assert session_statement(probes, {"ivfflat.probes": "4"}) == "SET ivfflat.probes = '4'"
+    # Not known (a SET was interrupted): start from the server's defaults.
+    assert session_statement(None, probes) == "RESET ALL; SET ivfflat.probes = '3'"
+    bad: list[dict[str, Any]] = [{"ivfflat.probes": "1'; DROP TABLE x; --"}, {"search_path; RESET": "x"}]
+    for wanted in bad:
+        with pytest.raises(ValueError):
+            session_statement({}, wanted)

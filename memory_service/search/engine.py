@@ -81,8 +81,14 @@ class SearchEngine:
             vector is not None and not query.exact and state.usable and state.rows >= self._index.exact_max_rows
         )
         probes = self._probes(query, state.lists) if approximate_possible else 0
-        settings = self._scan_settings(probes) if approximate_possible else {}
-        async with self._db.transaction(settings=settings, readonly=True) as conn:
+        # No transaction: every statement below reads on its own (READ COMMITTED gave each its own snapshot
+        # anyway), so a search is one round trip per statement. A memory deleted between the candidates and
+        # memories_by_id is dropped from the hits, as before. Only an index scan depends on scan settings; the
+        # exact and text scans run with whatever the connection has.
+        session = (
+            self._db.settings_connection(self._scan_settings(probes)) if approximate_possible else self._db.connection()
+        )
+        async with session as conn:
             # VECTOR asks for exactly top_k candidates, so they come with their memories in the same query; the
             # other modes rank more candidates than they return and fetch the winners' memories afterwards.
             full_rows = query.mode is SearchMode.VECTOR

@@ -154,13 +154,65 @@ def begin_statement(settings: Mapping[str, str], *, readonly: bool = False) -> s
     return "; ".join(parts)
 
 
+def session_statement(current: Mapping[str, str] | None, wanted: Mapping[str, str]) -> str:
+    """The simple query that turns a connection's session settings from ``current`` into ``wanted``.
+
+    ``current`` None means not known (a change was interrupted): everything is reset first. Settings that
+    ``current`` has and ``wanted`` lacks are reset to the server default. Names and values come from code, never
+    from a client, and are checked against a strict pattern all the same (simple queries carry no parameters)."""
+    parts = ["RESET ALL"] if current is None else []
+    known = current or {}
+    parts.extend(f"RESET {name}" for name in known if name not in wanted)
+    for name, value in wanted.items():
+        if not _SETTING_NAME.match(name) or not _SETTING_VALUE.match(value):
+            raise ValueError(f"refusing to SET {name!r} = {value!r}")
+        if known.get(name) != value:
+            parts.append(f"SET {name} = '{value}'")
+    return "; ".join(parts)
+
+
+class SessionSettings:
+    """The session settings the service gave one pooled connection; ``values`` None while not known."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] | None = {}
+
+
+class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A pooled connection that remembers its session settings, so a search sends ``SET`` only when they change.
+
+    The pool's reset sends nothing (``_reset_connection``), so session settings outlive the call that made them."""
+
+    __slots__ = ("session_settings",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.session_settings = SessionSettings()
+
+
+async def use_session_settings(conn: asyncpg.Connection, wanted: Mapping[str, str]) -> None:
+    """Give ``conn`` exactly the session settings ``wanted`` (among those the service sets), in at most one trip."""
+    state = getattr(conn, "session_settings", None)  # through the pool's proxy
+    if not isinstance(state, SessionSettings):
+        raise TypeError(f"expected a connection of Database's pool (a PooledConnection), got {type(conn).__name__}")
+    if state.values == wanted:
+        return
+    statement = session_statement(state.values, wanted)
+    # Unknown until the server confirms: a cancelled SET may or may not have been applied.
+    state.values = None
+    await conn.execute(statement)
+    state.values = dict(wanted)
+
+
 async def _reset_connection(conn: asyncpg.Connection) -> None:
     """Roll back a transaction left open (after a cancelled call); otherwise send nothing.
 
     asyncpg's default reset sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every release:
     a round trip per call for state this service never creates. It changes settings only with SET LOCAL, takes
     advisory locks only at transaction level, and keeps cursors and LISTEN off pooled connections (the migration
-    runner and the index builder use connections of their own). Whatever a transaction did ends with it.
+    runner and the index builder use connections of their own). Whatever a transaction did ends with it. The
+    session settings of ``settings_connection`` stay: each connection tracks them, and every caller that depends
+    on them states all of its own.
     """
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
@@ -169,9 +221,10 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
 class Database:
     """One pool per DSN. Hands out connections and transactions with driver errors translated.
 
-    Per-query settings go through ``transaction(settings=...)``, which sends ``BEGIN`` and one ``SET LOCAL`` per
-    setting in a single simple query (``begin_statement``): they end with the transaction, so nothing leaks to the
-    next user of the connection even though the pool's reset (``_reset_connection``) no longer runs ``RESET ALL``.
+    Per-query settings go two ways. ``settings_connection(settings)`` gives a connection outside a transaction
+    whose session settings are exactly ``settings`` among those the service sets (``SET`` sent only when they
+    change; searches, one round trip per statement). ``transaction(settings=...)`` sends ``BEGIN`` and one
+    ``SET LOCAL`` per setting in a single simple query (``begin_statement``): they end with the transaction.
     """
 
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
@@ -187,6 +240,7 @@ class Database:
                 max_size=max_size,
                 init=init_connection,
                 reset=_reset_connection,
+                connection_class=PooledConnection,
                 timeout=timeout,
                 command_timeout=None,
                 # Idle connections are recycled so a restarted database is rejoined without manual action.
@@ -228,6 +282,18 @@ class Database:
             yield conn
         finally:
             await self.pool.release(conn)
+
+    @contextlib.asynccontextmanager
+    async def settings_connection(self, settings: Mapping[str, str]) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection outside a transaction whose session settings are ``settings``.
+
+        Each statement commits (and takes its snapshot) on its own; nothing is sent unless the connection's
+        settings differ, since each pooled connection remembers what it was given. A caller that depends on a
+        setting must name it: settings it leaves out are reset only if a previous caller had set them."""
+        with translate_errors():
+            async with self._acquire(10.0) as conn:
+                await use_session_settings(conn, settings)
+                yield conn
 
     @contextlib.asynccontextmanager
     async def transaction(
