@@ -172,3 +172,17 @@ def test_session_statement_changes_only_what_differs() -> None:
     for wanted in bad:
         with pytest.raises(ValueError):
             session_statement({}, wanted)
+
+
+async def test_the_narrow_filter_count_reads_only_the_index(indexed: tuple[RunningServer, Corpus, str]) -> None:
+    # The exact scan of a narrow filter reads its heap rows; the count that chose it must not read them first.
+    _, _, dsn = indexed
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("VACUUM memory.memories")  # sets the visibility map, as autovacuum does after a load
+        sql, values = search_sql.count_matching_statement(SCOPED, cap=5000)
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) {sql}", *values))
+        assert "Index Only Scan using memories_scope_list" in plan and "Heap Fetches: 0" in plan, plan
+        assert await conn.fetchval(sql, *values) == ROWS // SCOPES
+    finally:
+        await conn.close()

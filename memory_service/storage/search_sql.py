@@ -226,16 +226,16 @@ async def memories_by_id(conn: asyncpg.Connection, ids: list[int], *, with_embed
 
 def count_matching_statement(memory_filter: MemoryFilter, *, cap: int) -> tuple[str, list[Any]]:
     params = Params()
-    where = where_clause(memory_filter, params)
-    sql = (
-        f"SELECT count(*) FROM (SELECT 1 FROM memory.memories m WHERE {where} "
-        f"AND m.embedding IS NOT NULL LIMIT {_bound(cap)}) s"
-    )
-    return sql, params.values
+    # Only the filter's own conditions: a scope filter is then answered by an index-only scan of
+    # memories_scope_list, without visiting the heap rows the exact scan reads next. Expired memories and those
+    # without an embedding count too; a count too high only sends a search to the index, whose short answers
+    # fall back to the exact scan, so it stays complete.
+    where = where_clause(memory_filter, params, live_only=False)
+    return f"SELECT count(*) FROM (SELECT 1 FROM memory.memories m WHERE {where} LIMIT {_bound(cap)}) s", params.values
 
 
 async def count_matching(conn: asyncpg.Connection, memory_filter: MemoryFilter, *, cap: int) -> int:
-    """How many live memories match, counting no further than ``cap`` (cheap for narrow filters)."""
+    """How many memories match the filter (live or not), counting no further than ``cap`` (cheap when narrow)."""
     sql, values = count_matching_statement(memory_filter, cap=cap)
     value: int = await conn.fetchval(sql, *values)
     return value
