@@ -186,3 +186,31 @@ async def test_the_narrow_filter_count_reads_only_the_index(indexed: tuple[Runni
         assert await conn.fetchval(sql, *values) == ROWS // SCOPES
     finally:
         await conn.close()
+
+
+async def test_repeated_searches_run_on_a_cached_generic_plan(indexed: tuple[RunningServer, Corpus, str]) -> None:
+    # PostgreSQL tries five custom plans, then keeps the generic one if it costs no more: a statement whose generic
+    # plan is bad is planned anew on every call. The pool has one connection, which holds the prepared statements.
+    running, corpus, _ = indexed
+    vector = corpus.vectors[9]
+    text = " ".join(corpus.texts[9].split()[:2])
+    shapes = {
+        "vector": (
+            memory_pb2.SearchRequest(query_embedding=vector.tolist(), mode=memory_pb2.SEARCH_MODE_VECTOR),
+            search_sql.candidates_statement(NONE, vector=vector, text=None, limit=10, exact=False, full_rows=True)[0],
+        ),
+        "text": (
+            memory_pb2.SearchRequest(query=text, mode=memory_pb2.SEARCH_MODE_TEXT),
+            search_sql.candidates_statement(NONE, vector=None, text=text, limit=40, exact=True, full_rows=False)[0],
+        ),
+    }
+    for request, _ in shapes.values():
+        for _ in range(8):
+            await running.memory.Search(request)
+    async with running.server.runtime.db.connection() as conn:
+        for mode, (_, sql) in shapes.items():
+            row = await conn.fetchrow(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1", sql
+            )
+            assert row is not None, mode
+            assert row["generic_plans"] >= 3 and row["custom_plans"] <= 5, (mode, dict(row))
