@@ -104,17 +104,18 @@ class PlainSql:
         )
         limit = K if mode == "vector" else max(3 * K, 40)
         async with self.pool.acquire() as conn:
-            exact = mode == "text"
-            if not exact and filtered:
-                exact = await search_sql.count_matching(conn, memory_filter, cap=5000) < 5000
+            # As the engine plans it: a narrow filter is scanned exactly, and every query term may bring in
+            # text candidates (unpruned).
+            narrow = filtered and await search_sql.count_matching(conn, memory_filter, cap=5000) < 5000
             found = await search_sql.candidates(
                 conn,
                 memory_filter,
                 vector=None if mode == "text" else vector,
                 text=None if mode == "vector" else text,
                 limit=limit,
-                exact=exact,
+                exact=narrow or mode == "text",
                 full_rows=mode == "vector",
+                pruned=not narrow,
             )
             if mode != "vector":
                 # The service fetches the memories of the k winners after fusion; any k candidates cost the same.
