@@ -208,11 +208,11 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
     """Roll back a transaction left open (after a cancelled call); otherwise send nothing.
 
     asyncpg's default reset sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every release:
-    a round trip per call for state this service never creates. It changes settings only with SET LOCAL, takes
-    advisory locks only at transaction level, and keeps cursors and LISTEN off pooled connections (the migration
-    runner and the index builder use connections of their own). Whatever a transaction did ends with it. The
-    session settings of ``settings_connection`` stay: each connection tracks them, and every caller that depends
-    on them states all of its own.
+    a round trip per call for state this service never creates. It changes settings with SET LOCAL, or with SET
+    only through ``settings_connection`` (which tracks them per connection, and whose every caller that depends on
+    them states all of its own, so they may stay); takes advisory locks only at transaction level; and keeps
+    cursors and LISTEN off pooled connections (the migration runner and the index builder use connections of their
+    own). Whatever a transaction did ends with it.
     """
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
@@ -310,7 +310,7 @@ class Database:
                     async with conn.transaction(isolation=isolation, readonly=readonly):
                         yield conn
                     return
-                # BEGIN and every SET LOCAL travel in one round trip; on a search that is a third of its trips.
+                # BEGIN and every SET LOCAL travel in one round trip.
                 await conn.execute(begin_statement(settings, readonly=readonly))
                 try:
                     yield conn
