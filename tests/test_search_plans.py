@@ -12,7 +12,7 @@ import pytest
 from bench.datasets import Corpus, clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter, Scope, ScopeRef
 from memory_service.storage import search_sql
-from memory_service.storage.database import init_connection, session_statement
+from memory_service.storage.database import init_connection, session_statement, use_session_settings
 from memory_service.v1 import memory_pb2
 from tests.conftest import (
     TEMPLATE_DB,
@@ -154,6 +154,11 @@ async def test_searches_with_different_probes_each_run_with_their_own(
     assert response.plan == "ivfflat-iterative" and len(response.hits) == 20
     assert await _show(running, "ivfflat.probes") == "2"
     assert await _show(running, "ivfflat.iterative_scan") == "relaxed_order"
+    # Inside a transaction a rollback could undo a SET behind the tracking's back: refused.
+    async with running.server.runtime.db.transaction() as conn:
+        with pytest.raises(RuntimeError, match="outside a transaction"):
+            await use_session_settings(conn, {"ivfflat.probes": "5"})
+    assert await _show(running, "ivfflat.probes") == "2"
     # Exact and text searches need no scan settings and send none: the connection keeps what it has.
     await running.memory.Search(memory_pb2.SearchRequest(query="anything", mode=memory_pb2.SEARCH_MODE_TEXT))
     await running.memory.Search(memory_pb2.SearchRequest(query_embedding=corpus.vectors[1].tolist(), exact=True))

@@ -195,6 +195,9 @@ async def use_session_settings(conn: asyncpg.Connection, wanted: Mapping[str, st
     state = getattr(conn, "session_settings", None)  # through the pool's proxy
     if not isinstance(state, SessionSettings):
         raise TypeError(f"expected a connection of Database's pool (a PooledConnection), got {type(conn).__name__}")
+    if conn.is_in_transaction():
+        # A rollback would undo the SET behind the connection's back.
+        raise RuntimeError("session settings are set outside a transaction")
     if state.values == wanted:
         return
     statement = session_statement(state.values, wanted)
