@@ -30,6 +30,7 @@ LAYERS: dict[str, str] = {
     "embeddings": "domain",
     "ingest": "domain",
     "leases": "domain",
+    "history": "domain",
     "stats": "domain",
     "maintenance": "domain",
     "validation": "domain",

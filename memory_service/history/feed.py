@@ -1,0 +1,170 @@
+"""The change stream: which part of the change log is final, and Watch streams that deliver it.
+
+Change-log rows get their ``seq`` before their transaction commits, so a reader that follows "the highest seq
+seen" would skip a transaction that commits late with a lower seq. The feed delivers only up to a *frontier*
+below which nothing can still appear: it reads the highest seq handed out, then the transactions in progress
+(``changes_sql.frontier_probe``); once all of those have ended, that seq is final. Watchers deliver rows with
+``cursor < seq <= frontier`` in seq order, so a client that resumes with the seq of the last change it received
+gets every later change exactly once, on any instance, after any restart. Writes to one memory are serialised by
+its row lock and each draws its seq after taking it, so seq order is commit order per memory.
+
+LISTEN/NOTIFY only wakes the feed early; it also polls. One feed per instance probes the frontier for all of its
+watchers, and each watcher holds at most one page of changes, writing each through gRPC flow control: a slow
+watcher is slowed, never buffered without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from memory_service.errors import InvalidArgument, MemoryServiceError, Unavailable
+from memory_service.history.types import Change
+from memory_service.metrics import Metrics
+from memory_service.models import MemoryFilter
+from memory_service.storage import changes_sql
+from memory_service.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+PENDING_RECHECK = 0.02
+"""Seconds between frontier probes while transactions hold it back; they usually commit within milliseconds."""
+
+MAX_PENDING = 64
+"""Frontier candidates kept while a long transaction holds them all back; beyond it the newest is replaced, which
+only delays delivery."""
+
+_CURSOR_PREFIX = "w1:"
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> int:
+    """The log position after which to start; "" starts at the oldest change the log still holds."""
+    if not token:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()).decode()
+        if not raw.startswith(_CURSOR_PREFIX):
+            raise ValueError(raw)
+        seq = int(raw[len(_CURSOR_PREFIX) :])
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("after", "is not a cursor this service issued") from None
+    if seq < 0:
+        raise InvalidArgument("after", "is not a cursor this service issued")
+    return seq
+
+
+class ChangeFeed:
+    def __init__(self, db: Database, dsn: str, metrics: Metrics, *, poll_interval: float, page_rows: int) -> None:
+        self._db = db
+        self._dsn = dsn
+        self._metrics = metrics
+        self._poll_interval = poll_interval
+        self._page_rows = page_rows
+        self.frontier = 0
+        """Every change with seq <= frontier is committed or will never be."""
+        self._pending: collections.deque[tuple[int, frozenset[int]]] = collections.deque()
+        self._advanced = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._listener: changes_sql.Listener | None = None
+
+    async def start(self) -> None:
+        await self._advance()
+        self._task = asyncio.create_task(self._run(), name="change feed")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self._listener is None or not self._listener.alive:
+                    self._listener = await changes_sql.Listener.open(self._dsn, self._wake.set)
+                await self._advance()
+            except MemoryServiceError as exc:
+                log.warning("change feed: %s", exc)
+            except Exception:
+                log.exception("change feed failed unexpectedly")
+            timeout = PENDING_RECHECK if self._pending else self._poll_interval
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._advanced:
+            self._advanced.notify_all()
+
+    async def _advance(self) -> None:
+        async with self._db.connection() as conn:
+            high, running = await changes_sql.frontier_probe(conn)
+        safe = self.frontier
+        # A transaction that holds back one candidate also holds back every later one, so they resolve in order.
+        while self._pending and not (self._pending[0][1] & running):
+            safe = max(safe, self._pending.popleft()[0])
+        if not running:
+            safe = max(safe, high)
+            self._pending.clear()
+        elif high > max(safe, self._pending[-1][0] if self._pending else 0):
+            if len(self._pending) >= MAX_PENDING:
+                self._pending.pop()
+            self._pending.append((high, running))
+        if safe > self.frontier:
+            self.frontier = safe
+            await self._notify()
+
+    async def watch(self, memory_filter: MemoryFilter, *, after: int, include_memory: bool) -> AsyncIterator[Change]:
+        """Every change after ``after`` that matches, in log order, as it becomes final; ends only on shutdown."""
+        self._metrics.watch_streams.inc()
+        try:
+            cursor = after
+            while True:
+                await self._wait_beyond(cursor)
+                if self._stopping:
+                    raise Unavailable("the server is shutting down; watch again with the last cursor you received")
+                upto = self.frontier
+                while cursor < upto:
+                    async with self._db.connection() as conn:
+                        page = await changes_sql.fetch_changes(
+                            conn,
+                            memory_filter,
+                            after=cursor,
+                            upto=upto,
+                            limit=self._page_rows,
+                            include_memory=include_memory,
+                        )
+                    for change in page:
+                        self._metrics.watch_changes.inc()
+                        self._metrics.watch_lag.observe(change.lag_seconds)
+                        yield change
+                        cursor = change.seq
+                    if len(page) < self._page_rows:
+                        cursor = upto  # nothing else up to the frontier matches, and nothing new can appear there
+        finally:
+            self._metrics.watch_streams.dec()
+
+    async def _wait_beyond(self, cursor: int) -> None:
+        async with self._advanced:
+            await self._advanced.wait_for(lambda: self.frontier > cursor or self._stopping)
+
+    def begin_shutdown(self) -> None:
+        """End every Watch stream (Unavailable, with the cursor to resume from being the client's last)."""
+        self._stopping = True
+        self._wake.set()
+
+    async def close(self) -> None:
+        self.begin_shutdown()
+        await self._notify()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.close()

@@ -1,0 +1,106 @@
+"""SQL of the change stream: the frontier probe, reading the log, and the LISTEN wake-up connection."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import asyncpg
+
+from memory_service.history.types import Change, ChangeKind
+from memory_service.models import MemoryFilter, Scope
+from memory_service.storage.database import translate_errors
+from memory_service.storage.filters import Params, where_clause
+from memory_service.storage.history_sql import VERSION_COLUMNS
+from memory_service.storage.memories_sql import memory_from_row
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "memory_changes"
+
+
+async def frontier_probe(conn: asyncpg.Connection) -> tuple[int, frozenset[int]]:
+    """The highest change seq handed out so far, then the transactions in progress just after reading it.
+
+    Two statements, in this order, on purpose: every seq up to the first answer was drawn by a transaction that
+    already held its xid (migration 0007 orders the columns so), so that transaction either had finished by the
+    second statement's snapshot or is among the xids it returns. Once all of those have ended, no seq up to the
+    first answer can still become visible: everything up to it is final.
+    """
+    high: int = await conn.fetchval(
+        "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM memory.change_seq"
+    )
+    xips = await conn.fetchval("SELECT array_agg(x::text) FROM pg_snapshot_xip(pg_current_snapshot()) x")
+    return high, frozenset(int(x) for x in xips or ())
+
+
+async def fetch_changes(
+    conn: asyncpg.Connection,
+    memory_filter: MemoryFilter,
+    *,
+    after: int,
+    upto: int,
+    limit: int,
+    include_memory: bool,
+) -> list[Change]:
+    """Changes with ``after < seq <= upto`` that match the filter, in seq order.
+
+    The filter is matched against the memory as the change left it; an erasure keeps no content, so it matches on
+    scope alone.
+    """
+    params = Params(after, upto)
+    content = where_clause(memory_filter, params, live_only=False)
+    scopes = where_clause(MemoryFilter(scopes=memory_filter.scopes), params, live_only=False)
+    memory_columns = f", {VERSION_COLUMNS}" if include_memory else ""
+    rows = await conn.fetch(
+        f"""
+        SELECT c.seq, c.memory_id, c.scope::text AS c_scope, c.scope_id AS c_scope_id, c.kind::text AS c_kind,
+               c.version AS c_version, c.changed_at AS c_changed_at,
+               extract(epoch FROM clock_timestamp() - c.changed_at)::float8 AS lag,
+               m.memory_id IS NOT NULL AS has_memory {memory_columns}
+        FROM memory.changes c
+        LEFT JOIN memory.memory_versions m ON m.memory_id = c.memory_id AND m.version = c.version
+        WHERE c.seq > $1 AND c.seq <= $2
+          AND (({content})
+               OR (c.kind = 'erased' AND EXISTS (SELECT 1 FROM (SELECT c.scope, c.scope_id) m WHERE {scopes})))
+        ORDER BY c.seq LIMIT {params.add(limit)}
+        """,
+        *params.values,
+    )
+    return [
+        Change(
+            seq=row["seq"],
+            memory_id=row["memory_id"],
+            scope=Scope(row["c_scope"]),
+            scope_id=row["c_scope_id"],
+            kind=ChangeKind(row["c_kind"]),
+            version=row["c_version"],
+            changed_at=row["c_changed_at"],
+            lag_seconds=max(0.0, row["lag"]),
+            memory=memory_from_row(row) if include_memory and row["has_memory"] else None,
+        )
+        for row in rows
+    ]
+
+
+class Listener:
+    """A dedicated connection (never a pooled one: a pool's reset would UNLISTEN) that LISTENs for changes."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, dsn: str, wake: Callable[[], None]) -> Listener:
+        with translate_errors():
+            conn = await asyncpg.connect(dsn)
+            await conn.add_listener(CHANNEL, lambda *_: wake())
+        return cls(conn)
+
+    @property
+    def alive(self) -> bool:
+        return not self._conn.is_closed()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._conn.close(timeout=2)
