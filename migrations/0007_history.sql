@@ -40,7 +40,8 @@ CREATE INDEX memory_versions_changed_at ON memory.memory_versions (changed_at);
 -- The change log Watch reads, in seq order. seq comes from a sequence with CACHE 1 (the default), read by the
 -- watchers' frontier (memory_service.history.feed): every seq it has handed out is visible in last_value at once,
 -- which a per-session cache would break. txid is a column before seq, so the row's transaction holds an xid before
--- its seq is drawn (defaults are evaluated in column order); the frontier relies on that.
+-- its seq is drawn (defaults are evaluated in column order, and the changed memory row is written first anyway);
+-- the frontier relies on that.
 CREATE SEQUENCE memory.change_seq AS bigint CACHE 1;
 
 CREATE TABLE memory.changes (

@@ -2,11 +2,11 @@
 
 Change-log rows get their ``seq`` before their transaction commits, so a reader that follows "the highest seq
 seen" would skip a transaction that commits late with a lower seq. The feed delivers only up to a *frontier*
-below which nothing can still appear: it reads the highest seq handed out, then the transactions in progress
-(``changes_sql.frontier_probe``); once all of those have ended, that seq is final. Watchers deliver rows with
-``cursor < seq <= frontier`` in seq order, so a client that resumes with the seq of the last change it received
-gets every later change exactly once, on any instance, after any restart. Writes to one memory are serialised by
-its row lock and each draws its seq after taking it, so seq order is commit order per memory.
+below which nothing can still appear: it reads the highest seq handed out, then draws a transaction id; once no
+transaction older than that id is running, that seq is final (``changes_sql.frontier_probe``). Watchers deliver
+rows with ``cursor < seq <= frontier`` in seq order, so a client that resumes with the seq of the last change it
+received gets every later change exactly once, on any instance, after any restart. Writes to one memory are
+serialised by its row lock and each draws its seq after taking it, so seq order is commit order per memory.
 
 LISTEN/NOTIFY only wakes the feed early; it also polls. One feed per instance probes the frontier for all of its
 watchers, and each watcher holds at most one page of changes, writing each through gRPC flow control: a slow
@@ -70,7 +70,8 @@ class ChangeFeed:
         self._page_rows = page_rows
         self.frontier = 0
         """Every change with seq <= frontier is committed or will never be."""
-        self._pending: collections.deque[tuple[int, frozenset[int]]] = collections.deque()
+        self._pending: collections.deque[tuple[int, int]] = collections.deque()
+        """(high, xid) candidates: every seq <= high is final once no transaction older than xid runs."""
         self._advanced = asyncio.Condition()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -105,18 +106,15 @@ class ChangeFeed:
 
     async def _advance(self) -> None:
         async with self._db.connection() as conn:
-            high, running = await changes_sql.frontier_probe(conn)
-        safe = self.frontier
-        # A transaction that holds back one candidate also holds back every later one, so they resolve in order.
-        while self._pending and not (self._pending[0][1] & running):
-            safe = max(safe, self._pending.popleft()[0])
-        if not running:
-            safe = max(safe, high)
-            self._pending.clear()
-        elif high > max(safe, self._pending[-1][0] if self._pending else 0):
+            high, xid, xmin = await changes_sql.frontier_probe(conn)
+        if high > max(self.frontier, self._pending[-1][0] if self._pending else 0):
             if len(self._pending) >= MAX_PENDING:
-                self._pending.pop()
-            self._pending.append((high, running))
+                self._pending.pop()  # the new candidate covers it, later
+            self._pending.append((high, xid))
+        safe = self.frontier
+        # Candidates' xids increase, so they resolve in order.
+        while self._pending and xmin >= self._pending[0][1]:
+            safe = max(safe, self._pending.popleft()[0])
         if safe > self.frontier:
             self.frontier = safe
             await self._notify()

@@ -20,19 +20,22 @@ log = logging.getLogger(__name__)
 CHANNEL = "memory_changes"
 
 
-async def frontier_probe(conn: asyncpg.Connection) -> tuple[int, frozenset[int]]:
-    """The highest change seq handed out so far, then the transactions in progress just after reading it.
+async def frontier_probe(conn: asyncpg.Connection) -> tuple[int, int, int]:
+    """``(high, xid, xmin)``: the highest change seq handed out, then a fresh transaction id, then the oldest
+    transaction still running.
 
-    Two statements, in this order, on purpose: every seq up to the first answer was drawn by a transaction that
-    already held its xid (migration 0007 orders the columns so), so that transaction either had finished by the
-    second statement's snapshot or is among the xids it returns. Once all of those have ended, no seq up to the
-    first answer can still become visible: everything up to it is final.
+    Three statements, in this order, on purpose. Every seq up to ``high`` was drawn by a transaction that already
+    held its xid (migration 0007 orders the columns so), and that xid was assigned before ``xid`` was: so once no
+    transaction older than ``xid`` is running (a later ``xmin >= xid``), no seq up to ``high`` can still become
+    visible. The snapshot's in-progress list alone cannot say this: it omits transactions whose xids are past its
+    xmax, which may hold seqs already. Drawing ``xid`` costs an xid and an empty commit per probe.
     """
     high: int = await conn.fetchval(
         "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM memory.change_seq"
     )
-    xips = await conn.fetchval("SELECT array_agg(x::text) FROM pg_snapshot_xip(pg_current_snapshot()) x")
-    return high, frozenset(int(x) for x in xips or ())
+    xid = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
+    xmin = int(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text"))
+    return high, xid, xmin
 
 
 async def fetch_changes(
