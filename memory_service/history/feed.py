@@ -2,8 +2,9 @@
 
 Change-log rows get their ``seq`` before their transaction commits, so a reader that follows "the highest seq
 seen" would skip a transaction that commits late with a lower seq. The feed delivers only up to a *frontier*
-below which nothing can still appear: it reads the highest seq handed out, then draws a transaction id; once no
-transaction older than that id is running, that seq is final (``changes_sql.frontier_probe``). Watchers deliver
+below which nothing can still appear: it reads the highest seq handed out, then draws a transaction id; once the
+transactions of this database that were running with older ids have ended, that seq is final
+(``changes_sql.frontier_probe``). Watchers deliver
 rows with ``cursor < seq <= frontier`` in seq order, so a client that resumes with the seq of the last change it
 received gets every later change exactly once, on any instance, after any restart. Writes to one memory are
 serialised by its row lock and each draws its seq after taking it, so seq order is commit order per memory.
@@ -19,6 +20,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 
 PENDING_RECHECK = 0.02
 """Seconds between frontier probes while transactions hold it back; they usually commit within milliseconds."""
+
+MIN_PROBE_GAP = 0.01
+"""Seconds between probes however often NOTIFY wakes the feed: under a write load every commit notifies, and a
+probe per commit would cost the writers more than the watchers gain. With no watcher on an instance, its feed does
+not probe at all."""
 
 MAX_PENDING = 64
 """Frontier candidates kept while a long transaction holds them all back; beyond it the newest is replaced, which
@@ -61,6 +68,33 @@ def decode_cursor(token: str) -> int:
     return seq
 
 
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """Every seq <= ``high`` is final once the transactions in ``blockers`` have ended (or, when they are unknown,
+    once no transaction older than ``xid`` runs)."""
+
+    high: int
+    xid: int
+    blockers: frozenset[int] | None
+
+    @classmethod
+    def of(cls, probe: changes_sql.Probe) -> _Candidate:
+        blockers = None
+        if probe.running is not None:
+            blockers = frozenset(x for x in probe.running if _precedes(x, probe.xid))
+        return cls(high=probe.high, xid=probe.xid, blockers=blockers)
+
+    def final(self, probe: changes_sql.Probe) -> bool:
+        if probe.xmin >= self.xid:
+            return True
+        return self.blockers is not None and probe.running is not None and not (self.blockers & probe.running)
+
+
+def _precedes(xid32: int, xid8: int) -> bool:
+    """Whether a running 32-bit xid was assigned before the 64-bit ``xid8`` (running xids are within 2^31 of it)."""
+    return 0 < (xid8 - xid32) % 2**32 < 2**31
+
+
 class ChangeFeed:
     def __init__(self, db: Database, dsn: str, metrics: Metrics, *, poll_interval: float, page_rows: int) -> None:
         self._db = db
@@ -70,11 +104,12 @@ class ChangeFeed:
         self._page_rows = page_rows
         self.frontier = 0
         """Every change with seq <= frontier is committed or will never be."""
-        self._pending: collections.deque[tuple[int, int]] = collections.deque()
-        """(high, xid) candidates: every seq <= high is final once no transaction older than xid runs."""
+        self._pending: collections.deque[_Candidate] = collections.deque()
         self._advanced = asyncio.Condition()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._watchers = 0
+        self._joined = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listener: changes_sql.Listener | None = None
 
@@ -84,6 +119,9 @@ class ChangeFeed:
 
     async def _run(self) -> None:
         while True:
+            if not self._watchers:
+                await self._joined.wait()
+            self._joined.clear()
             try:
                 if self._listener is None or not self._listener.alive:
                     self._listener = await changes_sql.Listener.open(self._dsn, self._wake.set)
@@ -93,6 +131,7 @@ class ChangeFeed:
             except Exception:
                 log.exception("change feed failed unexpectedly")
             timeout = PENDING_RECHECK if self._pending else self._poll_interval
+            await asyncio.sleep(MIN_PROBE_GAP)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
@@ -106,15 +145,15 @@ class ChangeFeed:
 
     async def _advance(self) -> None:
         async with self._db.connection() as conn:
-            high, xid, xmin = await changes_sql.frontier_probe(conn)
-        if high > max(self.frontier, self._pending[-1][0] if self._pending else 0):
+            probe = await changes_sql.frontier_probe(conn)
+        if probe.high > max(self.frontier, self._pending[-1].high if self._pending else 0):
             if len(self._pending) >= MAX_PENDING:
                 self._pending.pop()  # the new candidate covers it, later
-            self._pending.append((high, xid))
+            self._pending.append(_Candidate.of(probe))
         safe = self.frontier
-        # Candidates' xids increase, so they resolve in order.
-        while self._pending and xmin >= self._pending[0][1]:
-            safe = max(safe, self._pending.popleft()[0])
+        # A transaction that holds back one candidate holds back every later one too, so they resolve in order.
+        while self._pending and self._pending[0].final(probe):
+            safe = max(safe, self._pending.popleft().high)
         if safe > self.frontier:
             self.frontier = safe
             await self._notify()
@@ -122,6 +161,8 @@ class ChangeFeed:
     async def watch(self, memory_filter: MemoryFilter, *, after: int, include_memory: bool) -> AsyncIterator[Change]:
         """Every change after ``after`` that matches, in log order, as it becomes final; ends only on shutdown."""
         self._metrics.watch_streams.inc()
+        self._watchers += 1
+        self._joined.set()
         try:
             cursor = after
             while True:
@@ -147,6 +188,7 @@ class ChangeFeed:
                     if len(page) < self._page_rows:
                         cursor = upto  # nothing else up to the frontier matches, and nothing new can appear there
         finally:
+            self._watchers -= 1
             self._metrics.watch_streams.dec()
 
     async def _wait_beyond(self, cursor: int) -> None:
@@ -156,6 +198,7 @@ class ChangeFeed:
     def begin_shutdown(self) -> None:
         """End every Watch stream (Unavailable, with the cursor to resume from being the client's last)."""
         self._stopping = True
+        self._joined.set()
         self._wake.set()
 
     async def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -20,22 +21,46 @@ log = logging.getLogger(__name__)
 CHANNEL = "memory_changes"
 
 
-async def frontier_probe(conn: asyncpg.Connection) -> tuple[int, int, int]:
-    """``(high, xid, xmin)``: the highest change seq handed out, then a fresh transaction id, then the oldest
-    transaction still running.
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    high: int
+    """The highest change seq handed out when the probe began."""
+    xid: int
+    """A transaction id drawn after ``high`` was read (full 64-bit xid8)."""
+    xmin: int
+    """The oldest transaction still running in the cluster, read after ``xid`` was drawn."""
+    running: frozenset[int] | None
+    """The 32-bit xids of transactions running in this database at that moment; None when some of this database's
+    sessions are hidden from this role (no pg_read_all_stats), so only ``xmin`` can be trusted."""
 
-    Three statements, in this order, on purpose. Every seq up to ``high`` was drawn by a transaction that already
-    held its xid (migration 0007 orders the columns so), and that xid was assigned before ``xid`` was: so once no
-    transaction older than ``xid`` is running (a later ``xmin >= xid``), no seq up to ``high`` can still become
-    visible. The snapshot's in-progress list alone cannot say this: it omits transactions whose xids are past its
-    xmax, which may hold seqs already. Drawing ``xid`` costs an xid and an empty commit per probe.
+
+async def frontier_probe(conn: asyncpg.Connection) -> Probe:
+    """What the change feed needs to tell which seqs are final; three statements, in this order, on purpose.
+
+    Every seq up to ``high`` was drawn by a transaction that already held its xid (migration 0007 orders the
+    columns so), and that xid was assigned before ``xid`` was. So those transactions are, at the third statement,
+    either finished or among this database's running transactions with an xid below ``xid``; once those have ended
+    (or, without the list, once ``xmin >= xid``), no seq up to ``high`` can still become visible. Only this
+    database's sessions can write its change log, so a long transaction elsewhere in the cluster does not hold the
+    stream back. The snapshot's in-progress list would not do: it omits transactions whose xids are past its xmax,
+    which may hold seqs already. Drawing ``xid`` costs an xid and an empty commit per probe.
     """
     high: int = await conn.fetchval(
         "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM memory.change_seq"
     )
     xid = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
-    xmin = int(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text"))
-    return high, xid, xmin
+    row = await conn.fetchrow(
+        """
+        SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin,
+               array_agg(backend_xid::text) FILTER (WHERE backend_xid IS NOT NULL) AS xids,
+               coalesce(bool_or(query = '<insufficient privilege>'), false) AS hidden
+        FROM pg_stat_activity
+        WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+        """
+    )
+    assert row is not None
+    running = None if row["hidden"] else frozenset(int(x) for x in row["xids"] or ())
+    return Probe(high=high, xid=xid, xmin=int(row["xmin"]), running=running)
 
 
 async def fetch_changes(

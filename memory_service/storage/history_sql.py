@@ -167,10 +167,12 @@ async def purge_history(conn: asyncpg.Connection, retention: timedelta, *, batch
         retention,
         batch,
     )
+    # The log is in about changed_at order: walk it from the oldest seq and stop at the first entry still kept.
     changes = await conn.execute(
         """
         DELETE FROM memory.changes WHERE seq = ANY(ARRAY(
-            SELECT seq FROM memory.changes WHERE changed_at < clock_timestamp() - $1::interval LIMIT $2))
+            SELECT seq FROM (SELECT seq, changed_at FROM memory.changes ORDER BY seq LIMIT $2) oldest
+            WHERE changed_at < clock_timestamp() - $1::interval))
         """,
         retention,
         batch,
