@@ -9,9 +9,10 @@ rows with ``cursor < seq <= frontier`` in seq order, so a client that resumes wi
 received gets every later change exactly once, on any instance, after any restart. Writes to one memory are
 serialised by its row lock and each draws its seq after taking it, so seq order is commit order per memory.
 
-LISTEN/NOTIFY only wakes the feed early; it also polls. One feed per instance probes the frontier for all of its
-watchers, and each watcher holds at most one page of changes, writing each through gRPC flow control: a slow
-watcher is slowed, never buffered without bound.
+LISTEN/NOTIFY only wakes the feed early (writers notify only while some instance has watchers); it also polls.
+One feed per instance probes the frontier for all of its watchers, on its own connection, and each watcher holds at
+most one page of changes, writing each through gRPC flow control: a slow watcher is slowed, never buffered without
+bound.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 
 from memory_service.errors import InvalidArgument, MemoryServiceError, Unavailable
@@ -40,6 +43,10 @@ MIN_PROBE_GAP = 0.01
 """Seconds between probes however often NOTIFY wakes the feed: under a write load every commit notifies, and a
 probe per commit would cost the writers more than the watchers gain. With no watcher on an instance, its feed does
 not probe at all."""
+
+ANNOUNCE_EVERY = 20.0
+"""Seconds between refreshes of this instance's row in memory.watch_listeners while it has watchers (writers stop
+counting a row after a minute)."""
 
 MAX_PENDING = 64
 """Frontier candidates kept while a long transaction holds them all back; beyond it the newest is replaced, which
@@ -112,6 +119,9 @@ class ChangeFeed:
         self._joined = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listener: changes_sql.Listener | None = None
+        self._instance = uuid.uuid4().hex
+        self._announced = 0.0
+        """When this instance last announced itself as listening (monotonic); 0 when it is not."""
 
     async def start(self) -> None:
         await self._advance()
@@ -120,11 +130,16 @@ class ChangeFeed:
     async def _run(self) -> None:
         while True:
             if not self._watchers:
+                await self._withdraw()
                 await self._joined.wait()
             self._joined.clear()
             try:
                 if self._listener is None or not self._listener.alive:
                     self._listener = await changes_sql.Listener.open(self._dsn, self._wake.set)
+                    self._announced = 0.0
+                if time.monotonic() - self._announced > ANNOUNCE_EVERY:
+                    await self._listener.announce(self._instance, listening=True)
+                    self._announced = time.monotonic()
                 await self._advance()
             except MemoryServiceError as exc:
                 log.warning("change feed: %s", exc)
@@ -143,9 +158,19 @@ class ChangeFeed:
         async with self._advanced:
             self._advanced.notify_all()
 
+    async def _withdraw(self) -> None:
+        """Writers need not notify for this instance any more."""
+        if self._announced and self._listener is not None and self._listener.alive:
+            with contextlib.suppress(MemoryServiceError):
+                await self._listener.announce(self._instance, listening=False)
+        self._announced = 0.0
+
     async def _advance(self) -> None:
-        async with self._db.connection() as conn:
-            probe = await changes_sql.frontier_probe(conn)
+        if self._listener is not None and self._listener.alive:
+            probe = await self._listener.probe()
+        else:
+            async with self._db.connection() as conn:
+                probe = await changes_sql.frontier_probe(conn)
         if probe.high > max(self.frontier, self._pending[-1].high if self._pending else 0):
             if len(self._pending) >= MAX_PENDING:
                 self._pending.pop()  # the new candidate covers it, later
@@ -207,5 +232,6 @@ class ChangeFeed:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._withdraw()
         if self._listener is not None:
             await self._listener.close()

@@ -112,8 +112,23 @@ async def fetch_changes(
     ]
 
 
+async def announce_listener(conn: asyncpg.Connection, instance: str, *, listening: bool) -> None:
+    """Tell writers whether this instance wants NOTIFY wake-ups (migration 0007: they notify only while some do)."""
+    if listening:
+        await conn.execute(
+            """
+            INSERT INTO memory.watch_listeners (instance) VALUES ($1)
+            ON CONFLICT (instance) DO UPDATE SET seen_at = clock_timestamp()
+            """,
+            instance,
+        )
+    else:
+        await conn.execute("DELETE FROM memory.watch_listeners WHERE instance = $1", instance)
+
+
 class Listener:
-    """A dedicated connection (never a pooled one: a pool's reset would UNLISTEN) that LISTENs for changes."""
+    """A dedicated connection (never a pooled one: a pool's reset would UNLISTEN) that LISTENs for changes; the
+    feed probes on it too, so a pool busy with writes never delays the frontier."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
@@ -124,6 +139,14 @@ class Listener:
             conn = await asyncpg.connect(dsn)
             await conn.add_listener(CHANNEL, lambda *_: wake())
         return cls(conn)
+
+    async def probe(self) -> Probe:
+        with translate_errors():
+            return await frontier_probe(self._conn)
+
+    async def announce(self, instance: str, *, listening: bool) -> None:
+        with translate_errors():
+            await announce_listener(self._conn, instance, listening=listening)
 
     @property
     def alive(self) -> bool:
