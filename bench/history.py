@@ -72,6 +72,15 @@ async def _bulk(stub: memory_pb2_grpc.MemoryServiceStub, prefix: str, vectors: n
     return len(vectors) / (time.perf_counter() - started)
 
 
+def _idle_watcher(stub: memory_pb2_grpc.MemoryServiceStub) -> aio.UnaryStreamCall:
+    """A watcher of a scope nobody writes: it costs the writers what any watcher does, and receives nothing."""
+    request = memory_pb2.WatchRequest()
+    request.filter.scopes.add(scope=memory_pb2.SCOPE_AGENT, scope_id=WATCHED_SCOPE_ID + 1)
+    call: aio.UnaryStreamCall = stub.Watch(request)
+    asyncio.get_running_loop().create_task(call.initial_metadata())
+    return call
+
+
 async def _watch_latency(
     stub: memory_pb2_grpc.MemoryServiceStub, rate: int, seconds: float
 ) -> tuple[list[float], list[float], int]:
@@ -131,7 +140,7 @@ async def main(args: argparse.Namespace) -> None:
                     process.wait_ready()
                 channels = {name: aio.insecure_channel(p.address) for name, p in servers.items()}
                 stubs = {name: memory_pb2_grpc.MemoryServiceStub(c) for name, c in channels.items()}
-                store_rates: dict[str, list[float]] = {"on": [], "off": []}
+                store_rates: dict[str, list[float]] = {"on": [], "off": [], "watched": []}
                 bulk_rates: dict[str, list[float]] = {"on": [], "off": []}
                 for r in range(args.rounds):
                     for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
@@ -141,12 +150,22 @@ async def main(args: argparse.Namespace) -> None:
                         bulk_rates[name].append(
                             await _bulk(stubs[name], f"b{r}", _vectors(args.bulk_rows, seed=100 + r))
                         )
+                    # The versioned server again with a watcher open, so writers NOTIFY (and the feed probes).
+                    watch = _idle_watcher(stubs["on"])
+                    await asyncio.sleep(0.2)
+                    call = _store_call(stubs["on"], f"sw{r}", _vectors(args.stores, seed=200 + r))
+                    store_rates["watched"].append(await throughput(call, in_flight=16, total=args.stores))
+                    watch.cancel()
                 rows = []
-                for label, rates in (("Store calls/s @16", store_rates), ("BulkStore rows/s", bulk_rates)):
-                    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
-                    # Each round's on/off pair ran back to back; the median of their ratios resists load spikes
-                    # from whatever else shares the machine better than a ratio of medians.
-                    ratio = statistics.median(a / b for a, b in zip(rates["on"], rates["off"], strict=True))
+                for label, rates, on_key in (
+                    ("Store calls/s @16", store_rates, "on"),
+                    ("Store calls/s @16, a watcher open", store_rates, "watched"),
+                    ("BulkStore rows/s", bulk_rates, "on"),
+                ):
+                    on, off = statistics.median(rates[on_key]), statistics.median(rates["off"])
+                    # Each round's runs were back to back; the median of their ratios resists load spikes from
+                    # whatever else shares the machine better than a ratio of medians.
+                    ratio = statistics.median(a / b for a, b in zip(rates[on_key], rates["off"], strict=True))
                     rows.append((label, off, on, f"{(ratio - 1) * 100:+.1f}%"))
                 print_table(("path", "versions off", "versions on", "change (median of round ratios)"), rows)
                 from_ack, from_start, achieved = await _watch_latency(stubs["on"], args.watch_rate, args.watch_seconds)

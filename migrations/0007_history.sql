@@ -59,18 +59,21 @@ CREATE TABLE memory.changes (
 -- No other index: Watch reads by seq, the retention purge walks seq from the oldest, and only Erase looks rows up
 -- by memory_id (a scan of this narrow table, for a rare operation, rather than an index every write maintains).
 
--- A wake-up for watchers, once per writing statement (not per row), and only while some instance has a watcher:
--- NOTIFY serialises the commits of notifying transactions, which cost Store about a sixth of its throughput when
--- every write paid it (bench/history.py). Instances with watchers keep a row here, refreshed well within the minute;
--- a crashed instance's row stops counting after it. Watchers poll as well, so a lost notification only delays.
+-- A wake-up for watchers, once per writing statement (not per row), and only while some instance with watchers is
+-- idle and waiting for it: NOTIFY serialises the commits of notifying transactions, which cost Store a sixth to a
+-- third of its throughput when every write paid it (bench/history.py). A busy feed polls instead and marks itself
+-- not sleeping. Instances with watchers keep a row here, refreshed well within the minute; a crashed instance's row
+-- stops counting after it. Feeds poll as well, so a lost notification only delays.
 CREATE UNLOGGED TABLE memory.watch_listeners (
     instance text PRIMARY KEY,
+    sleeping boolean NOT NULL DEFAULT true,
     seen_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
 CREATE FUNCTION memory.notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM memory.watch_listeners WHERE seen_at > clock_timestamp() - interval '1 minute') THEN
+    IF EXISTS (SELECT 1 FROM memory.watch_listeners
+               WHERE sleeping AND seen_at > clock_timestamp() - interval '1 minute') THEN
         PERFORM pg_notify('memory_changes', '');
     END IF;
     RETURN NULL;

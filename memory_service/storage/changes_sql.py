@@ -112,15 +112,17 @@ async def fetch_changes(
     ]
 
 
-async def announce_listener(conn: asyncpg.Connection, instance: str, *, listening: bool) -> None:
-    """Tell writers whether this instance wants NOTIFY wake-ups (migration 0007: they notify only while some do)."""
+async def announce_listener(conn: asyncpg.Connection, instance: str, *, listening: bool, sleeping: bool) -> None:
+    """Tell writers whether this instance wants NOTIFY wake-ups (migration 0007: they notify only while some
+    instance has watchers and is ``sleeping``, waiting for one, rather than polling)."""
     if listening:
         await conn.execute(
             """
-            INSERT INTO memory.watch_listeners (instance) VALUES ($1)
-            ON CONFLICT (instance) DO UPDATE SET seen_at = clock_timestamp()
+            INSERT INTO memory.watch_listeners (instance, sleeping) VALUES ($1, $2)
+            ON CONFLICT (instance) DO UPDATE SET seen_at = clock_timestamp(), sleeping = EXCLUDED.sleeping
             """,
             instance,
+            sleeping,
         )
     else:
         await conn.execute("DELETE FROM memory.watch_listeners WHERE instance = $1", instance)
@@ -136,7 +138,8 @@ class Listener:
     @classmethod
     async def open(cls, dsn: str, wake: Callable[[], None]) -> Listener:
         with translate_errors():
-            conn = await asyncpg.connect(dsn)
+            # The probe's empty commits (it draws an xid) need no flush: nothing depends on their durability.
+            conn = await asyncpg.connect(dsn, server_settings={"synchronous_commit": "off"})
             await conn.add_listener(CHANNEL, lambda *_: wake())
         return cls(conn)
 
@@ -144,9 +147,9 @@ class Listener:
         with translate_errors():
             return await frontier_probe(self._conn)
 
-    async def announce(self, instance: str, *, listening: bool) -> None:
+    async def announce(self, instance: str, *, listening: bool, sleeping: bool) -> None:
         with translate_errors():
-            await announce_listener(self._conn, instance, listening=listening)
+            await announce_listener(self._conn, instance, listening=listening, sleeping=sleeping)
 
     @property
     def alive(self) -> bool:
