@@ -95,3 +95,14 @@ def test_client_commands_ignore_the_servers_variables() -> None:
     assert result.returncode == 69
     assert "GRPC_PORT" not in result.stderr and "DATABASE_POOL_MIN" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("memory-service: search failed: UNAVAILABLE")
+
+
+def test_history_settings() -> None:
+    settings = Settings.from_env({})
+    assert settings.history_versions
+    assert settings.history_retention == 30 * 86400.0
+    assert settings.watch_poll_interval == 1.0
+    custom = Settings.from_env({"HISTORY_VERSIONS": "off", "HISTORY_RETENTION": "48h", "WATCH_POLL_INTERVAL": "250ms"})
+    assert (custom.history_versions, custom.history_retention, custom.watch_poll_interval) == (False, 172800.0, 0.25)
+    with pytest.raises(ConfigError, match="HISTORY_RETENTION is expected to be a positive duration"):
+        Settings.from_env({"HISTORY_RETENTION": "0"})

@@ -289,3 +289,24 @@ async def read_changes(
     finally:
         call.cancel()
     return seen
+
+
+async def test_history_off_records_nothing(database_url: str) -> None:
+    server = await start_server(test_env(database_url, HISTORY_VERSIONS="off"))
+    try:
+        stored = await store(server, "unversioned", key="plain")
+        await store(server, "unversioned, changed", key="plain")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await server.memory.History(memory_pb2.HistoryRequest(id=stored.id))
+        assert code_of(raised.value) == grpc.StatusCode.NOT_FOUND
+        assert (await server.memory.Get(memory_pb2.GetRequest(id=stored.id))).memory.value == "unversioned, changed"
+        assert await server.memory.Delete(memory_pb2.DeleteRequest(id=stored.id)) == memory_pb2.DeleteResponse(
+            deleted=1
+        )
+    finally:
+        await stop_server(server)
+    rows = await fetch(
+        database_url,
+        "SELECT (SELECT count(*) FROM memory.memory_versions) AS v, (SELECT count(*) FROM memory.changes) AS c",
+    )
+    assert (rows[0]["v"], rows[0]["c"]) == (0, 0)
