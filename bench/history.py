@@ -165,9 +165,14 @@ async def main(args: argparse.Namespace) -> None:
                     on, off = statistics.median(rates[on_key]), statistics.median(rates["off"])
                     # Each round's runs were back to back; the median of their ratios resists load spikes from
                     # whatever else shares the machine better than a ratio of medians.
-                    ratio = statistics.median(a / b for a, b in zip(rates[on_key], rates["off"], strict=True))
-                    rows.append((label, off, on, f"{(ratio - 1) * 100:+.1f}%"))
-                print_table(("path", "versions off", "versions on", "change (median of round ratios)"), rows)
+                    ratios = sorted(a / b for a, b in zip(rates[on_key], rates["off"], strict=True))
+                    spread = f"{(ratios[0] - 1) * 100:+.0f}% .. {(ratios[-1] - 1) * 100:+.0f}%"
+                    change = f"{(statistics.median(ratios) - 1) * 100:+.1f}%"
+                    rows.append((label, off, on, f"{(on / off - 1) * 100:+.1f}%", change, spread))
+                print_table(
+                    ("path", "off (median)", "on (median)", "change of medians", "median round ratio", "round range"),
+                    rows,
+                )
                 from_ack, from_start, achieved = await _watch_latency(stubs["on"], args.watch_rate, args.watch_seconds)
                 print()
                 print_table(
