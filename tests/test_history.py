@@ -248,6 +248,7 @@ async def test_retention_purges_superseded_versions_and_tombstones(server: Runni
     await store(server, "v3", key="live")
     gone = await store(server, "soon deleted", key="gone")
     await server.memory.Delete(memory_pb2.DeleteRequest(id=gone.id))
+    [first_change, *_] = await read_changes(server, "", until=lambda seen: len(seen) >= 1)
     recent = await store(server, "recent", key="recent")
     runtime = server.server.runtime
     # Age everything but the memory stored last past the retention.
@@ -270,6 +271,13 @@ async def test_retention_purges_superseded_versions_and_tombstones(server: Runni
     assert len(await history(server, recent.id)) == 1
     left = await fetch(database_url, "SELECT memory_id FROM memory.changes")
     assert [r["memory_id"] for r in left] == [recent.id]
+    # A cursor from before the purge cannot promise every later change: the watcher is told to start over.
+    call = server.memory.Watch(memory_pb2.WatchRequest(after=first_change.cursor))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call.read()
+    assert code_of(raised.value) == grpc.StatusCode.FAILED_PRECONDITION
+    [kept] = await read_changes(server, "", until=lambda seen: len(seen) >= 1)
+    assert kept.memory_id == recent.id
     assert (await server.memory.Get(memory_pb2.GetRequest(id=live.id))).memory.value == "v3"
 
 

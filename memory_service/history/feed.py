@@ -28,11 +28,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from memory_service.errors import InvalidArgument, MemoryServiceError, Unavailable
+from memory_service.errors import FailedPrecondition, InvalidArgument, MemoryServiceError, Unavailable
 from memory_service.history.types import Change
 from memory_service.metrics import Metrics
 from memory_service.models import MemoryFilter
-from memory_service.storage import changes_sql
+from memory_service.storage import changes_sql, history_sql
 from memory_service.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -144,13 +144,20 @@ class ChangeFeed:
                 await self._withdraw()
                 await self._joined.wait()
             self._joined.clear()
-            try:
-                if self._listener is None or not self._listener.alive:
+            if self._listener is None or not self._listener.alive:
+                if self._listener is not None:
+                    await self._listener.close()
+                    self._listener = None
+                try:
                     self._listener = await changes_sql.Listener.open(self._dsn, self._wake.set)
                     self._announced = 0.0
+                except MemoryServiceError as exc:
+                    log.warning("change feed: cannot open its LISTEN connection, polling through the pool: %s", exc)
+            try:
                 await self._advance()
                 sleeping = time.monotonic() - self._active_at > ACTIVE_FOR
-                if sleeping != self._sleeping or time.monotonic() - self._announced > ANNOUNCE_EVERY:
+                due = sleeping != self._sleeping or time.monotonic() - self._announced > ANNOUNCE_EVERY
+                if self._listener is not None and self._listener.alive and due:
                     await self._listener.announce(self._instance, listening=True, sleeping=sleeping)
                     self._announced = time.monotonic()
                     if sleeping and not self._sleeping:
@@ -204,6 +211,14 @@ class ChangeFeed:
 
     async def watch(self, memory_filter: MemoryFilter, *, after: int, include_memory: bool) -> AsyncIterator[Change]:
         """Every change after ``after`` that matches, in log order, as it becomes final; ends only on shutdown."""
+        if after:
+            async with self._db.connection() as conn:
+                purged = await history_sql.purged_through(conn)
+            if after < purged:
+                raise FailedPrecondition(
+                    "after: the changes following this cursor are older than HISTORY_RETENTION and have been purged; "
+                    "re-read what you cache and watch again without a cursor"
+                )
         self._metrics.watch_streams.inc()
         self._watchers += 1
         self._joined.set()

@@ -139,7 +139,7 @@ class Listener:
     async def open(cls, dsn: str, wake: Callable[[], None]) -> Listener:
         with translate_errors():
             # The probe's empty commits (it draws an xid) need no flush: nothing depends on their durability.
-            conn = await asyncpg.connect(dsn, server_settings={"synchronous_commit": "off"})
+            conn = await asyncpg.connect(dsn, timeout=10, server_settings={"synchronous_commit": "off"})
             await conn.add_listener(CHANNEL, lambda *_: wake())
         return cls(conn)
 

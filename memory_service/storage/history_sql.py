@@ -19,6 +19,9 @@ VERSION_COLUMNS = (
     "m.fencing_token, m.request_id"
 )
 
+PURGED_THROUGH = "changes_purged_through"
+"""memory.settings key: the highest change-log seq the retention purge has deleted."""
+
 # Live at $T: created or updated, and not expired then.
 _LIVE_AT = "m.kind IN ('created', 'updated') AND (m.expires_at IS NULL OR m.expires_at > {at})"
 
@@ -168,13 +171,31 @@ async def purge_history(conn: asyncpg.Connection, retention: timedelta, *, batch
         batch,
     )
     # The log is in about changed_at order: walk it from the oldest seq and stop at the first entry still kept.
-    changes = await conn.execute(
-        """
-        DELETE FROM memory.changes WHERE seq = ANY(ARRAY(
-            SELECT seq FROM (SELECT seq, changed_at FROM memory.changes ORDER BY seq LIMIT $2) oldest
-            WHERE changed_at < clock_timestamp() - $1::interval))
+    # The highest seq purged is recorded, so Watch can refuse a cursor from before it (PURGED_THROUGH).
+    changes: int = await conn.fetchval(
+        f"""
+        WITH gone AS (
+            DELETE FROM memory.changes WHERE seq = ANY(ARRAY(
+                SELECT seq FROM (SELECT seq, changed_at FROM memory.changes ORDER BY seq LIMIT $2) oldest
+                WHERE changed_at < clock_timestamp() - $1::interval))
+            RETURNING seq
+        ),
+        mark AS (
+            INSERT INTO memory.settings (key, value)
+            SELECT '{PURGED_THROUGH}', max(seq)::text FROM gone HAVING count(*) > 0
+            ON CONFLICT (key) DO UPDATE
+            SET value = greatest(memory.settings.value::bigint, EXCLUDED.value::bigint)::text,
+                updated_at = clock_timestamp()
+        )
+        SELECT count(*) FROM gone
         """,
         retention,
         batch,
     )
-    return int(versions.rsplit(" ", 1)[-1]) + int(changes.rsplit(" ", 1)[-1])
+    return int(versions.rsplit(" ", 1)[-1]) + changes
+
+
+async def purged_through(conn: asyncpg.Connection) -> int:
+    """The highest change-log seq the retention purge has deleted (0: none yet)."""
+    value = await conn.fetchval("SELECT value FROM memory.settings WHERE key = $1", PURGED_THROUGH)
+    return 0 if value is None else int(value)

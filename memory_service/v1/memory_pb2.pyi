@@ -1318,7 +1318,8 @@ class WatchRequest(_message.Message):
     INCLUDE_MEMORY_FIELD_NUMBER: _builtins.int
     after: _builtins.str
     """The cursor of the last change received; empty starts at the oldest change the log holds
-    (HISTORY_RETENTION).
+    (HISTORY_RETENTION). A cursor from before changes the retention purge removed answers FAILED_PRECONDITION:
+    re-read what you cache and watch again without a cursor.
     """
     include_memory: _builtins.bool
     """Send the memory as the change left it."""
