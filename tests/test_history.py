@@ -318,3 +318,24 @@ async def test_history_off_records_nothing(database_url: str) -> None:
         "SELECT (SELECT count(*) FROM memory.memory_versions) AS v, (SELECT count(*) FROM memory.changes) AS c",
     )
     assert (rows[0]["v"], rows[0]["c"]) == (0, 0)
+
+
+async def test_delete_by_filter_leaves_tombstones_and_watch_filters_by_content(server: RunningServer) -> None:
+    tagged = await store(server, "tagged one", key="a", tags=["keep-an-eye"])
+    plain = await store(server, "plain one", key="b")
+    deleted = await server.memory.Delete(
+        memory_pb2.DeleteRequest(
+            filter=memory_pb2.MemoryFilter(scopes=[memory_pb2.ScopeRef(scope=memory_pb2.SCOPE_AGENT)])
+        )
+    )
+    assert deleted.deleted == 2
+    for stored in (tagged, plain):
+        assert [KINDS[v.kind] for v in await history(server, stored.id)] == ["deleted", "created"]
+    request = memory_pb2.WatchRequest(filter=memory_pb2.MemoryFilter(tags=["keep-an-eye"]), include_memory=True)
+    call = server.memory.Watch(request)
+    try:
+        seen = [await asyncio.wait_for(call.read(), timeout=10) for _ in range(2)]
+    finally:
+        call.cancel()
+    assert [(c.memory_id, KINDS[c.kind]) for c in seen] == [(tagged.id, "created"), (tagged.id, "deleted")]
+    assert seen[1].memory.value == "tagged one"
