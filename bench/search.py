@@ -62,6 +62,7 @@ async def prepare(dsn: str, rows: int) -> Workload:
     runtime = Runtime(settings, Metrics())
     await runtime.start(background=False)
     try:
+        await runtime.binding.bind_now()  # the rows are copied in behind the service's back
         corpus = clustered(rows)
         started = time.perf_counter()
         async with runtime.db.connection() as conn:

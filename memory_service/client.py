@@ -12,15 +12,19 @@ so a retried Store cannot duplicate a memory.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from datetime import datetime
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 from grpc import aio
 
-from memory_service.v1 import lease_pb2_grpc, memory_pb2, memory_pb2_grpc
+from memory_service.client_bulk import BulkSummary, Entry, ResumableBulkStore, numbered
+from memory_service.client_history import HistoryCalls
+from memory_service.client_hold import HeldLease, NotAcquired  # noqa: F401  (callers catch client.NotAcquired)
+from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 
 def _names(enum: Any, prefix: str) -> dict[str, int]:
@@ -50,6 +54,57 @@ def memory_type_value(name: str) -> memory_pb2.MemoryType.ValueType:
 
 def mode_value(name: str) -> memory_pb2.SearchMode.ValueType:
     return _value(SEARCH_MODES, "search mode", name)  # type: ignore[no-any-return]
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    message.FromNanoseconds(round(seconds * 1e9))
+    return message
+
+
+def scope_filter(scope: str | None = None, scope_id: int | None = None) -> memory_pb2.MemoryFilter:
+    """A filter on one scope (every scope_id of it when ``scope_id`` is None), or no filter at all."""
+    memory_filter = memory_pb2.MemoryFilter()
+    if scope is not None:
+        ref = memory_filter.scopes.add(scope=scope_value(scope))
+        if scope_id is not None:
+            ref.scope_id = scope_id
+    return memory_filter
+
+
+def memory_input(
+    value: str,
+    *,
+    scope: str = "global",
+    scope_id: int = 0,
+    key: str = "",
+    memory_type: str = "fact",
+    importance: float | None = None,
+    tags: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    agent_id: int | None = None,
+    ttl_seconds: float | None = None,
+    embedding: Sequence[float] | None = None,
+) -> memory_pb2.MemoryInput:
+    """A memory to store, from the same keywords as ``MemoryClient.store`` (a dict of them works with ``**``)."""
+    memory = memory_pb2.MemoryInput(
+        scope=scope_value(scope),
+        scope_id=scope_id,
+        key=key,
+        value=value,
+        memory_type=memory_type_value(memory_type),
+        tags=tags or [],
+        embedding=embedding or [],
+    )
+    if importance is not None:
+        memory.importance = importance
+    if agent_id is not None:
+        memory.agent_id = agent_id
+    if metadata:
+        memory.metadata.update(metadata)
+    if ttl_seconds is not None:
+        memory.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
+    return memory
 
 
 def _service_config(attempts: int) -> str:
@@ -102,8 +157,13 @@ def open_channel(
     return aio.secure_channel(address, credentials, options=options)
 
 
-class MemoryClient:
-    """Thin, typed conveniences over ``MemoryServiceStub``; ``.memory`` and ``.leases`` expose the raw stubs."""
+class MemoryClient(HistoryCalls):
+    """Thin, typed conveniences, one method per RPC; ``.memory`` and ``.leases`` expose the raw stubs.
+
+    Every call carries the client's deadline (``timeout``; an Acquire adds its ``wait``) and is retried on
+    UNAVAILABLE by the channel's retry policy; ``bulk_store`` resumes a broken stream on its own and ``hold``
+    keeps a lease over the Hold stream for an ``async with`` block.
+    """
 
     def __init__(
         self,
@@ -147,26 +207,51 @@ class MemoryClient:
         agent_id: int | None = None,
         ttl_seconds: float | None = None,
     ) -> memory_pb2.StoreResponse:
-        memory = memory_pb2.MemoryInput(
-            scope=scope_value(scope),
+        memory = memory_input(
+            value,
+            scope=scope,
             scope_id=scope_id,
             key=key,
-            value=value,
-            memory_type=memory_type_value(memory_type),
-            tags=tags or [],
+            memory_type=memory_type,
+            importance=importance,
+            tags=tags,
+            metadata=metadata,
+            agent_id=agent_id,
+            ttl_seconds=ttl_seconds,
         )
-        if importance is not None:
-            memory.importance = importance
-        if agent_id is not None:
-            memory.agent_id = agent_id
-        if metadata:
-            memory.metadata.update(metadata)
-        if ttl_seconds is not None:
-            memory.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
         response: memory_pb2.StoreResponse = await self.memory.Store(
             memory_pb2.StoreRequest(memory=memory), timeout=self.timeout
         )
         return response
+
+    async def bulk_store(
+        self,
+        items: Iterable[Entry] | AsyncIterable[Entry],
+        *,
+        batch_size: int = 500,
+        window: int = 10_000,
+        fence: memory_pb2.Fence | None = None,
+        retry_timeout: float = 300.0,
+        on_ack: Callable[[memory_pb2.BulkStoreAck], None] | None = None,
+    ) -> BulkSummary:
+        """Stream memories through BulkStore, numbered 1, 2, ... in source order, resuming after a broken stream.
+
+        Items are MemoryInputs or dicts of ``store``'s keywords (plus ``embedding``). At most ``window`` items are
+        unacknowledged at a time: the source is read no faster than the server commits. The summary's
+        ``rejections`` name each rejected item by its sequence number. Raises the server's error when resending
+        cannot help (ABORTED by a superseded ``fence``, INVALID_ARGUMENT), TimeoutError when the server stays
+        unreachable or overloaded for ``retry_timeout`` seconds, and ValueError for a dict with an unknown name.
+        """
+        engine = ResumableBulkStore(
+            self.memory,
+            numbered(items, lambda entry: memory_input(**entry)),
+            batch_size=batch_size,
+            window=window,
+            fence=fence,
+            retry_timeout=retry_timeout,
+            on_ack=on_ack,
+        )
+        return await engine.run()
 
     async def get(self, memory_id: int) -> memory_pb2.Memory:
         response = await self.memory.Get(memory_pb2.GetRequest(id=memory_id), timeout=self.timeout)
@@ -181,11 +266,9 @@ class MemoryClient:
         scope: str | None = None,
         scope_id: int | None = None,
     ) -> memory_pb2.SearchResponse:
-        request = memory_pb2.SearchRequest(query=query, mode=mode_value(mode), top_k=top_k)
-        if scope is not None:
-            ref = request.filter.scopes.add(scope=scope_value(scope))
-            if scope_id is not None:
-                ref.scope_id = scope_id
+        request = memory_pb2.SearchRequest(
+            query=query, mode=mode_value(mode), top_k=top_k, filter=scope_filter(scope, scope_id)
+        )
         response: memory_pb2.SearchResponse = await self.memory.Search(request, timeout=self.timeout)
         return response
 
@@ -193,55 +276,128 @@ class MemoryClient:
         response: memory_pb2.StatsResponse = await self.memory.Stats(memory_pb2.StatsRequest(), timeout=self.timeout)
         return response
 
-    async def history(self, memory_id: int, *, page_size: int = 100) -> list[memory_pb2.MemoryVersion]:
-        """Every version of a memory, newest first (all pages)."""
-        versions: list[memory_pb2.MemoryVersion] = []
+    async def list_pages(
+        self,
+        memory_filter: memory_pb2.MemoryFilter | None = None,
+        *,
+        page_size: int = 100,
+        include_embedding: bool = False,
+    ) -> AsyncIterator[memory_pb2.ListResponse]:
+        """Every page of a List, in id order; each page is one call with its own deadline and retries."""
         token = ""
         while True:
-            page = await self.memory.History(
-                memory_pb2.HistoryRequest(id=memory_id, page_size=page_size, page_token=token), timeout=self.timeout
+            request = memory_pb2.ListRequest(
+                filter=memory_filter, page_size=page_size, page_token=token, include_embedding=include_embedding
             )
-            versions.extend(page.versions)
+            page: memory_pb2.ListResponse = await self.memory.List(request, timeout=self.timeout)
+            yield page
             token = page.next_page_token
             if not token:
-                return versions
+                return
 
-    async def get_as_of(self, memory_id: int, as_of: datetime) -> memory_pb2.Memory:
-        """The memory as it was live at ``as_of`` (an aware datetime); NOT_FOUND when it was not."""
-        request = memory_pb2.GetRequest(id=memory_id)
-        request.as_of.FromDatetime(as_of)
-        response = await self.memory.Get(request, timeout=self.timeout)
-        return response.memory  # type: ignore[no-any-return]
+    async def list_memories(
+        self,
+        memory_filter: memory_pb2.MemoryFilter | None = None,
+        *,
+        page_size: int = 100,
+        include_embedding: bool = False,
+    ) -> AsyncIterator[memory_pb2.Memory]:
+        """Every memory the filter matches, a page at a time: ``async for memory in client.list_memories(...)``."""
+        async for page in self.list_pages(memory_filter, page_size=page_size, include_embedding=include_embedding):
+            for memory in page.memories:
+                yield memory
 
-    async def erase(
-        self, *, scope: str, scope_id: int | None = None, memory_id: int | None = None
-    ) -> memory_pb2.EraseResponse:
-        """Erase one memory (``memory_id``) or every memory of the scope, for good; answers the receipt."""
-        request = memory_pb2.EraseRequest(scope=memory_pb2.ScopeRef(scope=scope_value(scope)))
-        if scope_id is not None:
-            request.scope.scope_id = scope_id
-        if memory_id is not None:
-            request.id = memory_id
-        else:
-            request.filter.SetInParent()
-        response: memory_pb2.EraseResponse = await self.memory.Erase(request, timeout=self.timeout)
+    async def delete(self, memory_id: int) -> int:
+        """Delete one memory; 0 when it did not exist, so a retried delete is safe."""
+        response = await self.memory.Delete(memory_pb2.DeleteRequest(id=memory_id), timeout=self.timeout)
+        return int(response.deleted)
+
+    async def delete_matching(self, memory_filter: memory_pb2.MemoryFilter) -> int:
+        """Delete every memory the (non-empty) filter matches; the count deleted."""
+        response = await self.memory.Delete(memory_pb2.DeleteRequest(filter=memory_filter), timeout=self.timeout)
+        return int(response.deleted)
+
+    async def embed(self, texts: list[str]) -> memory_pb2.EmbedResponse:
+        response: memory_pb2.EmbedResponse = await self.memory.Embed(
+            memory_pb2.EmbedRequest(texts=texts), timeout=self.timeout
+        )
         return response
 
-    def watch(
+    async def acquire(
         self,
+        name: str,
         *,
-        after: str = "",
-        scope: str | None = None,
-        scope_id: int | None = None,
-        include_memory: bool = False,
-    ) -> AsyncIterator[memory_pb2.Change]:
-        """Changes after the cursor ``after``, as they commit; no deadline (the stream runs until cancelled).
+        namespace: str = "default",
+        ttl: float = 30.0,
+        wait: float = 0.0,
+        holder: str = "",
+        request_id: str | None = None,
+    ) -> lease_pb2.AcquireResponse:
+        """One Acquire; retries (of UNAVAILABLE) reuse one request id, so an ambiguous commit cannot grant twice."""
+        request = lease_pb2.AcquireRequest(
+            namespace=namespace,
+            name=name,
+            ttl=_duration(ttl),
+            wait=_duration(wait),
+            request_id=request_id or uuid.uuid4().hex,
+            holder=holder,
+        )
+        response: lease_pb2.AcquireResponse = await self.leases.Acquire(request, timeout=self.timeout + wait)
+        return response
 
-        Resume a broken stream by calling again with the ``cursor`` of the last change received.
+    async def renew(self, lease_id: str, *, ttl: float | None = None) -> lease_pb2.Lease:
+        """Extend the lease; ABORTED when it was lost (never revived)."""
+        request = lease_pb2.RenewRequest(lease_id=lease_id)
+        if ttl is not None:
+            request.ttl.CopyFrom(_duration(ttl))
+        response = await self.leases.Renew(request, timeout=self.timeout)
+        return response.lease  # type: ignore[no-any-return]
+
+    async def release(self, lease_id: str) -> bool:
+        """Idempotent: releasing a lease already released or lost answers False."""
+        response = await self.leases.Release(lease_pb2.ReleaseRequest(lease_id=lease_id), timeout=self.timeout)
+        return bool(response.released)
+
+    async def get_lease(self, name: str, *, namespace: str = "default") -> lease_pb2.Lease:
+        """The live lease on the name; NOT_FOUND when nobody holds it."""
+        response = await self.leases.Get(
+            lease_pb2.GetLeaseRequest(namespace=namespace, name=name), timeout=self.timeout
+        )
+        return response.lease  # type: ignore[no-any-return]
+
+    def hold(
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        ttl: float = 30.0,
+        wait: float = 0.0,
+        holder: str = "",
+        request_id: str | None = None,
+    ) -> HeldLease:
+        """``async with client.hold(name) as lease:`` holds the lease over a Hold stream for the block.
+
+        Entering waits up to ``wait`` seconds for the grant and raises ``NotAcquired`` when it does not come;
+        ``lease.lost`` is set if the lease is lost while the block runs; leaving releases it.
         """
-        request = memory_pb2.WatchRequest(after=after, include_memory=include_memory)
-        if scope is not None:
-            ref = request.filter.scopes.add(scope=scope_value(scope))
-            if scope_id is not None:
-                ref.scope_id = scope_id
-        return self.memory.Watch(request)  # type: ignore[no-any-return]
+        request = lease_pb2.AcquireRequest(
+            namespace=namespace,
+            name=name,
+            ttl=_duration(ttl),
+            wait=_duration(wait),
+            request_id=request_id or uuid.uuid4().hex,
+            holder=holder,
+        )
+        return HeldLease(self.leases, request, timeout=self.timeout)
+
+    async def list_leases(self, *, namespace: str = "", page_size: int = 500) -> AsyncIterator[lease_pb2.Lease]:
+        """Every live lease (of one namespace, or all), a page at a time."""
+        token = ""
+        while True:
+            request = lease_pb2.ListLeasesRequest(namespace=namespace, page_size=page_size, page_token=token)
+            page = await self.leases.List(request, timeout=self.timeout)
+            for lease in page.leases:
+                yield lease
+            token = page.next_page_token
+            if not token:
+                return

@@ -7,21 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import platformdirs
 
+from memory_service.env_reader import MIN_TOKEN_LENGTH, EnvReader, parse_duration, redact_url
 from memory_service.errors import ConfigError
 
-T = TypeVar("T")
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+__all__ = ["MIN_TOKEN_LENGTH", "Settings", "parse_duration", "redact_url"]
 
 EMBEDDING_PROVIDERS = ("hash", "openai", "local")
 DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
@@ -29,23 +24,6 @@ DEFAULT_HASH_MODEL = "hash-ngram-v1"
 DEFAULT_LOCAL_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_MODELS = {"openai": DEFAULT_OPENAI_MODEL, "hash": DEFAULT_HASH_MODEL, "local": DEFAULT_LOCAL_MODEL}
 _DEFAULT_DIMS = {"openai": 1536, "hash": 384, "local": 384}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from ``"30"``, ``"30s"``, ``"250ms"``, ``"5m"`` or ``"1h"``; ValueError otherwise."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ValueError(text)
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(text)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,17 +135,17 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate settings; raise ConfigError with one line on the first bad value."""
-        reader = _EnvReader(os.environ if env is None else env)
+        reader = EnvReader(os.environ if env is None else env)
         api_key = reader.text("OPENAI_API_KEY")
-        base_url = reader.text("OPENAI_BASE_URL")
+        base_url = reader.http_url("OPENAI_BASE_URL")
         # Naming an endpoint or a key says which provider is meant, as much as EMBEDDING_PROVIDER would.
         implied = "openai" if api_key or base_url else "hash"
         provider = reader.choice("EMBEDDING_PROVIDER", EMBEDDING_PROVIDERS, implied)
         default_model = _DEFAULT_MODELS[provider]
         default_dim = _DEFAULT_DIMS[provider]
         values: dict[str, Any] = dict(
-            database_url=reader.text("DATABASE_URL"),
-            database_read_url=reader.text("DATABASE_READ_URL"),
+            database_url=reader.postgres_url("DATABASE_URL"),
+            database_read_url=reader.postgres_url("DATABASE_READ_URL"),
             database_pool_min=reader.integer("DATABASE_POOL_MIN", 4, minimum=1),
             database_pool_max=reader.integer("DATABASE_POOL_MAX", 20, minimum=1),
             migrate_on_start=reader.boolean("MIGRATE_ON_START", True),
@@ -261,90 +239,3 @@ class Settings:
             raise ConfigError(
                 "EMBEDDING_PROVIDER=openai is expected with OPENAI_API_KEY or OPENAI_BASE_URL (got neither)"
             )
-
-
-class _EnvReader:
-    """Parses environment values, naming the variable and the expectation on failure."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def text(self, name: str) -> str | None:
-        value = self._env.get(name, "").strip()
-        return value or None
-
-    def _parse(self, name: str, default: T, parse: Callable[[str], T], expected: str) -> T:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            return parse(raw)
-        except ValueError:
-            raise ConfigError(f"{name} is expected to be {expected} (got {raw!r})") from None
-
-    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-        value = self.optional_integer(name, minimum=minimum, maximum=maximum)
-        return default if value is None else value
-
-    def optional_integer(self, name: str, *, minimum: int, maximum: int | None = None) -> int | None:
-        bounds = f"an integer from {minimum} to {maximum}" if maximum is not None else f"an integer >= {minimum}"
-
-        def parse(raw: str) -> int:
-            value = int(raw)
-            if value < minimum or (maximum is not None and value > maximum):
-                raise ValueError(raw)
-            return value
-
-        return self._parse(name, None, parse, bounds)
-
-    def number(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
-        value = self.optional_number(name, minimum=minimum, maximum=maximum)
-        return default if value is None else value
-
-    def optional_number(self, name: str, *, minimum: float, maximum: float) -> float | None:
-        def parse(raw: str) -> float:
-            value = float(raw)
-            if not minimum <= value <= maximum:  # also refuses NaN
-                raise ValueError(raw)
-            return value
-
-        return self._parse(name, None, parse, f"a number from {minimum:g} to {maximum:g}")
-
-    def port_or_off(self, name: str, default: int) -> int | None:
-        if (self.text(name) or "").lower() == "off":
-            return None
-        return self.integer(name, default, minimum=0, maximum=65535)
-
-    def duration(self, name: str, default: float) -> float:
-        def parse(raw: str) -> float:
-            value = parse_duration(raw)
-            if value <= 0:
-                raise ValueError(raw)
-            return value
-
-        return self._parse(name, default, parse, "a positive duration such as 30s, 250ms, 5m or 1h")
-
-    def boolean(self, name: str, default: bool) -> bool:
-        return self._parse(name, default, _parse_bool, "true or false")
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str, *, upper: bool = False) -> str:
-        def parse(raw: str) -> str:
-            value = raw.upper() if upper else raw.lower()
-            if value not in choices:
-                raise ValueError(raw)
-            return value
-
-        return self._parse(name, default, parse, "one of " + ", ".join(choices))
-
-    def path(self, name: str) -> Path | None:
-        raw = self.text(name)
-        return None if raw is None else Path(raw).expanduser()
-
-    def token_list(self, name: str) -> tuple[str, ...]:
-        raw = self.text(name)
-        if raw is None:
-            return ()
-        tokens = tuple(token.strip() for token in raw.split(",") if token.strip())
-        if any(len(token) < 16 for token in tokens):
-            raise ConfigError(f"{name} is expected to hold comma-separated tokens of at least 16 characters")
-        return tokens

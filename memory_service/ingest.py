@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 
+from memory_service.binding import ModelBinding
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, Unavailable
 from memory_service.history.types import NO_CONTEXT, WriteContext
@@ -148,6 +149,7 @@ class BulkIngest:
         self,
         db: Database,
         embedder: EmbeddingService,
+        binding: ModelBinding,
         metrics: Metrics,
         *,
         batch_rows: int,
@@ -158,6 +160,7 @@ class BulkIngest:
     ) -> None:
         self._db = db
         self._embedder = embedder
+        self._binding = binding
         self._metrics = metrics
         self._batch_rows = batch_rows
         self._depth = queue_depth
@@ -335,6 +338,7 @@ class BulkIngest:
         try:
             if batch.records:
                 async with self._db.transaction() as conn:
+                    bound_now = await self._binding.ensure(conn)
                     for fence in batch.fences:
                         await check_fence(conn, fence)
                     await ingest_sql.stage(conn, batch.records)
@@ -343,6 +347,7 @@ class BulkIngest:
                     counts = await ingest_sql.upsert_staged(
                         conn, len(batch.records), self._embedder.model, history=self._versions(batch, context)
                     )
+                await self._binding.committed(bound_now)
             elif previous is not None:
                 await previous.wait()  # its ack vouches for every batch before it
             commit.ok = True

@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import asdict
 
+from memory_service.binding import ModelBinding
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, NotFound
 from memory_service.history.types import NO_CONTEXT, WriteContext
@@ -23,9 +24,12 @@ _CURSOR_VERSION = "1"
 
 
 class MemoryStore:
-    def __init__(self, db: Database, embedder: EmbeddingService, *, history: bool = True) -> None:
+    def __init__(
+        self, db: Database, embedder: EmbeddingService, binding: ModelBinding, *, history: bool = True
+    ) -> None:
         self._db = db
         self._embedder = embedder
+        self._binding = binding
         self._history = history
         """Record a version of every change (HISTORY_VERSIONS)."""
 
@@ -47,11 +51,13 @@ class MemoryStore:
             if embedding is None:
                 (embedding,) = await self._embedder.embed([memory.value], [memory.content_hash])
         async with self._db.transaction() as conn:
+            bound_now = await self._binding.ensure(conn)
             if fence is not None:
                 await check_fence(conn, fence)
             memory_id, outcome = await memories_sql.upsert(
                 conn, memory, embedding, self._embedder.model, history=self._context(context, fence)
             )
+        await self._binding.committed(bound_now)
         return StoreResult(id=memory_id, key=memory.key, outcome=outcome)
 
     async def get(self, memory_id: int, *, with_embedding: bool = False) -> Memory:

@@ -12,7 +12,8 @@ from datetime import timedelta
 from typing import TypeVar
 
 from memory_service import maintenance
-from memory_service.config import Settings
+from memory_service.binding import ModelBinding
+from memory_service.config import Settings, redact_url
 from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.history.feed import ChangeFeed
@@ -26,7 +27,7 @@ from memory_service.search.index_care import IndexCare
 from memory_service.search.text_stats import TextStats
 from memory_service.stats import Stats, collect
 from memory_service.storage import settings_sql
-from memory_service.storage.database import Database
+from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
 from memory_service.storage.search_sql import TextRanking
@@ -63,6 +64,7 @@ class Runtime:
         self._text_stats: TextStats | None = None
         self._leases: LeaseManager | None = None
         self._bulk: BulkIngest | None = None
+        self._binding: ModelBinding | None = None
         self._history: History | None = None
         self._feed: ChangeFeed | None = None
         self.postgres_version = ""
@@ -75,6 +77,10 @@ class Runtime:
     @property
     def db(self) -> Database:
         return _started(self._db)
+
+    @property
+    def binding(self) -> ModelBinding:
+        return _started(self._binding)
 
     @property
     def embedder(self) -> EmbeddingService:
@@ -118,6 +124,7 @@ class Runtime:
         settings = self.settings
         try:
             self.dsn = await self._database_dsn()
+            await check_reachable(self.dsn, named_by=self._named_by)
             if settings.migrate_on_start:
                 applied = await apply_migrations(self.dsn)
                 log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
@@ -127,12 +134,17 @@ class Runtime:
             self.metrics.watch_pool(db.pool_size, db.pool_idle)
             self._leases = LeaseManager(db, settings, self.metrics)
             await self._leases.start()
-            async with db.transaction() as conn:
+            async with db.connection() as conn:
                 self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
-                if await settings_sql.bind_embedding_model(conn, settings.embedding_model, settings.embedding_dim):
-                    log.info(
-                        "bound this database to %s (%d dimensions)", settings.embedding_model, settings.embedding_dim
-                    )
+            location, start_over = self._where()
+            self._binding = ModelBinding(
+                db,
+                model=settings.embedding_model,
+                dimension=settings.embedding_dim,
+                location=location,
+                start_over=start_over,
+            )
+            await self._binding.check()
             iterative = _version_at_least(self.pgvector_version, (0, 8))
             log.info(
                 "PostgreSQL %s, pgvector %s (iterative index scans %s)",
@@ -143,7 +155,7 @@ class Runtime:
             # Loading a local model reads and compiles it (or downloads it once): not on the event loop.
             provider = await asyncio.to_thread(create_provider, settings, self.metrics)
             self._embedder = EmbeddingService(provider, db, self.metrics)
-            self._memories = MemoryStore(db, self._embedder, history=settings.history_versions)
+            self._memories = MemoryStore(db, self._embedder, self._binding, history=settings.history_versions)
             self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
             self._feed = ChangeFeed(
                 db, self.dsn, self.metrics, poll_interval=settings.watch_poll_interval, page_rows=WATCH_PAGE_ROWS
@@ -151,6 +163,7 @@ class Runtime:
             self._bulk = BulkIngest(
                 db,
                 self._embedder,
+                self._binding,
                 self.metrics,
                 batch_rows=settings.bulk_batch_rows,
                 queue_depth=settings.bulk_queue_depth,
@@ -164,6 +177,7 @@ class Runtime:
             await self._text_stats.maintain()
             read_db = db
             if settings.database_read_url:
+                await check_reachable(settings.database_read_url, named_by="named by DATABASE_READ_URL")
                 self._read_db = read_db = await Database.connect(
                     settings.database_read_url, min_size=1, max_size=settings.database_pool_max
                 )
@@ -203,6 +217,27 @@ class Runtime:
         self.embedded = EmbeddedPostgres(self.settings.data_dir)
         log.info("DATABASE_URL is unset: using the embedded PostgreSQL in %s", self.embedded.pgdata)
         return await asyncio.to_thread(self.embedded.start)
+
+    @property
+    def _named_by(self) -> str:
+        if self.embedded is not None:
+            return f"embedded in {self.embedded.data_dir} (MEMORY_SERVICE_DATA_DIR)"
+        return "named by DATABASE_URL"
+
+    def _where(self) -> tuple[str, str]:
+        """Where the data lives, and how to start over with an empty database, as an operator reads them."""
+        if self.embedded is not None:
+            data_dir = self.embedded.data_dir
+            return (
+                f"the embedded database in {data_dir} (MEMORY_SERVICE_DATA_DIR)",
+                "start over with an empty database: set MEMORY_SERVICE_DATA_DIR to a new directory, or stop the "
+                f"server and move {data_dir} away (deleting it deletes every memory)",
+            )
+        return (
+            f"the database {redact_url(self.dsn)} (DATABASE_URL)",
+            "start over with an empty database: point DATABASE_URL at a new database, or drop the schema memory "
+            "of this one (DROP SCHEMA memory CASCADE deletes every memory)",
+        )
 
     async def stats(self) -> Stats:
         return await collect(

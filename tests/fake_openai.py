@@ -28,6 +28,8 @@ class FakeOpenAI:
         self.dimension = dimension
         self.requests: list[dict[str, Any]] = []
         self.failures: deque[int] = deque()
+        self.zero_for: set[str] = set()
+        """Texts answered with a zero vector, as a misbehaving server might."""
         self.authorization: list[str | None] = []
         self._lock = threading.Lock()
         fake = self
@@ -71,7 +73,7 @@ class FakeOpenAI:
         dimension = body.get("dimensions") or self.dimension
         data = []
         for index, text in enumerate(texts):
-            vector = fake_vector(text, dimension)
+            vector = np.zeros(dimension, np.float32) if text in self.zero_for else fake_vector(text, dimension)
             if body.get("encoding_format") == "base64":
                 embedding: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode()
             else:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +97,102 @@ def test_client_commands_ignore_the_servers_variables() -> None:
     assert result.returncode == 69
     assert "GRPC_PORT" not in result.stderr and "DATABASE_POOL_MIN" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("memory-service: search failed: UNAVAILABLE")
+
+
+def _serve_fails(env: dict[str, str], tmp_path: Path) -> str:
+    """Run ``serve`` as a user would and return its one stderr line, after checking exit code 2 and no traceback."""
+    base = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "GRPC_HOST": "127.0.0.1",
+        "GRPC_PORT": "0",
+        "METRICS_PORT": "off",
+        "LOG_LEVEL": "WARNING",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "memory_service", "serve"],
+        env={**base, **env},
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("memory-service: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("env", "fragments"),
+    [
+        (
+            {"DATABASE_URL": "postgresql://me:hunter2@127.0.0.1:abc/db"},
+            ["DATABASE_URL is expected to be a URL", "port 'abc'", "me:***@"],
+        ),
+        ({"DATABASE_URL": "mysql://me@127.0.0.1/db"}, ["DATABASE_URL", "scheme must be postgresql"]),
+        (
+            {"DATABASE_URL": "postgresql://127.0.0.1:1/db", "DATABASE_READ_URL": "redis://127.0.0.1/0"},
+            ["DATABASE_READ_URL", "scheme must be postgresql"],
+        ),
+        ({"AUTH_TOKENS": ","}, ["AUTH_TOKENS is expected to hold comma-separated tokens of at least 16", "no token"]),
+        ({"AUTH_TOKENS": " , ,"}, ["AUTH_TOKENS", "unset it to turn auth off"]),
+        ({"OPENAI_BASE_URL": "ftp://x"}, ["OPENAI_BASE_URL is expected to be an http:// or https:// URL"]),
+        ({"OPENAI_BASE_URL": "localhost:11434"}, ["OPENAI_BASE_URL"]),
+    ],
+)
+def test_bad_settings_stop_serve_with_one_line(env: dict[str, str], fragments: list[str], tmp_path: Path) -> None:
+    line = _serve_fails(env, tmp_path)
+    for fragment in fragments:
+        assert fragment in line
+    assert "hunter2" not in line
+
+
+def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as listener:  # a port nothing listens on: bound, never listening, closed before use
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+    line = _serve_fails({"DATABASE_URL": f"postgresql://me:hunter2@127.0.0.1:{port}/db"}, tmp_path)
+    assert "cannot connect to the database named by DATABASE_URL" in line
+    assert f"me:***@127.0.0.1:{port}/db" in line and "hunter2" not in line
+
+
+def test_wrong_password_or_missing_database_is_one_line(server_dsn: str, tmp_path: Path) -> None:
+    missing = server_dsn.replace("/postgres?", "/no_such_database?", 1)
+    if missing == server_dsn:
+        missing = server_dsn.rsplit("/", 1)[0] + "/no_such_database"
+    line = _serve_fails({"DATABASE_URL": missing}, tmp_path)
+    assert "cannot connect to the database named by DATABASE_URL" in line
+    assert "no_such_database" in line
+
+
+def test_read_replica_that_cannot_be_reached_is_one_line(database_url: str, tmp_path: Path) -> None:
+    line = _serve_fails({"DATABASE_URL": database_url, "DATABASE_READ_URL": "postgresql://127.0.0.1:1/db"}, tmp_path)
+    assert "cannot connect to the database named by DATABASE_READ_URL" in line
+
+
+def test_unwritable_data_dir_is_one_line(tmp_path: Path) -> None:
+    # A path under a regular file cannot be created, by root either (the tests may run as root).
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = _serve_fails({"MEMORY_SERVICE_DATA_DIR": str(blocker / "data")}, tmp_path)
+    assert "MEMORY_SERVICE_DATA_DIR is expected to name a directory this user can create and write" in line
+    assert str(blocker / "data") in line
+
+
+def test_migrate_reports_an_unreachable_database_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "memory_service", "migrate", "--database-url", "postgresql://127.0.0.1:1/db"],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LOG_LEVEL": "WARNING"},
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("memory-service: error: cannot connect to the database named by DATABASE_URL")
 
 
 def test_history_settings() -> None:

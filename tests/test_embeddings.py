@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Iterator
 
-import asyncpg
 import grpc
 import numpy as np
 import pytest
@@ -126,6 +125,9 @@ async def test_store_with_supplied_embedding_calls_no_provider(
 
 async def test_restart_with_other_model_or_dimension_is_refused(database_url: str, fake_openai: FakeOpenAI) -> None:
     running = await start_server(openai_env(database_url, fake_openai))
+    await running.memory.Store(
+        memory_pb2.StoreRequest(memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_GLOBAL, value="binds the model"))
+    )
     await stop_server(running)
     for overrides, asked in (
         ({"EMBEDDING_MODEL": "text-embedding-3-large"}, "'text-embedding-3-large' and dimension 384"),
@@ -137,22 +139,6 @@ async def test_restart_with_other_model_or_dimension_is_refused(database_url: st
         message = str(caught.value)
         assert "stores embeddings of model 'text-embedding-3-small' with dimension 384" in message
         assert asked in message
-
-
-async def test_dimension_is_bound_on_first_start(database_url: str) -> None:
-    running = await start_server(test_env(database_url))
-    await stop_server(running)
-    conn = await asyncpg.connect(database_url)
-    try:
-        column_type = await conn.fetchval(
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
-            "WHERE attrelid = 'memory.memories'::regclass AND attname = 'embedding'"
-        )
-        stored = dict(await conn.fetch("SELECT key, value FROM memory.settings"))
-    finally:
-        await conn.close()
-    assert column_type == "vector(384)"
-    assert stored["embedding_model"] == "hash-ngram-v1" and stored["embedding_dim"] == "384"
 
 
 def test_hash_embedder_is_deterministic_unit_length_and_lexical() -> None:
@@ -189,3 +175,20 @@ async def test_old_cache_entries_are_evicted(server: RunningServer) -> None:
     async with db.connection() as conn:
         left = await conn.fetch("SELECT content_hash FROM memory.embedding_cache WHERE model = 'evict-test'")
     assert [bytes(r["content_hash"]) for r in left] == [b"\x02"]
+
+
+async def test_a_provider_that_answers_a_zero_vector_is_refused(
+    openai_server: RunningServer, fake_openai: FakeOpenAI
+) -> None:
+    # Stored, a zero vector would make every search that meets it NaN; the write fails instead and stores nothing.
+    fake_openai.zero_for.add("nothing to see")
+    with pytest.raises(grpc.RpcError) as caught:
+        await openai_server.memory.Store(
+            memory_pb2.StoreRequest(
+                memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_GLOBAL, value="nothing to see")
+            )
+        )
+    assert code_of(caught.value) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "zero or non-finite vector" in caught.value.details()
+    listed = await openai_server.memory.List(memory_pb2.ListRequest())
+    assert list(listed.memories) == []

@@ -15,6 +15,7 @@ import pytest
 
 from bench.datasets import clustered, copy_into_memories, records
 from memory_service.search.index_care import IndexState, fitted_lists, fitted_probes, needs_rebuild
+from memory_service.storage import settings_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
@@ -34,6 +35,8 @@ async def load(database_url: str, rows: int, *, seed: int, offset: int = 0) -> N
     conn = await asyncpg.connect(database_url)
     try:
         await init_connection(conn)
+        async with conn.transaction():  # rows copied behind the service's back bind the model as a Store would
+            await settings_sql.bind_embedding_model(conn, "hash-ngram-v1", 384)
         batch = [(r[0], r[1], f"{r[2]}-{offset}", *r[3:]) for r in records(corpus, model="hash-ngram-v1")]
         await copy_into_memories(conn, batch)
     finally:
@@ -162,6 +165,11 @@ async def test_reindex_and_stats_commands(database_url: str) -> None:
 
     assert (await asyncio.to_thread(cli, "reindex")).strip() == "rebuilt with lists=10 for 1200 rows"
     assert (await asyncio.to_thread(cli, "reindex")).strip() == "up to date"
-    stats = json.loads(await asyncio.to_thread(cli, "stats", "--json"))
+    # stats asks a server, never the database.
+    running = await start_server(test_env(database_url, EXACT_SEARCH_MAX_ROWS="1000"))
+    try:
+        stats = json.loads(await asyncio.to_thread(cli, "stats", "--json", "--address", running.address))
+    finally:
+        await stop_server(running)
     assert stats["memories"] == 1200 and stats["by_scope"] == {"project": 1200}
     assert stats["index"]["lists"] == 10 and stats["dimension"] == 384

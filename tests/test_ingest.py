@@ -266,7 +266,13 @@ async def test_client_cancel_mid_batch_keeps_committed_batches_only(
 async def test_a_fast_client_is_held_back_by_a_slow_database(server: RunningServer, database_url: str) -> None:
     runtime = server.server.runtime
     ingest = BulkIngest(
-        runtime.db, runtime.embedder, runtime.metrics, batch_rows=10, queue_depth=1, max_items_per_request=10
+        runtime.db,
+        runtime.embedder,
+        runtime.binding,
+        runtime.metrics,
+        batch_rows=10,
+        queue_depth=1,
+        max_items_per_request=10,
     )
     pulled = 0
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,12 +27,14 @@ def note(value: str) -> memory_pb2.StoreRequest:
 async def _wait_for_lock_waiters(conn: asyncpg.Connection, count: int = 1) -> None:
     """Until ``count`` backends of this database wait on a lock: calls that are in flight, held in PostgreSQL."""
     async with asyncio.timeout(30):
-        while (
-            await conn.fetchval(
+        while True:
+            # Inside a transaction pg_stat_activity answers from a snapshot taken at its first read; drop it.
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            waiting = await conn.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
             )
-            < count
-        ):
+            if waiting >= count:
+                return
             await asyncio.sleep(0.05)
 
 
@@ -116,6 +121,24 @@ async def test_embedded_database_keeps_data_across_restarts(tmp_path: Path) -> N
     finally:
         second.stop()
 
+    # Bound to the hash embedder's 384 dimensions by the first Store: another dimension is refused with one line
+    # that says where the data is and how to start over.
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "memory_service", "serve"],
+        env={**os.environ, **env, "EMBEDDING_DIM": "256", "LOG_LEVEL": "WARNING"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    data_dir = str((tmp_path / "data").resolve())
+    assert f"the embedded database in {data_dir} (MEMORY_SERVICE_DATA_DIR)" in line
+    assert "stores embeddings of model 'hash-ngram-v1' with dimension 384" in line
+    assert "set MEMORY_SERVICE_DATA_DIR to a new directory" in line
+
 
 async def test_calls_past_the_concurrency_limit_are_refused_not_queued(database_url: str) -> None:
     running = await start_server(test_env(database_url, GRPC_MAX_CONCURRENT_RPCS="2"))
@@ -151,6 +174,11 @@ async def test_sigterm_ends_an_open_bulk_store_at_once_with_every_acked_row_stor
         async def requests() -> AsyncIterator[memory_pb2.BulkStoreRequest]:
             nonlocal sent
             while True:  # a client that would stream forever
+                if terminated:
+                    # Keep the stream open but stop writing: a write racing the server's close fails inside
+                    # grpc.aio's client as INTERNAL ("Internal error from Core") before the server's status
+                    # arrives, which would hide the status this test is about.
+                    await asyncio.Event().wait()
                 items = [
                     memory_pb2.BulkItem(
                         sequence=sent + i + 1,

@@ -154,6 +154,7 @@ async def indexed(database_url: str) -> AsyncIterator[tuple[RunningServer, Corpu
     corpus = clustered(ROWS, topics=60, scopes=SCOPES)
     env = test_env(database_url, EXACT_SEARCH_MAX_ROWS="1000", SEARCH_NARROW_FILTER_ROWS="10")
     running = await start_server(env)
+    await running.server.runtime.binding.bind_now()  # the rows below are copied in behind the service's back
     conn = await asyncpg.connect(database_url)
     try:
         await init_connection(conn)
@@ -247,6 +248,7 @@ async def test_narrow_filter_is_searched_exactly(database_url: str) -> None:
     corpus = clustered(3000, topics=30, scopes=SCOPES)
     running = await start_server(test_env(database_url, EXACT_SEARCH_MAX_ROWS="1000"))
     try:
+        await running.server.runtime.binding.bind_now()  # the rows below are copied in behind the service's back
         conn = await asyncpg.connect(database_url)
         try:
             await init_connection(conn)

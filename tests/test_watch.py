@@ -91,6 +91,9 @@ async def test_resumed_watch_is_exactly_once_with_a_late_committing_transaction(
     server: RunningServer, database_url: str
 ) -> None:
     runtime = server.server.runtime
+    # The first stored embedding binds the database to its model (ALTER TABLE), which would wait behind the held
+    # transaction below: store one first, as any real writer would have.
+    await server.memory.Store(memory_pb2.StoreRequest(memory=memory("binds the model", "first")))
     watcher = Resumer(server.memory, seed=12)
     # A transaction that records a change (drawing its log position) and stays open while later ones commit.
     held = await asyncpg.connect(database_url)
@@ -106,7 +109,7 @@ async def test_resumed_watch_is_exactly_once_with_a_late_committing_transaction(
         history=WriteContext(),
     )
     writers = [asyncio.create_task(write(server.memory, w)) for w in range(WRITERS)]
-    expected_floor = WRITERS * OPS_PER_WRITER
+    expected_floor = WRITERS * OPS_PER_WRITER + 1
     reader = asyncio.create_task(watcher.read_until(expected_floor + 1))
     await asyncio.gather(*writers)
     # Everything after the held transaction's change has committed; the watcher must not have passed it.

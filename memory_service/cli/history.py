@@ -5,37 +5,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
+from memory_service.cli.ops import _scope
+from memory_service.cli.remote import EX_UNAVAILABLE, add_server_flags, read_ca
 from memory_service.config import Settings
 
-# sysexits.h: the service could not be reached.
-EX_UNAVAILABLE = 69
-
-
-def _client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=os.environ.get("MEMORY_SERVICE_ADDRESS", "localhost:50051"))
+EX_FAILED = 1
 
 
 def register(commands: Any) -> None:
     history = commands.add_parser("history", help="print every version of a memory, newest first, as JSON lines")
     history.add_argument("id", type=int, help="the memory's id")
-    _client_flags(history)
-    history.set_defaults(run=_history, client=True)
+    add_server_flags(history)
+    history.set_defaults(run=_history)
 
     watch = commands.add_parser(
         "watch", help="print changes as they commit, one JSON line each; resume with --after CURSOR"
     )
     watch.add_argument("--after", default="", help="the cursor of the last change seen; unset: the oldest kept")
-    watch.add_argument("--scope", help="only this scope, e.g. agent or agent:42")
+    watch.add_argument("--scope", type=_scope, help="only this scope, e.g. agent or agent:42")
     watch.add_argument("--memory", action="store_true", help="include the memory as each change left it")
-    _client_flags(watch)
-    watch.set_defaults(run=_watch, client=True)
+    add_server_flags(watch)
+    watch.set_defaults(run=_watch)
 
 
 def _line(message: Any) -> str:
@@ -44,14 +40,18 @@ def _line(message: Any) -> str:
 
 def _failed(what: str, error: grpc.RpcError) -> int:
     print(f"memory-service: {what} failed: {error.code().name}: {error.details()}", file=sys.stderr)
-    return EX_UNAVAILABLE if error.code() is grpc.StatusCode.UNAVAILABLE else 1
+    return EX_UNAVAILABLE if error.code() is grpc.StatusCode.UNAVAILABLE else EX_FAILED
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from memory_service.client import MemoryClient
+
+    return MemoryClient(args.address, token=args.token, root_certificates=read_ca(args), attempts=2)
 
 
 def _history(settings: Settings, args: argparse.Namespace) -> int:
-    from memory_service.client import MemoryClient
-
     async def run() -> int:
-        async with MemoryClient(args.address, token=os.environ.get("MEMORY_SERVICE_TOKEN")) as client:
+        async with _client(args) as client:
             try:
                 versions = await client.history(args.id)
             except grpc.RpcError as error:
@@ -64,18 +64,11 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _watch(settings: Settings, args: argparse.Namespace) -> int:
-    from memory_service.client import MemoryClient
-
-    scope, _, scope_id = (args.scope or "").partition(":")
+    scope, scope_id = args.scope or (None, None)
 
     async def run() -> int:
-        async with MemoryClient(args.address, token=os.environ.get("MEMORY_SERVICE_TOKEN")) as client:
-            stream = client.watch(
-                after=args.after,
-                scope=scope or None,
-                scope_id=int(scope_id) if scope_id else None,
-                include_memory=args.memory,
-            )
+        async with _client(args) as client:
+            stream = client.watch(after=args.after, scope=scope, scope_id=scope_id, include_memory=args.memory)
             try:
                 async for change in stream:
                     print(_line(change), flush=True)

@@ -27,10 +27,10 @@ import collections
 import dataclasses
 import logging
 import os
-import random
 import stat
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +38,8 @@ import grpc
 from grpc import aio
 
 from memory_service.cli.jsonl import LineError, parse_line
+from memory_service.cli.remote import add_server_flags
+from memory_service.client_bulk import BulkSummary, ResumableBulkStore
 from memory_service.config import Settings, parse_duration
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
@@ -47,20 +49,6 @@ EX_REJECTED = 1
 EX_REFUSED = 2
 EX_NOINPUT = 64
 EX_UNAVAILABLE = 69
-# Codes after which resending the unacknowledged tail is safe and may succeed. CANCELLED and INTERNAL cover a
-# server that went away mid-stream (shutdown, reset HTTP/2 stream); the client itself never cancels.
-_RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-)
-_REJECTIONS_KEPT = 1000
-
-
-def _retryable(error: grpc.RpcError) -> bool:
-    """RESOURCE_EXHAUSTED means overloaded (retry later) unless a message was too large (retrying cannot help)."""
-    code = error.code()
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return "larger than" not in (error.details() or "")
-    return code in _RETRYABLE
 
 
 @dataclasses.dataclass
@@ -79,26 +67,6 @@ class _Chunk:
     read: int
     last_line: int
     end_offset: int
-
-
-@dataclasses.dataclass
-class Summary:
-    lines: int = 0
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    rejected: int = 0
-    rejections: dict[int, str] = dataclasses.field(default_factory=dict)
-    """Line number -> "field: reason", for the first ``_REJECTIONS_KEPT`` rejected lines."""
-
-    @property
-    def done(self) -> int:
-        return self.created + self.updated + self.unchanged + self.rejected
-
-    def reject(self, line: int, field: str, reason: str) -> None:
-        self.rejected += 1
-        if len(self.rejections) < _REJECTIONS_KEPT:
-            self.rejections[line] = f"{field}: {reason}" if field else reason
 
 
 class Progress:
@@ -154,7 +122,10 @@ class Refused(Exception):
 
 
 class Loader:
-    """Streams ``source`` through BulkStore, keeping only the unacknowledged lines, resuming after failures."""
+    """Streams ``source`` through BulkStore with the client's resumable engine; each line's sequence is its number.
+
+    The engine keeps the unacknowledged lines; beside them this keeps only their end offsets, for the progress bar.
+    """
 
     def __init__(
         self,
@@ -168,113 +139,73 @@ class Loader:
         retry_timeout: float = 300.0,
         progress: Progress | None = None,
     ) -> None:
-        self.summary = Summary()
-        self._stub = stub
+        self.lines = 0
         self._source = source
         self._batch_size = batch_size
-        self._window = max(window, batch_size)
-        self._metadata = metadata
-        self._fence = fence
-        self._retry_timeout = retry_timeout
         self._progress = progress
-        self._unacked: collections.deque[_Line] = collections.deque()
-        self._room = asyncio.Event()
+        self._pending: collections.deque[tuple[int, int]] = collections.deque()  # (line, end offset), not durable
         self._eof = False
-        self._epoch = 0
-        self._reading: asyncio.Future[_Chunk] | None = None
         self._line_no = 0  # the reader thread's position
         self._read_offset = 0
         self._taken_line = 0  # the last line the event loop took from the reader
         self._taken_offset = 0
         self._durable_offset = 0
+        self._engine = ResumableBulkStore(
+            stub,
+            self._items(),
+            batch_size=batch_size,
+            window=window,
+            metadata=metadata,
+            fence=fence,
+            retry_timeout=retry_timeout,
+            on_ack=self._acknowledged,
+            on_retry=self._retrying,
+        )
 
-    async def run(self) -> Summary:
+    @property
+    def summary(self) -> BulkSummary:
+        """Outcomes by line; malformed lines are counted as rejected here, never sent."""
+        return self._engine.summary
+
+    async def run(self) -> BulkSummary:
         """Raises Refused, or TimeoutError when the server stays unreachable for ``retry_timeout``."""
-        failing_since: float | None = None
-        attempt = 0
-        while True:
-            acked_before = self.summary.done
-            try:
-                await self._stream()
-                self._show(force=True)
-                return self.summary
-            except grpc.RpcError as error:
-                code: grpc.StatusCode = error.code()
-                if not _retryable(error):
-                    raise Refused(f"{code.name}: {error.details()}") from None
-                why = f"{code.name}: {error.details()}"
-            now = time.monotonic()
-            if self.summary.done > acked_before or failing_since is None:
-                failing_since, attempt = now, 0
-            if now - failing_since > self._retry_timeout:
-                raise TimeoutError(f"the server stayed unreachable for {self._retry_timeout:.0f}s ({why})")
-            delay = min(0.2 * 2**attempt, 5.0) * (0.5 + random.random())
-            attempt += 1
-            if self._progress is not None:
-                note = f"stream broken ({why}); resuming after line {self.durable_line} in {delay:.1f}s"
-                self._progress.note(note, self.summary.done, self._durable_offset)
-            await asyncio.sleep(delay)
+        try:
+            summary = await self._engine.run()
+        except grpc.RpcError as error:
+            raise Refused(f"{error.code().name}: {error.details()}") from None
+        self._show(force=True)
+        return summary
 
     @property
     def durable_line(self) -> int:
         """Every line up to this one is stored or rejected."""
-        return self._unacked[0].sequence - 1 if self._unacked else self._taken_line
+        return self._pending[0][0] - 1 if self._pending else self._taken_line
 
-    async def _stream(self) -> None:
-        self._epoch += 1
-        call = self._stub.BulkStore(self._requests(self._epoch), metadata=self._metadata)
-        async for ack in call:
-            while self._unacked and self._unacked[0].sequence <= ack.durable_sequence:
-                self._durable_offset = self._unacked.popleft().end_offset
-            if not self._unacked:
-                self._durable_offset = self._taken_offset
-            if len(self._unacked) < self._window:
-                self._room.set()
-            summary = self.summary
-            summary.created += ack.created
-            summary.updated += ack.updated
-            summary.unchanged += ack.unchanged
-            for rejection in ack.rejections:
-                summary.reject(rejection.sequence, rejection.field, rejection.reason)
-            self._show()
-        if self._unacked or not self._eof:
-            # The server ended the stream without acknowledging everything: treat it as a broken stream.
-            raise _BrokenStream()
-
-    async def _requests(self, epoch: int) -> Any:
-        """The unacknowledged tail, then new lines while the window has room.
-
-        grpc keeps pulling from a broken call's request iterator until its next write fails, so the iterator of a
-        superseded stream may still wake up: it must then leave the lines alone, or they would be counted as sent
-        on the new stream. A read in progress outlives its iterator (shielded) and passes to the next one.
-        """
-        fence = self._fence
-        resend = list(self._unacked)
-        for start in range(0, len(resend), self._batch_size):
-            part = resend[start : start + self._batch_size]
-            yield memory_pb2.BulkStoreRequest(items=[line.item for line in part], fence=fence)
-        while not self._eof or self._reading is not None:
-            while len(self._unacked) >= self._window:
-                self._room.clear()
-                await self._room.wait()
-                if epoch != self._epoch:
-                    return
-            if self._reading is None:
-                self._reading = asyncio.ensure_future(asyncio.to_thread(self._read, self._batch_size))
-            reading = self._reading
-            chunk = await asyncio.shield(reading)
-            if epoch != self._epoch or self._reading is not reading:
-                return
-            self._reading = None
+    async def _items(self) -> AsyncIterator[memory_pb2.BulkItem]:
+        """The file's valid lines; reads run in a worker thread so that the event loop keeps acknowledging."""
+        while not self._eof:
+            chunk = await asyncio.to_thread(self._read, self._batch_size)
             self._taken_line, self._taken_offset = chunk.last_line, chunk.end_offset
-            self.summary.lines += chunk.read
+            self.lines += chunk.read
             for line_no, error in chunk.errors:
                 self.summary.reject(line_no, error.field, error.reason)
-            if not self._unacked:
+            if not self._pending:
                 self._durable_offset = self._taken_offset
-            if chunk.lines:
-                self._unacked.extend(chunk.lines)
-                yield memory_pb2.BulkStoreRequest(items=[line.item for line in chunk.lines], fence=fence)
+            for line in chunk.lines:
+                self._pending.append((line.sequence, line.end_offset))
+                yield line.item
+
+    def _acknowledged(self, ack: memory_pb2.BulkStoreAck) -> None:
+        while self._pending and self._pending[0][0] <= ack.durable_sequence:
+            self._durable_offset = self._pending.popleft()[1]
+        if not self._pending:
+            self._durable_offset = self._taken_offset
+        self._show()
+
+    def _retrying(self, why: str, delay: float) -> None:
+        if self._progress is not None:
+            note = f"stream broken ({why}); resuming after line {self.durable_line} in {delay:.1f}s"
+            self._progress.note(note, self.summary.done, self._durable_offset)
 
     def _read(self, count: int) -> _Chunk:
         """Up to ``count`` valid lines and the malformed ones met on the way (counted here, never sent).
@@ -308,14 +239,6 @@ class Loader:
             self._progress.show(self.summary.done, self._durable_offset, force=force, note=note)
 
 
-class _BrokenStream(grpc.RpcError):  # type: ignore[misc]
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return "the server ended the stream before acknowledging every line"
-
-
 def register(commands: Any) -> None:
     """Add ``ingest`` to the CLI's subcommands."""
     env = os.environ
@@ -326,15 +249,7 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("file", help="JSON-lines file, or - for stdin")
-    parser.add_argument(
-        "--address",
-        default=env.get("MEMORY_SERVICE_ADDRESS", "localhost:50051"),
-        help="server host:port (MEMORY_SERVICE_ADDRESS, default localhost:50051)",
-    )
-    parser.add_argument("--token", default=env.get("MEMORY_SERVICE_TOKEN"), help="bearer token (MEMORY_SERVICE_TOKEN)")
-    parser.add_argument(
-        "--ca-file", default=env.get("MEMORY_SERVICE_CA_FILE"), metavar="PEM", help="use TLS, trusting this CA"
-    )
+    add_server_flags(parser)
     parser.add_argument("--batch-size", type=_positive, default=500, help="lines per request (default 500)")
     parser.add_argument(
         "--window", type=_positive, default=10_000, help="most lines in flight unacknowledged (default 10000)"
@@ -406,7 +321,7 @@ async def _load(args: argparse.Namespace, source: IO[bytes], ca: bytes | None) -
         await channel.close()
     elapsed = time.monotonic() - started
     print(
-        f"{args.file}: {summary.lines:,} lines; created {summary.created:,}, updated {summary.updated:,}, "
+        f"{args.file}: {loader.lines:,} lines; created {summary.created:,}, updated {summary.updated:,}, "
         f"unchanged {summary.unchanged:,}, rejected {summary.rejected:,} "
         f"({elapsed:.1f}s, {summary.done / max(elapsed, 1e-6):,.0f} rows/s)"
     )

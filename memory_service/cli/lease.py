@@ -4,6 +4,10 @@
 its environment, renews in the background through unary calls (so any server instance behind a load balancer will
 do), stops COMMAND if the lease is lost, releases at the end, and exits with COMMAND's exit code.
 
+Exit codes of its own: 1 (``-E``) the lease is held by another; 64 a usage error; 69 the server could not be
+reached (for ``--retry-timeout``, default 30s, or until ``--wait`` ran out); 126 COMMAND cannot be executed; 127
+COMMAND was not found.
+
 The lease counts as lost when a renewal answers ABORTED, or when none has succeeded for the TTL minus a margin,
 measured on this machine's monotonic clock from the moment the last successful request was *sent*: the server
 cannot have started the TTL earlier than that, so this side always gives up first.
@@ -21,20 +25,22 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
 from grpc import aio
 
+from memory_service.cli.remote import EX_UNAVAILABLE, EX_USAGE, OneLineParser, add_server_flags, read_ca
 from memory_service.config import Settings, parse_duration
 from memory_service.v1 import lease_pb2, lease_pb2_grpc
 
 EX_CONFLICT = 1
 """Exit code when the lease is held by someone else, as flock(1) answers."""
-EX_UNAVAILABLE = 69
-EX_USAGE = 64
+EX_NOT_FOUND = 127
+"""COMMAND was not found, as flock(1) and the shell answer."""
+EX_CANNOT_EXECUTE = 126
+"""COMMAND was found but could not be executed (not executable, a directory, a bad interpreter)."""
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _MAX_WAIT_PER_CALL = 30.0
 
@@ -47,14 +53,7 @@ def _duration(text: str) -> float:
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
-    env = os.environ
-    parser.add_argument(
-        "--address",
-        default=env.get("MEMORY_SERVICE_ADDRESS", "localhost:50051"),
-        help="server host:port (MEMORY_SERVICE_ADDRESS, default localhost:50051)",
-    )
-    parser.add_argument("--token", default=env.get("MEMORY_SERVICE_TOKEN"), help="bearer token (MEMORY_SERVICE_TOKEN)")
-    parser.add_argument("--ca-file", metavar="PEM", help="use TLS, trusting this CA (MEMORY_SERVICE_CA_FILE)")
+    add_server_flags(parser)
 
 
 def _run_options(run: argparse.ArgumentParser) -> None:
@@ -67,6 +66,12 @@ def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--holder", default=f"{socket.gethostname()}:{os.getpid()}", help="how contenders see you")
     run.add_argument(
         "-E", "--conflict-exit-code", type=int, default=EX_CONFLICT, help="exit code when the lease is not acquired"
+    )
+    run.add_argument(
+        "--retry-timeout",
+        type=_duration,
+        default=30.0,
+        help="give up (exit 69) when the server stays unreachable this long, even without --wait (default 30s)",
     )
     run.add_argument(
         "--kill-after", type=_duration, default=10.0, help="SIGKILL this long after SIGTERM when the lease is lost"
@@ -85,7 +90,7 @@ def _split_command(args: argparse.Namespace) -> list[str]:
     if not rest or not rest[0].startswith("-") or "--" not in rest:
         return rest  # no options after NAME (argparse may already have dropped the "--")
     split = rest.index("--")
-    options = argparse.ArgumentParser(prog="memory-service lease run NAME", add_help=False)
+    options = OneLineParser(prog="memory-service lease run NAME", add_help=False)
     _run_options(options)
     defaults = {action.dest: getattr(args, action.dest) for action in options._actions}
     options.set_defaults(**defaults)
@@ -118,9 +123,9 @@ def register(commands: Any) -> None:
 
 class _Client:
     def __init__(self, args: argparse.Namespace) -> None:
-        ca_file = args.ca_file or os.environ.get("MEMORY_SERVICE_CA_FILE")
-        if ca_file:
-            credentials = grpc.ssl_channel_credentials(Path(ca_file).read_bytes())
+        ca = read_ca(args)
+        if ca is not None:
+            credentials = grpc.ssl_channel_credentials(ca)
             self.channel = aio.secure_channel(args.address, credentials)
         else:
             self.channel = aio.insecure_channel(args.address)
@@ -173,6 +178,8 @@ class _LeaseRun:
         args = self.args
         wait = 0.0 if args.no_wait else args.wait
         give_up = None if wait is None else time.monotonic() + wait
+        # Waiting for a lease that is held may take forever; waiting for a server that does not answer may not.
+        unreachable_since: float | None = None
         request_id = uuid.uuid4().hex
         backoff = 0.1
         while True:
@@ -190,7 +197,10 @@ class _LeaseRun:
             try:
                 response = await client.stub.Acquire(request, timeout=chunk + 10, metadata=client.metadata)
             except grpc.RpcError as exc:
-                if exc.code() not in _RETRYABLE or (give_up is not None and time.monotonic() >= give_up):
+                now = time.monotonic()
+                unreachable_since = now if unreachable_since is None else unreachable_since
+                out_of_time = give_up is not None and now >= give_up
+                if exc.code() not in _RETRYABLE or out_of_time or now - unreachable_since >= args.retry_timeout:
                     _say(f"cannot acquire {args.namespace}/{args.name}: {exc.code().name}: {exc.details()}")
                     return EX_UNAVAILABLE if exc.code() in _RETRYABLE else EX_USAGE
                 if backoff == 0.1:
@@ -198,6 +208,7 @@ class _LeaseRun:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            unreachable_since = None
             if response.acquired:
                 self.valid_until = sent + self.ttl
                 lease: lease_pb2.Lease = response.lease
@@ -217,7 +228,16 @@ class _LeaseRun:
         # Its own process group, so a lost lease stops the whole command, not just a wrapping shell; unless it
         # needs the terminal, which only the foreground group may read.
         own_group = not sys.stdin.isatty()
-        process = await asyncio.create_subprocess_exec(*self.command, env=env, process_group=0 if own_group else None)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self.command, env=env, process_group=0 if own_group else None
+            )
+        except FileNotFoundError:
+            _say(f"{self.command[0]}: command not found")
+            return EX_NOT_FOUND
+        except OSError as exc:  # not executable, a directory, a bad interpreter line
+            _say(f"{self.command[0]}: cannot execute: {exc.strerror or exc}")
+            return EX_CANNOT_EXECUTE
 
         def send(signum: int) -> None:
             with contextlib.suppress(ProcessLookupError):

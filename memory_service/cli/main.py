@@ -12,8 +12,9 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from memory_service.cli.remote import OneLineParser
 from memory_service.config import Settings
-from memory_service.errors import StartupError
+from memory_service.errors import ConfigError, StartupError
 
 log = logging.getLogger("memory_service")
 
@@ -29,7 +30,7 @@ def _database_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="memory-service",
         description="Long-term memory for AI agents: a gRPC service over PostgreSQL + pgvector.",
         epilog=EPILOG,
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the gRPC server (migrates first unless --no-migrate)")
+    serve = commands.add_parser(
+        "serve",
+        help="(database) run the gRPC server (migrates first unless --no-migrate); unset DATABASE_URL: embedded",
+    )
     _database_flags(serve)
     serve.add_argument("--host", help="address to listen on (GRPC_HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="gRPC port (GRPC_PORT, default 50051; 0 picks a free one)")
@@ -45,9 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations (MIGRATE_ON_START)")
     serve.set_defaults(run=_serve)
 
-    migrate = commands.add_parser("migrate", help="apply pending database migrations and exit")
+    migrate = commands.add_parser(
+        "migrate",
+        help="(database) apply pending database migrations and exit",
+        description="Works on the database directly: name it with --database-url (DATABASE_URL), or --data-dir "
+        "(MEMORY_SERVICE_DATA_DIR) for an embedded one.",
+    )
     _database_flags(migrate)
-    migrate.set_defaults(run=_migrate)
+    migrate.set_defaults(run=_migrate, needs_database=True)
 
     from memory_service.cli import history as cli_history
     from memory_service.cli import ingest as cli_ingest
@@ -93,13 +102,20 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from memory_service.storage.database import check_reachable
     from memory_service.storage.embedded import EmbeddedPostgres
     from memory_service.storage.migrations import apply_migrations
 
     embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
     dsn = settings.database_url or embedded.start()  # type: ignore[union-attr]
+    named_by = "named by DATABASE_URL" if embedded is None else f"embedded in {embedded.data_dir}"
+
+    async def run() -> list[str]:
+        await check_reachable(dsn, named_by=named_by)
+        return await apply_migrations(dsn)
+
     try:
-        applied = asyncio.run(apply_migrations(dsn))
+        applied = asyncio.run(run())
     finally:
         if embedded is not None:
             embedded.stop()
@@ -115,7 +131,17 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         # Client commands talk to a server; the server's variables are not theirs to validate.
         environment = {key: value for key, value in environment.items() if key == "LOG_LEVEL"}
     try:
-        settings = Settings.from_env({**environment, **_overrides(args)})
+        merged = {**environment, **_overrides(args)}
+        if getattr(args, "needs_database", False) and not (
+            merged.get("DATABASE_URL", "").strip() or merged.get("MEMORY_SERVICE_DATA_DIR", "").strip()
+        ):
+            # Only `serve` falls back to the embedded default: a maintenance command on a database nobody named
+            # would create a fresh one and report on it.
+            raise ConfigError(
+                f"{args.command} works on the database directly and needs it named: --database-url (DATABASE_URL), "
+                "or --data-dir (MEMORY_SERVICE_DATA_DIR) for the embedded one"
+            )
+        settings = Settings.from_env(merged)
         _configure_logging(settings.log_level)
         return run(settings, args)
     except StartupError as exc:

@@ -1,45 +1,69 @@
-"""Operator commands: reindex and stats work on the database directly; search asks a running server."""
+"""Operator commands. ``reindex`` works on the database directly; ``stats`` and ``search`` ask a running server."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
 import sys
 from typing import Any
 
 import grpc
 
+from memory_service.cli.remote import EX_UNAVAILABLE, add_server_flags, read_ca
 from memory_service.config import Settings
 from memory_service.metrics import Metrics
 from memory_service.runtime import Runtime
 
-# sysexits.h: the service could not be reached.
-EX_UNAVAILABLE = 69
+EX_FAILED = 1
+"""The server answered with an error other than UNAVAILABLE."""
 
 
 def register(commands: Any) -> None:
     reindex = commands.add_parser(
         "reindex",
-        help="rebuild the ivfflat index (concurrently) when the table has outgrown it, or always with --force",
+        help="(database) rebuild the ivfflat index concurrently when the table has outgrown it, or with --force",
+        description="Works on the database directly, not through a server: name it with --database-url "
+        "(DATABASE_URL), or --data-dir (MEMORY_SERVICE_DATA_DIR) for an embedded one.",
     )
     reindex.add_argument("--force", action="store_true", help="rebuild even when the index is up to date")
-    reindex.add_argument("--database-url", metavar="DSN", help="PostgreSQL DSN (DATABASE_URL); unset: embedded")
-    reindex.set_defaults(run=_reindex)
+    reindex.add_argument("--database-url", metavar="DSN", help="PostgreSQL DSN (DATABASE_URL)")
+    reindex.add_argument(
+        "--data-dir", metavar="DIR", help="the embedded PostgreSQL's data dir (MEMORY_SERVICE_DATA_DIR)"
+    )
+    reindex.set_defaults(run=_reindex, needs_database=True)
 
-    stats = commands.add_parser("stats", help="counts, model, index state and versions of the database")
+    stats = commands.add_parser("stats", help="(server) counts, model, index state and versions, from a server")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    stats.add_argument("--database-url", metavar="DSN", help="PostgreSQL DSN (DATABASE_URL); unset: embedded")
+    add_server_flags(stats)
     stats.set_defaults(run=_stats)
 
-    search = commands.add_parser("search", help="search a running server and print the hits")
+    search = commands.add_parser("search", help="(server) search a running server and print the hits")
     search.add_argument("query", help="what to look for")
     search.add_argument("--mode", default="hybrid", choices=("hybrid", "vector", "text"))
     search.add_argument("--top-k", type=int, default=10)
-    search.add_argument("--scope", help="restrict to a scope, e.g. agent or agent:42")
-    search.add_argument("--address", default=os.environ.get("MEMORY_SERVICE_ADDRESS", "localhost:50051"))
-    search.set_defaults(run=_search, client=True)
+    search.add_argument(
+        "--scope", type=_scope, help="restrict to a scope, e.g. agent or agent:42 (global, circle, agent, ...)"
+    )
+    add_server_flags(search)
+    search.set_defaults(run=_search)
+
+
+def _scope(text: str) -> tuple[str, int | None]:
+    from memory_service.client import SCOPES
+
+    name, colon, number = text.partition(":")
+    if name.lower() not in SCOPES:
+        raise argparse.ArgumentTypeError(f"unknown scope {name!r}; expected one of {', '.join(SCOPES)}")
+    if not colon:
+        return name.lower(), None
+    try:
+        scope_id = int(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the scope id after ':' must be an integer (got {number!r})") from None
+    if scope_id < 0:
+        raise argparse.ArgumentTypeError(f"the scope id must not be negative (got {scope_id})")
+    return name.lower(), scope_id
 
 
 async def _with_runtime(settings: Settings, work: Any) -> Any:
@@ -59,12 +83,30 @@ def _reindex(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _failed(command: str, error: grpc.RpcError) -> int:
+    print(f"memory-service: {command} failed: {error.code().name}: {error.details()}", file=sys.stderr)
+    return EX_UNAVAILABLE if error.code() is grpc.StatusCode.UNAVAILABLE else EX_FAILED
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from memory_service.client import MemoryClient
+
+    return MemoryClient(args.address, token=args.token, root_certificates=read_ca(args), attempts=2)
+
+
 def _stats(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(runtime: Runtime) -> dict[str, Any]:
-        stats = await runtime.stats()
+    async def run() -> dict[str, Any] | int:
+        async with _client(args) as client:
+            try:
+                stats = await client.stats()
+            except grpc.RpcError as error:
+                return _failed("stats", error)
         return {
             "memories": stats.memories,
-            "by_scope": {scope.value: count for scope, count in sorted(stats.by_scope.items())},
+            "by_scope": {
+                client_scope_name(entry.scope): entry.memories
+                for entry in sorted(stats.by_scope, key=lambda e: e.scope)
+            },
             "expired_pending_purge": stats.expired_pending_purge,
             "embedding_model": stats.embedding_model,
             "dimension": stats.dimension,
@@ -76,13 +118,15 @@ def _stats(settings: Settings, args: argparse.Namespace) -> int:
                 "valid": stats.index.valid,
                 "lists": stats.index.lists,
                 "rows_at_build": stats.index.rows_at_build,
-                "built_at": stats.index.built_at.isoformat() if stats.index.built_at else None,
-                "exact_search_below_rows": stats.exact_threshold,
+                "built_at": stats.index.built_at.ToDatetime().isoformat() if stats.index.HasField("built_at") else None,
+                "exact_search_below_rows": stats.index.exact_threshold,
             },
             "embedding_cache_entries": stats.embedding_cache_entries,
         }
 
-    report = asyncio.run(_with_runtime(settings, work))
+    report = asyncio.run(run())
+    if isinstance(report, int):
+        return report
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -95,24 +139,23 @@ def _stats(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _search(settings: Settings, args: argparse.Namespace) -> int:
-    from memory_service.client import MemoryClient
+def client_scope_name(value: int) -> str:
+    from memory_service.client import SCOPES
 
-    scope, _, scope_id = (args.scope or "").partition(":")
+    return next((name for name, number in SCOPES.items() if number == value), str(value))
+
+
+def _search(settings: Settings, args: argparse.Namespace) -> int:
+    scope, scope_id = args.scope or (None, None)
 
     async def run() -> int:
-        async with MemoryClient(args.address, token=os.environ.get("MEMORY_SERVICE_TOKEN")) as client:
+        async with _client(args) as client:
             try:
                 response = await client.search(
-                    args.query,
-                    mode=args.mode,
-                    top_k=args.top_k,
-                    scope=scope or None,
-                    scope_id=int(scope_id) if scope_id else None,
+                    args.query, mode=args.mode, top_k=args.top_k, scope=scope, scope_id=scope_id
                 )
             except grpc.RpcError as error:
-                print(f"memory-service: search failed: {error.code().name}: {error.details()}", file=sys.stderr)
-                return EX_UNAVAILABLE if error.code() is grpc.StatusCode.UNAVAILABLE else 1
+                return _failed("search", error)
         for hit in response.hits:
             print(f"{hit.score:8.4f}  #{hit.memory.id:<8} {hit.memory.value}")
         plan = f"{response.plan}, probes {response.probes}" if response.probes else response.plan

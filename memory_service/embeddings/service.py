@@ -11,8 +11,10 @@ import collections
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from memory_service.embeddings.base import EmbeddingProvider
+from memory_service.errors import FailedPrecondition
 from memory_service.metrics import Metrics
 from memory_service.models import Vector, content_hash
 from memory_service.storage import embedding_cache_sql
@@ -77,12 +79,22 @@ class EmbeddingService:
 
         async def run(batch: list[str]) -> list[Vector]:
             async with gate:
-                array = await self.provider.embed_batch(batch)
+                array = np.asarray(await self.provider.embed_batch(batch), dtype=np.float32)
             self._metrics.embedding_texts.labels(self.provider.name).inc(len(batch))
-            return list(np.asarray(array, dtype=np.float32))
+            _check_usable(array)
+            return list(array)
 
         results = await asyncio.gather(*(run(b) for b in batches))
         return [vector for batch in results for vector in batch]
 
     async def close(self) -> None:
         await self.provider.close()
+
+
+def _check_usable(vectors: npt.NDArray[np.float32]) -> None:
+    """A zero or non-finite vector has no cosine: stored, it would make every search that meets it NaN."""
+    norms = np.linalg.norm(vectors, axis=1)
+    if not np.isfinite(vectors).all() or not (norms > 0).all():
+        raise FailedPrecondition(
+            "the embedding provider returned a zero or non-finite vector; it cannot be compared by cosine similarity"
+        )

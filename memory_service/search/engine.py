@@ -118,7 +118,7 @@ class SearchEngine:
                 use_index = use_index and not vector_short
                 pruned = pruned and not text_short
                 found = await fetch(exact=not use_index, pruned=pruned)
-            ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self._alpha(query))
+            ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
             memories = (
                 {}
                 if full_rows
@@ -144,9 +144,6 @@ class SearchEngine:
             plan = "ivfflat-iterative" if self.iterative_scan else "ivfflat"
             return SearchResult(hits=hits, mode=query.mode, exact=False, plan=plan, probes=probes)
         return SearchResult(hits=hits, mode=query.mode, exact=True, plan="exact")
-
-    def _alpha(self, query: SearchQuery) -> float:
-        return self.hybrid_alpha if query.alpha is None else query.alpha
 
     def _scan_settings(self, probes: int) -> dict[str, str]:
         settings = {"ivfflat.probes": str(probes)}

@@ -17,12 +17,14 @@ import numpy.typing as npt
 from pgvector import Vector
 from pgvector.asyncpg import register_vector
 
+from memory_service.config import redact_url
 from memory_service.errors import (
     DatabaseConflict,
     DatabaseUnavailable,
     DeadlineExceeded,
     Internal,
     MemoryServiceError,
+    StartupError,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,9 @@ DRIVER_ERRORS: dict[type[BaseException], type[MemoryServiceError]] = {
     # PostgreSQL rolled the transaction back to keep it consistent: nothing was written; re-read and retry.
     asyncpg.SerializationError: DatabaseConflict,
     asyncpg.DeadlockDetectedError: DatabaseConflict,
+    # A statement prepared before a schema change (binding the embedding column's type), run in a transaction:
+    # asyncpg drops its statement cache, so the retry succeeds.
+    asyncpg.InvalidCachedStatementError: DatabaseUnavailable,
     # The deadline or statement_timeout cancelled the query.
     asyncpg.QueryCanceledError: DeadlineExceeded,
     # The service handed the driver a value it cannot encode: a bug here, not the client's or the database's.
@@ -86,6 +91,20 @@ def translate_errors() -> Iterator[None]:
         if isinstance(translated, Internal):
             log.error("database driver misused: %s", exc, exc_info=exc)
         raise translated from exc
+
+
+async def check_reachable(dsn: str, *, named_by: str, timeout: float = 10.0) -> None:
+    """Open and close one connection, so that start-up reports a database it cannot use as one line.
+
+    Covers what the pool and the migration runner would otherwise raise as tracebacks: a refused or unresolvable
+    host, a timeout, a wrong password, a missing database, a DSN the driver cannot parse.
+    """
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout)
+    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise StartupError(f"cannot connect to the database {named_by} ({redact_url(dsn)}): {reason}") from exc
+    await conn.close()
 
 
 _HEADER = struct.Struct(">HH")
@@ -235,6 +254,10 @@ class Database:
                             await conn.execute("ROLLBACK")
                     raise
                 await conn.execute("COMMIT")
+
+    async def expire_connections(self) -> None:
+        """Replace every pooled connection as it is next released (dropping their prepared statements)."""
+        await self.pool.expire_connections()
 
     def pool_size(self) -> int:
         return int(self.pool.get_size())

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from memory_service.errors import StartupError
+from memory_service.errors import ConfigError, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class EmbeddedPostgres:
         # pgserver logs every failed command at ERROR, including the "not running" answer of `pg_ctl status`;
         # this module reports failures itself.
         logging.getLogger("pgserver").setLevel(logging.CRITICAL)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._check_writable()
         with self._lock():
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
@@ -86,6 +86,17 @@ class EmbeddedPostgres:
                 self._pg_ctl_start()
                 self._started_here = True
         return self.dsn
+
+    def _check_writable(self) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.data_dir / ".lock", "a"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                "MEMORY_SERVICE_DATA_DIR is expected to name a directory this user can create and write "
+                f"(got {str(self.data_dir)!r}: {exc.strerror or exc})"
+            ) from exc
 
     def stop(self, *, force: bool = False) -> None:
         """Stop the server if this object started it (or always, with ``force``)."""

@@ -6,7 +6,7 @@ import asyncpg
 
 from memory_service.errors import EmbeddingConfigMismatch
 
-# Serialises first-start binding between instances; its bytes spell "memsvcb".
+# Serialises binding the embedding model between transactions and instances; its bytes spell "memsvcb".
 _BIND_LOCK_KEY = 0x6D656D73766362
 
 
@@ -24,26 +24,45 @@ async def write_settings(conn: asyncpg.Connection, values: dict[str, str]) -> No
     )
 
 
-async def bind_embedding_model(conn: asyncpg.Connection, model: str, dimension: int) -> bool:
-    """Record model and dimension on first start and type the embedding column; refuse a different pair later.
-
-    Returns True when this call did the binding. Runs inside the caller's transaction.
-    """
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", _BIND_LOCK_KEY)
+async def read_binding(conn: asyncpg.Connection) -> tuple[str, int] | None:
+    """The (model, dimension) the database is bound to, or None before its first stored embedding."""
     stored = await read_settings(conn)
-    stored_model, stored_dim = stored.get("embedding_model"), stored.get("embedding_dim")
-    if stored_model is not None and stored_dim is not None:
-        if (stored_model, int(stored_dim)) != (model, dimension):
-            raise EmbeddingConfigMismatch(
-                f"this database stores embeddings of model {stored_model!r} with dimension {stored_dim}, "
-                f"but the server is configured with model {model!r} and dimension {dimension} "
-                "(EMBEDDING_MODEL/EMBEDDING_DIM); use the stored pair, or a new database for the new model"
-            )
-        return False
+    model, dimension = stored.get("embedding_model"), stored.get("embedding_dim")
+    return None if model is None or dimension is None else (model, int(dimension))
+
+
+async def bind_if_unbound(conn: asyncpg.Connection, model: str, dimension: int) -> tuple[tuple[str, int], bool]:
+    """The pair the database is bound to, binding it to (model, dimension) first when it has none; and whether
+    this call did the binding.
+
+    Runs inside the caller's transaction, before it touches memory.memories: a transaction-level advisory lock
+    serialises binders, and the re-read after it (a new snapshot under READ COMMITTED) sees a binding that another
+    transaction committed while this one waited. The ALTER takes an exclusive lock on the table until commit.
+    """
+    stored = await read_binding(conn)
+    if stored is None:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _BIND_LOCK_KEY)
+        stored = await read_binding(conn)
+    if stored is not None:
+        return stored, False
     # Typmod on the column lets ivfflat index it and makes PostgreSQL reject vectors of another size.
     await conn.execute(f"ALTER TABLE memory.memories ALTER COLUMN embedding TYPE vector({int(dimension)})")
     await write_settings(conn, {"embedding_model": model, "embedding_dim": str(dimension)})
-    return True
+    return (model, dimension), True
+
+
+async def bind_embedding_model(conn: asyncpg.Connection, model: str, dimension: int) -> bool:
+    """Bind now, for loaders that write rows behind the service's back (benchmarks); refuse a different pair.
+
+    Returns True when this call did the binding. Runs inside the caller's transaction.
+    """
+    stored, bound = await bind_if_unbound(conn, model, dimension)
+    if stored != (model, dimension):
+        raise EmbeddingConfigMismatch(
+            f"this database stores embeddings of model {stored[0]!r} with dimension {stored[1]}, "
+            f"not model {model!r} and dimension {dimension}"
+        )
+    return bound
 
 
 async def server_versions(conn: asyncpg.Connection) -> tuple[str, str]:

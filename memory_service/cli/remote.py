@@ -1,0 +1,55 @@
+"""What every command that talks to a running server shares: the address, token and TLS flags, and its exit codes.
+
+These commands never open a database: they reach the service through ``--address`` (``MEMORY_SERVICE_ADDRESS``),
+with ``--token`` (``MEMORY_SERVICE_TOKEN``) as a bearer token and ``--ca-file`` (``MEMORY_SERVICE_CA_FILE``) for TLS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import NoReturn
+
+from memory_service.errors import ConfigError
+
+EX_USAGE = 64
+"""sysexits.h: a bad flag or argument."""
+EX_UNAVAILABLE = 69
+"""sysexits.h: the service could not be reached (or stayed unreachable for the retry budget)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit 2), like every other error of the command; ``--help`` has the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    env = os.environ
+    parser.add_argument(
+        "--address",
+        default=env.get("MEMORY_SERVICE_ADDRESS", "localhost:50051"),
+        help="server host:port (MEMORY_SERVICE_ADDRESS, default localhost:50051)",
+    )
+    parser.add_argument("--token", default=env.get("MEMORY_SERVICE_TOKEN"), help="bearer token (MEMORY_SERVICE_TOKEN)")
+    parser.add_argument(
+        "--ca-file",
+        default=env.get("MEMORY_SERVICE_CA_FILE"),
+        metavar="PEM",
+        help="use TLS, trusting this CA (MEMORY_SERVICE_CA_FILE)",
+    )
+    parser.set_defaults(client=True)
+
+
+def read_ca(args: argparse.Namespace) -> bytes | None:
+    """The CA bundle named by --ca-file, or None for plaintext; a ConfigError (one line, exit 2) when unreadable."""
+    if not args.ca_file:
+        return None
+    try:
+        return Path(args.ca_file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"--ca-file is expected to name a readable PEM file (got {args.ca_file!r}: {exc.strerror})"
+        ) from exc
