@@ -22,6 +22,7 @@ from google.protobuf import duration_pb2
 from grpc import aio
 
 from memory_service.client_bulk import BulkSummary, Entry, ResumableBulkStore, numbered
+from memory_service.client_history import HistoryCalls
 from memory_service.client_hold import HeldLease, NotAcquired  # noqa: F401  (callers catch client.NotAcquired)
 from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
@@ -156,7 +157,7 @@ def open_channel(
     return aio.secure_channel(address, credentials, options=options)
 
 
-class MemoryClient:
+class MemoryClient(HistoryCalls):
     """Thin, typed conveniences, one method per RPC; ``.memory`` and ``.leases`` expose the raw stubs.
 
     Every call carries the client's deadline (``timeout``; an Acquire adds its ``wait``) and is retried on

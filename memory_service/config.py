@@ -120,6 +120,14 @@ class Settings:
     bulk_queue_depth: int = 2
     """Requests, and batches, BulkStore buffers between receive, embed and write: its backpressure bound."""
 
+    history_versions: bool = True
+    """Record a version and a change-log entry for every change; off (for comparison benchmarks, or a store that
+    wants no history) leaves History, as-of reads and Watch with nothing new to show."""
+    history_retention: float = 30 * 86400.0
+    """Seconds superseded versions, tombstones and change-log entries are kept before the background purge."""
+    watch_poll_interval: float = 1.0
+    """Seconds between change-feed polls when no NOTIFY wakes it (a lost notification costs at most this)."""
+
     @property
     def embedded_database(self) -> bool:
         return self.database_url is None
@@ -189,6 +197,9 @@ class Settings:
             bulk_max_items_per_request=reader.integer("BULK_MAX_ITEMS_PER_REQUEST", 1000, minimum=1, maximum=100_000),
             bulk_batch_rows=reader.integer("BULK_BATCH_ROWS", 1000, minimum=1, maximum=100_000),
             bulk_queue_depth=reader.integer("BULK_QUEUE_DEPTH", 2, minimum=1, maximum=64),
+            history_versions=reader.boolean("HISTORY_VERSIONS", True),
+            history_retention=reader.duration("HISTORY_RETENTION", 30 * 86400.0),
+            watch_poll_interval=reader.duration("WATCH_POLL_INTERVAL", 1.0),
         )
         data_dir = reader.path("MEMORY_SERVICE_DATA_DIR")
         if data_dir is not None:

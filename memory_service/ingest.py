@@ -39,6 +39,7 @@ import numpy as np
 from memory_service.binding import ModelBinding
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, Unavailable
+from memory_service.history.types import NO_CONTEXT, WriteContext
 from memory_service.metrics import Metrics
 from memory_service.models import Fence, NewMemory, Vector
 from memory_service.storage import ingest_sql
@@ -155,6 +156,7 @@ class BulkIngest:
         queue_depth: int,
         max_items_per_request: int,
         stopping: asyncio.Event | None = None,
+        history: bool = True,
     ) -> None:
         self._db = db
         self._embedder = embedder
@@ -164,8 +166,11 @@ class BulkIngest:
         self._depth = queue_depth
         self._max_items = max_items_per_request
         self._stopping = stopping or asyncio.Event()
+        self._history = history
 
-    async def run(self, requests: AsyncIterator[BulkRequest]) -> AsyncIterator[BulkAck]:
+    async def run(
+        self, requests: AsyncIterator[BulkRequest], context: WriteContext = NO_CONTEXT
+    ) -> AsyncIterator[BulkAck]:
         """Acks in stream order, one per committed batch; raises the error that ends the stream, if any."""
         received: asyncio.Queue[list[_Pending] | _End] = asyncio.Queue(self._depth)
         prepared: asyncio.Queue[_Batch | _End] = asyncio.Queue(self._depth)
@@ -194,7 +199,8 @@ class BulkIngest:
                         end = batch
                     else:
                         commit = _Commit()
-                        writes.append(asyncio.create_task(self._write(batch, previous, commit), name="bulk write"))
+                        write = self._write(batch, previous, commit, context)
+                        writes.append(asyncio.create_task(write, name="bulk write"))
                         previous = commit
             if end.error is not None:
                 raise end.error
@@ -326,7 +332,7 @@ class BulkIngest:
         assert len(result) == len(memories)
         return result
 
-    async def _write(self, batch: _Batch, previous: _Commit | None, commit: _Commit) -> BulkAck:
+    async def _write(self, batch: _Batch, previous: _Commit | None, commit: _Commit, context: WriteContext) -> BulkAck:
         """One batch's transaction; its upsert waits until ``previous`` has committed, so the last write wins."""
         counts = ingest_sql.WriteCounts(0, 0, 0)
         try:
@@ -338,7 +344,9 @@ class BulkIngest:
                     await ingest_sql.stage(conn, batch.records)
                     if previous is not None:
                         await previous.wait()
-                    counts = await ingest_sql.upsert_staged(conn, len(batch.records), self._embedder.model)
+                    counts = await ingest_sql.upsert_staged(
+                        conn, len(batch.records), self._embedder.model, history=self._versions(batch, context)
+                    )
                 await self._binding.committed(bound_now)
             elif previous is not None:
                 await previous.wait()  # its ack vouches for every batch before it
@@ -361,6 +369,14 @@ class BulkIngest:
             if count:
                 self._metrics.ingest_rows.labels(outcome).inc(count)
         return ack
+
+    def _versions(self, batch: _Batch, context: WriteContext) -> WriteContext | None:
+        """What the batch's versions record about the writer; None when history is off."""
+        if not self._history:
+            return None
+        if batch.fences:
+            return dataclasses.replace(context, fencing_token=batch.fences[-1].token)
+        return context
 
 
 def _same(a: NewMemory, b: NewMemory) -> bool:

@@ -34,12 +34,12 @@ async def every(interval: float, name: str, work: Callable[[], Awaitable[object]
             log.exception("%s failed unexpectedly", name)
 
 
-async def purge_expired(db: Database, metrics: Metrics) -> int:
-    """Delete expired memories in batches until none are left."""
+async def purge_expired(db: Database, metrics: Metrics, *, history: bool = True) -> int:
+    """Delete expired memories in batches until none are left, each leaving an 'expired' version with history on."""
     total = 0
     while True:
         async with db.transaction() as conn:
-            deleted = await memories_sql.purge_expired(conn, batch=_PURGE_BATCH)
+            deleted = await memories_sql.purge_expired(conn, batch=_PURGE_BATCH, history=history)
         total += deleted
         metrics.memories_purged.inc(deleted)
         if deleted < _PURGE_BATCH:

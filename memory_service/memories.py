@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -11,6 +12,7 @@ from dataclasses import asdict
 from memory_service.binding import ModelBinding
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, NotFound
+from memory_service.history.types import NO_CONTEXT, WriteContext
 from memory_service.models import Fence, Memory, MemoryFilter, NewMemory, StoreResult
 from memory_service.storage import memories_sql
 from memory_service.storage.database import Database
@@ -22,12 +24,25 @@ _CURSOR_VERSION = "1"
 
 
 class MemoryStore:
-    def __init__(self, db: Database, embedder: EmbeddingService, binding: ModelBinding) -> None:
+    def __init__(
+        self, db: Database, embedder: EmbeddingService, binding: ModelBinding, *, history: bool = True
+    ) -> None:
         self._db = db
         self._embedder = embedder
         self._binding = binding
+        self._history = history
+        """Record a version of every change (HISTORY_VERSIONS)."""
 
-    async def store(self, memory: NewMemory, *, fence: Fence | None = None) -> StoreResult:
+    def _context(self, context: WriteContext, fence: Fence | None = None) -> WriteContext | None:
+        if not self._history:
+            return None
+        if fence is not None:
+            return dataclasses.replace(context, fencing_token=fence.token)
+        return context
+
+    async def store(
+        self, memory: NewMemory, *, fence: Fence | None = None, context: WriteContext = NO_CONTEXT
+    ) -> StoreResult:
         """Upsert by identity. Content already stored under this identity is never embedded again."""
         embedding = memory.embedding
         if embedding is None:
@@ -39,7 +54,9 @@ class MemoryStore:
             bound_now = await self._binding.ensure(conn)
             if fence is not None:
                 await check_fence(conn, fence)
-            memory_id, outcome = await memories_sql.upsert(conn, memory, embedding, self._embedder.model)
+            memory_id, outcome = await memories_sql.upsert(
+                conn, memory, embedding, self._embedder.model, history=self._context(context, fence)
+            )
         await self._binding.committed(bound_now)
         return StoreResult(id=memory_id, key=memory.key, outcome=outcome)
 
@@ -50,16 +67,16 @@ class MemoryStore:
             raise NotFound(f"no live memory with id {memory_id}")
         return memory
 
-    async def delete(self, memory_id: int) -> int:
+    async def delete(self, memory_id: int, *, context: WriteContext = NO_CONTEXT) -> int:
         """Deleting a missing memory is not an error, so a retried delete is safe."""
         async with self._db.transaction() as conn:
-            return await memories_sql.delete_by_id(conn, memory_id)
+            return await memories_sql.delete_by_id(conn, memory_id, history=self._context(context))
 
-    async def delete_matching(self, memory_filter: MemoryFilter) -> int:
+    async def delete_matching(self, memory_filter: MemoryFilter, *, context: WriteContext = NO_CONTEXT) -> int:
         if memory_filter.is_empty:
             raise InvalidArgument("filter", "must name at least one condition; an empty filter would delete everything")
         async with self._db.transaction() as conn:
-            return await memories_sql.delete_matching(conn, memory_filter)
+            return await memories_sql.delete_matching(conn, memory_filter, history=self._context(context))
 
     async def list(
         self, memory_filter: MemoryFilter, *, page_size: int, page_token: str, with_embedding: bool = False
@@ -75,18 +92,19 @@ class MemoryStore:
         return page, next_token
 
 
-def _filter_fingerprint(memory_filter: MemoryFilter) -> str:
-    """Binds a cursor to the filter it was issued for, so it cannot silently page through another."""
-    encoded = json.dumps(asdict(memory_filter), sort_keys=True, default=str)
+def _filter_fingerprint(memory_filter: MemoryFilter, binding: str = "") -> str:
+    """Binds a cursor to the filter (and ``binding``, such as an as-of time) it was issued for, so it cannot
+    silently page through another."""
+    encoded = json.dumps(asdict(memory_filter), sort_keys=True, default=str) + binding
     return hashlib.sha256(encoded.encode()).hexdigest()[:16]
 
 
-def encode_cursor(after_id: int, memory_filter: MemoryFilter) -> str:
-    raw = f"{_CURSOR_VERSION}:{after_id}:{_filter_fingerprint(memory_filter)}"
+def encode_cursor(after_id: int, memory_filter: MemoryFilter, *, binding: str = "") -> str:
+    raw = f"{_CURSOR_VERSION}:{after_id}:{_filter_fingerprint(memory_filter, binding)}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode_cursor(token: str, memory_filter: MemoryFilter) -> int:
+def decode_cursor(token: str, memory_filter: MemoryFilter, *, binding: str = "") -> int:
     if not token:
         return 0
     try:
@@ -97,6 +115,6 @@ def decode_cursor(token: str, memory_filter: MemoryFilter) -> int:
         raise InvalidArgument("page_token", "is not a token this service issued") from None
     if version != _CURSOR_VERSION or after_id < 0:
         raise InvalidArgument("page_token", "is not a token this service issued")
-    if fingerprint != _filter_fingerprint(memory_filter):
+    if fingerprint != _filter_fingerprint(memory_filter, binding):
         raise InvalidArgument("page_token", "was issued for a different filter")
     return after_id

@@ -84,6 +84,19 @@ class Metrics:
         self.leases_held = Gauge("memory_leases_held", "Live leases in the database.", registry=r)
         self.leases_granted = Counter("memory_lease_grants_total", "Lease grants made by this instance.", registry=r)
         self.memories_purged = Counter("memory_expired_purged_total", "Expired memories deleted.", registry=r)
+        self.watch_streams = Gauge("memory_watch_streams", "Watch streams open on this instance.", registry=r)
+        self.watch_changes = Counter(
+            "memory_watch_changes_delivered_total", "Changes sent to watchers by this instance.", registry=r
+        )
+        self.watch_lag = Histogram(
+            "memory_watch_lag_seconds",
+            "Database time from a change to its delivery to a watcher, in seconds.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.history_purged = Counter(
+            "memory_history_purged_total", "Versions and change-log entries past HISTORY_RETENTION deleted.", registry=r
+        )
 
     def watch_pool(self, size: Callable[[], int], idle: Callable[[], int]) -> None:
         """Read pool gauges at scrape time rather than tracking every acquire."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import TypeVar
 
 from memory_service import maintenance
@@ -15,6 +16,8 @@ from memory_service.binding import ModelBinding
 from memory_service.config import Settings, redact_url
 from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.history.feed import ChangeFeed
+from memory_service.history.service import History
 from memory_service.ingest import BulkIngest
 from memory_service.leases.manager import LeaseManager
 from memory_service.memories import MemoryStore
@@ -32,6 +35,8 @@ from memory_service.storage.search_sql import TextRanking
 log = logging.getLogger(__name__)
 
 INDEX_CHECK_INTERVAL = 60.0
+WATCH_PAGE_ROWS = 500
+"""Changes one watcher reads per query: what it holds in memory at most."""
 
 
 def _version_at_least(version: str, wanted: tuple[int, ...]) -> bool:
@@ -60,6 +65,8 @@ class Runtime:
         self._leases: LeaseManager | None = None
         self._bulk: BulkIngest | None = None
         self._binding: ModelBinding | None = None
+        self._history: History | None = None
+        self._feed: ChangeFeed | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -104,6 +111,15 @@ class Runtime:
         """The BulkStore pipeline; it keeps no per-stream state, so one serves every stream."""
         return _started(self._bulk)
 
+    @property
+    def history(self) -> History:
+        return _started(self._history)
+
+    @property
+    def feed(self) -> ChangeFeed:
+        """The change stream; its frontier poller runs only with background work on."""
+        return _started(self._feed)
+
     async def start(self, *, background: bool = True) -> None:
         settings = self.settings
         try:
@@ -139,7 +155,11 @@ class Runtime:
             # Loading a local model reads and compiles it (or downloads it once): not on the event loop.
             provider = await asyncio.to_thread(create_provider, settings, self.metrics)
             self._embedder = EmbeddingService(provider, db, self.metrics)
-            self._memories = MemoryStore(db, self._embedder, self._binding)
+            self._memories = MemoryStore(db, self._embedder, self._binding, history=settings.history_versions)
+            self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
+            self._feed = ChangeFeed(
+                db, self.dsn, self.metrics, poll_interval=settings.watch_poll_interval, page_rows=WATCH_PAGE_ROWS
+            )
             self._bulk = BulkIngest(
                 db,
                 self._embedder,
@@ -149,6 +169,7 @@ class Runtime:
                 queue_depth=settings.bulk_queue_depth,
                 max_items_per_request=settings.bulk_max_items_per_request,
                 stopping=self.stopping,
+                history=settings.history_versions,
             )
             self._index = IndexCare(db, self.dsn, exact_max_rows=settings.exact_search_max_rows)
             await self._index.refresh()
@@ -175,6 +196,8 @@ class Runtime:
                 self._spawn("purge expired memories", settings.purge_interval, self._purge)
                 self._spawn("index maintenance", INDEX_CHECK_INTERVAL, self._index.maintain)
                 self._spawn("text statistics", settings.text_stats_interval, self._text_stats.maintain)
+                self._spawn("history retention", settings.purge_interval, self._history.purge)
+                await self._feed.start()
         except BaseException:
             await self.close()
             raise
@@ -184,7 +207,7 @@ class Runtime:
 
     async def _purge(self) -> int:
         """Purge expired memories (returning how many) and evict old embedding-cache entries."""
-        purged = await maintenance.purge_expired(self.db, self.metrics)
+        purged = await maintenance.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
         await maintenance.evict_embedding_cache(self.db)
         return purged
 
@@ -230,6 +253,8 @@ class Runtime:
     def begin_shutdown(self) -> None:
         """Stop work that would otherwise outlive a drain (lease Hold streams, BulkStore streams)."""
         self.stopping.set()
+        if self._feed is not None:
+            self._feed.begin_shutdown()
         if self._leases is not None:
             self._leases.begin_shutdown()
 
@@ -241,6 +266,8 @@ class Runtime:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._feed is not None:
+            await self._feed.close()
         if self._leases is not None:
             await self._leases.close()  # releases this instance's Hold leases while the pool is still open
         if self._embedder is not None:

@@ -115,6 +115,8 @@ class MemoryServer:
             embedder=runtime.embedder,
             bulk=runtime.bulk,
             stats=runtime.stats,
+            history=runtime.history,
+            feed=runtime.feed,
         )
         memory_pb2_grpc.add_MemoryServiceServicer_to_server(memory_servicer, server)
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(runtime.leases), server)

@@ -31,6 +31,7 @@ LAYERS: dict[str, str] = {
     "embeddings": "domain",
     "ingest": "domain",
     "leases": "domain",
+    "history": "domain",
     "stats": "domain",
     "binding": "domain",
     "maintenance": "domain",
@@ -41,6 +42,7 @@ LAYERS: dict[str, str] = {
     "client": "client",
     "client_bulk": "client",
     "client_hold": "client",
+    "client_history": "client",
     "cli": "cli",
     "__main__": "cli",
 }

@@ -193,3 +193,14 @@ def test_migrate_reports_an_unreachable_database_in_one_line(tmp_path: Path) -> 
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("memory-service: error: cannot connect to the database named by DATABASE_URL")
+
+
+def test_history_settings() -> None:
+    settings = Settings.from_env({})
+    assert settings.history_versions
+    assert settings.history_retention == 30 * 86400.0
+    assert settings.watch_poll_interval == 1.0
+    custom = Settings.from_env({"HISTORY_VERSIONS": "off", "HISTORY_RETENTION": "48h", "WATCH_POLL_INTERVAL": "250ms"})
+    assert (custom.history_versions, custom.history_retention, custom.watch_poll_interval) == (False, 172800.0, 0.25)
+    with pytest.raises(ConfigError, match="HISTORY_RETENTION is expected to be a positive duration"):
+        Settings.from_env({"HISTORY_RETENTION": "0"})

@@ -11,10 +11,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from grpc import aio
 
 from memory_service import ingest, validation
-from memory_service.api import convert
+from memory_service.api import convert, history_convert
+from memory_service.api.interceptor import current_principal
 from memory_service.config import Settings
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument
+from memory_service.history.feed import ChangeFeed, decode_cursor
+from memory_service.history.service import History
+from memory_service.history.types import WriteContext
 from memory_service.memories import MemoryStore
 from memory_service.search import SearchEngine
 from memory_service.stats import Stats
@@ -31,6 +35,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         embedder: EmbeddingService,
         bulk: ingest.BulkIngest,
         stats: Callable[[], Awaitable[Stats]],
+        history: History,
+        feed: ChangeFeed,
     ) -> None:
         self._settings = settings
         self._memories = memories
@@ -38,12 +44,16 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self._embedder = embedder
         self._bulk = bulk
         self._stats = stats
+        self._history = history
+        self._feed = feed
 
     async def Store(self, request: memory_pb2.StoreRequest, context: aio.ServicerContext) -> memory_pb2.StoreResponse:
         if not request.HasField("memory"):
             raise InvalidArgument("memory", "is required")
         memory = convert.new_memory_from_proto(request.memory, self._settings, self._embedder.dimension, "memory")
-        result = await self._memories.store(memory, fence=convert.fence_from_proto(request.fence))
+        result = await self._memories.store(
+            memory, fence=convert.fence_from_proto(request.fence), context=_writer(context)
+        )
         return memory_pb2.StoreResponse(id=result.id, outcome=convert.outcome_to_proto(result.outcome), key=result.key)
 
     async def BulkStore(
@@ -75,12 +85,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                     items.extend(item(m) for m in message.items[start : start + 50])
                 yield ingest.BulkRequest(items=items, fence=fence)
 
-        async for ack in self._bulk.run(requests()):
+        async for ack in self._bulk.run(requests(), _writer(context)):
             yield convert.bulk_ack_to_proto(ack)
 
     async def Get(self, request: memory_pb2.GetRequest, context: aio.ServicerContext) -> memory_pb2.GetResponse:
         memory_id = validation.check_id("id", request.id)
-        memory = await self._memories.get(memory_id, with_embedding=request.include_embedding)
+        if request.HasField("as_of"):
+            memory = await self._history.get_as_of(memory_id, history_convert.as_of(request.as_of))
+        else:
+            memory = await self._memories.get(memory_id, with_embedding=request.include_embedding)
         return memory_pb2.GetResponse(memory=convert.memory_to_proto(memory))
 
     async def Delete(
@@ -88,9 +101,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
     ) -> memory_pb2.DeleteResponse:
         target = request.WhichOneof("target")
         if target == "id":
-            deleted = await self._memories.delete(validation.check_id("id", request.id))
+            deleted = await self._memories.delete(validation.check_id("id", request.id), context=_writer(context))
         elif target == "filter":
-            deleted = await self._memories.delete_matching(convert.filter_from_proto(request.filter))
+            deleted = await self._memories.delete_matching(
+                convert.filter_from_proto(request.filter), context=_writer(context)
+            )
         else:
             raise InvalidArgument("target", "give an id or a filter")
         return memory_pb2.DeleteResponse(deleted=deleted)
@@ -99,12 +114,18 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         page_size = validation.check_limit(
             "page_size", request.page_size, default=100, maximum=self._settings.list_max_page_size
         )
-        memories, token = await self._memories.list(
-            convert.filter_from_proto(request.filter),
-            page_size=page_size,
-            page_token=request.page_token,
-            with_embedding=request.include_embedding,
-        )
+        memory_filter = convert.filter_from_proto(request.filter)
+        if request.HasField("as_of"):
+            memories, token = await self._history.list_as_of(
+                memory_filter, history_convert.as_of(request.as_of), page_size=page_size, page_token=request.page_token
+            )
+        else:
+            memories, token = await self._memories.list(
+                memory_filter,
+                page_size=page_size,
+                page_token=request.page_token,
+                with_embedding=request.include_embedding,
+            )
         return memory_pb2.ListResponse(memories=[convert.memory_to_proto(m) for m in memories], next_page_token=token)
 
     async def Search(
@@ -128,3 +149,34 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     async def Stats(self, request: memory_pb2.StatsRequest, context: aio.ServicerContext) -> memory_pb2.StatsResponse:
         return convert.stats_to_proto(await self._stats())
+
+    async def History(
+        self, request: memory_pb2.HistoryRequest, context: aio.ServicerContext
+    ) -> memory_pb2.HistoryResponse:
+        page_size = validation.check_limit(
+            "page_size", request.page_size, default=100, maximum=self._settings.list_max_page_size
+        )
+        versions, token = await self._history.versions(
+            validation.check_id("id", request.id), page_size=page_size, page_token=request.page_token
+        )
+        return memory_pb2.HistoryResponse(
+            versions=[history_convert.version_to_proto(v) for v in versions], next_page_token=token
+        )
+
+    async def Erase(self, request: memory_pb2.EraseRequest, context: aio.ServicerContext) -> memory_pb2.EraseResponse:
+        scope, memory_id, wire_filter = history_convert.erase_target(request)
+        memory_filter = None if wire_filter is None else convert.filter_from_proto(wire_filter)
+        receipt = await self._history.erase(scope, memory_id=memory_id, memory_filter=memory_filter)
+        return history_convert.receipt_to_proto(receipt)
+
+    async def Watch(
+        self, request: memory_pb2.WatchRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[memory_pb2.Change]:
+        memory_filter = convert.filter_from_proto(request.filter)
+        after = decode_cursor(request.after)
+        async for change in self._feed.watch(memory_filter, after=after, include_memory=request.include_memory):
+            yield history_convert.change_to_proto(change)
+
+
+def _writer(context: aio.ServicerContext) -> WriteContext:
+    return history_convert.write_context(current_principal.get(), context.invocation_metadata())

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _database_flags(migrate)
     migrate.set_defaults(run=_migrate, needs_database=True)
 
+    from memory_service.cli import history as cli_history
     from memory_service.cli import ingest as cli_ingest
     from memory_service.cli import lease as cli_lease
     from memory_service.cli import ops as cli_ops
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_ingest.register(commands)
     cli_lease.register(commands)
     cli_ops.register(commands)
+    cli_history.register(commands)
     return parser
 
 

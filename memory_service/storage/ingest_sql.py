@@ -14,8 +14,10 @@ from collections.abc import Sequence
 import asyncpg
 import pgvector
 
+from memory_service.history.types import WriteContext
 from memory_service.models import NewMemory, Vector
-from memory_service.storage.memories_sql import LATEST_EXPIRY, UPSERT_TAIL, WRITE_COLUMNS
+from memory_service.storage.memories_sql import LATEST_EXPIRY, UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS
+from memory_service.storage.versions_sql import UPSERT_KIND, context_values, record
 
 STAGING = "memory_bulk_staging"
 
@@ -61,7 +63,7 @@ _STAGING_COLUMNS = (
 
 # Rows go in staging order, which the caller sorts by identity: concurrent loads that touch the same memories
 # then lock them in the same order and cannot deadlock.
-_UPSERT_FROM_STAGING = f"""
+_INSERT_FROM_STAGING = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
 SELECT s.scope::memory.scope, s.scope_id, s.agent_id, s.memory_type::memory.memory_type, s.key, s.value,
        s.embedding, s.importance, s.tags, s.metadata::jsonb, s.content_hash, $1::text,
@@ -69,7 +71,14 @@ SELECT s.scope::memory.scope, s.scope_id, s.agent_id, s.memory_type::memory.memo
             ELSE LEAST(clock_timestamp() + make_interval(secs => s.ttl_seconds), {LATEST_EXPIRY}) END
 FROM pg_temp.{STAGING} s
 ORDER BY s.ord
-{UPSERT_TAIL}
+"""
+_UPSERT_FROM_STAGING = _INSERT_FROM_STAGING + UPSERT_TAIL
+# With history: the batch's versions and change-log rows are two set-based INSERT ... SELECTs over what the upsert
+# returned, in the same statement.
+_UPSERT_FROM_STAGING_VERSIONED = f"""
+WITH w AS ({_INSERT_FROM_STAGING} {UPSERT_TAIL_VERSIONED}),
+{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$2", "$3", "$4"))}
+SELECT id, created FROM w
 """
 
 
@@ -142,8 +151,13 @@ async def stage(conn: asyncpg.Connection, records: Sequence[StagingRecord]) -> N
     await conn.copy_records_to_table(STAGING, schema_name="pg_temp", columns=_STAGING_COLUMNS, records=records)
 
 
-async def upsert_staged(conn: asyncpg.Connection, staged: int, model: str) -> WriteCounts:
+async def upsert_staged(
+    conn: asyncpg.Connection, staged: int, model: str, *, history: WriteContext | None
+) -> WriteCounts:
     """Move the ``staged`` rows into memory.memories with one upsert and count the outcomes."""
-    returned = await conn.fetch(_UPSERT_FROM_STAGING, model)
+    if history is None:
+        returned = await conn.fetch(_UPSERT_FROM_STAGING, model)
+    else:
+        returned = await conn.fetch(_UPSERT_FROM_STAGING_VERSIONED, model, *context_values(history))
     created = sum(1 for r in returned if r["created"])
     return WriteCounts(created=created, updated=len(returned) - created, unchanged=staged - len(returned))

@@ -7,8 +7,10 @@ from typing import Any
 
 import asyncpg
 
+from memory_service.history.types import WriteContext
 from memory_service.models import Memory, MemoryFilter, MemoryType, NewMemory, Scope, Vector, WriteOutcome
 from memory_service.storage.filters import LIVE, Params, where_clause
+from memory_service.storage.versions_sql import RETURNING_ROW, UPSERT_KIND, context_values, record
 
 COLUMNS = (
     "m.id, m.scope::text AS scope, m.scope_id, m.agent_id, m.memory_type::text AS memory_type, m.key, m.value, "
@@ -27,8 +29,8 @@ LATEST_EXPIRY = "'9999-12-31 23:59:59.999999+00'::timestamptz"
 skewed clock cannot store a row that the driver cannot read back (migration 0006 also forbids one)."""
 
 # On conflict the row is rewritten only when something differs, so "unchanged" costs no new row version and
-# reports no update.
-UPSERT_TAIL = """
+# reports no update. The memory's version is bumped under the row lock the conflict takes.
+UPSERT_CONFLICT = """
 ON CONFLICT (scope, scope_id, key) DO UPDATE SET
     agent_id = EXCLUDED.agent_id,
     memory_type = EXCLUDED.memory_type,
@@ -40,6 +42,7 @@ ON CONFLICT (scope, scope_id, key) DO UPDATE SET
     content_hash = EXCLUDED.content_hash,
     embedding_model = EXCLUDED.embedding_model,
     expires_at = EXCLUDED.expires_at,
+    version = m.version + 1,
     updated_at = clock_timestamp()
 WHERE (m.agent_id, m.memory_type, m.content_hash, m.importance, m.tags, m.metadata, m.embedding_model,
        m.expires_at)
@@ -47,22 +50,51 @@ WHERE (m.agent_id, m.memory_type, m.content_hash, m.importance, m.tags, m.metada
       (EXCLUDED.agent_id, EXCLUDED.memory_type, EXCLUDED.content_hash, EXCLUDED.importance, EXCLUDED.tags,
        EXCLUDED.metadata, EXCLUDED.embedding_model, EXCLUDED.expires_at)
    OR m.embedding IS DISTINCT FROM EXCLUDED.embedding
-RETURNING m.id, (m.xmax = 0) AS created
 """
+UPSERT_TAIL = UPSERT_CONFLICT + "RETURNING m.id, (m.xmax = 0) AS created\n"
+UPSERT_TAIL_VERSIONED = UPSERT_CONFLICT + f"RETURNING {RETURNING_ROW}, (m.xmax = 0) AS created, m.updated_at\n"
 
-_UPSERT_ONE = f"""
+_INSERT_ONE = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
 VALUES ($1::text::memory.scope, $2, $3, $4::text::memory.memory_type, $5, $6, $7, $8, $9, $10::jsonb, $11,
         $12, COALESCE($13::timestamptz, LEAST(clock_timestamp() + make_interval(secs => $14::float8), {LATEST_EXPIRY})))
-{UPSERT_TAIL}
+"""
+_UPSERT_ONE = _INSERT_ONE + UPSERT_TAIL
+_UPSERT_ONE_VERSIONED = f"""
+WITH w AS ({_INSERT_ONE} {UPSERT_TAIL_VERSIONED}),
+{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$15", "$16", "$17"))}
+SELECT id, created FROM w
+"""
+
+# A delete leaves a tombstone version: the memory as it was when it went.
+_DELETE_RETURNING = f"""
+RETURNING {RETURNING_ROW.replace("m.version", "m.version + 1 AS version")}, clock_timestamp() AS changed_at,
+          CASE WHEN m.expires_at <= now() THEN 'expired' ELSE 'deleted' END::memory.change_kind AS kind
+"""
+_CONTEXT_AFTER_ONE = ("$2", "$3", "$4")
+_DELETE_ONE_VERSIONED = f"""
+WITH w AS (DELETE FROM memory.memories m WHERE m.id = $1 {_DELETE_RETURNING}),
+{record("w", kind="kind", changed_at="changed_at", context_params=_CONTEXT_AFTER_ONE)}
+SELECT count(*) FROM w
+"""
+_PURGE_EXPIRED_VERSIONED = f"""
+WITH w AS (
+    DELETE FROM memory.memories m WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM memory.memories
+        WHERE expires_at <= clock_timestamp() LIMIT $1 FOR UPDATE SKIP LOCKED))
+    {_DELETE_RETURNING}
+),
+{record("w", kind="'expired'::memory.change_kind", changed_at="changed_at", context_params=_CONTEXT_AFTER_ONE)}
+SELECT count(*) FROM w
 """
 
 
 async def upsert(
-    conn: asyncpg.Connection, memory: NewMemory, embedding: Vector, model: str
+    conn: asyncpg.Connection, memory: NewMemory, embedding: Vector, model: str, *, history: WriteContext | None
 ) -> tuple[int, WriteOutcome]:
+    """Store by identity; with ``history``, a change records its version in the same statement."""
     row = await conn.fetchrow(
-        _UPSERT_ONE,
+        _UPSERT_ONE if history is None else _UPSERT_ONE_VERSIONED,
         memory.scope.value,
         memory.scope_id,
         memory.agent_id,
@@ -77,6 +109,7 @@ async def upsert(
         model,
         memory.expires_at,
         memory.ttl_seconds,
+        *(() if history is None else context_values(history)),
     )
     if row is not None:
         return row["id"], WriteOutcome.CREATED if row["created"] else WriteOutcome.UPDATED
@@ -112,16 +145,32 @@ async def get(conn: asyncpg.Connection, memory_id: int, *, with_embedding: bool)
     return None if row is None else memory_from_row(row)
 
 
-async def delete_by_id(conn: asyncpg.Connection, memory_id: int) -> int:
+async def delete_by_id(conn: asyncpg.Connection, memory_id: int, *, history: WriteContext | None) -> int:
+    if history is not None:
+        deleted: int = await conn.fetchval(_DELETE_ONE_VERSIONED, memory_id, *context_values(history))
+        return deleted
     result = await conn.execute("DELETE FROM memory.memories WHERE id = $1", memory_id)
     return _affected(result)
 
 
-async def delete_matching(conn: asyncpg.Connection, memory_filter: MemoryFilter) -> int:
+async def delete_matching(
+    conn: asyncpg.Connection, memory_filter: MemoryFilter, *, history: WriteContext | None
+) -> int:
     params = Params()
     where = where_clause(memory_filter, params, live_only=False)
-    result = await conn.execute(f"DELETE FROM memory.memories m WHERE {where}", *params.values)
-    return _affected(result)
+    if history is None:
+        result = await conn.execute(f"DELETE FROM memory.memories m WHERE {where}", *params.values)
+        return _affected(result)
+    context = tuple(params.add(value) for value in context_values(history))
+    deleted: int = await conn.fetchval(
+        f"""
+        WITH w AS (DELETE FROM memory.memories m WHERE {where} {_DELETE_RETURNING}),
+        {record("w", kind="kind", changed_at="changed_at", context_params=(context[0], context[1], context[2]))}
+        SELECT count(*) FROM w
+        """,
+        *params.values,
+    )
+    return deleted
 
 
 async def list_page(
@@ -138,8 +187,11 @@ async def list_page(
     return [memory_from_row(row) for row in rows]
 
 
-async def purge_expired(conn: asyncpg.Connection, *, batch: int) -> int:
+async def purge_expired(conn: asyncpg.Connection, *, batch: int, history: bool = True) -> int:
     """Delete up to ``batch`` expired memories; SKIP LOCKED lets several instances purge side by side."""
+    if history:
+        purged: int = await conn.fetchval(_PURGE_EXPIRED_VERSIONED, batch, None, None, None)
+        return purged
     result = await conn.execute(
         """
         DELETE FROM memory.memories WHERE ctid = ANY(ARRAY(

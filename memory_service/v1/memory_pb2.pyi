@@ -140,6 +140,32 @@ FUSION_WEIGHTED: Fusion.ValueType  # 2
 """alpha * cosine / best cosine + (1 - alpha) * BM25 / best BM25, the best taken over the candidates."""
 Global___Fusion: _TypeAlias = Fusion  # noqa: Y015
 
+class _ChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_KIND_UNSPECIFIED: _ChangeKind.ValueType  # 0
+    CHANGE_KIND_CREATED: _ChangeKind.ValueType  # 1
+    CHANGE_KIND_UPDATED: _ChangeKind.ValueType  # 2
+    CHANGE_KIND_DELETED: _ChangeKind.ValueType  # 3
+    CHANGE_KIND_EXPIRED: _ChangeKind.ValueType  # 4
+    CHANGE_KIND_ERASED: _ChangeKind.ValueType  # 5
+    """Erase removed the memory and all its versions; the change carries no content."""
+
+class ChangeKind(_ChangeKind, metaclass=_ChangeKindEnumTypeWrapper):
+    """What a change did to a memory."""
+
+CHANGE_KIND_UNSPECIFIED: ChangeKind.ValueType  # 0
+CHANGE_KIND_CREATED: ChangeKind.ValueType  # 1
+CHANGE_KIND_UPDATED: ChangeKind.ValueType  # 2
+CHANGE_KIND_DELETED: ChangeKind.ValueType  # 3
+CHANGE_KIND_EXPIRED: ChangeKind.ValueType  # 4
+CHANGE_KIND_ERASED: ChangeKind.ValueType  # 5
+"""Erase removed the memory and all its versions; the change carries no content."""
+Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
+
 @_typing.final
 class Memory(_message.Message):
     """A stored memory, as the service returns it."""
@@ -494,17 +520,25 @@ class GetRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     INCLUDE_EMBEDDING_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     include_embedding: _builtins.bool
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp:
+        """Answer the memory as it was live at this time (deleted and expired memories included as they were then).
+        Versions keep no embeddings: include_embedding is ignored with as_of.
+        """
+
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         include_embedding: _builtins.bool = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "include_embedding", b"include_embedding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "id", b"id", "include_embedding", b"include_embedding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -669,12 +703,19 @@ class ListRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     INCLUDE_EMBEDDING_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Default 100, capped by the server."""
     page_token: _builtins.str
     include_embedding: _builtins.bool
     @_builtins.property
     def filter(self) -> Global___MemoryFilter: ...
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp:
+        """List what was live at this time, matched against the memories as they were then. Page tokens are bound to it.
+        Versions keep no embeddings: include_embedding is ignored with as_of.
+        """
+
     def __init__(
         self,
         *,
@@ -682,10 +723,11 @@ class ListRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         include_embedding: _builtins.bool = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "include_embedding", b"include_embedding", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "filter", b"filter", "include_embedding", b"include_embedding", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1092,3 +1134,255 @@ class StatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class MemoryVersion(_message.Message):
+    """A memory as one change left it (for DELETED and EXPIRED: as it was when it went), with who made the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CHANGED_AT_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    memory_id: _builtins.int
+    version: _builtins.int
+    """1 for the first version, one more for each change."""
+    kind: Global___ChangeKind.ValueType
+    principal: _builtins.str
+    """The caller's principal, when auth is on."""
+    fencing_token: _builtins.int
+    """The fencing token of a fenced write."""
+    request_id: _builtins.str
+    """The x-request-id metadata of the call, when it had one."""
+    @_builtins.property
+    def changed_at(self) -> _timestamp_pb2.Timestamp:
+        """The database time of the change."""
+
+    @_builtins.property
+    def memory(self) -> Global___Memory: ...
+    def __init__(
+        self,
+        *,
+        memory_id: _builtins.int = ...,
+        version: _builtins.int = ...,
+        kind: Global___ChangeKind.ValueType = ...,
+        changed_at: _timestamp_pb2.Timestamp | None = ...,
+        memory: Global___Memory | None = ...,
+        principal: _builtins.str = ...,
+        fencing_token: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fencing_token", b"_fencing_token", "changed_at", b"changed_at", "fencing_token", b"fencing_token", "memory", b"memory"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fencing_token", b"_fencing_token", "changed_at", b"changed_at", "fencing_token", b"fencing_token", "kind", b"kind", "memory", b"memory", "memory_id", b"memory_id", "principal", b"principal", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__fencing_token: _TypeAlias = _typing.Literal["fencing_token"]  # noqa: Y015
+    _WhichOneofArgType__fencing_token: _TypeAlias = _typing.Literal["_fencing_token", b"_fencing_token"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fencing_token) -> _WhichOneofReturnType__fencing_token | None: ...
+
+Global___MemoryVersion: _TypeAlias = MemoryVersion  # noqa: Y015
+
+@_typing.final
+class HistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    page_size: _builtins.int
+    """Default 100, capped by the server."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryRequest: _TypeAlias = HistoryRequest  # noqa: Y015
+
+@_typing.final
+class HistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryVersion]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___MemoryVersion] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryResponse: _TypeAlias = HistoryResponse  # noqa: Y015
+
+@_typing.final
+class EraseRequest(_message.Message):
+    """Removes memories, all their versions, their change-log entries and their cached embeddings for good."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def scope(self) -> Global___ScopeRef:
+        """Required: the scope erased in. With scope_id unset, every scope_id of the scope."""
+
+    @_builtins.property
+    def filter(self) -> Global___MemoryFilter:
+        """Matched against the live memory and every version of it, deleted ones included. Its scopes must be empty."""
+
+    def __init__(
+        self,
+        *,
+        scope: Global___ScopeRef | None = ...,
+        id: _builtins.int = ...,
+        filter: Global___MemoryFilter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "id", b"id", "scope", b"scope", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "id", b"id", "scope", b"scope", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["id", "filter"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___EraseRequest: _TypeAlias = EraseRequest  # noqa: Y015
+
+@_typing.final
+class EraseResponse(_message.Message):
+    """The receipt of an erase."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_IDS_FIELD_NUMBER: _builtins.int
+    MEMORIES_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    CACHED_EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    ERASED_AT_FIELD_NUMBER: _builtins.int
+    memories: _builtins.int
+    versions: _builtins.int
+    cached_embeddings: _builtins.int
+    @_builtins.property
+    def memory_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def erased_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        memory_ids: _abc.Iterable[_builtins.int] | None = ...,
+        memories: _builtins.int = ...,
+        versions: _builtins.int = ...,
+        cached_embeddings: _builtins.int = ...,
+        erased_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["erased_at", b"erased_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_embeddings", b"cached_embeddings", "erased_at", b"erased_at", "memories", b"memories", "memory_ids", b"memory_ids", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseResponse: _TypeAlias = EraseResponse  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    INCLUDE_MEMORY_FIELD_NUMBER: _builtins.int
+    after: _builtins.str
+    """The cursor of the last change received; empty starts at the oldest change the log holds
+    (HISTORY_RETENTION). A cursor from before changes the retention purge removed answers FAILED_PRECONDITION:
+    re-read what you cache and watch again without a cursor.
+    """
+    include_memory: _builtins.bool
+    """Send the memory as the change left it."""
+    @_builtins.property
+    def filter(self) -> Global___MemoryFilter:
+        """Matched against the memory as each change left it; ERASED changes match on scope alone."""
+
+    def __init__(
+        self,
+        *,
+        filter: Global___MemoryFilter | None = ...,
+        after: _builtins.str = ...,
+        include_memory: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "filter", b"filter", "include_memory", b"include_memory"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class Change(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SCOPE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CHANGED_AT_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    memory_id: _builtins.int
+    scope: Global___Scope.ValueType
+    scope_id: _builtins.int
+    kind: Global___ChangeKind.ValueType
+    version: _builtins.int
+    cursor: _builtins.str
+    """Resume after this change: WatchRequest.after."""
+    @_builtins.property
+    def changed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def memory(self) -> Global___Memory:
+        """With include_memory, unless the change is an erasure."""
+
+    def __init__(
+        self,
+        *,
+        memory_id: _builtins.int = ...,
+        scope: Global___Scope.ValueType = ...,
+        scope_id: _builtins.int = ...,
+        kind: Global___ChangeKind.ValueType = ...,
+        version: _builtins.int = ...,
+        changed_at: _timestamp_pb2.Timestamp | None = ...,
+        memory: Global___Memory | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at", "memory", b"memory"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at", "cursor", b"cursor", "kind", b"kind", "memory", b"memory", "memory_id", b"memory_id", "scope", b"scope", "scope_id", b"scope_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Change: _TypeAlias = Change  # noqa: Y015

@@ -74,6 +74,21 @@ class MemoryServiceStub:
                 request_serializer=memory__service_dot_v1_dot_memory__pb2.StatsRequest.SerializeToString,
                 response_deserializer=memory__service_dot_v1_dot_memory__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.History = channel.unary_unary(
+                '/memory_service.v1.MemoryService/History',
+                request_serializer=memory__service_dot_v1_dot_memory__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=memory__service_dot_v1_dot_memory__pb2.HistoryResponse.FromString,
+                _registered_method=True)
+        self.Erase = channel.unary_unary(
+                '/memory_service.v1.MemoryService/Erase',
+                request_serializer=memory__service_dot_v1_dot_memory__pb2.EraseRequest.SerializeToString,
+                response_deserializer=memory__service_dot_v1_dot_memory__pb2.EraseResponse.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/memory_service.v1.MemoryService/Watch',
+                request_serializer=memory__service_dot_v1_dot_memory__pb2.WatchRequest.SerializeToString,
+                response_deserializer=memory__service_dot_v1_dot_memory__pb2.Change.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -127,6 +142,26 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def History(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Erase(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Every change after a cursor, as it commits, exactly once and in commit order per memory; ends only when the
+        server shuts down (UNAVAILABLE: watch again with the last cursor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +204,21 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=memory__service_dot_v1_dot_memory__pb2.StatsRequest.FromString,
                     response_serializer=memory__service_dot_v1_dot_memory__pb2.StatsResponse.SerializeToString,
+            ),
+            'History': grpc.unary_unary_rpc_method_handler(
+                    servicer.History,
+                    request_deserializer=memory__service_dot_v1_dot_memory__pb2.HistoryRequest.FromString,
+                    response_serializer=memory__service_dot_v1_dot_memory__pb2.HistoryResponse.SerializeToString,
+            ),
+            'Erase': grpc.unary_unary_rpc_method_handler(
+                    servicer.Erase,
+                    request_deserializer=memory__service_dot_v1_dot_memory__pb2.EraseRequest.FromString,
+                    response_serializer=memory__service_dot_v1_dot_memory__pb2.EraseResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=memory__service_dot_v1_dot_memory__pb2.WatchRequest.FromString,
+                    response_serializer=memory__service_dot_v1_dot_memory__pb2.Change.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +437,87 @@ class MemoryService:
             '/memory_service.v1.MemoryService/Stats',
             memory__service_dot_v1_dot_memory__pb2.StatsRequest.SerializeToString,
             memory__service_dot_v1_dot_memory__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def History(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memory_service.v1.MemoryService/History',
+            memory__service_dot_v1_dot_memory__pb2.HistoryRequest.SerializeToString,
+            memory__service_dot_v1_dot_memory__pb2.HistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Erase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memory_service.v1.MemoryService/Erase',
+            memory__service_dot_v1_dot_memory__pb2.EraseRequest.SerializeToString,
+            memory__service_dot_v1_dot_memory__pb2.EraseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memory_service.v1.MemoryService/Watch',
+            memory__service_dot_v1_dot_memory__pb2.WatchRequest.SerializeToString,
+            memory__service_dot_v1_dot_memory__pb2.Change.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,12 @@ class MemoryServiceStub:
     Search: _grpc.UnaryUnaryMultiCallable[_memory_pb2.SearchRequest, _memory_pb2.SearchResponse]
     Embed: _grpc.UnaryUnaryMultiCallable[_memory_pb2.EmbedRequest, _memory_pb2.EmbedResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_memory_pb2.StatsRequest, _memory_pb2.StatsResponse]
+    History: _grpc.UnaryUnaryMultiCallable[_memory_pb2.HistoryRequest, _memory_pb2.HistoryResponse]
+    Erase: _grpc.UnaryUnaryMultiCallable[_memory_pb2.EraseRequest, _memory_pb2.EraseResponse]
+    Watch: _grpc.UnaryStreamMultiCallable[_memory_pb2.WatchRequest, _memory_pb2.Change]
+    """Every change after a cursor, as it commits, exactly once and in commit order per memory; ends only when the
+    server shuts down (UNAVAILABLE: watch again with the last cursor).
+    """
 
 @_typing.type_check_only
 class MemoryServiceAsyncStub(MemoryServiceStub):
@@ -54,6 +60,12 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     Search: _aio.UnaryUnaryMultiCallable[_memory_pb2.SearchRequest, _memory_pb2.SearchResponse]  # type: ignore[assignment]
     Embed: _aio.UnaryUnaryMultiCallable[_memory_pb2.EmbedRequest, _memory_pb2.EmbedResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_memory_pb2.StatsRequest, _memory_pb2.StatsResponse]  # type: ignore[assignment]
+    History: _aio.UnaryUnaryMultiCallable[_memory_pb2.HistoryRequest, _memory_pb2.HistoryResponse]  # type: ignore[assignment]
+    Erase: _aio.UnaryUnaryMultiCallable[_memory_pb2.EraseRequest, _memory_pb2.EraseResponse]  # type: ignore[assignment]
+    Watch: _aio.UnaryStreamMultiCallable[_memory_pb2.WatchRequest, _memory_pb2.Change]  # type: ignore[assignment]
+    """Every change after a cursor, as it commits, exactly once and in commit order per memory; ends only when the
+    server shuts down (UNAVAILABLE: watch again with the last cursor).
+    """
 
 class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -111,5 +123,29 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _memory_pb2.StatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_memory_pb2.StatsResponse, _abc.Awaitable[_memory_pb2.StatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def History(
+        self,
+        request: _memory_pb2.HistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.HistoryResponse, _abc.Awaitable[_memory_pb2.HistoryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Erase(
+        self,
+        request: _memory_pb2.EraseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.EraseResponse, _abc.Awaitable[_memory_pb2.EraseResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _memory_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_memory_pb2.Change], _abc.AsyncIterator[_memory_pb2.Change]]:
+        """Every change after a cursor, as it commits, exactly once and in commit order per memory; ends only when the
+        server shuts down (UNAVAILABLE: watch again with the last cursor).
+        """
 
 def add_MemoryServiceServicer_to_server(servicer: MemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,110 @@
+"""Reading the past and forgetting for good: History, as-of reads, Erase, and the retention purge."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+from datetime import datetime, timedelta
+
+from memory_service.errors import InvalidArgument, NotFound
+from memory_service.history.types import EraseReceipt, Version
+from memory_service.memories import decode_cursor, encode_cursor
+from memory_service.metrics import Metrics
+from memory_service.models import Memory, MemoryFilter, ScopeRef
+from memory_service.storage import history_sql
+from memory_service.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+_PURGE_BATCH = 5000
+_HISTORY_CURSOR = "h1"
+
+
+class History:
+    def __init__(self, db: Database, metrics: Metrics, *, retention: timedelta) -> None:
+        self._db = db
+        self._metrics = metrics
+        self.retention = retention
+
+    async def versions(self, memory_id: int, *, page_size: int, page_token: str) -> tuple[list[Version], str]:
+        """One page of a memory's versions, newest first, and the next page's token ("" on the last)."""
+        before = _decode_history_token(page_token, memory_id)
+        async with self._db.connection() as conn:
+            rows = await history_sql.history_page(conn, memory_id, before=before, limit=page_size + 1)
+        if not rows and not page_token:
+            raise NotFound(f"no history for memory {memory_id}")
+        page = rows[:page_size]
+        token = _encode_history_token(memory_id, page[-1].version) if len(rows) > page_size else ""
+        return page, token
+
+    async def get_as_of(self, memory_id: int, at: datetime) -> Memory:
+        async with self._db.connection() as conn:
+            memory = await history_sql.get_as_of(conn, memory_id, at)
+        if memory is None:
+            raise NotFound(f"no memory with id {memory_id} was live at {at.isoformat()}")
+        return memory
+
+    async def list_as_of(
+        self, memory_filter: MemoryFilter, at: datetime, *, page_size: int, page_token: str
+    ) -> tuple[list[Memory], str]:
+        """One page, in id order, of what was live at ``at``; tokens are bound to the filter and the time."""
+        binding = "as_of:" + at.isoformat()
+        after_id = decode_cursor(page_token, memory_filter, binding=binding)
+        async with self._db.connection() as conn:
+            rows = await history_sql.list_as_of(conn, memory_filter, at, after_id=after_id, limit=page_size + 1)
+        page = rows[:page_size]
+        token = encode_cursor(page[-1].id, memory_filter, binding=binding) if len(rows) > page_size else ""
+        return page, token
+
+    async def erase(
+        self, scope: ScopeRef | None, *, memory_id: int | None, memory_filter: MemoryFilter | None
+    ) -> EraseReceipt:
+        """Remove for good the memories in ``scope`` with this id, or matching this filter (live or deleted)."""
+        if scope is None:
+            raise InvalidArgument("scope", "is required: an erase names the scope it erases in")
+        if memory_filter is not None and memory_filter.scopes:
+            raise InvalidArgument("filter.scopes", "must be empty: the erase's scope is given in 'scope'")
+        target = dataclasses.replace(memory_filter or MemoryFilter(), scopes=(scope,))
+        async with self._db.transaction() as conn:
+            receipt = await history_sql.erase(conn, target, memory_id)
+        log.info(
+            "erased %d memories (%d versions, %d cached embeddings)",
+            len(receipt.memory_ids),
+            receipt.versions,
+            receipt.cached_embeddings,
+        )
+        return receipt
+
+    async def purge(self) -> int:
+        """Delete versions and change-log entries older than the retention, in batches."""
+        total = 0
+        while True:
+            async with self._db.transaction() as conn:
+                deleted = await history_sql.purge_history(conn, self.retention, batch=_PURGE_BATCH)
+            total += deleted
+            self._metrics.history_purged.inc(deleted)
+            if deleted < _PURGE_BATCH:
+                break
+        if total:
+            log.info("purged %d versions and change-log entries past the history retention", total)
+        return total
+
+
+def _encode_history_token(memory_id: int, before: int) -> str:
+    raw = f"{_HISTORY_CURSOR}:{memory_id}:{before}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_history_token(token: str, memory_id: int) -> int:
+    """The version below which the page starts."""
+    if not token:
+        return 2**31 - 1
+    try:
+        raw = base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()).decode()
+        prefix, owner, before = raw.split(":")
+        if prefix != _HISTORY_CURSOR or int(owner) != memory_id:
+            raise ValueError(raw)
+        return int(before)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "is not a token this service issued for this memory") from None
