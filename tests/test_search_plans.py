@@ -126,9 +126,10 @@ async def test_searches_with_different_probes_each_run_with_their_own(
     engine = running.server.runtime.search
     lists = running.server.runtime.index.state.lists
     assert lists >= 6
-    # Without iterative scans the plan shows the probes a query really ran with: at probes = 1 one list holds
-    # about 10 rows with importance >= 0.99 (the index comes back short and the engine falls back to the exact
-    # scan); probing every list finds them all. The pool has one connection, so each search reuses the last one's.
+    # The pool has one connection, so each search reuses the connection the last one set up: after every search
+    # the connection holds exactly that search's settings. (An earlier version also inferred the probes from the
+    # plan, through a filter that made probes = 1 come back short; whether PostgreSQL used the index for such a
+    # filter at all depended on the index build, so that check was flaky.)
     engine.iterative_scan = False
     try:
 
@@ -138,13 +139,12 @@ async def test_searches_with_different_probes_each_run_with_their_own(
                 top_k=20,
                 probes=probes,
                 mode=memory_pb2.SEARCH_MODE_VECTOR,
-                filter=memory_pb2.MemoryFilter(min_importance=0.99),
             )
 
         for probes in (lists, 1, lists, 1):
             response = await running.memory.Search(request(probes))
             assert len(response.hits) == 20
-            assert response.plan == ("ivfflat" if probes == lists else "exact"), probes
+            assert (response.plan, response.probes) == ("ivfflat", probes)
             assert await _show(running, "ivfflat.probes") == str(probes)
             assert await _show(running, "ivfflat.iterative_scan") == "off"
     finally:
