@@ -24,6 +24,7 @@ import asyncpg
 import numpy as np
 from grpc import aio
 
+from bench.datasets import copy_into_memories
 from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
 from memory_service.config import Settings
 from memory_service.metrics import Metrics
@@ -94,21 +95,7 @@ async def load(dsn: str, texts: list[str]) -> None:
             records.append(("global", 0, key, text, vectors[i], digest, settings.embedding_model, 0.5))
         started = time.perf_counter()
         async with runtime.db.connection() as conn:
-            await conn.copy_records_to_table(
-                "memories",
-                schema_name="memory",
-                columns=(
-                    "scope",
-                    "scope_id",
-                    "key",
-                    "value",
-                    "embedding",
-                    "content_hash",
-                    "embedding_model",
-                    "importance",
-                ),
-                records=records,
-            )
+            await copy_into_memories(conn, records)  # rows in bench.datasets.COPY_COLUMNS order
             # VACUUM as autovacuum soon would: freshly copied rows carry no hint bits yet, and the first queries to
             # visit each page would pay for setting them (10x slower here), which is not what steady state costs.
             await conn.execute("VACUUM (ANALYZE) memory.memories")
