@@ -189,3 +189,19 @@ def test_refresh_policy() -> None:
     assert policy.due(snapshot(1000, 10, 0), 110, now)  # 10% written
     assert policy.due(snapshot(1000, 10, 61), 11, now)  # old, and something was written
     assert policy.due(snapshot(1000, 10, 0), 5, now)  # counters reset: unknown
+
+
+async def test_concurrent_refreshes_never_fail(server: RunningServer, database_url: str) -> None:
+    # Instances starting together all refresh at once; one refreshes, the others skip, and none fails (a refresh
+    # whose snapshot predated another's commit used to fail to serialize and stop the server's start-up).
+    await store(server, *FRUIT)
+    stats = server.server.runtime.text_stats
+    for _ in range(30):
+        outcomes = await asyncio.gather(*(stats.refresh() for _ in range(4)))
+        assert any(outcomes)
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT docs FROM memory.text_corpus") == 3
+        assert await conn.fetchval("SELECT df FROM memory.text_terms WHERE lexeme = 'appl'") == 2
+    finally:
+        await conn.close()

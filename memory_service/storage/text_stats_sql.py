@@ -23,22 +23,23 @@ WHERE relid = 'memory.memories'::regclass
 
 _SNAPSHOT = "SELECT docs, total_length, writes_seen, refreshed_at FROM memory.text_corpus"
 
-# ts_stat runs the query it is given; only a fixed statement is ever passed.
-_REFRESH_TERMS = f"""
+# One statement, so the frequencies, the totals and the write count come from one snapshot, taken after the lock
+# is held (a snapshot taken before it could miss a refresh that committed in between). ts_stat runs the query it is
+# given; only this fixed one is ever passed.
+_REFRESH = f"""
 WITH fresh AS MATERIALIZED (
     SELECT word AS lexeme, ndoc::integer AS df
     FROM ts_stat('SELECT m.search_tsv FROM memory.memories m WHERE {LIVE.replace("'", "''")}')
 ),
 gone AS (
     DELETE FROM memory.text_terms t WHERE NOT EXISTS (SELECT 1 FROM fresh f WHERE f.lexeme = t.lexeme)
+),
+terms AS (
+    INSERT INTO memory.text_terms AS t (lexeme, df) SELECT lexeme, df FROM fresh
+    ON CONFLICT (lexeme) DO UPDATE SET df = EXCLUDED.df WHERE t.df <> EXCLUDED.df
 )
-INSERT INTO memory.text_terms AS t (lexeme, df) SELECT lexeme, df FROM fresh
-ON CONFLICT (lexeme) DO UPDATE SET df = EXCLUDED.df WHERE t.df <> EXCLUDED.df
-"""
-
-_REFRESH_CORPUS = f"""
 INSERT INTO memory.text_corpus AS c (docs, total_length, writes_seen, refreshed_at)
-SELECT count(*), coalesce(sum(length(m.search_tsv)), 0), $1, clock_timestamp()
+SELECT count(*), coalesce(sum(length(m.search_tsv)), 0), coalesce(({_WRITES}), 0), clock_timestamp()
 FROM memory.memories m WHERE {LIVE}
 ON CONFLICT (singleton) DO UPDATE
 SET docs = EXCLUDED.docs, total_length = EXCLUDED.total_length, writes_seen = EXCLUDED.writes_seen,
@@ -71,10 +72,9 @@ async def snapshot(conn: asyncpg.Connection) -> Snapshot | None:
 
 
 async def refresh(conn: asyncpg.Connection) -> int | None:
-    """Recompute the statistics (inside the caller's transaction); None when another session is refreshing."""
+    """Recompute the statistics (inside the caller's read-committed transaction, which holds the lock until it
+    ends); None when another session is refreshing."""
     if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _REFRESH_LOCK_KEY):
         return None
-    writes = await writes_so_far(conn)
-    await conn.execute(_REFRESH_TERMS)
-    docs: int = await conn.fetchval(_REFRESH_CORPUS, writes)
+    docs: int = await conn.fetchval(_REFRESH)
     return docs
