@@ -1,0 +1,240 @@
+"""The bare floor: the least any gRPC service could do for a search, read, page or write, run as its own process.
+
+    python -m bench.floor        # DATABASE_URL, FLOOR_PROBES, VECTOR_INDEX, FLOOR_POOL from the environment
+
+It speaks the service's own protocol (``memory_service.v1.MemoryService``), so one client stub calls both, and
+implements only Store, Get, List (one scope, keyset on id) and Search with the least SQL that gives the same
+answer: VECTOR is one ``ORDER BY embedding <=> $1 LIMIT k`` with the full rows, unfiltered or within one scope;
+TEXT is the service's BM25 statement (``memory_service.storage.search_sql``) with the full rows; HYBRID is the
+service's one-statement vector and text candidates, fused here by the weighted sum, and the winners' rows. No
+validation, no metrics, no interceptors, no history, no embedding, no planning: each call is its statements.
+
+The scan settings (``ivfflat.probes`` or ``hnsw.ef_search``, from FLOOR_PROBES, and relaxed-order iterative scans
+so a filtered index scan still finds k rows) are startup settings of every pooled connection: set once, never
+sent again, and kept across asyncpg's reset. Measured against it, the service's extra time is what it spends on
+being a service (``bench.scale`` prints the ratio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import numpy as np
+from grpc import aio
+from pgvector.asyncpg import register_vector
+
+from memory_service.models import MemoryFilter, Scope, ScopeRef
+from memory_service.storage import search_sql
+from memory_service.v1 import memory_pb2, memory_pb2_grpc
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_COLUMNS = (
+    "id, scope::text AS scope, scope_id, memory_type::text AS memory_type, key, value, importance, tags, "
+    "metadata::text AS metadata, content_hash, embedding_model, created_at, updated_at, expires_at"
+)
+_SCOPE_TO_WIRE = {
+    "global": memory_pb2.SCOPE_GLOBAL,
+    "circle": memory_pb2.SCOPE_CIRCLE,
+    "agent": memory_pb2.SCOPE_AGENT,
+    "conversation": memory_pb2.SCOPE_CONVERSATION,
+    "project": memory_pb2.SCOPE_PROJECT,
+}
+_SCOPE_FROM_WIRE = {v: k for k, v in _SCOPE_TO_WIRE.items()}
+_TYPE_TO_WIRE = {name.removeprefix("MEMORY_TYPE_").lower(): v for name, v in memory_pb2.MemoryType.items() if v}
+_UPSERT = """
+INSERT INTO memory.memories AS m (scope, scope_id, key, value, embedding, importance, content_hash, embedding_model)
+VALUES ($1::text::memory.scope, $2, $3, $4, $5, $6, sha256(convert_to($4, 'UTF8')), $7)
+ON CONFLICT (scope, scope_id, key) DO UPDATE SET value = EXCLUDED.value, embedding = EXCLUDED.embedding,
+    importance = EXCLUDED.importance, content_hash = EXCLUDED.content_hash, updated_at = clock_timestamp()
+RETURNING id, (xmax = 0) AS created
+"""
+# The service's hybrid candidate depth and its default weight with the hash embedder (see search/engine.py).
+_HYBRID_CANDIDATES = 40
+_HYBRID_ALPHA = 0.2
+
+
+def _timestamp(message: Any, value: datetime) -> None:
+    delta = value - _EPOCH
+    message.seconds = delta.days * 86400 + delta.seconds
+    message.nanos = delta.microseconds * 1000
+
+
+def memory_message(row: asyncpg.Record) -> memory_pb2.Memory:
+    message = memory_pb2.Memory(
+        id=row["id"],
+        scope=_SCOPE_TO_WIRE[row["scope"]],
+        scope_id=row["scope_id"],
+        memory_type=_TYPE_TO_WIRE[row["memory_type"]],
+        key=row["key"],
+        value=row["value"],
+        importance=row["importance"],
+        tags=row["tags"],
+        embedding_model=row["embedding_model"] or "",
+        content_hash=row["content_hash"].hex(),
+    )
+    if row["metadata"] != "{}":
+        message.metadata.update(json.loads(row["metadata"]))
+    _timestamp(message.created_at, row["created_at"])
+    _timestamp(message.updated_at, row["updated_at"])
+    if row["expires_at"] is not None:
+        _timestamp(message.expires_at, row["expires_at"])
+    return message
+
+
+def one_scope(request_filter: memory_pb2.MemoryFilter) -> tuple[str, int] | None:
+    """The one (scope, scope_id) a floor request may filter on, or None for no filter."""
+    if not request_filter.scopes:
+        return None
+    ref = request_filter.scopes[0]
+    return _SCOPE_FROM_WIRE[ref.scope], ref.scope_id
+
+
+class Floor(memory_pb2_grpc.MemoryServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, model: str) -> None:
+        self.pool = pool
+        self.model = model
+
+    async def Store(self, request: memory_pb2.StoreRequest, context: aio.ServicerContext) -> memory_pb2.StoreResponse:
+        m = request.memory
+        importance = m.importance if m.HasField("importance") else 0.5
+        embedding = np.asarray(m.embedding, dtype=np.float32)
+        scope = _SCOPE_FROM_WIRE[m.scope]
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_UPSERT, scope, m.scope_id, m.key, m.value, embedding, importance, self.model)
+        outcome = memory_pb2.WRITE_OUTCOME_CREATED if row["created"] else memory_pb2.WRITE_OUTCOME_UPDATED
+        return memory_pb2.StoreResponse(id=row["id"], outcome=outcome, key=m.key)
+
+    async def Get(self, request: memory_pb2.GetRequest, context: aio.ServicerContext) -> memory_pb2.GetResponse:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM memory.memories WHERE id = $1", request.id)
+        return memory_pb2.GetResponse(memory=memory_message(row))
+
+    async def List(self, request: memory_pb2.ListRequest, context: aio.ServicerContext) -> memory_pb2.ListResponse:
+        scope = one_scope(request.filter)
+        assert scope is not None, "the floor lists one scope"
+        after = int(request.page_token or 0)
+        limit = request.page_size or 100
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM memory.memories WHERE scope = $1::text::memory.scope AND scope_id = $2 "
+                f"AND id > $3 ORDER BY id LIMIT {int(limit) + 1}",
+                *scope,
+                after,
+            )
+        page = rows[:limit]
+        token = str(page[-1]["id"]) if len(rows) > limit else ""
+        return memory_pb2.ListResponse(memories=[memory_message(r) for r in page], next_page_token=token)
+
+    async def Search(
+        self, request: memory_pb2.SearchRequest, context: aio.ServicerContext
+    ) -> memory_pb2.SearchResponse:
+        top_k = request.top_k or 10
+        scope = one_scope(request.filter)
+        if request.mode == memory_pb2.SEARCH_MODE_VECTOR:
+            hits = await self._vector(np.asarray(request.query_embedding, dtype=np.float32), scope, top_k)
+        else:
+            hits = await self._ranked(request, scope, top_k)
+        return memory_pb2.SearchResponse(hits=hits, mode=request.mode)
+
+    async def _vector(self, vector: np.ndarray, scope: tuple[str, int] | None, top_k: int) -> list[Any]:
+        where = "scope = $2::text::memory.scope AND scope_id = $3 AND " if scope else ""
+        sql = (
+            f"SELECT {_COLUMNS}, embedding <=> $1 AS distance FROM memory.memories "
+            f"WHERE {where}embedding IS NOT NULL ORDER BY embedding <=> $1 LIMIT {int(top_k)}"
+        )
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(sql, vector, *(scope or ()))
+        return [
+            memory_pb2.SearchHit(
+                memory=memory_message(r), score=1 - r["distance"], cosine_similarity=1 - r["distance"], vector_rank=i
+            )
+            for i, r in enumerate(rows, 1)
+        ]
+
+    async def _ranked(self, request: memory_pb2.SearchRequest, scope: tuple[str, int] | None, top_k: int) -> list[Any]:
+        memory_filter = (
+            MemoryFilter(scopes=(ScopeRef(scope=Scope(scope[0]), scope_id=scope[1]),)) if scope else MemoryFilter()
+        )
+        hybrid = request.mode == memory_pb2.SEARCH_MODE_HYBRID
+        sql, values = search_sql.candidates_statement(
+            memory_filter,
+            vector=np.asarray(request.query_embedding, dtype=np.float32) if hybrid else None,
+            text=request.query,
+            limit=_HYBRID_CANDIDATES if hybrid else top_k,
+            exact=False,
+            full_rows=not hybrid,
+        )
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(sql, *values)
+            if not hybrid:
+                rows = sorted(rows, key=lambda r: (-r["text_score"], r["id"]))
+                return [
+                    memory_pb2.SearchHit(
+                        memory=memory_message(r), score=r["text_score"], text_score=r["text_score"], text_rank=i
+                    )
+                    for i, r in enumerate(rows, 1)
+                ]
+            best_cosine = max((1 - r["distance"] for r in rows), default=1.0) or 1.0
+            best_text = max((r["text_score"] for r in rows), default=1.0) or 1.0
+
+            def fused(r: asyncpg.Record) -> float:
+                cosine = (1 - r["distance"]) / best_cosine
+                return float(_HYBRID_ALPHA * cosine + (1 - _HYBRID_ALPHA) * r["text_score"] / best_text)
+
+            winners = sorted(rows, key=lambda r: (-fused(r), r["id"]))[:top_k]
+            found = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM memory.memories WHERE id = ANY($1::bigint[])", [r["id"] for r in winners]
+            )
+        by_id = {r["id"]: r for r in found}
+        return [
+            memory_pb2.SearchHit(
+                memory=memory_message(by_id[w["id"]]),
+                score=fused(w),
+                cosine_similarity=1 - w["distance"],
+                text_score=w["text_score"],
+            )
+            for w in winners
+            if w["id"] in by_id
+        ]
+
+
+def scan_settings(index: str, probes: int) -> dict[str, str]:
+    """Startup settings of every pooled connection: set once, and kept across asyncpg's RESET ALL."""
+    if index == "hnsw":
+        return {"hnsw.ef_search": str(probes), "hnsw.iterative_scan": "relaxed_order"}
+    return {"ivfflat.probes": str(probes), "ivfflat.iterative_scan": "relaxed_order"}
+
+
+async def serve() -> None:
+    dsn = os.environ["DATABASE_URL"]
+    probes = int(os.environ.get("FLOOR_PROBES", "10"))
+    index = os.environ.get("VECTOR_INDEX", "ivfflat")
+    size = int(os.environ.get("FLOOR_POOL", "4"))
+    pool = await asyncpg.create_pool(
+        dsn, min_size=size, max_size=size, init=register_vector, server_settings=scan_settings(index, probes)
+    )
+    model = await pool.fetchval("SELECT value FROM memory.settings WHERE key = 'embedding_model'") or "floor"
+    server = aio.server()
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(Floor(pool, model), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    # The line bench.harness.ServerProcess waits for.
+    print(f"floor serving gRPC on 127.0.0.1:{port} ({index}, probes {probes})", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1)
+    await pool.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())
