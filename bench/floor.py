@@ -9,6 +9,7 @@ TEXT is the service's BM25 statement (``memory_service.storage.search_sql``) wit
 service's one-statement vector and text candidates, fused here by the weighted sum, and the winners' rows. No
 validation, no metrics, no interceptors, no history, no embedding, no planning: each call is its statements.
 
+FLOOR_PROBES=0 answers VECTOR searches by an exact scan, as the service does below EXACT_SEARCH_MAX_ROWS.
 The scan settings (``ivfflat.probes`` or ``hnsw.ef_search``, from FLOOR_PROBES, and relaxed-order iterative scans
 so a filtered index scan still finds k rows) are startup settings of every pooled connection: set once, never
 sent again, and kept across asyncpg's reset. Measured against it, the service's extra time is what it spends on
@@ -97,9 +98,11 @@ def one_scope(request_filter: memory_pb2.MemoryFilter) -> tuple[str, int] | None
 
 
 class Floor(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, model: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, model: str, *, exact: bool) -> None:
         self.pool = pool
         self.model = model
+        self.exact = exact
+        """Answer VECTOR searches by an exact scan, as the service does on small tables (FLOOR_PROBES=0)."""
 
     async def Store(self, request: memory_pb2.StoreRequest, context: aio.ServicerContext) -> memory_pb2.StoreResponse:
         m = request.memory
@@ -145,10 +148,17 @@ class Floor(memory_pb2_grpc.MemoryServiceServicer):
 
     async def _vector(self, vector: np.ndarray, scope: tuple[str, int] | None, top_k: int) -> list[Any]:
         where = "scope = $2::text::memory.scope AND scope_id = $3 AND " if scope else ""
-        sql = (
-            f"SELECT {_COLUMNS}, embedding <=> $1 AS distance FROM memory.memories "
-            f"WHERE {where}embedding IS NOT NULL ORDER BY embedding <=> $1 LIMIT {int(top_k)}"
-        )
+        if self.exact:
+            # OFFSET 0 fences the subquery, so the planner cannot take the index's order.
+            sql = (
+                f"SELECT * FROM (SELECT {_COLUMNS}, embedding <=> $1 AS distance FROM memory.memories "
+                f"WHERE {where}embedding IS NOT NULL OFFSET 0) s ORDER BY distance LIMIT {int(top_k)}"
+            )
+        else:
+            sql = (
+                f"SELECT {_COLUMNS}, embedding <=> $1 AS distance FROM memory.memories "
+                f"WHERE {where}embedding IS NOT NULL ORDER BY embedding <=> $1 LIMIT {int(top_k)}"
+            )
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(sql, vector, *(scope or ()))
         return [
@@ -218,11 +228,11 @@ async def serve() -> None:
     index = os.environ.get("VECTOR_INDEX", "ivfflat")
     size = int(os.environ.get("FLOOR_POOL", "4"))
     pool = await asyncpg.create_pool(
-        dsn, min_size=size, max_size=size, init=register_vector, server_settings=scan_settings(index, probes)
+        dsn, min_size=size, max_size=size, init=register_vector, server_settings=scan_settings(index, max(1, probes))
     )
     model = await pool.fetchval("SELECT value FROM memory.settings WHERE key = 'embedding_model'") or "floor"
     server = aio.server()
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(Floor(pool, model), server)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(Floor(pool, model, exact=probes == 0), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     # The line bench.harness.ServerProcess waits for.

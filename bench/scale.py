@@ -1,0 +1,444 @@
+"""The same workload at growing table sizes, through the service and through the bare floor, in one run.
+
+    python -m bench.scale --rows 10000,100000 --dataset hard
+    python -m bench.scale --rows 10000,100000,1000000 --dataset minilm --index hnsw
+
+For each size: a fresh database, the pre-embedded corpus loaded through the real server with BulkStore, VACUUM
+(ANALYZE) and the text statistics refreshed (as the background work soon would), then ``memory-service reindex
+--force`` (index build and, where the service has it, calibration; timed). Scope 0 holds 10,000 rows, scope 1
+1% of the table, the rest is spread over scopes of about 1% each. Then a server with its default settings, and
+the floor (``bench.floor``) with the probes the service's searches report, are called alternately, one call at a
+time at one client: Store, Get, a List page deep inside scope 0 (through its cursor), and Search in every mode
+unfiltered, on the 1% scope and on the 10k-row scope. recall@10 of VECTOR searches is against exact neighbours
+(numpy over the loaded vectors), for the service and for the floor.
+
+``--dataset minilm`` has about 90k real vectors (``bench.minilm``); larger sizes use ``hard`` and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+from grpc import aio
+
+from bench import minilm
+from bench.datasets import NAMES, Corpus, corpus, queries
+from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
+from memory_service.client import MemoryClient
+from memory_service.config import Settings
+from memory_service.metrics import Metrics
+from memory_service.runtime import Runtime
+from memory_service.v1 import memory_pb2, memory_pb2_grpc
+
+K = 10
+SCOPE_10K = 0
+SCOPE_1PCT = 1
+STORE_SCOPE = 999_999
+"""Stores go to a scope of their own, so the searched scopes keep their sizes."""
+MODES = {
+    "vector": memory_pb2.SEARCH_MODE_VECTOR,
+    "text": memory_pb2.SEARCH_MODE_TEXT,
+    "hybrid": memory_pb2.SEARCH_MODE_HYBRID,
+}
+FILTERS = {"none": None, "1%": SCOPE_1PCT, "10k scope": SCOPE_10K}
+LIST_PAGE = 100
+
+
+def scope_layout(rows: int, *, seed: int = 5) -> npt.NDArray[np.int64]:
+    """scope_id per row: 1% of the rows in scope 1, 10,000 (or what is left) in scope 0, the rest in scopes 2.. of
+    about 1% each; rows are assigned at random, so every scope is a sample of the whole corpus."""
+    one_percent = max(1, rows // 100)
+    ten_k = min(10_000, rows - one_percent)
+    rest = rows - one_percent - ten_k
+    layout = np.concatenate(
+        [
+            np.full(one_percent, SCOPE_1PCT),
+            np.full(ten_k, SCOPE_10K),
+            2 + np.arange(rest) % max(1, rest // one_percent),
+        ]
+    ).astype(np.int64)
+    return layout[np.random.default_rng(seed).permutation(rows)]
+
+
+def load_corpus(name: str, rows: int) -> tuple[Corpus, str]:
+    """The corpus, and the name of the one actually used (minilm falls back to hard beyond its size)."""
+    used = name
+    if name == "minilm" and rows > minilm.available_rows():
+        used = "hard"
+        print(
+            f"minilm has {minilm.available_rows()} rows, fewer than {rows}: using the hard synthetic corpus", flush=True
+        )
+    data = corpus(used, rows)
+    data.scope_ids = scope_layout(rows)
+    return data, used
+
+
+def memory_inputs(data: Corpus) -> Iterator[memory_pb2.MemoryInput]:
+    for i, text in enumerate(data.texts):
+        message = memory_pb2.MemoryInput(
+            scope=memory_pb2.SCOPE_PROJECT,
+            scope_id=int(data.scope_ids[i]),
+            key=f"row-{i}",
+            value=text,
+            importance=float(data.importance[i]),
+        )
+        message.embedding.extend(data.vectors[i].tolist())
+        yield message
+
+
+@dataclasses.dataclass
+class Build:
+    ingest_rows_per_s: float = 0.0
+    vacuum_s: float = 0.0
+    text_stats_s: float = 0.0
+    reindex_s: float = 0.0
+    reindex_said: str = ""
+    table_mb: float = 0.0
+    vector_index_mb: float = 0.0
+
+
+def service_env(dsn: str, index: str, **extra: str) -> dict[str, str]:
+    env = {"DATABASE_URL": dsn, "VECTOR_INDEX": index, "DATABASE_POOL_MIN": "4", "DATABASE_POOL_MAX": "20"}
+    for name in ("SEARCH_TARGET_RECALL", "EMBEDDING_PROVIDER"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return {**env, **extra}
+
+
+async def build(dsn: str, data: Corpus, index: str) -> Build:
+    """Load through BulkStore, settle the table as background work would, and build the index as operators do."""
+    result = Build()
+    # No index work while loading: the index is built once, by `reindex`, and timed.
+    loader = ServerProcess(service_env(dsn, index, EXACT_SEARCH_MAX_ROWS="1000000000"))
+    try:
+        await asyncio.to_thread(loader.wait_ready)
+        async with MemoryClient(loader.address, timeout=60.0) as client:
+            await client.stats()
+            started = time.perf_counter()
+            summary = await client.bulk_store(memory_inputs(data), batch_size=1000)
+            result.ingest_rows_per_s = len(data) / (time.perf_counter() - started)
+        assert not summary.rejections, summary.rejections[:3]
+    finally:
+        await asyncio.to_thread(loader.stop)
+    settings = Settings.from_env({"DATABASE_URL": dsn, "DATABASE_POOL_MIN": "1", "DATABASE_POOL_MAX": "2"})
+    runtime = Runtime(settings, Metrics())
+    await runtime.start(background=False)
+    try:
+        started = time.perf_counter()
+        async with runtime.db.connection() as conn:
+            # As autovacuum soon would: the first reads of freshly written pages would otherwise set hint bits.
+            await conn.execute("VACUUM (ANALYZE) memory.memories")
+        result.vacuum_s = time.perf_counter() - started
+        started = time.perf_counter()
+        await runtime.text_stats.refresh()
+        result.text_stats_s = time.perf_counter() - started
+    finally:
+        await runtime.close()
+    started = time.perf_counter()
+    env = {**os.environ, **service_env(dsn, index)}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "memory_service", "reindex", "--force"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result.reindex_s = time.perf_counter() - started
+    result.reindex_said = done.stdout.strip()
+    conn = await asyncpg.connect(dsn)
+    try:
+        result.table_mb = await conn.fetchval("SELECT pg_total_relation_size('memory.memories')") / 2**20
+        result.vector_index_mb = (
+            await conn.fetchval(
+                "SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0) FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+                "WHERE i.indrelid = 'memory.memories'::regclass AND a.amname IN ('ivfflat', 'hnsw')"
+            )
+            / 2**20
+        )
+    finally:
+        await conn.close()
+    return result
+
+
+@dataclasses.dataclass
+class Row:
+    call: str
+    scope: str
+    service: list[float]
+    floor: list[float]
+    recall_service: float | None = None
+    recall_floor: float | None = None
+
+    def cells(self) -> list[object]:
+        ratio = percentile_ms(self.service, 50) / percentile_ms(self.floor, 50)
+        return [
+            self.call,
+            self.scope,
+            percentile_ms(self.service, 50),
+            percentile_ms(self.service, 99),
+            percentile_ms(self.floor, 50),
+            percentile_ms(self.floor, 99),
+            f"{ratio:.2f}x",
+            "" if self.recall_service is None else self.recall_service,
+            "" if self.recall_floor is None else self.recall_floor,
+        ]
+
+
+HEADERS = ["call", "scope", "p50 ms", "p99 ms", "floor p50", "floor p99", "x floor p50", "recall@10", "floor recall"]
+
+
+class Measure:
+    """Alternating calls to the service and the floor over the same requests."""
+
+    def __init__(self, data: Corpus, service: Any, floor: Any, *, count: int, warmup: int) -> None:
+        self.data = data
+        self.service = service
+        self.floor = floor
+        self.count = count
+        self.warmup = warmup
+        self.vectors, self.texts = queries(data, count)
+        self.keys = {f"row-{i}": i for i in range(len(data))}
+
+    async def pair(self, make: Callable[[Any, int], Awaitable[object]]) -> tuple[list[float], list[float]]:
+        async def on_service(i: int) -> None:
+            await make(self.service, i)
+
+        async def on_floor(i: int) -> None:
+            await make(self.floor, i)
+
+        await latencies(on_service, on_floor, count=self.warmup)
+        service, floor = await latencies(on_service, on_floor, count=self.count)
+        return service, floor
+
+    def truth(self, i: int, scope_id: int | None) -> set[int]:
+        rows = np.arange(len(self.data)) if scope_id is None else np.flatnonzero(self.data.scope_ids == scope_id)
+        best = rows[np.argsort(-(self.data.vectors[rows] @ self.vectors[i]))[:K]]
+        return {int(x) for x in best}
+
+    def request(self, mode: str, scope_id: int | None, i: int) -> memory_pb2.SearchRequest:
+        request = memory_pb2.SearchRequest(mode=MODES[mode], top_k=K)
+        if mode != "text":
+            request.query_embedding.extend(self.vectors[i].tolist())
+        if mode != "vector":
+            request.query = self.texts[i]
+        if scope_id is not None:
+            request.filter.scopes.add(scope=memory_pb2.SCOPE_PROJECT, scope_id=scope_id)
+        return request
+
+    async def search(self, mode: str, scope_name: str) -> Row:
+        scope_id = FILTERS[scope_name]
+        requests = [self.request(mode, scope_id, i) for i in range(self.count)]
+        answers: dict[int, dict[int, set[int]]] = {id(self.service): {}, id(self.floor): {}}
+
+        async def call(stub: Any, i: int) -> None:
+            response = await stub.Search(requests[i % self.count])
+            answers[id(stub)][i] = {self.keys[h.memory.key] for h in response.hits}
+
+        service, floor = await self.pair(call)
+        row = Row(f"Search {mode}", scope_name, service, floor)
+        if mode == "vector":
+            truths = [self.truth(i, scope_id) for i in range(self.count)]
+
+            def recall(got: dict[int, set[int]]) -> float:
+                return float(np.mean([len(got[i] & truths[i]) / K for i in range(self.count)]))
+
+            row.recall_service, row.recall_floor = recall(answers[id(self.service)]), recall(answers[id(self.floor)])
+        return row
+
+
+async def measure_size(
+    dsn: str, data: Corpus, index: str, *, count: int, warmup: int
+) -> tuple[list[Row], dict[str, Any]]:
+    server = ServerProcess(service_env(dsn, index))
+    floor_process: ServerProcess | None = None
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        service_channel = aio.insecure_channel(server.address)
+        service = memory_pb2_grpc.MemoryServiceStub(service_channel)
+        stats = await service.Stats(memory_pb2.StatsRequest())
+        vectors, _ = queries(data, 1)
+        probe = await service.Search(
+            memory_pb2.SearchRequest(mode=memory_pb2.SEARCH_MODE_VECTOR, top_k=K, query_embedding=vectors[0].tolist())
+        )
+        # An exact plan reports probes 0, and the floor then scans exactly too.
+        info: dict[str, Any] = {"plan": probe.plan, "probes": probe.probes, "lists": stats.index.lists}
+        if "estimated_recall" in memory_pb2.SearchResponse.DESCRIPTOR.fields_by_name:
+            info["estimated_recall"] = probe.estimated_recall
+        floor_process = ServerProcess(
+            {"DATABASE_URL": dsn, "FLOOR_PROBES": str(probe.probes), "VECTOR_INDEX": index, "FLOOR_POOL": "4"},
+            command=("-m", "bench.floor"),
+        )
+        await asyncio.to_thread(floor_process.wait_ready)
+        floor_channel = aio.insecure_channel(floor_process.address)
+        floor = memory_pb2_grpc.MemoryServiceStub(floor_channel)
+        try:
+            rows = await calls(dsn, data, service, floor, count=count, warmup=warmup)
+        finally:
+            await service_channel.close()
+            await floor_channel.close()
+        return rows, info
+    finally:
+        await asyncio.to_thread(server.stop)
+        if floor_process is not None:
+            await asyncio.to_thread(floor_process.stop)
+
+
+async def deep_page(dsn: str, service: Any) -> tuple[str, str]:
+    """Cursors to the page that starts halfway into the 10k-row scope: the service's, and the floor's (an id)."""
+    scope_filter = memory_pb2.MemoryFilter()
+    scope_filter.scopes.add(scope=memory_pb2.SCOPE_PROJECT, scope_id=SCOPE_10K)
+    conn = await asyncpg.connect(dsn)
+    try:
+        size = await conn.fetchval("SELECT count(*) FROM memory.memories WHERE scope_id = $1", SCOPE_10K)
+    finally:
+        await conn.close()
+    token, skipped, last = "", 0, 0
+    while skipped + 1000 <= size // 2:
+        page = await service.List(memory_pb2.ListRequest(filter=scope_filter, page_size=1000, page_token=token))
+        token, skipped, last = page.next_page_token, skipped + len(page.memories), page.memories[-1].id
+    return token, str(last) if skipped else ""
+
+
+async def calls(dsn: str, data: Corpus, service: Any, floor: Any, *, count: int, warmup: int) -> list[Row]:
+    measure = Measure(data, service, floor, count=count, warmup=warmup)
+    rng = np.random.default_rng(9)
+    conn = await asyncpg.connect(dsn)
+    try:
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM memory.memories ORDER BY random() LIMIT $1", count)]
+    finally:
+        await conn.close()
+    rows: list[Row] = []
+
+    async def get(stub: Any, i: int) -> None:
+        await stub.Get(memory_pb2.GetRequest(id=ids[i % len(ids)]))
+
+    rows.append(Row("Get", "", *await measure.pair(get)))
+    service_token, floor_token = await deep_page(dsn, service)
+    scope_filter = memory_pb2.MemoryFilter()
+    scope_filter.scopes.add(scope=memory_pb2.SCOPE_PROJECT, scope_id=SCOPE_10K)
+
+    async def list_page(stub: Any, i: int) -> None:
+        token = service_token if stub is service else floor_token
+        page = await stub.List(memory_pb2.ListRequest(filter=scope_filter, page_size=LIST_PAGE, page_token=token))
+        assert len(page.memories) == LIST_PAGE
+
+    rows.append(Row(f"List page of {LIST_PAGE}, halfway", "10k scope", *await measure.pair(list_page)))
+    for scope_name in FILTERS:
+        for mode in MODES:
+            rows.append(await measure.search(mode, scope_name))
+            print(f"  measured Search {mode} / {scope_name}", flush=True)
+    stored = iter(range(10**9))
+
+    async def store(stub: Any, i: int) -> None:
+        n = next(stored)
+        memory = memory_pb2.MemoryInput(
+            scope=memory_pb2.SCOPE_PROJECT,
+            scope_id=STORE_SCOPE,
+            key=f"store-{n}",
+            value=f"stored memory {n}: " + measure.texts[i % count],
+            importance=float(rng.uniform()),
+        )
+        memory.embedding.extend(measure.vectors[i % count].tolist())
+        await stub.Store(memory_pb2.StoreRequest(memory=memory))
+
+    rows.insert(0, Row("Store (new memory)", "", *await measure.pair(store)))
+    return rows
+
+
+async def run(args: argparse.Namespace) -> None:
+    sizes = [int(r) for r in args.rows.split(",")]
+    summary: list[list[object]] = []
+    by_size: dict[int, list[Row]] = {}
+    with database_server() as server_dsn:
+        for rows in sizes:
+            data, used = load_corpus(args.dataset, rows)
+            async with fresh_database(server_dsn) as dsn:
+                print(f"{rows} rows of {used}: loading", flush=True)
+                built = await build(dsn, data, args.index)
+                print(f"  {built}", flush=True)
+                table, info = await measure_size(dsn, data, args.index, count=args.queries, warmup=args.warmup)
+            by_size[rows] = table
+            sizes_note = (
+                f"scope sizes: 10k scope {int((data.scope_ids == SCOPE_10K).sum())}, "
+                f"1% scope {int((data.scope_ids == SCOPE_1PCT).sum())}"
+            )
+            print(
+                f"\n{rows} rows, dataset {used}, index {args.index}, {info}, {sizes_note}, {args.queries} calls each\n"
+            )
+            print_table(HEADERS, [r.cells() for r in table])
+            summary.append(
+                [
+                    rows,
+                    used,
+                    built.ingest_rows_per_s,
+                    built.vacuum_s,
+                    built.text_stats_s,
+                    built.reindex_s,
+                    built.reindex_said,
+                    info.get("lists", ""),
+                    info.get("probes", ""),
+                    info.get("plan", ""),
+                    info.get("estimated_recall", "-"),
+                    built.table_mb,
+                    built.vector_index_mb,
+                ]
+            )
+    print()
+    print_table(
+        [
+            "rows",
+            "dataset",
+            "BulkStore rows/s",
+            "VACUUM s",
+            "text stats s",
+            "reindex s",
+            "reindex said",
+            "lists",
+            "probes",
+            "plan",
+            "estimated recall",
+            "table MB",
+            "vector index MB",
+        ],
+        summary,
+    )
+    print()
+    first = by_size[sizes[0]]
+    headers = ["call", "scope"]
+    for rows in sizes:
+        headers += [f"p50 ms @{rows}", f"x floor @{rows}"]
+    compact = []
+    for i, row in enumerate(first):
+        cells: list[object] = [row.call, row.scope]
+        for rows in sizes:
+            r = by_size[rows][i]
+            cells += [percentile_ms(r.service, 50), f"{percentile_ms(r.service, 50) / percentile_ms(r.floor, 50):.2f}x"]
+        compact.append(cells)
+    print_table(headers, compact)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="10000,100000", help="table sizes, comma-separated")
+    parser.add_argument("--dataset", default="hard", choices=NAMES)
+    parser.add_argument("--index", default="ivfflat", choices=("ivfflat", "hnsw"), help="VECTOR_INDEX of the server")
+    parser.add_argument("--queries", type=int, default=300, help="timed calls per row, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed calls per row first")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
