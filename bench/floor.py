@@ -61,6 +61,24 @@ _HYBRID_CANDIDATES = 40
 _HYBRID_ALPHA = 0.2
 
 
+def vector_statement(*, scoped: bool, top_k: int, exact: bool) -> str:
+    """The floor's VECTOR search: $1 the query vector, then scope and scope_id when ``scoped``."""
+    where = "scope = $2::text::memory.scope AND scope_id = $3 AND " if scoped else ""
+    if exact:
+        # OFFSET 0 fences the subquery, so the planner cannot take the index's order; only the k nearest are then
+        # read whole.
+        return (
+            "WITH nearest AS (SELECT id, distance FROM (SELECT id, embedding <=> $1 AS distance "
+            f"FROM memory.memories WHERE {where}embedding IS NOT NULL OFFSET 0) s "
+            f"ORDER BY distance LIMIT {int(top_k)}) "
+            f"SELECT {_COLUMNS}, distance FROM memory.memories JOIN nearest USING (id) ORDER BY distance"
+        )
+    return (
+        f"SELECT {_COLUMNS}, embedding <=> $1 AS distance FROM memory.memories "
+        f"WHERE {where}embedding IS NOT NULL ORDER BY embedding <=> $1 LIMIT {int(top_k)}"
+    )
+
+
 def _timestamp(message: Any, value: datetime) -> None:
     delta = value - _EPOCH
     message.seconds = delta.days * 86400 + delta.seconds
@@ -147,18 +165,7 @@ class Floor(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.SearchResponse(hits=hits, mode=request.mode)
 
     async def _vector(self, vector: np.ndarray, scope: tuple[str, int] | None, top_k: int) -> list[Any]:
-        where = "scope = $2::text::memory.scope AND scope_id = $3 AND " if scope else ""
-        if self.exact:
-            # OFFSET 0 fences the subquery, so the planner cannot take the index's order.
-            sql = (
-                f"SELECT * FROM (SELECT {_COLUMNS}, embedding <=> $1 AS distance FROM memory.memories "
-                f"WHERE {where}embedding IS NOT NULL OFFSET 0) s ORDER BY distance LIMIT {int(top_k)}"
-            )
-        else:
-            sql = (
-                f"SELECT {_COLUMNS}, embedding <=> $1 AS distance FROM memory.memories "
-                f"WHERE {where}embedding IS NOT NULL ORDER BY embedding <=> $1 LIMIT {int(top_k)}"
-            )
+        sql = vector_statement(scoped=scope is not None, top_k=top_k, exact=self.exact)
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(sql, vector, *(scope or ()))
         return [
@@ -178,7 +185,7 @@ class Floor(memory_pb2_grpc.MemoryServiceServicer):
             vector=np.asarray(request.query_embedding, dtype=np.float32) if hybrid else None,
             text=request.query,
             limit=_HYBRID_CANDIDATES if hybrid else top_k,
-            exact=False,
+            exact=self.exact,
             full_rows=not hybrid,
         )
         async with self.pool.acquire() as conn:

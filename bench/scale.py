@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -31,9 +32,11 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 from grpc import aio
+from pgvector.asyncpg import register_vector
 
 from bench import minilm
 from bench.datasets import NAMES, Corpus, corpus, queries
+from bench.floor import scan_settings, vector_statement
 from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
 from memory_service.client import MemoryClient
 from memory_service.config import Settings
@@ -162,7 +165,7 @@ async def build(dsn: str, data: Corpus, index: str) -> Build:
         result.table_mb = await conn.fetchval("SELECT pg_total_relation_size('memory.memories')") / 2**20
         result.vector_index_mb = (
             await conn.fetchval(
-                "SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0) FROM pg_index i "
+                "SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0)::bigint FROM pg_index i "
                 "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
                 "WHERE i.indrelid = 'memory.memories'::regclass AND a.amname IN ('ivfflat', 'hnsw')"
             )
@@ -181,6 +184,8 @@ class Row:
     floor: list[float]
     recall_service: float | None = None
     recall_floor: float | None = None
+    plan: str = ""
+    """The service's plans (the response's ``plan``), and for VECTOR the scans of the floor's statement."""
 
     def cells(self) -> list[object]:
         ratio = percentile_ms(self.service, 50) / percentile_ms(self.floor, 50)
@@ -194,16 +199,32 @@ class Row:
             f"{ratio:.2f}x",
             "" if self.recall_service is None else self.recall_service,
             "" if self.recall_floor is None else self.recall_floor,
+            self.plan,
         ]
 
 
-HEADERS = ["call", "scope", "p50 ms", "p99 ms", "floor p50", "floor p99", "x floor p50", "recall@10", "floor recall"]
+HEADERS = [
+    "call",
+    "scope",
+    "p50 ms",
+    "p99 ms",
+    "floor p50",
+    "floor p99",
+    "x floor p50",
+    "recall@10",
+    "floor recall",
+    "plan: service / floor",
+]
 
 
 class Measure:
     """Alternating calls to the service and the floor over the same requests."""
 
-    def __init__(self, data: Corpus, service: Any, floor: Any, *, count: int, warmup: int) -> None:
+    def __init__(
+        self, data: Corpus, service: Any, floor: Any, *, count: int, warmup: int, dsn: str, scan: dict[str, str]
+    ) -> None:
+        self.dsn = dsn
+        self.scan = scan
         self.data = data
         self.service = service
         self.floor = floor
@@ -222,6 +243,19 @@ class Measure:
         await latencies(on_service, on_floor, count=self.warmup)
         service, floor = await latencies(on_service, on_floor, count=self.count)
         return service, floor
+
+    async def floor_plan(self, scope_id: int | None) -> str:
+        """The scans PostgreSQL plans for the floor's VECTOR statement, with the floor's settings."""
+        exact = not self.scan
+        sql = vector_statement(scoped=scope_id is not None, top_k=K, exact=exact)
+        conn = await asyncpg.connect(self.dsn, server_settings=self.scan or None)
+        try:
+            await register_vector(conn)
+            scope = () if scope_id is None else ("project", scope_id)
+            (plan,) = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", self.vectors[0], *scope))
+        finally:
+            await conn.close()
+        return scans(plan["Plan"])
 
     def truth(self, i: int, scope_id: int | None) -> set[int]:
         rows = np.arange(len(self.data)) if scope_id is None else np.flatnonzero(self.data.scope_ids == scope_id)
@@ -242,13 +276,18 @@ class Measure:
         scope_id = FILTERS[scope_name]
         requests = [self.request(mode, scope_id, i) for i in range(self.count)]
         answers: dict[int, dict[int, set[int]]] = {id(self.service): {}, id(self.floor): {}}
+        plans: set[str] = set()
 
         async def call(stub: Any, i: int) -> None:
             response = await stub.Search(requests[i % self.count])
             answers[id(stub)][i] = {self.keys[h.memory.key] for h in response.hits}
+            if stub is self.service:
+                plans.add(response.plan)
 
         service, floor = await self.pair(call)
-        row = Row(f"Search {mode}", scope_name, service, floor)
+        row = Row(f"Search {mode}", scope_name, service, floor, plan=" ".join(sorted(plans)))
+        if mode == "vector":
+            row.plan += " / " + await self.floor_plan(scope_id)
         if mode == "vector":
             truths = [self.truth(i, scope_id) for i in range(self.count)]
 
@@ -257,6 +296,28 @@ class Measure:
 
             row.recall_service, row.recall_floor = recall(answers[id(self.service)]), recall(answers[id(self.floor)])
         return row
+
+
+async def index_kind(dsn: str) -> str:
+    """The access method of the vector index the table has (what was built, whatever was asked for)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        kind: str | None = await conn.fetchval(
+            "SELECT a.amname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+            "WHERE i.indrelid = 'memory.memories'::regclass AND a.amname IN ('ivfflat', 'hnsw') LIMIT 1"
+        )
+    finally:
+        await conn.close()
+    return kind or "none"
+
+
+def scans(node: dict[str, Any]) -> str:
+    """The scan nodes of a plan, outermost first: ``Index Scan(memories_embedding_ivfflat)``, ``Seq Scan``."""
+    found = []
+    if "Scan" in node["Node Type"]:
+        found.append(node["Node Type"] + (f"({node['Index Name']})" if "Index Name" in node else ""))
+    found.extend(scans(child) for child in node.get("Plans", ()))
+    return " ".join(f for f in found if f)
 
 
 async def measure_size(
@@ -274,18 +335,25 @@ async def measure_size(
             memory_pb2.SearchRequest(mode=memory_pb2.SEARCH_MODE_VECTOR, top_k=K, query_embedding=vectors[0].tolist())
         )
         # An exact plan reports probes 0, and the floor then scans exactly too.
-        info: dict[str, Any] = {"plan": probe.plan, "probes": probe.probes, "lists": stats.index.lists}
+        built_kind = await index_kind(dsn)
+        info: dict[str, Any] = {
+            "index": built_kind,
+            "plan": probe.plan,
+            "probes": probe.probes,
+            "lists": stats.index.lists,
+        }
         if "estimated_recall" in memory_pb2.SearchResponse.DESCRIPTOR.fields_by_name:
             info["estimated_recall"] = probe.estimated_recall
         floor_process = ServerProcess(
-            {"DATABASE_URL": dsn, "FLOOR_PROBES": str(probe.probes), "VECTOR_INDEX": index, "FLOOR_POOL": "4"},
+            {"DATABASE_URL": dsn, "FLOOR_PROBES": str(probe.probes), "VECTOR_INDEX": built_kind, "FLOOR_POOL": "4"},
             command=("-m", "bench.floor"),
         )
         await asyncio.to_thread(floor_process.wait_ready)
         floor_channel = aio.insecure_channel(floor_process.address)
         floor = memory_pb2_grpc.MemoryServiceStub(floor_channel)
         try:
-            rows = await calls(dsn, data, service, floor, count=count, warmup=warmup)
+            scan = scan_settings(built_kind, probe.probes) if probe.probes else {}
+            rows = await calls(dsn, data, service, floor, count=count, warmup=warmup, scan=scan)
         finally:
             await service_channel.close()
             await floor_channel.close()
@@ -312,8 +380,10 @@ async def deep_page(dsn: str, service: Any) -> tuple[str, str]:
     return token, str(last) if skipped else ""
 
 
-async def calls(dsn: str, data: Corpus, service: Any, floor: Any, *, count: int, warmup: int) -> list[Row]:
-    measure = Measure(data, service, floor, count=count, warmup=warmup)
+async def calls(
+    dsn: str, data: Corpus, service: Any, floor: Any, *, count: int, warmup: int, scan: dict[str, str]
+) -> list[Row]:
+    measure = Measure(data, service, floor, count=count, warmup=warmup, dsn=dsn, scan=scan)
     rng = np.random.default_rng(9)
     conn = await asyncpg.connect(dsn)
     try:
@@ -375,9 +445,8 @@ async def run(args: argparse.Namespace) -> None:
                 f"scope sizes: 10k scope {int((data.scope_ids == SCOPE_10K).sum())}, "
                 f"1% scope {int((data.scope_ids == SCOPE_1PCT).sum())}"
             )
-            print(
-                f"\n{rows} rows, dataset {used}, index {args.index}, {info}, {sizes_note}, {args.queries} calls each\n"
-            )
+            heading = f"{rows} rows, dataset {used}, VECTOR_INDEX={args.index}, built {info}, {sizes_note}"
+            print(f"\n{heading}, {args.queries} calls each\n")
             print_table(HEADERS, [r.cells() for r in table])
             summary.append(
                 [
