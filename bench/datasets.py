@@ -64,8 +64,8 @@ class Shape:
 SHAPES: Final = {
     "clustered": Shape(),
     # Chosen by measuring recall on 100k rows, lists = 100 (see the module docstring).
-    "hard": Shape(topics=2000, noise=1.0, super_topics=7, spread=0.6),
-    "harder": Shape(topics=2000, noise=1.3, super_topics=5, spread=0.6),
+    "hard": Shape(topics=2000, noise=1.1, super_topics=8, spread=0.6),
+    "harder": Shape(topics=2000, noise=1.0, super_topics=6, spread=0.6),
 }
 NAMES: Final = (*SHAPES, "minilm")
 

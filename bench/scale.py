@@ -41,7 +41,9 @@ from bench.harness import ServerProcess, database_server, fresh_database, latenc
 from memory_service.client import MemoryClient
 from memory_service.config import Settings
 from memory_service.metrics import Metrics
+from memory_service.models import MemoryFilter, Scope, ScopeRef
 from memory_service.runtime import Runtime
+from memory_service.storage import search_sql
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 K = 10
@@ -213,7 +215,7 @@ HEADERS = [
     "x floor p50",
     "recall@10",
     "floor recall",
-    "plan: service / floor",
+    "plan: service's (its generic plan's scans) / floor's scans",
 ]
 
 
@@ -244,18 +246,29 @@ class Measure:
         service, floor = await latencies(on_service, on_floor, count=self.count)
         return service, floor
 
-    async def floor_plan(self, scope_id: int | None) -> str:
-        """The scans PostgreSQL plans for the floor's VECTOR statement, with the floor's settings."""
+    async def plans(self, scope_id: int | None, service_plan: str) -> str:
+        """What PostgreSQL plans for the VECTOR statements: the service's as a generic plan (the one its cached
+        statements settle on), the floor's for its own values (it plans every execution)."""
         exact = not self.scan
-        sql = vector_statement(scoped=scope_id is not None, top_k=K, exact=exact)
+        floor_sql = vector_statement(scoped=scope_id is not None, top_k=K, exact=exact)
+        memory_filter = MemoryFilter()
+        if scope_id is not None:
+            memory_filter = MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=scope_id),))
+        service_sql, values = search_sql.candidates_statement(
+            memory_filter, vector=self.vectors[0], text=None, limit=K, exact=service_plan == "exact", full_rows=True
+        )
         conn = await asyncpg.connect(self.dsn, server_settings=self.scan or None)
         try:
             await register_vector(conn)
             scope = () if scope_id is None else ("project", scope_id)
-            (plan,) = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", self.vectors[0], *scope))
+            (floor,) = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {floor_sql}", self.vectors[0], *scope))
+            await conn.execute(f"SET plan_cache_mode = force_generic_plan; PREPARE service_vector AS {service_sql}")
+            # EXECUTE takes no bind parameters; a generic plan does not look at the values anyway.
+            explain = f"EXPLAIN (FORMAT JSON) EXECUTE service_vector({', '.join(map(literal, values))})"
+            (service,) = json.loads(await conn.fetchval(explain))
         finally:
             await conn.close()
-        return scans(plan["Plan"])
+        return f"{service_plan}: {scans(service['Plan'])} / {scans(floor['Plan'])}"
 
     def truth(self, i: int, scope_id: int | None) -> set[int]:
         rows = np.arange(len(self.data)) if scope_id is None else np.flatnonzero(self.data.scope_ids == scope_id)
@@ -287,7 +300,7 @@ class Measure:
         service, floor = await self.pair(call)
         row = Row(f"Search {mode}", scope_name, service, floor, plan=" ".join(sorted(plans)))
         if mode == "vector":
-            row.plan += " / " + await self.floor_plan(scope_id)
+            row.plan = await self.plans(scope_id, row.plan)
         if mode == "vector":
             truths = [self.truth(i, scope_id) for i in range(self.count)]
 
@@ -296,6 +309,15 @@ class Measure:
 
             row.recall_service, row.recall_floor = recall(answers[id(self.service)]), recall(answers[id(self.floor)])
         return row
+
+
+def literal(value: object) -> str:
+    """A SQL literal of one of the search statement's values (numbers, strings, vectors: all made here)."""
+    if isinstance(value, np.ndarray):
+        value = "[" + ",".join(map(str, value.tolist())) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return str(value)
 
 
 async def index_kind(dsn: str) -> str:
@@ -312,12 +334,20 @@ async def index_kind(dsn: str) -> str:
 
 
 def scans(node: dict[str, Any]) -> str:
-    """The scan nodes of a plan, outermost first: ``Index Scan(memories_embedding_ivfflat)``, ``Seq Scan``."""
-    found = []
-    if "Scan" in node["Node Type"]:
-        found.append(node["Node Type"] + (f"({node['Index Name']})" if "Index Name" in node else ""))
-    found.extend(scans(child) for child in node.get("Plans", ()))
-    return " ".join(f for f in found if f)
+    """The tables' scans of a plan, outermost first, each once: ``Index Scan(memories_embedding_ivfflat)``."""
+    found: list[str] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        kind = node["Node Type"]
+        if "Scan" in kind and kind not in ("CTE Scan", "Subquery Scan", "Function Scan"):
+            name = kind + (f"({node['Index Name']})" if "Index Name" in node else "")
+            if name not in found:
+                found.append(name)
+        for child in node.get("Plans", ()):
+            walk(child)
+
+    walk(node)
+    return " ".join(found)
 
 
 async def measure_size(
