@@ -1,9 +1,10 @@
 """About 100k real all-MiniLM-L6-v2 vectors: sentence-level pieces of the SciFact corpus, embedded once and cached.
 
 Synthetic clusters say little about how an ivfflat index does on real embeddings, and SciFact's 5,183 abstracts
-are too few rows to measure a 100k-row table. Cut into titles, single sentences and two-sentence windows, they give
-about 100k texts of natural language whose vectors overlap the way real memories do (a window shares a sentence
-with its neighbours, sentences of one abstract share a topic).
+are too few rows to measure a 100k-row table. Cut into titles, single sentences and two-sentence windows (and
+three-sentence windows for the last 10%), they give about 100k texts of natural language whose vectors overlap
+the way real memories do (a window shares a sentence with its neighbours, sentences of one abstract share a
+topic).
 
     python -m bench.minilm --limit 2000     # time the model on this machine first
     python -m bench.minilm                  # embed every piece into the cache (minutes: ~200 short texts/s)
@@ -41,6 +42,7 @@ _MIN_PIECE_CHARS = 20
 # Pieces kept out of every corpus and used as queries, beside the 300 SciFact claims: queries near the data that
 # are not stored rows themselves.
 HELD_OUT = 200
+TARGET_PIECES = 100_000 + HELD_OUT
 
 
 def cache_dir() -> Path:
@@ -52,7 +54,11 @@ def cache_path() -> Path:
 
 
 def pieces(data: Path = DATA) -> list[str]:
-    """Every title, sentence and two-sentence window of the corpus, in corpus order, without duplicates."""
+    """Every title, sentence and two-sentence window of the corpus, in corpus order, without duplicates; then
+    three-sentence windows until there are ``TARGET_PIECES``.
+
+    Later pieces are only ever appended, so a cache of an earlier list is a prefix of this one and is extended,
+    not recomputed."""
     seen: set[str] = set()
     out: list[str] = []
 
@@ -62,15 +68,22 @@ def pieces(data: Path = DATA) -> list[str]:
             seen.add(text)
             out.append(text)
 
+    documents: list[list[str]] = []
     with (data / "corpus.jsonl").open() as handle:
         for line in handle:
             doc = json.loads(line)
             add(doc["title"])
             sentences = [s for s in _SENTENCE_END.split(doc["text"]) if s.strip()]
+            documents.append(sentences)
             for sentence in sentences:
                 add(sentence)
             for a, b in itertools.pairwise(sentences):
                 add(a + " " + b)
+    for sentences in documents:
+        for start in range(len(sentences) - 2):
+            if len(out) >= TARGET_PIECES:
+                return out
+            add(" ".join(sentences[start : start + 3]))
     return out
 
 
@@ -86,10 +99,17 @@ def scifact_queries(data: Path = DATA) -> tuple[npt.NDArray[np.float32], list[st
     return stored["query_vectors"].astype(np.float32), [texts[i] for i in ids]
 
 
-def embed(texts: list[str], *, threads: int = 1, partial: Path | None = None) -> npt.NDArray[np.float32]:
-    """Vectors of ``texts``, ``_CHUNK`` at a time; with ``partial``, chunks already there are reused."""
+def embed(
+    texts: list[str],
+    *,
+    threads: int = 1,
+    partial: Path | None = None,
+    prefix: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Vectors of ``texts``, ``_CHUNK`` at a time; ``prefix`` holds those of the first texts already, and with
+    ``partial`` the chunks an interrupted run finished are reused."""
     embedder = LocalEmbedder(model="all-MiniLM-L6-v2", directory=MODEL, dimension=384, threads=threads)
-    done: list[npt.NDArray[np.float32]] = []
+    done: list[npt.NDArray[np.float32]] = [] if prefix is None else [prefix]
     if partial is not None and partial.exists():
         with np.load(partial) as stored:
             if stored["count"] == len(texts):
@@ -159,9 +179,16 @@ def scifact_corpus(rows: int, *, scopes: int = 100, seed: int = 7) -> Corpus:
 
 def build(*, threads: int = 1) -> Path:
     texts = pieces()
-    print(f"{len(texts)} pieces of SciFact to embed", flush=True)
+    prefix = None
+    if cache_path().exists():
+        vectors, cached = load()
+        if cached == texts:
+            return cache_path()
+        if cached == texts[: len(cached)]:
+            prefix = vectors
+    print(f"{len(texts)} pieces of SciFact, {0 if prefix is None else len(prefix)} embedded already", flush=True)
     partial = cache_dir() / (CACHE_NAME + ".partial.npz")
-    vectors = embed(texts, threads=threads, partial=partial)
+    vectors = embed(texts, threads=threads, partial=partial, prefix=prefix)
     _save(cache_path(), vectors=vectors, texts=np.array(texts))
     partial.unlink(missing_ok=True)
     return cache_path()
