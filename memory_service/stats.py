@@ -22,6 +22,7 @@ class Stats:
     iterative_scan: bool
     index: IndexState
     exact_threshold: int
+    target_recall: float
     embedding_cache_entries: int
 
 
@@ -51,5 +52,6 @@ async def collect(
         iterative_scan=iterative_scan,
         index=state,
         exact_threshold=index.exact_max_rows,
+        target_recall=index.target_recall,
         embedding_cache_entries=cached,
     )
