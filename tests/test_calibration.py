@@ -108,18 +108,26 @@ async def test_filtered_searches_use_their_own_calibration(calibrated: tuple[Run
     calibration = running.server.runtime.index.state.calibration
     assert calibration is not None and calibration.filtered is not None and calibration.filtered.queries > 0
     setting = calibration.setting(filtered=True)
-    response = await running.memory.Search(
-        memory_pb2.SearchRequest(
-            query_embedding=corpus.vectors[7].tolist(),
-            top_k=10,
-            filter=memory_pb2.MemoryFilter(
-                scopes=[memory_pb2.ScopeRef(scope=memory_pb2.SCOPE_PROJECT, scope_id=int(corpus.scope_ids[7]))]
-            ),
+
+    async def search(scope_id: int | None) -> memory_pb2.SearchResponse:
+        scope = memory_pb2.ScopeRef(scope=memory_pb2.SCOPE_PROJECT)
+        if scope_id is not None:
+            scope.scope_id = scope_id
+        request = memory_pb2.SearchRequest(
+            query_embedding=corpus.vectors[7].tolist(), top_k=10, filter=memory_pb2.MemoryFilter(scopes=[scope])
         )
-    )
-    assert response.plan == "ivfflat-iterative" and response.probes == setting
-    assert response.estimated_recall == pytest.approx(calibration.filtered.recall_at(setting))
-    assert len(response.hits) == 10
+        response = await running.memory.Search(request)
+        assert len(response.hits) == 10
+        return response
+
+    # Every row matches: the index, at the filtered setting, with the filtered curve's recall.
+    broad = await search(None)
+    assert broad.plan == "ivfflat-iterative" and broad.probes == setting
+    assert broad.estimated_recall == pytest.approx(calibration.filtered.recall_at(setting))
+    # One scope of 2000 rows: exact when the index scan would read at least as many rows (probes lists of 800).
+    one_scope = await search(int(corpus.scope_ids[7]))
+    index_would_read = setting * ROWS // 10
+    assert one_scope.plan == ("exact" if index_would_read > 2000 else "ivfflat-iterative"), index_would_read
 
     stats = await running.memory.Stats(memory_pb2.StatsRequest())
     assert stats.index.kind == "ivfflat" and stats.index.target_recall == TARGET

@@ -4,7 +4,8 @@ The vector index (ivfflat or HNSW) applies filters after its scan, so a filtered
 short. The plan:
 
 * exact scan when the table is small (no index worth using), when the caller asks, or when the filter is narrow
-  (a bounded count through the btree indexes finds few matches: scanning them all is cheap and exact);
+  (a bounded count through the btree indexes finds fewer matches than the index scan would visit: scanning them
+  all is as cheap, and exact);
 * otherwise the index, at the probes (ef_search) its calibration found to reach the target recall, with iterative
   scans where pgvector has them (0.8+), which keep scanning until enough rows pass the filter;
 * and whenever the approximate plan returns fewer than ``top_k`` vector candidates, the exact scan, so a short
@@ -29,6 +30,9 @@ from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
 _MIN_CANDIDATES = 40
 _CANDIDATE_FACTOR = 3
+# Most matching rows a filtered search scans exactly instead of using the index (the count deciding it reads up to
+# this many index entries).
+_EXACT_FILTER_MAX_ROWS = 20_000
 # pgvector's own default, used only until the index's first calibration.
 _HNSW_DEFAULT_EF_SEARCH = 40
 
@@ -94,6 +98,22 @@ class SearchEngine:
         recall = None if calibration is None else calibration.curve(filtered=filtered).recall_at(setting)
         return setting, recall
 
+    def _exact_filter_rows(self, state: IndexState, probes: int) -> int:
+        """A filter matching fewer memories than this is searched exactly: scanning them costs no more than the
+        index scan would.
+
+        A filtered ivfflat scan reads every row of the lists it probes (``probes * rows / lists``) and checks the
+        filter on each one's heap tuple; an exact scan reads the matching rows once. So a scope of 10,000 memories
+        is scanned exactly in a table of a million (the index would visit about as many rows, most of them from
+        other scopes), and its search costs the same whatever else the table holds. HNSW visits few rows per
+        query, so only ``SEARCH_NARROW_FILTER_ROWS`` applies to it. The bound is capped so the count that decides
+        stays cheap.
+        """
+        if state.kind == "ivfflat" and state.lists > 0:
+            visited = probes * state.rows // state.lists
+            return max(self._narrow_filter_rows, min(visited, _EXACT_FILTER_MAX_ROWS))
+        return self._narrow_filter_rows
+
     async def _run(self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int) -> SearchResult:
         state = self._index.state
         approximate_possible = (
@@ -114,10 +134,15 @@ class SearchEngine:
             # VECTOR asks for exactly top_k candidates, so they come with their memories in the same query; the
             # other modes rank more candidates than they return and fetch the winners' memories afterwards.
             full_rows = query.mode is SearchMode.VECTOR
-            narrow = False
-            if not query.filter.is_empty and (approximate_possible or text is not None):
-                matching = await search_sql.count_matching(conn, query.filter, cap=self._narrow_filter_rows)
+            narrow = exact_is_cheaper = False
+            # A filter no index narrows goes to the vector index (iterative scans keep it complete) and its text
+            # search stays pruned: counting its matches would read the table.
+            if search_sql.count_is_bounded(query.filter) and (approximate_possible or text is not None):
+                exact_below = self._exact_filter_rows(state, probes) if approximate_possible else 0
+                cap = max(self._narrow_filter_rows, exact_below)
+                matching = await search_sql.count_matching(conn, query.filter, cap=cap)
                 narrow = matching < self._narrow_filter_rows
+                exact_is_cheaper = matching < exact_below
 
             async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
                 return await search_sql.candidates(
@@ -133,7 +158,7 @@ class SearchEngine:
                     with_embedding=query.include_embedding,
                 )
 
-            use_index = approximate_possible and not narrow
+            use_index = approximate_possible and not exact_is_cheaper
             # A narrow filter leaves few memories to score, so every query term may bring in candidates.
             pruned = not narrow
             found = await fetch(exact=not use_index, pruned=pruned)
