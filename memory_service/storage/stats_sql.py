@@ -63,10 +63,12 @@ SELECT count(*) FROM (
 ) AS capped
 """
 
+# The first expired rows by expires_at, by scope: all of them while they are fewer than the cap (the purge keeps
+# them few), otherwise a sample of how they split.
 _CAPPED_EXPIRED = """
-SELECT count(*) FROM (
-    SELECT 1 FROM memory.memories m WHERE m.expires_at <= now() ORDER BY m.expires_at LIMIT $1
-) AS capped
+SELECT e.scope::text AS scope, count(*) AS n FROM (
+    SELECT m.scope FROM memory.memories m WHERE m.expires_at <= now() ORDER BY m.expires_at LIMIT $1
+) AS e GROUP BY e.scope
 """
 
 # The planner's estimate of the expired rows (its histogram of expires_at), read from the plan: no row is read.
@@ -106,13 +108,13 @@ async def counts(conn: asyncpg.Connection) -> Counts:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         cache_entries: int = cache_rows if cache_rows is not None else await conn.fetchval(_EXACT_CACHE)
         if total is None or not memories["analyzed"]:
-            by_scope, expired = await _exact_memories(conn)
-            return Counts(by_scope, expired, cache_entries, estimated=cache_rows is not None)
+            by_scope, expired_rows = await _exact_memories(conn)
+            return Counts(by_scope, expired_rows, cache_entries, estimated=cache_rows is not None)
         await conn.execute(_CAPPED_SETTINGS)
-        expired = await _expired(conn)
+        expired = await _expired_by_scope(conn)
         shares = dict(zip(memories["common"] or (), memories["freqs"] or (), strict=True))
-        by_scope = await _estimated_by_scope(conn, memories["scopes"], shares, max(0, total - expired))
-    return Counts(by_scope, expired, cache_entries, estimated=True)
+        by_scope = await _estimated_by_scope(conn, memories["scopes"], shares, total, expired)
+    return Counts(by_scope, sum(expired.values()), cache_entries, estimated=True)
 
 
 def _relation(row: Mapping[str, Any]) -> _Relation:
@@ -124,20 +126,27 @@ async def _exact_memories(conn: asyncpg.Connection) -> tuple[dict[str, int], int
     return {r["scope"]: r["live"] for r in rows if r["live"]}, sum(r["expired"] for r in rows)
 
 
-async def _expired(conn: asyncpg.Connection) -> int:
-    counted: int = await conn.fetchval(_CAPPED_EXPIRED, EXACT_BELOW)
-    if counted < EXACT_BELOW:
+async def _expired_by_scope(conn: asyncpg.Connection) -> dict[str, int]:
+    """Expired rows per scope: counted below the cap, the planner's estimate split as the first ones are beyond."""
+    counted = {r["scope"]: r["n"] for r in await conn.fetch(_CAPPED_EXPIRED, EXACT_BELOW)}
+    seen = sum(counted.values())
+    if seen < EXACT_BELOW:
         return counted
     plan = await conn.fetchval(_PLANNED_EXPIRED)
     planned = json.loads(plan) if isinstance(plan, str) else plan
     rows: float = planned[0]["Plan"]["Plan Rows"]
-    return max(counted, round(rows))
+    scale = max(1.0, rows / seen)
+    return {scope: round(n * scale) for scope, n in counted.items()}
 
 
 async def _estimated_by_scope(
-    conn: asyncpg.Connection, scopes: Sequence[str], shares: Mapping[str, float], live: int
+    conn: asyncpg.Connection,
+    scopes: Sequence[str],
+    shares: Mapping[str, float],
+    total: int,
+    expired: Mapping[str, int],
 ) -> dict[str, int]:
-    """Each scope's share of the live rows; scopes expected below ``EXACT_BELOW`` are counted instead.
+    """Each scope's share of the rows less its expired ones; scopes expected below ``EXACT_BELOW`` are counted.
 
     Scopes absent from the most-common values share what the listed ones leave (the planner's own rule); a scope
     ANALYZE did not list is rare, and its count through the index stops at the cap anyway.
@@ -145,7 +154,7 @@ async def _estimated_by_scope(
     unlisted = max(0.0, 1.0 - sum(shares.values())) / max(1, len(scopes) - len(shares))
     result: dict[str, int] = {}
     for scope in scopes:
-        expected = round(shares.get(scope, unlisted) * live)
+        expected = max(0, round(shares.get(scope, unlisted) * total) - expired.get(scope, 0))
         if scope in shares and expected >= EXACT_BELOW:
             count = expected
         else:
