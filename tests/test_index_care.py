@@ -80,7 +80,8 @@ async def test_small_table_keeps_no_index_then_builds_and_rebuilds_on_growth(
     stats = await small_threshold_server.memory.Stats(memory_pb2.StatsRequest())
     assert stats.index.exists and stats.index.valid and stats.index.lists == 22
     assert stats.index.rows_at_build == 22_500 and stats.index.HasField("built_at")
-    assert stats.memories == 22_500
+    # Past 1,000 pages Stats counts are the planner's estimates once autovacuum has analyzed the table (it may have).
+    assert stats.memories == pytest.approx(22_500, rel=0.02)
 
     conn = await asyncpg.connect(database_url)
     try:
