@@ -80,7 +80,8 @@ async def test_small_table_keeps_no_index_then_builds_and_rebuilds_on_growth(
     stats = await small_threshold_server.memory.Stats(memory_pb2.StatsRequest())
     assert stats.index.exists and stats.index.valid and stats.index.lists == 22
     assert stats.index.rows_at_build == 22_500 and stats.index.HasField("built_at")
-    assert stats.memories == 22_500
+    # Past 1,000 pages Stats counts are the planner's estimates once autovacuum has analyzed the table (it may have).
+    assert stats.memories == pytest.approx(22_500, rel=0.02)
 
     conn = await asyncpg.connect(database_url)
     try:
@@ -175,6 +176,7 @@ async def test_reindex_and_stats_commands(database_url: str) -> None:
     finally:
         await stop_server(running)
     assert stats["memories"] == 1200 and stats["by_scope"] == {"project": 1200}
+    assert stats["counts_estimated"] is False  # a small table is counted
     assert stats["index"]["lists"] == 10 and stats["dimension"] == 384
     assert stats["index"]["kind"] == "ivfflat" and stats["index"]["target_recall"] == 0.95
     assert stats["index"]["estimated_recall"] >= 0.95 and stats["index"]["calibrated_at"] is not None

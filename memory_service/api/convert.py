@@ -363,6 +363,7 @@ def stats_to_proto(stats: Stats) -> memory_pb2.StatsResponse:
         iterative_scan=stats.iterative_scan,
         index=_index_to_proto(stats),
         embedding_cache_entries=stats.embedding_cache_entries,
+        counts_estimated=stats.counts_estimated,
     )
     return response
 

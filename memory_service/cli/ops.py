@@ -141,6 +141,7 @@ def _stats(settings: Settings, args: argparse.Namespace) -> int:
                 **_calibration_report(stats.index),
             },
             "embedding_cache_entries": stats.embedding_cache_entries,
+            "counts_estimated": stats.counts_estimated,
         }
 
     report = asyncio.run(run())

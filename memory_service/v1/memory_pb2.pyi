@@ -1183,6 +1183,7 @@ class StatsResponse(_message.Message):
     ITERATIVE_SCAN_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     EMBEDDING_CACHE_ENTRIES_FIELD_NUMBER: _builtins.int
+    COUNTS_ESTIMATED_FIELD_NUMBER: _builtins.int
     memories: _builtins.int
     expired_pending_purge: _builtins.int
     embedding_model: _builtins.str
@@ -1191,6 +1192,10 @@ class StatsResponse(_message.Message):
     postgres_version: _builtins.str
     iterative_scan: _builtins.bool
     embedding_cache_entries: _builtins.int
+    counts_estimated: _builtins.bool
+    """True when memories, by_scope, expired_pending_purge or embedding_cache_entries come from PostgreSQL's
+    statistics (as of the last ANALYZE) rather than a count: past a small table, Stats never scans it.
+    """
     @_builtins.property
     def by_scope(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeCount]: ...
     @_builtins.property
@@ -1208,10 +1213,11 @@ class StatsResponse(_message.Message):
         iterative_scan: _builtins.bool = ...,
         index: Global___IndexState | None = ...,
         embedding_cache_entries: _builtins.int = ...,
+        counts_estimated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_scope", b"by_scope", "dimension", b"dimension", "embedding_cache_entries", b"embedding_cache_entries", "embedding_model", b"embedding_model", "expired_pending_purge", b"expired_pending_purge", "index", b"index", "iterative_scan", b"iterative_scan", "memories", b"memories", "pgvector_version", b"pgvector_version", "postgres_version", b"postgres_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_scope", b"by_scope", "counts_estimated", b"counts_estimated", "dimension", b"dimension", "embedding_cache_entries", b"embedding_cache_entries", "embedding_model", b"embedding_model", "expired_pending_purge", b"expired_pending_purge", "index", b"index", "iterative_scan", b"iterative_scan", "memories", b"memories", "pgvector_version", b"pgvector_version", "postgres_version", b"postgres_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
