@@ -11,7 +11,7 @@ from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import Scope
 from memory_service.search.index_care import IndexCare
 from memory_service.stats import Stats, collect
-from memory_service.storage import settings_sql, stats_sql
+from memory_service.storage import index_sql, settings_sql, stats_sql
 from memory_service.storage.database import Database, init_connection
 
 # Enough rows with 384-dimension embeddings (about four to a page) to pass SMALL_TABLE_PAGES. "global" has one row,
@@ -183,3 +183,18 @@ async def test_a_stats_call_scans_neither_table(conn: asyncpg.Connection, db: Da
 
     assert await sequential_scans(conn) == before
     assert got.counts_estimated and got.by_scope[Scope.GLOBAL] == 1  # the capped counts ran, through indexes
+
+
+async def test_index_care_estimates_a_large_unanalyzed_table_without_a_scan(
+    conn: asyncpg.Connection, db: Database
+) -> None:
+    # A bulk load autovacuum has not analyzed yet: the index policy, checked every minute, must not count it.
+    await load_past_the_small_table(conn)
+    await conn.execute("SELECT pg_stat_force_next_flush()")  # the loader's inserts reach the cumulative statistics
+    await flush_statistics(db)
+    before = await sequential_scans(conn)
+    async with db.connection() as pooled:
+        estimate = await index_sql.estimated_rows(pooled)
+    await flush_statistics(db)
+    assert (await sequential_scans(conn))["memories"] == before["memories"]
+    assert estimate == pytest.approx(sum(MIX.values()), rel=0.01)  # the live rows the statistics counted

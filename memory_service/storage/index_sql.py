@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -99,15 +100,31 @@ async def row_count(conn: asyncpg.Connection) -> int:
     return value
 
 
+# Below this many pages (8 MB) a count is as cheap as an estimate and exact.
+_COUNT_BELOW_PAGES = 1000
+# Live rows as the cumulative statistics count every committed insert and delete (lost on a crash or a reset).
+_LIVE = "SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'memory.memories'::regclass"
+_PLANNED = "EXPLAIN (FORMAT JSON) SELECT 1 FROM memory.memories WHERE embedding IS NOT NULL"
+
+
 async def estimated_rows(conn: asyncpg.Connection) -> int:
     """Rows with an embedding as the planner estimates them, without a scan.
 
-    A table that was never analyzed has no estimate (``reltuples`` -1, or no pages when it was last looked at); it is
-    counted exactly until autovacuum first analyzes it, which happens soon after it grows.
+    A table that was never analyzed has no statistics (``reltuples`` -1, or no pages when it was last looked at):
+    a small one is counted; a large one (a bulk load autovacuum has not analyzed yet) takes the live rows the
+    cumulative statistics counted, or, when those were reset, the planner's guess from its size, until the first
+    ANALYZE.
     """
     row = await conn.fetchrow(_ESTIMATE)
     if row["reltuples"] < 0 or row["relpages"] <= 0:
-        return await row_count(conn)
+        if row["pages"] < _COUNT_BELOW_PAGES:
+            return await row_count(conn)
+        live: int | None = await conn.fetchval(_LIVE)
+        if live:
+            return live
+        plan = await conn.fetchval(_PLANNED)
+        planned = json.loads(plan) if isinstance(plan, str) else plan
+        return int(planned[0]["Plan"]["Plan Rows"])
     estimate: float = row["reltuples"] / row["relpages"] * row["pages"] * (1.0 - row["null_frac"])
     return round(estimate)
 
