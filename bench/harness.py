@@ -58,6 +58,20 @@ async def fresh_database(server_dsn: str) -> AsyncIterator[str]:
         await conn.close()
 
 
+def reindex(env: dict[str, str]) -> tuple[str, float]:
+    """``memory-service reindex --force`` (build and calibrate the vector index) as its own process: what it said
+    and how long it took. A running server picks the new index up at its next refresh (a Stats call refreshes)."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "memory_service", "reindex", "--force"],
+        env={**os.environ, "LOG_LEVEL": "WARNING", **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip(), time.perf_counter() - started
+
+
 class ServerProcess:
     """``memory-service serve`` (or ``command``) on a free loopback port; ``address`` is known once it logs that it
     serves."""

@@ -33,7 +33,7 @@ import numpy as np
 from google.protobuf import struct_pb2
 from grpc import aio
 
-from bench.harness import ServerProcess, database_server, fresh_database, print_table
+from bench.harness import ServerProcess, database_server, fresh_database, print_table, reindex
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 TOP_K = 100
@@ -192,8 +192,11 @@ async def measure(
     *,
     with_vectors: bool,
     alphas: Sequence[float] = (),
+    index: bool = False,
 ) -> list[list[object]]:
     rows: list[list[object]] = []
+    if index:
+        env = {"EXACT_SEARCH_MAX_ROWS": "1000", **env}
     async with served(server_dsn, env) as (dsn, stub):
         seconds = await load(stub, data, with_vectors=with_vectors)
         print(f"{name}: loaded {len(data.docs)} documents in {seconds:.1f}s", flush=True)
@@ -201,6 +204,12 @@ async def measure(
             print(f"{name}: lowest cosine, service vs precomputed vectors: {await check_vectors_agree(stub, data):.6f}")
         await wait_for_text_statistics(dsn, len(data.docs))
         modes = dict(MODES)
+        if index:
+            # The set is below the exact-search threshold: build and calibrate the index anyway, and compare.
+            outcome, took = reindex({**env, "DATABASE_URL": dsn})
+            print(f"{name}: {outcome} ({took:.1f}s)", flush=True)
+            await stub.Stats(memory_pb2.StatsRequest())  # the server reads the new index and its calibration
+            modes["VECTOR (exact)"] = dict(mode=memory_pb2.SEARCH_MODE_VECTOR, exact=True)
         for alpha in alphas:
             modes[f"HYBRID alpha={alpha:g}"] = dict(mode=memory_pb2.SEARCH_MODE_HYBRID, alpha=alpha)
         for mode, options in modes.items():
@@ -228,11 +237,14 @@ async def run(args: argparse.Namespace) -> None:
             data,
             with_vectors=False,
             alphas=args.alphas,
+            index=args.index,
         )
         if args.model is not None:
             env = {"EMBEDDING_PROVIDER": "local", "EMBEDDING_MODEL_PATH": str(args.model.resolve()), **extra}
             with_vectors = data.vectors is not None and not args.embed_corpus
-            rows += await measure("local MiniLM", server_dsn, env, data, with_vectors=with_vectors, alphas=args.alphas)
+            rows += await measure(
+                "local MiniLM", server_dsn, env, data, with_vectors=with_vectors, alphas=args.alphas, index=args.index
+            )
     print()
     print(f"{len(data.docs)} documents, {len(data.queries)} queries ({args.data.name})")
     print_table(["system", "nDCG@10", "recall@100", "ms/query"], rows)
@@ -245,6 +257,9 @@ def main() -> None:
     parser.add_argument("--embed-corpus", action="store_true", help="let the service embed the documents too")
     parser.add_argument("--alphas", type=float, nargs="*", default=[], help="also run weighted hybrid at these alphas")
     parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE settings for the servers")
+    parser.add_argument(
+        "--index", action="store_true", help="search through the vector index (built and calibrated) and exactly"
+    )
     asyncio.run(run(parser.parse_args()))
 
 

@@ -9,12 +9,13 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import platformdirs
 
 from memory_service.env_reader import MIN_TOKEN_LENGTH, EnvReader, parse_duration, redact_url
 from memory_service.errors import ConfigError
+from memory_service.models import IndexKind
 
 __all__ = ["MIN_TOKEN_LENGTH", "Settings", "parse_duration", "redact_url"]
 
@@ -89,10 +90,20 @@ class Settings:
     search_max_top_k: int = 200
     list_max_page_size: int = 1000
     embed_max_texts: int = 256
+    vector_index: IndexKind = "ivfflat"
+    """The approximate index: ``ivfflat`` or ``hnsw``."""
+    search_target_recall: float = 0.95
+    """Recall@10 the index's calibration chooses probes (ef_search) for."""
+    search_calibration_queries: int = 100
+    """Stored vectors a calibration uses as queries."""
     ivfflat_probes: int | None = None
-    """Probes for approximate search; unset fits them to the index (about sqrt(lists))."""
+    """Probes for every approximate search on ivfflat; unset takes the calibrated probes."""
+    hnsw_ef_search: int | None = None
+    """ef_search for every approximate search on HNSW; unset takes the calibrated value."""
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
     exact_search_max_rows: int = 20_000
-    """Below this many rows there is no ivfflat index and every search is exact."""
+    """Below this many rows there is no vector index and every search is exact."""
     search_narrow_filter_rows: int = 5000
     """A filter matching fewer rows than this is searched exactly through the btree indexes, not through ivfflat."""
     bm25_k1: float = 1.2
@@ -181,7 +192,13 @@ class Settings:
             search_max_top_k=reader.integer("SEARCH_MAX_TOP_K", 200, minimum=1, maximum=10_000),
             list_max_page_size=reader.integer("LIST_MAX_PAGE_SIZE", 1000, minimum=1, maximum=100_000),
             embed_max_texts=reader.integer("EMBED_MAX_TEXTS", 256, minimum=1, maximum=10_000),
+            vector_index=cast(IndexKind, reader.choice("VECTOR_INDEX", ("ivfflat", "hnsw"), "ivfflat")),
+            search_target_recall=reader.number("SEARCH_TARGET_RECALL", 0.95, minimum=0.5, maximum=1.0),
+            search_calibration_queries=reader.integer("SEARCH_CALIBRATION_QUERIES", 100, minimum=10, maximum=10_000),
             ivfflat_probes=reader.optional_integer("IVFFLAT_PROBES", minimum=1, maximum=32768),
+            hnsw_ef_search=reader.optional_integer("HNSW_EF_SEARCH", minimum=1, maximum=1000),
+            hnsw_m=reader.integer("HNSW_M", 16, minimum=2, maximum=100),
+            hnsw_ef_construction=reader.integer("HNSW_EF_CONSTRUCTION", 64, minimum=4, maximum=1000),
             exact_search_max_rows=reader.integer("EXACT_SEARCH_MAX_ROWS", 20_000, minimum=0),
             search_narrow_filter_rows=reader.integer("SEARCH_NARROW_FILTER_ROWS", 5000, minimum=0),
             bm25_k1=reader.number("BM25_K1", 1.2, minimum=0.0, maximum=10.0),

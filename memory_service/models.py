@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import hashlib
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +58,11 @@ def content_hash(value: str) -> bytes:
 def derived_key(digest: bytes) -> str:
     """The identity key of a memory stored without one: the same text in a scope is one memory."""
     return DERIVED_KEY_PREFIX + digest.hex()[:48]
+
+
+IndexKind = Literal["ivfflat", "hnsw"]
+"""The approximate vector index: pgvector's ivfflat (lists probed per query) or HNSW (a graph searched with
+ef_search candidates)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -195,3 +200,6 @@ class SearchResult:
     exact: bool
     plan: str
     probes: int = 0
+    estimated_recall: float | None = None
+    """Recall@10 of the vector candidates as the index's calibration measured it at these probes: 1.0 for exact
+    plans, None for text-only searches and for an index not yet calibrated."""

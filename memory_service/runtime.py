@@ -171,7 +171,18 @@ class Runtime:
                 stopping=self.stopping,
                 history=settings.history_versions,
             )
-            self._index = IndexCare(db, self.dsn, exact_max_rows=settings.exact_search_max_rows)
+            self._index = IndexCare(
+                db,
+                self.dsn,
+                exact_max_rows=settings.exact_search_max_rows,
+                kind=settings.vector_index,
+                target_recall=settings.search_target_recall,
+                calibration_queries=settings.search_calibration_queries,
+                filtered_min_rows=settings.search_narrow_filter_rows,
+                iterative_scan=iterative,
+                hnsw_m=settings.hnsw_m,
+                hnsw_ef_construction=settings.hnsw_ef_construction,
+            )
             await self._index.refresh()
             self._text_stats = TextStats(db)
             await self._text_stats.maintain()
@@ -187,7 +198,7 @@ class Runtime:
                 self._index,
                 self.metrics,
                 iterative_scan=iterative,
-                default_probes=settings.ivfflat_probes,
+                default_probes=settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes,
                 narrow_filter_rows=settings.search_narrow_filter_rows,
                 text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
                 hybrid_alpha=hybrid_alpha(settings, provider),

@@ -1,4 +1,9 @@
-"""What an operator wants to know about one database at a glance."""
+"""What an operator wants to know about one database at a glance.
+
+The counts cost the same at a million memories as at ten thousand: past a small table they are the planner's
+estimates (see ``storage.stats_sql``), as fresh as autovacuum's last ANALYZE for the split by scope and as the
+table's current size for the total, with small scopes and the expired rows counted exactly up to a cap.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,18 @@ import dataclasses
 
 from memory_service.models import Scope
 from memory_service.search.index_care import IndexCare, IndexState
-from memory_service.storage import embedding_cache_sql, stats_sql
+from memory_service.storage import stats_sql
 from memory_service.storage.database import Database
 
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
     memories: int
+    """Live memories: the sum of ``by_scope``."""
     by_scope: dict[Scope, int]
+    """Live memories per scope: exact on a small or never-analyzed table, otherwise estimated (small scopes exact)."""
     expired_pending_purge: int
+    """Expired memories the purge has not deleted yet: exact up to ``stats_sql.EXACT_BELOW``, estimated beyond."""
     embedding_model: str
     dimension: int
     postgres_version: str
@@ -22,7 +30,11 @@ class Stats:
     iterative_scan: bool
     index: IndexState
     exact_threshold: int
+    target_recall: float
     embedding_cache_entries: int
+    """Exact on a small or never-analyzed cache, otherwise the planner's estimate."""
+    counts_estimated: bool = False
+    """Whether any count above is an estimate rather than a count."""
 
 
 async def collect(
@@ -37,13 +49,12 @@ async def collect(
 ) -> Stats:
     state = await index.refresh()
     async with db.connection() as conn:
-        by_scope = {Scope(k): v for k, v in (await stats_sql.counts_by_scope(conn)).items()}
-        expired = await stats_sql.expired_pending(conn)
-        cached = await embedding_cache_sql.count(conn)
+        counts = await stats_sql.counts(conn)
+    by_scope = {Scope(k): v for k, v in counts.by_scope.items()}
     return Stats(
         memories=sum(by_scope.values()),
         by_scope=by_scope,
-        expired_pending_purge=expired,
+        expired_pending_purge=counts.expired_pending_purge,
         embedding_model=embedding_model,
         dimension=dimension,
         postgres_version=postgres_version,
@@ -51,5 +62,7 @@ async def collect(
         iterative_scan=iterative_scan,
         index=state,
         exact_threshold=index.exact_max_rows,
-        embedding_cache_entries=cached,
+        target_recall=index.target_recall,
+        embedding_cache_entries=counts.embedding_cache_entries,
+        counts_estimated=counts.estimated,
     )

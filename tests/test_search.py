@@ -163,7 +163,7 @@ async def indexed(database_url: str) -> AsyncIterator[tuple[RunningServer, Corpu
     finally:
         await conn.close()
     outcome = await running.server.runtime.index.maintain()
-    assert outcome.startswith("rebuilt with lists=")
+    assert outcome.startswith("rebuilt ivfflat with lists=")
     yield running, corpus
     await stop_server(running)
 

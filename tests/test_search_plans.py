@@ -46,7 +46,7 @@ async def indexed(server_dsn: str, template_dsn: str) -> AsyncIterator[tuple[Run
             await conn.execute("ANALYZE memory.memories")
         finally:
             await conn.close()
-        assert (await running.server.runtime.index.maintain()).startswith("rebuilt with lists=")
+        assert (await running.server.runtime.index.maintain()).startswith("rebuilt ivfflat with lists=")
         yield running, corpus, dsn
     finally:
         await stop_server(running)

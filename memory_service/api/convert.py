@@ -314,6 +314,7 @@ def search_result_to_proto(result: SearchResult) -> memory_pb2.SearchResponse:
         exact=result.exact,
         plan=result.plan,
         probes=result.probes,
+        estimated_recall=result.estimated_recall,
     )
 
 
@@ -360,15 +361,37 @@ def stats_to_proto(stats: Stats) -> memory_pb2.StatsResponse:
         pgvector_version=stats.pgvector_version,
         postgres_version=stats.postgres_version,
         iterative_scan=stats.iterative_scan,
-        index=memory_pb2.IndexState(
-            exists=stats.index.exists,
-            valid=stats.index.valid,
-            lists=stats.index.lists,
-            rows_at_build=stats.index.rows_at_build,
-            exact_threshold=stats.exact_threshold,
-        ),
+        index=_index_to_proto(stats),
         embedding_cache_entries=stats.embedding_cache_entries,
+        counts_estimated=stats.counts_estimated,
     )
-    if stats.index.built_at is not None:
-        response.index.built_at.FromDatetime(stats.index.built_at)
     return response
+
+
+def _index_to_proto(stats: Stats) -> memory_pb2.IndexState:
+    state = stats.index
+    message = memory_pb2.IndexState(
+        exists=state.exists,
+        valid=state.valid,
+        lists=state.lists,
+        rows_at_build=state.rows_at_build,
+        exact_threshold=stats.exact_threshold,
+        kind=state.kind or "",
+        m=state.m,
+        rows=state.rows,
+        target_recall=stats.target_recall,
+    )
+    if state.built_at is not None:
+        message.built_at.FromDatetime(state.built_at)
+    if (calibration := state.calibration) is not None:
+        probes = calibration.setting(filtered=False)
+        message.calibration.probes = probes
+        message.calibration.recall = calibration.unfiltered.recall_at(probes) or 0.0
+        if calibration.filtered is not None:
+            filtered_probes = calibration.setting(filtered=True)
+            message.calibration.filtered_probes = filtered_probes
+            message.calibration.filtered_recall = calibration.filtered.recall_at(filtered_probes) or 0.0
+        message.calibration.queries = calibration.unfiltered.queries
+        message.calibration.calibrated_at.FromDatetime(calibration.calibrated_at)
+        message.calibration.seconds = calibration.seconds
+    return message

@@ -14,6 +14,7 @@ from memory_service.cli.remote import EX_UNAVAILABLE, add_server_flags, read_ca
 from memory_service.config import Settings
 from memory_service.metrics import Metrics
 from memory_service.runtime import Runtime
+from memory_service.v1 import memory_pb2
 
 EX_FAILED = 1
 """The server answered with an error other than UNAVAILABLE."""
@@ -22,7 +23,7 @@ EX_FAILED = 1
 def register(commands: Any) -> None:
     reindex = commands.add_parser(
         "reindex",
-        help="(database) rebuild the ivfflat index concurrently when the table has outgrown it, or with --force",
+        help="(database) rebuild the vector index concurrently when due (or with --force) and calibrate it",
         description="Works on the database directly, not through a server: name it with --database-url "
         "(DATABASE_URL), or --data-dir (MEMORY_SERVICE_DATA_DIR) for an embedded one.",
     )
@@ -94,6 +95,20 @@ def _client(args: argparse.Namespace) -> Any:
     return MemoryClient(args.address, token=args.token, root_certificates=read_ca(args), attempts=2)
 
 
+def _calibration_report(index: memory_pb2.IndexState) -> dict[str, Any]:
+    if not index.HasField("calibration"):
+        return {"calibrated_at": None}
+    calibration = index.calibration
+    name = "ef_search" if index.kind == "hnsw" else "probes"
+    report: dict[str, Any] = {name: calibration.probes, "estimated_recall": round(calibration.recall, 4)}
+    if calibration.HasField("filtered_probes"):
+        report["filtered_" + name] = calibration.filtered_probes
+        report["filtered_estimated_recall"] = round(calibration.filtered_recall, 4)
+    report["calibrated_at"] = calibration.calibrated_at.ToDatetime().isoformat()
+    report["calibration_seconds"] = calibration.seconds
+    return report
+
+
 def _stats(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> dict[str, Any] | int:
         async with _client(args) as client:
@@ -120,8 +135,13 @@ def _stats(settings: Settings, args: argparse.Namespace) -> int:
                 "rows_at_build": stats.index.rows_at_build,
                 "built_at": stats.index.built_at.ToDatetime().isoformat() if stats.index.HasField("built_at") else None,
                 "exact_search_below_rows": stats.index.exact_threshold,
+                "kind": stats.index.kind or None,
+                "rows_estimated": stats.index.rows,
+                "target_recall": stats.index.target_recall,
+                **_calibration_report(stats.index),
             },
             "embedding_cache_entries": stats.embedding_cache_entries,
+            "counts_estimated": stats.counts_estimated,
         }
 
     report = asyncio.run(run())

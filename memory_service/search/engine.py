@@ -1,11 +1,13 @@
 """Plans and runs a search so that it is complete: ``top_k`` hits whenever ``top_k`` memories match.
 
-ivfflat applies filters after its index scan, so a filtered approximate query can come back short. The plan:
+The vector index (ivfflat or HNSW) applies filters after its scan, so a filtered approximate query can come back
+short. The plan:
 
 * exact scan when the table is small (no index worth using), when the caller asks, or when the filter is narrow
-  (a bounded count through the btree indexes finds few matches: scanning them all is cheap and exact);
-* otherwise the ivfflat index, with iterative scans where pgvector has them (0.8+), which keep probing lists
-  until enough rows pass the filter;
+  (a bounded count through the btree indexes finds fewer matches than the index scan would visit: scanning them
+  all is as cheap, and exact);
+* otherwise the index, at the probes (ef_search) its calibration found to reach the target recall, with iterative
+  scans where pgvector has them (0.8+), which keep scanning until enough rows pass the filter;
 * and whenever the approximate plan returns fewer than ``top_k`` vector candidates, the exact scan, so a short
   answer is only ever the true number of matches.
 """
@@ -17,9 +19,10 @@ from datetime import UTC, datetime
 
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.metrics import Metrics
-from memory_service.models import Candidate, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
+from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
+from memory_service.search.calibration import scan_settings
 from memory_service.search.fusion import rank_candidates
-from memory_service.search.index_care import IndexCare, fitted_probes
+from memory_service.search.index_care import IndexCare, IndexState, fitted_probes
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database
 from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
@@ -27,6 +30,11 @@ from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
 _MIN_CANDIDATES = 40
 _CANDIDATE_FACTOR = 3
+# Most matching rows a filtered search scans exactly instead of using the index (the count deciding it reads up to
+# this many index entries).
+_EXACT_FILTER_MAX_ROWS = 20_000
+# pgvector's own default, used only until the index's first calibration.
+_HNSW_DEFAULT_EF_SEARCH = 40
 
 
 class SearchEngine:
@@ -72,30 +80,69 @@ class SearchEngine:
             return query.embedding
         return await self._embedder.embed_query(query.text)
 
-    def _probes(self, query: SearchQuery, lists: int) -> int:
-        return min(query.probes or self._default_probes or fitted_probes(lists), lists)
+    def _setting(self, query: SearchQuery, state: IndexState) -> tuple[int, float | None]:
+        """Probes (ef_search for HNSW) for an index scan, and the recall the calibration measured at it.
+
+        The request's own setting wins, then the operator's, then the index's calibration for this kind of
+        search (filtered or not), then a rule of thumb until the first calibration."""
+        filtered = not query.filter.is_empty
+        calibration = state.calibration
+        if query.probes or self._default_probes:
+            setting = query.probes or self._default_probes or 0
+        elif calibration is not None:
+            setting = calibration.setting(filtered=filtered)
+        else:
+            setting = _HNSW_DEFAULT_EF_SEARCH if state.kind == "hnsw" else fitted_probes(state.lists)
+        if state.kind != "hnsw":
+            setting = min(setting, state.lists)
+        recall = None if calibration is None else calibration.curve(filtered=filtered).recall_at(setting)
+        return setting, recall
+
+    def _exact_filter_rows(self, state: IndexState, probes: int) -> int:
+        """A filter matching fewer memories than this is searched exactly: scanning them costs no more than the
+        index scan would.
+
+        A filtered ivfflat scan reads every row of the lists it probes (``probes * rows / lists``) and checks the
+        filter on each one's heap tuple; an exact scan reads the matching rows once. So a scope of 10,000 memories
+        is scanned exactly in a table of a million (the index would visit about as many rows, most of them from
+        other scopes), and its search costs the same whatever else the table holds. HNSW visits few rows per
+        query, so only ``SEARCH_NARROW_FILTER_ROWS`` applies to it. The bound is capped so the count that decides
+        stays cheap.
+        """
+        if state.kind == "ivfflat" and state.lists > 0:
+            visited = probes * state.rows // state.lists
+            return max(self._narrow_filter_rows, min(visited, _EXACT_FILTER_MAX_ROWS))
+        return self._narrow_filter_rows
 
     async def _run(self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int) -> SearchResult:
         state = self._index.state
         approximate_possible = (
             vector is not None and not query.exact and state.usable and state.rows >= self._index.exact_max_rows
         )
-        probes = self._probes(query, state.lists) if approximate_possible else 0
+        probes, recall = self._setting(query, state) if approximate_possible else (0, None)
+        kind: IndexKind = state.kind or "ivfflat"
         # No transaction: every statement below reads on its own (READ COMMITTED gave each its own snapshot
         # anyway), so a search is one round trip per statement. A memory deleted between the candidates and
         # memories_by_id is dropped from the hits, as before. Only an index scan depends on scan settings; the
         # exact and text scans run with whatever the connection has.
         session = (
-            self._db.settings_connection(self._scan_settings(probes)) if approximate_possible else self._db.connection()
+            self._db.settings_connection(scan_settings(kind, probes, iterative=self.iterative_scan, limit=limit))
+            if approximate_possible
+            else self._db.connection()
         )
         async with session as conn:
             # VECTOR asks for exactly top_k candidates, so they come with their memories in the same query; the
             # other modes rank more candidates than they return and fetch the winners' memories afterwards.
             full_rows = query.mode is SearchMode.VECTOR
-            narrow = False
-            if not query.filter.is_empty and (approximate_possible or text is not None):
-                matching = await search_sql.count_matching(conn, query.filter, cap=self._narrow_filter_rows)
+            narrow = exact_is_cheaper = False
+            # A filter no index narrows goes to the vector index (iterative scans keep it complete) and its text
+            # search stays pruned: counting its matches would read the table.
+            if search_sql.count_is_bounded(query.filter) and (approximate_possible or text is not None):
+                exact_below = self._exact_filter_rows(state, probes) if approximate_possible else 0
+                cap = max(self._narrow_filter_rows, exact_below)
+                matching = await search_sql.count_matching(conn, query.filter, cap=cap)
                 narrow = matching < self._narrow_filter_rows
+                exact_is_cheaper = matching < exact_below
 
             async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
                 return await search_sql.candidates(
@@ -111,7 +158,7 @@ class SearchEngine:
                     with_embedding=query.include_embedding,
                 )
 
-            use_index = approximate_possible and not narrow
+            use_index = approximate_possible and not exact_is_cheaper
             # A narrow filter leaves few memories to score, so every query term may bring in candidates.
             pruned = not narrow
             found = await fetch(exact=not use_index, pruned=pruned)
@@ -147,14 +194,8 @@ class SearchEngine:
         if vector is None:
             return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
         if use_index:
-            plan = "ivfflat-iterative" if self.iterative_scan else "ivfflat"
-            return SearchResult(hits=hits, mode=query.mode, exact=False, plan=plan, probes=probes)
-        return SearchResult(hits=hits, mode=query.mode, exact=True, plan="exact")
-
-    def _scan_settings(self, probes: int) -> dict[str, str]:
-        settings = {"ivfflat.probes": str(probes)}
-        if self.iterative_scan:
-            # Relaxed order keeps scanning lists until LIMIT rows pass the filter; candidates are re-sorted
-            # by exact distance afterwards, so the looser order within the scan costs nothing.
-            settings["ivfflat.iterative_scan"] = "relaxed_order"
-        return settings
+            plan = f"{kind}-iterative" if self.iterative_scan else kind
+            return SearchResult(
+                hits=hits, mode=query.mode, exact=False, plan=plan, probes=probes, estimated_recall=recall
+            )
+        return SearchResult(hits=hits, mode=query.mode, exact=True, plan="exact", estimated_recall=1.0)

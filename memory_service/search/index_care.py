@@ -1,9 +1,14 @@
-"""Keeping the ivfflat index worth using: the policy, and the state it decides on.
+"""Keeping the vector index worth using: the policy, and the state it decides on.
 
 An ivfflat index built on an empty or small table has poor recall: its list centroids describe data that is no
-longer there. Below a row threshold every search is exact and no index is kept; past it, the index is built with
-``lists`` fitted to the row count, and rebuilt each time the table has doubled since the last build. Builds run
-concurrently with writes, and only one instance builds at a time (``storage.index_sql.rebuild_exclusively``).
+longer there. Below a row threshold every search is exact and no index is kept; past it, the index is built (ivfflat
+with ``lists`` fitted to the row count, or HNSW, per ``VECTOR_INDEX``), and an ivfflat index is rebuilt each time
+the table has doubled since the last build (an HNSW graph takes new rows as they come). Builds run concurrently with
+writes, and only one instance maintains the index at a time (``storage.index_sql.maintenance_connection``).
+
+After each build, and whenever a fifth of the rows have been written since, the index is calibrated
+(``search.calibration``): the probes or ef_search that reach the target recall on its own data. Every instance
+reads the stored calibration when it refreshes its state.
 
 The row count the policy watches is the planner's estimate, read from the catalog: checking every minute on every
 instance (and on every Stats call) must not scan the table. A rebuild counts exactly, once.
@@ -12,13 +17,25 @@ instance (and on every Stats call) must not scan the table. A rebuild counts exa
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 from datetime import datetime
 
-from memory_service.storage import index_sql, settings_sql
-from memory_service.storage.database import Database
+from memory_service.models import IndexKind
+from memory_service.search.calibration import Calibration, calibrate
+from memory_service.storage import calibration_sql, index_sql, settings_sql
+from memory_service.storage.database import Connection, Database
+from memory_service.storage.index_sql import IndexSpec
+
+log = logging.getLogger(__name__)
 
 GROWTH_FACTOR = 2.0
+RECALIBRATE_AFTER = 0.2
+"""Recalibrate once rows inserted, updated or deleted since the last calibration reach this share of the rows."""
+_ROWS_AT_BUILD = "vector_index_rows_at_build"
+_BUILT_AT = "vector_index_built_at"
+_LEGACY = {_ROWS_AT_BUILD: "ivfflat_rows_at_build", _BUILT_AT: "ivfflat_built_at"}
 
 
 def fitted_lists(rows: int) -> int:
@@ -29,7 +46,7 @@ def fitted_lists(rows: int) -> int:
 
 
 def fitted_probes(lists: int) -> int:
-    """Enough lists per query for recall >= 0.95 on clustered data (see docs/benchmarks.md)."""
+    """Probes before the index is calibrated (or when a calibration is unreadable): about sqrt(lists)."""
     return max(1, min(lists, math.ceil(math.sqrt(lists))))
 
 
@@ -37,59 +54,168 @@ def fitted_probes(lists: int) -> int:
 class IndexState:
     exists: bool = False
     valid: bool = False
+    kind: IndexKind | None = None
     lists: int = 0
+    m: int = 0
     rows: int = 0
     """Rows with an embedding, as the planner estimates them."""
     rows_at_build: int = 0
     built_at: datetime | None = None
+    calibration: Calibration | None = None
+    """The calibration of this very index (one of an index since replaced is dropped)."""
 
     @property
     def usable(self) -> bool:
-        return self.exists and self.valid and self.lists > 0
+        return self.exists and self.valid and (self.kind == "hnsw" or self.lists > 0)
 
 
-def needs_rebuild(state: IndexState, *, exact_max_rows: int) -> bool:
-    """Past the exact-search threshold, build when there is no usable index or the table has doubled since."""
+def needs_rebuild(state: IndexState, *, exact_max_rows: int, kind: IndexKind = "ivfflat") -> bool:
+    """Past the exact-search threshold, build when there is no usable index of the wanted kind, or when an
+    ivfflat index's table has doubled since its build."""
     if state.rows < exact_max_rows:
         return False
-    if not state.usable:
+    if not state.usable or state.kind != kind:
         return True
-    return state.rows >= GROWTH_FACTOR * max(state.rows_at_build, 1)
+    return kind == "ivfflat" and state.rows >= GROWTH_FACTOR * max(state.rows_at_build, 1)
+
+
+def needs_calibration(state: IndexState, *, writes: int, target: float) -> bool:
+    """A usable index without a calibration of its own, with another target, or whose data has changed enough."""
+    if not state.usable:
+        return False
+    calibration = state.calibration
+    if calibration is None or calibration.target != target:
+        return True
+    changed = writes - calibration.writes
+    # A counter that went backwards was reset (statistics reset, or a restored database): nothing to measure from.
+    return changed < 0 or changed >= RECALIBRATE_AFTER * max(calibration.rows, 1)
+
+
+def _calibration_of(stored: dict[str, str], kind: IndexKind | None, built_at: str | None) -> Calibration | None:
+    raw = stored.get(calibration_sql.CALIBRATION_KEY)
+    if raw is None:
+        return None
+    try:
+        calibration = Calibration.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring an unreadable index calibration; the next maintenance recalibrates")
+        return None
+    return calibration if calibration.kind == kind and calibration.index_built_at == built_at else None
 
 
 class IndexCare:
-    def __init__(self, db: Database, dsn: str, *, exact_max_rows: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        dsn: str,
+        *,
+        exact_max_rows: int,
+        kind: IndexKind = "ivfflat",
+        target_recall: float = 0.95,
+        calibration_queries: int = 100,
+        filtered_min_rows: int = 5000,
+        iterative_scan: bool = True,
+        hnsw_m: int = 16,
+        hnsw_ef_construction: int = 64,
+    ) -> None:
         self._db = db
         self._dsn = dsn
         self.exact_max_rows = exact_max_rows
+        self.kind: IndexKind = kind
+        self.target_recall = target_recall
+        self._calibration_queries = calibration_queries
+        self._filtered_min_rows = filtered_min_rows
+        self._iterative_scan = iterative_scan
+        self._hnsw = (hnsw_m, hnsw_ef_construction)
         self.state = IndexState()
 
     async def refresh(self) -> IndexState:
         async with self._db.connection() as conn:
-            info = await index_sql.index_info(conn)
-            rows = await index_sql.estimated_rows(conn)
-            stored = await settings_sql.read_settings(conn)
-        built = stored.get("ivfflat_built_at")
-        self.state = IndexState(
-            exists=info.exists,
-            valid=info.valid,
-            lists=info.lists,
-            rows=rows,
-            rows_at_build=int(stored.get("ivfflat_rows_at_build", "0")),
-            built_at=datetime.fromisoformat(built) if built else None,
-        )
+            self.state = await self._read(conn)
         return self.state
 
+    async def _read(self, conn: Connection) -> IndexState:
+        info = await index_sql.index_info(conn, self.kind)
+        rows = await index_sql.estimated_rows(conn)
+        stored = await settings_sql.read_settings(conn)
+        built = stored.get(_BUILT_AT) or stored.get(_LEGACY[_BUILT_AT])
+        rows_at_build = stored.get(_ROWS_AT_BUILD) or stored.get(_LEGACY[_ROWS_AT_BUILD]) or "0"
+        return IndexState(
+            exists=info.exists,
+            valid=info.valid,
+            kind=info.kind,
+            lists=info.lists,
+            m=info.m,
+            rows=rows,
+            rows_at_build=int(rows_at_build),
+            built_at=datetime.fromisoformat(built) if built else None,
+            calibration=_calibration_of(stored, info.kind, built),
+        )
+
     def needs_rebuild(self, state: IndexState) -> bool:
-        return needs_rebuild(state, exact_max_rows=self.exact_max_rows)
+        return needs_rebuild(state, exact_max_rows=self.exact_max_rows, kind=self.kind)
+
+    def spec_for(self, rows: int) -> IndexSpec:
+        if self.kind == "hnsw":
+            return IndexSpec("hnsw", m=self._hnsw[0], ef_construction=self._hnsw[1])
+        return IndexSpec("ivfflat", lists=fitted_lists(rows))
 
     async def maintain(self, *, force: bool = False) -> str:
-        """Rebuild when due (or when forced); return what was done, for logs and the CLI."""
+        """Rebuild when due (or when forced) and calibrate when due; return what was done, for logs and the CLI."""
         state = await self.refresh()
-        if not force and not self.needs_rebuild(state):
+        async with self._db.connection() as conn:
+            writes = await index_sql.writes_so_far(conn)
+        due = force or self.needs_rebuild(state)
+        if not due and not needs_calibration(state, writes=writes, target=self.target_recall):
             return "up to date" if state.usable else f"exact search ({state.rows} rows < {self.exact_max_rows})"
-        rebuilt = await index_sql.rebuild_exclusively(self._dsn, fitted_lists)
-        if rebuilt is None:
-            return "another instance is rebuilding the index"
+        async with index_sql.maintenance_connection(self._dsn) as conn:
+            if conn is None:
+                return "another instance is rebuilding the index"
+            done: list[str] = []
+            # Another instance may have done the work while this one waited for the lock: decide again.
+            state = await self._read(conn)
+            if force or self.needs_rebuild(state):
+                rows = await index_sql.row_count(conn)
+                spec = self.spec_for(rows)
+                log.info("building %s index: %d rows (%s)", spec.kind, rows, spec.using())
+                built_at = await index_sql.rebuild(conn, spec)
+                await settings_sql.write_settings(conn, {_ROWS_AT_BUILD: str(rows), _BUILT_AT: built_at.isoformat()})
+                state = await self._read(conn)
+                described = f"lists={spec.lists}" if spec.kind == "ivfflat" else f"m={spec.m}"
+                done.append(f"rebuilt {spec.kind} with {described} for {rows} rows")
+            writes = await index_sql.writes_so_far(conn)
+            if needs_calibration(state, writes=writes, target=self.target_recall):
+                done.append(await self._calibrate(conn, state, writes))
         await self.refresh()
-        return f"rebuilt with lists={rebuilt.lists} for {rebuilt.rows} rows"
+        return "; ".join(done) or "up to date"
+
+    async def _calibrate(self, conn: Connection, state: IndexState, writes: int) -> str:
+        assert state.kind is not None and state.built_at is not None, "calibrating an index that was never built"
+        try:
+            calibration = await calibrate(
+                conn,
+                kind=state.kind,
+                lists=state.lists,
+                target=self.target_recall,
+                queries=self._calibration_queries,
+                filtered_min_rows=self._filtered_min_rows,
+                iterative=self._iterative_scan,
+                rows=max(state.rows, 1),
+                writes=writes,
+                index_built_at=state.built_at.isoformat(),
+            )
+        except ValueError as exc:
+            return f"not calibrated: {exc}"
+        await calibration_sql.write(conn, calibration.to_json())
+        return "calibrated " + describe(calibration)
+
+
+def describe(calibration: Calibration) -> str:
+    """``probes=4 (recall 0.962), filtered probes=6 (recall 0.951)``, or ef_search for HNSW."""
+    name = "ef_search" if calibration.kind == "hnsw" else "probes"
+    parts = []
+    for label, curve in (("", calibration.unfiltered), ("filtered ", calibration.filtered)):
+        if curve is not None:
+            setting = curve.chosen(calibration.target)
+            parts.append(f"{label}{name}={setting} (recall {curve.recall_at(setting):.3f})")
+    return ", ".join(parts) + f" in {calibration.seconds:.1f}s"

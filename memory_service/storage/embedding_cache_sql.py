@@ -33,11 +33,6 @@ async def insert(conn: asyncpg.Connection, model: str, dimension: int, entries: 
     )
 
 
-async def count(conn: asyncpg.Connection) -> int:
-    value: int = await conn.fetchval("SELECT count(*) FROM memory.embedding_cache")
-    return value
-
-
 async def evict_older_than(conn: asyncpg.Connection, age: timedelta, *, batch: int) -> int:
     """Delete up to ``batch`` entries created more than ``age`` ago, oldest first; return how many."""
     status = await conn.execute(

@@ -1,56 +1,84 @@
-"""SQL for the ivfflat index: its state, a row estimate that scans nothing, and a rebuild that never blocks writes.
+"""SQL for the vector index: its state, a row estimate that scans nothing, and a rebuild that never blocks writes.
 
-``rebuild_exclusively`` is the whole rebuild: its own connection, the session advisory lock that lets one instance
-build at a time, the build settings, the build and the record of it. When to rebuild and with how many lists is
-policy and lives in ``memory_service.search.index_care``.
+One approximate index serves the embedding column at a time, ivfflat or HNSW, each under its own name so a switch
+from one to the other is a rebuild like any other: the new index is built concurrently, swapped in, and the old one
+dropped. ``maintenance_connection`` is the connection a rebuild and a calibration run on: its own, outside the
+pool, holding the session advisory lock that lets one instance maintain the index at a time. When to rebuild and
+how is policy and lives in ``memory_service.search.index_care``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import logging
+import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 import asyncpg
 
-from memory_service.storage import settings_sql
-from memory_service.storage.database import translate_errors
+from memory_service.models import IndexKind
+from memory_service.storage.database import init_connection, translate_errors
 
-log = logging.getLogger(__name__)
-
-INDEX = "memories_embedding_ivfflat"
-_BUILDING = INDEX + "_building"
-_RETIRED = INDEX + "_retired"
+KINDS: tuple[IndexKind, ...] = ("ivfflat", "hnsw")
+NAMES: dict[IndexKind, str] = {"ivfflat": "memories_embedding_ivfflat", "hnsw": "memories_embedding_hnsw"}
 # Held (session level, on a dedicated connection) by the one instance rebuilding; its bytes spell "memsvivf".
 REBUILD_LOCK_KEY = 0x6D656D7376697666
-_LISTS = re.compile(r"lists=(\d+)")
+_OPTION = re.compile(r"(lists|m|ef_construction)=(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSpec:
+    """What to build: the kind and its build parameters (``lists`` for ivfflat, ``m`` and ``ef_construction``
+    for HNSW)."""
+
+    kind: IndexKind
+    lists: int = 0
+    m: int = 16
+    ef_construction: int = 64
+
+    def using(self) -> str:
+        if self.kind == "hnsw":
+            options = f"m = {int(self.m)}, ef_construction = {int(self.ef_construction)}"
+        else:
+            options = f"lists = {int(self.lists)}"
+        return f"{self.kind} (embedding vector_cosine_ops) WITH ({options})"
 
 
 @dataclasses.dataclass(frozen=True)
 class IndexInfo:
     exists: bool
     valid: bool
-    lists: int
+    kind: IndexKind | None = None
+    lists: int = 0
+    m: int = 0
 
 
-async def index_info(conn: asyncpg.Connection) -> IndexInfo:
-    row = await conn.fetchrow(
+async def index_info(conn: asyncpg.Connection, prefer: IndexKind) -> IndexInfo:
+    """The index searches use: of the kind ``prefer`` when one is there (a switch of kinds leaves the other one
+    in use until the new one is built)."""
+    rows = await conn.fetch(
         """
-        SELECT i.indisvalid AS valid, c.reloptions AS options
+        SELECT c.relname AS name, i.indisvalid AS valid, c.reloptions AS options
         FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = 'memory' AND c.relname = $1
+        WHERE n.nspname = 'memory' AND c.relname = ANY($1::text[])
         """,
-        INDEX,
+        list(NAMES.values()),
     )
-    if row is None:
-        return IndexInfo(exists=False, valid=False, lists=0)
-    lists = 0
-    for option in row["options"] or ():
-        if (match := _LISTS.fullmatch(option)) is not None:
-            lists = int(match.group(1))
-    return IndexInfo(exists=True, valid=bool(row["valid"]), lists=lists)
+    found = {kind: row for kind in KINDS for row in rows if row["name"] == NAMES[kind]}
+    usable = [kind for kind in (prefer, *KINDS) if kind in found and found[kind]["valid"]]
+    if not found:
+        return IndexInfo(exists=False, valid=False)
+    kind = usable[0] if usable else prefer if prefer in found else next(iter(found))
+    options = {
+        match.group(1): int(match.group(2))
+        for option in found[kind]["options"] or ()
+        if (match := _OPTION.fullmatch(option)) is not None
+    }
+    return IndexInfo(
+        exists=True, valid=bool(found[kind]["valid"]), kind=kind, lists=options.get("lists", 0), m=options.get("m", 0)
+    )
 
 
 _COUNT = "SELECT count(*) FROM memory.memories WHERE embedding IS NOT NULL"
@@ -72,68 +100,86 @@ async def row_count(conn: asyncpg.Connection) -> int:
     return value
 
 
+# Below this many pages (8 MB) a count is as cheap as an estimate and exact.
+_COUNT_BELOW_PAGES = 1000
+# Live rows as the cumulative statistics count every committed insert and delete (lost on a crash or a reset).
+_LIVE = "SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'memory.memories'::regclass"
+_PLANNED = "EXPLAIN (FORMAT JSON) SELECT 1 FROM memory.memories WHERE embedding IS NOT NULL"
+
+
 async def estimated_rows(conn: asyncpg.Connection) -> int:
     """Rows with an embedding as the planner estimates them, without a scan.
 
-    A table that was never analyzed has no estimate (``reltuples`` -1, or no pages when it was last looked at); it is
-    counted exactly until autovacuum first analyzes it, which happens soon after it grows.
+    A table that was never analyzed has no statistics (``reltuples`` -1, or no pages when it was last looked at):
+    a small one is counted; a large one (a bulk load autovacuum has not analyzed yet) takes the live rows the
+    cumulative statistics counted, or, when those were reset, the planner's guess from its size, until the first
+    ANALYZE.
     """
     row = await conn.fetchrow(_ESTIMATE)
     if row["reltuples"] < 0 or row["relpages"] <= 0:
-        return await row_count(conn)
+        if row["pages"] < _COUNT_BELOW_PAGES:
+            return await row_count(conn)
+        live: int | None = await conn.fetchval(_LIVE)
+        if live:
+            return live
+        plan = await conn.fetchval(_PLANNED)
+        planned = json.loads(plan) if isinstance(plan, str) else plan
+        return int(planned[0]["Plan"]["Plan Rows"])
     estimate: float = row["reltuples"] / row["relpages"] * row["pages"] * (1.0 - row["null_frac"])
     return round(estimate)
 
 
-@dataclasses.dataclass(frozen=True)
-class Rebuilt:
-    rows: int
-    lists: int
+async def writes_so_far(conn: asyncpg.Connection) -> int:
+    """Rows inserted, updated and deleted in memory.memories since statistics began: a counter that only grows
+    (while the statistics are kept), read from the cumulative statistics without touching the table."""
+    value: int = await conn.fetchval(
+        "SELECT coalesce(n_tup_ins + n_tup_upd + n_tup_del, 0) FROM pg_stat_user_tables WHERE relid = $1::regclass",
+        "memory.memories",
+    )
+    return value or 0
 
 
-async def rebuild_exclusively(dsn: str, lists_for: Callable[[int], int]) -> Rebuilt | None:
-    """Count the rows, rebuild with ``lists_for(rows)`` lists, and record the build; None when another instance is
-    rebuilding.
+@contextlib.asynccontextmanager
+async def maintenance_connection(dsn: str) -> AsyncIterator[asyncpg.Connection | None]:
+    """A connection of its own holding the index maintenance lock, or None when another instance holds it.
 
-    Runs on a connection of its own, outside the pool: the session advisory lock and ``maintenance_work_mem`` must
-    last the whole build, and CREATE INDEX CONCURRENTLY cannot run inside a transaction. The exact count is paid
-    once per build, next to a build that reads every row anyway.
+    Outside the pool: the session advisory lock, ``maintenance_work_mem`` and the scan settings a calibration sets
+    must last the whole job, and CREATE INDEX CONCURRENTLY cannot run inside a transaction.
     """
     with translate_errors():
         conn = await asyncpg.connect(dsn)
         try:
+            await init_connection(conn)
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REBUILD_LOCK_KEY):
-                return None
+                yield None
+                return
             try:
-                rows = await row_count(conn)
-                lists = lists_for(rows)
-                log.info("building ivfflat index: %d rows, lists=%d", rows, lists)
                 await conn.execute("SET maintenance_work_mem = '512MB'")
-                await rebuild(conn, lists=lists)
-                built_at: datetime = await conn.fetchval("SELECT clock_timestamp()")
-                await settings_sql.write_settings(
-                    conn, {"ivfflat_rows_at_build": str(rows), "ivfflat_built_at": built_at.isoformat()}
-                )
+                yield conn
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_KEY)
         finally:
             await conn.close()
-    return Rebuilt(rows=rows, lists=lists)
 
 
-async def rebuild(conn: asyncpg.Connection, *, lists: int) -> None:
-    """Build a new index concurrently and swap it in by renaming; ``conn`` must be outside a transaction.
+async def rebuild(conn: asyncpg.Connection, spec: IndexSpec) -> datetime:
+    """Build a new index concurrently and swap it in by renaming; drop any index of the other kind; return when
+    the build finished. ``conn`` must be outside a transaction.
 
     CREATE INDEX CONCURRENTLY and DROP INDEX CONCURRENTLY let writes continue throughout; the renames take only a
     brief lock that does not conflict with reads or writes.
     """
-    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{_BUILDING}")
-    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{_RETIRED}")
-    await conn.execute(
-        f"CREATE INDEX CONCURRENTLY {_BUILDING} ON memory.memories "
-        f"USING ivfflat (embedding vector_cosine_ops) WITH (lists = {int(lists)})"
-    )
+    name = NAMES[spec.kind]
+    building, retired = name + "_building", name + "_retired"
+    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{building}")
+    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{retired}")
+    await conn.execute(f"CREATE INDEX CONCURRENTLY {building} ON memory.memories USING {spec.using()}")
     async with conn.transaction():
-        await conn.execute(f"ALTER INDEX IF EXISTS memory.{INDEX} RENAME TO {_RETIRED}")
-        await conn.execute(f"ALTER INDEX memory.{_BUILDING} RENAME TO {INDEX}")
-    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{_RETIRED}")
+        await conn.execute(f"ALTER INDEX IF EXISTS memory.{name} RENAME TO {retired}")
+        await conn.execute(f"ALTER INDEX memory.{building} RENAME TO {name}")
+    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{retired}")
+    for other in KINDS:
+        if other != spec.kind:
+            await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{NAMES[other]}")
+    built_at: datetime = await conn.fetchval("SELECT clock_timestamp()")
+    return built_at

@@ -234,6 +234,15 @@ def count_matching_statement(memory_filter: MemoryFilter, *, cap: int) -> tuple[
     return f"SELECT count(*) FROM (SELECT 1 FROM memory.memories m WHERE {where} LIMIT {_bound(cap)}) s", params.values
 
 
+def count_is_bounded(memory_filter: MemoryFilter) -> bool:
+    """Whether an index narrows the count: a filter of importance or memory types alone has none, and counting
+    its matches up to a cap reads the table until the cap, which on a large table costs more than the search."""
+    f = memory_filter
+    return bool(
+        f.scopes or f.agent_id is not None or f.tags or f.metadata_contains or f.created_after or f.created_before
+    )
+
+
 async def count_matching(conn: asyncpg.Connection, memory_filter: MemoryFilter, *, cap: int) -> int:
     """How many memories match the filter (live or not), counting no further than ``cap`` (cheap when narrow)."""
     sql, values = count_matching_statement(memory_filter, cap=cap)

@@ -919,15 +919,22 @@ class SearchResponse(_message.Message):
     EXACT_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
     PROBES_FIELD_NUMBER: _builtins.int
+    ESTIMATED_RECALL_FIELD_NUMBER: _builtins.int
     mode: Global___SearchMode.ValueType
     exact: _builtins.bool
-    """True when the vector candidates are guaranteed exact (an exact scan ran). False when the ivfflat index was
+    """True when the vector candidates are guaranteed exact (an exact scan ran). False when the vector index was
     allowed: the hits are still top_k whenever that many match, but a closer memory may have been missed.
     """
     plan: _builtins.str
-    """How the vector candidates were sought, for operators: "exact", "ivfflat", "ivfflat-iterative", or "text"."""
+    """How the vector candidates were sought, for operators: "exact", "ivfflat", "ivfflat-iterative", "hnsw",
+    "hnsw-iterative", or "text".
+    """
     probes: _builtins.int
-    """ivfflat.probes used, 0 for exact plans."""
+    """ivfflat.probes (hnsw.ef_search for HNSW plans) used, 0 for exact plans."""
+    estimated_recall: _builtins.float
+    """Recall@10 of the vector candidates as the index's calibration measured it at these probes on this data: 1 for
+    exact plans; unset for text searches and before the index's first calibration.
+    """
     @_builtins.property
     def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]: ...
     def __init__(
@@ -938,12 +945,15 @@ class SearchResponse(_message.Message):
         exact: _builtins.bool = ...,
         plan: _builtins.str = ...,
         probes: _builtins.int = ...,
+        estimated_recall: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_estimated_recall", b"_estimated_recall", "estimated_recall", b"estimated_recall"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "hits", b"hits", "mode", b"mode", "plan", b"plan", "probes", b"probes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_estimated_recall", b"_estimated_recall", "estimated_recall", b"estimated_recall", "exact", b"exact", "hits", b"hits", "mode", b"mode", "plan", b"plan", "probes", b"probes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__estimated_recall: _TypeAlias = _typing.Literal["estimated_recall"]  # noqa: Y015
+    _WhichOneofArgType__estimated_recall: _TypeAlias = _typing.Literal["_estimated_recall", b"_estimated_recall"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__estimated_recall) -> _WhichOneofReturnType__estimated_recall | None: ...
 
 Global___SearchResponse: _TypeAlias = SearchResponse  # noqa: Y015
 
@@ -1060,6 +1070,11 @@ class IndexState(_message.Message):
     ROWS_AT_BUILD_FIELD_NUMBER: _builtins.int
     BUILT_AT_FIELD_NUMBER: _builtins.int
     EXACT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    M_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    TARGET_RECALL_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
     exists: _builtins.bool
     valid: _builtins.bool
     lists: _builtins.int
@@ -1067,8 +1082,20 @@ class IndexState(_message.Message):
     """Rows in the table when the index was last built."""
     exact_threshold: _builtins.int
     """Below this many rows searches are exact and no index is kept."""
+    kind: _builtins.str
+    """"ivfflat" or "hnsw" (the index in use; a switch of VECTOR_INDEX takes effect once the new one is built)."""
+    m: _builtins.int
+    """HNSW's m (0 for ivfflat)."""
+    rows: _builtins.int
+    """Rows with an embedding, as PostgreSQL's statistics estimate them."""
+    target_recall: _builtins.float
+    """SEARCH_TARGET_RECALL: the recall@10 the calibration chooses probes for."""
     @_builtins.property
     def built_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def calibration(self) -> Global___IndexCalibration:
+        """Unset until the index (this build of it) is first calibrated."""
+
     def __init__(
         self,
         *,
@@ -1078,14 +1105,69 @@ class IndexState(_message.Message):
         rows_at_build: _builtins.int = ...,
         built_at: _timestamp_pb2.Timestamp | None = ...,
         exact_threshold: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        m: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        target_recall: _builtins.float = ...,
+        calibration: Global___IndexCalibration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at", "calibration", b"calibration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at", "exact_threshold", b"exact_threshold", "exists", b"exists", "lists", b"lists", "rows_at_build", b"rows_at_build", "valid", b"valid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at", "calibration", b"calibration", "exact_threshold", b"exact_threshold", "exists", b"exists", "kind", b"kind", "lists", b"lists", "m", b"m", "rows", b"rows", "rows_at_build", b"rows_at_build", "target_recall", b"target_recall", "valid", b"valid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IndexState: _TypeAlias = IndexState  # noqa: Y015
+
+@_typing.final
+class IndexCalibration(_message.Message):
+    """What the index's calibration measured on a sample of stored vectors used as queries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROBES_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    FILTERED_PROBES_FIELD_NUMBER: _builtins.int
+    FILTERED_RECALL_FIELD_NUMBER: _builtins.int
+    QUERIES_FIELD_NUMBER: _builtins.int
+    CALIBRATED_AT_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    probes: _builtins.int
+    """Probes (ef_search for HNSW) unfiltered searches use, and the recall@10 measured at it."""
+    recall: _builtins.float
+    filtered_probes: _builtins.int
+    """The same for searches filtered to one large scope; unset when no scope was large enough to use the index."""
+    filtered_recall: _builtins.float
+    queries: _builtins.int
+    seconds: _builtins.float
+    """How long the calibration took."""
+    @_builtins.property
+    def calibrated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        probes: _builtins.int = ...,
+        recall: _builtins.float = ...,
+        filtered_probes: _builtins.int | None = ...,
+        filtered_recall: _builtins.float | None = ...,
+        queries: _builtins.int = ...,
+        calibrated_at: _timestamp_pb2.Timestamp | None = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_filtered_probes", b"_filtered_probes", "_filtered_recall", b"_filtered_recall", "calibrated_at", b"calibrated_at", "filtered_probes", b"filtered_probes", "filtered_recall", b"filtered_recall"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_filtered_probes", b"_filtered_probes", "_filtered_recall", b"_filtered_recall", "calibrated_at", b"calibrated_at", "filtered_probes", b"filtered_probes", "filtered_recall", b"filtered_recall", "probes", b"probes", "queries", b"queries", "recall", b"recall", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__filtered_probes: _TypeAlias = _typing.Literal["filtered_probes"]  # noqa: Y015
+    _WhichOneofArgType__filtered_probes: _TypeAlias = _typing.Literal["_filtered_probes", b"_filtered_probes"]  # noqa: Y015
+    _WhichOneofReturnType__filtered_recall: _TypeAlias = _typing.Literal["filtered_recall"]  # noqa: Y015
+    _WhichOneofArgType__filtered_recall: _TypeAlias = _typing.Literal["_filtered_recall", b"_filtered_recall"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__filtered_probes) -> _WhichOneofReturnType__filtered_probes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__filtered_recall) -> _WhichOneofReturnType__filtered_recall | None: ...
+
+Global___IndexCalibration: _TypeAlias = IndexCalibration  # noqa: Y015
 
 @_typing.final
 class StatsResponse(_message.Message):
@@ -1101,6 +1183,7 @@ class StatsResponse(_message.Message):
     ITERATIVE_SCAN_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     EMBEDDING_CACHE_ENTRIES_FIELD_NUMBER: _builtins.int
+    COUNTS_ESTIMATED_FIELD_NUMBER: _builtins.int
     memories: _builtins.int
     expired_pending_purge: _builtins.int
     embedding_model: _builtins.str
@@ -1109,6 +1192,10 @@ class StatsResponse(_message.Message):
     postgres_version: _builtins.str
     iterative_scan: _builtins.bool
     embedding_cache_entries: _builtins.int
+    counts_estimated: _builtins.bool
+    """True when memories, by_scope, expired_pending_purge or embedding_cache_entries come from PostgreSQL's
+    statistics (as of the last ANALYZE) rather than a count: past a small table, Stats never scans it.
+    """
     @_builtins.property
     def by_scope(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeCount]: ...
     @_builtins.property
@@ -1126,10 +1213,11 @@ class StatsResponse(_message.Message):
         iterative_scan: _builtins.bool = ...,
         index: Global___IndexState | None = ...,
         embedding_cache_entries: _builtins.int = ...,
+        counts_estimated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_scope", b"by_scope", "dimension", b"dimension", "embedding_cache_entries", b"embedding_cache_entries", "embedding_model", b"embedding_model", "expired_pending_purge", b"expired_pending_purge", "index", b"index", "iterative_scan", b"iterative_scan", "memories", b"memories", "pgvector_version", b"pgvector_version", "postgres_version", b"postgres_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_scope", b"by_scope", "counts_estimated", b"counts_estimated", "dimension", b"dimension", "embedding_cache_entries", b"embedding_cache_entries", "embedding_model", b"embedding_model", "expired_pending_purge", b"expired_pending_purge", "index", b"index", "iterative_scan", b"iterative_scan", "memories", b"memories", "pgvector_version", b"pgvector_version", "postgres_version", b"postgres_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,242 @@
+"""Calibrating the vector index on its own data: the least probes (ef_search for HNSW) that reach a target recall.
+
+The right number of ivfflat lists to probe, or of HNSW candidates to keep, depends on how the stored vectors
+cluster: on well-separated data one list finds every neighbour, on real embeddings a rule such as ``sqrt(lists)``
+can lose 5% of them. So after each build, and again as the data changes, the service measures: a uniform sample
+of stored vectors serve as queries, their exact neighbours (the query itself left out) are the truth, and the same
+search statement runs through the index at rising settings until the mean recall@10 reaches the target. Filtered
+searches (a scope large enough to be searched through the index) are measured on their own, because their true
+neighbours lie farther out than an unfiltered search's.
+
+What the search uses: the setting of the first point that reached the target (or the last tried), and as its
+estimated recall the recall measured there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from memory_service.models import IndexKind, MemoryFilter, ScopeRef
+from memory_service.storage import calibration_sql
+from memory_service.storage.database import Connection
+
+log = logging.getLogger(__name__)
+
+RECALL_AT = 10
+"""Recall is measured on the top 10, the default top_k."""
+# pgvector accepts ef_search up to 1000; ef_search below the LIMIT cannot return LIMIT rows without an iterative scan.
+HNSW_LADDER = (10, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200, 256, 320, 400, 500, 640, 800, 1000)
+_IVFFLAT_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192)
+
+
+def ladder(kind: IndexKind, lists: int) -> list[int]:
+    """The settings tried, cheapest first: for ivfflat up to every list (which is exact), for HNSW up to 1000."""
+    if kind == "hnsw":
+        return list(HNSW_LADDER)
+    steps = [s for s in _IVFFLAT_STEPS if s < lists]
+    while steps and steps[-1] * 1.25 < lists:
+        steps.append(int(steps[-1] * 1.25))
+    return [*steps, max(lists, 1)]
+
+
+def scan_settings(kind: IndexKind, setting: int, *, iterative: bool, limit: int) -> dict[str, str]:
+    """The session settings a search (or a calibration) runs an index scan with.
+
+    Iterative scans (pgvector 0.8+) keep scanning until ``limit`` rows pass the filter, in relaxed order: the
+    candidates are re-sorted by exact distance afterwards, so a looser order inside the scan costs nothing. HNSW
+    returns at most ``ef_search`` rows from a plain scan, so it is never set below the limit."""
+    if kind == "hnsw":
+        settings = {"hnsw.ef_search": str(min(max(setting, limit), 1000))}
+    else:
+        settings = {"ivfflat.probes": str(setting)}
+    if iterative:
+        settings[f"{kind}.iterative_scan"] = "relaxed_order"
+    return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """Mean recall@10 at each setting tried, cheapest first; the last one reached the target or was the most."""
+
+    points: tuple[tuple[int, float], ...]
+    queries: int
+
+    def chosen(self, target: float) -> int:
+        for setting, recall in self.points:
+            if recall >= target:
+                return setting
+        return self.points[-1][0]
+
+    def recall_at(self, setting: int) -> float | None:
+        """Recall measured at the largest tried setting not above ``setting`` (more probes never find less);
+        None below the cheapest tried."""
+        measured = [recall for tried, recall in self.points if tried <= setting]
+        return max(measured) if measured else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"points": [list(p) for p in self.points], "queries": self.queries}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Curve:
+        return cls(points=tuple((int(s), float(r)) for s, r in data["points"]), queries=int(data["queries"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    kind: IndexKind
+    target: float
+    unfiltered: Curve
+    filtered: Curve | None
+    """None when no sampled memory's scope was large enough to be searched through the index."""
+    rows: int
+    writes: int
+    """``index_sql.writes_so_far`` when calibrated: what "the data changed enough" is measured from."""
+    index_built_at: str
+    calibrated_at: datetime
+    seconds: float
+
+    def curve(self, *, filtered: bool) -> Curve:
+        return self.filtered if filtered and self.filtered is not None else self.unfiltered
+
+    def setting(self, *, filtered: bool) -> int:
+        return self.curve(filtered=filtered).chosen(self.target)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "target": self.target,
+            "unfiltered": self.unfiltered.to_json(),
+            "filtered": None if self.filtered is None else self.filtered.to_json(),
+            "rows": self.rows,
+            "writes": self.writes,
+            "index_built_at": self.index_built_at,
+            "calibrated_at": self.calibrated_at.isoformat(),
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Calibration:
+        filtered = data.get("filtered")
+        return cls(
+            kind=data["kind"],
+            target=float(data["target"]),
+            unfiltered=Curve.from_json(data["unfiltered"]),
+            filtered=None if filtered is None else Curve.from_json(filtered),
+            rows=int(data["rows"]),
+            writes=int(data["writes"]),
+            index_built_at=str(data["index_built_at"]),
+            calibrated_at=datetime.fromisoformat(data["calibrated_at"]),
+            seconds=float(data["seconds"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+    """One sampled memory as a query: its vector, the filter it runs under, and its true neighbours."""
+
+    id: int
+    vector: Any
+    memory_filter: MemoryFilter
+    truth: frozenset[int]
+
+
+def _without(query_id: int, ids: Sequence[int]) -> list[int]:
+    """The neighbours other than the query itself (a stored vector is its own nearest)."""
+    return [i for i in ids if i != query_id][:RECALL_AT]
+
+
+async def _truth(conn: Connection, query_id: int, vector: Any, memory_filter: MemoryFilter) -> frozenset[int]:
+    ids = await calibration_sql.nearest(conn, memory_filter, vector, limit=RECALL_AT + 1, exact=True)
+    return frozenset(_without(query_id, ids))
+
+
+async def _curve(
+    conn: Connection,
+    probes: Sequence[_Probe],
+    settings: Sequence[int],
+    *,
+    kind: IndexKind,
+    iterative: bool,
+    target: float,
+) -> Curve:
+    points: list[tuple[int, float]] = []
+    for setting in settings:
+        await calibration_sql.use_settings(conn, scan_settings(kind, setting, iterative=iterative, limit=RECALL_AT + 1))
+        found = 0
+        for probe in probes:
+            ids = await calibration_sql.nearest(
+                conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False
+            )
+            found += len(probe.truth.intersection(_without(probe.id, ids)))
+        recall = found / max(1, sum(len(p.truth) for p in probes))
+        points.append((setting, round(recall, 4)))
+        if recall >= target:
+            break
+    return Curve(points=tuple(points), queries=len(probes))
+
+
+async def calibrate(
+    conn: Connection,
+    *,
+    kind: IndexKind,
+    lists: int,
+    target: float,
+    queries: int,
+    filtered_min_rows: int,
+    iterative: bool,
+    rows: int,
+    writes: int,
+    index_built_at: str,
+) -> Calibration:
+    """Measure recall@10 on ``queries`` sampled memories, unfiltered and filtered by their own scope (when it holds
+    at least ``filtered_min_rows`` memories, so a search would use the index)."""
+    started = time.perf_counter()
+    sample = await calibration_sql.sample(conn, queries, rows=rows)
+    if not sample:
+        raise ValueError("no stored vectors to calibrate on")
+    unfiltered = [
+        _Probe(row.id, row.vector, MemoryFilter(), await _truth(conn, row.id, row.vector, MemoryFilter()))
+        for row in sample
+    ]
+    large: dict[ScopeRef, bool] = {}
+    filtered: list[_Probe] = []
+    for row in sample[: max(1, queries // 2)]:
+        scope_filter = MemoryFilter(scopes=(row.scope,))
+        if row.scope not in large:
+            large[row.scope] = await calibration_sql.matching_at_least(conn, scope_filter, max(filtered_min_rows, 1))
+        if large[row.scope] and (truth := await _truth(conn, row.id, row.vector, scope_filter)):
+            filtered.append(_Probe(row.id, row.vector, scope_filter, truth))
+    settings = ladder(kind, lists)
+    unfiltered_curve = await _curve(conn, unfiltered, settings, kind=kind, iterative=iterative, target=target)
+    # Without iterative scans a filtered index scan that comes back short falls back to an exact scan, so its
+    # recall is not the index's to measure.
+    filtered_curve = (
+        await _curve(conn, filtered, settings, kind=kind, iterative=iterative, target=target)
+        if filtered and iterative
+        else None
+    )
+    calibration = Calibration(
+        kind=kind,
+        target=target,
+        unfiltered=unfiltered_curve,
+        filtered=filtered_curve,
+        rows=rows,
+        writes=writes,
+        index_built_at=index_built_at,
+        calibrated_at=datetime.now(UTC),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    log.info(
+        "calibrated %s on %d queries (%d filtered) in %.1fs: %s",
+        kind,
+        len(unfiltered),
+        len(filtered),
+        calibration.seconds,
+        {"unfiltered": unfiltered_curve.points[-1], "filtered": filtered_curve.points[-1] if filtered_curve else None},
+    )
+    return calibration

@@ -1,0 +1,75 @@
+"""SQL a calibration runs: a sample of stored vectors, and their neighbours found exactly and through the index.
+
+The neighbours come from ``search_sql.candidates`` itself, so a calibration measures the very statement searches
+run, with the scan settings they would run it with. Everything here runs on the maintenance connection
+(``index_sql.maintenance_connection``), whose plain ``SET`` lasts until it closes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+
+from memory_service.models import MemoryFilter, Scope, ScopeRef, Vector
+from memory_service.storage import search_sql, settings_sql
+
+CALIBRATION_KEY = "vector_index_calibration"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRow:
+    id: int
+    vector: Vector
+    scope: ScopeRef
+
+
+async def sample(conn: asyncpg.Connection, size: int, *, rows: int) -> list[SampleRow]:
+    """About ``size`` live memories with an embedding, drawn uniformly (a Bernoulli sample of the rows, so pages
+    written together, often on one topic, do not come as a block)."""
+    percent = min(100.0, 100.0 * 4 * size / max(rows, 1))
+    records = await conn.fetch(
+        f"""
+        SELECT id, embedding, scope::text AS scope, scope_id FROM memory.memories m
+        TABLESAMPLE BERNOULLI ({percent:.6f})
+        WHERE m.embedding IS NOT NULL AND (m.expires_at IS NULL OR m.expires_at > now())
+        ORDER BY random() LIMIT $1
+        """,
+        size,
+    )
+    return [
+        SampleRow(id=r["id"], vector=r["embedding"], scope=ScopeRef(scope=Scope(r["scope"]), scope_id=r["scope_id"]))
+        for r in records
+    ]
+
+
+async def use_settings(conn: asyncpg.Connection, settings: Mapping[str, str]) -> None:
+    """Scan settings for the statements that follow on this (unpooled) connection."""
+    for name, value in settings.items():
+        await conn.execute("SELECT set_config($1, $2, false)", name, value)
+
+
+async def nearest(
+    conn: asyncpg.Connection, memory_filter: MemoryFilter, vector: Vector, *, limit: int, exact: bool
+) -> list[int]:
+    """Ids of the ``limit`` nearest among the filter's memories, by distance: exactly, or through the index."""
+    found = await search_sql.candidates(
+        conn, memory_filter, vector=vector, text=None, limit=limit, exact=exact, full_rows=False
+    )
+    return [c.id for c in sorted(found, key=lambda c: (c.distance if c.distance is not None else 2.0, c.id))]
+
+
+async def matching_at_least(conn: asyncpg.Connection, memory_filter: MemoryFilter, rows: int) -> bool:
+    return await search_sql.count_matching(conn, memory_filter, cap=rows) >= rows
+
+
+async def read(conn: asyncpg.Connection) -> dict[str, Any] | None:
+    stored = (await settings_sql.read_settings(conn)).get(CALIBRATION_KEY)
+    return None if stored is None else dict(json.loads(stored))
+
+
+async def write(conn: asyncpg.Connection, calibration: Mapping[str, Any]) -> None:
+    await settings_sql.write_settings(conn, {CALIBRATION_KEY: json.dumps(calibration, sort_keys=True)})

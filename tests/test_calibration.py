@@ -1,0 +1,242 @@
+"""Index calibration: the least probes (ef_search) reaching the target recall on the index's own data.
+
+The data here is chosen so that one list is not enough (400 topics over 10 lists, rows far from their topic's
+centre: probes = 1 finds about 87% of the neighbours), so a calibration that did nothing, or always answered
+probes = 1, fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import numpy as np
+import pytest
+
+from bench.datasets import Corpus, clustered, copy_into_memories, records
+from memory_service.search.calibration import Calibration, Curve, ladder, scan_settings
+from memory_service.search.index_care import IndexState, needs_calibration
+from memory_service.storage.database import init_connection
+from memory_service.v1 import memory_pb2
+from tests.conftest import RunningServer, start_server, stop_server, test_env
+
+ROWS = 8000
+TARGET = 0.95
+
+
+def hard_corpus(rows: int, *, seed: int) -> Corpus:
+    return clustered(rows, topics=400, scopes=4, noise=1.0, seed=seed)
+
+
+async def load(database_url: str, corpus: Corpus, *, prefix: str = "row") -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await init_connection(conn)
+        rows = [(r[0], r[1], r[2].replace("row", prefix), *r[3:]) for r in records(corpus, model="hash-ngram-v1")]
+        await copy_into_memories(conn, rows)
+        await conn.execute("ANALYZE memory.memories")
+    finally:
+        await conn.close()
+
+
+def env_for(database_url: str, **overrides: str) -> dict[str, str]:
+    # Scopes of 2000 rows are "large" (searched through the index) with a narrow-filter threshold of 500.
+    settings = {"EXACT_SEARCH_MAX_ROWS": "1000", "SEARCH_NARROW_FILTER_ROWS": "500", "SEARCH_CALIBRATION_QUERIES": "80"}
+    return test_env(database_url, **{**settings, **overrides})
+
+
+@pytest.fixture
+async def calibrated(database_url: str) -> AsyncIterator[tuple[RunningServer, Corpus]]:
+    corpus = hard_corpus(ROWS, seed=3)
+    running = await start_server(env_for(database_url))
+    await running.server.runtime.binding.bind_now()  # the rows below are copied in behind the service's back
+    await load(database_url, corpus)
+    outcome = await running.server.runtime.index.maintain()
+    assert outcome.startswith("rebuilt ivfflat with lists=10 for 8000 rows; calibrated probes="), outcome
+    yield running, corpus
+    await stop_server(running)
+
+
+def recall(found: list[int], truth: list[int]) -> float:
+    return len(set(found) & set(truth)) / len(truth)
+
+
+async def test_calibration_chooses_the_least_probes_that_reach_the_target(
+    calibrated: tuple[RunningServer, Corpus],
+) -> None:
+    running, corpus = calibrated
+    calibration = running.server.runtime.index.state.calibration
+    assert calibration is not None and calibration.kind == "ivfflat" and calibration.target == TARGET
+    points = calibration.unfiltered.points
+    chosen = calibration.setting(filtered=False)
+    # The premise: one list is not enough on this data. Then: every cheaper setting fell short, the chosen one did not.
+    assert points[0] == (1, points[0][1]) and points[0][1] < TARGET
+    assert [s for s, r in points if r < TARGET] == [s for s, _ in points if s < chosen]
+    assert calibration.unfiltered.recall_at(chosen) >= TARGET and chosen > 1
+
+    # What the calibration promised holds for queries it never saw: new points drawn as the rows were.
+    rng = np.random.default_rng(99)
+    fresh = corpus.centres[rng.integers(0, len(corpus.centres), 60)] + rng.normal(size=(60, 384)) / np.sqrt(384)
+    fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+    total = 0.0
+    for vector in fresh.astype(np.float32):
+        response = await running.memory.Search(
+            memory_pb2.SearchRequest(query_embedding=vector.tolist(), top_k=10, mode=memory_pb2.SEARCH_MODE_VECTOR)
+        )
+        assert response.plan == "ivfflat-iterative" and response.probes == chosen
+        assert response.estimated_recall == pytest.approx(calibration.unfiltered.recall_at(chosen))
+        truth = np.argsort(-(corpus.vectors @ vector))[:10]
+        total += recall([int(h.memory.key.split("-")[1]) for h in response.hits], [int(i) for i in truth])
+    assert total / 60 >= TARGET - 0.05
+
+
+async def test_request_probes_win_and_report_their_own_recall(calibrated: tuple[RunningServer, Corpus]) -> None:
+    running, corpus = calibrated
+    calibration = running.server.runtime.index.state.calibration
+    assert calibration is not None
+    query = corpus.vectors[5].tolist()
+    one = await running.memory.Search(memory_pb2.SearchRequest(query_embedding=query, top_k=10, probes=1))
+    assert one.probes == 1 and one.estimated_recall == pytest.approx(calibration.unfiltered.points[0][1])
+    exact = await running.memory.Search(memory_pb2.SearchRequest(query_embedding=query, top_k=10, exact=True))
+    assert exact.plan == "exact" and exact.estimated_recall == 1.0
+    text = await running.memory.Search(memory_pb2.SearchRequest(query="note", mode=memory_pb2.SEARCH_MODE_TEXT))
+    assert not text.HasField("estimated_recall")
+
+
+async def test_filtered_searches_use_their_own_calibration(calibrated: tuple[RunningServer, Corpus]) -> None:
+    running, corpus = calibrated
+    calibration = running.server.runtime.index.state.calibration
+    assert calibration is not None and calibration.filtered is not None and calibration.filtered.queries > 0
+    setting = calibration.setting(filtered=True)
+
+    async def search(scope_id: int | None) -> memory_pb2.SearchResponse:
+        scope = memory_pb2.ScopeRef(scope=memory_pb2.SCOPE_PROJECT)
+        if scope_id is not None:
+            scope.scope_id = scope_id
+        request = memory_pb2.SearchRequest(
+            query_embedding=corpus.vectors[7].tolist(), top_k=10, filter=memory_pb2.MemoryFilter(scopes=[scope])
+        )
+        response = await running.memory.Search(request)
+        assert len(response.hits) == 10
+        return response
+
+    # Every row matches: the index, at the filtered setting, with the filtered curve's recall.
+    broad = await search(None)
+    assert broad.plan == "ivfflat-iterative" and broad.probes == setting
+    assert broad.estimated_recall == pytest.approx(calibration.filtered.recall_at(setting))
+    # One scope of 2000 rows: exact when the index scan would read at least as many rows (probes lists of 800).
+    one_scope = await search(int(corpus.scope_ids[7]))
+    index_would_read = setting * ROWS // 10
+    assert one_scope.plan == ("exact" if index_would_read > 2000 else "ivfflat-iterative"), index_would_read
+
+    stats = await running.memory.Stats(memory_pb2.StatsRequest())
+    assert stats.index.kind == "ivfflat" and stats.index.target_recall == TARGET
+    assert stats.index.calibration.probes == calibration.setting(filtered=False)
+    assert stats.index.calibration.filtered_probes == setting
+    assert stats.index.calibration.recall >= TARGET and stats.index.calibration.queries == 80
+
+
+async def test_recalibrates_once_a_fifth_of_the_rows_changed_without_rebuilding(
+    calibrated: tuple[RunningServer, Corpus], database_url: str
+) -> None:
+    running, _ = calibrated
+    index = running.server.runtime.index
+    before = index.state.calibration
+    assert before is not None
+    assert await index.maintain() == "up to date"
+    await load(database_url, hard_corpus(2000, seed=4), prefix="more")  # 25% more rows: no rebuild (not doubled)
+    outcome = await index.maintain()
+    assert outcome.startswith("calibrated probes="), outcome
+    after = index.state.calibration
+    assert (
+        after is not None
+        and after.calibrated_at > before.calibrated_at
+        and after.index_built_at == before.index_built_at
+    )
+    assert await index.maintain() == "up to date"
+
+
+async def test_operator_probes_win_over_the_calibration(
+    calibrated: tuple[RunningServer, Corpus], database_url: str
+) -> None:
+    _, corpus = calibrated
+    other = await start_server(env_for(database_url, IVFFLAT_PROBES="2"))
+    try:
+        response = await other.memory.Search(
+            memory_pb2.SearchRequest(query_embedding=corpus.vectors[1].tolist(), top_k=10)
+        )
+    finally:
+        await stop_server(other)
+    assert response.probes == 2 and response.HasField("estimated_recall")
+
+
+async def test_hnsw_replaces_ivfflat_and_is_calibrated_and_complete(
+    calibrated: tuple[RunningServer, Corpus], database_url: str
+) -> None:
+    _, corpus = calibrated
+    running = await start_server(env_for(database_url, VECTOR_INDEX="hnsw", SEARCH_NARROW_FILTER_ROWS="10"))
+    try:
+        outcome = await running.server.runtime.index.maintain()
+        assert outcome.startswith("rebuilt hnsw with m=16 for 8000 rows; calibrated ef_search="), outcome
+        conn = await asyncpg.connect(database_url)
+        try:
+            names = await conn.fetch("SELECT indexname FROM pg_indexes WHERE indexname LIKE 'memories_embedding%'")
+        finally:
+            await conn.close()
+        assert [r[0] for r in names] == ["memories_embedding_hnsw"]
+        calibration = running.server.runtime.index.state.calibration
+        assert calibration is not None and calibration.kind == "hnsw"
+        assert calibration.unfiltered.recall_at(calibration.setting(filtered=False)) >= TARGET
+
+        response = await running.memory.Search(
+            memory_pb2.SearchRequest(query_embedding=corpus.vectors[3].tolist(), top_k=10)
+        )
+        assert response.plan == "hnsw-iterative" and response.probes == calibration.setting(filtered=False)
+        # About 1% of rows pass this filter and no btree finds them: the graph is scanned until 10 pass.
+        assert 40 < int((corpus.importance >= 0.99).sum()) < 150
+        filtered = await running.memory.Search(
+            memory_pb2.SearchRequest(
+                query_embedding=corpus.vectors[3].tolist(),
+                top_k=10,
+                filter=memory_pb2.MemoryFilter(min_importance=0.99),
+            )
+        )
+        assert len(filtered.hits) == 10 and all(h.memory.importance >= 0.99 for h in filtered.hits)
+        assert await running.server.runtime.index.maintain() == "up to date"  # an HNSW graph is not rebuilt on growth
+    finally:
+        await stop_server(running)
+
+
+def test_the_policy_needs_no_database() -> None:
+    assert ladder("ivfflat", 10)[:3] == [1, 2, 3] and ladder("ivfflat", 10)[-1] == 10
+    assert ladder("ivfflat", 1000)[-1] == 1000 and ladder("hnsw", 0)[-1] == 1000
+    assert scan_settings("hnsw", 20, iterative=True, limit=40) == {
+        "hnsw.ef_search": "40",
+        "hnsw.iterative_scan": "relaxed_order",
+    }
+    assert scan_settings("ivfflat", 3, iterative=False, limit=40) == {"ivfflat.probes": "3"}
+    curve = Curve(points=((1, 0.8), (2, 0.93), (3, 0.96)), queries=50)
+    assert curve.chosen(0.95) == 3 and curve.chosen(0.9) == 2 and curve.chosen(0.99) == 3
+    assert curve.recall_at(2) == 0.93 and curve.recall_at(10) == 0.96 and curve.recall_at(0) is None
+
+    import datetime as dt
+
+    calibration = Calibration(
+        kind="ivfflat",
+        target=0.95,
+        unfiltered=curve,
+        filtered=None,
+        rows=1000,
+        writes=5000,
+        index_built_at="2026-01-01T00:00:00+00:00",
+        calibrated_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        seconds=1.5,
+    )
+    assert Calibration.from_json(calibration.to_json()) == calibration
+    assert calibration.setting(filtered=True) == 3  # no filtered curve: the unfiltered one serves
+    state = IndexState(exists=True, valid=True, kind="ivfflat", lists=10, rows=1000, calibration=calibration)
+    assert not needs_calibration(state, writes=5199, target=0.95)
+    assert needs_calibration(state, writes=5200, target=0.95)  # a fifth of the rows written since
+    assert needs_calibration(state, writes=10, target=0.95)  # the statistics were reset
+    assert needs_calibration(state, writes=5000, target=0.9)
+    assert not needs_calibration(IndexState(rows=1000), writes=0, target=0.95)  # no index, nothing to calibrate
