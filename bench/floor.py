@@ -1,6 +1,6 @@
 """The bare floor: the least any gRPC service could do for a search, read, page or write, run as its own process.
 
-    python -m bench.floor        # DATABASE_URL, FLOOR_PROBES, VECTOR_INDEX, FLOOR_POOL from the environment
+    python -m bench.floor        # DATABASE_URL, VECTOR_INDEX, FLOOR_POOL from the environment
 
 It speaks the service's own protocol (``memory_service.v1.MemoryService``), so one client stub calls both, and
 implements only Store, Get, List (one scope, keyset on id) and Search with the least SQL that gives the same
@@ -9,11 +9,11 @@ TEXT is the service's BM25 statement (``memory_service.storage.search_sql``) wit
 service's one-statement vector and text candidates, fused here by the weighted sum, and the winners' rows. No
 validation, no metrics, no interceptors, no history, no embedding, no planning: each call is its statements.
 
-FLOOR_PROBES=0 answers VECTOR searches by an exact scan, as the service does below EXACT_SEARCH_MAX_ROWS.
-The scan settings (``ivfflat.probes`` or ``hnsw.ef_search``, from FLOOR_PROBES, and relaxed-order iterative scans
-so a filtered index scan still finds k rows) are startup settings of every pooled connection: set once, never
-sent again, and kept across asyncpg's reset. Measured against it, the service's extra time is what it spends on
-being a service (``bench.scale`` prints the ratio).
+The caller says how to scan, in the request's own fields, so that the floor gives the answer the service gave:
+``exact`` scans exactly, ``probes`` is ``ivfflat.probes`` or ``hnsw.ef_search`` (``bench.scale`` sends what the
+service's response reported). Scan settings are startup settings of a pool per setting (with relaxed-order
+iterative scans, so a filtered index scan still finds k rows): set once, never sent again, kept across asyncpg's
+reset. Measured against it, the service's extra time is what it spends on being a service.
 """
 
 from __future__ import annotations
@@ -115,25 +115,63 @@ def one_scope(request_filter: memory_pb2.MemoryFilter) -> tuple[str, int] | None
     return _SCOPE_FROM_WIRE[ref.scope], ref.scope_id
 
 
+class Pools:
+    """One pool for scans that need no settings, and one per index scan setting, opened on first use."""
+
+    def __init__(self, dsn: str, *, index: str, size: int) -> None:
+        self.dsn = dsn
+        self.index = index
+        self.size = size
+        self._pools: dict[int, asyncpg.Pool] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, setting: int = 0) -> asyncpg.Pool:
+        pool = self._pools.get(setting)
+        if pool is None:
+            async with self._lock:
+                pool = self._pools.get(setting)
+                if pool is None:
+                    pool = await asyncpg.create_pool(
+                        self.dsn,
+                        min_size=self.size,
+                        max_size=self.size,
+                        init=register_vector,
+                        server_settings=scan_settings(self.index, setting),
+                    )
+                    self._pools[setting] = pool
+        return pool
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+
+
 class Floor(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, model: str, *, exact: bool) -> None:
-        self.pool = pool
+    def __init__(self, pools: Pools, model: str) -> None:
+        self.pools = pools
         self.model = model
-        self.exact = exact
-        """Answer VECTOR searches by an exact scan, as the service does on small tables (FLOOR_PROBES=0)."""
+
+    async def _pool(self, request: memory_pb2.SearchRequest, limit: int) -> asyncpg.Pool:
+        if request.exact or request.mode == memory_pb2.SEARCH_MODE_TEXT:
+            return await self.pools.get()
+        setting = request.probes or 1
+        if self.pools.index == "hnsw":
+            # As the service does: HNSW returns at most ef_search rows from a plain scan.
+            setting = min(max(setting, limit), 1000)
+        return await self.pools.get(setting)
 
     async def Store(self, request: memory_pb2.StoreRequest, context: aio.ServicerContext) -> memory_pb2.StoreResponse:
         m = request.memory
         importance = m.importance if m.HasField("importance") else 0.5
         embedding = np.asarray(m.embedding, dtype=np.float32)
         scope = _SCOPE_FROM_WIRE[m.scope]
-        async with self.pool.acquire() as conn:
+        async with (await self.pools.get()).acquire() as conn:
             row = await conn.fetchrow(_UPSERT, scope, m.scope_id, m.key, m.value, embedding, importance, self.model)
         outcome = memory_pb2.WRITE_OUTCOME_CREATED if row["created"] else memory_pb2.WRITE_OUTCOME_UPDATED
         return memory_pb2.StoreResponse(id=row["id"], outcome=outcome, key=m.key)
 
     async def Get(self, request: memory_pb2.GetRequest, context: aio.ServicerContext) -> memory_pb2.GetResponse:
-        async with self.pool.acquire() as conn:
+        async with (await self.pools.get()).acquire() as conn:
             row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM memory.memories WHERE id = $1", request.id)
         return memory_pb2.GetResponse(memory=memory_message(row))
 
@@ -142,7 +180,7 @@ class Floor(memory_pb2_grpc.MemoryServiceServicer):
         assert scope is not None, "the floor lists one scope"
         after = int(request.page_token or 0)
         limit = request.page_size or 100
-        async with self.pool.acquire() as conn:
+        async with (await self.pools.get()).acquire() as conn:
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM memory.memories WHERE scope = $1::text::memory.scope AND scope_id = $2 "
                 f"AND id > $3 ORDER BY id LIMIT {int(limit) + 1}",
@@ -159,14 +197,18 @@ class Floor(memory_pb2_grpc.MemoryServiceServicer):
         top_k = request.top_k or 10
         scope = one_scope(request.filter)
         if request.mode == memory_pb2.SEARCH_MODE_VECTOR:
-            hits = await self._vector(np.asarray(request.query_embedding, dtype=np.float32), scope, top_k)
+            pool = await self._pool(request, top_k)
+            vector = np.asarray(request.query_embedding, dtype=np.float32)
+            hits = await self._vector(pool, vector, scope, top_k, exact=request.exact)
         else:
             hits = await self._ranked(request, scope, top_k)
         return memory_pb2.SearchResponse(hits=hits, mode=request.mode)
 
-    async def _vector(self, vector: np.ndarray, scope: tuple[str, int] | None, top_k: int) -> list[Any]:
-        sql = vector_statement(scoped=scope is not None, top_k=top_k, exact=self.exact)
-        async with self.pool.acquire() as conn:
+    async def _vector(
+        self, pool: asyncpg.Pool, vector: np.ndarray, scope: tuple[str, int] | None, top_k: int, *, exact: bool
+    ) -> list[Any]:
+        sql = vector_statement(scoped=scope is not None, top_k=top_k, exact=exact)
+        async with pool.acquire() as conn:
             rows = await conn.fetch(sql, vector, *(scope or ()))
         return [
             memory_pb2.SearchHit(
@@ -185,10 +227,10 @@ class Floor(memory_pb2_grpc.MemoryServiceServicer):
             vector=np.asarray(request.query_embedding, dtype=np.float32) if hybrid else None,
             text=request.query,
             limit=_HYBRID_CANDIDATES if hybrid else top_k,
-            exact=self.exact,
+            exact=request.exact,
             full_rows=not hybrid,
         )
-        async with self.pool.acquire() as conn:
+        async with (await self._pool(request, _HYBRID_CANDIDATES)).acquire() as conn:
             rows = await conn.fetch(sql, *values)
             if not hybrid:
                 rows = sorted(rows, key=lambda r: (-r["text_score"], r["id"]))
@@ -223,38 +265,37 @@ class Floor(memory_pb2_grpc.MemoryServiceServicer):
 
 
 def scan_settings(index: str, probes: int) -> dict[str, str]:
-    """Startup settings of every pooled connection: set once, and kept across asyncpg's RESET ALL.
+    """Startup settings of every pooled connection: set once, and kept across asyncpg's RESET ALL (``probes`` 0:
+    none, for scans that need none).
 
     Every execution is planned for its own values: one statement serves every scope, and a generic plan made for
     the typical scope (about 1% of the rows: the btree and a sort) read all 10,000 rows of the large scope."""
     custom = {"plan_cache_mode": "force_custom_plan"}
+    if not probes:
+        return custom
     if index == "hnsw":
         return {**custom, "hnsw.ef_search": str(probes), "hnsw.iterative_scan": "relaxed_order"}
     return {**custom, "ivfflat.probes": str(probes), "ivfflat.iterative_scan": "relaxed_order"}
 
 
 async def serve() -> None:
-    dsn = os.environ["DATABASE_URL"]
-    probes = int(os.environ.get("FLOOR_PROBES", "10"))
     index = os.environ.get("VECTOR_INDEX", "ivfflat")
-    size = int(os.environ.get("FLOOR_POOL", "4"))
-    pool = await asyncpg.create_pool(
-        dsn, min_size=size, max_size=size, init=register_vector, server_settings=scan_settings(index, max(1, probes))
-    )
+    pools = Pools(os.environ["DATABASE_URL"], index=index, size=int(os.environ.get("FLOOR_POOL", "4")))
+    pool = await pools.get()
     model = await pool.fetchval("SELECT value FROM memory.settings WHERE key = 'embedding_model'") or "floor"
     server = aio.server()
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(Floor(pool, model, exact=probes == 0), server)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(Floor(pools, model), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     # The line bench.harness.ServerProcess waits for.
-    print(f"floor serving gRPC on 127.0.0.1:{port} ({index}, probes {probes})", file=sys.stderr, flush=True)
+    print(f"floor serving gRPC on 127.0.0.1:{port} ({index})", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(1)
-    await pool.close()
+    await pools.close()
 
 
 if __name__ == "__main__":

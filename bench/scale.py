@@ -22,8 +22,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -37,7 +35,15 @@ from pgvector.asyncpg import register_vector
 from bench import minilm
 from bench.datasets import NAMES, Corpus, corpus, queries
 from bench.floor import scan_settings, vector_statement
-from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
+from bench.harness import (
+    ServerProcess,
+    database_server,
+    fresh_database,
+    latencies,
+    percentile_ms,
+    print_table,
+    reindex,
+)
 from memory_service.client import MemoryClient
 from memory_service.config import Settings
 from memory_service.metrics import Metrics
@@ -150,18 +156,7 @@ async def build(dsn: str, data: Corpus, index: str) -> Build:
         result.text_stats_s = time.perf_counter() - started
     finally:
         await runtime.close()
-    started = time.perf_counter()
-    env = {**os.environ, **service_env(dsn, index)}
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "memory_service", "reindex", "--force"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    result.reindex_s = time.perf_counter() - started
-    result.reindex_said = done.stdout.strip()
+    result.reindex_said, result.reindex_s = await asyncio.to_thread(reindex, service_env(dsn, index))
     conn = await asyncpg.connect(dsn)
     try:
         result.table_mb = await conn.fetchval("SELECT pg_total_relation_size('memory.memories')") / 2**20
@@ -186,6 +181,8 @@ class Row:
     floor: list[float]
     recall_service: float | None = None
     recall_floor: float | None = None
+    estimated_recall: float | None = None
+    """The mean of the responses' ``estimated_recall`` (the service's calibration at the probes it used)."""
     plan: str = ""
     """The service's plans (the response's ``plan``), and for VECTOR the scans of the floor's statement."""
 
@@ -201,6 +198,7 @@ class Row:
             f"{ratio:.2f}x",
             "" if self.recall_service is None else self.recall_service,
             "" if self.recall_floor is None else self.recall_floor,
+            "" if self.estimated_recall is None else self.estimated_recall,
             self.plan,
         ]
 
@@ -215,18 +213,17 @@ HEADERS = [
     "x floor p50",
     "recall@10",
     "floor recall",
-    "plan: service's (its generic plan's scans) / floor's scans",
+    "estimated recall",
+    "plan, probes: service's (its generic plan's scans) / floor's scans",
 ]
 
 
 class Measure:
     """Alternating calls to the service and the floor over the same requests."""
 
-    def __init__(
-        self, data: Corpus, service: Any, floor: Any, *, count: int, warmup: int, dsn: str, scan: dict[str, str]
-    ) -> None:
+    def __init__(self, data: Corpus, service: Any, floor: Any, *, count: int, warmup: int, dsn: str, kind: str) -> None:
         self.dsn = dsn
-        self.scan = scan
+        self.kind = kind
         self.data = data
         self.service = service
         self.floor = floor
@@ -246,10 +243,10 @@ class Measure:
         service, floor = await latencies(on_service, on_floor, count=self.count)
         return service, floor
 
-    async def plans(self, scope_id: int | None, service_plan: str) -> str:
+    async def plans(self, scope_id: int | None, service_plan: str, probes: int) -> str:
         """What PostgreSQL plans for the VECTOR statements: the service's as a generic plan (the one its cached
         statements settle on), the floor's for its own values (it plans every execution)."""
-        exact = not self.scan
+        exact = probes == 0
         floor_sql = vector_statement(scoped=scope_id is not None, top_k=K, exact=exact)
         memory_filter = MemoryFilter()
         if scope_id is not None:
@@ -257,7 +254,8 @@ class Measure:
         service_sql, values = search_sql.candidates_statement(
             memory_filter, vector=self.vectors[0], text=None, limit=K, exact=service_plan == "exact", full_rows=True
         )
-        conn = await asyncpg.connect(self.dsn, server_settings=self.scan or None)
+        setting = max(probes, K) if self.kind == "hnsw" and probes else probes
+        conn = await asyncpg.connect(self.dsn, server_settings=scan_settings(self.kind, setting))
         try:
             await register_vector(conn)
             scope = () if scope_id is None else ("project", scope_id)
@@ -268,7 +266,7 @@ class Measure:
             (service,) = json.loads(await conn.fetchval(explain))
         finally:
             await conn.close()
-        return f"{service_plan}: {scans(service['Plan'])} / {scans(floor['Plan'])}"
+        return f"{service_plan}, {probes}: {scans(service['Plan'])} / {scans(floor['Plan'])}"
 
     def truth(self, i: int, scope_id: int | None) -> set[int]:
         rows = np.arange(len(self.data)) if scope_id is None else np.flatnonzero(self.data.scope_ids == scope_id)
@@ -288,19 +286,35 @@ class Measure:
     async def search(self, mode: str, scope_name: str) -> Row:
         scope_id = FILTERS[scope_name]
         requests = [self.request(mode, scope_id, i) for i in range(self.count)]
+        # The floor scans as the service did: exactly where it did, else at the probes it reported.
+        first = await self.service.Search(requests[0])
+        floor_requests = []
+        for request in requests:
+            floor_request = memory_pb2.SearchRequest()
+            floor_request.CopyFrom(request)
+            floor_request.exact = mode != "text" and first.plan == "exact"
+            floor_request.probes = first.probes
+            floor_requests.append(floor_request)
         answers: dict[int, dict[int, set[int]]] = {id(self.service): {}, id(self.floor): {}}
         plans: set[str] = set()
+        estimates: list[float] = []
 
         async def call(stub: Any, i: int) -> None:
-            response = await stub.Search(requests[i % self.count])
+            on_service = stub is self.service
+            response = await stub.Search((requests if on_service else floor_requests)[i % self.count])
             answers[id(stub)][i] = {self.keys[h.memory.key] for h in response.hits}
-            if stub is self.service:
-                plans.add(response.plan)
+            if on_service:
+                plans.add(f"{response.plan}" + (f" {response.probes}" if response.probes != first.probes else ""))
+                if response.HasField("estimated_recall"):
+                    estimates.append(response.estimated_recall)
 
         service, floor = await self.pair(call)
         row = Row(f"Search {mode}", scope_name, service, floor, plan=" ".join(sorted(plans)))
+        row.estimated_recall = float(np.mean(estimates)) if estimates else None
         if mode == "vector":
-            row.plan = await self.plans(scope_id, row.plan)
+            row.plan = await self.plans(scope_id, row.plan, first.probes)
+        else:
+            row.plan += f", {first.probes}"
         if mode == "vector":
             truths = [self.truth(i, scope_id) for i in range(self.count)]
 
@@ -309,6 +323,10 @@ class Measure:
 
             row.recall_service, row.recall_floor = recall(answers[id(self.service)]), recall(answers[id(self.floor)])
         return row
+
+
+def _fraction(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def literal(value: object) -> str:
@@ -360,30 +378,28 @@ async def measure_size(
         service_channel = aio.insecure_channel(server.address)
         service = memory_pb2_grpc.MemoryServiceStub(service_channel)
         stats = await service.Stats(memory_pb2.StatsRequest())
-        vectors, _ = queries(data, 1)
-        probe = await service.Search(
-            memory_pb2.SearchRequest(mode=memory_pb2.SEARCH_MODE_VECTOR, top_k=K, query_embedding=vectors[0].tolist())
-        )
-        # An exact plan reports probes 0, and the floor then scans exactly too.
         built_kind = await index_kind(dsn)
+        index_state = stats.index
+        calibration = index_state.calibration
         info: dict[str, Any] = {
             "index": built_kind,
-            "plan": probe.plan,
-            "probes": probe.probes,
-            "lists": stats.index.lists,
+            "lists": index_state.lists,
+            "m": index_state.m,
+            "target recall": index_state.target_recall,
+            "probes": calibration.probes,
+            "calibrated recall": calibration.recall,
+            "filtered probes": calibration.filtered_probes if calibration.HasField("filtered_probes") else "-",
+            "filtered recall": calibration.filtered_recall if calibration.HasField("filtered_recall") else "-",
+            "calibration s": calibration.seconds,
         }
-        if "estimated_recall" in memory_pb2.SearchResponse.DESCRIPTOR.fields_by_name:
-            info["estimated_recall"] = probe.estimated_recall
         floor_process = ServerProcess(
-            {"DATABASE_URL": dsn, "FLOOR_PROBES": str(probe.probes), "VECTOR_INDEX": built_kind, "FLOOR_POOL": "4"},
-            command=("-m", "bench.floor"),
+            {"DATABASE_URL": dsn, "VECTOR_INDEX": built_kind, "FLOOR_POOL": "4"}, command=("-m", "bench.floor")
         )
         await asyncio.to_thread(floor_process.wait_ready)
         floor_channel = aio.insecure_channel(floor_process.address)
         floor = memory_pb2_grpc.MemoryServiceStub(floor_channel)
         try:
-            scan = scan_settings(built_kind, probe.probes) if probe.probes else {}
-            rows = await calls(dsn, data, service, floor, count=count, warmup=warmup, scan=scan)
+            rows = await calls(dsn, data, service, floor, count=count, warmup=warmup, kind=built_kind)
         finally:
             await service_channel.close()
             await floor_channel.close()
@@ -410,10 +426,8 @@ async def deep_page(dsn: str, service: Any) -> tuple[str, str]:
     return token, str(last) if skipped else ""
 
 
-async def calls(
-    dsn: str, data: Corpus, service: Any, floor: Any, *, count: int, warmup: int, scan: dict[str, str]
-) -> list[Row]:
-    measure = Measure(data, service, floor, count=count, warmup=warmup, dsn=dsn, scan=scan)
+async def calls(dsn: str, data: Corpus, service: Any, floor: Any, *, count: int, warmup: int, kind: str) -> list[Row]:
+    measure = Measure(data, service, floor, count=count, warmup=warmup, dsn=dsn, kind=kind)
     rng = np.random.default_rng(9)
     conn = await asyncpg.connect(dsn)
     try:
@@ -486,11 +500,11 @@ async def run(args: argparse.Namespace) -> None:
                     built.vacuum_s,
                     built.text_stats_s,
                     built.reindex_s,
-                    built.reindex_said,
-                    info.get("lists", ""),
-                    info.get("probes", ""),
-                    info.get("plan", ""),
-                    info.get("estimated_recall", "-"),
+                    info["index"],
+                    info["lists"] or info["m"],
+                    f"{info['probes']} / {info['filtered probes']}",
+                    f"{info['calibrated recall']:.3f} / {_fraction(info['filtered recall'])}",
+                    info["calibration s"],
                     built.table_mb,
                     built.vector_index_mb,
                 ]
@@ -504,11 +518,11 @@ async def run(args: argparse.Namespace) -> None:
             "VACUUM s",
             "text stats s",
             "reindex s",
-            "reindex said",
-            "lists",
-            "probes",
-            "plan",
-            "estimated recall",
+            "index",
+            "lists (m)",
+            "probes / filtered",
+            "calibrated recall / filtered",
+            "calibration s",
             "table MB",
             "vector index MB",
         ],
