@@ -68,6 +68,7 @@ SHAPES: Final = {
     "harder": Shape(topics=2000, noise=1.0, super_topics=6, spread=0.6),
 }
 NAMES: Final = (*SHAPES, "minilm")
+_SLICE_ROWS = 50_000
 
 
 def corpus(name: str, rows: int, *, scopes: int = 100, seed: int = 7) -> Corpus:
@@ -106,7 +107,12 @@ def synthetic(rows: int, shape: Shape, *, dim: int = 384, scopes: int = 100, see
     else:
         centres = _unit(rng.normal(size=(topics, dim)).astype(np.float32))
     topic_of = rng.integers(0, topics, size=rows)
-    vectors = _unit(centres[topic_of] + shape.noise * rng.normal(size=(rows, dim)).astype(np.float32) / np.sqrt(dim))
+    vectors = np.empty((rows, dim), dtype=np.float32)
+    # In slices, so a million rows never hold a float64 copy of the whole table (the draws are the same).
+    for start in range(0, rows, _SLICE_ROWS):
+        stop = min(rows, start + _SLICE_ROWS)
+        noise = shape.noise * rng.normal(size=(stop - start, dim)).astype(np.float32) / np.sqrt(dim)
+        vectors[start:stop] = _unit(centres[topic_of[start:stop]] + noise)
     vocabulary = [[_word(rng) for _ in range(12)] for _ in range(topics)]
     common = [_word(rng) for _ in range(400)]
     texts = []

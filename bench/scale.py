@@ -269,9 +269,12 @@ class Measure:
         return f"{service_plan}, {probes}: {scans(service['Plan'])} / {scans(floor['Plan'])}"
 
     def truth(self, i: int, scope_id: int | None) -> set[int]:
-        rows = np.arange(len(self.data)) if scope_id is None else np.flatnonzero(self.data.scope_ids == scope_id)
-        best = rows[np.argsort(-(self.data.vectors[rows] @ self.vectors[i]))[:K]]
-        return {int(x) for x in best}
+        if scope_id is None:
+            similarity = self.data.vectors @ self.vectors[i]
+            return {int(x) for x in np.argpartition(-similarity, K)[:K]}
+        rows = np.flatnonzero(self.data.scope_ids == scope_id)
+        similarity = self.data.vectors[rows] @ self.vectors[i]
+        return {int(x) for x in rows[np.argpartition(-similarity, K)[:K]]}
 
     def request(self, mode: str, scope_id: int | None, i: int) -> memory_pb2.SearchRequest:
         request = memory_pb2.SearchRequest(mode=MODES[mode], top_k=K)
