@@ -139,7 +139,10 @@ def load() -> tuple[npt.NDArray[np.float32], list[str]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist yet: build it once with `python -m bench.minilm`")
     with np.load(path) as stored:
-        return stored["vectors"].astype(np.float32), [str(t) for t in stored["texts"]]
+        texts = stored["texts"]
+        if texts.dtype.kind == "U":  # the first caches: a fixed-width array, four bytes per character of the longest
+            return stored["vectors"].astype(np.float32), [str(t) for t in texts]
+        return stored["vectors"].astype(np.float32), texts.tobytes().decode().split("\n")
 
 
 def available_rows() -> int:
@@ -189,7 +192,8 @@ def build(*, threads: int = 1) -> Path:
     print(f"{len(texts)} pieces of SciFact, {0 if prefix is None else len(prefix)} embedded already", flush=True)
     partial = cache_dir() / (CACHE_NAME + ".partial.npz")
     vectors = embed(texts, threads=threads, partial=partial, prefix=prefix)
-    _save(cache_path(), vectors=vectors, texts=np.array(texts))
+    # One UTF-8 buffer, newline-separated (pieces have their whitespace collapsed, so hold no newline).
+    _save(cache_path(), vectors=vectors, texts=np.frombuffer("\n".join(texts).encode(), dtype=np.uint8))
     partial.unlink(missing_ok=True)
     return cache_path()
 
