@@ -18,6 +18,7 @@ from memory_service.models import MemoryFilter
 from memory_service.search.calibration import Calibration, Curve, ladder, scan_settings
 from memory_service.search.index_care import IndexState, needs_calibration
 from memory_service.search.query_sample import QuerySample
+from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
@@ -228,6 +229,21 @@ async def test_hnsw_replaces_ivfflat_and_is_calibrated_and_complete(
         )
         assert len(filtered.hits) == 10 and all(h.memory.importance >= 0.99 for h in filtered.hits)
         assert await running.server.runtime.index.maintain() == "up to date"  # an HNSW graph is not rebuilt on growth
+
+        # The search statement's generic plan (the one a prepared statement settles on) walks the graph.
+        sql, _ = search_sql.candidates_statement(
+            MemoryFilter(), vector=corpus.vectors[0], text=None, limit=10, exact=False, full_rows=True
+        )
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                "CREATE FUNCTION pg_temp.generic_plan(statement text) RETURNS SETOF text LANGUAGE plpgsql AS "
+                "$$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || statement; END $$"
+            )
+            plan = "\n".join(r[0] for r in await conn.fetch("SELECT * FROM pg_temp.generic_plan($1)", sql))
+        finally:
+            await conn.close()
+        assert "memories_embedding_hnsw" in plan and "Seq Scan on memories" not in plan, plan
     finally:
         await stop_server(running)
 
