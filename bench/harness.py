@@ -73,9 +73,10 @@ def reindex(env: dict[str, str]) -> tuple[str, float]:
 
 
 class ServerProcess:
-    """``memory-service serve`` on a free loopback port; ``address`` is known once it logs that it serves."""
+    """``memory-service serve`` (or ``command``) on a free loopback port; ``address`` is known once it logs that it
+    serves."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], command: Sequence[str] = ("-m", "memory_service", "serve")) -> None:
         full_env = {
             **os.environ,
             "GRPC_HOST": "127.0.0.1",
@@ -86,7 +87,7 @@ class ServerProcess:
             **env,
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "memory_service", "serve"],
+            [sys.executable, *command],
             env=full_env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
