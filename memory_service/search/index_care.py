@@ -207,7 +207,8 @@ class IndexCare:
             writes=writes,
             target=self.target_recall,
             seen_unfiltered=len(seen.queries(filtered=False)) if seen is not None else 0,
-            seen_filtered=len(seen.queries(filtered=True)) if seen is not None else 0,
+            # Without iterative scans filtered searches are not calibrated at all (see calibration.calibrate).
+            seen_filtered=len(seen.queries(filtered=True)) if seen is not None and self._iterative_scan else 0,
         )
 
     async def _calibrate(self, conn: Connection, state: IndexState, writes: int) -> str:
