@@ -184,8 +184,8 @@ async def _curve(
                 conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False
             )
             found += len(probe.truth.intersection(_without(probe.id, ids)))
-        recall = found / max(1, sum(len(p.truth) for p in probes))
-        points.append((setting, round(recall, 4)))
+        recall = round(found / max(1, sum(len(p.truth) for p in probes)), 4)
+        points.append((setting, recall))
         if recall >= target:
             break
     return Curve(points=tuple(points), queries=len(probes), source=source)
