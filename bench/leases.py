@@ -123,6 +123,7 @@ async def run(args: argparse.Namespace) -> None:
             finally:
                 await db.close()
             pool = str(args.pool)
+            grpc_rates: dict[int, float] = {}
             server = ServerProcess({"DATABASE_URL": dsn, "DATABASE_POOL_MIN": pool, "DATABASE_POOL_MAX": pool})
             try:
                 await asyncio.to_thread(server.wait_ready)
@@ -138,11 +139,28 @@ async def run(args: argparse.Namespace) -> None:
                             lambda name: floor_cycle(health, name), in_flight=n, cycles=args.cycles, server_pid=pid
                         )
                         sql_rate, sql_row = sql[n]
+                        grpc_rates[n] = grpc_rate
                         rows.append(["sql (asyncpg)", n, *sql_row, 1.0])
                         rows.append(["grpc", n, *grpc, grpc_rate / sql_rate])
                         rows.append(["grpc floor (2 empty calls)", n, *floor, "-"])
             finally:
                 await asyncio.to_thread(server.stop)
+            bare = ServerProcess({}, command=("-m", "bench.lease_floor", dsn, pool))
+            try:
+                await asyncio.to_thread(bare.wait_ready)
+                async with aio.insecure_channel(bare.address) as channel:
+                    leases = lease_pb2_grpc.LeaseServiceStub(channel)
+                    for n in args.in_flight:
+                        bare_rate, bare_row = await measure(
+                            lambda name: grpc_cycle(leases, name), in_flight=n, cycles=args.cycles,
+                            server_pid=bare.process.pid,
+                        )  # fmt: skip
+                        sql_rate, _ = sql[n]
+                        service_rate = grpc_rates[n]
+                        rows.append(["bare grpc.aio + same SQL", n, *bare_row, bare_rate / sql_rate])
+                        rows.append([f"  service / bare at {n}", n, service_rate / bare_rate, "", "", "", "", ""])
+            finally:
+                await asyncio.to_thread(bare.stop)
     print_table(
         ["path", "in flight", "cycles/s", "p50 ms", "p99 ms", "client CPU ms", "server CPU ms", "grpc / sql"],
         rows,

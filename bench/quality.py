@@ -52,6 +52,8 @@ class LabeledSet:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     vectors: dict[str, np.ndarray] | None
+    other_queries: list[str] = dataclasses.field(default_factory=list)
+    """Queries without judgements (not test queries): real traffic for the index's calibration."""
 
     @classmethod
     def load(cls, root: Path) -> LabeledSet:
@@ -65,17 +67,19 @@ class LabeledSet:
             for line in handle:
                 query_id, doc_id, score = line.rstrip("\n").split("\t")
                 qrels[query_id][doc_id] = int(score)
-        queries = {}
+        queries, others = {}, []
         for line in (root / "queries.jsonl").open():
             query = json.loads(line)
             if query["_id"] in qrels:
                 queries[query["_id"]] = query["text"]
+            else:
+                others.append(query["text"])
         vectors = None
         npz = next(root.glob("*.npz"), None)
         if npz is not None:
             arrays = np.load(npz)
             vectors = dict(zip(arrays["corpus_ids"].tolist(), arrays["corpus_vectors"], strict=True))
-        return cls(docs, queries, dict(qrels), vectors)
+        return cls(docs, queries, dict(qrels), vectors, others)
 
 
 def ndcg_at(ranked: Sequence[str], relevant: dict[str, int], k: int = 10) -> float:
@@ -172,6 +176,20 @@ async def search_all(
     return runs
 
 
+async def calibrate_on_traffic(stub: memory_pb2_grpc.MemoryServiceStub, data: LabeledSet) -> str:
+    """Search with the set's unjudged queries (never the test queries) until the server has recalibrated its index
+    on them, as it does on its own traffic; say what the calibration found."""
+    for text in data.other_queries:
+        await stub.Search(memory_pb2.SearchRequest(query=text, top_k=10, mode=memory_pb2.SEARCH_MODE_VECTOR))
+    for _ in range(120):
+        index = (await stub.Stats(memory_pb2.StatsRequest())).index
+        if index.calibration.source == "searches":
+            found = index.calibration
+            return f"recalibrated on {found.queries} searches: probes {found.probes} (recall {found.recall:.3f})"
+        await asyncio.sleep(1)
+    raise TimeoutError("the server did not recalibrate on the searches it saw")
+
+
 @contextlib.asynccontextmanager
 async def served(server_dsn: str, env: dict[str, str]) -> AsyncIterator[tuple[str, memory_pb2_grpc.MemoryServiceStub]]:
     async with fresh_database(server_dsn) as dsn:
@@ -196,7 +214,7 @@ async def measure(
 ) -> list[list[object]]:
     rows: list[list[object]] = []
     if index:
-        env = {"EXACT_SEARCH_MAX_ROWS": "1000", **env}
+        env = {"EXACT_SEARCH_MAX_ROWS": "1000", "INDEX_CHECK_INTERVAL": "1s", **env}
     async with served(server_dsn, env) as (dsn, stub):
         seconds = await load(stub, data, with_vectors=with_vectors)
         print(f"{name}: loaded {len(data.docs)} documents in {seconds:.1f}s", flush=True)
@@ -209,6 +227,7 @@ async def measure(
             outcome, took = reindex({**env, "DATABASE_URL": dsn})
             print(f"{name}: {outcome} ({took:.1f}s)", flush=True)
             await stub.Stats(memory_pb2.StatsRequest())  # the server reads the new index and its calibration
+            print(f"{name}: {await calibrate_on_traffic(stub, data)}", flush=True)
             modes["VECTOR (exact)"] = dict(mode=memory_pb2.SEARCH_MODE_VECTOR, exact=True)
         for alpha in alphas:
             modes[f"HYBRID alpha={alpha:g}"] = dict(mode=memory_pb2.SEARCH_MODE_HYBRID, alpha=alpha)

@@ -102,6 +102,8 @@ class Settings:
     """ef_search for every approximate search on HNSW; unset takes the calibrated value."""
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
+    index_check_interval: float = 60.0
+    """How often each instance checks whether the vector index is due for a rebuild or a calibration."""
     exact_search_max_rows: int = 20_000
     """Below this many rows there is no vector index and every search is exact."""
     search_narrow_filter_rows: int = 5000
@@ -199,6 +201,7 @@ class Settings:
             hnsw_ef_search=reader.optional_integer("HNSW_EF_SEARCH", minimum=1, maximum=1000),
             hnsw_m=reader.integer("HNSW_M", 16, minimum=2, maximum=100),
             hnsw_ef_construction=reader.integer("HNSW_EF_CONSTRUCTION", 64, minimum=4, maximum=1000),
+            index_check_interval=reader.duration("INDEX_CHECK_INTERVAL", 60.0),
             exact_search_max_rows=reader.integer("EXACT_SEARCH_MAX_ROWS", 20_000, minimum=0),
             search_narrow_filter_rows=reader.integer("SEARCH_NARROW_FILTER_ROWS", 5000, minimum=0),
             bm25_k1=reader.number("BM25_K1", 1.2, minimum=0.0, maximum=10.0),

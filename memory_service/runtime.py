@@ -24,6 +24,7 @@ from memory_service.memories import MemoryStore
 from memory_service.metrics import Metrics
 from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
+from memory_service.search.query_sample import QuerySample
 from memory_service.search.text_stats import TextStats
 from memory_service.stats import Stats, collect
 from memory_service.storage import settings_sql
@@ -34,7 +35,6 @@ from memory_service.storage.search_sql import TextRanking
 
 log = logging.getLogger(__name__)
 
-INDEX_CHECK_INTERVAL = 60.0
 WATCH_PAGE_ROWS = 500
 """Changes one watcher reads per query: what it holds in memory at most."""
 
@@ -171,6 +171,7 @@ class Runtime:
                 stopping=self.stopping,
                 history=settings.history_versions,
             )
+            seen = QuerySample()  # the searches of this instance, which its calibrations measure on
             self._index = IndexCare(
                 db,
                 self.dsn,
@@ -182,6 +183,7 @@ class Runtime:
                 iterative_scan=iterative,
                 hnsw_m=settings.hnsw_m,
                 hnsw_ef_construction=settings.hnsw_ef_construction,
+                seen=seen,
             )
             await self._index.refresh()
             self._text_stats = TextStats(db)
@@ -202,10 +204,11 @@ class Runtime:
                 narrow_filter_rows=settings.search_narrow_filter_rows,
                 text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
                 hybrid_alpha=hybrid_alpha(settings, provider),
+                seen=seen,
             )
             if background:
                 self._spawn("purge expired memories", settings.purge_interval, self._purge)
-                self._spawn("index maintenance", INDEX_CHECK_INTERVAL, self._index.maintain)
+                self._spawn("index maintenance", settings.index_check_interval, self._index.maintain)
                 self._spawn("text statistics", settings.text_stats_interval, self._text_stats.maintain)
                 self._spawn("history retention", settings.purge_interval, self._history.purge)
                 await self._feed.start()

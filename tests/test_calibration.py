@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from bench.datasets import Corpus, clustered, copy_into_memories, records
+from memory_service.models import MemoryFilter
 from memory_service.search.calibration import Calibration, Curve, ladder, scan_settings
 from memory_service.search.index_care import IndexState, needs_calibration
+from memory_service.search.query_sample import QuerySample
+from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
@@ -156,6 +159,29 @@ async def test_recalibrates_once_a_fifth_of_the_rows_changed_without_rebuilding(
     assert await index.maintain() == "up to date"
 
 
+async def test_recalibrates_on_the_searches_it_serves(calibrated: tuple[RunningServer, Corpus]) -> None:
+    running, corpus = calibrated
+    index = running.server.runtime.index
+    before = index.state.calibration
+    assert before is not None and before.unfiltered.source == "memories"
+    rng = np.random.default_rng(5)
+    queries = corpus.centres[rng.integers(0, len(corpus.centres), 60)] + rng.normal(size=(60, 384)) / np.sqrt(384)
+    for vector in queries:
+        await running.memory.Search(memory_pb2.SearchRequest(query_embedding=vector.tolist(), top_k=10))
+    # Exact searches and text searches are not the index's traffic and are not kept.
+    await running.memory.Search(memory_pb2.SearchRequest(query_embedding=queries[0].tolist(), exact=True))
+    assert len(running.server.runtime.search.seen.queries(filtered=False)) == 60
+
+    outcome = await index.maintain()
+    assert outcome.startswith("calibrated probes=") and "on 60 searches" in outcome, outcome
+    after = index.state.calibration
+    assert after is not None and after.unfiltered.source == "searches" and after.unfiltered.queries == 60
+    assert after.filtered is not None and after.filtered.source == "memories"  # no filtered searches seen yet
+    stats = await running.memory.Stats(memory_pb2.StatsRequest())
+    assert stats.index.calibration.source == "searches" and stats.index.calibration.filtered_source == "memories"
+    assert await index.maintain() == "up to date"
+
+
 async def test_operator_probes_win_over_the_calibration(
     calibrated: tuple[RunningServer, Corpus], database_url: str
 ) -> None:
@@ -203,8 +229,36 @@ async def test_hnsw_replaces_ivfflat_and_is_calibrated_and_complete(
         )
         assert len(filtered.hits) == 10 and all(h.memory.importance >= 0.99 for h in filtered.hits)
         assert await running.server.runtime.index.maintain() == "up to date"  # an HNSW graph is not rebuilt on growth
+
+        # The search statement's generic plan (the one a prepared statement settles on) walks the graph.
+        sql, _ = search_sql.candidates_statement(
+            MemoryFilter(), vector=corpus.vectors[0], text=None, limit=10, exact=False, full_rows=True
+        )
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                "CREATE FUNCTION pg_temp.generic_plan(statement text) RETURNS SETOF text LANGUAGE plpgsql AS "
+                "$$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || statement; END $$"
+            )
+            plan = "\n".join(r[0] for r in await conn.fetch("SELECT * FROM pg_temp.generic_plan($1)", sql))
+        finally:
+            await conn.close()
+        assert "memories_embedding_hnsw" in plan and "Seq Scan on memories" not in plan, plan
     finally:
         await stop_server(running)
+
+
+def test_the_query_sample_is_bounded_and_uniform() -> None:
+    sample = QuerySample(capacity=50, seed=1)
+    vectors = np.eye(384, dtype=np.float32)
+    for i in range(1000):
+        sample.record(vectors[i % 384], MemoryFilter())
+    sample.record(vectors[0], MemoryFilter(agent_id=3))
+    kept = sample.queries(filtered=False)
+    assert len(kept) == 50 and len(sample.queries(filtered=True)) == 1
+    # Kept uniformly over all 1000 offers, not the first 50 nor the last 50.
+    positions = [int(np.argmax(q.vector)) for q in kept]
+    assert min(positions) < 100 and max(positions) > 280
 
 
 def test_the_policy_needs_no_database() -> None:
@@ -240,3 +294,5 @@ def test_the_policy_needs_no_database() -> None:
     assert needs_calibration(state, writes=10, target=0.95)  # the statistics were reset
     assert needs_calibration(state, writes=5000, target=0.9)
     assert not needs_calibration(IndexState(rows=1000), writes=0, target=0.95)  # no index, nothing to calibrate
+    assert needs_calibration(state, writes=5000, target=0.95, seen_unfiltered=50)  # real searches to measure on
+    assert not needs_calibration(state, writes=5000, target=0.95, seen_unfiltered=49)

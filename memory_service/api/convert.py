@@ -391,7 +391,9 @@ def _index_to_proto(stats: Stats) -> memory_pb2.IndexState:
             filtered_probes = calibration.setting(filtered=True)
             message.calibration.filtered_probes = filtered_probes
             message.calibration.filtered_recall = calibration.filtered.recall_at(filtered_probes) or 0.0
+            message.calibration.filtered_source = calibration.filtered.source
         message.calibration.queries = calibration.unfiltered.queries
+        message.calibration.source = calibration.unfiltered.source
         message.calibration.calibrated_at.FromDatetime(calibration.calibrated_at)
         message.calibration.seconds = calibration.seconds
     return message

@@ -100,7 +100,11 @@ def _calibration_report(index: memory_pb2.IndexState) -> dict[str, Any]:
         return {"calibrated_at": None}
     calibration = index.calibration
     name = "ef_search" if index.kind == "hnsw" else "probes"
-    report: dict[str, Any] = {name: calibration.probes, "estimated_recall": round(calibration.recall, 4)}
+    report: dict[str, Any] = {
+        name: calibration.probes,
+        "estimated_recall": round(calibration.recall, 4),
+        "calibrated_on": f"{calibration.queries} {calibration.source}",
+    }
     if calibration.HasField("filtered_probes"):
         report["filtered_" + name] = calibration.filtered_probes
         report["filtered_estimated_recall"] = round(calibration.filtered_recall, 4)

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from memory_service.models import IndexKind, MemoryFilter, ScopeRef
+from memory_service.search.query_sample import QuerySample
 from memory_service.storage import calibration_sql
 from memory_service.storage.database import Connection
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 RECALL_AT = 10
 """Recall is measured on the top 10, the default top_k."""
+MIN_SEEN = 50
+"""Recent searches (of a kind: unfiltered, filtered) needed before they replace sampled memories as queries."""
 # pgvector accepts ef_search up to 1000; ef_search below the LIMIT cannot return LIMIT rows without an iterative scan.
 HNSW_LADDER = (10, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200, 256, 320, 400, 500, 640, 800, 1000)
 _IVFFLAT_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192)
@@ -65,6 +68,8 @@ class Curve:
 
     points: tuple[tuple[int, float], ...]
     queries: int
+    source: str = "memories"
+    """What served as queries: "searches" (vectors of recent searches) or "memories" (sampled stored vectors)."""
 
     def chosen(self, target: float) -> int:
         for setting, recall in self.points:
@@ -79,11 +84,15 @@ class Curve:
         return max(measured) if measured else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"points": [list(p) for p in self.points], "queries": self.queries}
+        return {"points": [list(p) for p in self.points], "queries": self.queries, "source": self.source}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Curve:
-        return cls(points=tuple((int(s), float(r)) for s, r in data["points"]), queries=int(data["queries"]))
+        return cls(
+            points=tuple((int(s), float(r)) for s, r in data["points"]),
+            queries=int(data["queries"]),
+            source=str(data.get("source", "memories")),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,20 +148,21 @@ class Calibration:
 class _Probe:
     """One sampled memory as a query: its vector, the filter it runs under, and its true neighbours."""
 
-    id: int
+    id: int | None
     vector: Any
     memory_filter: MemoryFilter
     truth: frozenset[int]
 
 
-def _without(query_id: int, ids: Sequence[int]) -> list[int]:
+def _without(query_id: int | None, ids: Sequence[int]) -> list[int]:
     """The neighbours other than the query itself (a stored vector is its own nearest)."""
     return [i for i in ids if i != query_id][:RECALL_AT]
 
 
-async def _truth(conn: Connection, query_id: int, vector: Any, memory_filter: MemoryFilter) -> frozenset[int]:
+async def _probe(conn: Connection, query_id: int | None, vector: Any, memory_filter: MemoryFilter) -> _Probe:
+    """A query and its exact neighbours; a stored memory used as a query (``query_id``) is left out of them."""
     ids = await calibration_sql.nearest(conn, memory_filter, vector, limit=RECALL_AT + 1, exact=True)
-    return frozenset(_without(query_id, ids))
+    return _Probe(query_id, vector, memory_filter, frozenset(_without(query_id, ids)))
 
 
 async def _curve(
@@ -163,6 +173,7 @@ async def _curve(
     kind: IndexKind,
     iterative: bool,
     target: float,
+    source: str,
 ) -> Curve:
     points: list[tuple[int, float]] = []
     for setting in settings:
@@ -173,11 +184,11 @@ async def _curve(
                 conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False
             )
             found += len(probe.truth.intersection(_without(probe.id, ids)))
-        recall = found / max(1, sum(len(p.truth) for p in probes))
-        points.append((setting, round(recall, 4)))
+        recall = round(found / max(1, sum(len(p.truth) for p in probes)), 4)
+        points.append((setting, recall))
         if recall >= target:
             break
-    return Curve(points=tuple(points), queries=len(probes))
+    return Curve(points=tuple(points), queries=len(probes), source=source)
 
 
 async def calibrate(
@@ -192,31 +203,57 @@ async def calibrate(
     rows: int,
     writes: int,
     index_built_at: str,
+    seen: QuerySample | None = None,
 ) -> Calibration:
-    """Measure recall@10 on ``queries`` sampled memories, unfiltered and filtered by their own scope (when it holds
-    at least ``filtered_min_rows`` memories, so a search would use the index)."""
+    """Measure recall@10 unfiltered and filtered: on the recent searches in ``seen`` when there are at least
+    ``MIN_SEEN`` of the kind, otherwise on ``queries`` sampled memories (filtered by their own scope when it holds at
+    least ``filtered_min_rows`` memories, so a search would use the index)."""
     started = time.perf_counter()
+    seen_unfiltered = seen.queries(filtered=False) if seen is not None else []
+    seen_filtered = seen.queries(filtered=True) if seen is not None else []
     sample = await calibration_sql.sample(conn, queries, rows=rows)
     if not sample:
         raise ValueError("no stored vectors to calibrate on")
-    unfiltered = [
-        _Probe(row.id, row.vector, MemoryFilter(), await _truth(conn, row.id, row.vector, MemoryFilter()))
-        for row in sample
-    ]
-    large: dict[ScopeRef, bool] = {}
+    if len(seen_unfiltered) >= MIN_SEEN:
+        unfiltered = [await _probe(conn, None, q.vector, q.memory_filter) for q in seen_unfiltered]
+    else:
+        unfiltered = [await _probe(conn, row.id, row.vector, MemoryFilter()) for row in sample]
     filtered: list[_Probe] = []
-    for row in sample[: max(1, queries // 2)]:
-        scope_filter = MemoryFilter(scopes=(row.scope,))
-        if row.scope not in large:
-            large[row.scope] = await calibration_sql.matching_at_least(conn, scope_filter, max(filtered_min_rows, 1))
-        if large[row.scope] and (truth := await _truth(conn, row.id, row.vector, scope_filter)):
-            filtered.append(_Probe(row.id, row.vector, scope_filter, truth))
+    if len(seen_filtered) >= MIN_SEEN:
+        filtered = [await _probe(conn, None, q.vector, q.memory_filter) for q in seen_filtered]
+    else:
+        large: dict[ScopeRef, bool] = {}
+        for row in sample[: max(1, queries // 2)]:
+            scope_filter = MemoryFilter(scopes=(row.scope,))
+            if row.scope not in large:
+                large[row.scope] = await calibration_sql.matching_at_least(
+                    conn, scope_filter, max(filtered_min_rows, 1)
+                )
+            if large[row.scope]:
+                filtered.append(await _probe(conn, row.id, row.vector, scope_filter))
+    filtered = [p for p in filtered if p.truth]
     settings = ladder(kind, lists)
-    unfiltered_curve = await _curve(conn, unfiltered, settings, kind=kind, iterative=iterative, target=target)
+    unfiltered_curve = await _curve(
+        conn,
+        unfiltered,
+        settings,
+        kind=kind,
+        iterative=iterative,
+        target=target,
+        source="searches" if len(seen_unfiltered) >= MIN_SEEN else "memories",
+    )
     # Without iterative scans a filtered index scan that comes back short falls back to an exact scan, so its
     # recall is not the index's to measure.
     filtered_curve = (
-        await _curve(conn, filtered, settings, kind=kind, iterative=iterative, target=target)
+        await _curve(
+            conn,
+            filtered,
+            settings,
+            kind=kind,
+            iterative=iterative,
+            target=target,
+            source="searches" if len(seen_filtered) >= MIN_SEEN else "memories",
+        )
         if filtered and iterative
         else None
     )

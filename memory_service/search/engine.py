@@ -23,6 +23,7 @@ from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, S
 from memory_service.search.calibration import scan_settings
 from memory_service.search.fusion import rank_candidates
 from memory_service.search.index_care import IndexCare, IndexState, fitted_probes
+from memory_service.search.query_sample import QuerySample
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database
 from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
@@ -50,6 +51,7 @@ class SearchEngine:
         narrow_filter_rows: int = 5000,
         text_ranking: TextRanking = DEFAULT_TEXT_RANKING,
         hybrid_alpha: float = 0.5,
+        seen: QuerySample | None = None,
     ) -> None:
         self._db = db
         self._embedder = embedder
@@ -60,6 +62,8 @@ class SearchEngine:
         self._narrow_filter_rows = narrow_filter_rows
         self._text_ranking = text_ranking
         self.hybrid_alpha = hybrid_alpha
+        self.seen = seen
+        """Vectors of recent searches that went to the index, for its calibration (this instance's own)."""
         """Weight of the vector score in weighted fusion when the request does not set ``alpha``."""
 
     async def search(self, query: SearchQuery) -> SearchResult:
@@ -159,6 +163,8 @@ class SearchEngine:
                 )
 
             use_index = approximate_possible and not exact_is_cheaper
+            if use_index and vector is not None and self.seen is not None:
+                self.seen.record(vector, query.filter)  # what the index's next calibration measures on
             # A narrow filter leaves few memories to score, so every query term may bring in candidates.
             pruned = not narrow
             found = await fetch(exact=not use_index, pruned=pruned)

@@ -6,9 +6,10 @@ with ``lists`` fitted to the row count, or HNSW, per ``VECTOR_INDEX``), and an i
 the table has doubled since the last build (an HNSW graph takes new rows as they come). Builds run concurrently with
 writes, and only one instance maintains the index at a time (``storage.index_sql.maintenance_connection``).
 
-After each build, and whenever a fifth of the rows have been written since, the index is calibrated
-(``search.calibration``): the probes or ef_search that reach the target recall on its own data. Every instance
-reads the stored calibration when it refreshes its state.
+After each build, whenever a fifth of the rows have been written since, and once this instance has seen enough real
+searches to replace sampled memories as calibration queries, the index is calibrated (``search.calibration``): the
+probes or ef_search that reach the target recall on its own data. Every instance reads the stored calibration when
+it refreshes its state.
 
 The row count the policy watches is the planner's estimate, read from the catalog: checking every minute on every
 instance (and on every Stats call) must not scan the table. A rebuild counts exactly, once.
@@ -23,7 +24,8 @@ import math
 from datetime import datetime
 
 from memory_service.models import IndexKind
-from memory_service.search.calibration import Calibration, calibrate
+from memory_service.search.calibration import MIN_SEEN, Calibration, calibrate
+from memory_service.search.query_sample import QuerySample
 from memory_service.storage import calibration_sql, index_sql, settings_sql
 from memory_service.storage.database import Connection, Database
 from memory_service.storage.index_sql import IndexSpec
@@ -79,12 +81,19 @@ def needs_rebuild(state: IndexState, *, exact_max_rows: int, kind: IndexKind = "
     return kind == "ivfflat" and state.rows >= GROWTH_FACTOR * max(state.rows_at_build, 1)
 
 
-def needs_calibration(state: IndexState, *, writes: int, target: float) -> bool:
-    """A usable index without a calibration of its own, with another target, or whose data has changed enough."""
+def needs_calibration(
+    state: IndexState, *, writes: int, target: float, seen_unfiltered: int = 0, seen_filtered: int = 0
+) -> bool:
+    """A usable index without a calibration of its own, with another target, measured on stored vectors when
+    enough real searches have been seen since, or whose data has changed enough."""
     if not state.usable:
         return False
     calibration = state.calibration
     if calibration is None or calibration.target != target:
+        return True
+    if calibration.unfiltered.source != "searches" and seen_unfiltered >= MIN_SEEN:
+        return True
+    if (calibration.filtered is None or calibration.filtered.source != "searches") and seen_filtered >= MIN_SEEN:
         return True
     changed = writes - calibration.writes
     # A counter that went backwards was reset (statistics reset, or a restored database): nothing to measure from.
@@ -117,6 +126,7 @@ class IndexCare:
         iterative_scan: bool = True,
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 64,
+        seen: QuerySample | None = None,
     ) -> None:
         self._db = db
         self._dsn = dsn
@@ -127,6 +137,7 @@ class IndexCare:
         self._filtered_min_rows = filtered_min_rows
         self._iterative_scan = iterative_scan
         self._hnsw = (hnsw_m, hnsw_ef_construction)
+        self._seen = seen
         self.state = IndexState()
 
     async def refresh(self) -> IndexState:
@@ -166,7 +177,7 @@ class IndexCare:
         async with self._db.connection() as conn:
             writes = await index_sql.writes_so_far(conn)
         due = force or self.needs_rebuild(state)
-        if not due and not needs_calibration(state, writes=writes, target=self.target_recall):
+        if not due and not self._needs_calibration(state, writes):
             return "up to date" if state.usable else f"exact search ({state.rows} rows < {self.exact_max_rows})"
         async with index_sql.maintenance_connection(self._dsn) as conn:
             if conn is None:
@@ -184,10 +195,21 @@ class IndexCare:
                 described = f"lists={spec.lists}" if spec.kind == "ivfflat" else f"m={spec.m}"
                 done.append(f"rebuilt {spec.kind} with {described} for {rows} rows")
             writes = await index_sql.writes_so_far(conn)
-            if needs_calibration(state, writes=writes, target=self.target_recall):
+            if self._needs_calibration(state, writes):
                 done.append(await self._calibrate(conn, state, writes))
         await self.refresh()
         return "; ".join(done) or "up to date"
+
+    def _needs_calibration(self, state: IndexState, writes: int) -> bool:
+        seen = self._seen
+        return needs_calibration(
+            state,
+            writes=writes,
+            target=self.target_recall,
+            seen_unfiltered=len(seen.queries(filtered=False)) if seen is not None else 0,
+            # Without iterative scans filtered searches are not calibrated at all (see calibration.calibrate).
+            seen_filtered=len(seen.queries(filtered=True)) if seen is not None and self._iterative_scan else 0,
+        )
 
     async def _calibrate(self, conn: Connection, state: IndexState, writes: int) -> str:
         assert state.kind is not None and state.built_at is not None, "calibrating an index that was never built"
@@ -203,6 +225,7 @@ class IndexCare:
                 rows=max(state.rows, 1),
                 writes=writes,
                 index_built_at=state.built_at.isoformat(),
+                seen=self._seen,
             )
         except ValueError as exc:
             return f"not calibrated: {exc}"
@@ -211,11 +234,13 @@ class IndexCare:
 
 
 def describe(calibration: Calibration) -> str:
-    """``probes=4 (recall 0.962), filtered probes=6 (recall 0.951)``, or ef_search for HNSW."""
+    """``probes=4 (recall 0.962 on 100 memories), filtered probes=6 (recall 0.951 on 200 searches)``, or
+    ef_search for HNSW."""
     name = "ef_search" if calibration.kind == "hnsw" else "probes"
     parts = []
     for label, curve in (("", calibration.unfiltered), ("filtered ", calibration.filtered)):
         if curve is not None:
             setting = curve.chosen(calibration.target)
-            parts.append(f"{label}{name}={setting} (recall {curve.recall_at(setting):.3f})")
+            measured = f"recall {curve.recall_at(setting):.3f} on {curve.queries} {curve.source}"
+            parts.append(f"{label}{name}={setting} ({measured})")
     return ", ".join(parts) + f" in {calibration.seconds:.1f}s"

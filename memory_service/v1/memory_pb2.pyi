@@ -1132,6 +1132,8 @@ class IndexCalibration(_message.Message):
     QUERIES_FIELD_NUMBER: _builtins.int
     CALIBRATED_AT_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    FILTERED_SOURCE_FIELD_NUMBER: _builtins.int
     probes: _builtins.int
     """Probes (ef_search for HNSW) unfiltered searches use, and the recall@10 measured at it."""
     recall: _builtins.float
@@ -1141,6 +1143,11 @@ class IndexCalibration(_message.Message):
     queries: _builtins.int
     seconds: _builtins.float
     """How long the calibration took."""
+    source: _builtins.str
+    """What served as queries: "searches" (recent searches this instance ran through the index, kept in memory only)
+    or "memories" (stored vectors, before enough searches were seen).
+    """
+    filtered_source: _builtins.str
     @_builtins.property
     def calibrated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1153,10 +1160,12 @@ class IndexCalibration(_message.Message):
         queries: _builtins.int = ...,
         calibrated_at: _timestamp_pb2.Timestamp | None = ...,
         seconds: _builtins.float = ...,
+        source: _builtins.str = ...,
+        filtered_source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_filtered_probes", b"_filtered_probes", "_filtered_recall", b"_filtered_recall", "calibrated_at", b"calibrated_at", "filtered_probes", b"filtered_probes", "filtered_recall", b"filtered_recall"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_filtered_probes", b"_filtered_probes", "_filtered_recall", b"_filtered_recall", "calibrated_at", b"calibrated_at", "filtered_probes", b"filtered_probes", "filtered_recall", b"filtered_recall", "probes", b"probes", "queries", b"queries", "recall", b"recall", "seconds", b"seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_filtered_probes", b"_filtered_probes", "_filtered_recall", b"_filtered_recall", "calibrated_at", b"calibrated_at", "filtered_probes", b"filtered_probes", "filtered_recall", b"filtered_recall", "filtered_source", b"filtered_source", "probes", b"probes", "queries", b"queries", "recall", b"recall", "seconds", b"seconds", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__filtered_probes: _TypeAlias = _typing.Literal["filtered_probes"]  # noqa: Y015
     _WhichOneofArgType__filtered_probes: _TypeAlias = _typing.Literal["_filtered_probes", b"_filtered_probes"]  # noqa: Y015
