@@ -12,7 +12,8 @@ time at one client: Store, Get, a List page deep inside scope 0 (through its cur
 unfiltered, on the 1% scope and on the 10k-row scope. recall@10 of VECTOR searches is against exact neighbours
 (numpy over the loaded vectors), for the service and for the floor.
 
-``--dataset minilm`` has about 90k real vectors (``bench.minilm``); larger sizes use ``hard`` and say so.
+``--dataset minilm`` has 100k real vectors (``bench.minilm``); larger sizes use ``hard`` and say so. The VECTOR
+rows also show the scans PostgreSQL plans for both statements, since a label and a plan can differ.
 """
 
 from __future__ import annotations
