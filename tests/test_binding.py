@@ -17,16 +17,17 @@ from tests.fake_openai import FakeOpenAI
 
 
 async def binding(database_url: str) -> tuple[str, dict[str, str]]:
-    """The embedding column's type and the settings table."""
+    """The embedding column's type and the settings table; the column always keeps its vectors in the row."""
     conn = await asyncpg.connect(database_url)
     try:
-        column_type = await conn.fetchval(
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+        column_type, storage = await conn.fetchrow(
+            "SELECT format_type(atttypid, atttypmod), attstorage FROM pg_attribute "
             "WHERE attrelid = 'memory.memories'::regclass AND attname = 'embedding'"
         )
         stored = dict(await conn.fetch("SELECT key, value FROM memory.settings"))
     finally:
         await conn.close()
+    assert storage == b"m", "embeddings would move out of line (TOAST) once a row passes 2 kB"
     return column_type, stored
 
 

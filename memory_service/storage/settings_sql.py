@@ -46,7 +46,12 @@ async def bind_if_unbound(conn: asyncpg.Connection, model: str, dimension: int) 
     if stored is not None:
         return stored, False
     # Typmod on the column lets ivfflat index it and makes PostgreSQL reject vectors of another size.
-    await conn.execute(f"ALTER TABLE memory.memories ALTER COLUMN embedding TYPE vector({int(dimension)})")
+    # Changing the type resets the column's storage to the type's (EXTERNAL); keep the vectors in the row
+    # (migrations/0009_embedding_inline.sql says why).
+    await conn.execute(
+        f"ALTER TABLE memory.memories ALTER COLUMN embedding TYPE vector({int(dimension)}), "
+        "ALTER COLUMN embedding SET STORAGE MAIN"
+    )
     await write_settings(conn, {"embedding_model": model, "embedding_dim": str(dimension)})
     return (model, dimension), True
 
