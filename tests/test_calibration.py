@@ -267,8 +267,9 @@ def test_the_policy_needs_no_database() -> None:
     assert scan_settings("hnsw", 20, iterative=True, limit=40) == {
         "hnsw.ef_search": "40",
         "hnsw.iterative_scan": "relaxed_order",
+        "enable_sort": "off",
     }
-    assert scan_settings("ivfflat", 3, iterative=False, limit=40) == {"ivfflat.probes": "3"}
+    assert scan_settings("ivfflat", 3, iterative=False, limit=40) == {"ivfflat.probes": "3", "enable_sort": "off"}
     curve = Curve(points=((1, 0.8), (2, 0.93), (3, 0.96)), queries=50)
     assert curve.chosen(0.95) == 3 and curve.chosen(0.9) == 2 and curve.chosen(0.99) == 3
     assert curve.recall_at(2) == 0.93 and curve.recall_at(10) == 0.96 and curve.recall_at(0) is None

@@ -108,6 +108,13 @@ async def test_search_statements_have_generic_plans_that_use_the_indexes(
                 checked += 1
             if label == "vector index unfiltered":
                 assert "memories_embedding_ivfflat" in plan, plan
+        # With the settings an index search runs under, a scoped search walks the vector index rather than reading
+        # the scope through its btree and sorting every row (an exact scan that the response would call approximate).
+        await conn.execute("SET enable_sort = off")
+        for label, sql, _ in _statements():
+            if label in ("vector index scoped", "hybrid index scoped"):
+                plan = "\n".join(r[0] for r in await conn.fetch("SELECT * FROM pg_temp.generic_plan($1)", sql))
+                assert "memories_embedding_ivfflat" in plan, f"{label}:\n{plan}"
     finally:
         await conn.close()
     assert checked >= 12
@@ -163,6 +170,20 @@ async def test_searches_with_different_probes_each_run_with_their_own(
     await running.memory.Search(memory_pb2.SearchRequest(query="anything", mode=memory_pb2.SEARCH_MODE_TEXT))
     await running.memory.Search(memory_pb2.SearchRequest(query_embedding=corpus.vectors[1].tolist(), exact=True))
     assert await _show(running, "ivfflat.probes") == "2"
+
+
+async def test_planner_settings_of_an_index_search_end_with_it(indexed: tuple[RunningServer, Corpus, str]) -> None:
+    running, corpus, _ = indexed
+    db = running.server.runtime.db
+    await running.memory.Search(memory_pb2.SearchRequest(query_embedding=corpus.vectors[5].tolist(), probes=2))
+    # The pool's one connection still holds the search's settings (the next index search sends nothing)...
+    async with db.settings_connection(
+        {"ivfflat.probes": "2", "ivfflat.iterative_scan": "relaxed_order", "enable_sort": "off"}
+    ) as conn:
+        assert await conn.fetchval("SHOW enable_sort") == "off"
+    # ...but whatever else takes it next (a Store, a List, a lease) plans with PostgreSQL's defaults.
+    assert await _show(running, "enable_sort") == "on"
+    assert await _show(running, "ivfflat.probes") == "2"  # scan settings touch only index scans, and stay
 
 
 def test_session_statement_changes_only_what_differs() -> None:

@@ -207,6 +207,20 @@ async def use_session_settings(conn: asyncpg.Connection, wanted: Mapping[str, st
     state.values = dict(wanted)
 
 
+def _is_planner_setting(name: str) -> bool:
+    """``enable_*`` settings change the plan of every statement, not just the index scan that wanted them."""
+    return name.startswith("enable_")
+
+
+async def _drop_planner_settings(conn: asyncpg.Connection) -> None:
+    """Reset planner settings a search left on this connection before anything else uses it (one round trip, and
+    only after a search that set one); scan settings such as ``ivfflat.probes`` affect only index scans and stay."""
+    state = getattr(conn, "session_settings", None)
+    if isinstance(state, SessionSettings) and (state.values is None or any(map(_is_planner_setting, state.values))):
+        kept = {k: v for k, v in (state.values or {}).items() if not _is_planner_setting(k)}
+        await use_session_settings(conn, kept)
+
+
 async def _reset_connection(conn: asyncpg.Connection) -> None:
     """Roll back a transaction left open (after a cancelled call); otherwise send nothing.
 
@@ -274,7 +288,9 @@ class Database:
             return await op(conn)
 
     @contextlib.asynccontextmanager
-    async def _acquire(self, timeout: float | None) -> AsyncIterator[asyncpg.Connection]:
+    async def _acquire(
+        self, timeout: float | None, *, keep_planner_settings: bool = False
+    ) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection, waiting at most ``timeout`` for one.
 
         ``pool.acquire(timeout=...)`` runs each acquire in a task of its own; a timer around a plain acquire
@@ -282,6 +298,8 @@ class Database:
         async with asyncio.timeout(timeout):
             conn = await self.pool.acquire()
         try:
+            if not keep_planner_settings:
+                await _drop_planner_settings(conn)
             yield conn
         finally:
             await self.pool.release(conn)
@@ -294,7 +312,7 @@ class Database:
         settings differ, since each pooled connection remembers what it was given. A caller that depends on a
         setting must name it: settings it leaves out are reset only if a previous caller had set them."""
         with translate_errors():
-            async with self._acquire(10.0) as conn:
+            async with self._acquire(10.0, keep_planner_settings=True) as conn:
                 await use_session_settings(conn, settings)
                 yield conn
 
