@@ -381,12 +381,15 @@ async def serve_traffic(service: Any, data: Corpus, count: int) -> str:
     those that use the index and recalibrates on them (``reindex`` ran in a process that had seen none); wait
     for it, as a server in production would have."""
     vectors = queries(data, count + TRAFFIC)[0][count:]
+    plans = set()
     for vector in vectors:
         for scope_id in (None, FILTERS["10k scope"]):
             request = memory_pb2.SearchRequest(mode=MODES["vector"], top_k=K, query_embedding=vector.tolist())
             if scope_id is not None:
                 request.filter.scopes.add(scope=memory_pb2.SCOPE_PROJECT, scope_id=scope_id)
-            await service.Search(request)
+            plans.add((await service.Search(request)).plan)
+    if plans == {"exact"}:
+        return "no recalibration on traffic: every search was exact (the table is below EXACT_SEARCH_MAX_ROWS)"
     for _ in range(300):
         calibration = (await service.Stats(memory_pb2.StatsRequest())).index.calibration
         if calibration.source == "searches":
