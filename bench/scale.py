@@ -381,18 +381,21 @@ async def serve_traffic(service: Any, data: Corpus, count: int) -> str:
     those that use the index and recalibrates on them (``reindex`` ran in a process that had seen none); wait
     for it, as a server in production would have."""
     vectors = queries(data, count + TRAFFIC)[0][count:]
-    plans = set()
+    through_index = 0
     for vector in vectors:
         for scope_id in (None, FILTERS["10k scope"]):
             request = memory_pb2.SearchRequest(mode=MODES["vector"], top_k=K, query_embedding=vector.tolist())
             if scope_id is not None:
                 request.filter.scopes.add(scope=memory_pb2.SCOPE_PROJECT, scope_id=scope_id)
-            plans.add((await service.Search(request)).plan)
-    if plans == {"exact"}:
+            plan = (await service.Search(request)).plan
+            through_index += scope_id is None and plan != "exact"
+    if not through_index:
         return "no recalibration on traffic: every search was exact (the table is below EXACT_SEARCH_MAX_ROWS)"
+    # The server recalibrates at 50 searches seen, then each time its sample has doubled (up to 200): wait for the
+    # last of those this traffic brings.
     for _ in range(300):
         calibration = (await service.Stats(memory_pb2.StatsRequest())).index.calibration
-        if calibration.source == "searches":
+        if calibration.source == "searches" and 2 * calibration.queries > min(through_index, 200):
             return (
                 f"recalibrated on {calibration.queries} searches: probes {calibration.probes} "
                 f"(recall {calibration.recall:.3f}); filtered on {calibration.filtered_source or '-'}"

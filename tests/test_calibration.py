@@ -7,6 +7,7 @@ probes = 1, fails.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -74,7 +75,9 @@ async def test_calibration_chooses_the_least_probes_that_reach_the_target(
     chosen = calibration.setting(filtered=False)
     # The premise: one list is not enough on this data. Then: every cheaper setting fell short, the chosen one did not.
     assert points[0] == (1, points[0][1]) and points[0][1] < TARGET
-    assert [s for s, r in points if r < TARGET] == [s for s, _ in points if s < chosen]
+    lower = calibration.unfiltered.lower
+    assert len(lower) == len(points) and all(lo <= r for lo, (_, r) in zip(lower, points, strict=True))
+    assert [s for (s, _), lo in zip(points, lower, strict=True) if lo < TARGET] == [s for s, _ in points if s < chosen]
     assert calibration.unfiltered.recall_at(chosen) >= TARGET and chosen > 1
 
     # What the calibration promised holds for queries it never saw: new points drawn as the rows were.
@@ -272,6 +275,10 @@ def test_the_policy_needs_no_database() -> None:
     assert scan_settings("ivfflat", 3, iterative=False, limit=40) == {"ivfflat.probes": "3", "enable_sort": "off"}
     curve = Curve(points=((1, 0.8), (2, 0.93), (3, 0.96)), queries=50)
     assert curve.chosen(0.95) == 3 and curve.chosen(0.9) == 2 and curve.chosen(0.99) == 3
+    # The choice is made on the lower confidence bound: a mean above the target is not enough on its own.
+    bounded = Curve(points=((1, 0.8), (2, 0.955), (3, 0.97)), queries=50, lower=(0.75, 0.94, 0.958))
+    assert bounded.chosen(0.95) == 3 and bounded.recall_at(3) == 0.97
+    assert Curve.from_json(bounded.to_json()) == bounded
     assert curve.recall_at(2) == 0.93 and curve.recall_at(10) == 0.96 and curve.recall_at(0) is None
 
     import datetime as dt
@@ -297,3 +304,7 @@ def test_the_policy_needs_no_database() -> None:
     assert not needs_calibration(IndexState(rows=1000), writes=0, target=0.95)  # no index, nothing to calibrate
     assert needs_calibration(state, writes=5000, target=0.95, seen_unfiltered=50)  # real searches to measure on
     assert not needs_calibration(state, writes=5000, target=0.95, seen_unfiltered=49)
+    on_searches = dataclasses.replace(calibration, unfiltered=Curve(points=((3, 0.96),), queries=60, source="searches"))
+    measured = dataclasses.replace(state, calibration=on_searches)
+    assert not needs_calibration(measured, writes=5000, target=0.95, seen_unfiltered=119)
+    assert needs_calibration(measured, writes=5000, target=0.95, seen_unfiltered=120)  # twice the sample: again

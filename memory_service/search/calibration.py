@@ -4,7 +4,8 @@ The right number of ivfflat lists to probe, or of HNSW candidates to keep, depen
 cluster: on well-separated data one list finds every neighbour, on real embeddings a rule such as ``sqrt(lists)``
 can lose 5% of them. So after each build, and again as the data changes, the service measures: a uniform sample
 of stored vectors serve as queries, their exact neighbours (the query itself left out) are the truth, and the same
-search statement runs through the index at rising settings until the mean recall@10 reaches the target. Filtered
+search statement runs through the index at rising settings until recall@10 reaches the target with 95% confidence
+(its lower confidence bound over the sampled queries, so a small or lucky sample does not buy too few probes). Filtered
 searches (a scope large enough to be searched through the index) are measured on their own, because their true
 neighbours lie farther out than an unfiltered search's.
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -32,6 +35,8 @@ RECALL_AT = 10
 """Recall is measured on the top 10, the default top_k."""
 MIN_SEEN = 50
 """Recent searches (of a kind: unfiltered, filtered) needed before they replace sampled memories as queries."""
+_Z95 = 1.645
+"""One-sided 95% normal quantile, for the lower confidence bound the choice is made on."""
 # pgvector accepts ef_search up to 1000; ef_search below the LIMIT cannot return LIMIT rows without an iterative scan.
 HNSW_LADDER = (10, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200, 256, 320, 400, 500, 640, 800, 1000)
 _IVFFLAT_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192)
@@ -77,10 +82,15 @@ class Curve:
     queries: int
     source: str = "memories"
     """What served as queries: "searches" (vectors of recent searches) or "memories" (sampled stored vectors)."""
+    lower: tuple[float, ...] = ()
+    """At each point, a one-sided 95% lower confidence bound of the recall (mean less 1.645 standard errors of
+    the per-query recalls): what the choice is made on, so a sample of 50 queries that happened to be easy does not
+    buy too few probes. Empty in calibrations stored before it was kept: the mean serves."""
 
     def chosen(self, target: float) -> int:
-        for setting, recall in self.points:
-            if recall >= target:
+        bounds = self.lower or tuple(recall for _, recall in self.points)
+        for (setting, _), bound in zip(self.points, bounds, strict=True):
+            if bound >= target:
                 return setting
         return self.points[-1][0]
 
@@ -91,7 +101,12 @@ class Curve:
         return max(measured) if measured else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"points": [list(p) for p in self.points], "queries": self.queries, "source": self.source}
+        return {
+            "points": [list(p) for p in self.points],
+            "queries": self.queries,
+            "source": self.source,
+            "lower": list(self.lower),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Curve:
@@ -99,6 +114,7 @@ class Curve:
             points=tuple((int(s), float(r)) for s, r in data["points"]),
             queries=int(data["queries"]),
             source=str(data.get("source", "memories")),
+            lower=tuple(float(x) for x in data.get("lower", ())),
         )
 
 
@@ -183,19 +199,26 @@ async def _curve(
     source: str,
 ) -> Curve:
     points: list[tuple[int, float]] = []
+    lower: list[float] = []
     for setting in settings:
         await calibration_sql.use_settings(conn, scan_settings(kind, setting, iterative=iterative, limit=RECALL_AT + 1))
         found = 0
+        per_query: list[float] = []
         for probe in probes:
             ids = await calibration_sql.nearest(
                 conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False
             )
-            found += len(probe.truth.intersection(_without(probe.id, ids)))
+            hits = len(probe.truth.intersection(_without(probe.id, ids)))
+            found += hits
+            per_query.append(hits / len(probe.truth))
         recall = round(found / max(1, sum(len(p.truth) for p in probes)), 4)
+        spread = statistics.stdev(per_query) if len(per_query) > 1 else 0.0
+        bound = round(recall - _Z95 * spread / math.sqrt(max(len(per_query), 1)), 4)
         points.append((setting, recall))
-        if recall >= target:
+        lower.append(bound)
+        if bound >= target:
             break
-    return Curve(points=tuple(points), queries=len(probes), source=source)
+    return Curve(points=tuple(points), queries=len(probes), source=source, lower=tuple(lower))
 
 
 async def calibrate(

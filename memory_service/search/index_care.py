@@ -24,7 +24,7 @@ import math
 from datetime import datetime
 
 from memory_service.models import IndexKind
-from memory_service.search.calibration import MIN_SEEN, Calibration, calibrate
+from memory_service.search.calibration import MIN_SEEN, Calibration, Curve, calibrate
 from memory_service.search.query_sample import QuerySample
 from memory_service.storage import calibration_sql, index_sql, settings_sql
 from memory_service.storage.database import Connection, Database
@@ -91,13 +91,23 @@ def needs_calibration(
     calibration = state.calibration
     if calibration is None or calibration.target != target:
         return True
-    if calibration.unfiltered.source != "searches" and seen_unfiltered >= MIN_SEEN:
+    # Real searches replace stored vectors once there are enough, and a sample of searches that has doubled since
+    # (50, 100, 200: the reservoir's size) measures again, more precisely.
+    if seen_unfiltered >= max(MIN_SEEN, _doubled(calibration.unfiltered)):
         return True
-    if (calibration.filtered is None or calibration.filtered.source != "searches") and seen_filtered >= MIN_SEEN:
+    if seen_filtered >= max(MIN_SEEN, _doubled(calibration.filtered)):
         return True
     changed = writes - calibration.writes
     # A counter that went backwards was reset (statistics reset, or a restored database): nothing to measure from.
     return changed < 0 or changed >= RECALIBRATE_AFTER * max(calibration.rows, 1)
+
+
+def _doubled(curve: Curve | None) -> int:
+    """How many searches of a kind would make a new calibration worth it: any enough, when the curve was measured
+    on stored vectors (or there is none); twice as many as it was measured on, when it was measured on searches."""
+    if curve is None or curve.source != "searches":
+        return 0
+    return 2 * curve.queries
 
 
 def _calibration_of(stored: dict[str, str], kind: IndexKind | None, built_at: str | None) -> Calibration | None:
