@@ -138,14 +138,12 @@ class SearchEngine:
             # VECTOR asks for exactly top_k candidates, so they come with their memories in the same query; the
             # other modes rank more candidates than they return and fetch the winners' memories afterwards.
             full_rows = query.mode is SearchMode.VECTOR
-            narrow = exact_is_cheaper = False
-            # A filter no index narrows goes to the vector index (iterative scans keep it complete) and its text
-            # search stays pruned: counting its matches would read the table.
-            if search_sql.count_is_bounded(query.filter) and (approximate_possible or text is not None):
-                exact_below = self._exact_filter_rows(state, probes) if approximate_possible else 0
-                cap = max(self._narrow_filter_rows, exact_below)
-                matching = await search_sql.count_matching(conn, query.filter, cap=cap)
-                narrow = matching < self._narrow_filter_rows
+            exact_is_cheaper = False
+            # A filter no index narrows goes to the vector index (iterative scans keep it complete): counting its
+            # matches would read the table. Text needs no count: its candidates come from the GIN index either way.
+            if approximate_possible and search_sql.count_is_bounded(query.filter):
+                exact_below = self._exact_filter_rows(state, probes)
+                matching = await search_sql.count_matching(conn, query.filter, cap=exact_below)
                 exact_is_cheaper = matching < exact_below
 
             async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
@@ -165,8 +163,9 @@ class SearchEngine:
             use_index = approximate_possible and not exact_is_cheaper
             if use_index and vector is not None and self.seen is not None:
                 self.seen.record(vector, query.filter)  # what the index's next calibration measures on
-            # A narrow filter leaves few memories to score, so every query term may bring in candidates.
-            pruned = not narrow
+            # Text candidates come first from the query's rarest terms, filtered or not (in a narrow filter as the
+            # floor does: one statement); when they are fewer than top_k, every term brings some in (below).
+            pruned = True
             found = await fetch(exact=not use_index, pruned=pruned)
             vector_short = use_index and sum(c.from_vector for c in found) < limit
             # Fewer text candidates than fusion would like is fine; fewer than the caller asked for is not.
