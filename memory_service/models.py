@@ -181,6 +181,9 @@ class Candidate:
     """Among the nearest ``limit`` by vector."""
     from_text: bool = False
     """Among the best ``limit`` by BM25."""
+    text_every_term: bool = False
+    """The text candidates were sought with every query term (pruning left none out): a wider search could find no
+    more. The same on every candidate of one statement."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

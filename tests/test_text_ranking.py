@@ -11,8 +11,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from memory_service.models import MemoryFilter
 from memory_service.search.text_stats import RefreshPolicy
-from memory_service.storage import text_stats_sql
+from memory_service.storage import search_sql, text_stats_sql
+from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
 
@@ -154,6 +156,29 @@ async def test_filtered_text_search_is_complete(narrow_budget: RunningServer) ->
     hits = await text_search(narrow_budget, "filler", top_k=200, filter=scope)
     assert len(hits) == 100
     assert all(value.startswith("common filler") for value, _ in hits)
+
+
+async def test_candidates_say_whether_every_query_term_brought_its_own(
+    narrow_budget: RunningServer, database_url: str
+) -> None:
+    # With every term among the candidates' sources, a short answer is the true one and no wider statement runs;
+    # with a term left out by the budget, the engine must widen to stay complete.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await init_connection(conn)
+
+        async def every_term(text: str) -> bool:
+            found = await search_sql.candidates(
+                conn, MemoryFilter(), vector=None, text=text, limit=10, exact=True, full_rows=False,
+                ranking=search_sql.TextRanking(max_scored=100),
+            )  # fmt: skip
+            assert found
+            return found[0].text_every_term
+
+        assert await every_term("zeppelin rare")  # each in one memory: both fit the budget
+        assert not await every_term("zeppelin common")  # "common" is in 401 memories, past the budget of 100
+    finally:
+        await conn.close()
 
 
 @pytest.mark.parametrize(

@@ -169,7 +169,13 @@ class SearchEngine:
             found = await fetch(exact=not use_index, pruned=pruned)
             vector_short = use_index and sum(c.from_vector for c in found) < limit
             # Fewer text candidates than fusion would like is fine; fewer than the caller asked for is not.
-            text_short = text is not None and pruned and sum(c.from_text for c in found) < query.top_k
+            # ...unless every query term already brought its candidates in: widening would find the same ones.
+            text_short = (
+                text is not None
+                and pruned
+                and sum(c.from_text for c in found) < query.top_k
+                and not (found and found[0].text_every_term)
+            )
             if vector_short or text_short:
                 # The index came back short: only an exact scan can tell "few matches" from "missed matches".
                 # Too few memories held the query's rarest terms: let its common terms bring in candidates too.

@@ -73,7 +73,8 @@ def _term_ctes(text: str, budget: str) -> str:
         "sum(qt.df) OVER (ORDER BY qt.df, qt.lexeme) AS reach, "
         "row_number() OVER (ORDER BY qt.df, qt.lexeme) AS n FROM qt, tc), "
         "wa AS (SELECT array_agg(lexeme) AS lexemes, memory.any_lexeme_query(array_agg(lexeme)) AS broad, "
-        f"memory.any_lexeme_query(array_agg(lexeme) FILTER (WHERE n = 1 OR reach <= {budget}::bigint)) AS core "
+        f"memory.any_lexeme_query(array_agg(lexeme) FILTER (WHERE n = 1 OR reach <= {budget}::bigint)) AS core, "
+        f"coalesce(bool_and(n = 1 OR reach <= {budget}::bigint), true) AS every_term "
         "FROM w)"
     )
 
@@ -137,7 +138,7 @@ def candidates_statement(
     sources: list[str] = []
     joins: list[str] = []
     distance, text_score = "NULL::float8", "NULL::float8"
-    from_vector, from_text = "false", "false"
+    from_vector, from_text, every_term = "false", "false", "false"
     if vector is not None:
         vector_param = params.add(vector)
         ctes.append(f"v AS ({_vector_cte(where, vector_param, limit_sql, exact=exact)})")
@@ -154,6 +155,7 @@ def candidates_statement(
         joins.append("LEFT JOIN t ON t.id = m.id")
         text_score = f"coalesce(t.text_score, {bm25})" if vector is not None else "t.text_score"
         from_text = "t.id IS NOT NULL"
+        every_term = "true" if not pruned else "(SELECT every_term FROM wa)"
     if full_rows:
         columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
     else:
@@ -161,7 +163,7 @@ def candidates_statement(
     sql = (
         f"WITH {', '.join(ctes)} "
         f"SELECT {columns}, {distance} AS distance, {text_score} AS text_score, "
-        f"{from_vector} AS from_vector, {from_text} AS from_text "
+        f"{from_vector} AS from_vector, {from_text} AS from_text, {every_term} AS text_every_term "
         f"FROM ({' UNION '.join(sources)}) ids JOIN memory.memories m ON m.id = ids.id {' '.join(joins)}"
     )
     return sql, params.values
@@ -209,6 +211,7 @@ async def candidates(
             memory=memory_from_row(row) if full_rows else None,
             from_vector=row["from_vector"],
             from_text=row["from_text"],
+            text_every_term=row["text_every_term"],
         )
         for row in rows
     ]
