@@ -127,7 +127,7 @@ class Calibration:
     """None when no sampled memory's scope was large enough to be searched through the index."""
     rows: int
     writes: int
-    """``index_sql.writes_so_far`` when calibrated: what "the data changed enough" is measured from."""
+    """``stats_sql.writes_so_far`` when calibrated: what "the data changed enough" is measured from."""
     index_built_at: str
     calibrated_at: datetime
     seconds: float

@@ -26,7 +26,7 @@ from datetime import datetime
 from memory_service.models import IndexKind
 from memory_service.search.calibration import MIN_SEEN, Calibration, Curve, calibrate
 from memory_service.search.query_sample import QuerySample
-from memory_service.storage import calibration_sql, index_sql, settings_sql
+from memory_service.storage import calibration_sql, index_sql, settings_sql, stats_sql
 from memory_service.storage.database import Connection, Database
 from memory_service.storage.index_sql import IndexSpec
 
@@ -185,7 +185,7 @@ class IndexCare:
         """Rebuild when due (or when forced) and calibrate when due; return what was done, for logs and the CLI."""
         state = await self.refresh()
         async with self._db.connection() as conn:
-            writes = await index_sql.writes_so_far(conn)
+            writes = await stats_sql.writes_so_far(conn)
         due = force or self.needs_rebuild(state)
         if not due and not self._needs_calibration(state, writes):
             return "up to date" if state.usable else f"exact search ({state.rows} rows < {self.exact_max_rows})"
@@ -204,7 +204,7 @@ class IndexCare:
                 state = await self._read(conn)
                 described = f"lists={spec.lists}" if spec.kind == "ivfflat" else f"m={spec.m}"
                 done.append(f"rebuilt {spec.kind} with {described} for {rows} rows")
-            writes = await index_sql.writes_so_far(conn)
+            writes = await stats_sql.writes_so_far(conn)
             if self._needs_calibration(state, writes):
                 done.append(await self._calibrate(conn, state, writes))
         await self.refresh()

@@ -20,7 +20,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from memory_service.storage import text_stats_sql
+from memory_service.storage import stats_sql, text_stats_sql
 from memory_service.storage.database import Database
 from memory_service.storage.text_stats_sql import Snapshot
 
@@ -64,7 +64,7 @@ class TextStats:
         """Refresh if due; True when this call refreshed."""
         async with self._db.connection() as conn:
             snapshot = await text_stats_sql.snapshot(conn)
-            writes = await text_stats_sql.writes_so_far(conn)
+            writes = await stats_sql.writes_so_far(conn)
         if not self.policy.due(snapshot, writes, datetime.now(UTC)):
             return False
         return await self.refresh()

@@ -20,6 +20,7 @@ import asyncpg
 
 from memory_service.models import IndexKind
 from memory_service.storage.database import init_connection, translate_errors
+from memory_service.storage.stats_sql import SMALL_TABLE_PAGES
 
 KINDS: tuple[IndexKind, ...] = ("ivfflat", "hnsw")
 NAMES: dict[IndexKind, str] = {"ivfflat": "memories_embedding_ivfflat", "hnsw": "memories_embedding_hnsw"}
@@ -100,8 +101,6 @@ async def row_count(conn: asyncpg.Connection) -> int:
     return value
 
 
-# Below this many pages (8 MB) a count is as cheap as an estimate and exact.
-_COUNT_BELOW_PAGES = 1000
 # Live rows as the cumulative statistics count every committed insert and delete (lost on a crash or a reset).
 _LIVE = "SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'memory.memories'::regclass"
 _PLANNED = "EXPLAIN (FORMAT JSON) SELECT 1 FROM memory.memories WHERE embedding IS NOT NULL"
@@ -117,7 +116,7 @@ async def estimated_rows(conn: asyncpg.Connection) -> int:
     """
     row = await conn.fetchrow(_ESTIMATE)
     if row["reltuples"] < 0 or row["relpages"] <= 0:
-        if row["pages"] < _COUNT_BELOW_PAGES:
+        if row["pages"] < SMALL_TABLE_PAGES:
             return await row_count(conn)
         live: int | None = await conn.fetchval(_LIVE)
         if live:
@@ -127,16 +126,6 @@ async def estimated_rows(conn: asyncpg.Connection) -> int:
         return int(planned[0]["Plan"]["Plan Rows"])
     estimate: float = row["reltuples"] / row["relpages"] * row["pages"] * (1.0 - row["null_frac"])
     return round(estimate)
-
-
-async def writes_so_far(conn: asyncpg.Connection) -> int:
-    """Rows inserted, updated and deleted in memory.memories since statistics began: a counter that only grows
-    (while the statistics are kept), read from the cumulative statistics without touching the table."""
-    value: int = await conn.fetchval(
-        "SELECT coalesce(n_tup_ins + n_tup_upd + n_tup_del, 0) FROM pg_stat_user_tables WHERE relid = $1::regclass",
-        "memory.memories",
-    )
-    return value or 0
 
 
 @contextlib.asynccontextmanager

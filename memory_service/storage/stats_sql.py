@@ -26,6 +26,14 @@ SMALL_TABLE_PAGES = 1_000
 EXACT_BELOW = 1_000
 """Counts the statistics put below this are taken exactly through an index, reading at most this many rows."""
 
+# Rows inserted, updated and deleted in memory.memories, from the cumulative statistics: a counter that only grows
+# (until a statistics reset or a crash), read without touching the table. What "the data changed enough" is measured
+# from, for BM25's corpus statistics and for the vector index's calibration.
+WRITES = """
+SELECT coalesce(n_tup_ins + n_tup_upd + n_tup_del, 0) FROM pg_stat_user_tables
+WHERE relid = 'memory.memories'::regclass
+"""
+
 # One statement: each table's planner figures, and what ANALYZE recorded about memories.scope (pg_stats has no
 # row for it until the first ANALYZE). pg_relation_size reads the file size, not the rows.
 _CATALOG = """
@@ -73,6 +81,12 @@ SELECT e.scope::text AS scope, count(*) AS n FROM (
 
 # The planner's estimate of the expired rows (its histogram of expires_at), read from the plan: no row is read.
 _PLANNED_EXPIRED = "EXPLAIN (FORMAT JSON) SELECT 1 FROM memory.memories m WHERE m.expires_at <= now()"
+
+
+async def writes_so_far(conn: asyncpg.Connection) -> int:
+    """Rows inserted, updated and deleted in memory.memories since the statistics' last reset (``WRITES``)."""
+    value: int | None = await conn.fetchval(WRITES)
+    return value or 0
 
 
 @dataclasses.dataclass(frozen=True)

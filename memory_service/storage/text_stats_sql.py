@@ -12,14 +12,10 @@ from datetime import datetime
 import asyncpg
 
 from memory_service.storage.filters import LIVE
+from memory_service.storage.stats_sql import WRITES
 
 # pg_try_advisory_xact_lock key: the ASCII bytes "ms-bm25" read as a big-endian integer.
 _REFRESH_LOCK_KEY = int.from_bytes(b"ms-bm25", "big")
-
-_WRITES = """
-SELECT coalesce(n_tup_ins + n_tup_upd + n_tup_del, 0) FROM pg_stat_user_tables
-WHERE relid = 'memory.memories'::regclass
-"""
 
 _SNAPSHOT = "SELECT docs, total_length, writes_seen, refreshed_at FROM memory.text_corpus"
 
@@ -39,7 +35,7 @@ terms AS (
     ON CONFLICT (lexeme) DO UPDATE SET df = EXCLUDED.df WHERE t.df <> EXCLUDED.df
 )
 INSERT INTO memory.text_corpus AS c (docs, total_length, writes_seen, refreshed_at)
-SELECT count(*), coalesce(sum(length(m.search_tsv)), 0), coalesce(({_WRITES}), 0), clock_timestamp()
+SELECT count(*), coalesce(sum(length(m.search_tsv)), 0), coalesce(({WRITES}), 0), clock_timestamp()
 FROM memory.memories m WHERE {LIVE}
 ON CONFLICT (singleton) DO UPDATE
 SET docs = EXCLUDED.docs, total_length = EXCLUDED.total_length, writes_seen = EXCLUDED.writes_seen,
@@ -56,12 +52,6 @@ class Snapshot:
     total_length: int
     writes_seen: int
     refreshed_at: datetime
-
-
-async def writes_so_far(conn: asyncpg.Connection) -> int:
-    """Rows inserted, updated and deleted in memory.memories since the statistics collector's last reset."""
-    value: int | None = await conn.fetchval(_WRITES)
-    return value or 0
 
 
 async def snapshot(conn: asyncpg.Connection) -> Snapshot | None:
