@@ -27,6 +27,7 @@ from typing import Any
 from memory_service.models import IndexKind, MemoryFilter, ScopeRef
 from memory_service.search.query_sample import QuerySample
 from memory_service.storage import calibration_sql
+from memory_service.storage.calibration_sql import SampleRow
 from memory_service.storage.database import Connection
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,20 @@ async def _probe(conn: Connection, query_id: int | None, vector: Any, memory_fil
     return _Probe(query_id, vector, memory_filter, frozenset(_without(query_id, ids)))
 
 
+async def _scope_probes(conn: Connection, rows: Sequence[SampleRow], min_rows: int) -> list[_Probe]:
+    """Sampled memories as queries filtered to their own scope, for the scopes large enough (``min_rows``) that a
+    search of them would use the index."""
+    large: dict[ScopeRef, bool] = {}
+    probes = []
+    for row in rows:
+        scope_filter = MemoryFilter(scopes=(row.scope,))
+        if row.scope not in large:
+            large[row.scope] = await calibration_sql.matching_at_least(conn, scope_filter, max(min_rows, 1))
+        if large[row.scope]:
+            probes.append(await _probe(conn, row.id, row.vector, scope_filter))
+    return probes
+
+
 async def _curve(
     conn: Connection,
     probes: Sequence[_Probe],
@@ -241,52 +256,39 @@ async def calibrate(
     started = time.perf_counter()
     seen_unfiltered = seen.queries(filtered=False) if seen is not None else []
     seen_filtered = seen.queries(filtered=True) if seen is not None else []
-    sample = await calibration_sql.sample(conn, queries, rows=rows)
-    if not sample:
-        raise ValueError("no stored vectors to calibrate on")
-    if len(seen_unfiltered) >= MIN_SEEN:
+    unfiltered_on_searches = len(seen_unfiltered) >= MIN_SEEN
+    # Without iterative scans a filtered index scan that comes back short falls back to an exact scan, so its
+    # recall is not the index's to measure: no filtered queries at all.
+    filtered_on_searches = iterative and len(seen_filtered) >= MIN_SEEN
+    sample: list[SampleRow] = []
+    if not unfiltered_on_searches or (iterative and not filtered_on_searches):
+        # Stored vectors are read (a Bernoulli sample reads every page) only for a kind that has too few searches.
+        sample = await calibration_sql.sample(conn, queries, rows=rows)
+        if not sample:
+            raise ValueError("no stored vectors to calibrate on")
+    if unfiltered_on_searches:
         unfiltered = [await _probe(conn, None, q.vector, q.memory_filter) for q in seen_unfiltered]
     else:
         unfiltered = [await _probe(conn, row.id, row.vector, MemoryFilter()) for row in sample]
     filtered: list[_Probe] = []
-    if len(seen_filtered) >= MIN_SEEN:
+    if filtered_on_searches:
         filtered = [await _probe(conn, None, q.vector, q.memory_filter) for q in seen_filtered]
-    else:
-        large: dict[ScopeRef, bool] = {}
-        for row in sample[: max(1, queries // 2)]:
-            scope_filter = MemoryFilter(scopes=(row.scope,))
-            if row.scope not in large:
-                large[row.scope] = await calibration_sql.matching_at_least(
-                    conn, scope_filter, max(filtered_min_rows, 1)
-                )
-            if large[row.scope]:
-                filtered.append(await _probe(conn, row.id, row.vector, scope_filter))
+    elif iterative:
+        filtered = await _scope_probes(conn, sample[: max(1, queries // 2)], filtered_min_rows)
+    # A query with no neighbour measures nothing (and has no recall to divide by): a table emptied since the
+    # searches were seen, or a lone stored vector.
+    unfiltered = [p for p in unfiltered if p.truth]
     filtered = [p for p in filtered if p.truth]
+    if not unfiltered:
+        raise ValueError("no stored vectors to calibrate on")
     settings = ladder(kind, lists)
-    unfiltered_curve = await _curve(
-        conn,
-        unfiltered,
-        settings,
-        kind=kind,
-        iterative=iterative,
-        target=target,
-        source="searches" if len(seen_unfiltered) >= MIN_SEEN else "memories",
-    )
-    # Without iterative scans a filtered index scan that comes back short falls back to an exact scan, so its
-    # recall is not the index's to measure.
-    filtered_curve = (
-        await _curve(
-            conn,
-            filtered,
-            settings,
-            kind=kind,
-            iterative=iterative,
-            target=target,
-            source="searches" if len(seen_filtered) >= MIN_SEEN else "memories",
-        )
-        if filtered and iterative
-        else None
-    )
+
+    async def curve(probes: Sequence[_Probe], on_searches: bool) -> Curve:
+        source = "searches" if on_searches else "memories"
+        return await _curve(conn, probes, settings, kind=kind, iterative=iterative, target=target, source=source)
+
+    unfiltered_curve = await curve(unfiltered, unfiltered_on_searches)
+    filtered_curve = await curve(filtered, filtered_on_searches) if filtered else None
     calibration = Calibration(
         kind=kind,
         target=target,
