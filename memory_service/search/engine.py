@@ -91,12 +91,12 @@ class SearchEngine:
         search (filtered or not), then a rule of thumb until the first calibration."""
         filtered = not query.filter.is_empty
         calibration = state.calibration
-        if query.probes or self._default_probes:
-            setting = query.probes or self._default_probes or 0
-        elif calibration is not None:
-            setting = calibration.setting(filtered=filtered)
-        else:
-            setting = _HNSW_DEFAULT_EF_SEARCH if state.kind == "hnsw" else fitted_probes(state.lists)
+        setting = query.probes or self._default_probes
+        if not setting:
+            if calibration is not None:
+                setting = calibration.setting(filtered=filtered)
+            else:
+                setting = _HNSW_DEFAULT_EF_SEARCH if state.kind == "hnsw" else fitted_probes(state.lists)
         if state.kind != "hnsw":
             setting = min(setting, state.lists)
         recall = None if calibration is None else calibration.curve(filtered=filtered).recall_at(setting)
@@ -165,14 +165,12 @@ class SearchEngine:
                 self.seen.record(vector, query.filter)  # what the index's next calibration measures on
             # Text candidates come first from the query's rarest terms, filtered or not (in a narrow filter as the
             # floor does: one statement); when they are fewer than top_k, every term brings some in (below).
-            pruned = True
-            found = await fetch(exact=not use_index, pruned=pruned)
+            found = await fetch(exact=not use_index, pruned=True)
             vector_short = use_index and sum(c.from_vector for c in found) < limit
-            # Fewer text candidates than fusion would like is fine; fewer than the caller asked for is not.
-            # ...unless every query term already brought its candidates in: widening would find the same ones.
+            # Fewer text candidates than fusion would like is fine; fewer than the caller asked for is not...
+            # unless every query term already brought its candidates in: widening would find the same ones.
             text_short = (
                 text is not None
-                and pruned
                 and sum(c.from_text for c in found) < query.top_k
                 and not (found and found[0].text_every_term)
             )
@@ -180,8 +178,7 @@ class SearchEngine:
                 # The index came back short: only an exact scan can tell "few matches" from "missed matches".
                 # Too few memories held the query's rarest terms: let its common terms bring in candidates too.
                 use_index = use_index and not vector_short
-                pruned = pruned and not text_short
-                found = await fetch(exact=not use_index, pruned=pruned)
+                found = await fetch(exact=not use_index, pruned=not text_short)
             ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
             memories = (
                 {}
