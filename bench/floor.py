@@ -2,12 +2,13 @@
 
     python -m bench.floor        # DATABASE_URL, VECTOR_INDEX, FLOOR_POOL from the environment
 
-It speaks the service's own protocol (``memory_service.v1.MemoryService``), so one client stub calls both, and
-implements only Store, Get, List (one scope, keyset on id) and Search with the least SQL that gives the same
-answer: VECTOR is one ``ORDER BY embedding <=> $1 LIMIT k`` with the full rows, unfiltered or within one scope;
-TEXT is the service's BM25 statement (``memory_service.storage.search_sql``) with the full rows; HYBRID is the
-service's one-statement vector and text candidates, fused here by the weighted sum, and the winners' rows. No
-validation, no metrics, no interceptors, no history, no embedding, no planning: each call is its statements.
+It speaks the service's own protocol (``memory_service.v1.MemoryService``, and ``LeaseService``'s Acquire and
+Release from ``bench.lease_floor``), so one client stub calls both, and implements only Store, Get, List (one
+scope, keyset on id) and Search with the least SQL that gives the same answer: VECTOR is one
+``ORDER BY embedding <=> $1 LIMIT k`` with the full rows, unfiltered or within one scope; TEXT is the service's
+BM25 statement (``memory_service.storage.search_sql``) with the full rows; HYBRID is the service's one-statement
+vector and text candidates, fused here by the weighted sum, and the winners' rows. No validation, no metrics, no
+interceptors, no history, no embedding, no planning: each call is its statements.
 
 The caller says how to scan, in the request's own fields, so that the floor gives the answer the service gave:
 ``exact`` scans exactly, ``probes`` is ``ivfflat.probes`` or ``hnsw.ef_search`` (``bench.scale`` sends what the
@@ -31,9 +32,10 @@ import numpy as np
 from grpc import aio
 from pgvector.asyncpg import register_vector
 
+from bench.lease_floor import BareLeases
 from memory_service.models import MemoryFilter, Scope, ScopeRef
 from memory_service.storage import search_sql
-from memory_service.v1 import memory_pb2, memory_pb2_grpc
+from memory_service.v1 import lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _COLUMNS = (
@@ -283,8 +285,11 @@ async def serve() -> None:
     pools = Pools(os.environ["DATABASE_URL"], index=index, size=int(os.environ.get("FLOOR_POOL", "4")))
     pool = await pools.get()
     model = await pool.fetchval("SELECT value FROM memory.settings WHERE key = 'embedding_model'") or "floor"
+    # Leases on a plain pool of their own: their statements need neither the vector codecs nor the scan settings.
+    lease_pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=pools.size, max_size=pools.size)
     server = aio.server()
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(Floor(pools, model), server)
+    lease_pb2_grpc.add_LeaseServiceServicer_to_server(BareLeases(lease_pool), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     # The line bench.harness.ServerProcess waits for.
@@ -296,6 +301,7 @@ async def serve() -> None:
     await stop.wait()
     await server.stop(1)
     await pools.close()
+    await lease_pool.close()
 
 
 if __name__ == "__main__":

@@ -1,16 +1,13 @@
-"""The bare floor for leases: a grpc.aio server that runs the service's lease SQL and nothing else.
+"""The bare floor's leases: Acquire and Release as the service's lease SQL and nothing else.
 
-    python -m bench.lease_floor DSN        (prints "serving gRPC on 127.0.0.1:PORT", serves until killed)
-
-Acquire and Release over the same protos as the service, each one call of ``storage.leases_sql`` on a plain asyncpg
-pool: no validation, authentication, quota, metrics, logging or interceptor. What a gRPC service on this machine
-cannot beat for the same answers; ``bench.leases`` measures the service against it in the same run.
+``bench.floor`` serves them beside its memory calls. Each is one call of ``storage.leases_sql`` on a plain asyncpg
+pool, over the same protos as the service: no validation, authentication, quota, metrics, logging or interceptor.
+What a gRPC service on this machine cannot beat for the same answers; ``bench.leases`` measures the service against
+it in the same run.
 """
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import uuid
 from datetime import timedelta
 
@@ -62,17 +59,3 @@ class BareLeases(lease_pb2_grpc.LeaseServiceServicer):
         async with self._pool.acquire() as conn:
             released = await leases_sql.release(conn, uuid.UUID(request.lease_id))
         return lease_pb2.ReleaseResponse(released=released is not None)
-
-
-async def serve(dsn: str, pool_size: int) -> None:
-    pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
-    server = aio.server(options=[("grpc.so_reuseport", 0)])
-    lease_pb2_grpc.add_LeaseServiceServicer_to_server(BareLeases(pool), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"serving gRPC on 127.0.0.1:{port}", file=sys.stderr, flush=True)
-    await server.wait_for_termination()
-
-
-if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8))

@@ -145,7 +145,7 @@ async def run(args: argparse.Namespace) -> None:
                         rows.append(["grpc floor (2 empty calls)", n, *floor, "-"])
             finally:
                 await asyncio.to_thread(server.stop)
-            bare = ServerProcess({}, command=("-m", "bench.lease_floor", dsn, pool))
+            bare = ServerProcess({"DATABASE_URL": dsn, "FLOOR_POOL": pool}, command=("-m", "bench.floor"))
             try:
                 await asyncio.to_thread(bare.wait_ready)
                 async with aio.insecure_channel(bare.address) as channel:
