@@ -58,7 +58,7 @@ async def prepare(dsn: str, rows: int) -> None:
     try:
         async with conn.transaction():
             await settings_sql.bind_embedding_model(conn, DEFAULT_HASH_MODEL, DIM)
-        await index_sql.rebuild(conn, lists=fitted_lists(rows))
+        await index_sql.rebuild(conn, index_sql.IndexSpec("ivfflat", lists=fitted_lists(rows)))
     finally:
         await conn.close()
 

@@ -140,7 +140,7 @@ async def build(dsn: str, data: Corpus, index: str) -> Build:
             started = time.perf_counter()
             summary = await client.bulk_store(memory_inputs(data), batch_size=1000)
             result.ingest_rows_per_s = len(data) / (time.perf_counter() - started)
-        assert not summary.rejections, summary.rejections[:3]
+        assert not summary.rejections, list(summary.rejections.items())[:3]
     finally:
         await asyncio.to_thread(loader.stop)
     settings = Settings.from_env({"DATABASE_URL": dsn, "DATABASE_POOL_MIN": "1", "DATABASE_POOL_MAX": "2"})

@@ -66,10 +66,5 @@ async def matching_at_least(conn: asyncpg.Connection, memory_filter: MemoryFilte
     return await search_sql.count_matching(conn, memory_filter, cap=rows) >= rows
 
 
-async def read(conn: asyncpg.Connection) -> dict[str, Any] | None:
-    stored = (await settings_sql.read_settings(conn)).get(CALIBRATION_KEY)
-    return None if stored is None else dict(json.loads(stored))
-
-
 async def write(conn: asyncpg.Connection, calibration: Mapping[str, Any]) -> None:
     await settings_sql.write_settings(conn, {CALIBRATION_KEY: json.dumps(calibration, sort_keys=True)})
