@@ -36,6 +36,7 @@ from memory_service.config import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, MemoryFilter, Scope, ScopeRef
 from memory_service.runtime import Runtime
+from memory_service.search.calibration import scan_settings
 from memory_service.search.index_care import fitted_probes
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
@@ -147,16 +148,19 @@ async def run(rows: int, count: int, total: int) -> None:
 
 async def measure(dsn: str, address: str, workload: Workload, *, count: int, total: int, rows: int) -> None:
     lists = max(10, rows // 1000)
-    probes = fitted_probes(lists)
+    channel = aio.insecure_channel(address)
+    stub = memory_pb2_grpc.MemoryServiceStub(channel)
+    # The plain SQL scans as the service's unfiltered searches do: at the probes the index's calibration chose
+    # (sqrt(lists) before one exists), with the same scan settings.
+    calibration = (await stub.Stats(memory_pb2.StatsRequest())).index.calibration
+    probes = calibration.probes or fitted_probes(lists)
     # Startup settings, not SET: asyncpg's default reset runs RESET ALL on every release, which returns to these.
-    scan = {"ivfflat.probes": str(probes), "ivfflat.iterative_scan": "relaxed_order"}
+    scan = scan_settings("ivfflat", probes, iterative=True, limit=K)
     pool = await asyncpg.create_pool(dsn, min_size=16, max_size=16, init=init_connection, server_settings=scan)
     for _ in range(2):  # the second time after a release and its reset
         async with pool.acquire() as conn:
             assert await conn.fetchval("SHOW ivfflat.probes") == str(probes), "the floor lost its scan settings"
     plain = PlainSql(pool)
-    channel = aio.insecure_channel(address)
-    stub = memory_pb2_grpc.MemoryServiceStub(channel)
     table = []
     p50: dict[tuple[str, bool], float] = {}
     try:
