@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench.datasets import Corpus, clustered, copy_into_memories, records
-from memory_service.models import MemoryFilter, Scope, ScopeRef
+from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection, session_statement, use_session_settings
 from memory_service.v1 import memory_pb2
@@ -240,3 +240,13 @@ async def test_repeated_searches_run_on_a_cached_generic_plan(indexed: tuple[Run
             )
             assert row is not None, mode
             assert row["generic_plans"] >= 3 and row["custom_plans"] <= 5, (mode, dict(row))
+
+
+def test_only_filters_an_index_narrows_are_counted() -> None:
+    # Counting the matches of an importance or memory-type filter up to the cap would read the table until the cap:
+    # such a filter goes to the vector index (whose iterative scan keeps it complete) uncounted.
+    assert not search_sql.count_is_bounded(MemoryFilter(min_importance=0.99))
+    assert not search_sql.count_is_bounded(MemoryFilter(memory_types=(MemoryType.SKILL,)))
+    assert search_sql.count_is_bounded(SCOPED)
+    assert search_sql.count_is_bounded(MemoryFilter(agent_id=3, min_importance=0.99))
+    assert search_sql.count_is_bounded(MemoryFilter(tags=("a",)))
