@@ -21,27 +21,9 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
+from bench.corpus import Corpus
+
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "zu", "pe", "da", "go", "hi", "ju", "ba", "fe")
-
-
-@dataclasses.dataclass
-class Corpus:
-    vectors: npt.NDArray[np.float32]
-    texts: list[str]
-    topics: npt.NDArray[np.int64]
-    scope_ids: npt.NDArray[np.int64]
-    importance: npt.NDArray[np.float32]
-    """Uniform in [0, 1): ``min_importance = 0.99`` keeps about 1% of the rows, with no index to help."""
-    centres: npt.NDArray[np.float32]
-    vocabulary: list[list[str]]
-    noise: float = 0.6
-    """The rows' noise, which queries drawn from this corpus get too (``queries``)."""
-    query_vectors: npt.NDArray[np.float32] | None = None
-    """Queries that come with the data (real ones, for ``minilm``); None: ``queries`` draws them."""
-    query_texts: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self.texts)
 
 
 def _word(rng: np.random.Generator) -> str:

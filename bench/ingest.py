@@ -35,9 +35,10 @@ from pathlib import Path
 import asyncpg
 from grpc import aio
 
-from bench.datasets import COPY_COLUMNS, Corpus, clustered, copy_into_memories, records
+from bench.corpus import Corpus
+from bench.datasets import COPY_COLUMNS, clustered, copy_into_memories, records
 from bench.harness import ServerProcess, database_server, fresh_database, print_table
-from memory_service.config import DEFAULT_HASH_MODEL
+from memory_service.config.settings import DEFAULT_HASH_MODEL
 from memory_service.search.index_care import fitted_lists
 from memory_service.storage import index_sql, settings_sql
 from memory_service.storage.database import init_connection

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from bench.datasets import Corpus
+from bench.corpus import Corpus
 from memory_service.embeddings.local_provider import LocalEmbedder
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"

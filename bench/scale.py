@@ -34,7 +34,8 @@ from grpc import aio
 from pgvector.asyncpg import register_vector
 
 from bench import minilm
-from bench.datasets import NAMES, Corpus, corpus, queries
+from bench.corpus import Corpus
+from bench.datasets import NAMES, corpus, queries
 from bench.floor import scan_settings, vector_statement
 from bench.harness import (
     ServerProcess,
@@ -45,11 +46,11 @@ from bench.harness import (
     print_table,
     reindex,
 )
+from memory_service.app.runtime import Runtime
 from memory_service.client import MemoryClient
-from memory_service.config import Settings
+from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import MemoryFilter, Scope, ScopeRef
-from memory_service.runtime import Runtime
 from memory_service.storage import search_sql
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 

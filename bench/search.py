@@ -22,7 +22,8 @@ import asyncpg
 import numpy as np
 from grpc import aio
 
-from bench.datasets import Corpus, clustered, copy_into_memories, queries, records
+from bench.corpus import Corpus
+from bench.datasets import clustered, copy_into_memories, queries, records
 from bench.harness import (
     ServerProcess,
     database_server,
@@ -32,10 +33,10 @@ from bench.harness import (
     print_table,
     throughput,
 )
-from memory_service.config import Settings
+from memory_service.app.runtime import Runtime
+from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, MemoryFilter, Scope, ScopeRef
-from memory_service.runtime import Runtime
 from memory_service.search.calibration import scan_settings
 from memory_service.search.index_care import fitted_probes
 from memory_service.storage import search_sql

@@ -26,10 +26,10 @@ from grpc import aio
 
 from bench.datasets import copy_into_memories
 from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
-from memory_service.config import Settings
+from memory_service.app.runtime import Runtime
+from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import MemoryFilter
-from memory_service.runtime import Runtime
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc

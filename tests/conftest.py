@@ -13,8 +13,8 @@ import grpc
 import pytest
 from grpc import aio
 
-from memory_service.config import Settings
-from memory_service.server import MemoryServer
+from memory_service.app.server import MemoryServer
+from memory_service.config.settings import Settings
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
 from memory_service.v1 import lease_pb2_grpc, memory_pb2_grpc

@@ -8,9 +8,9 @@ import asyncpg
 import grpc
 import pytest
 
-from memory_service.config import Settings
+from memory_service.app.server import MemoryServer
+from memory_service.config.settings import Settings
 from memory_service.errors import EmbeddingConfigMismatch
-from memory_service.server import MemoryServer
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
 from tests.fake_openai import FakeOpenAI

@@ -14,7 +14,8 @@ import asyncpg
 import numpy as np
 import pytest
 
-from bench.datasets import Corpus, clustered, copy_into_memories, records
+from bench.corpus import Corpus
+from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter
 from memory_service.search.calibration import Calibration, Curve, ladder, scan_settings
 from memory_service.search.index_care import IndexState, needs_calibration

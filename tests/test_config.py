@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from memory_service.config import Settings, parse_duration
+from memory_service.config.env import parse_duration
+from memory_service.config.settings import Settings
 from memory_service.errors import ConfigError
 
 

@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 
-from memory_service import maintenance
-from memory_service.config import Settings
+from memory_service.app.server import MemoryServer
+from memory_service.config.settings import Settings
 from memory_service.embeddings.hashing import HashEmbedder
 from memory_service.errors import EmbeddingConfigMismatch
-from memory_service.server import MemoryServer
+from memory_service.memories import purge
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
 from tests.fake_openai import FakeOpenAI, fake_vector
@@ -171,7 +171,7 @@ async def test_old_cache_entries_are_evicted(server: RunningServer) -> None:
             "('evict-test', 384, '\\x02', $1, clock_timestamp())",
             vector,
         )
-    assert await maintenance.evict_embedding_cache(db) >= 1
+    assert await purge.evict_embedding_cache(db) >= 1
     async with db.connection() as conn:
         left = await conn.fetch("SELECT content_hash FROM memory.embedding_cache WHERE model = 'evict-test'")
     assert [bytes(r["content_hash"]) for r in left] == [b"\x02"]

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memory_service.server import SERVICE_NAMES
+from memory_service.app.server import SERVICE_NAMES
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.v1 import memory_pb2
 from tests.conftest import start_server, stop_server, test_env

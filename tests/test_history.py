@@ -11,7 +11,7 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from memory_service import maintenance
+from memory_service.memories import purge
 from memory_service.v1 import lease_pb2, memory_pb2
 from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
 
@@ -102,7 +102,7 @@ async def test_each_change_kind_records_a_version_and_unchanged_records_none(
     gone = await server.memory.Store(
         memory_pb2.StoreRequest(memory=memory("a stale note", key="stale", expires_at=past)), metadata=auth
     )
-    await maintenance.purge_expired(server.server.runtime.db, server.server.metrics)
+    await purge.purge_expired(server.server.runtime.db, server.server.metrics)
     expired = await history_authed(server, gone.id, auth)
     assert [KINDS[v.kind] for v in expired] == ["expired", "created"]
     assert not expired[0].principal  # the purge is nobody's call

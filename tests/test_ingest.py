@@ -14,7 +14,7 @@ import pytest
 from grpc import aio
 
 from memory_service.embeddings.hashing import HashEmbedder
-from memory_service.ingest import BulkIngest, BulkItem, BulkRequest
+from memory_service.memories.ingest import BulkIngest, BulkItem, BulkRequest
 from memory_service.models import NewMemory, Scope, content_hash
 from memory_service.v1 import lease_pb2, memory_pb2
 from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memory_service.config import Settings
+from memory_service.config.settings import Settings
 from memory_service.embeddings.local_provider import LocalEmbedder, model_directory
 from memory_service.errors import StartupError
 from memory_service.v1 import memory_pb2

@@ -9,7 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.datasets import Corpus, clustered, copy_into_memories, records
+from bench.corpus import Corpus
+from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter
 from memory_service.storage import search_sql
 from memory_service.storage.database import begin_statement, init_connection

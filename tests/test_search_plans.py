@@ -9,7 +9,8 @@ import asyncpg
 import numpy as np
 import pytest
 
-from bench.datasets import Corpus, clustered, copy_into_memories, records
+from bench.corpus import Corpus
+from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection, session_statement, use_session_settings

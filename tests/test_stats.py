@@ -8,9 +8,9 @@ import asyncpg
 import pytest
 
 from bench.datasets import clustered, copy_into_memories, records
+from memory_service.memories.stats import Stats, collect
 from memory_service.models import Scope
 from memory_service.search.index_care import IndexCare
-from memory_service.stats import Stats, collect
 from memory_service.storage import index_sql, settings_sql, stats_sql
 from memory_service.storage.database import Database, init_connection
 

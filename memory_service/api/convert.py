@@ -9,11 +9,12 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from memory_service import validation
 from memory_service.api import times
-from memory_service.config import Settings
+from memory_service.config.settings import Settings
 from memory_service.errors import InvalidArgument
-from memory_service.ingest import BulkAck
+from memory_service.memories import validation
+from memory_service.memories.ingest import BulkAck
+from memory_service.memories.stats import Stats
 from memory_service.models import (
     Fence,
     Fusion,
@@ -32,7 +33,6 @@ from memory_service.models import (
     content_hash,
     derived_key,
 )
-from memory_service.stats import Stats
 from memory_service.v1 import memory_pb2
 
 E = TypeVar("E")

@@ -13,7 +13,7 @@ from google.protobuf import json_format
 
 from memory_service.cli.ops import _scope
 from memory_service.cli.remote import EX_UNAVAILABLE, add_server_flags, read_ca
-from memory_service.config import Settings
+from memory_service.config.settings import Settings
 
 EX_FAILED = 1
 

@@ -39,8 +39,9 @@ from grpc import aio
 
 from memory_service.cli.jsonl import LineError, parse_line
 from memory_service.cli.remote import add_server_flags
-from memory_service.client_bulk import BulkSummary, ResumableBulkStore
-from memory_service.config import Settings, parse_duration
+from memory_service.client.bulk import BulkSummary, ResumableBulkStore
+from memory_service.config.env import parse_duration
+from memory_service.config.settings import Settings
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger(__name__)

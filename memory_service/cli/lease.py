@@ -32,7 +32,8 @@ from google.protobuf import duration_pb2
 from grpc import aio
 
 from memory_service.cli.remote import EX_UNAVAILABLE, EX_USAGE, OneLineParser, add_server_flags, read_ca
-from memory_service.config import Settings, parse_duration
+from memory_service.config.env import parse_duration
+from memory_service.config.settings import Settings
 from memory_service.v1 import lease_pb2, lease_pb2_grpc
 
 EX_CONFLICT = 1

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from memory_service.cli.remote import OneLineParser
-from memory_service.config import Settings
+from memory_service.config.settings import Settings
 from memory_service.errors import ConfigError, StartupError
 
 log = logging.getLogger("memory_service")
@@ -96,7 +96,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from memory_service.server import serve
+    from memory_service.app.server import serve
 
     return asyncio.run(serve(settings))
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 
+from memory_service.app.runtime import Runtime
 from memory_service.cli.remote import EX_UNAVAILABLE, add_server_flags, read_ca
-from memory_service.config import Settings
+from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
-from memory_service.runtime import Runtime
 from memory_service.v1 import memory_pb2
 
 EX_FAILED = 1

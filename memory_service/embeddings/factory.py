@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from memory_service.config import Settings
+from memory_service.config.settings import Settings
 from memory_service.embeddings.base import EmbeddingProvider
 from memory_service.embeddings.hashing import HashEmbedder
 from memory_service.metrics import Metrics

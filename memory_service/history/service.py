@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from memory_service.errors import InvalidArgument, NotFound
 from memory_service.history.types import EraseReceipt, Version
-from memory_service.memories import decode_cursor, encode_cursor
+from memory_service.memories.store import decode_cursor, encode_cursor
 from memory_service.metrics import Metrics
 from memory_service.models import Memory, MemoryFilter, ScopeRef
 from memory_service.storage import history_sql

@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
 from typing import TypeVar
 
-from memory_service.config import Settings
+from memory_service.config.settings import Settings
 from memory_service.errors import (
     DatabaseUnavailable,
     DeadlineExceeded,

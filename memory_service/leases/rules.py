@@ -12,7 +12,7 @@ import json
 import re
 import uuid
 
-from memory_service.config import Settings
+from memory_service.config.settings import Settings
 from memory_service.errors import InvalidArgument
 from memory_service.leases.types import Lease
 

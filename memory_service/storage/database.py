@@ -17,7 +17,7 @@ import numpy.typing as npt
 from pgvector import Vector
 from pgvector.asyncpg import register_vector
 
-from memory_service.config import redact_url
+from memory_service.config.env import redact_url
 from memory_service.errors import (
     DatabaseConflict,
     DatabaseUnavailable,

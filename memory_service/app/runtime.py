@@ -11,22 +11,24 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TypeVar
 
-from memory_service import maintenance
-from memory_service.binding import ModelBinding
-from memory_service.config import Settings, redact_url
+from memory_service.app import loops
+from memory_service.config.env import redact_url
+from memory_service.config.settings import Settings
 from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.history.feed import ChangeFeed
 from memory_service.history.service import History
-from memory_service.ingest import BulkIngest
 from memory_service.leases.manager import LeaseManager
-from memory_service.memories import MemoryStore
+from memory_service.memories import purge
+from memory_service.memories.binding import ModelBinding
+from memory_service.memories.ingest import BulkIngest
+from memory_service.memories.stats import Stats, collect
+from memory_service.memories.store import MemoryStore
 from memory_service.metrics import Metrics
 from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.text_stats import TextStats
-from memory_service.stats import Stats, collect
 from memory_service.storage import settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
@@ -217,12 +219,12 @@ class Runtime:
             raise
 
     def _spawn(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
-        self._tasks.append(asyncio.create_task(maintenance.every(interval, name, work), name=name))
+        self._tasks.append(asyncio.create_task(loops.every(interval, name, work), name=name))
 
     async def _purge(self) -> int:
         """Purge expired memories (returning how many) and evict old embedding-cache entries."""
-        purged = await maintenance.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
-        await maintenance.evict_embedding_cache(self.db)
+        purged = await purge.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
+        await purge.evict_embedding_cache(self.db)
         return purged
 
     async def _database_dsn(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import datetime
 
+from memory_service.client.wire import scope_value
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 
@@ -42,7 +43,7 @@ class HistoryCalls:
         self, *, scope: str, scope_id: int | None = None, memory_id: int | None = None
     ) -> memory_pb2.EraseResponse:
         """Erase one memory (``memory_id``) or every memory of the scope, for good; answers the receipt."""
-        request = memory_pb2.EraseRequest(scope=memory_pb2.ScopeRef(scope=_scope(scope)))
+        request = memory_pb2.EraseRequest(scope=memory_pb2.ScopeRef(scope=scope_value(scope)))
         if scope_id is not None:
             request.scope.scope_id = scope_id
         if memory_id is not None:
@@ -66,13 +67,7 @@ class HistoryCalls:
         """
         request = memory_pb2.WatchRequest(after=after, include_memory=include_memory)
         if scope is not None:
-            ref = request.filter.scopes.add(scope=_scope(scope))
+            ref = request.filter.scopes.add(scope=scope_value(scope))
             if scope_id is not None:
                 ref.scope_id = scope_id
         return self.memory.Watch(request)  # type: ignore[no-any-return]
-
-
-def _scope(name: str) -> memory_pb2.Scope.ValueType:
-    from memory_service.client import scope_value  # the one table of wire names, defined with the client
-
-    return scope_value(name)

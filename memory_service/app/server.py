@@ -29,10 +29,10 @@ from memory_service.api.health import HealthMonitor
 from memory_service.api.interceptor import Authenticator, ServiceInterceptor
 from memory_service.api.lease_servicer import LeaseServicer
 from memory_service.api.memory_servicer import MemoryServicer
-from memory_service.config import Settings
+from memory_service.app.runtime import Runtime
+from memory_service.config.settings import Settings
 from memory_service.errors import StartupError
 from memory_service.metrics import Metrics
-from memory_service.runtime import Runtime
 from memory_service.storage.probe import DatabaseProbe
 from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 

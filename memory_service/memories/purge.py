@@ -1,14 +1,10 @@
-"""Background work each instance runs: purging expired memories and old embedding-cache entries."""
+"""Purging expired memories and old embedding-cache entries, in batches; each instance runs it in the background."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from memory_service.errors import MemoryServiceError
 from memory_service.metrics import Metrics
 from memory_service.storage import embedding_cache_sql, memories_sql
 from memory_service.storage.database import Database
@@ -20,18 +16,6 @@ _PURGE_BATCH = 5000
 EMBEDDING_CACHE_RETENTION = timedelta(days=30)
 """How long an embedding-cache entry is kept. The cache saves provider calls for texts seen again soon (a reloaded
 file, a retried batch); past a month an entry is more likely dead weight, and evicting a live one costs one call."""
-
-
-async def every(interval: float, name: str, work: Callable[[], Awaitable[object]]) -> None:
-    """Run ``work`` forever with jittered pauses; a failure is logged and retried next round, never fatal."""
-    while True:
-        await asyncio.sleep(interval * (0.8 + 0.4 * random.random()))
-        try:
-            await work()
-        except MemoryServiceError as exc:
-            log.warning("%s failed: %s", name, exc)
-        except Exception:
-            log.exception("%s failed unexpectedly", name)
 
 
 async def purge_expired(db: Database, metrics: Metrics, *, history: bool = True) -> int:

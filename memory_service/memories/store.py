@@ -9,10 +9,10 @@ import json
 import logging
 from dataclasses import asdict
 
-from memory_service.binding import ModelBinding
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, NotFound
 from memory_service.history.types import NO_CONTEXT, WriteContext
+from memory_service.memories.binding import ModelBinding
 from memory_service.models import Fence, Memory, MemoryFilter, NewMemory, StoreResult
 from memory_service.storage import memories_sql
 from memory_service.storage.database import Database

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import platformdirs
 
-from memory_service.env_reader import MIN_TOKEN_LENGTH, EnvReader, parse_duration, redact_url
+from memory_service.config.env import MIN_TOKEN_LENGTH, EnvReader, parse_duration, redact_url
 from memory_service.errors import ConfigError
 from memory_service.models import IndexKind
 

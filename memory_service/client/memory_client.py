@@ -11,150 +11,17 @@ so a retried Store cannot duplicate a memory.
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
-import grpc
-from google.protobuf import duration_pb2
-from grpc import aio
-
-from memory_service.client_bulk import BulkSummary, Entry, ResumableBulkStore, numbered
-from memory_service.client_history import HistoryCalls
-from memory_service.client_hold import HeldLease, NotAcquired  # noqa: F401  (callers catch client.NotAcquired)
+from memory_service.client.bulk import BulkSummary, Entry, ResumableBulkStore, numbered
+from memory_service.client.channel import open_channel
+from memory_service.client.history import HistoryCalls
+from memory_service.client.hold import HeldLease
+from memory_service.client.wire import duration, memory_input, mode_value, scope_filter
 from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_grpc
-
-
-def _names(enum: Any, prefix: str) -> dict[str, int]:
-    """The lower-case names of a wire enum (``SCOPE_AGENT`` -> ``agent``), without its UNSPECIFIED zero."""
-    return {name.removeprefix(prefix).lower(): value for name, value in enum.items() if value}
-
-
-SCOPES = _names(memory_pb2.Scope, "SCOPE_")
-MEMORY_TYPES = _names(memory_pb2.MemoryType, "MEMORY_TYPE_")
-SEARCH_MODES = _names(memory_pb2.SearchMode, "SEARCH_MODE_")
-
-
-def _value(table: dict[str, int], what: str, name: str) -> Any:
-    try:
-        return table[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; expected one of {', '.join(table)}") from None
-
-
-def scope_value(name: str) -> memory_pb2.Scope.ValueType:
-    return _value(SCOPES, "scope", name)  # type: ignore[no-any-return]
-
-
-def memory_type_value(name: str) -> memory_pb2.MemoryType.ValueType:
-    return _value(MEMORY_TYPES, "memory type", name)  # type: ignore[no-any-return]
-
-
-def mode_value(name: str) -> memory_pb2.SearchMode.ValueType:
-    return _value(SEARCH_MODES, "search mode", name)  # type: ignore[no-any-return]
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    message = duration_pb2.Duration()
-    message.FromNanoseconds(round(seconds * 1e9))
-    return message
-
-
-def scope_filter(scope: str | None = None, scope_id: int | None = None) -> memory_pb2.MemoryFilter:
-    """A filter on one scope (every scope_id of it when ``scope_id`` is None), or no filter at all."""
-    memory_filter = memory_pb2.MemoryFilter()
-    if scope is not None:
-        ref = memory_filter.scopes.add(scope=scope_value(scope))
-        if scope_id is not None:
-            ref.scope_id = scope_id
-    return memory_filter
-
-
-def memory_input(
-    value: str,
-    *,
-    scope: str = "global",
-    scope_id: int = 0,
-    key: str = "",
-    memory_type: str = "fact",
-    importance: float | None = None,
-    tags: list[str] | None = None,
-    metadata: dict[str, Any] | None = None,
-    agent_id: int | None = None,
-    ttl_seconds: float | None = None,
-    embedding: Sequence[float] | None = None,
-) -> memory_pb2.MemoryInput:
-    """A memory to store, from the same keywords as ``MemoryClient.store`` (a dict of them works with ``**``)."""
-    memory = memory_pb2.MemoryInput(
-        scope=scope_value(scope),
-        scope_id=scope_id,
-        key=key,
-        value=value,
-        memory_type=memory_type_value(memory_type),
-        tags=tags or [],
-        embedding=embedding or [],
-    )
-    if importance is not None:
-        memory.importance = importance
-    if agent_id is not None:
-        memory.agent_id = agent_id
-    if metadata:
-        memory.metadata.update(metadata)
-    if ttl_seconds is not None:
-        memory.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
-    return memory
-
-
-def _service_config(attempts: int) -> str:
-    policy = {
-        "maxAttempts": attempts,
-        "initialBackoff": "0.1s",
-        "maxBackoff": "2s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    }
-    names = [{"service": "memory_service.v1.MemoryService"}, {"service": "memory_service.v1.LeaseService"}]
-    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
-
-
-def open_channel(
-    address: str,
-    *,
-    token: str | None = None,
-    root_certificates: bytes | None = None,
-    tls: bool = False,
-    attempts: int = 4,
-    keepalive_time: float = 10.0,
-    keepalive_timeout: float = 5.0,
-) -> aio.Channel:
-    """A channel with retries of UNAVAILABLE, keepalive, TLS when asked, and the bearer token on every call."""
-    # gRPC refuses a retry policy of fewer than 2 attempts (the channel fails every call): 1 means no retries.
-    retries: list[tuple[str, str | int]] = (
-        [("grpc.enable_retries", 1), ("grpc.service_config", _service_config(attempts))]
-        if attempts >= 2
-        else [("grpc.enable_retries", 0)]
-    )
-    options: list[tuple[str, str | int]] = [
-        *retries,
-        # A server that stops answering is detected within keepalive time + timeout, also on a long stream (a
-        # lease Hold) that carries no data; the server permits pings every 5 s.
-        ("grpc.keepalive_time_ms", round(keepalive_time * 1000)),
-        ("grpc.keepalive_timeout_ms", round(keepalive_timeout * 1000)),
-        ("grpc.http2.ping_timeout_ms", round(keepalive_timeout * 1000)),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-    if not (tls or root_certificates or token):
-        return aio.insecure_channel(address, options=options)
-    if not (tls or root_certificates):
-        # A token over plaintext is allowed only to loopback, where gRPC permits call credentials on insecure ports.
-        credentials = grpc.local_channel_credentials()
-    else:
-        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-    if token:
-        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-    return aio.secure_channel(address, credentials, options=options)
 
 
 class MemoryClient(HistoryCalls):
@@ -337,8 +204,8 @@ class MemoryClient(HistoryCalls):
         request = lease_pb2.AcquireRequest(
             namespace=namespace,
             name=name,
-            ttl=_duration(ttl),
-            wait=_duration(wait),
+            ttl=duration(ttl),
+            wait=duration(wait),
             request_id=request_id or uuid.uuid4().hex,
             holder=holder,
         )
@@ -349,7 +216,7 @@ class MemoryClient(HistoryCalls):
         """Extend the lease; ABORTED when it was lost (never revived)."""
         request = lease_pb2.RenewRequest(lease_id=lease_id)
         if ttl is not None:
-            request.ttl.CopyFrom(_duration(ttl))
+            request.ttl.CopyFrom(duration(ttl))
         response = await self.leases.Renew(request, timeout=self.timeout)
         return response.lease  # type: ignore[no-any-return]
 
@@ -383,8 +250,8 @@ class MemoryClient(HistoryCalls):
         request = lease_pb2.AcquireRequest(
             namespace=namespace,
             name=name,
-            ttl=_duration(ttl),
-            wait=_duration(wait),
+            ttl=duration(ttl),
+            wait=duration(wait),
             request_id=request_id or uuid.uuid4().hex,
             holder=holder,
         )

@@ -36,10 +36,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 
-from memory_service.binding import ModelBinding
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, Unavailable
 from memory_service.history.types import NO_CONTEXT, WriteContext
+from memory_service.memories.binding import ModelBinding
 from memory_service.metrics import Metrics
 from memory_service.models import Fence, NewMemory, Vector
 from memory_service.storage import ingest_sql
