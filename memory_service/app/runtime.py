@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TypeVar
@@ -16,6 +18,11 @@ from memory_service.config.env import redact_url
 from memory_service.config.settings import Settings
 from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import EmbeddingConfigMismatch
+from memory_service.generations import admin
+from memory_service.generations.backfill import BackfillWorker
+from memory_service.generations.state import REFRESH_SECONDS, Generations, check_configuration, spec_of
+from memory_service.generations.types import GenerationState, ModelSpec, Phase
 from memory_service.history.feed import ChangeFeed
 from memory_service.history.service import History
 from memory_service.leases.manager import LeaseManager
@@ -29,7 +36,7 @@ from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.text_stats import TextStats
-from memory_service.storage import settings_sql
+from memory_service.storage import generations_sql, settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
@@ -69,6 +76,9 @@ class Runtime:
         self._binding: ModelBinding | None = None
         self._history: History | None = None
         self._feed: ChangeFeed | None = None
+        self._generations: Generations | None = None
+        self._next_index: IndexCare | None = None
+        self._backfill: BackfillWorker | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -114,6 +124,20 @@ class Runtime:
         return _started(self._bulk)
 
     @property
+    def generations(self) -> Generations:
+        """The database's embedding generations as this instance sees them (docs/model-migration.md)."""
+        return _started(self._generations)
+
+    @property
+    def next_index(self) -> IndexCare:
+        """The vector index of a move's other generation (column ``embedding_alt``)."""
+        return _started(self._next_index)
+
+    @property
+    def backfill(self) -> BackfillWorker:
+        return _started(self._backfill)
+
+    @property
     def history(self) -> History:
         return _started(self._history)
 
@@ -146,7 +170,19 @@ class Runtime:
                 location=location,
                 start_over=start_over,
             )
-            await self._binding.check()
+            configured = ModelSpec(settings.embedding_provider, settings.embedding_model, settings.embedding_dim)
+            nxt = settings.next_embedding()
+            next_model = (
+                None if nxt is None else ModelSpec(nxt.embedding_provider, nxt.embedding_model, nxt.embedding_dim)
+            )
+            # Before a model is loaded: a configuration that cannot serve this database says so at once.
+            async with db.connection() as conn:
+                stored = await generations_sql.read_state(conn)
+            problem = check_configuration(stored, configured, next_model)
+            if problem == "" and stored.current is not None:
+                raise EmbeddingConfigMismatch(self._binding.mismatch((stored.current.model, stored.current.dimension)))
+            if problem:
+                raise EmbeddingConfigMismatch(problem)
             iterative = _version_at_least(self.pgvector_version, (0, 8))
             log.info(
                 "PostgreSQL %s, pgvector %s (iterative index scans %s)",
@@ -156,7 +192,15 @@ class Runtime:
             )
             # Loading a local model reads and compiles it (or downloads it once): not on the event loop.
             provider = await asyncio.to_thread(create_provider, settings, self.metrics)
+            providers = {(provider.model, provider.dimension): provider}
+            if nxt is not None:
+                next_provider = await asyncio.to_thread(create_provider, nxt, self.metrics)
+                providers[(next_provider.model, next_provider.dimension)] = next_provider
             self._embedder = EmbeddingService(provider, db, self.metrics)
+            self._generations = Generations(
+                db, self._embedder, providers, self._binding, configured=spec_of(provider), next_model=next_model
+            )
+            await self._generations.start()
             self._memories = MemoryStore(db, self._embedder, self._binding, history=settings.history_versions)
             self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
             self._feed = ChangeFeed(
@@ -188,6 +232,19 @@ class Runtime:
                 seen=seen,
             )
             await self._index.refresh()
+            self._next_index = IndexCare(
+                db,
+                self.dsn,
+                exact_max_rows=settings.exact_search_max_rows,
+                kind=settings.vector_index,
+                target_recall=settings.search_target_recall,
+                calibration_queries=settings.search_calibration_queries,
+                filtered_min_rows=settings.search_narrow_filter_rows,
+                iterative_scan=iterative,
+                hnsw_m=settings.hnsw_m,
+                hnsw_ef_construction=settings.hnsw_ef_construction,
+                column="embedding_alt",
+            )
             self._text_stats = TextStats(db)
             await self._text_stats.maintain()
             read_db = db
@@ -207,16 +264,52 @@ class Runtime:
                 text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
                 hybrid_alpha=hybrid_alpha(settings, provider),
                 seen=seen,
+                generations=self._generations,
+            )
+            self._generations.on_change(self._generation_changed)
+            self._backfill = BackfillWorker(
+                db,
+                self._generations,
+                self._leases,
+                self.metrics,
+                batch=settings.model_backfill_batch,
+                rate=settings.model_backfill_rate,
+                instance=f"{socket.gethostname()}:{os.getpid()}",
+                stopping=self.stopping,
             )
             if background:
+                self._spawn("embedding generation", REFRESH_SECONDS, self._refresh_generation)
+                self._spawn("model backfill", REFRESH_SECONDS, self._backfill.run)
                 self._spawn("purge expired memories", settings.purge_interval, self._purge)
-                self._spawn("index maintenance", settings.index_check_interval, self._index.maintain)
+                self._spawn("index maintenance", settings.index_check_interval, self._maintain_indexes)
                 self._spawn("text statistics", settings.text_stats_interval, self._text_stats.maintain)
                 self._spawn("history retention", settings.purge_interval, self._history.purge)
                 await self._feed.start()
         except BaseException:
             await self.close()
             raise
+
+    async def _generation_changed(self, state: GenerationState) -> None:
+        """A cut-over, rollback or finish: the column ``embedding`` now holds another model's vectors."""
+        self.search.seen_reset()
+        self.search.hybrid_alpha = hybrid_alpha(self.settings, self.embedder.provider)
+        await self.index.refresh()
+        await self.next_index.refresh()
+
+    async def _refresh_generation(self) -> None:
+        await self.generations.refresh()
+        admin.publish(self.metrics, await admin.status(self.db, self.next_index))
+
+    async def _maintain_indexes(self) -> str:
+        """The current generation's index; during a move, the other one's once its backfill is complete."""
+        done = await self.index.maintain()
+        state = self.generations.state
+        if state.move is not None:
+            async with self.db.connection() as conn:
+                _, backfill, _, _ = await generations_sql.read_progress(conn)
+            if (backfill is not None and backfill.complete) or state.move.phase is Phase.CUT_OVER:
+                done += "; next generation: " + await self.next_index.maintain()
+        return done
 
     def _spawn(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
         self._tasks.append(asyncio.create_task(loops.every(interval, name, work), name=name))
@@ -264,6 +357,7 @@ class Runtime:
             postgres_version=self.postgres_version,
             pgvector_version=self.pgvector_version,
             iterative_scan=self.search.iterative_scan,
+            move=await admin.status(self.db, self.next_index),
         )
 
     def begin_shutdown(self) -> None:
@@ -286,7 +380,9 @@ class Runtime:
             await self._feed.close()
         if self._leases is not None:
             await self._leases.close()  # releases this instance's Hold leases while the pool is still open
-        if self._embedder is not None:
+        if self._generations is not None:
+            await self._generations.close()
+        elif self._embedder is not None:
             await self._embedder.close()
         for db in (self._read_db, self._db):
             if db is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from memory_service.generations.types import MoveStatus
 from memory_service.models import Scope
 from memory_service.search.index_care import IndexCare, IndexState
 from memory_service.storage import stats_sql
@@ -35,6 +36,8 @@ class Stats:
     """Exact on a small or never-analyzed cache, otherwise the planner's estimate."""
     counts_estimated: bool = False
     """Whether any count above is an estimate rather than a count."""
+    move: MoveStatus | None = None
+    """A move to another embedding model: its phase, backfill and quality gate."""
 
 
 async def collect(
@@ -46,6 +49,7 @@ async def collect(
     postgres_version: str,
     pgvector_version: str,
     iterative_scan: bool,
+    move: MoveStatus | None = None,
 ) -> Stats:
     state = await index.refresh()
     async with db.connection() as conn:
@@ -65,4 +69,5 @@ async def collect(
         target_recall=index.target_recall,
         embedding_cache_entries=counts.embedding_cache_entries,
         counts_estimated=counts.estimated,
+        move=move,
     )

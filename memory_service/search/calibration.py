@@ -183,13 +183,17 @@ def _without(query_id: int | None, ids: Sequence[int]) -> list[int]:
     return [i for i in ids if i != query_id][:RECALL_AT]
 
 
-async def _probe(conn: Connection, query_id: int | None, vector: Any, memory_filter: MemoryFilter) -> _Probe:
+async def _probe(
+    conn: Connection, query_id: int | None, vector: Any, memory_filter: MemoryFilter, column: str = "embedding"
+) -> _Probe:
     """A query and its exact neighbours; a stored memory used as a query (``query_id``) is left out of them."""
-    ids = await calibration_sql.nearest(conn, memory_filter, vector, limit=RECALL_AT + 1, exact=True)
+    ids = await calibration_sql.nearest(conn, memory_filter, vector, limit=RECALL_AT + 1, exact=True, column=column)
     return _Probe(query_id, vector, memory_filter, frozenset(_without(query_id, ids)))
 
 
-async def _scope_probes(conn: Connection, rows: Sequence[SampleRow], min_rows: int) -> list[_Probe]:
+async def _scope_probes(
+    conn: Connection, rows: Sequence[SampleRow], min_rows: int, column: str = "embedding"
+) -> list[_Probe]:
     """Sampled memories as queries filtered to their own scope, for the scopes large enough (``min_rows``) that a
     search of them would use the index."""
     large: dict[ScopeRef, bool] = {}
@@ -199,7 +203,7 @@ async def _scope_probes(conn: Connection, rows: Sequence[SampleRow], min_rows: i
         if row.scope not in large:
             large[row.scope] = await calibration_sql.matching_at_least(conn, scope_filter, max(min_rows, 1))
         if large[row.scope]:
-            probes.append(await _probe(conn, row.id, row.vector, scope_filter))
+            probes.append(await _probe(conn, row.id, row.vector, scope_filter, column))
     return probes
 
 
@@ -212,6 +216,7 @@ async def _curve(
     iterative: bool,
     target: float,
     source: str,
+    column: str = "embedding",
 ) -> Curve:
     points: list[tuple[int, float]] = []
     lower: list[float] = []
@@ -221,7 +226,7 @@ async def _curve(
         per_query: list[float] = []
         for probe in probes:
             ids = await calibration_sql.nearest(
-                conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False
+                conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False, column=column
             )
             hits = len(probe.truth.intersection(_without(probe.id, ids)))
             found += hits
@@ -249,6 +254,7 @@ async def calibrate(
     writes: int,
     index_built_at: str,
     seen: QuerySample | None = None,
+    column: str = "embedding",
 ) -> Calibration:
     """Measure recall@10 unfiltered and filtered: on the recent searches in ``seen`` when there are at least
     ``MIN_SEEN`` of the kind, otherwise on ``queries`` sampled memories (filtered by their own scope when it holds at
@@ -263,18 +269,18 @@ async def calibrate(
     sample: list[SampleRow] = []
     if not unfiltered_on_searches or (iterative and not filtered_on_searches):
         # Stored vectors are read (a Bernoulli sample reads every page) only for a kind that has too few searches.
-        sample = await calibration_sql.sample(conn, queries, rows=rows)
+        sample = await calibration_sql.sample(conn, queries, rows=rows, column=column)
         if not sample:
             raise ValueError("no stored vectors to calibrate on")
     if unfiltered_on_searches:
-        unfiltered = [await _probe(conn, None, q.vector, q.memory_filter) for q in seen_unfiltered]
+        unfiltered = [await _probe(conn, None, q.vector, q.memory_filter, column) for q in seen_unfiltered]
     else:
-        unfiltered = [await _probe(conn, row.id, row.vector, MemoryFilter()) for row in sample]
+        unfiltered = [await _probe(conn, row.id, row.vector, MemoryFilter(), column) for row in sample]
     filtered: list[_Probe] = []
     if filtered_on_searches:
-        filtered = [await _probe(conn, None, q.vector, q.memory_filter) for q in seen_filtered]
+        filtered = [await _probe(conn, None, q.vector, q.memory_filter, column) for q in seen_filtered]
     elif iterative:
-        filtered = await _scope_probes(conn, sample[: max(1, queries // 2)], filtered_min_rows)
+        filtered = await _scope_probes(conn, sample[: max(1, queries // 2)], filtered_min_rows, column)
     # A query with no neighbour measures nothing (and has no recall to divide by): a table emptied since the
     # searches were seen, or a lone stored vector.
     unfiltered = [p for p in unfiltered if p.truth]
@@ -285,7 +291,9 @@ async def calibrate(
 
     async def curve(probes: Sequence[_Probe], on_searches: bool) -> Curve:
         source = "searches" if on_searches else "memories"
-        return await _curve(conn, probes, settings, kind=kind, iterative=iterative, target=target, source=source)
+        return await _curve(
+            conn, probes, settings, kind=kind, iterative=iterative, target=target, source=source, column=column
+        )
 
     unfiltered_curve = await curve(unfiltered, unfiltered_on_searches)
     filtered_curve = await curve(filtered, filtered_on_searches) if filtered else None

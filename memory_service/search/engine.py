@@ -18,6 +18,8 @@ import time
 from datetime import UTC, datetime
 
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import GenerationChanged
+from memory_service.generations.state import Generations
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
 from memory_service.search.calibration import scan_settings
@@ -36,6 +38,8 @@ _CANDIDATE_FACTOR = 3
 _EXACT_FILTER_MAX_ROWS = 20_000
 # pgvector's own default, used only until the index's first calibration.
 _HNSW_DEFAULT_EF_SEARCH = 40
+# Runs of one search when the embedding generation changes under it: a cut-over and a rollback in quick succession.
+_GENERATION_ATTEMPTS = 3
 
 
 class SearchEngine:
@@ -52,8 +56,12 @@ class SearchEngine:
         text_ranking: TextRanking = DEFAULT_TEXT_RANKING,
         hybrid_alpha: float = 0.5,
         seen: QuerySample | None = None,
+        generations: Generations | None = None,
     ) -> None:
         self._db = db
+        self._generations = generations
+        """The embedding generation searches run in; a search planned for one that has just been replaced runs
+        again in the new one, so its hits never mix two models."""
         self._embedder = embedder
         self._index = index
         self._metrics = metrics
@@ -66,14 +74,33 @@ class SearchEngine:
         """Vectors of recent searches that went to the index, for its calibration (this instance's own)."""
         """Weight of the vector score in weighted fusion when the request does not set ``alpha``."""
 
+    def seen_reset(self) -> None:
+        if self.seen is not None:
+            self.seen.clear()
+
     async def search(self, query: SearchQuery) -> SearchResult:
         started = time.perf_counter()
-        vector = await self._query_vector(query)
         text = query.text if query.mode in (SearchMode.TEXT, SearchMode.HYBRID) else None
         limit = query.top_k
         if query.mode is not SearchMode.VECTOR:
             limit = max(query.top_k * _CANDIDATE_FACTOR, _MIN_CANDIDATES)
-        result = await self._run(query, vector, text, limit)
+        generations = self._generations
+        for attempt in range(_GENERATION_ATTEMPTS):
+            # The generation is taken before the query is embedded: the statement then checks that the model that
+            # embedded it is still the database's current one.
+            generation = 0 if generations is None else generations.epoch
+            if generations is not None and query.mode is not SearchMode.TEXT:
+                generations.check_current()
+            try:
+                vector = await self._query_vector(query)
+                result = await self._run(query, vector, text, limit, generation)
+                break
+            except GenerationChanged:
+                if generations is None or attempt == _GENERATION_ATTEMPTS - 1:
+                    raise
+                await generations.refresh()
+        if generations is not None and query.text and query.mode is not SearchMode.TEXT:
+            generations.searches.record(query.text, query.filter)
         self._metrics.search_latency.labels(query.mode.value).observe(time.perf_counter() - started)
         return result
 
@@ -118,7 +145,9 @@ class SearchEngine:
             return max(self._narrow_filter_rows, min(visited, _EXACT_FILTER_MAX_ROWS))
         return self._narrow_filter_rows
 
-    async def _run(self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int) -> SearchResult:
+    async def _run(
+        self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int, generation: int
+    ) -> SearchResult:
         state = self._index.state
         approximate_possible = (
             vector is not None and not query.exact and state.usable and state.rows >= self._index.exact_max_rows
@@ -158,6 +187,7 @@ class SearchEngine:
                     ranking=self._text_ranking,
                     pruned=pruned,
                     with_embedding=query.include_embedding,
+                    generation=generation,
                 )
 
             use_index = approximate_possible and not exact_is_cheaper
@@ -184,7 +214,10 @@ class SearchEngine:
                 {}
                 if full_rows
                 else await search_sql.memories_by_id(
-                    conn, [s.candidate.id for s in ranked], with_embedding=query.include_embedding
+                    conn,
+                    [s.candidate.id for s in ranked],
+                    with_embedding=query.include_embedding,
+                    generation=generation,
                 )
             )
         hits = [

@@ -22,6 +22,7 @@ from memory_service.errors import (
     DatabaseConflict,
     DatabaseUnavailable,
     DeadlineExceeded,
+    GenerationChanged,
     Internal,
     MemoryServiceError,
     StartupError,
@@ -70,8 +71,14 @@ _MESSAGES: dict[type[MemoryServiceError], str] = {
 }
 
 
+GENERATION_CHANGED = "MSG01"
+"""The SQLSTATE of ``memory.embedding_generation_is`` (migrations/0012_embedding_generations.sql)."""
+
+
 def driver_error(exc: BaseException) -> MemoryServiceError | None:
     """The domain error for a driver exception, or None when it is not one the table knows (it propagates as is)."""
+    if getattr(exc, "sqlstate", None) == GENERATION_CHANGED:
+        return GenerationChanged(str(exc))
     for cls in type(exc).__mro__:
         target = DRIVER_ERRORS.get(cls)
         if target is not None:

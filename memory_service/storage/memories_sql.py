@@ -36,6 +36,10 @@ ON CONFLICT (scope, scope_id, key) DO UPDATE SET
     memory_type = EXCLUDED.memory_type,
     value = EXCLUDED.value,
     embedding = EXCLUDED.embedding,
+    -- The other generation's vector of a move (migrations/0012) is made from the content: kept while it is the same,
+    -- dropped with it (the backfill embeds the new content) unless this write brings one.
+    embedding_alt = CASE WHEN m.content_hash = EXCLUDED.content_hash
+                         THEN coalesce(EXCLUDED.embedding_alt, m.embedding_alt) ELSE EXCLUDED.embedding_alt END,
     importance = EXCLUDED.importance,
     tags = EXCLUDED.tags,
     metadata = EXCLUDED.metadata,
