@@ -201,7 +201,9 @@ class Runtime:
                 db, self._embedder, providers, self._binding, configured=spec_of(provider), next_model=next_model
             )
             await self._generations.start()
-            self._memories = MemoryStore(db, self._embedder, self._binding, history=settings.history_versions)
+            self._memories = MemoryStore(
+                db, self._embedder, self._binding, history=settings.history_versions, generations=self._generations
+            )
             self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
             self._feed = ChangeFeed(
                 db, self.dsn, self.metrics, poll_interval=settings.watch_poll_interval, page_rows=WATCH_PAGE_ROWS
@@ -216,6 +218,7 @@ class Runtime:
                 max_items_per_request=settings.bulk_max_items_per_request,
                 stopping=self.stopping,
                 history=settings.history_versions,
+                generations=self._generations,
             )
             seen = QuerySample()  # the searches of this instance, which its calibrations measure on
             self._index = IndexCare(

@@ -14,8 +14,9 @@ The state is re-read every ``REFRESH_SECONDS`` and at once when a statement fail
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from memory_service.embeddings.base import EmbeddingProvider
@@ -24,6 +25,7 @@ from memory_service.errors import EmbeddingConfigMismatch, FailedPrecondition
 from memory_service.generations.gate import SearchSample
 from memory_service.generations.types import GenerationState, ModelSpec
 from memory_service.memories.binding import ModelBinding
+from memory_service.models import Vector
 from memory_service.storage import generations_sql
 from memory_service.storage.database import Database
 
@@ -31,6 +33,26 @@ log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 5.0
 """How often an idle instance re-reads the generation state (a statement notices a change at once)."""
+WRITE_ATTEMPTS = 3
+"""Runs of one write when the embedding generation changes under it (a cut-over and a rollback in quick
+succession): each run embeds for the generation it then names."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Writing:
+    """What a write stores, fixed before it embeds: the generation and the embedders of its two columns."""
+
+    epoch: int
+    current: EmbeddingService
+    other: EmbeddingService | None
+    """Embeds the other generation's vector during a move; None when there is none or this instance lacks it
+    (the backfill then fills the memory)."""
+
+    async def others(self, values: Sequence[str], hashes: Sequence[bytes]) -> list[Vector | None]:
+        """The other generation's vectors of these contents (the embedding cache spares repeated ones)."""
+        if self.other is None:
+            return [None] * len(values)
+        return list(await self.other.embed(values, hashes))
 
 
 def spec_of(provider: EmbeddingProvider) -> ModelSpec:
@@ -182,6 +204,11 @@ class Generations:
             log.info("embedding generation %d: %s", state.epoch, state.phase)
             for listener in self._listeners:
                 await listener(state)
+
+    def writing(self) -> Writing:
+        """The generation a write starts in; refused when this instance cannot embed its current model."""
+        self.check_current()
+        return Writing(epoch=self.epoch, current=self.current, other=self.other)
 
     def check_current(self) -> None:
         """Refuse work when this instance cannot embed with the database's current model."""

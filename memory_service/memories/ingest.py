@@ -37,7 +37,8 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.errors import InvalidArgument, Unavailable
+from memory_service.errors import GenerationChanged, InvalidArgument, Unavailable
+from memory_service.generations.state import WRITE_ATTEMPTS, Generations, Writing
 from memory_service.history.types import NO_CONTEXT, WriteContext
 from memory_service.memories.binding import ModelBinding
 from memory_service.metrics import Metrics
@@ -115,8 +116,10 @@ class _End:
 class _Batch:
     last_sequence: int
     fences: tuple[Fence, ...]
+    memories: list[NewMemory]
+    """One per distinct identity, sorted by identity; ``records`` has them with the vectors of ``writing``."""
     records: list[ingest_sql.StagingRecord]
-    """One per distinct identity, sorted by identity."""
+    writing: Writing
     rejections: tuple[Rejection, ...]
     collapsed_updated: int
     collapsed_unchanged: int
@@ -157,8 +160,10 @@ class BulkIngest:
         max_items_per_request: int,
         stopping: asyncio.Event | None = None,
         history: bool = True,
+        generations: Generations | None = None,
     ) -> None:
         self._db = db
+        self._generations = generations
         self._embedder = embedder
         self._binding = binding
         self._metrics = metrics
@@ -301,21 +306,32 @@ class BulkIngest:
                     collapsed_updated += 1
             latest[identity] = memory
         memories = [latest[identity] for identity in sorted(latest)]
+        writing, records = await self._records(memories)
         return _Batch(
             last_sequence=items[-1][0].sequence,
             fences=tuple(dict.fromkeys(fence for item, fence in items if fence is not None)),
-            records=ingest_sql.staging_records(memories, await self._embeddings(memories)),
+            memories=memories,
+            records=records,
+            writing=writing,
             rejections=tuple(rejections),
             collapsed_updated=collapsed_updated,
             collapsed_unchanged=collapsed_unchanged,
         )
 
-    async def _embeddings(self, memories: list[NewMemory]) -> list[Vector]:
+    async def _records(self, memories: list[NewMemory]) -> tuple[Writing, list[ingest_sql.StagingRecord]]:
+        """Staging rows with both generations' vectors during a move of embedding models, and their generation."""
+        gens = self._generations
+        writing = Writing(epoch=0, current=self._embedder, other=None) if gens is None else gens.writing()
+        vectors = await self._embeddings(memories, writing.current)
+        others = await writing.others([m.value for m in memories], [m.content_hash for m in memories])
+        return writing, ingest_sql.staging_records(memories, vectors, others)
+
+    async def _embeddings(self, memories: list[NewMemory], embedder: EmbeddingService) -> list[Vector]:
         """Given vectors as they are; otherwise the stored one when the content is unchanged; otherwise embed."""
         vectors: list[Vector | None] = [m.embedding for m in memories]
         missing = [i for i, v in enumerate(vectors) if v is None]
         if missing:
-            model = self._embedder.model
+            model = embedder.model
             async with self._db.connection() as conn:
                 stored = await ingest_sql.stored_embeddings(conn, [memories[i] for i in missing], model)
             for position, vector in stored.items():
@@ -323,7 +339,7 @@ class BulkIngest:
             missing = [i for i in missing if vectors[i] is None]
         if missing:
             # One provider request per provider batch (EmbeddingService), not per row.
-            computed = await self._embedder.embed(
+            computed = await embedder.embed(
                 [memories[i].value for i in missing], [memories[i].content_hash for i in missing]
             )
             for i, vector in zip(missing, computed, strict=True):
@@ -337,17 +353,7 @@ class BulkIngest:
         counts = ingest_sql.WriteCounts(0, 0, 0)
         try:
             if batch.records:
-                async with self._db.transaction() as conn:
-                    bound_now = await self._binding.ensure(conn)
-                    for fence in batch.fences:
-                        await check_fence(conn, fence)
-                    await ingest_sql.stage(conn, batch.records)
-                    if previous is not None:
-                        await previous.wait()
-                    counts = await ingest_sql.upsert_staged(
-                        conn, len(batch.records), self._embedder.model, history=self._versions(batch, context)
-                    )
-                await self._binding.committed(bound_now)
+                counts = await self._upsert(batch, previous, context)
             elif previous is not None:
                 await previous.wait()  # its ack vouches for every batch before it
             commit.ok = True
@@ -369,6 +375,32 @@ class BulkIngest:
             if count:
                 self._metrics.ingest_rows.labels(outcome).inc(count)
         return ack
+
+    async def _upsert(self, batch: _Batch, previous: _Commit | None, context: WriteContext) -> ingest_sql.WriteCounts:
+        """The batch's transaction; run again with vectors of the new generation when it changed meanwhile."""
+        attempt, model = 1, batch.writing.current.model
+        while True:
+            try:
+                async with self._db.transaction() as conn:
+                    bound_now = await self._binding.ensure(conn)
+                    for fence in batch.fences:
+                        await check_fence(conn, fence)
+                    await ingest_sql.stage(conn, batch.records)
+                    if previous is not None:
+                        await previous.wait()
+                    history, generation = self._versions(batch, context), batch.writing.epoch
+                    counts = await ingest_sql.upsert_staged(
+                        conn, len(batch.records), model, history=history, generation=generation
+                    )
+                await self._binding.committed(bound_now)
+                return counts
+            except GenerationChanged:
+                if self._generations is None or attempt == WRITE_ATTEMPTS:
+                    raise
+                attempt += 1
+                await self._generations.refresh()
+                batch.writing, batch.records = await self._records(batch.memories)
+                model = batch.writing.current.model
 
     def _versions(self, batch: _Batch, context: WriteContext) -> WriteContext | None:
         """What the batch's versions record about the writer; None when history is off."""

@@ -10,7 +10,8 @@ import logging
 from dataclasses import asdict
 
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.errors import InvalidArgument, NotFound
+from memory_service.errors import GenerationChanged, InvalidArgument, NotFound
+from memory_service.generations.state import WRITE_ATTEMPTS, Generations, Writing
 from memory_service.history.types import NO_CONTEXT, WriteContext
 from memory_service.memories.binding import ModelBinding
 from memory_service.models import Fence, Memory, MemoryFilter, NewMemory, StoreResult
@@ -25,9 +26,16 @@ _CURSOR_VERSION = "1"
 
 class MemoryStore:
     def __init__(
-        self, db: Database, embedder: EmbeddingService, binding: ModelBinding, *, history: bool = True
+        self,
+        db: Database,
+        embedder: EmbeddingService,
+        binding: ModelBinding,
+        *,
+        history: bool = True,
+        generations: Generations | None = None,
     ) -> None:
         self._db = db
+        self._generations = generations
         self._embedder = embedder
         self._binding = binding
         self._history = history
@@ -43,22 +51,46 @@ class MemoryStore:
     async def store(
         self, memory: NewMemory, *, fence: Fence | None = None, context: WriteContext = NO_CONTEXT
     ) -> StoreResult:
-        """Upsert by identity. Content already stored under this identity is never embedded again."""
-        embedding = memory.embedding
-        if embedding is None:
-            async with self._db.connection() as conn:
-                embedding = await memories_sql.stored_embedding(conn, memory, self._embedder.model)
+        """Upsert by identity. Content already stored under this identity is never embedded again.
+
+        During a move of embedding models the write stores both generations' vectors; when the generation changes
+        under it, it runs again in the new one."""
+        for attempt in range(WRITE_ATTEMPTS):
+            writing = self._writing()
+            embedding = memory.embedding
             if embedding is None:
-                (embedding,) = await self._embedder.embed([memory.value], [memory.content_hash])
-        async with self._db.transaction() as conn:
-            bound_now = await self._binding.ensure(conn)
-            if fence is not None:
-                await check_fence(conn, fence)
-            memory_id, outcome = await memories_sql.upsert(
-                conn, memory, embedding, self._embedder.model, history=self._context(context, fence)
-            )
-        await self._binding.committed(bound_now)
-        return StoreResult(id=memory_id, key=memory.key, outcome=outcome)
+                async with self._db.connection() as conn:
+                    embedding = await memories_sql.stored_embedding(conn, memory, writing.current.model)
+                if embedding is None:
+                    (embedding,) = await writing.current.embed([memory.value], [memory.content_hash])
+            (other,) = await writing.others([memory.value], [memory.content_hash])
+            try:
+                async with self._db.transaction() as conn:
+                    bound_now = await self._binding.ensure(conn)
+                    if fence is not None:
+                        await check_fence(conn, fence)
+                    memory_id, outcome = await memories_sql.upsert(
+                        conn,
+                        memory,
+                        embedding,
+                        writing.current.model,
+                        history=self._context(context, fence),
+                        other=other,
+                        generation=writing.epoch,
+                    )
+            except GenerationChanged:
+                if self._generations is None or attempt == WRITE_ATTEMPTS - 1:
+                    raise
+                await self._generations.refresh()
+                continue
+            await self._binding.committed(bound_now)
+            return StoreResult(id=memory_id, key=memory.key, outcome=outcome)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _writing(self) -> Writing:
+        if self._generations is None:
+            return Writing(epoch=0, current=self._embedder, other=None)
+        return self._generations.writing()
 
     async def get(self, memory_id: int, *, with_embedding: bool = False) -> Memory:
         async with self._db.connection() as conn:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
+import pgvector
 
 from memory_service.errors import FailedPrecondition
 from memory_service.generations.types import Backfill, Gate, GenerationState, ModelSpec, Move, Phase
@@ -77,6 +78,15 @@ async def _lock_state(conn: asyncpg.Connection) -> GenerationState:
     return await read_state(conn)
 
 
+# Migration 0005's rule, that a memory's vector and the name of its model go together, belongs to the column of the
+# current generation; renames carry a constraint along with its column, so it is put back on ``embedding``. NOT VALID,
+# as it was: checked on every write, without a scan (the table's exclusive lock is held already).
+_CONSTRAIN_CURRENT = (
+    "ALTER TABLE memory.memories DROP CONSTRAINT IF EXISTS memories_embedding_model, "
+    "ADD CONSTRAINT memories_embedding_model CHECK ((embedding IS NULL) = (embedding_model IS NULL)) NOT VALID"
+)
+
+
 async def _write_state(conn: asyncpg.Connection, state: GenerationState, changes: dict[str, str]) -> None:
     await settings_sql.write_settings(conn, {**changes, EPOCH: str(state.epoch + 1)})
 
@@ -134,6 +144,7 @@ async def swap(conn: asyncpg.Connection, *, epoch: int, to: Phase) -> Generation
     await conn.execute("ALTER TABLE memory.memories RENAME COLUMN embedding TO embedding_swap")
     await conn.execute("ALTER TABLE memory.memories RENAME COLUMN embedding_alt TO embedding")
     await conn.execute("ALTER TABLE memory.memories RENAME COLUMN embedding_swap TO embedding_alt")
+    await conn.execute(_CONSTRAIN_CURRENT)
     current, other = COLUMNS
     for kind in ("ivfflat", "hnsw"):
         await conn.execute(f"ALTER INDEX IF EXISTS memory.{index_name(current, kind)} RENAME TO memories_swap")
@@ -176,6 +187,7 @@ async def finish(conn: asyncpg.Connection, *, epoch: int, now: datetime) -> Gene
     await conn.execute("ALTER TABLE memory.memories DROP COLUMN embedding_alt")
     await conn.execute("ALTER TABLE memory.memories ADD COLUMN embedding_alt vector")
     await conn.execute("ALTER TABLE memory.memories ALTER COLUMN embedding_alt SET STORAGE MAIN")
+    await conn.execute(_CONSTRAIN_CURRENT)
     await _delete(conn, [MOVE, BACKFILL, GATE, *_ALT_INDEX_KEYS])
     finished = Move(source=move.source, target=move.target, phase=Phase.CUT_OVER, started_at=now)
     await _write_state(conn, state, {FINISHED: json.dumps(finished.to_json())})
@@ -205,22 +217,35 @@ async def pending(conn: asyncpg.Connection, *, after_id: int, limit: int) -> lis
     return [(r["id"], r["value"], bytes(r["content_hash"])) for r in rows]
 
 
+_STAGING = "memory_backfill_staging"
+# As bulk ingest's staging table (storage.ingest_sql): one per pooled connection, emptied at every commit.
+_CREATE_STAGING = f"""
+CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (id bigint NOT NULL, content_hash bytea NOT NULL, vector vector NOT NULL)
+ON COMMIT DELETE ROWS
+"""
+
+
 async def fill(
     conn: asyncpg.Connection, *, epoch: int, ids: Sequence[int], hashes: Sequence[bytes], vectors: Sequence[Vector]
 ) -> int:
     """Write the other generation's vectors of memories still holding the content they were embedded from and
     still without one; return how many. A memory rewritten meanwhile got its vector from its writer (or is left
-    for the next pass), a deleted one is gone: neither is touched. The row's version, time and history stay."""
+    for the next pass), a deleted one is gone: neither is touched. The row's version, time and history stay.
+    Runs in the caller's transaction: the vectors go in by binary COPY, then one UPDATE."""
+    await conn.execute(_CREATE_STAGING)
+    await conn.copy_records_to_table(
+        _STAGING,
+        schema_name="pg_temp",
+        columns=("id", "content_hash", "vector"),
+        records=[(i, h, pgvector.Vector(v)) for i, h, v in zip(ids, hashes, vectors, strict=True)],
+    )
     status = await conn.execute(
-        """
-        UPDATE memory.memories m SET embedding_alt = u.vector
-        FROM unnest($1::bigint[], $2::bytea[], $3::vector[]) AS u(id, content_hash, vector)
-        WHERE m.id = u.id AND m.content_hash = u.content_hash AND m.embedding_alt IS NULL
-          AND memory.embedding_generation_is($4)
+        f"""
+        UPDATE memory.memories m SET embedding_alt = s.vector
+        FROM pg_temp.{_STAGING} s
+        WHERE m.id = s.id AND m.content_hash = s.content_hash AND m.embedding_alt IS NULL
+          AND memory.embedding_generation_is($1)
         """,
-        list(ids),
-        list(hashes),
-        list(vectors),
         epoch,
     )
     return int(status.split()[-1])

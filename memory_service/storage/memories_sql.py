@@ -20,7 +20,7 @@ COLUMNS_WITH_EMBEDDING = COLUMNS + ", m.embedding"
 
 # The columns a write sets, in the order of the VALUES below and of the bulk staging table.
 WRITE_COLUMNS = (
-    "scope, scope_id, agent_id, memory_type, key, value, embedding, importance, tags, metadata, "
+    "scope, scope_id, agent_id, memory_type, key, value, embedding, embedding_alt, importance, tags, metadata, "
     "content_hash, embedding_model, expires_at"
 )
 
@@ -58,15 +58,18 @@ WHERE (m.agent_id, m.memory_type, m.content_hash, m.importance, m.tags, m.metada
 UPSERT_TAIL = UPSERT_CONFLICT + "RETURNING m.id, (m.xmax = 0) AS created\n"
 UPSERT_TAIL_VERSIONED = UPSERT_CONFLICT + f"RETURNING {RETURNING_ROW}, (m.xmax = 0) AS created, m.updated_at\n"
 
+# $15 is the other generation's vector during a move of embedding models (or NULL), $16 the generation both
+# were made for: memory.embedding_generation_is fails the write when a cut-over or rollback replaced it.
 _INSERT_ONE = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
-VALUES ($1::text::memory.scope, $2, $3, $4::text::memory.memory_type, $5, $6, $7, $8, $9, $10::jsonb, $11,
+VALUES ($1::text::memory.scope, $2, $3, $4::text::memory.memory_type, $5, $6,
+        CASE WHEN memory.embedding_generation_is($16) THEN $7::vector END, $15::vector, $8, $9, $10::jsonb, $11,
         $12, COALESCE($13::timestamptz, LEAST(clock_timestamp() + make_interval(secs => $14::float8), {LATEST_EXPIRY})))
 """
 _UPSERT_ONE = _INSERT_ONE + UPSERT_TAIL
 _UPSERT_ONE_VERSIONED = f"""
 WITH w AS ({_INSERT_ONE} {UPSERT_TAIL_VERSIONED}),
-{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$15", "$16", "$17"))}
+{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$17", "$18", "$19"))}
 SELECT id, created FROM w
 """
 
@@ -94,9 +97,18 @@ SELECT count(*) FROM w
 
 
 async def upsert(
-    conn: asyncpg.Connection, memory: NewMemory, embedding: Vector, model: str, *, history: WriteContext | None
+    conn: asyncpg.Connection,
+    memory: NewMemory,
+    embedding: Vector,
+    model: str,
+    *,
+    history: WriteContext | None,
+    other: Vector | None = None,
+    generation: int = 0,
 ) -> tuple[int, WriteOutcome]:
-    """Store by identity; with ``history``, a change records its version in the same statement."""
+    """Store by identity; with ``history``, a change records its version in the same statement. ``embedding`` is
+    the current generation's vector, ``other`` the other generation's during a move (``generation``: the epoch
+    both belong to)."""
     row = await conn.fetchrow(
         _UPSERT_ONE if history is None else _UPSERT_ONE_VERSIONED,
         memory.scope.value,
@@ -113,6 +125,8 @@ async def upsert(
         model,
         memory.expires_at,
         memory.ttl_seconds,
+        other,
+        generation,
         *(() if history is None else context_values(history)),
     )
     if row is not None:

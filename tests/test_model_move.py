@@ -1,0 +1,150 @@
+"""A move to another embedding model through real servers and the real `memory-service model` command.
+
+The next model here is the hash embedder at another dimension (256): a generation of its own, cheap to compute.
+tests/test_model_move_scifact.py moves SciFact from the hash embedder to MiniLM; tests/test_model_move_kill.py
+kills the backfill's holder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from memory_service.cli.main import main
+from memory_service.config.settings import Settings
+from memory_service.errors import EmbeddingConfigMismatch
+from memory_service.generations.backfill import BackfillWorker
+from memory_service.v1 import memory_pb2
+from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
+
+NEXT = {"EMBEDDING_NEXT_PROVIDER": "hash", "EMBEDDING_NEXT_MODEL": "hash-ngram-v1-256", "EMBEDDING_NEXT_DIM": "256"}
+AFTER = {"EMBEDDING_PROVIDER": "hash", "EMBEDDING_MODEL": "hash-ngram-v1-256", "EMBEDDING_DIM": "256"}
+
+
+def store(value: str) -> memory_pb2.StoreRequest:
+    return memory_pb2.StoreRequest(memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_GLOBAL, value=value))
+
+
+def search(text: str) -> memory_pb2.SearchRequest:
+    return memory_pb2.SearchRequest(query=text, mode=memory_pb2.SEARCH_MODE_VECTOR, top_k=5, include_embedding=True)
+
+
+async def model(env: dict[str, str], action: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = await asyncio.to_thread(main, ["model", action], env)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+async def backfill(running: RunningServer) -> str:
+    worker: BackfillWorker = running.server.runtime.backfill
+    return await worker.run()
+
+
+async def test_a_move_backfills_cuts_over_rolls_back_and_finishes(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = test_env(database_url)
+    first = await start_server(env)
+    try:
+        for i in range(40):
+            await first.memory.Store(store(f"note {i} about topic {i % 7} and word{i}"))
+    finally:
+        await stop_server(first)
+
+    moving = await start_server({**env, **NEXT})
+    try:
+        code, out = await model(env, "status", capsys)
+        assert code == 0 and '"phase": "backfilling"' in out, out
+        code, out = await model(env, "cutover", capsys)
+        assert code == 1 and "backfill is not complete" in out, out
+        # Written while the move is under way: its next vector comes from the writer or the backfill.
+        await moving.memory.Store(store("written during the move"))
+        assert await backfill(moving) == "backfill complete"
+        stats = await moving.memory.Stats(memory_pb2.StatsRequest())
+        assert stats.model_move.phase == "backfilling"
+        assert stats.model_move.backfill_complete and stats.model_move.backfill_done == 41
+        assert stats.model_move.gate_memories.queries > 0
+
+        before = await moving.memory.Search(search("topic 3"))
+        assert {len(h.memory.embedding) for h in before.hits} == {384}
+        code, out = await model(env, "cutover", capsys)
+        assert code == 0 and "cut over to hash 'hash-ngram-v1-256' (256 dimensions)" in out, out
+        after = await moving.memory.Search(search("topic 3"))
+        assert {len(h.memory.embedding) for h in after.hits} == {256}
+        stats = await moving.memory.Stats(memory_pb2.StatsRequest())
+        assert (stats.embedding_model, stats.dimension, stats.model_move.phase) == (
+            "hash-ngram-v1-256",
+            256,
+            "cut_over",
+        )
+        # Stores keep both generations: the rollback needs the previous one.
+        await moving.memory.Store(store("written after the cut-over"))
+
+        code, out = await model(env, "rollback", capsys)
+        assert code == 0, out
+        back = await moving.memory.Search(search("written after the cut-over"))
+        assert {len(h.memory.embedding) for h in back.hits} == {384}
+        assert await backfill(moving) == "backfill complete"
+        code, out = await model(env, "cutover", capsys)
+        assert code == 0, out
+        code, out = await model(env, "finish", capsys)
+        assert code == 0 and "unset EMBEDDING_NEXT_*" in out, out
+        done = await moving.memory.Search(search("topic 3"))
+        assert {len(h.memory.embedding) for h in done.hits} == {256}
+    finally:
+        await stop_server(moving)
+
+    with pytest.raises(EmbeddingConfigMismatch) as refused:
+        await start_server({**env, **NEXT})
+    message = str(refused.value)
+    assert "EMBEDDING_PROVIDER=hash EMBEDDING_MODEL=hash-ngram-v1-256 EMBEDDING_DIM=256" in message
+    assert "\n" not in message
+    with pytest.raises(EmbeddingConfigMismatch):
+        await start_server(env)
+
+    served = await start_server({**env, **AFTER})
+    try:
+        found = await served.memory.Search(search("written during the move"))
+        assert found.hits[0].memory.value == "written during the move"
+        listed = await served.memory.List(memory_pb2.ListRequest(page_size=100))
+        assert len(listed.memories) == 42
+    finally:
+        await stop_server(served)
+
+
+async def test_a_server_without_the_current_model_refuses_searches_after_a_cut_over(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = test_env(database_url)
+    moving = await start_server({**env, **NEXT})
+    old = None
+    try:
+        await moving.memory.Store(store("bound before the move"))
+        await stop_server(moving)
+        moving = await start_server({**env, **NEXT})
+        old = await start_server(env)  # rolling restart: this one has no next model yet
+        await old.memory.Store(store("stored by the instance without the next model"))
+        assert await backfill(moving) == "backfill complete"
+        code, out = await model(env, "cutover", capsys)
+        assert code == 0, out
+        with pytest.raises(grpc.RpcError) as refused:
+            await old.memory.Search(search("move"))
+        assert code_of(refused.value) is grpc.StatusCode.FAILED_PRECONDITION
+        assert "EMBEDDING_NEXT" in (refused.value.details() or "")
+        found = await moving.memory.Search(search("stored by the instance without the next model"))
+        assert found.hits[0].memory.value == "stored by the instance without the next model"
+    finally:
+        if old is not None:
+            await stop_server(old)
+        await stop_server(moving)
+
+
+def test_next_model_settings_are_checked() -> None:
+    settings = Settings.from_env({**NEXT})
+    nxt = settings.next_embedding()
+    assert nxt is not None and (nxt.embedding_model, nxt.embedding_dim) == ("hash-ngram-v1-256", 256)
+    assert Settings.from_env({}).next_embedding() is None
+    with pytest.raises(Exception, match="EMBEDDING_NEXT_PROVIDER"):
+        Settings.from_env({"EMBEDDING_NEXT_MODEL": "x"})
