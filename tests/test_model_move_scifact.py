@@ -55,12 +55,19 @@ def subset() -> tuple[LabeledSet, list[str]]:
     return data, [full.docs[d] for d in spare]
 
 
+def _doc_id(memory: memory_pb2.Memory) -> str:
+    """The SciFact id of a stored document; "" for the memories the concurrent writes added."""
+    if "_id" not in memory.metadata:
+        return ""
+    return str(memory.metadata["_id"])
+
+
 async def vector_ndcg(running: RunningServer, data: LabeledSet) -> float:
     total = 0.0
     for query_id, text in data.queries.items():
         request = memory_pb2.SearchRequest(query=text, mode=memory_pb2.SEARCH_MODE_VECTOR, top_k=10)
         response = await running.memory.Search(request)
-        ranked = [hit.memory.metadata["_id"] if "_id" in hit.memory.metadata else "" for hit in response.hits]
+        ranked = [_doc_id(hit.memory) for hit in response.hits]
         total += ndcg_at(ranked, data.qrels[query_id])
     return total / len(data.queries)
 
