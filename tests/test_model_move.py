@@ -153,3 +153,28 @@ def test_next_model_settings_are_checked() -> None:
     assert Settings.from_env({}).next_embedding() is None
     with pytest.raises(Exception, match="EMBEDDING_NEXT_PROVIDER"):
         Settings.from_env({"EMBEDDING_NEXT_MODEL": "x"})
+
+
+async def test_a_rollback_before_the_cut_over_gives_the_move_up(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = test_env(database_url)
+    first = await start_server(env)
+    try:
+        await first.memory.Store(store("kept through the move that was given up"))
+    finally:
+        await stop_server(first)
+    moving = await start_server({**env, **NEXT})
+    await stop_server(moving)  # every instance has dropped the next model again
+    code, out = await model(env, "rollback", capsys)
+    assert code == 0 and "gave up the move" in out, out
+    code, out = await model(env, "status", capsys)
+    assert code == 0 and '"phase": "steady"' in out, out
+    served = await start_server(env)
+    try:
+        found = await served.memory.Search(search("given up"))
+        assert {len(h.memory.embedding) for h in found.hits} == {384}
+    finally:
+        await stop_server(served)
+    code, out = await model(env, "rollback", capsys)
+    assert code == 1 and "no move is under way" in out, out

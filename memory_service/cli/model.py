@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from memory_service.config.settings import Settings
-from memory_service.errors import FailedPrecondition
+from memory_service.errors import ConfigError, FailedPrecondition, MemoryServiceError, StartupError
 from memory_service.generations import admin
 from memory_service.search.index_care import IndexCare
 from memory_service.storage.database import Database, check_reachable
@@ -34,8 +34,9 @@ def register(commands: Any) -> None:
         description="status: the move's phase, backfill progress, rate, time left and quality gate, as JSON. "
         "cutover: switch every instance's searches and new embeddings to the next model (refused until the "
         "backfill is complete and the next index is built and calibrated). rollback: switch back (the previous "
-        "generation is kept until finish). finish: drop the previous generation and its index. Works on the "
-        "database directly: --database-url (DATABASE_URL), or --data-dir (MEMORY_SERVICE_DATA_DIR).",
+        "generation is kept until finish); before a cut-over, give the move up. finish: drop the previous "
+        "generation and its index. Works on the database directly: --database-url (DATABASE_URL), or --data-dir "
+        "(MEMORY_SERVICE_DATA_DIR).",
     )
     model.add_argument("action", choices=_ACTIONS)
     model.add_argument("--database-url", metavar="DSN", help="PostgreSQL DSN (DATABASE_URL)")
@@ -74,6 +75,11 @@ async def act(settings: Settings, dsn: str, action: str) -> tuple[str, dict[str,
             state = await admin.rollback(db)
             assert state.current is not None
             line = f"rolled back to {state.current.describe()}; the next model stays up to date for another cut-over"
+            if state.move is None:
+                line = (
+                    f"gave up the move: {state.current.describe()} stays, the next model's vectors are dropped; an "
+                    "instance still configured with EMBEDDING_NEXT_* begins it again"
+                )
         elif action == "finish":
             state = await admin.finish(db)
             assert state.current is not None
@@ -95,6 +101,11 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         line, report = asyncio.run(act(settings, dsn, args.action))
     except FailedPrecondition as exc:
         print(f"memory-service: model {args.action} refused: {exc}", file=sys.stderr)
+        return EX_REFUSED
+    except (StartupError, ConfigError):
+        raise
+    except MemoryServiceError as exc:
+        print(f"memory-service: model {args.action} failed: {exc}", file=sys.stderr)
         return EX_REFUSED
     finally:
         if embedded is not None:

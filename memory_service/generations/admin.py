@@ -60,12 +60,15 @@ async def cutover(db: Database, next_index: IndexCare) -> GenerationState:
 
 
 async def rollback(db: Database) -> GenerationState:
-    """Switch every instance back to the previous model, which the move kept up to date."""
+    """Switch every instance back to the previous model, which the move kept up to date; before a cut-over, give
+    the move up (drop the next generation's vectors)."""
     async with db.connection() as conn:
         state = await generations_sql.read_state(conn)
-    if state.move is None or state.move.phase is not Phase.CUT_OVER:
-        raise FailedPrecondition("cannot roll back: nothing is cut over (model status shows the state)")
+    if state.move is None:
+        raise FailedPrecondition("cannot roll back: no move is under way (model status shows the state)")
     async with db.transaction() as conn:
+        if state.move.phase is Phase.BACKFILLING:
+            return await generations_sql.finish(conn, epoch=state.epoch, now=datetime.now(UTC), abandon=True)
         return await generations_sql.swap(conn, epoch=state.epoch, to=Phase.BACKFILLING)
 
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 from memory_service.embeddings.base import EmbeddingProvider
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.errors import EmbeddingConfigMismatch, FailedPrecondition
+from memory_service.errors import DatabaseConflict, EmbeddingConfigMismatch, FailedPrecondition
 from memory_service.generations.gate import SearchSample
 from memory_service.generations.types import GenerationState, ModelSpec
 from memory_service.memories.binding import ModelBinding
@@ -150,32 +150,43 @@ class Generations:
         if state.current is not None and not state.current.provider:
             async with self._db.transaction() as conn:
                 await generations_sql.record_provider(conn, self.configured.provider)
-        nxt = self.next_model
-        if nxt is not None and state.move is None and not nxt.same(state.current):
-            if state.current is None:
-                log.warning(
-                    "EMBEDDING_NEXT_PROVIDER is set but nothing is stored yet: the first stored memory binds the "
-                    "database to %s; configure the next model as EMBEDDING_* instead",
-                    self.configured.describe(),
-                )
-            else:
-                async with self._db.transaction() as conn:
-                    state = await generations_sql.begin(conn, self.configured, nxt, datetime.now(UTC))
-                if state.move is not None and state.move.target.same(nxt):
-                    log.info(
-                        "moving this database's embeddings from %s to %s: every write stores both, and the "
-                        "backfill re-embeds the rest (memory-service model status)",
-                        state.move.source.describe(),
-                        state.move.target.describe(),
-                    )
+        if self.next_model is not None and state.current is None:
+            log.warning(
+                "EMBEDDING_NEXT_PROVIDER is set but nothing is stored yet: the first stored memory binds the "
+                "database to %s, and the move to the next model begins after it",
+                self.configured.describe(),
+            )
+        state = await self._begin_when_due(state)
         await self._apply(state)
         return state.current is not None
+
+    async def _begin_when_due(self, state: GenerationState) -> GenerationState:
+        """Begin the move to the next model when one is configured, the database holds the configured model and
+        no move is under way; a begin that could not get its lock is tried again at the next refresh."""
+        nxt = self.next_model
+        if nxt is None or state.move is not None or not self.configured.same(state.current) or nxt.same(state.current):
+            return state
+        try:
+            async with self._db.transaction() as conn:
+                state = await generations_sql.begin(conn, self.configured, nxt, datetime.now(UTC))
+        except DatabaseConflict as exc:
+            log.warning("the move to %s begins at the next refresh: %s", nxt.describe(), exc)
+            return state
+        if state.move is not None and state.move.target.same(nxt):
+            log.info(
+                "moving this database's embeddings from %s to %s: every write stores both, and the backfill "
+                "re-embeds the rest (memory-service model status)",
+                state.move.source.describe(),
+                state.move.target.describe(),
+            )
+        return state
 
     async def refresh(self) -> GenerationState:
         """Re-read the state; apply it (and tell the listeners) when it changed."""
         async with self._refreshing:
             async with self._db.connection() as conn:
                 state = await generations_sql.read_state(conn)
+            state = await self._begin_when_due(state)
             if state != self.state:
                 await self._apply(state)
         return self.state

@@ -54,6 +54,8 @@ DRIVER_ERRORS: dict[type[BaseException], type[MemoryServiceError]] = {
     # PostgreSQL rolled the transaction back to keep it consistent: nothing was written; re-read and retry.
     asyncpg.SerializationError: DatabaseConflict,
     asyncpg.DeadlockDetectedError: DatabaseConflict,
+    # A schema change gave up waiting for its lock (lock_timeout): nothing was changed; retry.
+    asyncpg.LockNotAvailableError: DatabaseConflict,
     # A statement prepared before a schema change (binding the embedding column's type), run in a transaction:
     # asyncpg drops its statement cache, so the retry succeeds.
     asyncpg.InvalidCachedStatementError: DatabaseUnavailable,

@@ -178,11 +178,13 @@ async def swap(conn: asyncpg.Connection, *, epoch: int, to: Phase) -> Generation
     return await read_state(conn)
 
 
-async def finish(conn: asyncpg.Connection, *, epoch: int, now: datetime) -> GenerationState:
-    """Drop the previous generation (its column and indexes) after a cut-over. Runs in the caller's transaction."""
+async def finish(conn: asyncpg.Connection, *, epoch: int, now: datetime, abandon: bool = False) -> GenerationState:
+    """Drop the other generation (its column and indexes): the previous one after a cut-over, or with ``abandon``
+    the next one before it (the move is given up). Runs in the caller's transaction."""
     state = await _lock_state(conn)
     move = state.move
-    if state.epoch != epoch or move is None or move.phase is not Phase.CUT_OVER:
+    wanted = Phase.BACKFILLING if abandon else Phase.CUT_OVER
+    if state.epoch != epoch or move is None or move.phase is not wanted:
         raise FailedPrecondition("the embedding generation changed while the command ran; look at model status again")
     await conn.execute("ALTER TABLE memory.memories DROP COLUMN embedding_alt")
     await conn.execute("ALTER TABLE memory.memories ADD COLUMN embedding_alt vector")
@@ -190,7 +192,7 @@ async def finish(conn: asyncpg.Connection, *, epoch: int, now: datetime) -> Gene
     await conn.execute(_CONSTRAIN_CURRENT)
     await _delete(conn, [MOVE, BACKFILL, GATE, *_ALT_INDEX_KEYS])
     finished = Move(source=move.source, target=move.target, phase=Phase.CUT_OVER, started_at=now)
-    await _write_state(conn, state, {FINISHED: json.dumps(finished.to_json())})
+    await _write_state(conn, state, {} if abandon else {FINISHED: json.dumps(finished.to_json())})
     return await read_state(conn)
 
 
