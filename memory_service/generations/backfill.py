@@ -23,6 +23,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
+from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import Aborted, FailedPrecondition, GenerationChanged, MemoryServiceError
 from memory_service.generations import gate
 from memory_service.generations.state import Generations
@@ -30,7 +31,7 @@ from memory_service.generations.types import Backfill
 from memory_service.leases.manager import LeaseManager
 from memory_service.leases.rules import AcquireSpec
 from memory_service.metrics import Metrics
-from memory_service.models import Fence
+from memory_service.models import Fence, Vector
 from memory_service.storage import generations_sql
 from memory_service.storage.database import Database
 from memory_service.storage.fencing import check_fence
@@ -44,6 +45,7 @@ LEASE_TTL = 10.0
 GATE_INTERVAL = 300.0
 """Seconds between two measurements of the quality gate by one instance."""
 _RATE_WEIGHT = 0.3
+_Prepared = tuple[list[tuple[int, str, bytes]], list[Vector]]
 
 
 class BackfillWorker:
@@ -107,56 +109,71 @@ class BackfillWorker:
         return "backfill complete" if done else "backfill paused"
 
     async def _backfill(self, fence: Fence, lease_id: str, progress: Backfill) -> bool:
-        """Batches until a pass from the first id finds nothing (True) or the server stops (False)."""
-        other = self._generations.other
+        """Batches until a pass from the first id finds nothing (True) or the server stops (False).
+
+        The next batch is read and embedded while the one before it is written, as BulkStore overlaps its stages:
+        a memory that changes in between is skipped by the write (its content hash no longer matches)."""
         epoch = self._generations.epoch
-        renewed = started = time.monotonic()
+        renewed = started = last = time.monotonic()
         written_here = 0
         if progress.after_id == 0 or progress.total == 0:
             progress = await self._new_pass(progress)
-        log.info("backfill of %s: %d of %d memories done", other and other.model, progress.done, progress.total)
-        while not self._stopping.is_set():
-            other = self._generations.other
-            if other is None or self._generations.epoch != epoch:
-                raise GenerationChanged("the embedding generation changed during the backfill")
-            if time.monotonic() - renewed > LEASE_TTL / 3:
-                await self._leases.renew(lease_id, LEASE_TTL)
-                renewed = time.monotonic()
-            async with self._db.connection() as conn:
-                rows = await generations_sql.pending(conn, after_id=progress.after_id, limit=self._batch)
-            if not rows:
-                if progress.after_id == 0:
-                    await self._checkpoint(fence, dataclasses.replace(progress, complete=True, rate=0.0))
-                    log.info("backfill complete after %d passes", progress.passes + 1)
-                    return True
-                progress = await self._new_pass(dataclasses.replace(progress, passes=progress.passes + 1))
-                continue
-            batch_started = time.monotonic()
-            vectors = await other.embed([r[1] for r in rows], [r[2] for r in rows])
-            async with self._db.transaction() as conn:
-                await check_fence(conn, fence)
-                written = await generations_sql.fill(
-                    conn, epoch=epoch, ids=[r[0] for r in rows], hashes=[r[2] for r in rows], vectors=vectors
-                )
-                seconds = max(time.monotonic() - batch_started, 1e-6)
-                rate = len(rows) / seconds
-                progress = dataclasses.replace(
-                    progress,
-                    after_id=rows[-1][0],
-                    done=min(progress.done + written, progress.total),
-                    rate=rate if progress.rate <= 0 else _RATE_WEIGHT * rate + (1 - _RATE_WEIGHT) * progress.rate,
-                    updated_at=datetime.now(UTC),
-                    holder=self._instance,
-                )
-                await generations_sql.write_backfill(conn, progress)
-            self._metrics.model_backfill_written.inc(written)
-            written_here += len(rows)
-            if self._rate > 0:
-                # Rate limit: never ahead of rate * elapsed since this holder started.
-                ahead = started + written_here / self._rate - time.monotonic()
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-        return False
+        log.info("backfill: %d of %d memories done", progress.done, progress.total)
+        ahead: asyncio.Task[_Prepared] | None = None
+        try:
+            while not self._stopping.is_set():
+                other = self._generations.other
+                if other is None or self._generations.epoch != epoch:
+                    raise GenerationChanged("the embedding generation changed during the backfill")
+                if time.monotonic() - renewed > LEASE_TTL / 3:
+                    await self._leases.renew(lease_id, LEASE_TTL)
+                    renewed = time.monotonic()
+                rows, vectors = await (ahead or self._prepare(other, progress.after_id))
+                ahead = None
+                if not rows:
+                    if progress.after_id == 0:
+                        await self._checkpoint(fence, dataclasses.replace(progress, complete=True, rate=0.0))
+                        log.info("backfill complete after %d passes", progress.passes + 1)
+                        return True
+                    progress = await self._new_pass(dataclasses.replace(progress, passes=progress.passes + 1))
+                    continue
+                ahead = asyncio.create_task(self._prepare(other, rows[-1][0]))
+                async with self._db.transaction() as conn:
+                    await check_fence(conn, fence)
+                    written = await generations_sql.fill(
+                        conn, epoch=epoch, ids=[r[0] for r in rows], hashes=[r[2] for r in rows], vectors=vectors
+                    )
+                    now = time.monotonic()
+                    rate = len(rows) / max(now - last, 1e-6)
+                    last = now
+                    progress = dataclasses.replace(
+                        progress,
+                        after_id=rows[-1][0],
+                        done=min(progress.done + written, progress.total),
+                        rate=rate if progress.rate <= 0 else _RATE_WEIGHT * rate + (1 - _RATE_WEIGHT) * progress.rate,
+                        updated_at=datetime.now(UTC),
+                        holder=self._instance,
+                    )
+                    await generations_sql.write_backfill(conn, progress)
+                self._metrics.model_backfill_written.inc(written)
+                written_here += len(rows)
+                if self._rate > 0:
+                    # Rate limit: never ahead of rate * elapsed since this holder started.
+                    pause = started + written_here / self._rate - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+            return False
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
+
+    async def _prepare(self, other: EmbeddingService, after_id: int) -> _Prepared:
+        """The next batch after ``after_id`` and its vectors of the other generation."""
+        async with self._db.connection() as conn:
+            rows = await generations_sql.pending(conn, after_id=after_id, limit=self._batch)
+        vectors = await other.embed([r[1] for r in rows], [r[2] for r in rows]) if rows else []
+        return rows, vectors
 
     async def _new_pass(self, progress: Backfill) -> Backfill:
         async with self._db.connection() as conn:
