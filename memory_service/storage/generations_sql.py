@@ -241,14 +241,17 @@ async def fill(
         columns=("id", "content_hash", "vector"),
         records=[(i, h, pgvector.Vector(v)) for i, h, v in zip(ids, hashes, vectors, strict=True)],
     )
+    # The ids again as an array: the staging table has no statistics, and without them a join of a few hundred
+    # rows can be planned as a scan of the whole memories table; ``id = ANY`` reads them through the primary key.
     status = await conn.execute(
         f"""
         UPDATE memory.memories m SET embedding_alt = s.vector
         FROM pg_temp.{_STAGING} s
-        WHERE m.id = s.id AND m.content_hash = s.content_hash AND m.embedding_alt IS NULL
-          AND memory.embedding_generation_is($1)
+        WHERE m.id = ANY($2::bigint[]) AND m.id = s.id AND m.content_hash = s.content_hash
+          AND m.embedding_alt IS NULL AND memory.embedding_generation_is($1)
         """,
         epoch,
+        list(ids),
     )
     return int(status.split()[-1])
 
