@@ -71,6 +71,17 @@ async def test_a_move_backfills_cuts_over_rolls_back_and_finishes(
         assert stats.model_move.phase == "backfilling"
         assert stats.model_move.backfill_complete and stats.model_move.backfill_done == 41
         assert stats.model_move.gate_memories.queries > 0
+        runtime = moving.server.runtime
+        await runtime.refresh_generation()
+        registry = runtime.metrics.registry
+        gate = stats.model_move.gate_memories
+        assert registry.get_sample_value("memory_model_move_phase") == 1
+        assert registry.get_sample_value("memory_model_backfill_done_memories") == 41
+        assert (
+            registry.get_sample_value("memory_model_gate_overlap_at_10", {"sample": "memories"}) == gate.overlap_at_10
+        )
+        changed = registry.get_sample_value("memory_model_gate_top_hit_changed_ratio", {"sample": "memories"})
+        assert changed == gate.top_hit_changed
 
         before = await moving.memory.Search(search("topic 3"))
         assert {len(h.memory.embedding) for h in before.hits} == {384}

@@ -281,7 +281,7 @@ class Runtime:
                 stopping=self.stopping,
             )
             if background:
-                self._spawn("embedding generation", REFRESH_SECONDS, self._refresh_generation)
+                self._spawn("embedding generation", REFRESH_SECONDS, self.refresh_generation)
                 self._spawn("model backfill", REFRESH_SECONDS, self._backfill.run)
                 self._spawn("purge expired memories", settings.purge_interval, self._purge)
                 self._spawn("index maintenance", settings.index_check_interval, self._maintain_indexes)
@@ -299,7 +299,8 @@ class Runtime:
         await self.index.refresh()
         await self.next_index.refresh()
 
-    async def _refresh_generation(self) -> None:
+    async def refresh_generation(self) -> None:
+        """Re-read the embedding generation and publish the move's figures as metrics."""
         await self.generations.refresh()
         admin.publish(self.metrics, await admin.status(self.db, self.next_index))
 
