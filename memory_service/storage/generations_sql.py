@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
-import pgvector
 
 from memory_service.errors import FailedPrecondition
 from memory_service.generations.types import Backfill, Gate, GenerationState, ModelSpec, Move, Phase
@@ -239,7 +238,7 @@ async def fill(
         _STAGING,
         schema_name="pg_temp",
         columns=("id", "content_hash", "vector"),
-        records=[(i, h, pgvector.Vector(v)) for i, h, v in zip(ids, hashes, vectors, strict=True)],
+        records=list(zip(ids, hashes, vectors, strict=True)),
     )
     # The ids again as an array: the staging table has no statistics, and without them a join of a few hundred
     # rows can be planned as a scan of the whole memories table; ``id = ANY`` reads them through the primary key.
