@@ -139,12 +139,14 @@ async def searches_during(
     return baseline, measured, seconds
 
 
-async def throughput(server_dsn: str, rows: int, batch: int) -> tuple[float, float]:
-    """(BulkStore rows/s with vectors supplied, backfill rows/s with precomputed vectors), on the same rows."""
+async def throughput(server_dsn: str, rows: int, batch: int, *, embed: bool) -> tuple[float, float]:
+    """(BulkStore rows/s with vectors supplied, backfill rows/s), on the same rows: with the next model's vectors
+    precomputed, or (``embed``) computed by the next model (the hash embedder) as the backfill goes."""
     data, _ = load_corpus("hard", rows)
     async with fresh_database(server_dsn) as dsn:
         built = await build(dsn, data, "ivfflat")
-        await precompute(dsn, data)
+        if not embed:
+            await precompute(dsn, data)
         moving = ServerProcess(service_env(dsn, "ivfflat", MODEL_BACKFILL_BATCH=str(batch), **next_env(0)))
         try:
             await asyncio.to_thread(moving.wait_ready)
@@ -157,9 +159,10 @@ async def throughput(server_dsn: str, rows: int, batch: int) -> tuple[float, flo
 async def run(args: argparse.Namespace) -> None:
     with database_server() as server_dsn:
         if args.throughput_rows:
-            bulk, backfill = await throughput(server_dsn, args.throughput_rows, args.batch)
+            embed = args.next == "hash"
+            bulk, backfill = await throughput(server_dsn, args.throughput_rows, args.batch, embed=embed)
             print_table(
-                ["rows", "batch", "BulkStore rows/s (vectors supplied)", "backfill rows/s (precomputed)", "ratio"],
+                ["rows", "batch", "BulkStore rows/s (vectors supplied)", f"backfill rows/s ({args.next})", "ratio"],
                 [[args.throughput_rows, args.batch, bulk, backfill, f"{backfill / bulk:.2f} (target >= 0.5)"]],
             )
         if not args.rows:
@@ -182,6 +185,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000, help="rows of the search measurement")
     parser.add_argument("--throughput-rows", type=int, default=20_000, help="rows of the throughput measurement")
     parser.add_argument("--batch", type=int, default=256, help="MODEL_BACKFILL_BATCH of the throughput run")
+    parser.add_argument(
+        "--next",
+        choices=("precomputed", "hash"),
+        default="precomputed",
+        help="the next model's vectors: in the embedding cache already, or computed by the hash embedder",
+    )
     parser.add_argument("--searches", type=int, default=200, help="searches of each kind before the move")
     parser.add_argument("--rate", type=float, default=250, help="MODEL_BACKFILL_RATE of the search measurement")
     asyncio.run(run(parser.parse_args()))

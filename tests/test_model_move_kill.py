@@ -23,7 +23,7 @@ from tests.processes import ServerProcess
 
 ROWS = 3000
 NEXT = {"EMBEDDING_NEXT_PROVIDER": "hash", "EMBEDDING_NEXT_MODEL": "hash-ngram-v1-256", "EMBEDDING_NEXT_DIM": "256"}
-SLOW = {"MODEL_BACKFILL_RATE": "400", "MODEL_BACKFILL_BATCH": "50", "LOG_LEVEL": "INFO"}
+SLOW = {"MODEL_BACKFILL_RATE": "250", "MODEL_BACKFILL_BATCH": "50", "LOG_LEVEL": "INFO"}
 
 
 def memory(value: str, key: str) -> memory_pb2.MemoryInput:
@@ -100,7 +100,7 @@ async def test_the_backfill_survives_kill_9_of_its_holder(database_url: str) -> 
         second = ServerProcess({**env, **NEXT, **SLOW})
         second.wait_serving()
         writers = asyncio.create_task(churn(second.address, stop))
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.3)
         checkpoint = (await backfill_state(conn))["after_id"]
         first.kill()  # SIGKILL: no release of the lease, a transaction may be cut off mid-batch
         assert not (await backfill_state(conn)).get("complete")

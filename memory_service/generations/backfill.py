@@ -44,6 +44,12 @@ LEASE_TTL = 10.0
 """Seconds a silent holder keeps the backfill before another instance takes it over."""
 GATE_INTERVAL = 300.0
 """Seconds between two measurements of the quality gate by one instance."""
+VACUUM_SHARE = 0.05
+"""The backfill vacuums the table each time it has rewritten this share of it (and at least VACUUM_MIN_ROWS): each
+rewritten memory leaves a dead row version and, in every index, a dead entry that searches read past (ivfflat and
+HNSW cannot mark them dead as btree does) until a vacuum. Left to autovacuum (at 20% by default), searches during a
+backfill of 100k memories ran 2x slower (docs/benchmarks.md)."""
+VACUUM_MIN_ROWS = 2000
 _RATE_WEIGHT = 0.3
 _Prepared = tuple[list[tuple[int, str, bytes]], list[Vector]]
 
@@ -115,7 +121,7 @@ class BackfillWorker:
         a memory that changes in between is skipped by the write (its content hash no longer matches)."""
         epoch = self._generations.epoch
         renewed = started = last = time.monotonic()
-        written_here = 0
+        written_here = unvacuumed = 0
         if progress.after_id == 0 or progress.total == 0:
             progress = await self._new_pass(progress)
         log.info("backfill: %d of %d memories done", progress.done, progress.total)
@@ -157,6 +163,11 @@ class BackfillWorker:
                     await generations_sql.write_backfill(conn, progress)
                 self._metrics.model_backfill_written.inc(written)
                 written_here += len(rows)
+                unvacuumed += written
+                if unvacuumed >= max(VACUUM_MIN_ROWS, VACUUM_SHARE * progress.total):
+                    async with self._db.connection() as conn:
+                        await generations_sql.vacuum(conn)
+                    unvacuumed = 0
                 if self._rate > 0:
                     # Rate limit: never ahead of rate * elapsed since this holder started.
                     pause = started + written_here / self._rate - time.monotonic()

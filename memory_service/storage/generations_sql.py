@@ -255,6 +255,12 @@ async def fill(
     return int(status.split()[-1])
 
 
+async def vacuum(conn: asyncpg.Connection) -> None:
+    """Reclaim the row versions the backfill's updates left behind, and their index entries (outside a
+    transaction)."""
+    await conn.execute("VACUUM memory.memories")
+
+
 async def counts(conn: asyncpg.Connection) -> tuple[int, int]:
     """(memories, of them without a vector of the other generation): one scan, at the start of a pass."""
     row = await conn.fetchrow(
