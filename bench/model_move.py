@@ -7,7 +7,7 @@ Two measurements, each against a floor taken in the same run:
   same rows with their vectors supplied. Target: at least half of BulkStore's rows/s.
 - **searches**: p50 of the scale benchmark's kinds of searches (vector unfiltered, vector in a 1% scope, hybrid)
   through a server before the move, and through a server running the backfill at the default rate
-  (MODEL_BACKFILL_RATE). Target: within 1.5x.
+  (MODEL_BACKFILL_RATE, 250; ``--rate``). Target: within 1.5x.
 
     python -m bench.model_move --rows 100000 --throughput-rows 20000
 """
@@ -120,7 +120,7 @@ async def searches_during(
             baseline = await latencies(*calls, count=count)
     finally:
         await asyncio.to_thread(before.stop)
-    moving = ServerProcess(service_env(dsn, "ivfflat", **next_env(rate)))
+    moving = ServerProcess(service_env(dsn, "ivfflat", **next_env(rate)))  # the default rate unless --rate
     measured: list[list[float]] = [[] for _ in NAMES]
     try:
         await asyncio.to_thread(moving.wait_ready)

@@ -67,8 +67,9 @@ class Settings:
     embedding_next_dim: int | None = None
     embedding_next_dim_explicit: bool = False
     embedding_next_model_path: Path | None = None
-    model_backfill_rate: float = 1000.0
-    """Memories the background re-embedding writes per second at most (0: as fast as the embedder goes)."""
+    model_backfill_rate: float = 250.0
+    """Memories the background re-embedding writes per second at most (0: as fast as the embedder goes). At 250 a
+    backfill of 100k memories takes 7 minutes and the searches meanwhile stay within 1.5x (docs/benchmarks.md)."""
     model_backfill_batch: int = 256
     """Memories the re-embedding reads, embeds and writes per transaction."""
 
@@ -199,7 +200,7 @@ class Settings:
             embedding_model_path=reader.path("EMBEDDING_MODEL_PATH"),
             embedding_threads=reader.integer("EMBEDDING_THREADS", 2, minimum=1, maximum=64),
             **_next_model(reader),
-            model_backfill_rate=reader.number("MODEL_BACKFILL_RATE", 1000.0, minimum=0.0, maximum=1e9),
+            model_backfill_rate=reader.number("MODEL_BACKFILL_RATE", 250.0, minimum=0.0, maximum=1e9),
             model_backfill_batch=reader.integer("MODEL_BACKFILL_BATCH", 256, minimum=1, maximum=10_000),
             grpc_host=reader.text("GRPC_HOST") or "0.0.0.0",
             grpc_port=reader.integer("GRPC_PORT", 50051, minimum=0, maximum=65535),
