@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -122,21 +123,28 @@ async def upsert(
     return existing, WriteOutcome.UNCHANGED
 
 
-async def stored_embedding(conn: asyncpg.Connection, memory: NewMemory, model: str) -> Vector | None:
-    """The embedding already stored for this identity when its content is the same, so it need not be recomputed."""
-    result: Vector | None = await conn.fetchval(
+async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemory], model: str) -> dict[int, Vector]:
+    """Embeddings already stored for these identities with the same content and model, by position, so they need
+    not be recomputed."""
+    if not memories:
+        return {}
+    rows = await conn.fetch(
         """
-        SELECT embedding FROM memory.memories
-        WHERE scope = $1::text::memory.scope AND scope_id = $2 AND key = $3 AND content_hash = $4
-          AND embedding_model = $5
+        SELECT i.ord, m.embedding
+        FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[]) WITH ORDINALITY
+             AS i(scope, scope_id, key, content_hash, ord)
+        JOIN memory.memories m
+          ON m.scope = i.scope::memory.scope AND m.scope_id = i.scope_id AND m.key = i.key
+         AND m.content_hash = i.content_hash AND m.embedding_model = $5
+        WHERE m.embedding IS NOT NULL
         """,
-        memory.scope.value,
-        memory.scope_id,
-        memory.key,
-        memory.content_hash,
+        [m.scope.value for m in memories],
+        [m.scope_id for m in memories],
+        [m.key for m in memories],
+        [m.content_hash for m in memories],
         model,
     )
-    return result
+    return {int(r["ord"]) - 1: r["embedding"] for r in rows}
 
 
 async def get(conn: asyncpg.Connection, memory_id: int, *, with_embedding: bool) -> Memory | None:
