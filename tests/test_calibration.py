@@ -17,9 +17,10 @@ import pytest
 from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter
-from memory_service.search.calibration import Calibration, Curve, ladder, scan_settings
+from memory_service.search.calibration import Calibration, Curve, ladder
 from memory_service.search.index_care import IndexState, needs_calibration
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.tuning import scan_settings
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2

@@ -13,6 +13,7 @@ import pytest
 
 from memory_service.models import MemoryFilter
 from memory_service.search.text_stats import RefreshPolicy
+from memory_service.search.tuning import TextRanking
 from memory_service.storage import search_sql, text_stats_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
@@ -170,7 +171,7 @@ async def test_candidates_say_whether_every_query_term_brought_its_own(
         async def every_term(text: str) -> bool:
             found = await search_sql.candidates(
                 conn, MemoryFilter(), vector=None, text=text, limit=10, exact=True, full_rows=False,
-                ranking=search_sql.TextRanking(max_scored=100),
+                text_ranking=TextRanking(max_scored=100).values,
             )  # fmt: skip
             assert found
             return found[0].text_every_term

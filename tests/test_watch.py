@@ -13,8 +13,7 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from memory_service.history.types import WriteContext
-from memory_service.models import NewMemory, Scope, content_hash
+from memory_service.models import NewMemory, Scope, WriteContext, content_hash
 from memory_service.storage import memories_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc

@@ -17,10 +17,10 @@ from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument
 from memory_service.history.feed import ChangeFeed, decode_cursor
 from memory_service.history.service import History
-from memory_service.history.types import WriteContext
 from memory_service.memories import ingest, validation
 from memory_service.memories.stats import Stats
 from memory_service.memories.store import MemoryStore
+from memory_service.models import WriteContext
 from memory_service.search import SearchEngine
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 

@@ -29,11 +29,11 @@ from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.text_stats import TextStats
+from memory_service.search.tuning import TextRanking
 from memory_service.storage import settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
-from memory_service.storage.search_sql import TextRanking
 
 log = logging.getLogger(__name__)
 

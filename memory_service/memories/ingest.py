@@ -38,11 +38,10 @@ import numpy as np
 
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, Unavailable
-from memory_service.history.types import NO_CONTEXT, WriteContext
 from memory_service.memories.binding import ModelBinding
 from memory_service.memories.writes import WritePath
 from memory_service.metrics import Metrics
-from memory_service.models import Fence, NewMemory
+from memory_service.models import NO_CONTEXT, Fence, NewMemory, WriteContext
 from memory_service.storage import ingest_sql
 from memory_service.storage.database import Database
 

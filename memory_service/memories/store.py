@@ -10,10 +10,9 @@ from dataclasses import asdict
 
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, NotFound
-from memory_service.history.types import NO_CONTEXT, WriteContext
 from memory_service.memories.binding import ModelBinding
 from memory_service.memories.writes import WritePath
-from memory_service.models import Fence, Memory, MemoryFilter, NewMemory, StoreResult
+from memory_service.models import NO_CONTEXT, Fence, Memory, MemoryFilter, NewMemory, StoreResult, WriteContext
 from memory_service.storage import memories_sql
 from memory_service.storage.database import Database
 

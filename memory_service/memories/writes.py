@@ -12,9 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.history.types import WriteContext
 from memory_service.memories.binding import ModelBinding
-from memory_service.models import Fence, NewMemory, Vector
+from memory_service.models import Fence, NewMemory, Vector, WriteContext
 from memory_service.storage import memories_sql
 from memory_service.storage.database import Connection, Database
 from memory_service.storage.fencing import check_fence

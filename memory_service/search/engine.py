@@ -20,13 +20,12 @@ from datetime import UTC, datetime
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
-from memory_service.search.calibration import scan_settings
 from memory_service.search.fusion import rank_candidates
 from memory_service.search.index_care import IndexCare, IndexState, fitted_probes
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.tuning import DEFAULT_TEXT_RANKING, TextRanking, scan_settings
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database
-from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
 
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
 _MIN_CANDIDATES = 40
@@ -155,7 +154,7 @@ class SearchEngine:
                     limit=limit,
                     exact=exact,
                     full_rows=full_rows,
-                    ranking=self._text_ranking,
+                    text_ranking=self._text_ranking.values,
                     pruned=pruned,
                     with_embedding=query.include_embedding,
                 )

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from memory_service.history.types import ChangeKind, EraseReceipt, Version, WriteContext
-from memory_service.models import Memory, MemoryFilter
+from memory_service.history.types import ChangeKind, EraseReceipt, Version
+from memory_service.models import Memory, MemoryFilter, WriteContext
 from memory_service.storage.filters import Params, where_clause
 from memory_service.storage.memories_sql import memory_from_row
 

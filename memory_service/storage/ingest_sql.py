@@ -14,8 +14,7 @@ from collections.abc import Sequence
 import asyncpg
 import pgvector
 
-from memory_service.history.types import WriteContext
-from memory_service.models import NewMemory, Vector
+from memory_service.models import NewMemory, Vector, WriteContext
 from memory_service.storage.memories_sql import LATEST_EXPIRY, UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS
 from memory_service.storage.versions_sql import UPSERT_KIND, context_values, record
 

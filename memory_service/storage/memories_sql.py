@@ -8,8 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from memory_service.history.types import WriteContext
-from memory_service.models import Memory, MemoryFilter, MemoryType, NewMemory, Scope, Vector, WriteOutcome
+from memory_service.models import Memory, MemoryFilter, MemoryType, NewMemory, Scope, Vector, WriteContext, WriteOutcome
 from memory_service.storage.filters import LIVE, Params, where_clause
 from memory_service.storage.versions_sql import RETURNING_ROW, UPSERT_KIND, context_values, record
 

@@ -8,7 +8,7 @@ are fixed text; only ``$n`` parameters carry values.
 
 from __future__ import annotations
 
-from memory_service.history.types import WriteContext
+from memory_service.models import WriteContext
 
 # What the change returns about the row: the memory as the change left it, its new version, and the change's time.
 RETURNING_ROW = (
