@@ -9,13 +9,12 @@ from typing import Any
 import asyncpg
 
 from memory_service.models import Memory, MemoryFilter, MemoryType, NewMemory, Scope, Vector, WriteContext, WriteOutcome
+from memory_service.storage import columns
+from memory_service.storage.command_tag import rows_affected
 from memory_service.storage.filters import LIVE, Params, where_clause
 from memory_service.storage.versions_sql import RETURNING_ROW, UPSERT_KIND, context_values, record
 
-COLUMNS = (
-    "m.id, m.scope::text AS scope, m.scope_id, m.agent_id, m.memory_type::text AS memory_type, m.key, m.value, "
-    "m.importance, m.tags, m.metadata, m.content_hash, m.embedding_model, m.created_at, m.updated_at, m.expires_at"
-)
+COLUMNS = f"m.id, {columns.readable('m')}, m.updated_at"
 COLUMNS_WITH_EMBEDDING = COLUMNS + ", m.embedding"
 
 # The columns a write sets, in the order of the VALUES below and of the bulk staging table.
@@ -157,7 +156,7 @@ async def delete_by_id(conn: asyncpg.Connection, memory_id: int, *, history: Wri
         deleted: int = await conn.fetchval(_DELETE_ONE_VERSIONED, memory_id, *context_values(history))
         return deleted
     result = await conn.execute("DELETE FROM memory.memories WHERE id = $1", memory_id)
-    return _affected(result)
+    return rows_affected(result)
 
 
 async def delete_matching(
@@ -167,7 +166,7 @@ async def delete_matching(
     where = where_clause(memory_filter, params, live_only=False)
     if history is None:
         result = await conn.execute(f"DELETE FROM memory.memories m WHERE {where}", *params.values)
-        return _affected(result)
+        return rows_affected(result)
     context = tuple(params.add(value) for value in context_values(history))
     deleted: int = await conn.fetchval(
         f"""
@@ -207,7 +206,7 @@ async def purge_expired(conn: asyncpg.Connection, *, batch: int, history: bool =
         """,
         batch,
     )
-    return _affected(result)
+    return rows_affected(result)
 
 
 def memory_from_row(row: asyncpg.Record | dict[str, Any]) -> Memory:
@@ -236,8 +235,3 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
-
-
-def _affected(status: str) -> int:
-    """Row count from a command tag such as ``DELETE 3``."""
-    return int(status.rsplit(" ", 1)[-1])
