@@ -55,7 +55,7 @@ def erase_target(
         return scope, validation.check_id("id", request.id), None
     if target == "filter":
         return scope, None, request.filter
-    raise InvalidArgument("target", "give an id or a filter")
+    return scope, None, None
 
 
 def version_to_proto(version: Version) -> memory_pb2.MemoryVersion:

@@ -32,7 +32,8 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -50,6 +51,11 @@ log = logging.getLogger(__name__)
 WRITES_IN_FLIGHT = 2
 """Batches in their transactions at once: one stages its rows (binary COPY) while the one before it upserts and
 commits. Upserts still run one at a time in stream order, each after the previous batch committed."""
+
+CONVERT_SLICE = 50
+"""Items a request converts between yields to the event loop."""
+
+T = TypeVar("T")
 
 LINGER = 0.01
 """Seconds a partial batch waits for more rows before it is written: long enough to fill batches from a client
@@ -163,6 +169,18 @@ class BulkIngest:
         self._depth = queue_depth
         self._max_items = max_items_per_request
         self._stopping = stopping or asyncio.Event()
+
+    async def items(self, received: Sequence[T], convert: Callable[[T], BulkItem]) -> list[BulkItem]:
+        """One request's items converted by ``convert``, refused whole when there are too many to convert."""
+        check_request_size(len(received), self._max_items)
+        items: list[BulkItem] = []
+        for start in range(0, len(received), CONVERT_SLICE):
+            if start:
+                # Converting a full request takes tens of milliseconds; yielding between slices lets the writer go
+                # on with its batch as soon as the database answers.
+                await asyncio.sleep(0)
+            items.extend(convert(message) for message in received[start : start + CONVERT_SLICE])
+        return items
 
     async def run(
         self, requests: AsyncIterator[BulkRequest], context: WriteContext = NO_CONTEXT

@@ -18,6 +18,7 @@ import dataclasses
 import time
 from datetime import UTC, datetime
 
+from memory_service.config.settings import Settings
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
@@ -48,7 +49,7 @@ class SearchEngine:
         *,
         iterative_scan: bool,
         default_probes: int | None,
-        narrow_filter_rows: int = 5000,
+        narrow_filter_rows: int = Settings.search_narrow_filter_rows,
         text_ranking: TextRanking = DEFAULT_TEXT_RANKING,
         hybrid_alpha: float = 0.5,
         seen: QuerySample | None = None,
