@@ -13,16 +13,15 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TypeVar
 
-from memory_service.app import loops
+from memory_service.app import loops, moves
 from memory_service.config.env import redact_url
 from memory_service.config.settings import Settings
-from memory_service.embeddings.factory import create_provider, hybrid_alpha
+from memory_service.embeddings.factory import hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.errors import EmbeddingConfigMismatch
 from memory_service.generations import admin
 from memory_service.generations.backfill import BackfillWorker
-from memory_service.generations.state import REFRESH_SECONDS, Generations, check_configuration, spec_of
-from memory_service.generations.types import GenerationState, ModelSpec, Phase
+from memory_service.generations.state import REFRESH_SECONDS, Generations
+from memory_service.generations.types import GenerationState
 from memory_service.history.feed import ChangeFeed
 from memory_service.history.service import History
 from memory_service.leases.manager import LeaseManager
@@ -36,11 +35,11 @@ from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.text_stats import TextStats
-from memory_service.storage import generations_sql, settings_sql
+from memory_service.search.tuning import TextRanking
+from memory_service.storage import settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
-from memory_service.storage.search_sql import TextRanking
 
 log = logging.getLogger(__name__)
 
@@ -147,150 +146,169 @@ class Runtime:
         return _started(self._feed)
 
     async def start(self, *, background: bool = True) -> None:
-        settings = self.settings
+        """Build every component in dependency order; ``background`` also starts the loops and the change feed."""
         try:
-            self.dsn = await self._database_dsn()
-            await check_reachable(self.dsn, named_by=self._named_by)
-            if settings.migrate_on_start:
-                applied = await apply_migrations(self.dsn)
-                log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
-            self._db = db = await Database.connect(
-                self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max
-            )
-            self.metrics.watch_pool(db.pool_size, db.pool_idle)
-            self._leases = LeaseManager(db, settings, self.metrics)
+            db = await self._open_database()
+            self._leases = LeaseManager(db, self.settings, self.metrics)
             await self._leases.start()
-            async with db.connection() as conn:
-                self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
-            location, start_over = self._where()
-            self._binding = ModelBinding(
-                db,
-                model=settings.embedding_model,
-                dimension=settings.embedding_dim,
-                location=location,
-                start_over=start_over,
-            )
-            configured = ModelSpec(settings.embedding_provider, settings.embedding_model, settings.embedding_dim)
-            nxt = settings.next_embedding()
-            next_model = (
-                None if nxt is None else ModelSpec(nxt.embedding_provider, nxt.embedding_model, nxt.embedding_dim)
-            )
-            # Before a model is loaded: a configuration that cannot serve this database says so at once.
-            async with db.connection() as conn:
-                stored = await generations_sql.read_state(conn)
-            problem = check_configuration(stored, configured, next_model)
-            if problem == "" and stored.current is not None:
-                raise EmbeddingConfigMismatch(self._binding.mismatch((stored.current.model, stored.current.dimension)))
-            if problem:
-                raise EmbeddingConfigMismatch(problem)
-            iterative = _version_at_least(self.pgvector_version, (0, 8))
-            log.info(
-                "PostgreSQL %s, pgvector %s (iterative index scans %s)",
-                self.postgres_version,
-                self.pgvector_version,
-                "available" if iterative else "unavailable: filtered searches fall back to exact scans",
-            )
-            # Loading a local model reads and compiles it (or downloads it once): not on the event loop.
-            provider = await asyncio.to_thread(create_provider, settings, self.metrics)
-            providers = {(provider.model, provider.dimension): provider}
-            if nxt is not None:
-                next_provider = await asyncio.to_thread(create_provider, nxt, self.metrics)
-                providers[(next_provider.model, next_provider.dimension)] = next_provider
-            self._embedder = EmbeddingService(provider, db, self.metrics)
-            self._generations = Generations(
-                db, self._embedder, providers, self._binding, configured=spec_of(provider), next_model=next_model
-            )
-            await self._generations.start()
-            self._memories = MemoryStore(
-                db, self._embedder, self._binding, history=settings.history_versions, generations=self._generations
-            )
-            self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
-            self._feed = ChangeFeed(
-                db, self.dsn, self.metrics, poll_interval=settings.watch_poll_interval, page_rows=WATCH_PAGE_ROWS
-            )
-            self._bulk = BulkIngest(
-                db,
-                self._embedder,
-                self._binding,
-                self.metrics,
-                batch_rows=settings.bulk_batch_rows,
-                queue_depth=settings.bulk_queue_depth,
-                max_items_per_request=settings.bulk_max_items_per_request,
-                stopping=self.stopping,
-                history=settings.history_versions,
-                generations=self._generations,
-            )
+            binding = self._new_binding(db)
+            self._generations = generations = await moves.start_generations(db, binding, self.settings, self.metrics)
+            self._embedder = generations.current
+            self._build_write_path(db, self._embedder, binding, generations)
             seen = QuerySample()  # the searches of this instance, which its calibrations measure on
-            self._index = IndexCare(
-                db,
-                self.dsn,
-                exact_max_rows=settings.exact_search_max_rows,
-                kind=settings.vector_index,
-                target_recall=settings.search_target_recall,
-                calibration_queries=settings.search_calibration_queries,
-                filtered_min_rows=settings.search_narrow_filter_rows,
-                iterative_scan=iterative,
-                hnsw_m=settings.hnsw_m,
-                hnsw_ef_construction=settings.hnsw_ef_construction,
-                seen=seen,
-            )
-            await self._index.refresh()
-            self._next_index = IndexCare(
-                db,
-                self.dsn,
-                exact_max_rows=settings.exact_search_max_rows,
-                kind=settings.vector_index,
-                target_recall=settings.search_target_recall,
-                calibration_queries=settings.search_calibration_queries,
-                filtered_min_rows=settings.search_narrow_filter_rows,
-                iterative_scan=iterative,
-                hnsw_m=settings.hnsw_m,
-                hnsw_ef_construction=settings.hnsw_ef_construction,
-                column="embedding_alt",
-            )
+            index = await self._start_index_care(db, seen)
+            self._next_index = self._new_index_care(db, column="embedding_alt")
             self._text_stats = TextStats(db)
             await self._text_stats.maintain()
-            read_db = db
-            if settings.database_read_url:
-                await check_reachable(settings.database_read_url, named_by="named by DATABASE_READ_URL")
-                self._read_db = read_db = await Database.connect(
-                    settings.database_read_url, min_size=1, max_size=settings.database_pool_max
-                )
-            self._search = SearchEngine(
-                read_db,
-                self._embedder,
-                self._index,
-                self.metrics,
-                iterative_scan=iterative,
-                default_probes=settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes,
-                narrow_filter_rows=settings.search_narrow_filter_rows,
-                text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
-                hybrid_alpha=hybrid_alpha(settings, provider),
-                seen=seen,
-                generations=self._generations,
+            await self._build_search(
+                db, self._embedder, index, hybrid_alpha(self.settings, self._embedder.provider), seen
             )
-            self._generations.on_change(self._generation_changed)
+            generations.on_change(self._generation_changed)
             self._backfill = BackfillWorker(
                 db,
-                self._generations,
+                generations,
                 self._leases,
                 self.metrics,
-                batch=settings.model_backfill_batch,
-                rate=settings.model_backfill_rate,
+                batch=self.settings.model_backfill_batch,
+                rate=self.settings.model_backfill_rate,
                 instance=f"{socket.gethostname()}:{os.getpid()}",
                 stopping=self.stopping,
             )
             if background:
-                self._spawn("embedding generation", REFRESH_SECONDS, self.refresh_generation)
-                self._spawn("model backfill", REFRESH_SECONDS, self._backfill.run)
-                self._spawn("purge expired memories", settings.purge_interval, self._purge)
-                self._spawn("index maintenance", settings.index_check_interval, self._maintain_indexes)
-                self._spawn("text statistics", settings.text_stats_interval, self._text_stats.maintain)
-                self._spawn("history retention", settings.purge_interval, self._history.purge)
-                await self._feed.start()
+                await self._start_background()
         except BaseException:
             await self.close()
             raise
+
+    async def start_index_care(self) -> IndexCare:
+        """Start only what index maintenance needs (``memory-service reindex``): the database and the index care."""
+        try:
+            return await self._start_index_care(await self._open_database(), QuerySample())
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open_database(self) -> Database:
+        """Find (or start) the database, migrate it, open the pool and read the server's versions."""
+        settings = self.settings
+        self.dsn = await self._database_dsn()
+        await check_reachable(self.dsn, named_by=self._named_by)
+        if settings.migrate_on_start:
+            applied = await apply_migrations(self.dsn)
+            log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
+        self._db = db = await Database.connect(
+            self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max
+        )
+        self.metrics.watch_pool(db.pool_size, db.pool_idle)
+        async with db.connection() as conn:
+            self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
+        log.info(
+            "PostgreSQL %s, pgvector %s (iterative index scans %s)",
+            self.postgres_version,
+            self.pgvector_version,
+            "available" if self._iterative_scan else "unavailable: filtered searches fall back to exact scans",
+        )
+        return db
+
+    @property
+    def _iterative_scan(self) -> bool:
+        """Whether pgvector keeps scanning an index until enough rows pass a filter (0.8+)."""
+        return _version_at_least(self.pgvector_version, (0, 8))
+
+    def _new_binding(self, db: Database) -> ModelBinding:
+        """The database's embedding model as this instance is configured (checked against the generations)."""
+        location, start_over = self._where()
+        self._binding = ModelBinding(
+            db,
+            model=self.settings.embedding_model,
+            dimension=self.settings.embedding_dim,
+            location=location,
+            start_over=start_over,
+        )
+        return self._binding
+
+    def _build_write_path(
+        self, db: Database, embedder: EmbeddingService, binding: ModelBinding, generations: Generations
+    ) -> None:
+        """Store, BulkStore, History and the change feed."""
+        settings = self.settings
+        self._memories = MemoryStore(db, embedder, binding, history=settings.history_versions, generations=generations)
+        self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
+        self._feed = ChangeFeed(
+            db, self.dsn, self.metrics, poll_interval=settings.watch_poll_interval, page_rows=WATCH_PAGE_ROWS
+        )
+        self._bulk = BulkIngest(
+            db,
+            embedder,
+            binding,
+            self.metrics,
+            batch_rows=settings.bulk_batch_rows,
+            queue_depth=settings.bulk_queue_depth,
+            max_items_per_request=settings.bulk_max_items_per_request,
+            stopping=self.stopping,
+            history=settings.history_versions,
+            generations=generations,
+        )
+
+    async def _start_index_care(self, db: Database, seen: QuerySample) -> IndexCare:
+        self._index = self._new_index_care(db, seen=seen)
+        await self._index.refresh()
+        return self._index
+
+    def _new_index_care(self, db: Database, *, seen: QuerySample | None = None, column: str = "embedding") -> IndexCare:
+        """The care of one vector column's index: ``embedding`` (searched), or a move's ``embedding_alt``."""
+        settings = self.settings
+        return IndexCare(
+            db,
+            self.dsn,
+            exact_max_rows=settings.exact_search_max_rows,
+            kind=settings.vector_index,
+            target_recall=settings.search_target_recall,
+            calibration_queries=settings.search_calibration_queries,
+            filtered_min_rows=settings.search_narrow_filter_rows,
+            iterative_scan=self._iterative_scan,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
+            seen=seen,
+            column=column,
+        )
+
+    async def _build_search(
+        self, db: Database, embedder: EmbeddingService, index: IndexCare, alpha: float, seen: QuerySample
+    ) -> None:
+        """The search engine, on the read replica when one is configured."""
+        settings = self.settings
+        read_db = db
+        if settings.database_read_url:
+            await check_reachable(settings.database_read_url, named_by="named by DATABASE_READ_URL")
+            self._read_db = read_db = await Database.connect(
+                settings.database_read_url, min_size=1, max_size=settings.database_pool_max
+            )
+        self._search = SearchEngine(
+            read_db,
+            embedder,
+            index,
+            self.metrics,
+            iterative_scan=self._iterative_scan,
+            default_probes=settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes,
+            narrow_filter_rows=settings.search_narrow_filter_rows,
+            text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
+            hybrid_alpha=alpha,
+            seen=seen,
+            generations=self.generations,
+        )
+
+    async def _start_background(self) -> None:
+        """The periodic loops (embedding generation, backfill, purge, index, text statistics, history retention) and
+        the change feed's poller."""
+        settings = self.settings
+        self._spawn("embedding generation", REFRESH_SECONDS, self.refresh_generation)
+        self._spawn("model backfill", REFRESH_SECONDS, self.backfill.run)
+        self._spawn("purge expired memories", settings.purge_interval, self._purge)
+        self._spawn("index maintenance", settings.index_check_interval, self._maintain_indexes)
+        self._spawn("text statistics", settings.text_stats_interval, self.text_stats.maintain)
+        self._spawn("history retention", settings.purge_interval, self.history.purge)
+        await self.feed.start()
 
     async def _generation_changed(self, state: GenerationState) -> None:
         """A cut-over, rollback or finish: the column ``embedding`` now holds another model's vectors."""
@@ -307,13 +325,8 @@ class Runtime:
     async def _maintain_indexes(self) -> str:
         """The current generation's index; during a move, the other one's once its backfill is complete."""
         done = await self.index.maintain()
-        state = self.generations.state
-        if state.move is not None:
-            async with self.db.connection() as conn:
-                _, backfill, _, _ = await generations_sql.read_progress(conn)
-            if (backfill is not None and backfill.complete) or state.move.phase is Phase.CUT_OVER:
-                done += "; next generation: " + await self.next_index.maintain()
-        return done
+        other = await moves.maintain_other_index(self.db, self.generations, self.next_index)
+        return done if other is None else f"{done}; next generation: {other}"
 
     def _spawn(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
         self._tasks.append(asyncio.create_task(loops.every(interval, name, work), name=name))

@@ -32,26 +32,31 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.errors import GenerationChanged, InvalidArgument, Unavailable
-from memory_service.generations.state import WRITE_ATTEMPTS, Generations, Writing
-from memory_service.history.types import NO_CONTEXT, WriteContext
+from memory_service.errors import InvalidArgument, Unavailable
+from memory_service.generations.state import Generations
 from memory_service.memories.binding import ModelBinding
+from memory_service.memories.writes import Embedded, WritePath
 from memory_service.metrics import Metrics
-from memory_service.models import Fence, NewMemory, Vector
+from memory_service.models import NO_CONTEXT, Fence, NewMemory, WriteContext
 from memory_service.storage import ingest_sql
-from memory_service.storage.database import Database
-from memory_service.storage.fencing import check_fence
+from memory_service.storage.database import Connection, Database
 
 log = logging.getLogger(__name__)
 
 WRITES_IN_FLIGHT = 2
 """Batches in their transactions at once: one stages its rows (binary COPY) while the one before it upserts and
 commits. Upserts still run one at a time in stream order, each after the previous batch committed."""
+
+CONVERT_SLICE = 50
+"""Items a request converts between yields to the event loop."""
+
+T = TypeVar("T")
 
 LINGER = 0.01
 """Seconds a partial batch waits for more rows before it is written: long enough to fill batches from a client
@@ -117,9 +122,10 @@ class _Batch:
     last_sequence: int
     fences: tuple[Fence, ...]
     memories: list[NewMemory]
-    """One per distinct identity, sorted by identity; ``records`` has them with the vectors of ``writing``."""
+    """One per distinct identity, sorted by identity."""
+    embedded: Embedded
     records: list[ingest_sql.StagingRecord]
-    writing: Writing
+    """The staging rows of ``memories`` with the vectors of ``embedded``."""
     rejections: tuple[Rejection, ...]
     collapsed_updated: int
     collapsed_unchanged: int
@@ -162,16 +168,24 @@ class BulkIngest:
         history: bool = True,
         generations: Generations | None = None,
     ) -> None:
-        self._db = db
-        self._generations = generations
-        self._embedder = embedder
-        self._binding = binding
+        self._writes = WritePath(db, embedder, binding, history=history, generations=generations)
         self._metrics = metrics
         self._batch_rows = batch_rows
         self._depth = queue_depth
         self._max_items = max_items_per_request
         self._stopping = stopping or asyncio.Event()
-        self._history = history
+
+    async def items(self, received: Sequence[T], convert: Callable[[T], BulkItem]) -> list[BulkItem]:
+        """One request's items converted by ``convert``, refused whole when there are too many to convert."""
+        check_request_size(len(received), self._max_items)
+        items: list[BulkItem] = []
+        for start in range(0, len(received), CONVERT_SLICE):
+            if start:
+                # Converting a full request takes tens of milliseconds; yielding between slices lets the writer go
+                # on with its batch as soon as the database answers.
+                await asyncio.sleep(0)
+            items.extend(convert(message) for message in received[start : start + CONVERT_SLICE])
+        return items
 
     async def run(
         self, requests: AsyncIterator[BulkRequest], context: WriteContext = NO_CONTEXT
@@ -306,54 +320,37 @@ class BulkIngest:
                     collapsed_updated += 1
             latest[identity] = memory
         memories = [latest[identity] for identity in sorted(latest)]
-        writing, records = await self._records(memories)
+        embedded = await self._writes.embeddings(memories)
         return _Batch(
             last_sequence=items[-1][0].sequence,
             fences=tuple(dict.fromkeys(fence for item, fence in items if fence is not None)),
             memories=memories,
-            records=records,
-            writing=writing,
+            embedded=embedded,
+            records=ingest_sql.staging_records(memories, embedded.vectors, embedded.others),
             rejections=tuple(rejections),
             collapsed_updated=collapsed_updated,
             collapsed_unchanged=collapsed_unchanged,
         )
-
-    async def _records(self, memories: list[NewMemory]) -> tuple[Writing, list[ingest_sql.StagingRecord]]:
-        """Staging rows with both generations' vectors during a move of embedding models, and their generation."""
-        gens = self._generations
-        writing = Writing(epoch=0, current=self._embedder, other=None) if gens is None else gens.writing()
-        vectors = await self._embeddings(memories, writing.current)
-        others = await writing.others([m.value for m in memories], [m.content_hash for m in memories])
-        return writing, ingest_sql.staging_records(memories, vectors, others)
-
-    async def _embeddings(self, memories: list[NewMemory], embedder: EmbeddingService) -> list[Vector]:
-        """Given vectors as they are; otherwise the stored one when the content is unchanged; otherwise embed."""
-        vectors: list[Vector | None] = [m.embedding for m in memories]
-        missing = [i for i, v in enumerate(vectors) if v is None]
-        if missing:
-            model = embedder.model
-            async with self._db.connection() as conn:
-                stored = await ingest_sql.stored_embeddings(conn, [memories[i] for i in missing], model)
-            for position, vector in stored.items():
-                vectors[missing[position]] = vector
-            missing = [i for i in missing if vectors[i] is None]
-        if missing:
-            # One provider request per provider batch (EmbeddingService), not per row.
-            computed = await embedder.embed(
-                [memories[i].value for i in missing], [memories[i].content_hash for i in missing]
-            )
-            for i, vector in zip(missing, computed, strict=True):
-                vectors[i] = vector
-        result = [v for v in vectors if v is not None]
-        assert len(result) == len(memories)
-        return result
 
     async def _write(self, batch: _Batch, previous: _Commit | None, commit: _Commit, context: WriteContext) -> BulkAck:
         """One batch's transaction; its upsert waits until ``previous`` has committed, so the last write wins."""
         counts = ingest_sql.WriteCounts(0, 0, 0)
         try:
             if batch.records:
-                counts = await self._upsert(batch, previous, context)
+                history = self._writes.versions(context, batch.fences)
+
+                async def upsert(conn: Connection, embedded: Embedded) -> ingest_sql.WriteCounts:
+                    if embedded is not batch.embedded:  # embedded anew for another generation
+                        batch.embedded = embedded
+                        batch.records = ingest_sql.staging_records(batch.memories, embedded.vectors, embedded.others)
+                    await ingest_sql.stage(conn, batch.records)
+                    if previous is not None:
+                        await previous.wait()
+                    return await ingest_sql.upsert_staged(
+                        conn, len(batch.records), embedded.model, history=history, generation=embedded.generation
+                    )
+
+                counts = await self._writes.write(batch.memories, batch.embedded, batch.fences, upsert)
             elif previous is not None:
                 await previous.wait()  # its ack vouches for every batch before it
             commit.ok = True
@@ -375,40 +372,6 @@ class BulkIngest:
             if count:
                 self._metrics.ingest_rows.labels(outcome).inc(count)
         return ack
-
-    async def _upsert(self, batch: _Batch, previous: _Commit | None, context: WriteContext) -> ingest_sql.WriteCounts:
-        """The batch's transaction; run again with vectors of the new generation when it changed meanwhile."""
-        attempt, model = 1, batch.writing.current.model
-        while True:
-            try:
-                async with self._db.transaction() as conn:
-                    bound_now = await self._binding.ensure(conn)
-                    for fence in batch.fences:
-                        await check_fence(conn, fence)
-                    await ingest_sql.stage(conn, batch.records)
-                    if previous is not None:
-                        await previous.wait()
-                    history, generation = self._versions(batch, context), batch.writing.epoch
-                    counts = await ingest_sql.upsert_staged(
-                        conn, len(batch.records), model, history=history, generation=generation
-                    )
-                await self._binding.committed(bound_now)
-                return counts
-            except GenerationChanged:
-                if self._generations is None or attempt == WRITE_ATTEMPTS:
-                    raise
-                attempt += 1
-                await self._generations.refresh()
-                batch.writing, batch.records = await self._records(batch.memories)
-                model = batch.writing.current.model
-
-    def _versions(self, batch: _Batch, context: WriteContext) -> WriteContext | None:
-        """What the batch's versions record about the writer; None when history is off."""
-        if not self._history:
-            return None
-        if batch.fences:
-            return dataclasses.replace(context, fencing_token=batch.fences[-1].token)
-        return context
 
 
 def _same(a: NewMemory, b: NewMemory) -> bool:

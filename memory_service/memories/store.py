@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import json
 import logging
 from dataclasses import asdict
 
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.errors import GenerationChanged, InvalidArgument, NotFound
-from memory_service.generations.state import WRITE_ATTEMPTS, Generations, Writing
-from memory_service.history.types import NO_CONTEXT, WriteContext
+from memory_service.errors import InvalidArgument, NotFound
+from memory_service.generations.state import Generations
 from memory_service.memories.binding import ModelBinding
-from memory_service.models import Fence, Memory, MemoryFilter, NewMemory, StoreResult
+from memory_service.memories.writes import Embedded, WritePath
+from memory_service.models import (
+    NO_CONTEXT,
+    Fence,
+    Memory,
+    MemoryFilter,
+    NewMemory,
+    StoreResult,
+    WriteContext,
+    WriteOutcome,
+)
 from memory_service.storage import memories_sql
-from memory_service.storage.database import Database
-from memory_service.storage.fencing import check_fence
+from memory_service.storage.database import Connection, Database
 
 log = logging.getLogger(__name__)
 
@@ -35,62 +42,30 @@ class MemoryStore:
         generations: Generations | None = None,
     ) -> None:
         self._db = db
-        self._generations = generations
-        self._embedder = embedder
-        self._binding = binding
-        self._history = history
-        """Record a version of every change (HISTORY_VERSIONS)."""
-
-    def _context(self, context: WriteContext, fence: Fence | None = None) -> WriteContext | None:
-        if not self._history:
-            return None
-        if fence is not None:
-            return dataclasses.replace(context, fencing_token=fence.token)
-        return context
+        self._writes = WritePath(db, embedder, binding, history=history, generations=generations)
 
     async def store(
         self, memory: NewMemory, *, fence: Fence | None = None, context: WriteContext = NO_CONTEXT
     ) -> StoreResult:
-        """Upsert by identity. Content already stored under this identity is never embedded again.
+        """Upsert by identity. Content already stored under this identity is never embedded again; during a move of
+        embedding models both generations' vectors are stored (WritePath)."""
+        fences = () if fence is None else (fence,)
+        history = self._writes.versions(context, fences)
 
-        During a move of embedding models the write stores both generations' vectors; when the generation changes
-        under it, it runs again in the new one."""
-        for attempt in range(WRITE_ATTEMPTS):
-            writing = self._writing()
-            embedding = memory.embedding
-            if embedding is None:
-                async with self._db.connection() as conn:
-                    embedding = await memories_sql.stored_embedding(conn, memory, writing.current.model)
-                if embedding is None:
-                    (embedding,) = await writing.current.embed([memory.value], [memory.content_hash])
-            (other,) = await writing.others([memory.value], [memory.content_hash])
-            try:
-                async with self._db.transaction() as conn:
-                    bound_now = await self._binding.ensure(conn)
-                    if fence is not None:
-                        await check_fence(conn, fence)
-                    memory_id, outcome = await memories_sql.upsert(
-                        conn,
-                        memory,
-                        embedding,
-                        writing.current.model,
-                        history=self._context(context, fence),
-                        other=other,
-                        generation=writing.epoch,
-                    )
-            except GenerationChanged:
-                if self._generations is None or attempt == WRITE_ATTEMPTS - 1:
-                    raise
-                await self._generations.refresh()
-                continue
-            await self._binding.committed(bound_now)
-            return StoreResult(id=memory_id, key=memory.key, outcome=outcome)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        async def upsert(conn: Connection, embedded: Embedded) -> tuple[int, WriteOutcome]:
+            return await memories_sql.upsert(
+                conn,
+                memory,
+                embedded.vectors[0],
+                embedded.model,
+                history=history,
+                other=embedded.others[0],
+                generation=embedded.generation,
+            )
 
-    def _writing(self) -> Writing:
-        if self._generations is None:
-            return Writing(epoch=0, current=self._embedder, other=None)
-        return self._generations.writing()
+        memories = [memory]
+        memory_id, outcome = await self._writes.write(memories, await self._writes.embeddings(memories), fences, upsert)
+        return StoreResult(id=memory_id, key=memory.key, outcome=outcome)
 
     async def get(self, memory_id: int, *, with_embedding: bool = False) -> Memory:
         async with self._db.connection() as conn:
@@ -102,13 +77,13 @@ class MemoryStore:
     async def delete(self, memory_id: int, *, context: WriteContext = NO_CONTEXT) -> int:
         """Deleting a missing memory is not an error, so a retried delete is safe."""
         async with self._db.transaction() as conn:
-            return await memories_sql.delete_by_id(conn, memory_id, history=self._context(context))
+            return await memories_sql.delete_by_id(conn, memory_id, history=self._writes.versions(context))
 
     async def delete_matching(self, memory_filter: MemoryFilter, *, context: WriteContext = NO_CONTEXT) -> int:
         if memory_filter.is_empty:
             raise InvalidArgument("filter", "must name at least one condition; an empty filter would delete everything")
         async with self._db.transaction() as conn:
-            return await memories_sql.delete_matching(conn, memory_filter, history=self._context(context))
+            return await memories_sql.delete_matching(conn, memory_filter, history=self._writes.versions(context))
 
     async def list(
         self, memory_filter: MemoryFilter, *, page_size: int, page_token: str, with_embedding: bool = False
