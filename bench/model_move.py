@@ -10,6 +10,7 @@ Two measurements, each against a floor taken in the same run:
   (MODEL_BACKFILL_RATE, 250; ``--rate``). Target: within 1.5x.
 
     python -m bench.model_move --rows 100000 --throughput-rows 20000
+    python -m bench.model_move --rows 0 --throughput-rows 2000 --next local --texts scifact   # MiniLM's own time
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import argparse
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import asyncpg
 import numpy as np
 from grpc import aio
 
-from bench.datasets import Corpus, queries
+from bench import minilm
+from bench.corpus import Corpus
+from bench.datasets import queries
 from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
 from bench.scale import SCOPE_1PCT, build, load_corpus, service_env
 from memory_service.models import content_hash
@@ -36,13 +40,28 @@ NEXT_MODEL = "bench-next-model"
 DIM = 384
 
 
-def next_env(rate: float) -> dict[str, str]:
+def next_env(rate: float, provider: str = "precomputed") -> dict[str, str]:
+    """The next model: ``precomputed`` and ``hash`` are the hash embedder under a model name of its own (its
+    vectors put in the cache beforehand, or computed), ``local`` the all-MiniLM-L6-v2 model of ../shared/models."""
+    if provider == "local":
+        return {
+            "EMBEDDING_NEXT_PROVIDER": "local",
+            "EMBEDDING_NEXT_MODEL_PATH": str(minilm.MODEL),
+            "MODEL_BACKFILL_RATE": str(rate),
+        }
     return {
         "EMBEDDING_NEXT_PROVIDER": "hash",
         "EMBEDDING_NEXT_MODEL": NEXT_MODEL,
         "EMBEDDING_NEXT_DIM": str(DIM),
         "MODEL_BACKFILL_RATE": str(rate),
     }
+
+
+def scifact_texts(rows: int) -> list[str]:
+    """``rows`` SciFact abstracts (``title + " " + text``, about 250 tokens), numbered past the 5,183 there are."""
+    with (minilm.DATA / "corpus.jsonl").open() as handle:
+        docs = [f"{d['title']} {d['text']}".strip() for d in map(json.loads, handle)]
+    return [docs[i % len(docs)] if i < len(docs) else f"{docs[i % len(docs)]} ({i})" for i in range(rows)]
 
 
 async def precompute(dsn: str, data: Corpus) -> None:
@@ -63,7 +82,9 @@ async def progress(conn: asyncpg.Connection) -> dict[str, object]:
     return {} if raw is None else dict(json.loads(raw))
 
 
-async def backfill_rate(dsn: str, *, during: Callable[[], Awaitable[None]] | None = None) -> tuple[float, float]:
+async def backfill_rate(
+    dsn: str, *, during: Callable[[], Coroutine[Any, Any, None]] | None = None
+) -> tuple[float, float]:
     """Rows per second between the first checkpoint and completion, and the seconds that took; runs ``during``
     (searches) from the first checkpoint until completion."""
     conn = await asyncpg.connect(dsn)
@@ -139,31 +160,56 @@ async def searches_during(
     return baseline, measured, seconds
 
 
-async def throughput(server_dsn: str, rows: int, batch: int, *, embed: bool) -> tuple[float, float]:
-    """(BulkStore rows/s with vectors supplied, backfill rows/s), on the same rows: with the next model's vectors
-    precomputed, or (``embed``) computed by the next model (the hash embedder) as the backfill goes."""
+async def throughput(
+    server_dsn: str, rows: int, batch: int, *, provider: str, texts: str
+) -> tuple[float, float, float]:
+    """(BulkStore rows/s with vectors supplied, backfill rows/s, mean characters of a text), on the same rows: with
+    the next model's vectors precomputed, or computed by the next model (``provider``) as the backfill goes."""
     data, _ = load_corpus("hard", rows)
+    if texts == "scifact":
+        data.texts = scifact_texts(rows)
     async with fresh_database(server_dsn) as dsn:
         built = await build(dsn, data, "ivfflat")
-        if not embed:
+        if provider == "precomputed":
             await precompute(dsn, data)
-        moving = ServerProcess(service_env(dsn, "ivfflat", MODEL_BACKFILL_BATCH=str(batch), **next_env(0)))
+        env = service_env(dsn, "ivfflat", MODEL_BACKFILL_BATCH=str(batch), **next_env(0, provider))
+        moving = ServerProcess(env)
         try:
             await asyncio.to_thread(moving.wait_ready)
             rate, _ = await backfill_rate(dsn)
         finally:
             await asyncio.to_thread(moving.stop)
-    return built.ingest_rows_per_s, rate
+    return built.ingest_rows_per_s, rate, sum(map(len, data.texts)) / len(data.texts)
 
 
 async def run(args: argparse.Namespace) -> None:
     with database_server() as server_dsn:
         if args.throughput_rows:
-            embed = args.next == "hash"
-            bulk, backfill = await throughput(server_dsn, args.throughput_rows, args.batch, embed=embed)
+            bulk, backfill, chars = await throughput(
+                server_dsn, args.throughput_rows, args.batch, provider=args.next, texts=args.texts
+            )
+            per_100k = 100_000 / backfill
             print_table(
-                ["rows", "batch", "BulkStore rows/s (vectors supplied)", f"backfill rows/s ({args.next})", "ratio"],
-                [[args.throughput_rows, args.batch, bulk, backfill, f"{backfill / bulk:.2f} (target >= 0.5)"]],
+                [
+                    "rows",
+                    "texts (mean chars)",
+                    "batch",
+                    "BulkStore rows/s (vectors supplied)",
+                    f"backfill rows/s ({args.next})",
+                    "ratio",
+                    "backfill of 100k",
+                ],
+                [
+                    [
+                        args.throughput_rows,
+                        f"{args.texts} ({chars:.0f})",
+                        args.batch,
+                        bulk,
+                        backfill,
+                        f"{backfill / bulk:.2f} (target >= 0.5)",
+                        f"{per_100k / 60:.1f} min",
+                    ]
+                ],
             )
         if not args.rows:
             return
@@ -187,9 +233,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="MODEL_BACKFILL_BATCH of the throughput run")
     parser.add_argument(
         "--next",
-        choices=("precomputed", "hash"),
+        choices=("precomputed", "hash", "local"),
         default="precomputed",
-        help="the next model's vectors: in the embedding cache already, or computed by the hash embedder",
+        help="the next model's vectors: in the embedding cache already, computed by the hash embedder, or by MiniLM",
+    )
+    parser.add_argument(
+        "--texts",
+        choices=("corpus", "scifact"),
+        default="corpus",
+        help="the stored texts of the throughput run: the synthetic corpus's short ones, or SciFact abstracts",
     )
     parser.add_argument("--searches", type=int, default=200, help="searches of each kind before the move")
     parser.add_argument("--rate", type=float, default=250, help="MODEL_BACKFILL_RATE of the search measurement")

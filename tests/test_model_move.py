@@ -8,7 +8,9 @@ kills the backfill's holder.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
+import asyncpg
 import grpc
 import pytest
 
@@ -16,6 +18,10 @@ from memory_service.cli.main import main
 from memory_service.config.settings import Settings
 from memory_service.errors import EmbeddingConfigMismatch
 from memory_service.generations.backfill import BackfillWorker
+from memory_service.memories.writes import Embedded, WritePath
+from memory_service.models import NewMemory, Scope, content_hash
+from memory_service.storage import ingest_sql, memories_sql
+from memory_service.storage.database import Connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
 
@@ -189,3 +195,88 @@ async def test_a_rollback_before_the_cut_over_gives_the_move_up(
         await stop_server(served)
     code, out = await model(env, "rollback", capsys)
     assert code == 1 and "no move is under way" in out, out
+
+
+async def test_a_write_whose_generation_is_replaced_runs_again_in_the_new_one(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The write path fixes the generation before it embeds; a cut-over between the embedding and the commit fails
+    the statement (nothing written), and the write runs again with vectors of the new roles."""
+    env = test_env(database_url)
+    moving = await start_server({**env, **NEXT})
+    try:
+        await moving.memory.Store(store("bound before the move"))
+        await stop_server(moving)
+        moving = await start_server({**env, **NEXT})
+        assert await backfill(moving) == "backfill complete"
+        runtime = moving.server.runtime
+        writes = WritePath(runtime.db, runtime.embedder, runtime.binding, history=True, generations=runtime.generations)
+        memory = NewMemory(
+            scope=Scope.GLOBAL, scope_id=0, key="raced", value="raced by a cut-over", content_hash=content_hash("raced")
+        )
+        embedded = await writes.embeddings([memory])
+        assert (embedded.model, len(embedded.vectors[0])) == ("hash-ngram-v1", 384)
+        assert embedded.others[0] is not None and len(embedded.others[0]) == 256
+        code, out = await model(env, "cutover", capsys)  # after the embedding, before the write
+        assert code == 0, out
+
+        runs: list[Embedded] = []
+
+        async def upsert(conn: Connection, given: Embedded) -> int:
+            runs.append(given)
+            memory_id, _ = await memories_sql.upsert(
+                conn,
+                memory,
+                given.vectors[0],
+                given.model,
+                history=None,
+                other=given.others[0],
+                generation=given.generation,
+            )
+            return memory_id
+
+        memory_id = await writes.write([memory], embedded, (), upsert)
+        assert [run.generation for run in runs] == [embedded.generation, embedded.generation + 1]
+        other = runs[1].others[0]
+        assert other is not None
+        assert (runs[1].model, len(runs[1].vectors[0]), len(other)) == ("hash-ngram-v1-256", 256, 384)
+        conn = await asyncpg.connect(database_url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT vector_dims(embedding) AS current, vector_dims(embedding_alt) AS other "
+                "FROM memory.memories WHERE id = $1",
+                memory_id,
+            )
+        finally:
+            await conn.close()
+        assert row is not None and (row["current"], row["other"]) == (256, 384)
+
+        # BulkStore's statement, across a rollback: staged rows, one upsert from the staging table.
+        bulk = dataclasses.replace(memory, key="raced in bulk", value="raced by a rollback")
+        embedded = await writes.embeddings([bulk])
+        assert embedded.model == "hash-ngram-v1-256"
+        code, out = await model(env, "rollback", capsys)
+        assert code == 0, out
+        bulk_runs: list[Embedded] = []
+
+        async def upsert_staged(conn: Connection, given: Embedded) -> ingest_sql.WriteCounts:
+            bulk_runs.append(given)
+            await ingest_sql.stage(conn, ingest_sql.staging_records([bulk], given.vectors, given.others))
+            return await ingest_sql.upsert_staged(conn, 1, given.model, history=None, generation=given.generation)
+
+        counts = await writes.write([bulk], embedded, (), upsert_staged)
+        assert counts.created == 1
+        assert [(run.model, len(run.vectors[0])) for run in bulk_runs] == [
+            ("hash-ngram-v1-256", 256),
+            ("hash-ngram-v1", 384),
+        ]
+        conn = await asyncpg.connect(database_url)
+        try:
+            dims = await conn.fetch(
+                "SELECT vector_dims(embedding) AS current, vector_dims(embedding_alt) AS other FROM memory.memories"
+            )
+        finally:
+            await conn.close()
+        assert {(r["current"], r["other"]) for r in dims} == {(384, 256)}
+    finally:
+        await stop_server(moving)

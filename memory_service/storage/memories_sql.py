@@ -58,11 +58,14 @@ UPSERT_TAIL = UPSERT_CONFLICT + "RETURNING m.id, (m.xmax = 0) AS created\n"
 UPSERT_TAIL_VERSIONED = UPSERT_CONFLICT + f"RETURNING {RETURNING_ROW}, (m.xmax = 0) AS created, m.updated_at\n"
 
 # $15 is the other generation's vector during a move of embedding models (or NULL), $16 the generation both
-# were made for: memory.embedding_generation_is fails the write when a cut-over or rollback replaced it.
+# were made for: memory.embedding_generation_is fails the write when a cut-over or rollback replaced it. Both
+# vectors go through the check: a bare parameter is coerced to its column's vector(D) when the statement is
+# planned, so a vector of a generation swapped since would fail on its dimension before the check could run.
 _INSERT_ONE = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
 VALUES ($1::text::memory.scope, $2, $3, $4::text::memory.memory_type, $5, $6,
-        CASE WHEN memory.embedding_generation_is($16) THEN $7::vector END, $15::vector, $8, $9, $10::jsonb, $11,
+        CASE WHEN memory.embedding_generation_is($16) THEN $7::vector END,
+        CASE WHEN memory.embedding_generation_is($16) THEN $15::vector END, $8, $9, $10::jsonb, $11,
         $12, COALESCE($13::timestamptz, LEAST(clock_timestamp() + make_interval(secs => $14::float8), {LATEST_EXPIRY})))
 """
 _UPSERT_ONE = _INSERT_ONE + UPSERT_TAIL
