@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import UTC, datetime
 
 import asyncpg
 import grpc
@@ -18,6 +19,8 @@ from memory_service.cli.main import main
 from memory_service.config.settings import Settings
 from memory_service.errors import EmbeddingConfigMismatch
 from memory_service.generations.backfill import BackfillWorker
+from memory_service.generations.state import check_configuration
+from memory_service.generations.types import GenerationState, ModelSpec, Move, Phase
 from memory_service.memories.writes import Embedded, WritePath
 from memory_service.models import NewMemory, Scope, content_hash
 from memory_service.storage import ingest_sql, memories_sql
@@ -280,3 +283,46 @@ async def test_a_write_whose_generation_is_replaced_runs_again_in_the_new_one(
         assert {(r["current"], r["other"]) for r in dims} == {(384, 256)}
     finally:
         await stop_server(moving)
+
+
+A_MODEL = ModelSpec("hash", "hash-ngram-v1", 384)
+B_MODEL = ModelSpec("hash", "hash-ngram-v1-256", 256)
+C_MODEL = ModelSpec("local", "all-MiniLM-L6-v2", 384)
+_STARTED = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _moving(phase: Phase) -> GenerationState:
+    current = A_MODEL if phase is Phase.BACKFILLING else B_MODEL
+    return GenerationState(epoch=1, current=current, move=Move(A_MODEL, B_MODEL, phase, _STARTED))
+
+
+@pytest.mark.parametrize(
+    ("state", "configured", "next_model", "refusal"),
+    [
+        # The rows of "Instances during a rolling restart" in docs/model-migration.md, in order.
+        (GenerationState(current=A_MODEL), A_MODEL, B_MODEL, None),
+        (GenerationState(current=A_MODEL), A_MODEL, None, None),
+        (
+            GenerationState(epoch=3, current=B_MODEL, finished=Move(A_MODEL, B_MODEL, Phase.CUT_OVER, _STARTED)),
+            A_MODEL,
+            None,
+            "EMBEDDING_MODEL=hash-ngram-v1-256 EMBEDDING_DIM=256",
+        ),
+        (_moving(Phase.BACKFILLING), A_MODEL, B_MODEL, None),
+        (_moving(Phase.BACKFILLING), A_MODEL, None, None),
+        (_moving(Phase.CUT_OVER), A_MODEL, B_MODEL, None),
+        (_moving(Phase.CUT_OVER), A_MODEL, None, "configure it as EMBEDDING_NEXT_*"),
+        (_moving(Phase.BACKFILLING), C_MODEL, B_MODEL, "is neither"),
+        # After the cut-over an instance may already name the new model as its own.
+        (_moving(Phase.CUT_OVER), B_MODEL, None, None),
+        (GenerationState(current=A_MODEL), C_MODEL, None, ""),  # the plain binding mismatch
+    ],
+)
+def test_which_instances_may_start_during_a_rolling_restart(
+    state: GenerationState, configured: ModelSpec, next_model: ModelSpec | None, refusal: str | None
+) -> None:
+    problem = check_configuration(state, configured, next_model)
+    if refusal is None or refusal == "":
+        assert problem == refusal
+    else:
+        assert problem is not None and refusal in problem and "\n" not in problem
