@@ -106,6 +106,9 @@ async def test_a_move_backfills_cuts_over_rolls_back_and_finishes(
         )
         # Stores keep both generations: the rollback needs the previous one.
         await moving.memory.Store(store("written after the cut-over"))
+        # A memory stored again as it is stays as it is: the cut-over changed no memory, so no version is recorded.
+        again = await moving.memory.Store(store("note 3 about topic 3 and word3"))
+        assert again.outcome == memory_pb2.WRITE_OUTCOME_UNCHANGED
 
         code, out = await model(env, "rollback", capsys)
         assert code == 0, out

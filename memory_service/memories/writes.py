@@ -74,7 +74,7 @@ class WritePath:
         missing = [i for i, v in enumerate(vectors) if v is None]
         if missing:
             async with self._db.connection() as conn:
-                stored = await memories_sql.stored_embeddings(conn, [memories[i] for i in missing], model)
+                stored = await memories_sql.stored_embeddings(conn, [memories[i] for i in missing])
             for position, vector in stored.items():
                 vectors[missing[position]] = vector
             missing = [i for i in missing if vectors[i] is None]

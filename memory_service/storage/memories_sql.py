@@ -47,13 +47,15 @@ ON CONFLICT (scope, scope_id, key) DO UPDATE SET
     expires_at = EXCLUDED.expires_at,
     version = m.version + 1,
     updated_at = clock_timestamp()
-WHERE (m.agent_id, m.memory_type, m.content_hash, m.importance, m.tags, m.metadata, m.embedding_model,
-       m.expires_at)
+WHERE (m.agent_id, m.memory_type, m.content_hash, m.importance, m.tags, m.metadata, m.expires_at)
       IS DISTINCT FROM
       (EXCLUDED.agent_id, EXCLUDED.memory_type, EXCLUDED.content_hash, EXCLUDED.importance, EXCLUDED.tags,
-       EXCLUDED.metadata, EXCLUDED.embedding_model, EXCLUDED.expires_at)
+       EXCLUDED.metadata, EXCLUDED.expires_at)
    OR m.embedding IS DISTINCT FROM EXCLUDED.embedding
 """
+# The model's name is left out of the comparison: ``embedding`` holds the current generation's vector whatever
+# model wrote the row (a cut-over swaps columns, not rows), so a memory stored again as it is after a move of
+# embedding models is unchanged; its ``embedding_model`` names the model current when its content was written.
 UPSERT_TAIL = UPSERT_CONFLICT + "RETURNING m.id, (m.xmax = 0) AS created\n"
 UPSERT_TAIL_VERSIONED = UPSERT_CONFLICT + f"RETURNING {RETURNING_ROW}, (m.xmax = 0) AS created, m.updated_at\n"
 
@@ -142,9 +144,13 @@ async def upsert(
     return existing, WriteOutcome.UNCHANGED
 
 
-async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemory], model: str) -> dict[int, Vector]:
-    """Embeddings already stored for these identities with the same content and model, by position, so they need
-    not be recomputed."""
+async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemory]) -> dict[int, Vector]:
+    """Embeddings already stored for these identities with the same content, by position, so they need not be
+    recomputed.
+
+    ``embedding`` holds vectors of the database's current model only (the binding, and during a move the generation
+    check of the write that uses them: read by an instance that has not seen a cut-over yet, they fail its write,
+    which then runs again), whichever model's name the row carries."""
     if not memories:
         return {}
     rows = await conn.fetch(
@@ -154,14 +160,13 @@ async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemo
              AS i(scope, scope_id, key, content_hash, ord)
         JOIN memory.memories m
           ON m.scope = i.scope::memory.scope AND m.scope_id = i.scope_id AND m.key = i.key
-         AND m.content_hash = i.content_hash AND m.embedding_model = $5
+         AND m.content_hash = i.content_hash
         WHERE m.embedding IS NOT NULL
         """,
         [m.scope.value for m in memories],
         [m.scope_id for m in memories],
         [m.key for m in memories],
         [m.content_hash for m in memories],
-        model,
     )
     return {int(r["ord"]) - 1: r["embedding"] for r in rows}
 
