@@ -27,6 +27,7 @@ from memory_service.storage import ingest_sql, memories_sql
 from memory_service.storage.database import Connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
+from tests.fake_openai import FakeOpenAI
 
 NEXT = {"EMBEDDING_NEXT_PROVIDER": "hash", "EMBEDDING_NEXT_MODEL": "hash-ngram-v1-256", "EMBEDDING_NEXT_DIM": "256"}
 AFTER = {"EMBEDDING_PROVIDER": "hash", "EMBEDDING_MODEL": "hash-ngram-v1-256", "EMBEDDING_DIM": "256"}
@@ -329,3 +330,38 @@ def test_which_instances_may_start_during_a_rolling_restart(
         assert problem == refusal
     else:
         assert problem is not None and refusal in problem and "\n" not in problem
+
+
+async def test_a_move_to_1536_dimensions_through_an_openai_compatible_server(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Any provider, any dimension: the hash embedder's 384 to an OpenAI-compatible server's 1536."""
+    env = test_env(database_url)
+    with FakeOpenAI(dimension=1536) as server:
+        openai = {
+            "EMBEDDING_PROVIDER": "hash",  # named: OPENAI_BASE_URL alone would imply the openai provider
+            "OPENAI_BASE_URL": server.base_url,
+            "EMBEDDING_NEXT_PROVIDER": "openai",
+            "EMBEDDING_NEXT_MODEL": "text-embedding-3-small",
+            "EMBEDDING_NEXT_DIM": "1536",
+        }
+        moving = await start_server(env)
+        try:
+            for i in range(12):
+                await moving.memory.Store(store(f"remark {i} on theme {i % 3}"))
+        finally:
+            await stop_server(moving)
+        moving = await start_server({**env, **openai})
+        try:
+            assert await backfill(moving) == "backfill complete"
+            embedded = {text for request in server.requests for text in request["input"]}
+            assert {f"remark {i} on theme {i % 3}" for i in range(12)} <= embedded
+            code, out = await model(env, "cutover", capsys)
+            assert code == 0 and "(1536 dimensions)" in out, out
+            found = await moving.memory.Search(search("remark 7 on theme 1"))
+            assert {len(h.memory.embedding) for h in found.hits} == {1536}
+            assert found.hits[0].memory.value == "remark 7 on theme 1"
+            code, out = await model(env, "finish", capsys)
+            assert code == 0, out
+        finally:
+            await stop_server(moving)
