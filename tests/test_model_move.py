@@ -17,14 +17,16 @@ import pytest
 
 from memory_service.cli.main import main
 from memory_service.config.settings import Settings
-from memory_service.errors import EmbeddingConfigMismatch
+from memory_service.errors import EmbeddingConfigMismatch, GenerationChanged
 from memory_service.generations.backfill import BackfillWorker
 from memory_service.generations.state import check_configuration
 from memory_service.generations.types import GenerationState, ModelSpec, Move, Phase
 from memory_service.memories.writes import Embedded, WritePath
-from memory_service.models import NewMemory, Scope, content_hash
-from memory_service.storage import ingest_sql, memories_sql
+from memory_service.models import MemoryFilter, NewMemory, Scope, content_hash
+from memory_service.search.tuning import DEFAULT_TEXT_RANKING
+from memory_service.storage import ingest_sql, memories_sql, search_sql
 from memory_service.storage.database import Connection
+from memory_service.storage.index_sql import REBUILD_LOCK_KEY
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, code_of, start_server, stop_server, test_env
 from tests.fake_openai import FakeOpenAI
@@ -95,6 +97,17 @@ async def test_a_move_backfills_cuts_over_rolls_back_and_finishes(
 
         before = await moving.memory.Search(search("topic 3"))
         assert {len(h.memory.embedding) for h in before.hits} == {384}
+        # An index rebuild or calibration (here: its lock, held as index maintenance holds it) must not span the
+        # swap of the columns: the cut-over is refused, nothing changed, and goes ahead once the job is done.
+        maintenance = await asyncpg.connect(database_url)
+        try:
+            await maintenance.execute("SELECT pg_advisory_lock($1)", REBUILD_LOCK_KEY)
+            code, out = await model(env, "cutover", capsys)
+            assert code == 1 and "index maintenance is building or calibrating" in out, out
+        finally:
+            await maintenance.close()
+        code, out = await model(env, "status", capsys)
+        assert code == 0 and '"phase": "backfilling"' in out, out
         code, out = await model(env, "cutover", capsys)
         assert code == 0 and "cut over to hash 'hash-ngram-v1-256' (256 dimensions)" in out, out
         after = await moving.memory.Search(search("topic 3"))
@@ -241,6 +254,23 @@ async def test_a_write_whose_generation_is_replaced_runs_again_in_the_new_one(
                 generation=given.generation,
             )
             return memory_id
+
+        # A search planned before the cut-over (its query vector of the previous model) fails its generation check,
+        # in every plan, before a vector of one generation is compared with the other's.
+        for exact, text in ((True, None), (False, None), (True, "raced")):
+            with pytest.raises(GenerationChanged):
+                async with runtime.db.connection() as conn:
+                    await search_sql.candidates(
+                        conn,
+                        MemoryFilter(),
+                        vector=embedded.vectors[0],
+                        text=text,
+                        limit=5,
+                        exact=exact,
+                        full_rows=text is None,
+                        text_ranking=DEFAULT_TEXT_RANKING.values,
+                        generation=embedded.generation,
+                    )
 
         memory_id = await writes.write([memory], embedded, (), upsert)
         assert [run.generation for run in runs] == [embedded.generation, embedded.generation + 1]

@@ -19,7 +19,7 @@ from memory_service.errors import FailedPrecondition
 from memory_service.generations.types import Backfill, Gate, GenerationState, ModelSpec, Move, Phase
 from memory_service.models import Vector
 from memory_service.storage import settings_sql
-from memory_service.storage.index_sql import COLUMNS, INDEX_SETTINGS, index_name, setting_key
+from memory_service.storage.index_sql import COLUMNS, INDEX_SETTINGS, REBUILD_LOCK_KEY, index_name, setting_key
 
 EPOCH = "embedding_epoch"
 PROVIDER = "embedding_provider"
@@ -86,6 +86,17 @@ _CONSTRAIN_CURRENT = (
 )
 
 
+async def _exclude_index_maintenance(conn: asyncpg.Connection) -> None:
+    """Inside a transaction: hold off index maintenance (rebuilds and calibrations, on any instance) until it ends,
+    or refuse when a job is running. A rebuild or calibration that spanned a swap of the columns would build or
+    measure one generation's index and record it as the other's."""
+    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", REBUILD_LOCK_KEY):
+        raise FailedPrecondition(
+            "index maintenance is building or calibrating a vector index right now: nothing changed; run the "
+            "command again in a moment"
+        )
+
+
 async def _write_state(conn: asyncpg.Connection, state: GenerationState, changes: dict[str, str]) -> None:
     await settings_sql.write_settings(conn, {**changes, EPOCH: str(state.epoch + 1)})
 
@@ -133,6 +144,7 @@ async def swap(conn: asyncpg.Connection, *, epoch: int, to: Phase) -> Generation
     move = state.move
     if state.epoch != epoch or move is None or move.phase is to:
         raise FailedPrecondition("the embedding generation changed while the command ran; look at model status again")
+    await _exclude_index_maintenance(conn)
     await conn.execute("LOCK TABLE memory.memories IN SHARE ROW EXCLUSIVE MODE")
     left = await missing(conn)
     if left:
@@ -185,6 +197,7 @@ async def finish(conn: asyncpg.Connection, *, epoch: int, now: datetime, abandon
     wanted = Phase.BACKFILLING if abandon else Phase.CUT_OVER
     if state.epoch != epoch or move is None or move.phase is not wanted:
         raise FailedPrecondition("the embedding generation changed while the command ran; look at model status again")
+    await _exclude_index_maintenance(conn)
     await conn.execute("ALTER TABLE memory.memories DROP COLUMN embedding_alt")
     await conn.execute("ALTER TABLE memory.memories ADD COLUMN embedding_alt vector")
     await conn.execute("ALTER TABLE memory.memories ALTER COLUMN embedding_alt SET STORAGE MAIN")
