@@ -33,10 +33,11 @@ class MemoryServiceError(Exception):
 
 
 class InvalidArgument(MemoryServiceError):
-    """The request is malformed; ``field`` names the offending field in the request."""
+    """The request is malformed; ``field`` is the path of the offending field in the request message ("" when the
+    request as a whole is at fault, such as bytes that do not parse)."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
 

@@ -139,7 +139,7 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 def _checked(request: Any) -> Any:
     if isinstance(request, _Undecodable):
-        raise errors.InvalidArgument("request", f"is not a valid message: {request.reason}")
+        raise errors.InvalidArgument("", f"the request is not a valid message: {request.reason}")
     return request
 
 
@@ -234,7 +234,7 @@ async def _abort_unless_final(exc: BaseException, code: grpc.StatusCode, context
     """
     if isinstance(exc, aio.AbortError | asyncio.CancelledError | GeneratorExit):
         return
-    if isinstance(exc, errors.InvalidArgument):
+    if isinstance(exc, errors.InvalidArgument) and exc.field:
         message = str(exc)
         await context.abort(code, message, trailing_metadata=details.bad_request(exc, message))
     if isinstance(exc, errors.MemoryServiceError) and code is not grpc.StatusCode.INTERNAL:
