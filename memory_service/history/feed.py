@@ -28,7 +28,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from memory_service.errors import FailedPrecondition, InvalidArgument, MemoryServiceError, Unavailable
+from memory_service import pagination
+from memory_service.errors import FailedPrecondition, MemoryServiceError, Unavailable
 from memory_service.history.types import Change
 from memory_service.metrics import Metrics
 from memory_service.models import MemoryFilter
@@ -58,27 +59,34 @@ MAX_PENDING = 64
 """Frontier candidates kept while a long transaction holds them all back; beyond it the newest is replaced, which
 only delays delivery."""
 
-_CURSOR_PREFIX = "w1:"
+_LEGACY_PREFIX = "w1:"
+"""Cursors of earlier versions were base64 of ``w1:<seq>``; clients keep cursors across restarts, so those still
+resume (range-checked like any other)."""
 
 
 def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{seq}".encode()).decode().rstrip("=")
+    return pagination.WATCH.encode(seq)
 
 
 def decode_cursor(token: str) -> int:
     """The log position after which to start; "" starts at the oldest change the log still holds."""
-    if not token:
-        return 0
+    legacy = _legacy_cursor(token)
+    if legacy is not None:
+        return legacy
+    position = pagination.WATCH.decode(token)
+    return 0 if position is None else int(position[0])
+
+
+def _legacy_cursor(token: str) -> int | None:
     try:
         raw = base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()).decode()
-        if not raw.startswith(_CURSOR_PREFIX):
-            raise ValueError(raw)
-        seq = int(raw[len(_CURSOR_PREFIX) :])
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("after", "is not a cursor this service issued") from None
-    if seq < 0:
-        raise InvalidArgument("after", "is not a cursor this service issued")
-    return seq
+        return None
+    digits = raw.removeprefix(_LEGACY_PREFIX)
+    if raw == digits or not digits.isdigit() or not digits.isascii() or len(digits) > 19:
+        return None
+    seq = int(digits)
+    return seq if seq <= pagination.INT64_MAX else None
 
 
 @dataclasses.dataclass(frozen=True)

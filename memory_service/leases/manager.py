@@ -283,14 +283,14 @@ class LeaseManager:
         if page_size < 0:
             raise InvalidArgument("page_size", f"is expected to be positive (got {page_size})")
         limit = min(page_size or DEFAULT_PAGE_SIZE, self._settings.list_max_page_size)
-        after = decode_page_token(page_token)
+        after = decode_page_token(page_token, listed=namespace)
         leases = await self._run(
             lambda conn: sql.list_live(conn, namespace=namespace or None, after=after, limit=limit + 1)
         )
         if len(leases) <= limit:
             return leases, ""
         last = leases[limit - 1]
-        return leases[:limit], encode_page_token(last.namespace, last.name)
+        return leases[:limit], encode_page_token(last.namespace, last.name, listed=namespace)
 
     # --- what Hold streams (leases.hold) use -------------------------------------------------------------------
 
