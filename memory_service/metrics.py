@@ -81,6 +81,11 @@ class Metrics:
         )
         self.pool_size = Gauge("memory_db_pool_connections", "Connections open in the pool.", registry=r)
         self.pool_in_use = Gauge("memory_db_pool_in_use_connections", "Pool connections checked out.", registry=r)
+        self.writes_refused = Gauge(
+            "memory_db_writes_refused",
+            "1 while the database refuses writes (read-only, out of disk or memory), as this instance last saw.",
+            registry=r,
+        )
         self.leases_held = Gauge("memory_leases_held", "Live leases in the database.", registry=r)
         self.leases_granted = Counter("memory_lease_grants_total", "Lease grants made by this instance.", registry=r)
         self.memories_purged = Counter("memory_expired_purged_total", "Expired memories deleted.", registry=r)
@@ -98,7 +103,10 @@ class Metrics:
             "memory_history_purged_total", "Versions and change-log entries past HISTORY_RETENTION deleted.", registry=r
         )
 
-    def watch_pool(self, size: Callable[[], int], idle: Callable[[], int]) -> None:
+    def watch_pool(
+        self, size: Callable[[], int], idle: Callable[[], int], refusing: Callable[[], bool] = lambda: False
+    ) -> None:
         """Read pool gauges at scrape time rather than tracking every acquire."""
         self.pool_size.set_function(lambda: float(size()))
         self.pool_in_use.set_function(lambda: float(size() - idle()))
+        self.writes_refused.set_function(lambda: float(refusing()))

@@ -368,6 +368,10 @@ def stats_to_proto(stats: Stats) -> memory_pb2.StatsResponse:
         embedding_cache_entries=stats.embedding_cache_entries,
         counts_estimated=stats.counts_estimated,
     )
+    if (refused := stats.writes_refused) is not None:
+        response.writes_refused.reason = refused.reason
+        response.writes_refused.refused_calls = refused.refused_calls
+        _set_timestamp(response.writes_refused.since, refused.since)
     return response
 
 

@@ -7,7 +7,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from memory_service.errors import MemoryServiceError
+from memory_service.errors import WRITES_REFUSED, MemoryServiceError
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +18,8 @@ async def every(interval: float, name: str, work: Callable[[], Awaitable[object]
         await asyncio.sleep(interval * (0.8 + 0.4 * random.random()))
         try:
             await work()
+        except WRITES_REFUSED as exc:
+            log.debug("%s skipped: %s", name, exc)  # the episode is logged once, where it began
         except MemoryServiceError as exc:
             log.warning("%s failed: %s", name, exc)
         except Exception:

@@ -133,7 +133,7 @@ class Runtime:
             self._db = db = await Database.connect(
                 self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max
             )
-            self.metrics.watch_pool(db.pool_size, db.pool_idle)
+            self.metrics.watch_pool(db.pool_size, db.pool_idle, lambda: db.refusing)
             self._leases = LeaseManager(db, settings, self.metrics)
             await self._leases.start()
             async with db.connection() as conn:

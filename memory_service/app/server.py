@@ -89,7 +89,9 @@ class MemoryServer:
             await self.runtime.close()
             raise
         probe = DatabaseProbe(self.runtime.dsn, timeout=max(self.settings.health_check_interval, 1.0))
-        self._monitor = HealthMonitor(self.health, probe, ("", *SERVICE_NAMES), self.settings.health_check_interval)
+        self._monitor = HealthMonitor(
+            self.health, probe, ("", *SERVICE_NAMES), self.settings.health_check_interval, writes=self.runtime.db
+        )
         await self._monitor.set_all(True)
         self._monitor_task = asyncio.create_task(self._monitor.run(), name="health monitor")
         log.info("serving gRPC on %s:%d", self.settings.grpc_host, self.port)

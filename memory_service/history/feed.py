@@ -29,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from memory_service import pagination
-from memory_service.errors import FailedPrecondition, MemoryServiceError, Unavailable
+from memory_service.errors import WRITES_REFUSED, FailedPrecondition, MemoryServiceError, Unavailable
 from memory_service.history.types import Change
 from memory_service.metrics import Metrics
 from memory_service.models import MemoryFilter
@@ -171,6 +171,8 @@ class ChangeFeed:
                     if sleeping and not self._sleeping:
                         await self._advance()  # a change committed just before writers saw the switch: no NOTIFY
                     self._sleeping = sleeping
+            except WRITES_REFUSED as exc:
+                log.debug("change feed: %s", exc)  # a refusal episode is logged once, where it began
             except MemoryServiceError as exc:
                 log.warning("change feed: %s", exc)
             except Exception:

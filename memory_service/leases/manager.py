@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from memory_service.config.settings import Settings
 from memory_service.errors import (
+    WRITES_REFUSED,
     DatabaseUnavailable,
     DeadlineExceeded,
     InvalidArgument,
@@ -76,6 +77,8 @@ def owner_key(owner: str) -> int:
 
 def _ambiguous(exc: BaseException) -> bool:
     """Whether a grant may have committed although its caller did not get the answer."""
+    if isinstance(exc, WRITES_REFUSED):
+        return False  # refused before anything was written
     return not isinstance(exc, MemoryServiceError) or isinstance(exc, Unavailable | DeadlineExceeded)
 
 

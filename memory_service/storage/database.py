@@ -19,13 +19,17 @@ from pgvector.asyncpg import register_vector
 
 from memory_service.config.env import redact_url
 from memory_service.errors import (
+    WRITES_REFUSED,
     DatabaseConflict,
+    DatabaseReadOnly,
+    DatabaseResourcesExhausted,
     DatabaseUnavailable,
     DeadlineExceeded,
     Internal,
     MemoryServiceError,
     StartupError,
 )
+from memory_service.storage.probe import WriteRefusals
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +62,10 @@ DRIVER_ERRORS: dict[type[BaseException], type[MemoryServiceError]] = {
     asyncpg.InvalidCachedStatementError: DatabaseUnavailable,
     # The deadline or statement_timeout cancelled the query.
     asyncpg.QueryCanceledError: DeadlineExceeded,
+    # Up, but refusing writes: a read-only transaction (default_transaction_read_only, a standby), or out of disk,
+    # memory or another resource (SQLSTATE class 53; too many connections is mapped above as unavailable).
+    asyncpg.ReadOnlySQLTransactionError: DatabaseReadOnly,
+    asyncpg.InsufficientResourcesError: DatabaseResourcesExhausted,
     # The service handed the driver a value it cannot encode: a bug here, not the client's or the database's.
     asyncpg.DataError: Internal,
 }
@@ -66,6 +74,11 @@ _MESSAGES: dict[type[MemoryServiceError], str] = {
     DatabaseUnavailable: "database unavailable: {name}",
     DatabaseConflict: "the transaction conflicted with another and was rolled back ({name}); retry",
     DeadlineExceeded: "the query was cancelled: its deadline or statement_timeout passed",
+    DatabaseReadOnly: "the database refuses writes: {exc} (it is read-only); nothing was written, retry later",
+    DatabaseResourcesExhausted: (
+        "the database is out of resources and refused the work ({name}: {exc}); nothing was written, retry after an "
+        "operator has freed them"
+    ),
     Internal: "the database driver refused a value the service sent ({name}): {exc}",
 }
 
@@ -247,6 +260,29 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
         self.dsn = dsn
+        self.refusals = WriteRefusals()
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """``translate_errors``, noting a refused write in ``refusals``."""
+        try:
+            with translate_errors():
+                yield
+        except WRITES_REFUSED as exc:
+            self.refusals.refused(exc)
+            raise
+
+    @property
+    def refusing(self) -> bool:
+        """Whether the database refused a write and no write probe has succeeded since."""
+        return self.refusals.active
+
+    async def writes_resumed(self) -> None:
+        """End a refusal episode: a write probe succeeded. Pooled connections opened during the episode may carry
+        its read-only default (a session's defaults are read when it starts), so they are replaced."""
+        if self.refusals.active:
+            self.refusals.ended()
+            await self.pool.expire_connections()
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout: float = 30.0) -> Database:
@@ -274,7 +310,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def connection(self, *, timeout: float | None = 10.0) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection; ``timeout=None`` leaves bounding the wait to the caller's own timer."""
-        with translate_errors():
+        with self._translated():
             async with self._acquire(timeout) as conn:
                 yield conn
 
@@ -311,7 +347,7 @@ class Database:
         Each statement commits (and takes its snapshot) on its own; nothing is sent unless the connection's
         settings differ, since each pooled connection remembers what it was given. A caller that depends on a
         setting must name it: settings it leaves out are reset only if a previous caller had set them."""
-        with translate_errors():
+        with self._translated():
             async with self._acquire(10.0, keep_planner_settings=True) as conn:
                 await use_session_settings(conn, settings)
                 yield conn
@@ -325,7 +361,7 @@ class Database:
         readonly: bool = False,
     ) -> AsyncIterator[asyncpg.Connection]:
         """A connection inside a transaction, with ``settings`` applied for this transaction only."""
-        with translate_errors():
+        with self._translated():
             async with self._acquire(10.0) as conn:
                 if not settings:
                     async with conn.transaction(isolation=isolation, readonly=readonly):

@@ -1193,6 +1193,7 @@ class StatsResponse(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     EMBEDDING_CACHE_ENTRIES_FIELD_NUMBER: _builtins.int
     COUNTS_ESTIMATED_FIELD_NUMBER: _builtins.int
+    WRITES_REFUSED_FIELD_NUMBER: _builtins.int
     memories: _builtins.int
     expired_pending_purge: _builtins.int
     embedding_model: _builtins.str
@@ -1209,6 +1210,13 @@ class StatsResponse(_message.Message):
     def by_scope(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeCount]: ...
     @_builtins.property
     def index(self) -> Global___IndexState: ...
+    @_builtins.property
+    def writes_refused(self) -> Global___WriteRefusal:
+        """Set while the database refuses writes (read-only, out of disk or memory), as this instance last saw: writes
+        answer UNAVAILABLE (read-only) or RESOURCE_EXHAUSTED (out of resources) meanwhile, and reads still work. The
+        server probes with a small write every HEALTH_CHECK_INTERVAL and clears it once one succeeds.
+        """
+
     def __init__(
         self,
         *,
@@ -1223,14 +1231,43 @@ class StatsResponse(_message.Message):
         index: Global___IndexState | None = ...,
         embedding_cache_entries: _builtins.int = ...,
         counts_estimated: _builtins.bool = ...,
+        writes_refused: Global___WriteRefusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "writes_refused", b"writes_refused"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_scope", b"by_scope", "counts_estimated", b"counts_estimated", "dimension", b"dimension", "embedding_cache_entries", b"embedding_cache_entries", "embedding_model", b"embedding_model", "expired_pending_purge", b"expired_pending_purge", "index", b"index", "iterative_scan", b"iterative_scan", "memories", b"memories", "pgvector_version", b"pgvector_version", "postgres_version", b"postgres_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_scope", b"by_scope", "counts_estimated", b"counts_estimated", "dimension", b"dimension", "embedding_cache_entries", b"embedding_cache_entries", "embedding_model", b"embedding_model", "expired_pending_purge", b"expired_pending_purge", "index", b"index", "iterative_scan", b"iterative_scan", "memories", b"memories", "pgvector_version", b"pgvector_version", "postgres_version", b"postgres_version", "writes_refused", b"writes_refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class WriteRefusal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REFUSED_CALLS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The first refusal, as PostgreSQL gave it."""
+    refused_calls: _builtins.int
+    """Calls this instance has answered with a refusal since."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        refused_calls: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "refused_calls", b"refused_calls", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteRefusal: _TypeAlias = WriteRefusal  # noqa: Y015
 
 @_typing.final
 class MemoryVersion(_message.Message):
