@@ -3,9 +3,9 @@
 A producer task pulls sequence-numbered items from the caller's source into the unacknowledged tail, and pauses
 while ``window`` of them are unacknowledged (backpressure on the source; nothing else is buffered). Each stream
 attempt sends the tail, then new items as they arrive; every ack drops what became durable. When the stream breaks
-(UNAVAILABLE, a server restart, a dropped connection, RESOURCE_EXHAUSTED from an overloaded server) the engine
-reconnects with backoff and resends the tail; the server's upsert by identity makes resending what had in fact
-committed a no-op.
+(UNAVAILABLE, a server restart, a dropped connection, RESOURCE_EXHAUSTED from an overloaded server, a batch
+cancelled by the server's statement_timeout) the engine reconnects with backoff and resends the tail; the server's
+upsert by identity makes resending what had in fact committed a no-op.
 
 grpc.aio keeps pulling a failed call's request iterator until its next write fails, so each attempt's iterator
 carries an epoch and leaves the tail alone once a newer attempt has started; the source is read only by the
@@ -29,8 +29,16 @@ from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 # Codes after which resending the unacknowledged tail is safe and may succeed. CANCELLED and INTERNAL cover a
 # server that went away mid-stream (shutdown, reset HTTP/2 stream); the engine itself never cancels a call.
+# DEADLINE_EXCEEDED is a batch the server cancelled (its statement_timeout, a lock held too long): the engine sets
+# no deadline of its own on the stream, so it is transient, not the caller's budget running out.
 _RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
 )
 REJECTIONS_KEPT = 1000
 
