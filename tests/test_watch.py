@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import defaultdict
 
 import asyncpg
@@ -18,7 +19,7 @@ from memory_service.models import NewMemory, Scope, content_hash
 from memory_service.storage import memories_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
-from tests.conftest import RunningServer, test_env
+from tests.conftest import RunningServer, start_server, test_env
 from tests.processes import ServerProcess
 
 WRITERS = 8
@@ -171,3 +172,52 @@ async def test_watch_rejects_a_foreign_cursor(server: RunningServer) -> None:
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     else:
         raise AssertionError("a foreign cursor was accepted")
+
+
+async def test_shutdown_ends_a_watch_replaying_a_backlog_at_once(database_url: str) -> None:
+    """A watcher reading a long backlog gets UNAVAILABLE as shutdown begins, so the drain does not wait out the grace
+    period for it (the backlog would take far longer than the grace to replay at this reader's pace)."""
+    grace = 20.0
+    running = await start_server(test_env(database_url, SHUTDOWN_GRACE=f"{grace:g}s"))
+    stopped = False
+    try:
+        requests = [
+            memory_pb2.BulkStoreRequest(
+                items=[
+                    memory_pb2.BulkItem(sequence=n, memory=memory(f"backlog {n}", f"b{n}"))
+                    for n in range(start, start + 1000)
+                ]
+            )
+            for start in (1, 1001, 2001)
+        ]
+        async for _ in running.memory.BulkStore(iter(requests)):
+            pass
+        watch = running.memory.Watch(memory_pb2.WatchRequest())
+        received = 0
+
+        async def read_slowly() -> grpc.StatusCode:
+            nonlocal received
+            try:
+                while True:
+                    change = await watch.read()
+                    if change is aio.EOF:
+                        return grpc.StatusCode.OK
+                    received += 1
+                    await asyncio.sleep(0.01)  # 3,000 changes: half a minute, more than the grace
+            except grpc.RpcError as error:
+                return error.code()  # type: ignore[no-any-return]
+
+        reader = asyncio.create_task(read_slowly())
+        while received < 20:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await running.server.stop()
+        stopped = True
+        took = time.monotonic() - started
+        assert await asyncio.wait_for(reader, 30) is grpc.StatusCode.UNAVAILABLE
+        assert received < 3000
+        assert took / grace < 0.25, f"shutdown took {took:.1f}s of its {grace:g}s grace"
+    finally:
+        await running.channel.close()
+        if not stopped:
+            await running.server.stop(grace=1)

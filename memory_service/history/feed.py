@@ -236,10 +236,12 @@ class ChangeFeed:
             cursor = after
             while True:
                 await self._wait_beyond(cursor)
-                if self._stopping:
-                    raise Unavailable("the server is shutting down; watch again with the last cursor you received")
+                self._check_stopping()
                 upto = self.frontier
                 while cursor < upto:
+                    # Checked before every page and every change, so a stream replaying a backlog ends at once
+                    # on shutdown too, rather than holding the drain open until the backlog is sent.
+                    self._check_stopping()
                     async with self._db.connection() as conn:
                         page = await changes_sql.fetch_changes(
                             conn,
@@ -250,6 +252,7 @@ class ChangeFeed:
                             include_memory=include_memory,
                         )
                     for change in page:
+                        self._check_stopping()
                         self._metrics.watch_changes.inc()
                         self._metrics.watch_lag.observe(change.lag_seconds)
                         yield change
@@ -259,6 +262,10 @@ class ChangeFeed:
         finally:
             self._watchers -= 1
             self._metrics.watch_streams.dec()
+
+    def _check_stopping(self) -> None:
+        if self._stopping:
+            raise Unavailable("the server is shutting down; watch again with the last cursor you received")
 
     async def _wait_beyond(self, cursor: int) -> None:
         async with self._advanced:
