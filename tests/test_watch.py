@@ -16,8 +16,9 @@ from grpc import aio
 
 from memory_service.history.types import WriteContext
 from memory_service.models import NewMemory, Scope, content_hash
+from memory_service.search.text_stats import TextStats
 from memory_service.storage import memories_sql
-from memory_service.storage.database import init_connection
+from memory_service.storage.database import Database, init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 from tests.conftest import RunningServer, start_server, test_env
 from tests.processes import ServerProcess
@@ -221,3 +222,39 @@ async def test_shutdown_ends_a_watch_replaying_a_backlog_at_once(database_url: s
         await running.channel.close()
         if not stopped:
             await running.server.stop(grace=1)
+
+
+async def test_the_text_statistics_refresh_holds_no_transaction_id_while_it_scans(database_url: str) -> None:
+    """The feed delivers nothing past a transaction holding an xid; the BM25 refresh scans every live memory (seconds
+    on a large table), so it must scan without one and draw it only for its short write."""
+    conn = await asyncpg.connect(database_url)
+    db = await Database.connect(database_url, min_size=1, max_size=1)
+    try:
+        await conn.execute(
+            """INSERT INTO memory.memories (scope, scope_id, key, value, content_hash)
+               SELECT 'agent', 1, 'k' || g, 'note ' || md5(g::text) || ' word' || (g % 997) || ' term' || (g % 31),
+                      '\\x00'
+               FROM generate_series(1, 40000) g"""
+        )
+        stats = TextStats(db)
+        assert await stats.refresh()  # the first refresh writes every lexeme; the next only what changed
+        await conn.execute(
+            """INSERT INTO memory.memories (scope, scope_id, key, value, content_hash)
+               SELECT 'agent', 2, 'k' || g, 'later ' || md5(g::text), '\\x00' FROM generate_series(1, 50) g"""
+        )
+        async with db.connection() as pooled:
+            pid = pooled.get_server_pid()
+        refresh = asyncio.create_task(stats.refresh())
+        holding: list[bool] = []  # per sample of a running statement of the refresh: does it hold an xid?
+        while not refresh.done():
+            row = await conn.fetchrow(
+                "SELECT state, backend_xid IS NOT NULL AS xid FROM pg_stat_activity WHERE pid = $1", pid
+            )
+            if row is not None and row["state"] == "active":
+                holding.append(row["xid"])
+        assert await refresh
+        assert len(holding) >= 20, "the refresh ran too briefly to sample"
+        assert sum(holding) / len(holding) < 0.2, f"an xid was held in {sum(holding)} of {len(holding)} samples"
+    finally:
+        await db.close()
+        await conn.close()

@@ -340,6 +340,7 @@ def bulk_ack_to_proto(ack: BulkAck) -> memory_pb2.BulkStoreAck:
         created=ack.created,
         updated=ack.updated,
         unchanged=ack.unchanged,
+        superseded=ack.superseded,
         rejected=ack.rejected,
         rejections=[memory_pb2.Rejection(sequence=r.sequence, field=r.field, reason=r.reason) for r in ack.rejections],
     )

@@ -324,7 +324,8 @@ async def _load(args: argparse.Namespace, source: IO[bytes], ca: bytes | None) -
     elapsed = time.monotonic() - started
     print(
         f"{args.file}: {loader.lines:,} lines; created {summary.created:,}, updated {summary.updated:,}, "
-        f"unchanged {summary.unchanged:,}, rejected {summary.rejected:,} "
+        f"unchanged {summary.unchanged:,}, rejected {summary.rejected:,}"
+        f"{f', superseded {summary.superseded:,}' if summary.superseded else ''} "
         f"({elapsed:.1f}s, {summary.done / max(elapsed, 1e-6):,.0f} rows/s)"
     )
     if code:

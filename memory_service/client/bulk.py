@@ -60,6 +60,8 @@ class BulkSummary:
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+    superseded: int = 0
+    """Items a later item of the load with the same identity replaced before they were written."""
     rejected: int = 0
     durable_sequence: int = 0
     """Every item up to this sequence number is stored or rejected."""
@@ -68,7 +70,7 @@ class BulkSummary:
 
     @property
     def done(self) -> int:
-        return self.created + self.updated + self.unchanged + self.rejected
+        return self.created + self.updated + self.unchanged + self.superseded + self.rejected
 
     def reject(self, sequence: int, field: str, reason: str) -> None:
         self.rejected += 1
@@ -225,6 +227,7 @@ class ResumableBulkStore:
         summary.created += ack.created
         summary.updated += ack.updated
         summary.unchanged += ack.unchanged
+        summary.superseded += ack.superseded
         for rejection in ack.rejections:
             summary.reject(rejection.sequence, rejection.field, rejection.reason)
         if self._on_ack is not None:

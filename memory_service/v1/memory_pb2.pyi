@@ -478,7 +478,7 @@ Global___Rejection: _TypeAlias = Rejection  # noqa: Y015
 
 @_typing.final
 class BulkStoreAck(_message.Message):
-    """Sent after each committed batch. Counts are for that batch."""
+    """Sent after each committed batch. Counts are for that batch; each item counts once, in one of them."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -488,12 +488,19 @@ class BulkStoreAck(_message.Message):
     UNCHANGED_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_FIELD_NUMBER: _builtins.int
     durable_sequence: _builtins.int
-    """Every item with a sequence number up to this one is durable (stored or rejected)."""
+    """Every item with a sequence number up to this one is durable (stored, superseded or rejected)."""
     created: _builtins.int
     updated: _builtins.int
     unchanged: _builtins.int
     rejected: _builtins.int
+    superseded: _builtins.int
+    """Items replaced before they were written by a later item of this stream with the same identity (scope,
+    scope_id, key): the server writes a batch as one upsert per identity, so only the last of them is stored. A
+    superseded item records no version and no Watch change; the later item's outcome counts the write. Send
+    items one per identity (or use Store for each) when every intermediate state must be in History.
+    """
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rejection]: ...
     def __init__(
@@ -505,10 +512,11 @@ class BulkStoreAck(_message.Message):
         unchanged: _builtins.int = ...,
         rejected: _builtins.int = ...,
         rejections: _abc.Iterable[Global___Rejection] | None = ...,
+        superseded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "durable_sequence", b"durable_sequence", "rejected", b"rejected", "rejections", b"rejections", "unchanged", b"unchanged", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "durable_sequence", b"durable_sequence", "rejected", b"rejected", "rejections", b"rejections", "superseded", b"superseded", "unchanged", b"unchanged", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
