@@ -28,7 +28,7 @@ _FORMAT = 2
 _CHECKSUM_BYTES = 8
 _SALT = b"memory-service page token\x00"
 _MAX_TOKEN_CHARS = 2048
-"""Longer than any token issued (positions are two names of at most 200 characters at most)."""
+"""Longer than any token issued (the longest position is two lease names of at most 200 characters)."""
 
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
