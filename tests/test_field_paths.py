@@ -22,7 +22,7 @@ import google.rpc.error_details_pb2 as error_details_pb2  # noqa: PLR0402
 import google.rpc.status_pb2 as status_pb2  # noqa: PLR0402
 import grpc
 import pytest
-from google.protobuf import descriptor, message
+from google.protobuf import descriptor, message, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 
 from memory_service.v1 import lease_pb2, memory_pb2
@@ -76,6 +76,10 @@ def test_the_resolver_accepts_real_paths_and_refuses_others() -> None:
     assert not resolves(lease_pb2.HoldRequest.DESCRIPTOR, "namespace")
     assert resolves(lease_pb2.HoldRequest.DESCRIPTOR, "acquire.namespace")
     assert not resolves(erase, "") and not resolves(erase, "request")
+    struct = struct_pb2.Struct.DESCRIPTOR  # no request of this API has a map field; Struct's ``fields`` is one
+    assert resolves(struct, 'fields["a"].string_value') and resolves(struct, "fields")
+    assert not resolves(struct, "fields[0]") and not resolves(struct, 'fields["a"].nothing')
+    assert not resolves(memory_pb2.StoreRequest.DESCRIPTOR, 'memory.tags["a"]')
 
 
 def _bad_scalars(field: FieldDescriptor) -> list[Any]:
