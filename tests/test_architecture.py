@@ -25,6 +25,7 @@ LAYERS: dict[str, str] = {
     "models": "foundation",
     "config": "foundation",
     "metrics": "foundation",
+    "observability": "foundation",
     "v1": "wire",
     "storage": "storage",
     "memories": "domain",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from grpc_health.v1 import health_pb2
@@ -30,8 +30,16 @@ class Probe(Protocol):
 class HealthMonitor:
     """Probes the database every ``interval`` seconds and sets every service's status from the answer."""
 
-    def __init__(self, servicer: HealthServicer, probe: Probe, services: Iterable[str], interval: float) -> None:
+    def __init__(
+        self,
+        servicer: HealthServicer,
+        probe: Probe,
+        services: Iterable[str],
+        interval: float,
+        on_change: Callable[[bool], None] | None = None,
+    ) -> None:
         self._servicer = servicer
+        self._on_change = on_change
         self._probe = probe
         self._services = tuple(services)
         self._interval = interval
@@ -39,6 +47,8 @@ class HealthMonitor:
 
     async def set_all(self, serving: bool) -> None:
         self.serving = serving
+        if self._on_change is not None:
+            self._on_change(serving)
         for name in self._services:
             await self._servicer.set(name, SERVING if serving else NOT_SERVING)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from memory_service.cli.remote import OneLineParser
 from memory_service.config.settings import Settings
 from memory_service.errors import ConfigError, StartupError
+from memory_service.observability import logs
 
 log = logging.getLogger("memory_service")
 
@@ -85,16 +86,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("asyncio", "pgserver"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from memory_service.app.server import serve
 
@@ -142,7 +133,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
                 "or --data-dir (MEMORY_SERVICE_DATA_DIR) for the embedded one"
             )
         settings = Settings.from_env(merged)
-        _configure_logging(settings.log_level)
+        logs.configure(settings.log_level, settings.log_format)
         return run(settings, args)
     except StartupError as exc:
         print(f"memory-service: error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -247,15 +248,33 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
         self.dsn = dsn
+        self.on_wait: Callable[[float], None] | None = None
+        """Told how long each acquire waited for a connection, in seconds (the pool-wait metric)."""
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout: float = 30.0) -> Database:
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int,
+        max_size: int,
+        timeout: float = 30.0,
+        on_query: Callable[[Any], None] | None = None,
+    ) -> Database:
+        """A pool of ``max_size`` connections; ``on_query`` (tracing) hears of every statement they run."""
+        init = init_connection
+        if on_query is not None:
+
+            async def init(conn: asyncpg.Connection) -> None:
+                await init_connection(conn)
+                conn.add_query_logger(on_query)
+
         with translate_errors():
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,
                 max_size=max_size,
-                init=init_connection,
+                init=init,
                 reset=_reset_connection,
                 connection_class=PooledConnection,
                 timeout=timeout,
@@ -295,8 +314,11 @@ class Database:
 
         ``pool.acquire(timeout=...)`` runs each acquire in a task of its own; a timer around a plain acquire
         bounds the wait the same way without a task per call."""
+        waited = time.perf_counter()
         async with asyncio.timeout(timeout):
             conn = await self.pool.acquire()
+        if self.on_wait is not None:
+            self.on_wait(time.perf_counter() - waited)
         try:
             if not keep_planner_settings:
                 await _drop_planner_settings(conn)
