@@ -251,3 +251,4 @@ class Metrics:
         for outcome in outcomes:
             self.embedding_requests.labels(provider, outcome)
         self.embedding_texts.labels(provider)
+        self.embedding_latency.labels(provider)

@@ -7,7 +7,7 @@ against the exact ones goes into ``memory_search_recall`` (a summary: its ``_sum
 is the mean recall there).
 
 The cost is bounded and kept away from callers: re-runs wait in a short queue and one worker runs them one at a
-time, only when the pool has an idle connection; a full queue or a busy pool skips the check (and counts it in
+time, only while the pool has a connection to spare; a full queue or a saturated pool skips the check (and counts it in
 ``memory_search_recall_checks_skipped_total``). At 1% and a filtered or unfiltered exact scan costing E, the
 database spends about 0.01 * E more per index search, on one connection at most.
 """
@@ -79,7 +79,7 @@ class RecallCheck:
     async def _run(self) -> None:
         while True:
             check = await self._queue.get()
-            if self._db.pool_idle() == 0:
+            if self._db.pool_busy():
                 self._metrics.search_recall_skipped.inc()
                 continue
             try:

@@ -373,3 +373,7 @@ class Database:
 
     def pool_idle(self) -> int:
         return int(self.pool.get_idle_size())
+
+    def pool_busy(self) -> bool:
+        """Every connection the pool may open is checked out: one more caller would wait."""
+        return self.pool_size() - self.pool_idle() >= int(self.pool.get_max_size())
