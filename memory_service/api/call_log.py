@@ -73,7 +73,7 @@ class _Watch:
         try:
             if observer.access_log:
                 access_log.info(
-                    "%s %s", note.method, code.name, extra={"code": code.name, "duration": round(seconds, 6)}
+                    f"{note.method} {code.name}", extra={"fields": {"code": code.name, "duration": round(seconds, 6)}}
                 )
             slow = observer.slow_call_seconds
             if slow is not None and seconds >= slow:
@@ -84,7 +84,7 @@ class _Watch:
                     seconds,
                     code.name,
                     "".join(f" {key}={value}" for key, value in plan.items()),
-                    extra={"code": code.name, "duration": round(seconds, 6), "plan": plan},
+                    extra={"fields": {"code": code.name, "duration": round(seconds, 6), "plan": plan}},
                 )
             if observer.tracing is not None:
                 attributes = {f"memory.search.{key}": value for key, value in (note.plan or {}).items()}

@@ -1,7 +1,8 @@
 """Log output: the classic text lines, or ``LOG_FORMAT=json``, one JSON object per line.
 
 A JSON line carries time, level, logger and message, and inside a call the call's request id, trace id, principal
-and method (the access log adds code and duration). Exceptions go in ``error`` as one string.
+and method (the access log adds code and duration, the slow-call log the plan). Exceptions go in ``error`` as one
+string.
 """
 
 from __future__ import annotations
@@ -16,17 +17,26 @@ from memory_service.observability.calls import current_call
 
 LOG_FORMATS = ("text", "json")
 ACCESS_LOGGER = "memory_service.access"
-_RESERVED = frozenset(vars(logging.makeLogRecord({})))
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record; fields passed with ``extra=`` are kept as they are."""
+    """One JSON object per record; a dict passed as ``extra={"fields": {...}}`` adds its keys to the object."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self, created: float) -> str:
+        # One strftime per second rather than per line: the access log writes a line per call.
+        second = int(created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        seconds = record.created
-        millis = int((seconds - int(seconds)) * 1000)
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z",
+            "time": self._time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -37,9 +47,9 @@ class JsonFormatter(logging.Formatter):
             entry["trace_id"] = note.trace_id
             entry["principal"] = note.principal
             entry["method"] = note.method
-        for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
+        fields = record.__dict__.get("fields")
+        if isinstance(fields, dict):
+            entry.update(fields)
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, separators=(",", ":"))
