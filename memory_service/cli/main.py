@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _database_flags(migrate)
     migrate.set_defaults(run=_migrate, needs_database=True)
 
+    from memory_service.cli import backup as cli_backup
     from memory_service.cli import history as cli_history
     from memory_service.cli import ingest as cli_ingest
     from memory_service.cli import lease as cli_lease
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_lease.register(commands)
     cli_ops.register(commands)
     cli_history.register(commands)
+    cli_backup.register(commands)
     return parser
 
 
