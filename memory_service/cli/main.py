@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(run=_migrate, needs_database=True)
 
     from memory_service.cli import backup as cli_backup
+    from memory_service.cli import doctor as cli_doctor
     from memory_service.cli import history as cli_history
     from memory_service.cli import ingest as cli_ingest
     from memory_service.cli import lease as cli_lease
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_ops.register(commands)
     cli_history.register(commands)
     cli_backup.register(commands)
+    cli_doctor.register(commands)
     return parser
 
 
