@@ -104,7 +104,9 @@ async def snapshot_for_dump(conn: asyncpg.Connection) -> str:
 
 def dump(dsn: str, out: IO[bytes], *, snapshot: str | None, bin_dir: Path | None = None) -> None:
     """Append a custom-format archive of the schema ``memory`` to ``out`` (a file already holding the header)."""
-    command = [str(pg_bin(bin_dir) / "pg_dump"), "--format=custom", f"--schema={SCHEMA}", "--no-owner", "--no-acl"]
+    # gzip level 1: embeddings barely compress, and the default level 6 spent most of a backup's time on them.
+    command = [str(pg_bin(bin_dir) / "pg_dump"), "--format=custom", "--compress=1", f"--schema={SCHEMA}"]
+    command += ["--no-owner", "--no-acl"]
     if snapshot is not None:
         command.append(f"--snapshot={snapshot}")
     _run([*command, f"--dbname={dsn}"], stdout=out)
