@@ -26,6 +26,7 @@ LAYERS: dict[str, str] = {
     "config": "foundation",
     "metrics": "foundation",
     "pagination": "foundation",
+    "observability": "foundation",
     "v1": "wire",
     "storage": "storage",
     "memories": "domain",

@@ -24,6 +24,7 @@ from grpc import aio
 
 from memory_service import errors
 from memory_service.api import details
+from memory_service.api.call_log import CallObserver
 from memory_service.api.status import status_for
 from memory_service.metrics import Metrics
 
@@ -72,9 +73,10 @@ class Authenticator:
 
 
 class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, metrics: Metrics, authenticator: Authenticator) -> None:
+    def __init__(self, metrics: Metrics, authenticator: Authenticator, observer: CallObserver | None = None) -> None:
         self._metrics = metrics
         self._auth = authenticator
+        self._observer = observer if observer is not None and observer.active else None
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -90,7 +92,7 @@ class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         service, _, name = method.lstrip("/").rpartition("/")
-        call = _Call(self._metrics, self._auth, service, name, handler)
+        call = _Call(self._metrics, self._auth, service, name, handler, observer=self._observer)
         factory, behavior = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
         original = getattr(handler, behavior)
         # Streaming handlers come in two shapes: async generators that yield responses, and coroutines that
@@ -152,7 +154,14 @@ class _Call:
     """Everything the wrapper needs to know about one method."""
 
     def __init__(
-        self, metrics: Metrics, auth: Authenticator, service: str, method: str, handler: grpc.RpcMethodHandler
+        self,
+        metrics: Metrics,
+        auth: Authenticator,
+        service: str,
+        method: str,
+        handler: grpc.RpcMethodHandler,
+        *,
+        observer: CallObserver | None = None,
     ) -> None:
         kind = {
             (False, False): "unary",
@@ -166,20 +175,26 @@ class _Call:
         self._started = metrics.grpc_started.labels(*self.labels)
         self._latency = metrics.grpc_latency.labels(*self.labels)
         self.auth = auth if service not in OPEN_SERVICES else None
+        self.observer = observer
+        self.name = f"/{service}/{method}"
 
     def _authenticate(self, context: aio.ServicerContext) -> None:
         if self.auth is not None and self.auth.enabled:
             current_principal.set(self.auth.principal(context.invocation_metadata()))
 
-    def _finish(self, started: float, code: grpc.StatusCode) -> None:
+    def _finish(self, started: float, code: grpc.StatusCode, watch: Any) -> None:
+        seconds = time.perf_counter() - started
         self.metrics.grpc_handled.labels(*self.labels, code.name).inc()
-        self._latency.observe(time.perf_counter() - started)
+        self._latency.observe(seconds)
+        if watch is not None:
+            watch.end(code, seconds, current_principal.get())
 
     def wrap_unary(self, behavior: Callable[[Any, aio.ServicerContext], Awaitable[Any]]) -> Any:
         async def unary(request: Any, context: aio.ServicerContext) -> Any:
             self._started.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            watch = None if self.observer is None else self.observer.begin(self.name, context)
             try:
                 self._authenticate(context)
                 return await behavior(self._check(request), context)
@@ -188,7 +203,7 @@ class _Call:
                 await _abort_unless_final(exc, code, context)
                 raise
             finally:
-                self._finish(started, code)
+                self._finish(started, code, watch)
 
         return unary
 
@@ -197,6 +212,7 @@ class _Call:
             self._started.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            watch = None if self.observer is None else self.observer.begin(self.name, context)
             try:
                 self._authenticate(context)
                 async for response in behavior(self._check(request), context):
@@ -206,7 +222,7 @@ class _Call:
                 await _abort_unless_final(exc, code, context)
                 raise
             finally:
-                self._finish(started, code)
+                self._finish(started, code, watch)
 
         return stream
 

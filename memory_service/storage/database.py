@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -260,6 +261,8 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
         self.dsn = dsn
+        self.on_wait: Callable[[float], None] | None = None
+        """Told how long each acquire waited for a connection, in seconds (the pool-wait metric)."""
         self.refusals = WriteRefusals()
 
     @contextlib.contextmanager
@@ -285,13 +288,29 @@ class Database:
             await self.pool.expire_connections()
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout: float = 30.0) -> Database:
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int,
+        max_size: int,
+        timeout: float = 30.0,
+        on_query: Callable[[Any], None] | None = None,
+    ) -> Database:
+        """A pool of ``max_size`` connections; ``on_query`` (tracing) hears of every statement they run."""
+        init = init_connection
+        if on_query is not None:
+
+            async def init(conn: asyncpg.Connection) -> None:
+                await init_connection(conn)
+                conn.add_query_logger(on_query)
+
         with translate_errors():
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,
                 max_size=max_size,
-                init=init_connection,
+                init=init,
                 reset=_reset_connection,
                 connection_class=PooledConnection,
                 timeout=timeout,
@@ -331,8 +350,11 @@ class Database:
 
         ``pool.acquire(timeout=...)`` runs each acquire in a task of its own; a timer around a plain acquire
         bounds the wait the same way without a task per call."""
+        waited = time.perf_counter()
         async with asyncio.timeout(timeout):
             conn = await self.pool.acquire()
+        if self.on_wait is not None:
+            self.on_wait(time.perf_counter() - waited)
         try:
             if not keep_planner_settings:
                 await _drop_planner_settings(conn)
@@ -387,3 +409,7 @@ class Database:
 
     def pool_idle(self) -> int:
         return int(self.pool.get_idle_size())
+
+    def pool_busy(self) -> bool:
+        """Every connection the pool may open is checked out: one more caller would wait."""
+        return self.pool_size() - self.pool_idle() >= int(self.pool.get_max_size())
