@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from memory_service.app.processes import configure_logging
 from memory_service.cli.remote import OneLineParser
 from memory_service.config.settings import Settings
 from memory_service.errors import ConfigError, StartupError
@@ -85,20 +86,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("asyncio", "pgserver"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from memory_service.app.server import serve
+    from memory_service.app.processes import serve
 
-    return asyncio.run(serve(settings))
+    return serve(settings)
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -142,7 +133,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
                 "or --data-dir (MEMORY_SERVICE_DATA_DIR) for the embedded one"
             )
         settings = Settings.from_env(merged)
-        _configure_logging(settings.log_level)
+        configure_logging(settings.log_level)
         return run(settings, args)
     except StartupError as exc:
         print(f"memory-service: error: {exc}", file=sys.stderr)

@@ -63,6 +63,9 @@ class Settings:
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
+    server_processes: int = 1
+    """Server processes ``serve`` runs on the one port (``app.processes``); from the environment the default is
+    the number of cores. An in-process ``MemoryServer`` (tests, embedding) is always one."""
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = 9464
     """None (``METRICS_PORT=off``) disables the metrics endpoint; 0 picks a free port, as GRPC_PORT=0 does."""
@@ -175,6 +178,7 @@ class Settings:
             embedding_threads=reader.integer("EMBEDDING_THREADS", 2, minimum=1, maximum=64),
             grpc_host=reader.text("GRPC_HOST") or "0.0.0.0",
             grpc_port=reader.integer("GRPC_PORT", 50051, minimum=0, maximum=65535),
+            server_processes=reader.integer("SERVER_PROCESSES", os.cpu_count() or 1, minimum=1, maximum=256),
             metrics_host=reader.text("METRICS_HOST") or "0.0.0.0",
             metrics_port=reader.port_or_off("METRICS_PORT", 9464),
             grpc_max_concurrent_rpcs=reader.integer("GRPC_MAX_CONCURRENT_RPCS", 1000, minimum=1, maximum=1_000_000),
