@@ -71,7 +71,7 @@ async def measure(
         # Every call at the setting of the first: the server recalibrates on the searches it serves.
         probes = first.probes
         exact = first.plan == "exact"
-        for name, value in scan_settings(kind, first.probes, iterative=True, limit=K).items():
+        for name, value in scan_settings(kind, first.probes, iterative=True, limit=K, filtered=False).items():
             if not exact:
                 await conn.execute("SELECT set_config($1, $2, false)", name, value)
         vector_sql, _ = search_sql.candidates_statement(

@@ -268,12 +268,20 @@ def test_the_query_sample_is_bounded_and_uniform() -> None:
 def test_the_policy_needs_no_database() -> None:
     assert ladder("ivfflat", 10)[:3] == [1, 2, 3] and ladder("ivfflat", 10)[-1] == 10
     assert ladder("ivfflat", 1000)[-1] == 1000 and ladder("hnsw", 0)[-1] == 1000
-    assert scan_settings("hnsw", 20, iterative=True, limit=40) == {
+    assert scan_settings("hnsw", 20, iterative=True, limit=40, filtered=True) == {
         "hnsw.ef_search": "40",
         "hnsw.iterative_scan": "relaxed_order",
         "enable_sort": "off",
     }
-    assert scan_settings("ivfflat", 3, iterative=False, limit=40) == {"ivfflat.probes": "3", "enable_sort": "off"}
+    assert scan_settings("ivfflat", 3, iterative=False, limit=40, filtered=True) == {
+        "ivfflat.probes": "3",
+        "enable_sort": "off",
+    }
+    # Unfiltered, the index is the only plan short of reading the table: no planner setting, no reset after.
+    assert scan_settings("hnsw", 20, iterative=True, limit=10, filtered=False) == {
+        "hnsw.ef_search": "20",
+        "hnsw.iterative_scan": "relaxed_order",
+    }
     curve = Curve(points=((1, 0.8), (2, 0.93), (3, 0.96)), queries=50)
     assert curve.chosen(0.95) == 3 and curve.chosen(0.9) == 2 and curve.chosen(0.99) == 3
     # The choice is made on the lower confidence bound: a mean above the target is not enough on its own.

@@ -53,7 +53,7 @@ def ladder(kind: IndexKind, lists: int) -> list[int]:
     return [*steps, max(lists, 1)]
 
 
-def scan_settings(kind: IndexKind, setting: int, *, iterative: bool, limit: int) -> dict[str, str]:
+def scan_settings(kind: IndexKind, setting: int, *, iterative: bool, limit: int, filtered: bool) -> dict[str, str]:
     """The session settings a search (or a calibration) runs an index scan with.
 
     Iterative scans (pgvector 0.8+) keep scanning until ``limit`` rows pass the filter, in relaxed order: the
@@ -66,12 +66,14 @@ def scan_settings(kind: IndexKind, setting: int, *, iterative: bool, limit: int)
         settings = {"ivfflat.probes": str(setting)}
     if iterative:
         settings[f"{kind}.iterative_scan"] = "relaxed_order"
-    # The engine sends a search to the index only when it has judged the index cheaper than reading the filter's
-    # matches; left to itself, PostgreSQL often reads a large scope through its btree and sorts every row instead
-    # (an exact scan under an approximate label, whose cost grows with the scope). The index yields rows in
-    # distance order, so forbidding the sort leaves it the index. Storage resets this setting before the
-    # connection serves anything else.
-    settings["enable_sort"] = "off"
+    if filtered:
+        # The engine sends a filtered search to the index only when it has judged the index cheaper than reading
+        # the filter's matches; left to itself, PostgreSQL often reads a large scope through its btree and sorts
+        # every row instead (an exact scan under an approximate label, whose cost grows with the scope). The index
+        # yields rows in distance order, so forbidding the sort leaves it the index. Storage resets this setting
+        # before the connection serves anything else, which costs a round trip: unfiltered searches, for which
+        # the index is the only plan short of reading the whole table, do without it.
+        settings["enable_sort"] = "off"
     return settings
 
 
@@ -215,8 +217,10 @@ async def _curve(
 ) -> Curve:
     points: list[tuple[int, float]] = []
     lower: list[float] = []
+    filtered = any(not probe.memory_filter.is_empty for probe in probes)
     for setting in settings:
-        await calibration_sql.use_settings(conn, scan_settings(kind, setting, iterative=iterative, limit=RECALL_AT + 1))
+        scan = scan_settings(kind, setting, iterative=iterative, limit=RECALL_AT + 1, filtered=filtered)
+        await calibration_sql.use_settings(conn, scan)
         found = 0
         per_query: list[float] = []
         for probe in probes:

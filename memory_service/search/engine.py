@@ -130,7 +130,11 @@ class SearchEngine:
         # memories_by_id is dropped from the hits, as before. Only an index scan depends on scan settings; the
         # exact and text scans run with whatever the connection has.
         session = (
-            self._db.settings_connection(scan_settings(kind, probes, iterative=self.iterative_scan, limit=limit))
+            self._db.settings_connection(
+                scan_settings(
+                    kind, probes, iterative=self.iterative_scan, limit=limit, filtered=not query.filter.is_empty
+                )
+            )
             if approximate_possible
             else self._db.connection()
         )
