@@ -32,7 +32,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from types import FrameType
+from typing import Any
 
 from memory_service.config.settings import Settings
 from memory_service.errors import StartupError
@@ -57,8 +59,18 @@ def serve(settings: Settings) -> int:
     from memory_service.app.server import serve as serve_here
 
     if settings.server_processes <= 1:
-        return asyncio.run(serve_here(settings))
+        return run_loop(serve_here(settings))
     return _Supervisor(settings).run()
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run`` on uvloop where it is installed (Linux and macOS): the loop that grpc.aio's completion
+    events and every asyncpg round trip go through, a large share of each call's cost (bench.overhead)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -170,7 +182,7 @@ def worker() -> None:
     configure_logging(settings.log_level)
     log.info("server process %d (pid %d)", index, os.getpid())
     try:
-        code = asyncio.run(serve_here(settings, reuse_port=True, parent_gone=fd))
+        code = run_loop(serve_here(settings, reuse_port=True, parent_gone=fd))
     except StartupError as exc:
         print(f"memory-service: error: {exc}", file=sys.stderr)
         code = 2

@@ -97,8 +97,8 @@ class Settings:
     """The approximate index: ``ivfflat`` or ``hnsw``."""
     search_target_recall: float = 0.95
     """Recall@10 the index's calibration chooses probes (ef_search) for."""
-    search_calibration_queries: int = 100
-    """Stored vectors a calibration uses as queries."""
+    search_calibration_queries: int = 200
+    """Queries a calibration measures on before real searches replace them: half choose, half check."""
     ivfflat_probes: int | None = None
     """Probes for every approximate search on ivfflat; unset takes the calibrated probes."""
     hnsw_ef_search: int | None = None
@@ -200,7 +200,7 @@ class Settings:
             embed_max_texts=reader.integer("EMBED_MAX_TEXTS", 256, minimum=1, maximum=10_000),
             vector_index=cast(IndexKind, reader.choice("VECTOR_INDEX", ("ivfflat", "hnsw"), "ivfflat")),
             search_target_recall=reader.number("SEARCH_TARGET_RECALL", 0.95, minimum=0.5, maximum=1.0),
-            search_calibration_queries=reader.integer("SEARCH_CALIBRATION_QUERIES", 100, minimum=10, maximum=10_000),
+            search_calibration_queries=reader.integer("SEARCH_CALIBRATION_QUERIES", 200, minimum=10, maximum=10_000),
             ivfflat_probes=reader.optional_integer("IVFFLAT_PROBES", minimum=1, maximum=32768),
             hnsw_ef_search=reader.optional_integer("HNSW_EF_SEARCH", minimum=1, maximum=1000),
             hnsw_m=reader.integer("HNSW_M", 16, minimum=2, maximum=100),
