@@ -103,13 +103,19 @@ class Curve:
     """What the setting that reached the target is multiplied by: more than 1 for queries made from stored
     memories, which cannot tell how far real questions lie (``search.calibration_queries.COLD_MARGIN``)."""
 
+    most: int = 0
+    """The largest setting there is (every list; ef_search 1000), which the margin never goes past; 0: no bound."""
+
     def chosen(self, target: float) -> int:
         bounds = self.lower or tuple(recall for _, recall in self.points)
         held_out = dict(self.checked)
+        passed = self.points[-1][0]
         for (setting, _), bound in zip(self.points, bounds, strict=True):
             if bound >= target and (not self.checked or held_out.get(setting, 0.0) >= target):
-                return math.ceil(setting * self.margin)
-        return math.ceil(self.points[-1][0] * self.margin)
+                passed = setting
+                break
+        with_margin = math.ceil(passed * self.margin)
+        return min(with_margin, self.most) if self.most else with_margin
 
     def recall_at(self, setting: int) -> float | None:
         """Recall measured at the largest tried setting not above ``setting`` (more probes never find less), the
@@ -126,6 +132,7 @@ class Curve:
             "lower": list(self.lower),
             "checked": [list(p) for p in self.checked],
             "margin": self.margin,
+            "most": self.most,
         }
 
     @classmethod
@@ -137,6 +144,7 @@ class Curve:
             lower=tuple(float(x) for x in data.get("lower", ())),
             checked=tuple((int(s), float(r)) for s, r in data.get("checked", ())),
             margin=float(data.get("margin", 1.0)),
+            most=int(data.get("most", 0)),
         )
 
 
@@ -277,6 +285,7 @@ async def _curve(
         lower=tuple(lower),
         checked=tuple(checked),
         margin=margin,
+        most=settings[-1] if settings else 0,
     )
 
 
