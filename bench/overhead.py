@@ -32,11 +32,12 @@ from bench.datasets import corpus, queries
 from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
 from bench.harness import throughput as calls_per_second
 from bench.scale import build, service_env
-from memory_service.models import MemoryFilter
+from memory_service.models import IndexKind, MemoryFilter
 from memory_service.search.calibration import scan_settings
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
-from memory_service.storage.memories_sql import COLUMNS, LIVE
+from memory_service.storage.filters import LIVE
+from memory_service.storage.memories_sql import COLUMNS
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 K = 10
@@ -44,7 +45,7 @@ IN_FLIGHT = 16
 
 
 async def measure(
-    dsn: str, env: dict[str, str], vectors: Any, ids: list[int], *, count: int, kind: str, total: int
+    dsn: str, env: dict[str, str], vectors: Any, ids: list[int], *, count: int, kind: IndexKind, total: int
 ) -> list[list[object]]:
     server = ServerProcess(env)
     conn = await asyncpg.connect(dsn)
@@ -135,13 +136,15 @@ async def run(args: argparse.Namespace) -> None:
         conn = await asyncpg.connect(dsn)
         try:
             ids = [r["id"] for r in await conn.fetch("SELECT id FROM memory.memories ORDER BY random() LIMIT 500")]
+            table_rows = await conn.fetchval("SELECT count(*) FROM memory.memories")
         finally:
             await conn.close()
         rows: list[list[object]] = []
         for processes in args.processes.split(","):
             env = service_env(dsn, args.index, SERVER_PROCESSES=processes)
-            rows += await measure(dsn, env, vectors, ids, count=args.queries, kind=args.index, total=args.total)
-    print(f"\n{args.rows} rows of hard, VECTOR_INDEX={args.index}, load average {os.getloadavg()[0]:.2f}\n")
+            kind: IndexKind = "hnsw" if args.index == "hnsw" else "ivfflat"
+            rows += await measure(dsn, env, vectors, ids, count=args.queries, kind=kind, total=args.total)
+    print(f"\n{table_rows} rows of hard, VECTOR_INDEX={args.index}, load average {os.getloadavg()[0]:.2f}\n")
     print_table(
         [
             "SERVER_PROCESSES",
