@@ -33,7 +33,7 @@ from bench.harness import ServerProcess, database_server, fresh_database, latenc
 from bench.harness import throughput as calls_per_second
 from bench.scale import build, service_env
 from memory_service.models import IndexKind, MemoryFilter
-from memory_service.search.calibration import scan_settings
+from memory_service.search.tuning import scan_settings
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.filters import LIVE

@@ -18,10 +18,11 @@ import pytest
 from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter
-from memory_service.search.calibration import Calibration, Curve, ladder, scan_settings
+from memory_service.search.calibration import Calibration, Curve, ladder
 from memory_service.search.calibration_queries import COLD_MARGIN, STEP, moved
 from memory_service.search.index_care import IndexState, needs_calibration
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.tuning import scan_settings
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
@@ -81,9 +82,8 @@ async def test_calibration_chooses_the_least_probes_that_reach_the_target(
     assert curve.source == "memories" and curve.margin == COLD_MARGIN["ivfflat"] and curve.queries == 80
     passed = points[-1][0]
     assert curve.most == 10 and chosen == min(math.ceil(passed * curve.margin), 10)
-    # The premise: one list is not enough on this data. Then: every cheaper setting fell short, the one that
-    # passed did, on the half that chose and on the held-out half.
-    assert points[0] == (1, points[0][1]) and points[0][1] < TARGET
+    # Every cheaper setting fell short, the one that passed did, on the half that chose and on the held-out half.
+    assert points[0][0] == 1
     lower = curve.lower
     assert len(lower) == len(points) and all(lo <= r for lo, (_, r) in zip(lower, points, strict=True))
     held_out = dict(curve.checked)
@@ -96,15 +96,24 @@ async def test_calibration_chooses_the_least_probes_that_reach_the_target(
     rng = np.random.default_rng(99)
     fresh = corpus.centres[rng.integers(0, len(corpus.centres), 60)] + rng.normal(size=(60, 384)) / np.sqrt(384)
     fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
-    total = 0.0
+    total = one_list = 0.0
     for vector in fresh.astype(np.float32):
         response = await running.memory.Search(
             memory_pb2.SearchRequest(query_embedding=vector.tolist(), top_k=10, mode=memory_pb2.SEARCH_MODE_VECTOR)
         )
         assert response.plan == "ivfflat-iterative" and response.probes == chosen
         assert response.estimated_recall == pytest.approx(calibration.unfiltered.recall_at(chosen))
-        truth = np.argsort(-(corpus.vectors @ vector))[:10]
-        total += recall([int(h.memory.key.split("-")[1]) for h in response.hits], [int(i) for i in truth])
+        truth = [int(i) for i in np.argsort(-(corpus.vectors @ vector))[:10]]
+        total += recall([int(h.memory.key.split("-")[1]) for h in response.hits], truth)
+        cheapest = await running.memory.Search(
+            memory_pb2.SearchRequest(
+                query_embedding=vector.tolist(), top_k=10, mode=memory_pb2.SEARCH_MODE_VECTOR, probes=1
+            )
+        )
+        one_list += recall([int(h.memory.key.split("-")[1]) for h in cheapest.hits], truth)
+    # Measured here against brute force, not read from the calibration: one list is not enough on this data (the
+    # premise, so choosing more than one was right), and the chosen setting keeps its promise.
+    assert one_list / 60 < TARGET
     assert total / 60 >= TARGET - 0.05
 
 
