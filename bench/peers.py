@@ -209,10 +209,16 @@ async def faiss_hnsw(
             break
 
     async def call(i: int) -> set[int]:
-        return search(i)
+        return search(i % len(truth))
 
     await timing.run(call, call, truth, count=count)
     return timing
+
+
+def report(timing: Timing) -> None:
+    p50, rate = percentile_ms(timing.samples, 50), timing.rate
+    said = f"{timing.name}: {timing.setting}, recall {timing.recall:.3f}, p50 {p50:.2f} ms, {rate:.0f} calls/s"
+    print(said, flush=True)
 
 
 def versions() -> str:
@@ -236,8 +242,11 @@ async def run(args: argparse.Namespace) -> None:
             built = await build(dsn, data, index)
             print(f"memory-service: {built}", flush=True)
             timings.append(await memory_service(dsn, index, query_vectors, truth, args.count))
+    report(timings[-1])
     timings.append(await chroma(data.vectors, query_vectors, truth, args.count))
+    report(timings[-1])
     timings.append(await faiss_hnsw(data.vectors, query_vectors, truth, args.count))
+    report(timings[-1])
     service, peer = timings[0], timings[1]
     print(
         f"\n{args.rows} rows of {used}, unfiltered VECTOR top {K}, {len(truth)} queries; "
