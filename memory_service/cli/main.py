@@ -91,9 +91,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from memory_service.app.server import serve
+    from memory_service.app.processes import serve
 
-    return asyncio.run(serve(settings))
+    return serve(settings)
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:

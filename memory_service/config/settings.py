@@ -66,6 +66,9 @@ class Settings:
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
+    server_processes: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    """Server processes ``serve`` runs on the one port (``app.processes``): the cores. An in-process
+    ``MemoryServer`` (tests, embedding) is always one."""
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = DEFAULT_METRICS_PORT
     """None (``METRICS_PORT=off``) disables the metrics endpoint; 0 picks a free port, as GRPC_PORT=0 does."""
@@ -106,8 +109,8 @@ class Settings:
     """The approximate index: ``ivfflat`` or ``hnsw``."""
     search_target_recall: float = 0.95
     """Recall@10 the index's calibration chooses probes (ef_search) for."""
-    search_calibration_queries: int = 100
-    """Stored vectors a calibration uses as queries."""
+    search_calibration_queries: int = 200
+    """Queries a calibration measures on before real searches replace them: half choose, half check."""
     ivfflat_probes: int | None = None
     """Probes for every approximate search on ivfflat; unset takes the calibrated probes."""
     hnsw_ef_search: int | None = None
@@ -192,6 +195,7 @@ class Settings:
             embedding_threads=reader.integer("EMBEDDING_THREADS", d.embedding_threads, minimum=1, maximum=64),
             grpc_host=reader.text("GRPC_HOST") or d.grpc_host,
             grpc_port=reader.integer("GRPC_PORT", d.grpc_port, minimum=0, maximum=65535),
+            server_processes=reader.integer("SERVER_PROCESSES", d.server_processes, minimum=1, maximum=256),
             metrics_host=reader.text("METRICS_HOST") or d.metrics_host,
             metrics_port=reader.port_or_off("METRICS_PORT", DEFAULT_METRICS_PORT),
             grpc_max_concurrent_rpcs=reader.integer(

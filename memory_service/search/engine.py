@@ -127,7 +127,13 @@ class SearchEngine:
         # exact and text scans run with whatever the connection has.
         session = (
             self._db.settings_connection(
-                scan_settings(plan.kind, plan.probes, iterative=self.iterative_scan, limit=limit)
+                scan_settings(
+                    plan.kind,
+                    plan.probes,
+                    iterative=self.iterative_scan,
+                    limit=limit,
+                    filtered=not query.filter.is_empty,
+                )
             )
             if plan.approximate_possible
             else self._db.connection()

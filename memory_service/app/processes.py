@@ -1,0 +1,196 @@
+"""SERVER_PROCESSES: several server processes on one port, so every core serves calls.
+
+One Python process runs its event loop on one core, and grpc.aio, protobuf and the driver all run there. So
+``serve`` starts ``SERVER_PROCESSES`` workers (default: the cores), each a complete server with its own event loop
+and its own pool (``DATABASE_POOL_*`` per worker), sharing nothing but PostgreSQL; they listen on the same port
+with SO_REUSEPORT and the kernel spreads new connections over them. The parent only supervises:
+
+* **port**: it reserves ``GRPC_PORT`` (or, for 0, a free port) with a socket of its own bound with SO_REUSEPORT, so
+  every worker binds the same port and a log line names it;
+* **embedded PostgreSQL**: it starts it before the workers and stops it after the last one (they share it);
+* **metrics**: each worker serves its own ``/metrics`` on ``METRICS_PORT + i`` (worker i from 0; 0 picks a free
+  port each). Their counters are separate, so Prometheus scrapes every worker and sums them;
+* **background work** (index care, purge, text statistics, history retention) runs in every worker, as in several
+  instances: advisory locks let one do each job at a time. Each worker calibrates on the searches it served;
+* **signals**: SIGTERM or SIGINT is forwarded to every worker, which drains as a single server does; the parent
+  exits when all have, 0 if every one did. A worker that dies on its own takes the others down (exit 1), so the
+  orchestrator restarts the whole; a parent that dies closes the workers' stdin, and they shut down.
+
+Settings reach a worker pickled on its stdin, so command-line flags count as they do for a single process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
+from types import FrameType
+from typing import Any
+
+from memory_service.config.settings import Settings
+from memory_service.errors import StartupError
+from memory_service.observability import logs
+from memory_service.storage.embedded import EmbeddedPostgres
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct(">I")
+_STOP_TIMEOUT_EXTRA = 15.0
+"""Seconds past SHUTDOWN_GRACE a worker gets to exit after SIGTERM before it is killed."""
+
+
+def serve(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT: in this process when SERVER_PROCESSES is 1, else through workers."""
+    from memory_service.app.server import serve as serve_here
+
+    if settings.server_processes <= 1:
+        return run_loop(serve_here(settings))
+    return _Supervisor(settings).run()
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run`` on uvloop where it is installed (Linux and macOS): the loop that grpc.aio's completion
+    events and every asyncpg round trip go through, a large share of each call's cost (bench.overhead)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound (never listening) SO_REUSEPORT socket holding ``port`` (a free one for 0) for the workers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((host.strip("[]"), port))
+    except OSError as exc:
+        holder.close()
+        raise StartupError(f"cannot listen on {host}:{port} (GRPC_HOST/GRPC_PORT): {exc}") from exc
+    return holder
+
+
+class _Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.stopping = False
+
+    def run(self) -> int:
+        settings = self.settings
+        embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded_database else None
+        if embedded is not None:
+            embedded.start()
+        holder = None
+        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            holder = reserve_port(settings.grpc_host, settings.grpc_port)
+            port = int(holder.getsockname()[1])
+            log.info("starting %d server processes on port %d", settings.server_processes, port)
+            for index in range(settings.server_processes):
+                self.workers.append(self._spawn(index, port))
+            return self._supervise()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self._stop_all()
+            if holder is not None:
+                holder.close()
+            if embedded is not None:
+                embedded.stop()
+
+    def _spawn(self, index: int, port: int) -> subprocess.Popen[bytes]:
+        metrics_port = self.settings.metrics_port
+        if metrics_port:
+            metrics_port += index
+        worker_settings = dataclasses.replace(
+            self.settings, grpc_port=port, metrics_port=metrics_port, server_processes=1
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from memory_service.app.processes import worker; worker()"],
+            stdin=subprocess.PIPE,
+            # A terminal's Ctrl-C reaches the parent only; it forwards SIGTERM, so each worker drains once.
+            start_new_session=True,
+        )
+        assert process.stdin is not None
+        payload = pickle.dumps((worker_settings, index))
+        process.stdin.write(_LENGTH.pack(len(payload)) + payload)
+        process.stdin.flush()  # stdin stays open: its end tells the worker that the parent is gone
+        return process
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            log.info("shutdown requested: stopping %d server processes", len(self.workers))
+        self.stopping = True
+        for process in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    def _supervise(self) -> int:
+        while True:
+            codes = [p.poll() for p in self.workers]
+            if self.stopping:
+                if all(code is not None for code in codes):
+                    return 0 if all(code == 0 for code in codes) else 1
+            elif any(code is not None for code in codes):
+                failed = next(i for i, code in enumerate(codes) if code is not None)
+                log.error("server process %d exited (code %s): stopping the others", failed, codes[failed])
+                return 2 if codes[failed] == 2 else 1
+            time.sleep(0.1)
+
+    def _stop_all(self) -> None:
+        for process in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace + _STOP_TIMEOUT_EXTRA
+        for process in self.workers:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("server process %d did not stop in time: killing it", process.pid)
+                process.kill()
+                process.wait()
+            if process.stdin is not None:
+                process.stdin.close()
+
+
+def worker() -> None:
+    """A worker's entry point: settings from stdin, then one server on the shared port until SIGTERM or until
+    the parent is gone (stdin closes)."""
+    from memory_service.app.server import serve as serve_here
+
+    fd = sys.stdin.fileno()
+    (size,) = _LENGTH.unpack(_read_exactly(fd, _LENGTH.size))
+    settings, index = pickle.loads(_read_exactly(fd, size))
+    logs.configure(settings.log_level, settings.log_format)
+    log.info("server process %d (pid %d)", index, os.getpid())
+    try:
+        code = run_loop(serve_here(settings, reuse_port=True, parent_gone=fd))
+    except StartupError as exc:
+        print(f"memory-service: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    """``size`` bytes from the pipe, which stays open after them (so no read to the end)."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise SystemExit("memory-service: error: the parent process went away before sending the settings")
+        data.extend(chunk)
+    return bytes(data)
