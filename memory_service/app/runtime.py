@@ -28,6 +28,7 @@ from memory_service.metrics import Metrics
 from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.text_search import TextSearch
 from memory_service.search.text_stats import TextStats
 from memory_service.storage import settings_sql
 from memory_service.storage.database import Database, check_reachable
@@ -196,6 +197,10 @@ class Runtime:
                 self._read_db = read_db = await Database.connect(
                     settings.database_read_url, min_size=1, max_size=settings.database_pool_max
                 )
+            ranking = TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored)
+            text_search = TextSearch(read_db, ranking) if settings.text_index else None
+            if text_search is not None:
+                await text_search.load_if_small()
             self._search = SearchEngine(
                 read_db,
                 self._embedder,
@@ -204,11 +209,16 @@ class Runtime:
                 iterative_scan=iterative,
                 default_probes=settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes,
                 narrow_filter_rows=settings.search_narrow_filter_rows,
-                text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
+                text_ranking=ranking,
                 hybrid_alpha=hybrid_alpha(settings, provider),
                 seen=seen,
+                text_search=text_search,
             )
             if background:
+                if text_search is not None:
+                    if not text_search.ready:
+                        self._tasks.append(asyncio.create_task(text_search.build(), name="text index load"))
+                    self._spawn("text index", settings.text_index_interval, text_search.follow)
                 self._spawn("purge expired memories", settings.purge_interval, self._purge)
                 self._spawn("index maintenance", settings.index_check_interval, self._index.maintain)
                 self._spawn("text statistics", settings.text_stats_interval, self._text_stats.maintain)

@@ -116,6 +116,10 @@ class Settings:
     """Most memories one text query scores; terms are taken rarest first until their documents reach it."""
     text_stats_interval: float = 10.0
     """How often each instance checks whether BM25's corpus statistics are due for a refresh."""
+    text_index: bool = True
+    """TEXT searches rank with the in-memory index (exact BM25 top-k); off: with the SQL statement alone."""
+    text_index_interval: float = 0.2
+    """How often the text index applies new changes in the background (searches apply them too before ranking)."""
     hybrid_alpha: float | None = None
     """Vector weight in weighted hybrid fusion; unset: 0.5 with a semantic provider, 0.2 with the hash embedder."""
     purge_interval: float = 60.0
@@ -208,6 +212,8 @@ class Settings:
             bm25_b=reader.number("BM25_B", 0.75, minimum=0.0, maximum=1.0),
             text_max_scored=reader.integer("TEXT_MAX_SCORED", 2000, minimum=100, maximum=10_000_000),
             text_stats_interval=reader.duration("TEXT_STATS_INTERVAL", 10.0),
+            text_index=reader.boolean("TEXT_INDEX", True),
+            text_index_interval=reader.duration("TEXT_INDEX_INTERVAL", 0.2),
             hybrid_alpha=reader.optional_number("SEARCH_HYBRID_ALPHA", minimum=0.0, maximum=1.0),
             purge_interval=reader.duration("PURGE_INTERVAL", 60.0),
             lease_min_ttl=reader.duration("LEASE_MIN_TTL", 1.0),

@@ -24,6 +24,7 @@ from memory_service.search.calibration import scan_settings
 from memory_service.search.fusion import rank_candidates
 from memory_service.search.index_care import IndexCare, IndexState, fitted_probes
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.text_search import TextSearch
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database
 from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
@@ -52,6 +53,7 @@ class SearchEngine:
         text_ranking: TextRanking = DEFAULT_TEXT_RANKING,
         hybrid_alpha: float = 0.5,
         seen: QuerySample | None = None,
+        text_search: TextSearch | None = None,
     ) -> None:
         self._db = db
         self._embedder = embedder
@@ -63,6 +65,8 @@ class SearchEngine:
         self._text_ranking = text_ranking
         self.hybrid_alpha = hybrid_alpha
         self.seen = seen
+        self.text_search = text_search
+        """The in-memory text index, once loaded; TEXT searches use the SQL statement until then."""
         """Vectors of recent searches that went to the index, for its calibration (this instance's own)."""
         """Weight of the vector score in weighted fusion when the request does not set ``alpha``."""
 
@@ -73,7 +77,10 @@ class SearchEngine:
         limit = query.top_k
         if query.mode is not SearchMode.VECTOR:
             limit = max(query.top_k * _CANDIDATE_FACTOR, _MIN_CANDIDATES)
-        result = await self._run(query, vector, text, limit)
+        if vector is None and text is not None and self.text_search is not None and self.text_search.ready:
+            result = await self._run_text(query, text, limit)
+        else:
+            result = await self._run(query, vector, text, limit)
         self._metrics.search_latency.labels(query.mode.value).observe(time.perf_counter() - started)
         return result
 
@@ -117,6 +124,26 @@ class SearchEngine:
             visited = probes * state.rows // state.lists
             return max(self._narrow_filter_rows, min(visited, _EXACT_FILTER_MAX_ROWS))
         return self._narrow_filter_rows
+
+    async def _run_text(self, query: SearchQuery, text: str, limit: int) -> SearchResult:
+        """TEXT through the in-memory index: exact BM25 top-k, rows read (and checked) from PostgreSQL."""
+        assert self.text_search is not None
+        async with self._db.connection() as conn:
+            found = await self.text_search.candidates(
+                conn, text, query.filter, limit=limit, with_embedding=query.include_embedding
+            )
+        ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
+        hits = [
+            SearchHit(
+                memory=s.candidate.memory,
+                score=s.score,
+                text_score=s.candidate.text_score,
+                text_rank=s.text_rank,
+            )
+            for s in ranked
+            if s.candidate.memory is not None
+        ]
+        return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
 
     async def _run(self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int) -> SearchResult:
         state = self._index.state
