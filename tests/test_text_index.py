@@ -280,6 +280,14 @@ async def test_text_top_k_is_the_sql_bm25_top_k_with_and_without_filters(
             got = await text_hits(server, query, top_k=15, **fields)
             expected = await uncapped(database_url, query, domain, 15)
             assert_same_top(got, expected)
+        # HYBRID: every hit carries its exact BM25 score, whichever list brought it in.
+        every = dict(await uncapped(database_url, query, MemoryFilter(), 1000))
+        response = await server.memory.Search(
+            memory_pb2.SearchRequest(query=query, mode=memory_pb2.SEARCH_MODE_HYBRID, top_k=20)
+        )
+        assert response.hits
+        for hit in response.hits:
+            assert hit.text_score == pytest.approx(every.get(hit.memory.id, 0.0), rel=1e-9, abs=1e-12)
 
 
 async def test_an_expired_memory_is_never_returned(server: RunningServer) -> None:

@@ -14,6 +14,7 @@ short. The plan:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import UTC, datetime
 
@@ -25,7 +26,7 @@ from memory_service.search.fusion import rank_candidates
 from memory_service.search.index_care import IndexCare, IndexState, fitted_probes
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.text_search import TextSearch
-from memory_service.storage import search_sql
+from memory_service.storage import search_sql, text_index_sql
 from memory_service.storage.database import Database
 from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
 
@@ -173,7 +174,24 @@ class SearchEngine:
                 matching = await search_sql.count_matching(conn, query.filter, cap=exact_below)
                 exact_is_cheaper = matching < exact_below
 
+            # HYBRID with the text index: its exact BM25 top `limit`, then one statement for the vector candidates
+            # and the text candidates' distances; BM25 of vector-only candidates from the index too.
+            text_search = self.text_search if text is not None and vector is not None else None
+            text_best: list[tuple[int, float]] = []
+            scoring = None
+            if text_search is not None and text_search.ready and text is not None:
+                text_best, scoring = await text_search.ranked(conn, text, query.filter, limit=limit)
+            else:
+                text_search = None
+
             async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
+                if text_search is not None and vector is not None:
+                    found = await text_index_sql.hybrid_candidates(
+                        conn, query.filter, vector=vector, limit=limit, exact=exact, text_ids=[i for i, _ in text_best]
+                    )
+                    scores = dict(text_best)
+                    scores.update(text_search.scores([c.id for c in found if c.id not in scores], scoring))
+                    return [dataclasses.replace(c, text_score=scores[c.id]) for c in found]
                 return await search_sql.candidates(
                     conn,
                     query.filter,

@@ -41,6 +41,7 @@ class TextIndex:
         self.k1, self.b = k1, b
         self._version = 0
         """Bumped by every change, so the cached usable mask is recomputed."""
+        self._moved_arrays: tuple[int, Ints, Ints] | None = None
         self._usable: npt.NDArray[np.bool_] | None = None
         self._usable_version = -1
         self._usable_until = np.inf
@@ -126,6 +127,26 @@ class TextIndex:
         if at < len(base) and base[at] == memory_id and self.alive[at]:
             return at
         return -1
+
+    def slots_of(self, ids: Ints) -> Ints:
+        """The live slots of many memories at once (-1 where gone or unknown)."""
+        base = self._base_ids
+        slots = np.full(len(ids), -1, dtype=np.int64)
+        if len(base):
+            at = np.minimum(np.searchsorted(base, ids), len(base) - 1)
+            hit = (base[at] == ids) & self.alive[at]
+            slots[hit] = at[hit]
+        if self._moved:
+            if self._moved_arrays is None or self._moved_arrays[0] != self._version:
+                keys = np.fromiter(self._moved.keys(), dtype=np.int64, count=len(self._moved))
+                values = np.fromiter(self._moved.values(), dtype=np.int64, count=len(self._moved))
+                order = np.argsort(keys)
+                self._moved_arrays = (self._version, keys[order], values[order])
+            _, keys, values = self._moved_arrays
+            at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+            moved = keys[at] == ids
+            slots[moved] = values[at[moved]]
+        return slots
 
     def apply(self, changed: list[int], present: list[DocText], avgdl: float) -> None:
         """``changed`` memories now read as ``present`` (those missing from it are gone)."""
@@ -215,7 +236,7 @@ class TextIndex:
 
     def score_ids(self, ids: list[int], scoring: Scoring, now: float, k: int | None = None) -> list[tuple[int, float]]:
         """Exact BM25 of the given memories that are live and hold a query term, best first (the best ``k``)."""
-        wanted = np.array([self.slot_of(i) for i in ids], dtype=np.int64)
+        wanted = self.slots_of(np.asarray(ids, dtype=np.int64))
         wanted = wanted[wanted >= 0]
         wanted = wanted[self.expiry[wanted] > now]
         slots, scores = [], []

@@ -171,10 +171,11 @@ class TextSearch:
         self._avgdl = avgdl
         return Scoring(tuple(terms.lexemes), idf, avgdl, self._ranking.k1, self._ranking.b)
 
-    async def candidates(
-        self, conn: Connection, text: str, memory_filter: MemoryFilter, *, limit: int, with_embedding: bool
-    ) -> list[Candidate]:
-        """The best ``limit`` live memories passing the filter by exact BM25, with their rows, best first."""
+    async def ranked(
+        self, conn: Connection, text: str, memory_filter: MemoryFilter, *, limit: int
+    ) -> tuple[list[tuple[int, float]], Scoring | None]:
+        """The best ``limit`` memories passing the filter by exact BM25 (as the index knows them), best first, and
+        the scoring used (None when the query has no lexeme)."""
         terms = await text_index_sql.query_terms(conn, text, after=self.frontier)
         async with self._lock:
             if terms.pending:
@@ -182,23 +183,35 @@ class TextSearch:
             index = self.index
         assert index is not None
         if not terms.lexemes:
-            return []
+            return [], None
         scoring = self._scoring(terms)
         now = time.time()
         if memory_filter.is_empty:
-            best = index.top(scoring, limit, now)
-            return await text_index_sql.rows(conn, memory_filter, dict(best), with_embedding=with_embedding)
+            return index.top(scoring, limit, now), scoring
         if search_sql.count_is_bounded(memory_filter):
             ids = await text_index_sql.matching_ids(conn, memory_filter, cap=FILTER_IDS_CAP)
             if len(ids) < FILTER_IDS_CAP:
-                best = index.score_ids(ids, scoring, now, k=limit)
-                return await text_index_sql.rows(conn, memory_filter, dict(best), with_embedding=with_embedding)
+                return index.score_ids(ids, scoring, now, k=limit), scoring
         depth = 4 * limit
         while True:
             best = index.top(scoring, depth, now)
             passing = await text_index_sql.passing_ids(conn, memory_filter, [i for i, _ in best])
             if len(passing) >= limit or len(best) < depth:
-                chosen = {i: s for i, s in best if i in passing}
-                chosen = dict(list(chosen.items())[:limit])
-                return await text_index_sql.rows(conn, memory_filter, chosen, with_embedding=with_embedding)
+                return [(i, s) for i, s in best if i in passing][:limit], scoring
             depth *= 4
+
+    def scores(self, ids: list[int], scoring: Scoring | None) -> dict[int, float]:
+        """Exact BM25 of the given memories (0 for one holding no query lexeme)."""
+        if scoring is None or self.index is None:
+            return dict.fromkeys(ids, 0.0)
+        found = dict(self.index.score_ids(ids, scoring, time.time()))
+        return {i: found.get(i, 0.0) for i in ids}
+
+    async def candidates(
+        self, conn: Connection, text: str, memory_filter: MemoryFilter, *, limit: int, with_embedding: bool
+    ) -> list[Candidate]:
+        """The best ``limit`` live memories passing the filter by exact BM25, with their rows, best first."""
+        best, _ = await self.ranked(conn, text, memory_filter, limit=limit)
+        if not best:
+            return []
+        return await text_index_sql.rows(conn, memory_filter, dict(best), with_embedding=with_embedding)

@@ -76,6 +76,13 @@ class Segment:
         order = np.argsort(term.astype(np.int64) * (len(slots) + 1) + docs)
         self.docs = docs[order]
         self.tfs = tfs[order]
+        self._identity_slots = bool(len(slots) == 0 or (slots[0] == 0 and slots[-1] == len(slots) - 1))
+        """Document i is slot i (the loaded segment): no indirection needed."""
+        self.last_read = (0, 0, 0)
+        """Of the last pruned search: terms read whole, their postings, query terms here (for benchmarks)."""
+        self._acc: Floats | None = None
+        self._mark: npt.NDArray[np.bool_] | None = None
+        """Scratch space of one search at a time (searches run on the event loop), cleared after each."""
         self.pruned = len(slots) >= PRUNE_MIN_DOCS
         if self.pruned:
             self._build_bounds(term[order], avgdl)
@@ -176,8 +183,9 @@ class Segment:
         return float(scoring.part(np.array([self.max_tf[row]]), np.array([self.min_length[row]]))[0])
 
     def _max_score(self, scoring: Scoring, k: int, usable: npt.NDArray[np.bool_]) -> tuple[Ints, Floats]:
-        """MaxScore: a document holding none of the terms whose bounds alone can reach the threshold cannot rank,
-        so only the others' postings are read whole; the rest are looked up for the documents that still can."""
+        """MaxScore: terms are read whole, most valuable first, only while a document holding none of them yet could
+        still reach the threshold (the k-th best partial score so far: partial scores only grow); the documents
+        already met then look the remaining terms up, dropping out as soon as their bound falls below it."""
         terms = []  # (start, end, idf, bound)
         for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
             row = self.terms.get(lexeme)
@@ -185,49 +193,61 @@ class Segment:
                 terms.append((int(self.offsets[row]), int(self.offsets[row + 1]), idf, idf * self._bound(row, scoring)))
         if not terms:
             return np.empty(0, np.int64), np.empty(0, np.float64)
-        # A first threshold: the k-th best exact score among the documents of the rarest terms.
-        seed_parts, taken = [], 0
-        for start, end, _, _ in sorted(terms, key=lambda t: t[1] - t[0]):
-            if taken and taken + end - start > SEED_POSTINGS:
-                break
-            seed_parts.append(self.docs[start:end])
-            taken += end - start
-        seed = np.unique(np.concatenate(seed_parts)).astype(np.int64)
-        seed = seed[usable[self.slots[seed]]]
-        seed_scores = self.score_local(seed, scoring)
+        terms.sort(key=lambda t: -t[3])
+        rest = np.append(np.cumsum([t[3] for t in terms][::-1])[::-1], 0.0)  # bound of terms i.. together
+        if self._acc is None or len(self._acc) != len(self):
+            self._acc = np.zeros(len(self), dtype=np.float64)
+            self._mark = np.zeros(len(self), dtype=np.bool_)
+        acc, mark = self._acc, self._mark
+        assert mark is not None
+        marked: list[Ints] = []
+        met: list[Ints] = []  # usable documents met, in the order they were
+        usable_here = usable[: len(self)] if self._identity_slots else usable[self.slots]
+        leaders = np.empty(0, np.int64)  # the k best partial scores so far (partial scores only grow)
         threshold = -np.inf
-        if len(seed) >= k:
-            threshold = float(np.partition(seed_scores, len(seed) - k)[len(seed) - k]) - _EPSILON
-        terms.sort(key=lambda t: t[3])
-        reach = np.cumsum([t[3] for t in terms])
-        optional = int(np.searchsorted(reach, threshold, side="left"))  # terms whose bounds sum below it
-        essential, lookups = terms[optional:], terms[:optional]
-        docs = np.concatenate([self.docs[s:e] for s, e, _, _ in essential])
-        tf = np.concatenate([self.tfs[s:e] for s, e, _, _ in essential]).astype(np.float64)
-        weight = np.concatenate([np.full(e - s, idf) for s, e, idf, _ in essential])
-        contribution = weight * scoring.part(tf, self.lengths[docs])
-        partial: Floats
-        if 8 * len(docs) > len(self):
-            sums = np.asarray(np.bincount(docs, weights=contribution, minlength=len(self)), dtype=np.float64)
-            local: Ints = np.flatnonzero(sums)
-            partial = sums[local]
-        else:
-            unique, inverse = np.unique(docs, return_inverse=True)
-            local = unique.astype(np.int64)
-            partial = np.asarray(np.bincount(inverse, weights=contribution), dtype=np.float64)
-        rest = float(reach[optional - 1]) if optional else 0.0
-        keep = (partial + rest >= threshold) & usable[self.slots[local]]
-        local, partial = local[keep], partial[keep]
-        if lookups:
-            partial = partial + self.score_local(
-                local,
-                dataclasses.replace(
-                    scoring,
-                    lexemes=tuple(self.lexemes[self._row(s)] for s, _, _, _ in lookups),
-                    idf=tuple(idf for _, _, idf, _ in lookups),
-                ),
-            )
-        return local, partial
+        read = 0
+        try:
+            while read < len(terms) and rest[read] >= threshold:
+                start, end, idf, _ = terms[read]
+                docs = self.docs[start:end]
+                acc[docs] += idf * scoring.part(self.tfs[start:end].astype(np.float64), self.lengths[docs])
+                fresh = docs[~mark[docs]].astype(np.int64)
+                mark[fresh] = True
+                marked.append(fresh)
+                met.append(fresh[usable_here[fresh]])
+                read += 1
+                if read < len(terms):
+                    # The new k best are among the old ones and this term's documents: no other partial changed.
+                    at = np.minimum(np.searchsorted(docs, leaders), len(docs) - 1)
+                    pool = np.concatenate([leaders[docs[at] != leaders], docs[usable_here[docs]]])
+                    if len(pool) >= k:
+                        values = acc[pool]
+                        best = np.argpartition(values, len(pool) - k)[len(pool) - k :]
+                        leaders = pool[best]
+                        threshold = max(threshold, float(values[best].min()) - _EPSILON)
+                    else:
+                        leaders = pool
+            local = np.concatenate(met) if met else np.empty(0, np.int64)
+            partial = acc[local]
+            self.last_read = (read, sum(end - start for start, end, _, _ in terms[:read]), len(terms))
+        finally:
+            for fresh in marked:
+                acc[fresh] = 0.0
+                mark[fresh] = False
+        for start, end, idf, _ in terms[read:]:
+            keep = partial + rest[read] >= threshold
+            local, partial = local[keep], partial[keep]
+            if not len(local):
+                break
+            docs = self.docs[start:end]
+            at = np.minimum(np.searchsorted(docs, local), len(docs) - 1)
+            tf = np.where(docs[at] == local, self.tfs[start + at], 0).astype(np.float64)
+            partial = partial + idf * scoring.part(tf, self.lengths[local])
+            read += 1
+            if len(partial) >= k:
+                threshold = max(threshold, float(np.partition(partial, len(partial) - k)[len(partial) - k]) - _EPSILON)
+        keep = partial >= threshold
+        return local[keep], partial[keep]
 
     def _row(self, start: int) -> int:
         return int(np.searchsorted(self.offsets, start, side="right")) - 1

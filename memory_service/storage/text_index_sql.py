@@ -15,7 +15,8 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from memory_service.models import Candidate, MemoryFilter
+from memory_service.models import Candidate, MemoryFilter, Vector
+from memory_service.storage import search_sql
 from memory_service.storage.filters import LIVE, Params, where_clause
 from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING, memory_from_row
 from memory_service.storage.search_sql import MAX_QUERY_TERMS, TEXT_CONFIG
@@ -239,3 +240,54 @@ async def estimated_rows(conn: asyncpg.Connection) -> int:
     """The planner's estimate of memory.memories' rows (-1 before the first ANALYZE counts as unknown, 0)."""
     value = await conn.fetchval("SELECT reltuples::bigint FROM pg_class WHERE oid = 'memory.memories'::regclass")
     return max(int(value or 0), 0)
+
+
+def hybrid_statement(
+    memory_filter: MemoryFilter, *, vector: Vector, limit: int, exact: bool
+) -> tuple[str, list[Any], int]:
+    """The vector candidates (``search_sql``'s own statement) and the distances of the given text candidates, in
+    one statement; the index of the text ids' parameter in the values."""
+    vector_sql, values = search_sql.candidates_statement(
+        memory_filter, vector=vector, text=None, limit=limit, exact=exact, full_rows=False
+    )
+    vector_param = next(i for i, v in enumerate(values) if v is vector) + 1
+    values.append(None)
+    ids_param = len(values)
+    sql = (
+        f"WITH vc AS ({vector_sql}) "
+        "SELECT vc.id, vc.importance, vc.updated_at, vc.distance, true AS from_vector FROM vc "
+        "UNION ALL "
+        f"SELECT m.id, m.importance, m.updated_at, m.embedding <=> ${vector_param} AS distance, false "
+        f"FROM memory.memories m WHERE m.id = ANY(${ids_param}::bigint[]) AND m.id NOT IN (SELECT id FROM vc) "
+        f"AND {LIVE}"
+    )
+    return sql, values, ids_param - 1
+
+
+async def hybrid_candidates(
+    conn: asyncpg.Connection,
+    memory_filter: MemoryFilter,
+    *,
+    vector: Vector,
+    limit: int,
+    exact: bool,
+    text_ids: list[int],
+) -> list[Candidate]:
+    """The nearest ``limit`` by vector, and the text candidates ``text_ids`` (still live), each with its distance;
+    text scores are the caller's to fill in."""
+    sql, values, at = hybrid_statement(memory_filter, vector=vector, limit=limit, exact=exact)
+    values[at] = text_ids
+    text = set(text_ids)
+    return [
+        Candidate(
+            id=row["id"],
+            distance=row["distance"],
+            text_score=None,
+            importance=row["importance"],
+            updated_at=row["updated_at"],
+            from_vector=row["from_vector"],
+            from_text=row["id"] in text,
+            text_every_term=True,
+        )
+        for row in await conn.fetch(sql, *values)
+    ]
