@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import numpy as np
@@ -276,19 +279,48 @@ class Measure:
         )
 
 
+@contextlib.asynccontextmanager
+async def kept_database(server_dsn: str, name: str) -> AsyncIterator[str]:
+    """A database that outlives the run (``--keep``): a second run measures again without loading again."""
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    yield urlunsplit(urlsplit(server_dsn)._replace(path="/" + name))
+
+
+async def holds_rows(dsn: str, rows: int) -> bool:
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('memory.memories') IS NOT NULL"):
+            return False
+        count: int = await conn.fetchval("SELECT count(*) FROM memory.memories")
+        return count == rows
+    finally:
+        await conn.close()
+
+
 async def run(args: argparse.Namespace) -> None:
     by_length = queries(args.data, args.queries)
     measures: list[Measure] = []
     with database_server() as server_dsn:
         for rows in args.rows:
             texts = corpus(args.data, rows)
-            async with fresh_database(server_dsn) as dsn:
-                hybrid = args.hybrid and rows <= args.hybrid_upto
-                await load(dsn, texts, vectors=hybrid)
+            hybrid = args.hybrid and rows <= args.hybrid_upto
+            async with (
+                kept_database(server_dsn, f"bench_text_{rows}_{int(hybrid)}")
+                if args.keep
+                else fresh_database(server_dsn) as dsn
+            ):
+                if not await holds_rows(dsn, rows):
+                    await load(dsn, texts, vectors=hybrid)
+                    env = {"DATABASE_URL": dsn}
+                    if hybrid:
+                        said, seconds = reindex(env)
+                        print(f"reindex: {said} ({seconds:.0f}s)", flush=True)
                 env = {"DATABASE_URL": dsn}
-                if hybrid:
-                    said, seconds = reindex(env)
-                    print(f"reindex: {said} ({seconds:.0f}s)", flush=True)
                 process = ServerProcess(env)
                 floor = ServerProcess({"DATABASE_URL": dsn}, command=("-m", "bench.floor"))
                 try:
@@ -332,6 +364,7 @@ def main() -> None:
     parser.add_argument("--total", type=int, default=1000, help="calls for the calls/s column")
     parser.add_argument("--peers", type=lambda s: [p for p in s.split(",") if p], default=["tantivy", "bm25s"])
     parser.add_argument("--hybrid", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep each size's database and reuse it next time")
     parser.add_argument("--hybrid-upto", type=int, default=100_000, help="largest table loaded with vectors")
     asyncio.run(run(parser.parse_args()))
 
