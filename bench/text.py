@@ -55,6 +55,7 @@ from memory_service.app.runtime import Runtime
 from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import MemoryFilter
+from memory_service.search.tuning import TextRanking
 from memory_service.storage import search_sql, text_index_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
@@ -155,7 +156,7 @@ class Measure:
             exact = await ExactBM25.read(conn)
             print(f"exact BM25: postings read in {time.perf_counter() - started:.1f}s", flush=True)
         peers = build_peers(range(1, rows + 1), texts, self.args.peers) if self.args.peers else []
-        ranking = search_sql.TextRanking(max_scored=Settings().text_max_scored)
+        ranking = TextRanking().values
         async with (
             aio.insecure_channel(self.service_address) as channel,
             aio.insecure_channel(self.floor_address) as floor_channel,
@@ -184,7 +185,7 @@ class Measure:
                     async with pool.acquire() as conn:
                         found = await search_sql.candidates(
                             conn, MemoryFilter(), vector=None, text=texts[i], limit=K, exact=True,
-                            full_rows=False, ranking=ranking,
+                            full_rows=False, text_ranking=ranking,
                         )  # fmt: skip
                     out[i] = sorted(((c.id, c.text_score or 0.0) for c in found), key=lambda s: (-s[1], s[0]))
 

@@ -12,6 +12,7 @@ import pytest
 from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
+from memory_service.search.tuning import DEFAULT_TEXT_RANKING
 from memory_service.storage import search_sql, text_index_sql
 from memory_service.storage.database import init_connection, session_statement, use_session_settings
 from memory_service.v1 import memory_pb2
@@ -79,6 +80,7 @@ def _statements() -> list[tuple[str, str, bool]]:
                         exact=exact,
                         full_rows=mode == "vector",
                         pruned=pruned,
+                        text_ranking=DEFAULT_TEXT_RANKING.values,
                     )
                     # The exact scan computes every distance among the filtered rows on purpose (the OFFSET 0
                     # fence): unfiltered, that is the whole table, and a sequential scan is the right plan.

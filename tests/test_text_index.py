@@ -233,7 +233,7 @@ async def uncapped(database_url: str, text: str, memory_filter: MemoryFilter, k:
         await init_connection(conn)
         found = await search_sql.candidates(
             conn, memory_filter, vector=None, text=text, limit=k, exact=True, full_rows=False,
-            ranking=search_sql.TextRanking(max_scored=10_000_000), pruned=False,
+            text_ranking=(K1, B, 10_000_000), pruned=False,
         )  # fmt: skip
     finally:
         await conn.close()

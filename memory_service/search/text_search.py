@@ -27,9 +27,9 @@ import time
 from memory_service.models import Candidate, MemoryFilter
 from memory_service.search.text_index import TextIndex
 from memory_service.search.text_segment import Scoring
+from memory_service.search.tuning import TextRanking
 from memory_service.storage import changes_sql, search_sql, text_index_sql
 from memory_service.storage.database import Connection, Database
-from memory_service.storage.search_sql import TextRanking
 
 log = logging.getLogger(__name__)
 
