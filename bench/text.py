@@ -119,8 +119,9 @@ async def load(dsn: str, texts: list[str], *, vectors: bool) -> None:
                     if vectors:
                         vector = rng.normal(size=DIMENSION).astype(np.float32)
                         vector /= np.linalg.norm(vector)
+                    model = settings.embedding_model if vectors else None
                     records.append(
-                        ("project", scope_of(i), "sha256:" + digest.hex(), texts[i], vector, digest, None, 0.5)
+                        ("project", scope_of(i), "sha256:" + digest.hex(), texts[i], vector, digest, model, 0.5)
                     )
                 await copy_into_memories(conn, records)
             # VACUUM as autovacuum soon would: freshly copied rows carry no hint bits yet, and the first queries to

@@ -264,9 +264,7 @@ class Runtime:
         """The periodic loops (purge, index, text statistics, history retention) and the change feed's poller."""
         settings = self.settings
         text_search = self.search.text_search
-        if text_search is not None:
-            if not text_search.ready:
-                self._tasks.append(asyncio.create_task(text_search.build(), name="text index load"))
+        if text_search is not None:  # its first step loads the index when start-up did not
             self._spawn("text index", settings.text_index_interval, text_search.follow)
         self._spawn("purge expired memories", settings.purge_interval, self._purge)
         self._spawn("index maintenance", settings.index_check_interval, self.index.maintain)

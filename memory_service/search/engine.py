@@ -135,7 +135,9 @@ class SearchEngine:
             )
         ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
         hits = [
-            SearchHit(memory=s.candidate.memory, score=s.score, text_score=s.candidate.text_score, text_rank=s.text_rank)
+            SearchHit(
+                memory=s.candidate.memory, score=s.score, text_score=s.candidate.text_score, text_rank=s.text_rank
+            )
             for s in ranked
             if s.candidate.memory is not None
         ]

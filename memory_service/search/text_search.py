@@ -141,9 +141,11 @@ class TextSearch:
             pending = await text_index_sql.changes_between(conn, pending[-1][0], 2**63 - 1)
 
     async def follow(self) -> None:
-        """Background step: apply new changes, advance the frontier over final seqs, reload when mostly dead."""
+        """Background step: load the index if it is not yet (or a load failed); apply new changes, advance the
+        frontier over final seqs, reload when crowded or mostly dead."""
         index = self.index
         if index is None:
+            await self.build()
             return
         async with self._db.connection() as conn:
             probe = await changes_sql.frontier_probe(conn)
