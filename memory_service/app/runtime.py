@@ -31,6 +31,7 @@ from memory_service.search.index_care import IndexCare
 from memory_service.search.observe import SearchObserver
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.recall_check import RecallCheck
+from memory_service.search.text_search import TextSearch
 from memory_service.search.text_stats import TextStats
 from memory_service.search.tuning import TextRanking
 from memory_service.storage import settings_sql
@@ -252,6 +253,10 @@ class Runtime:
             )
             read_db.on_wait = self.metrics.pool_wait.observe
         self._recall = RecallCheck(read_db, self.metrics, sample=settings.search_recall_sample)
+        ranking = TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored)
+        text_search = TextSearch(read_db, ranking) if settings.text_index else None
+        if text_search is not None:
+            await text_search.load_if_small()  # a large table loads in the background (_start_background)
         self._search = SearchEngine(
             read_db,
             embedder,
@@ -260,10 +265,11 @@ class Runtime:
             iterative_scan=self._iterative_scan,
             default_probes=self._configured_setting,
             narrow_filter_rows=settings.search_narrow_filter_rows,
-            text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
+            text_ranking=ranking,
             hybrid_alpha=alpha,
             seen=seen,
             observer=SearchObserver(self.metrics, self._recall),
+            text_search=text_search,
         )
 
     @property
@@ -280,6 +286,9 @@ class Runtime:
     async def _start_background(self) -> None:
         """The periodic loops (purge, index, text statistics, history retention) and the change feed's poller."""
         settings = self.settings
+        text_search = self.search.text_search
+        if text_search is not None:  # its first step loads the index when start-up did not
+            self._spawn("text_index", settings.text_index_interval, text_search.follow)
         self._spawn("purge", settings.purge_interval, self._purge)
         self._spawn("index_maintenance", settings.index_check_interval, self.index.maintain)
         self._spawn("text_statistics", settings.text_stats_interval, self.text_stats.maintain)

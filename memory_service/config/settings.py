@@ -131,6 +131,10 @@ class Settings:
     """Most memories one text query scores; terms are taken rarest first until their documents reach it."""
     text_stats_interval: float = 10.0
     """How often each instance checks whether BM25's corpus statistics are due for a refresh."""
+    text_index: bool = True
+    """TEXT and HYBRID searches rank with the in-memory text index (exact BM25 top-k); off: with the SQL statement."""
+    text_index_interval: float = 0.2
+    """How often the text index applies new changes in the background (searches apply them too before ranking)."""
     hybrid_alpha: float | None = None
     """Vector weight in weighted hybrid fusion; unset: 0.5 with a semantic provider, 0.2 with the hash embedder."""
     purge_interval: float = 60.0
@@ -245,6 +249,8 @@ class Settings:
             bm25_b=reader.number("BM25_B", d.bm25_b, minimum=0.0, maximum=1.0),
             text_max_scored=reader.integer("TEXT_MAX_SCORED", d.text_max_scored, minimum=100, maximum=10_000_000),
             text_stats_interval=reader.duration("TEXT_STATS_INTERVAL", d.text_stats_interval),
+            text_index=reader.boolean("TEXT_INDEX", d.text_index),
+            text_index_interval=reader.duration("TEXT_INDEX_INTERVAL", d.text_index_interval),
             hybrid_alpha=reader.optional_number("SEARCH_HYBRID_ALPHA", minimum=0.0, maximum=1.0),
             purge_interval=reader.duration("PURGE_INTERVAL", d.purge_interval),
             lease_min_ttl=reader.duration("LEASE_MIN_TTL", d.lease_min_ttl),

@@ -27,8 +27,9 @@ from memory_service.search.fusion import rank_candidates
 from memory_service.search.index_care import IndexCare, IndexState, search_setting
 from memory_service.search.observe import PlanNotes, SearchObserver
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.text_search import TextSearch
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING, TextRanking, scan_settings
-from memory_service.storage import search_sql
+from memory_service.storage import search_sql, text_index_sql
 from memory_service.storage.database import Connection, Database
 
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
@@ -54,6 +55,7 @@ class SearchEngine:
         hybrid_alpha: float = 0.5,
         seen: QuerySample | None = None,
         observer: SearchObserver | None = None,
+        text_search: TextSearch | None = None,
     ) -> None:
         self._db = db
         self._observer = observer or SearchObserver(metrics)
@@ -66,6 +68,8 @@ class SearchEngine:
         self._text_ranking = text_ranking
         self.hybrid_alpha = hybrid_alpha
         self.seen = seen
+        self.text_search = text_search
+        """The in-memory text index; TEXT and HYBRID use the SQL statement until it has loaded."""
         """Vectors of recent searches that went to the index, for its calibration (this instance's own)."""
         """Weight of the vector score in weighted fusion when the request does not set ``alpha``."""
 
@@ -77,7 +81,10 @@ class SearchEngine:
         if query.mode is not SearchMode.VECTOR:
             limit = max(query.top_k * _CANDIDATE_FACTOR, _MIN_CANDIDATES)
         notes = PlanNotes()
-        result = await self._run(query, vector, text, limit, notes)
+        if vector is None and text is not None and self.text_search is not None and self.text_search.ready:
+            result = await self._run_text(query, text, limit)
+        else:
+            result = await self._run(query, vector, text, limit, notes)
         self._observer.observe(query, vector, result, notes, time.perf_counter() - started)
         return result
 
@@ -116,6 +123,23 @@ class SearchEngine:
             visited = probes * state.rows // state.lists
             return max(self._narrow_filter_rows, min(visited, _EXACT_FILTER_MAX_ROWS))
         return self._narrow_filter_rows
+
+    async def _run_text(self, query: SearchQuery, text: str, limit: int) -> SearchResult:
+        """TEXT through the in-memory index: exact BM25 top-k, rows read (and checked) from PostgreSQL."""
+        assert self.text_search is not None
+        async with self._db.connection() as conn:
+            found = await self.text_search.candidates(
+                conn, text, query.filter, limit=limit, with_embedding=query.include_embedding
+            )
+        ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
+        hits = [
+            SearchHit(
+                memory=s.candidate.memory, score=s.score, text_score=s.candidate.text_score, text_rank=s.text_rank
+            )
+            for s in ranked
+            if s.candidate.memory is not None
+        ]
+        return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
 
     async def _run(
         self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int, notes: PlanNotes
@@ -189,7 +213,24 @@ class SearchEngine:
     ) -> tuple[list[Candidate], bool]:
         """The candidates, widened until complete, and whether the index served them in the end."""
 
+        # HYBRID with the text index: its exact BM25 top `limit`, then one statement for the vector candidates and
+        # the text candidates' distances; BM25 of the vector-only candidates from the index too.
+        text_search = self.text_search if vector is not None and text is not None else None
+        text_best: list[tuple[int, float]] = []
+        scoring = None
+        if text_search is not None and text_search.ready and text is not None:
+            text_best, scoring = await text_search.ranked(conn, text, query.filter, limit=limit)
+        else:
+            text_search = None
+
         async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
+            if text_search is not None and vector is not None:
+                found = await text_index_sql.hybrid_candidates(
+                    conn, query.filter, vector=vector, limit=limit, exact=exact, text_ids=[i for i, _ in text_best]
+                )
+                scores = dict(text_best)
+                scores.update(text_search.scores([c.id for c in found if c.id not in scores], scoring))
+                return [dataclasses.replace(c, text_score=scores[c.id]) for c in found]
             return await search_sql.candidates(
                 conn,
                 query.filter,
