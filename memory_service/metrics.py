@@ -97,6 +97,22 @@ class Metrics:
         self.history_purged = Counter(
             "memory_history_purged_total", "Versions and change-log entries past HISTORY_RETENTION deleted.", registry=r
         )
+        # Per token name: bounded by the number of tokens an operator created (docs/security.md).
+        self.token_calls = Counter(
+            "memory_token_calls_total", "RPCs of each named token, by status code.", ("token", "grpc_code"), registry=r
+        )
+        self.token_quota_refusals = Counter(
+            "memory_token_quota_refusals_total",
+            "Calls of each named token refused by one of its quotas (rate, max_memories).",
+            ("token", "quota"),
+            registry=r,
+        )
+        self.token_memories = Gauge(
+            "memory_token_memories",
+            "Memories in each quota-bound token's scopes, as its memory quota counts them (refreshed with each write).",
+            ("token",),
+            registry=r,
+        )
 
     def watch_pool(self, size: Callable[[], int], idle: Callable[[], int]) -> None:
         """Read pool gauges at scrape time rather than tracking every acquire."""

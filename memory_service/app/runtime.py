@@ -16,6 +16,7 @@ from memory_service.config.env import redact_url
 from memory_service.config.settings import Settings
 from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import StartupError
 from memory_service.history.feed import ChangeFeed
 from memory_service.history.service import History
 from memory_service.leases.manager import LeaseManager
@@ -29,11 +30,12 @@ from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.text_stats import TextStats
-from memory_service.storage import settings_sql
+from memory_service.storage import isolation_sql, settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
 from memory_service.storage.search_sql import TextRanking
+from memory_service.tenants.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class Runtime:
         self._binding: ModelBinding | None = None
         self._history: History | None = None
         self._feed: ChangeFeed | None = None
+        self._tokens: Tokens | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -114,6 +117,11 @@ class Runtime:
         return _started(self._bulk)
 
     @property
+    def tokens(self) -> Tokens:
+        """The tokens table and AUTH_TOKENS: resolves each call's access."""
+        return _started(self._tokens)
+
+    @property
     def history(self) -> History:
         return _started(self._history)
 
@@ -134,6 +142,11 @@ class Runtime:
                 self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max
             )
             self.metrics.watch_pool(db.pool_size, db.pool_idle)
+            async with db.connection() as conn:
+                problem = await isolation_sql.isolation_problem(conn)
+            if problem is not None:
+                raise StartupError(f"tenant isolation is not in force, refusing to start: {problem}")
+            self._tokens = Tokens(db, settings.auth_tokens)
             self._leases = LeaseManager(db, settings, self.metrics)
             await self._leases.start()
             async with db.connection() as conn:

@@ -46,6 +46,7 @@ from memory_service.leases.types import Acquired, Lease
 from memory_service.metrics import Metrics
 from memory_service.storage import leases_sql as sql
 from memory_service.storage.database import Connection, Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -156,6 +157,7 @@ class LeaseManager:
         self, spec: AcquireSpec, *, owner: str, lease_id: uuid.UUID, deadline: float | None
     ) -> AsyncGenerator[Acquired, None]:
         """Yield a non-final step each time the name is found held, then the final answer."""
+        guard.check_namespace(spec.namespace, "namespace")
         wait_until = time.monotonic() + spec.wait
         if deadline is not None:
             # Stop waiting a little before the caller's deadline, so it hears "not acquired" rather than a timeout.
@@ -271,6 +273,7 @@ class LeaseManager:
     async def get(self, namespace: str, name: str) -> Lease:
         check_name("namespace", namespace)
         check_name("name", name)
+        guard.check_namespace(namespace, "namespace")
         lease = await self._run(lambda conn: sql.get(conn, namespace, name))
         if lease is None:
             raise NotFound(f"no live lease on {namespace}/{name}")
@@ -280,6 +283,7 @@ class LeaseManager:
         """One page of live leases in (namespace, name) order and the token of the next page ("" at the end)."""
         if namespace:
             check_name("namespace", namespace)
+        guard.check_namespace(namespace or "*", "namespace")  # every namespace: only a token granted them all
         if page_size < 0:
             raise InvalidArgument("page_size", f"is expected to be positive (got {page_size})")
         limit = min(page_size or DEFAULT_PAGE_SIZE, self._settings.list_max_page_size)

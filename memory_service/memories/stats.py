@@ -13,6 +13,7 @@ from memory_service.models import Scope
 from memory_service.search.index_care import IndexCare, IndexState
 from memory_service.storage import stats_sql
 from memory_service.storage.database import Database
+from memory_service.tenants import guard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,8 @@ async def collect(
     pgvector_version: str,
     iterative_scan: bool,
 ) -> Stats:
+    if not guard.server_wide():
+        return await _granted(db, embedding_model=embedding_model, dimension=dimension)
     state = await index.refresh()
     async with db.connection() as conn:
         counts = await stats_sql.counts(conn)
@@ -65,4 +68,25 @@ async def collect(
         target_recall=index.target_recall,
         embedding_cache_entries=counts.embedding_cache_entries,
         counts_estimated=counts.estimated,
+    )
+
+
+async def _granted(db: Database, *, embedding_model: str, dimension: int) -> Stats:
+    """Stats of a token without admin: its scopes' counts and the model, nothing that spans other tenants."""
+    async with db.connection() as conn:
+        counts = await stats_sql.granted_counts(conn, every_scope=not guard.scoped())
+    by_scope = {Scope(k): v for k, v in counts.items()}
+    return Stats(
+        memories=sum(by_scope.values()),
+        by_scope=by_scope,
+        expired_pending_purge=0,
+        embedding_model=embedding_model,
+        dimension=dimension,
+        postgres_version="",
+        pgvector_version="",
+        iterative_scan=False,
+        index=IndexState(),
+        exact_threshold=0,
+        target_recall=0.0,
+        embedding_cache_entries=0,
     )

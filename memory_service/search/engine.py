@@ -14,6 +14,7 @@ short. The plan:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import UTC, datetime
 
@@ -27,6 +28,7 @@ from memory_service.search.query_sample import QuerySample
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database
 from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
+from memory_service.tenants import guard
 
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
 _MIN_CANDIDATES = 40
@@ -68,6 +70,7 @@ class SearchEngine:
 
     async def search(self, query: SearchQuery) -> SearchResult:
         started = time.perf_counter()
+        query = dataclasses.replace(query, filter=guard.narrow(query.filter))
         vector = await self._query_vector(query)
         text = query.text if query.mode in (SearchMode.TEXT, SearchMode.HYBRID) else None
         limit = query.top_k
