@@ -62,11 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     from memory_service.cli import ingest as cli_ingest
     from memory_service.cli import lease as cli_lease
     from memory_service.cli import ops as cli_ops
+    from memory_service.cli import tokens as cli_tokens
 
     cli_ingest.register(commands)
     cli_lease.register(commands)
     cli_ops.register(commands)
     cli_history.register(commands)
+    cli_tokens.register(commands)
     return parser
 
 

@@ -251,7 +251,10 @@ class LeaseManager:
         """Extend a live lease; a lease that has ended is never revived (LeaseLost)."""
         lid = parse_lease_id(lease_id)
         new_ttl = None if ttl is None else timedelta(seconds=check_ttl(self._settings, ttl))
-        result = await self._run(lambda conn: sql.renew(conn, lid, new_ttl), deadline)
+        if not await self._granted(lid, deadline):
+            result: Lease | str = "it passed to a newer holder (or never existed)"  # as for an unknown id
+        else:
+            result = await self._run(lambda conn: sql.renew(conn, lid, new_ttl), deadline)
         if isinstance(result, str):
             raise LeaseLost(
                 f"lease {lease_id} cannot be renewed: {result}; stop work that relies on it and acquire again"
@@ -261,11 +264,21 @@ class LeaseManager:
     async def release(self, lease_id: str, *, deadline: float | None = None) -> bool:
         """End the named grant if it is live; False (not an error) when it had already ended."""
         lid = parse_lease_id(lease_id)
+        if not await self._granted(lid, deadline):
+            return False  # as for an unknown id
         freed = await self._run(lambda conn: sql.release(conn, lid), deadline)
         self._holds.pop(lid, None)
         if freed is not None:
             self._wake(freed)
         return freed is not None
+
+    async def _granted(self, lease_id: uuid.UUID, deadline: float | None) -> bool:
+        """Whether the call may renew or release this grant: a token granted some namespaces only touches leases in
+        them; one outside them is answered as an unknown id, so its existence is not revealed."""
+        if guard.every_namespace():
+            return True
+        namespace = await self._run(lambda conn: sql.namespace_of(conn, lease_id), deadline)
+        return namespace is None or guard.allows_namespace(namespace)
 
     async def _release_id(self, lease_id: uuid.UUID) -> tuple[str, str] | None:
         return await self._run(lambda conn: sql.release(conn, lease_id))

@@ -70,11 +70,12 @@ def check_namespace(namespace: str, field: str = "namespace") -> None:
         raise PermissionDenied(f"lease namespace {namespace!r} is not granted to this token", field=field)
 
 
-def check_leases() -> None:
-    """A lease call by lease id: the caller needs some lease namespace (the id itself is its holder's secret)."""
-    access = current()
-    if not access.lease_namespaces and Permission.ADMIN not in access.permissions:
-        raise PermissionDenied("lease calls need a token granted a lease namespace (--lease NAMESPACE)")
+def every_namespace() -> bool:
+    return current().allows_namespace("*")
+
+
+def allows_namespace(namespace: str) -> bool:
+    return current().allows_namespace(namespace)
 
 
 @contextlib.contextmanager
