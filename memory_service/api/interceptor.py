@@ -72,7 +72,8 @@ class Authenticator:
         self._tokens = tokens
         self._rate = rate or RateLimiter()
 
-    async def access(self, metadata: tuple[tuple[str, str | bytes], ...] | None, service: str, method: str) -> Access:
+    async def access(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> Access:
+        """The access of the presented token; UNAUTHENTICATED when auth is on and it is no live token."""
         presented = b""
         for key, value in metadata or ():
             if key == "authorization":
@@ -80,7 +81,10 @@ class Authenticator:
                 scheme, _, token = raw.partition(b" ")
                 if scheme.lower() == b"bearer":
                     presented = token.strip()
-        access = await self._tokens.resolve(presented)
+        return await self._tokens.resolve(presented)
+
+    def admit(self, access: Access, service: str, method: str) -> None:
+        """Spend one call of the token's rate and check that it may call this method at all."""
         if access.rate is not None and access.principal is not None:
             self._rate.take(access.principal, access.rate)
         if service == LEASE_SERVICE:
@@ -89,7 +93,6 @@ class Authenticator:
         elif not access.allows(METHOD_PERMISSIONS.get(method, Permission.ADMIN)):
             needed = METHOD_PERMISSIONS.get(method, Permission.ADMIN)
             raise errors.PermissionDenied(f"{method} needs a token with the {needed.value} permission")
-        return access
 
 
 class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
@@ -192,9 +195,10 @@ class _Call:
         """Resolve the call's access once; everything the call does from here on runs with it."""
         if self.auth is None:
             return
-        access = await self.auth.access(context.invocation_metadata(), self.labels[1], self.labels[2])
+        access = await self.auth.access(context.invocation_metadata())
         tenancy.CURRENT.set(access)
         current_principal.set(access.principal)
+        self.auth.admit(access, self.labels[1], self.labels[2])
 
     def _finish(self, started: float, code: grpc.StatusCode, exc: BaseException | None = None) -> None:
         self.metrics.grpc_handled.labels(*self.labels, code.name).inc()
