@@ -20,46 +20,80 @@ CREATE TABLE memory.tokens (
     last_used_at     timestamptz
 );
 
--- The role the calls of a scoped token run as (SET ROLE per connection, tracked by the pool). It cannot log in and
--- does not bypass row-level security; the server refuses to start if it could. Roles belong to the cluster, so a
--- second database on the same server finds it already there.
+-- The roles the calls of scoped tokens run as (SET ROLE per connection, tracked by the pool): memory_calls for
+-- tokens whose grants lie in one scope kind (agent:7, agent:7 and agent:9, project:*), memory_calls_kinds for
+-- tokens granted several kinds. Neither can log in nor bypass row-level security; the server refuses to start if
+-- one could. Two roles, because the policy that lets PostgreSQL keep its scoped index plans (an equality on the
+-- scope kind) can only be written for one kind. Roles belong to the cluster: a second database on the same server
+-- finds them already there.
 DO $$
+DECLARE
+    role_ text;
 BEGIN
-    CREATE ROLE memory_calls NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT;
-EXCEPTION WHEN duplicate_object THEN
-    NULL;
+    FOREACH role_ IN ARRAY ARRAY['memory_calls', 'memory_calls_kinds'] LOOP
+        BEGIN
+            EXECUTE format('CREATE ROLE %I NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT', role_);
+        EXCEPTION WHEN duplicate_object THEN
+            NULL;
+        END;
+        -- A superuser may switch to any role; an owner that is not one needs membership to SET ROLE.
+        IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+           AND NOT pg_has_role(current_user, role_, 'MEMBER') THEN
+            EXECUTE format('GRANT %I TO %I', role_, current_user);
+        END IF;
+    END LOOP;
 END
 $$;
 
--- A superuser may switch to any role; an owner that is not one needs membership to SET ROLE.
-DO $$
-BEGIN
-    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-       AND NOT pg_has_role(current_user, 'memory_calls', 'MEMBER') THEN
-        EXECUTE format('GRANT memory_calls TO %I', current_user);
-    END IF;
-END
-$$;
-
-GRANT USAGE ON SCHEMA memory TO memory_calls;
-GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA memory TO memory_calls;
-GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA memory TO memory_calls;
--- Tables later migrations add are usable by calls too; one that holds memory content needs its own policy.
-ALTER DEFAULT PRIVILEGES IN SCHEMA memory GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO memory_calls;
-ALTER DEFAULT PRIVILEGES IN SCHEMA memory GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO memory_calls;
+GRANT USAGE ON SCHEMA memory TO memory_calls, memory_calls_kinds;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA memory TO memory_calls, memory_calls_kinds;
+GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA memory TO memory_calls, memory_calls_kinds;
+-- Tables later migrations add are usable by calls too; one that holds memory content needs its own policies.
+ALTER DEFAULT PRIVILEGES IN SCHEMA memory
+    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO memory_calls, memory_calls_kinds;
+ALTER DEFAULT PRIVILEGES IN SCHEMA memory GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO memory_calls, memory_calls_kinds;
 -- What a call never needs: the tokens themselves, the migrations record, and changing the service's settings.
-REVOKE ALL ON memory.tokens FROM memory_calls;
-REVOKE ALL ON memory.schema_migrations FROM memory_calls;
-REVOKE INSERT, UPDATE, DELETE ON memory.settings FROM memory_calls;
+REVOKE ALL ON memory.tokens FROM memory_calls, memory_calls_kinds;
+REVOKE ALL ON memory.schema_migrations FROM memory_calls, memory_calls_kinds;
+REVOKE INSERT, UPDATE, DELETE ON memory.settings FROM memory_calls, memory_calls_kinds;
 
--- Whether a row of scope (s, i) is among the call's grants. The service sets memory.grants per connection as
--- ',agent:7,project:*,' (or ',*,'); unset or empty grants nothing. A plain SQL function, so PostgreSQL inlines it
--- into each policy: a couple of string searches per row, no function call.
+-- The call's grants, as the service sets them per connection in memory.grants: ',agent:7,project:*,' (',*,' for
+-- every scope). Unset or empty grants nothing. Each policy reads them through these functions only.
+CREATE FUNCTION memory.grant_list() RETURNS text[] LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT string_to_array(trim(BOTH ',' FROM coalesce(current_setting('memory.grants', true), '')), ',')
+$$;
+
+-- Whether a row of scope (s, i) is granted: a couple of string searches, inlined into the policies that use it.
 CREATE FUNCTION memory.granted(s memory.scope, i bigint) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT strpos(current_setting('memory.grants', true), ',' || s::text || ':' || i::text || ',') > 0
         OR strpos(current_setting('memory.grants', true), ',' || s::text || ':*,') > 0
         OR current_setting('memory.grants', true) = ',*,'
+$$;
+
+-- For grants within one scope kind: the kind (NULL for several kinds, or for '*'), the granted ids of it, and
+-- whether every id is granted. The policies of memory_calls compare with them through scalar subqueries, which
+-- PostgreSQL evaluates once per statement: "scope = (kind)" is an index condition on (scope, scope_id, id) that
+-- keeps the scan in id order, where the service's own "scope = $1" cannot be one under row-level security (enum
+-- equality is not marked leakproof).
+CREATE FUNCTION memory.grant_kind() RETURNS memory.scope LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN count(DISTINCT split_part(g, ':', 1)) = 1 AND bool_and(g <> '*')
+                THEN min(split_part(g, ':', 1))::memory.scope END
+    FROM unnest(memory.grant_list()) g
+$$;
+
+CREATE FUNCTION memory.grant_ids() RETURNS bigint[] LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT coalesce(array_agg(split_part(g, ':', 2)::bigint) FILTER (WHERE split_part(g, ':', 2) ~ '^[0-9]+$'), '{}')
+    FROM unnest(memory.grant_list()) g
+$$;
+
+CREATE FUNCTION memory.grant_every_id() RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT coalesce(bool_or(g = '*' OR split_part(g, ':', 2) = '*'), false) FROM unnest(memory.grant_list()) g
+$$;
+
+CREATE FUNCTION memory.grant_kinds() RETURNS memory.scope[] LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT coalesce(array_agg(DISTINCT split_part(g, ':', 1)::memory.scope) FILTER (WHERE g <> '*'), '{}')
+    FROM unnest(memory.grant_list()) g
 $$;
 
 -- The embedding cache is keyed by content: a scoped token reads and writes only the entries it computed itself
@@ -70,31 +104,34 @@ ALTER TABLE memory.embedding_cache
 ALTER TABLE memory.embedding_cache DROP CONSTRAINT embedding_cache_pkey;
 ALTER TABLE memory.embedding_cache ADD PRIMARY KEY (model, dimension, content_hash, owner);
 
--- Row-level security, FORCEd so that the owner too sees rows only through a policy. Two policies each: calls of
--- scoped tokens (memory_calls) see and write rows of their grants; the owner (migrations, maintenance, admin and
--- full-access calls) sees everything. Any other role sees nothing. The owner's policy is a constant true, which
--- PostgreSQL drops from its plans: maintenance and full-access calls plan as before.
-ALTER TABLE memory.memories ENABLE ROW LEVEL SECURITY;
-ALTER TABLE memory.memories FORCE ROW LEVEL SECURITY;
-CREATE POLICY calls ON memory.memories TO memory_calls
-    USING (memory.granted(scope, scope_id)) WITH CHECK (memory.granted(scope, scope_id));
-CREATE POLICY maintenance ON memory.memories TO CURRENT_USER USING (true) WITH CHECK (true);
-
-ALTER TABLE memory.memory_versions ENABLE ROW LEVEL SECURITY;
-ALTER TABLE memory.memory_versions FORCE ROW LEVEL SECURITY;
-CREATE POLICY calls ON memory.memory_versions TO memory_calls
-    USING (memory.granted(scope, scope_id)) WITH CHECK (memory.granted(scope, scope_id));
-CREATE POLICY maintenance ON memory.memory_versions TO CURRENT_USER USING (true) WITH CHECK (true);
-
-ALTER TABLE memory.changes ENABLE ROW LEVEL SECURITY;
-ALTER TABLE memory.changes FORCE ROW LEVEL SECURITY;
-CREATE POLICY calls ON memory.changes TO memory_calls
-    USING (memory.granted(scope, scope_id)) WITH CHECK (memory.granted(scope, scope_id));
-CREATE POLICY maintenance ON memory.changes TO CURRENT_USER USING (true) WITH CHECK (true);
+-- Row-level security, FORCEd so that the owner too sees rows only through a policy. Each table has a policy for
+-- each calls role and one for the owner (migrations, maintenance, admin and full-access calls), which is a constant
+-- true that PostgreSQL drops from its plans: those plan as before. Any other role sees nothing.
+DO $$
+DECLARE
+    table_ text;
+BEGIN
+    FOREACH table_ IN ARRAY ARRAY['memories', 'memory_versions', 'changes'] LOOP
+        EXECUTE format('ALTER TABLE memory.%I ENABLE ROW LEVEL SECURITY', table_);
+        EXECUTE format('ALTER TABLE memory.%I FORCE ROW LEVEL SECURITY', table_);
+        EXECUTE format($p$
+            CREATE POLICY calls ON memory.%I TO memory_calls
+            USING (scope = (SELECT memory.grant_kind())
+                   AND ((SELECT memory.grant_every_id()) OR scope_id = ANY ((SELECT memory.grant_ids())::bigint[])))
+            WITH CHECK (memory.granted(scope, scope_id))$p$, table_);
+        EXECUTE format($p$
+            CREATE POLICY calls_kinds ON memory.%I TO memory_calls_kinds
+            USING (scope = ANY ((SELECT memory.grant_kinds())::memory.scope[]) AND memory.granted(scope, scope_id))
+            WITH CHECK (memory.granted(scope, scope_id))$p$, table_);
+        EXECUTE format('CREATE POLICY maintenance ON memory.%I TO %I USING (true) WITH CHECK (true)',
+                       table_, current_user);
+    END LOOP;
+END
+$$;
 
 ALTER TABLE memory.embedding_cache ENABLE ROW LEVEL SECURITY;
 ALTER TABLE memory.embedding_cache FORCE ROW LEVEL SECURITY;
-CREATE POLICY calls ON memory.embedding_cache TO memory_calls
+CREATE POLICY calls ON memory.embedding_cache TO memory_calls, memory_calls_kinds
     USING (owner <> '' AND owner = current_setting('memory.principal', true))
     WITH CHECK (owner <> '' AND owner = current_setting('memory.principal', true));
 CREATE POLICY maintenance ON memory.embedding_cache TO CURRENT_USER USING (true) WITH CHECK (true);
@@ -110,11 +147,11 @@ CREATE TABLE memory.scope_usage (
     memories bigint NOT NULL,
     PRIMARY KEY (scope, scope_id, shard)
 );
-GRANT SELECT, INSERT, UPDATE ON memory.scope_usage TO memory_calls;
+GRANT SELECT, INSERT, UPDATE ON memory.scope_usage TO memory_calls, memory_calls_kinds;
 -- Which scope ids exist is not a tenant's business either.
 ALTER TABLE memory.scope_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE memory.scope_usage FORCE ROW LEVEL SECURITY;
-CREATE POLICY calls ON memory.scope_usage TO memory_calls
+CREATE POLICY calls ON memory.scope_usage TO memory_calls, memory_calls_kinds
     USING (memory.granted(scope, scope_id)) WITH CHECK (memory.granted(scope, scope_id));
 CREATE POLICY maintenance ON memory.scope_usage TO CURRENT_USER USING (true) WITH CHECK (true);
 INSERT INTO memory.scope_usage (scope, scope_id, shard, memories)

@@ -29,6 +29,7 @@ MODES = (memory_pb2.SEARCH_MODE_VECTOR, memory_pb2.SEARCH_MODE_TEXT, memory_pb2.
 NOT_FOUND, DENIED = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED
 TTL = duration_pb2.Duration(seconds=60)
 A_WORD = "zebrafish"
+B_SCOPES = {(AGENT, 2), (AGENT, 3)}
 """A word only A's memories hold."""
 
 
@@ -50,7 +51,7 @@ class Tenants:
 async def tenants(server_dsn: str, template_dsn: str) -> AsyncIterator[Tenants]:
     dsn = await create_database(server_dsn, TEMPLATE_DB)
     a = bearer(await create_token(dsn, "tenant-a", ["agent:1", "project:10"], leases=("a",)))
-    b = bearer(await create_token(dsn, "tenant-b", ["agent:2", "global"], leases=("b",)))
+    b = bearer(await create_token(dsn, "tenant-b", ["agent:2", "agent:3"], leases=("b",)))
     running = await start_server(server_env(dsn))
     try:
         yield await _populate(running, dsn, a, b)
@@ -76,7 +77,7 @@ async def _populate(running: RunningServer, dsn: str, a: tuple[tuple[str, str]],
     await stub.Delete(memory_pb2.DeleteRequest(id=gone.id), metadata=a)
     a_ids.append(gone.id)
     b_ids = []
-    for i, (scope, scope_id) in enumerate([(AGENT, 2), (GLOBAL, 0)]):
+    for i, (scope, scope_id) in enumerate([(AGENT, 2), (AGENT, 3)]):
         text = f"note {i} of tenant b, shared words apple"
         stored = await stub.Store(
             memory_pb2.StoreRequest(memory=memory(scope, scope_id, text, key=f"k{i}", tags=["t"])), metadata=b
@@ -206,7 +207,7 @@ async def test_stats_count_only_the_granted_scopes(tenants: Tenants) -> None:
     counts = {entry.scope: entry.memories for entry in stats.by_scope}
     live_b = len(await _all_of(tenants.server.memory, tenants.b))
     assert stats.memories == sum(counts.values()) == live_b
-    assert set(counts) <= {AGENT, GLOBAL}
+    assert set(counts) <= {AGENT}
     assert not stats.index.exists and stats.embedding_cache_entries == 0
 
 
@@ -230,7 +231,7 @@ async def test_watch_delivers_only_the_granted_changes(tenants: Tenants) -> None
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert seen, "B's own change was not delivered"
-    assert all((c.scope, c.scope_id) in {(AGENT, 2), (GLOBAL, 0)} for c in seen)
+    assert all((c.scope, c.scope_id) in B_SCOPES for c in seen)
     assert all(c.memory_id not in tenants.a_ids for c in seen)
 
 
@@ -298,40 +299,44 @@ async def test_random_filters_never_return_a_row_of_another_tenant(
             continue
         rows = response.memories if isinstance(response, memory_pb2.ListResponse) else [h.memory for h in response.hits]
         assert not {m.id for m in rows} & a_ids
-        assert all((m.scope, m.scope_id) in {(AGENT, 2), (GLOBAL, 0)} for m in rows)
+        assert all((m.scope, m.scope_id) in B_SCOPES for m in rows)
 
 
 async def test_row_level_security_alone_hides_another_tenant(tenants: Tenants) -> None:
-    """No service in the way: a connection running as the calls role with B's grants, queried with no filter."""
+    """No service in the way: connections running as each calls role with B's grants, queried with no filter."""
     conn = await asyncpg.connect(tenants.dsn)
     try:
+        for role in ("memory_calls", "memory_calls_kinds"):
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL ROLE {role}; SET LOCAL memory.grants = ',agent:2,agent:3,'")
+                await conn.execute("SET LOCAL memory.principal = 'tenant-b'")
+                for table, column in (("memories", "id"), ("memory_versions", "memory_id"), ("changes", "memory_id")):
+                    ids = {r[0] for r in await conn.fetch(f"SELECT {column} FROM memory.{table}")}
+                    assert ids, (role, table)
+                    assert not ids & set(tenants.a_ids), (role, table)
+                for table in ("memories", "memory_versions", "changes", "scope_usage"):
+                    seen = await conn.fetch(f"SELECT DISTINCT scope::text, scope_id FROM memory.{table}")
+                    assert {(r[0], r[1]) for r in seen} <= {("agent", 2), ("agent", 3)}, (role, table)
+                owners = {r[0] for r in await conn.fetch("SELECT owner FROM memory.embedding_cache")}
+                assert owners <= {"tenant-b"}, role
+                # Nor can it write into A's scope, or read the tokens.
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.execute(
+                        "INSERT INTO memory.memories (scope, scope_id, key, value, content_hash) "
+                        "VALUES ('agent', 1, 'x', 'x', '\\x00')"
+                    )
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL ROLE {role}")
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetch("SELECT * FROM memory.tokens")
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL ROLE {role}")  # no grants set: nothing at all
+                assert await conn.fetchval("SELECT count(*) FROM memory.memories") == 0
         async with conn.transaction():
-            await conn.execute("SET LOCAL ROLE memory_calls; SET LOCAL memory.grants = ',agent:2,global:0,'")
-            await conn.execute("SET LOCAL memory.principal = 'tenant-b'")
-            for table, column in (("memories", "id"), ("memory_versions", "memory_id"), ("changes", "memory_id")):
-                ids = {r[0] for r in await conn.fetch(f"SELECT {column} FROM memory.{table}")}
-                assert ids, table
-                assert not ids & set(tenants.a_ids), table
-            scope_rows = await conn.fetch("SELECT DISTINCT scope::text, scope_id FROM memory.memories")
-            assert {(r[0], r[1]) for r in scope_rows} <= {("agent", 2), ("global", 0)}
-            usage = await conn.fetch("SELECT DISTINCT scope::text, scope_id FROM memory.scope_usage")
-            assert {(r[0], r[1]) for r in usage} <= {("agent", 2), ("global", 0)}
-            owners = {r[0] for r in await conn.fetch("SELECT owner FROM memory.embedding_cache")}
-            assert owners <= {"tenant-b"}
-            # Nor can it write into A's scope, or read the tokens.
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await conn.execute(
-                    "INSERT INTO memory.memories (scope, scope_id, key, value, content_hash) "
-                    "VALUES ('agent', 1, 'x', 'x', '\\x00')"
-                )
-        async with conn.transaction():
-            await conn.execute("SET LOCAL ROLE memory_calls")
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await conn.fetch("SELECT * FROM memory.tokens")
-        async with conn.transaction():
-            await conn.execute("SET LOCAL ROLE memory_calls")  # no grants set: nothing at all
+            # The one-kind role given grants of several kinds sees nothing rather than too much.
+            await conn.execute("SET LOCAL ROLE memory_calls; SET LOCAL memory.grants = ',agent:1,project:10,'")
             assert await conn.fetchval("SELECT count(*) FROM memory.memories") == 0
-            await conn.execute("SET LOCAL memory.grants = ',agent:1,'")  # A's grants: A's rows, to show they exist
-            assert await conn.fetchval("SELECT count(*) FROM memory.memories") > 0
+            await conn.execute("SET LOCAL ROLE memory_calls_kinds")  # the right role: A's rows, to show they exist
+            assert await conn.fetchval("SELECT count(*) FROM memory.memories") >= 4
     finally:
         await conn.close()

@@ -28,7 +28,7 @@ from memory_service.errors import (
     QuotaExceeded,
     StartupError,
 )
-from memory_service.tenants.types import CALLS_ROLE, Access
+from memory_service.tenants.types import Access
 from memory_service.tenants.types import current as current_access
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def access_settings(access: Access) -> dict[str, str]:
     """The settings a connection needs for ``access``: none for full access without a quota."""
     values: dict[str, str] = {}
     if access.scoped:
-        values["role"] = CALLS_ROLE
+        values["role"] = access.calls_role
     if access.scoped or access.max_memories is not None:
         values["memory.grants"] = access.grants_setting()
         values["memory.principal"] = access.principal or ""

@@ -15,7 +15,11 @@ import re
 from memory_service.models import Scope
 
 CALLS_ROLE = "memory_calls"
-"""The role calls of scoped tokens run as: no login, no BYPASSRLS (migration 0011; checked at start-up)."""
+"""The role calls of tokens granted scopes of one kind run as: no login, no BYPASSRLS (migration 0011; checked at
+start-up). Its policies compare the scope kind by equality, so PostgreSQL keeps its ordered scoped index scans."""
+CALLS_ROLE_KINDS = "memory_calls_kinds"
+"""The role calls of tokens granted scopes of several kinds run as."""
+CALLS_ROLES = (CALLS_ROLE, CALLS_ROLE_KINDS)
 
 TOKEN_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 """What a token name may be: it is recorded as the principal in history and logs, and set as a setting value."""
@@ -105,6 +109,11 @@ class Access:
         """Whether the calls run as the calls role with row-level security narrowing them: unless every scope is
         granted (full access, admin, ``*``), when PostgreSQL has nothing to hide from them."""
         return not self.every_scope and Permission.ADMIN not in self.permissions
+
+    @property
+    def calls_role(self) -> str:
+        """The role a scoped call runs as, by how many scope kinds its grants span."""
+        return CALLS_ROLE if len({grant.scope for grant in self.scopes}) == 1 else CALLS_ROLE_KINDS
 
     def allows(self, permission: Permission) -> bool:
         return Permission.ADMIN in self.permissions or permission in self.permissions
