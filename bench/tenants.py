@@ -2,12 +2,12 @@
 
     python -m bench.tenants --rows 100000 --dataset minilm
 
-The corpus is loaded and indexed as ``bench.scale`` does (scope 1 holds 1% of the rows). Then one server, and two
-callers alternating one call at a time over the same queries:
+The corpus is loaded and indexed as ``bench.scale`` does (scope 1 holds 1% of the rows, scope 0 10,000). Then one
+server, and two callers alternating one call at a time over the same queries, for each of the two scopes:
 
-* **token**: a token granted ``project:1`` only, searching with no filter: the service narrows the search to its
+* **token**: a token granted ``project:S`` only, searching with no filter: the service narrows the search to its
   grant and runs it as the calls role under row-level security;
-* **by hand**: a full-access token (AUTH_TOKENS) with the filter ``project:1`` written in the request, no
+* **by hand**: a full-access token (AUTH_TOKENS) with the filter ``project:S`` written in the request, no
   row-level security.
 
 For each mode: p50/p99 latency, hits per search (top_k = 10 wanted), and for VECTOR recall@10 against exact
@@ -30,7 +30,7 @@ from grpc import aio
 from pgvector.asyncpg import register_vector
 
 from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
-from bench.scale import MODES, SCOPE_1PCT, K, Measure, build, load_corpus, scans, service_env
+from bench.scale import MODES, SCOPE_1PCT, SCOPE_10K, K, Measure, build, load_corpus, scans, service_env
 from memory_service.models import MemoryFilter, Scope, ScopeRef
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database
@@ -39,7 +39,7 @@ from memory_service.tenants.types import Permission, ScopeGrant
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 STATIC = "bench-operator-token-0123456789"
-GRANTS = ",project:1,"
+SCOPE_NAMES = {SCOPE_1PCT: "1%", SCOPE_10K: "10k rows"}
 
 
 class Caller:
@@ -60,11 +60,13 @@ class Caller:
         return response
 
 
-async def create_token(dsn: str) -> str:
+async def create_token(dsn: str, scope_id: int) -> str:
     db = await Database.connect(dsn, min_size=1, max_size=1)
     try:
         spec = TokenSpec(
-            name="bench-tenant", scopes=(ScopeGrant.parse("project:1"),), permissions=frozenset({Permission.READ})
+            name=f"bench-tenant-{scope_id}",
+            scopes=(ScopeGrant.parse(f"project:{scope_id}"),),
+            permissions=frozenset({Permission.READ}),
         )
         return await Tokens(db).create(spec)
     finally:
@@ -72,15 +74,15 @@ async def create_token(dsn: str) -> str:
 
 
 async def through_service(
-    measure: Measure, token: Caller, by_hand: Caller, *, count: int, warmup: int
+    measure: Measure, token: Caller, by_hand: Caller, scope_id: int, *, count: int, warmup: int
 ) -> list[list[object]]:
-    return [await _service_mode(measure, token, by_hand, mode, count=count, warmup=warmup) for mode in MODES]
+    return [await _service_mode(measure, token, by_hand, mode, scope_id, count=count, warmup=warmup) for mode in MODES]
 
 
 async def _service_mode(
-    measure: Measure, token: Caller, by_hand: Caller, mode: str, *, count: int, warmup: int
+    measure: Measure, token: Caller, by_hand: Caller, mode: str, scope_id: int, *, count: int, warmup: int
 ) -> list[object]:
-    requests = [measure.request(mode, SCOPE_1PCT, i) for i in range(count)]
+    requests = [measure.request(mode, scope_id, i) for i in range(count)]
     answers: dict[int, dict[int, set[int]]] = {id(token): {}, id(by_hand): {}}
     hits: dict[int, list[int]] = {id(token): [], id(by_hand): []}
     plans: dict[int, set[str]] = {id(token): set(), id(by_hand): set()}
@@ -100,12 +102,13 @@ async def _service_mode(
     token_s, hand_s = await latencies(caller(token), caller(by_hand), count=count)
     recall: dict[int, str] = {id(token): "-", id(by_hand): "-"}
     if mode == "vector":
-        truths = [measure.truth(i, SCOPE_1PCT) for i in range(count)]
+        truths = [measure.truth(i, scope_id) for i in range(count)]
         for who in (token, by_hand):
             got = answers[id(who)]
             recall[id(who)] = f"{np.mean([len(got[i] & truths[i]) / K for i in range(count)]):.3f}"
     return [
         mode,
+        SCOPE_NAMES[scope_id],
         percentile_ms(token_s, 50),
         percentile_ms(token_s, 99),
         percentile_ms(hand_s, 50),
@@ -133,8 +136,11 @@ async def sql_level(dsn: str, measure: Measure, *, count: int) -> list[list[obje
     try:
         for conn in (owner, calls):
             await register_vector(conn)
-        await calls.execute(f"SET ROLE memory_calls; SET memory.grants = '{GRANTS}'")
-        return [await _sql_row(owner, calls, measure, shape, count=count) for shape in STATEMENTS]
+        rows = []
+        for scope_id in SCOPE_NAMES:
+            await calls.execute(f"SET ROLE memory_calls; SET memory.grants = ',project:{scope_id},'")
+            rows += [await _sql_row(owner, calls, measure, shape, scope_id, count=count) for shape in STATEMENTS]
+        return rows
     finally:
         await owner.close()
         await calls.close()
@@ -145,13 +151,14 @@ async def _sql_row(
     calls: asyncpg.Connection,
     measure: Measure,
     shape: tuple[str, bool, bool, bool],
+    scope_id: int,
     *,
     count: int,
 ) -> list[object]:
     label, vector, text, exact = shape
-    narrowed = MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=SCOPE_1PCT),))
+    narrowed = MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=scope_id),))
 
-    def statement(i: int) -> tuple[str, list[Any]]:
+    def statement(i: int, *, conn_is_calls: bool) -> tuple[str, list[Any]]:
         return search_sql.candidates_statement(
             narrowed,
             vector=measure.vectors[i % count] if vector else None,
@@ -159,23 +166,25 @@ async def _sql_row(
             limit=K if not text else 40,
             exact=exact,
             full_rows=True,
+            rls=conn_is_calls,
         )
 
     async def on_owner(i: int) -> None:
-        await owner.fetch(*_flat(statement(i)))
+        await owner.fetch(*_flat(statement(i, conn_is_calls=False)))
 
     async def on_calls(i: int) -> None:
-        await calls.fetch(*_flat(statement(i)))
+        await calls.fetch(*_flat(statement(i, conn_is_calls=True)))
 
     await latencies(on_owner, on_calls, count=10)
     owner_s, calls_s = await latencies(on_owner, on_calls, count=count)
-    sql, values = statement(0)
     plan = []
     for conn in (owner, calls):
+        sql, values = statement(0, conn_is_calls=conn is calls)
         (explained,) = json.loads(await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *values))
         plan.append(scans(explained["Plan"]))
     return [
         label,
+        SCOPE_NAMES[scope_id],
         percentile_ms(calls_s, 50),
         percentile_ms(owner_s, 50),
         f"{percentile_ms(calls_s, 50) - percentile_ms(owner_s, 50):+.3f}",
@@ -195,7 +204,7 @@ async def run(args: argparse.Namespace) -> None:
             print(f"{args.rows} rows of {used}: loading", flush=True)
             built = await build(dsn, data, args.index)
             print(f"  {built}", flush=True)
-            secret = await create_token(dsn)
+            secrets = {scope_id: await create_token(dsn, scope_id) for scope_id in SCOPE_NAMES}
             server = ServerProcess(service_env(dsn, args.index, AUTH_TOKENS=STATIC))
             try:
                 await asyncio.to_thread(server.wait_ready)
@@ -204,22 +213,24 @@ async def run(args: argparse.Namespace) -> None:
                     measure = Measure(
                         data, None, None, count=args.queries, warmup=args.warmup, dsn=dsn, kind=args.index
                     )
-                    token = Caller(stub, secret, keep_filter=False)
                     by_hand = Caller(stub, STATIC, keep_filter=True)
                     started = time.perf_counter()
-                    service_rows = await through_service(
-                        measure, token, by_hand, count=args.queries, warmup=args.warmup
-                    )
+                    service_rows = []
+                    for scope_id, secret in secrets.items():
+                        token = Caller(stub, secret, keep_filter=False)
+                        service_rows += await through_service(
+                            measure, token, by_hand, scope_id, count=args.queries, warmup=args.warmup
+                        )
                     print(f"  through the service in {time.perf_counter() - started:.0f} s", flush=True)
             finally:
                 await asyncio.to_thread(server.stop)
             sql_rows = await sql_level(dsn, measure, count=args.queries)
-    scope_rows = int((data.scope_ids == SCOPE_1PCT).sum())
-    print(f"\n{args.rows} rows of {used}, VECTOR_INDEX={args.index}, scope project:1 holds {scope_rows} rows; ")
-    print(f"{args.queries} calls each, alternating\n")
+    sizes = ", ".join(f"project:{s} holds {int((data.scope_ids == s).sum())} rows" for s in SCOPE_NAMES)
+    print(f"\n{args.rows} rows of {used}, VECTOR_INDEX={args.index}, {sizes}; {args.queries} calls each, alternating\n")
     print_table(
         [
             "mode",
+            "scope",
             "token p50 ms",
             "token p99 ms",
             "by hand p50 ms",
@@ -232,7 +243,7 @@ async def run(args: argparse.Namespace) -> None:
         service_rows,
     )
     print("\nThe narrowed search SQL, as the calls role with the token's grants vs as the owner\n")
-    print_table(["statement", "RLS p50 ms", "owner p50 ms", "difference ms", "ratio", "scans"], sql_rows)
+    print_table(["statement", "scope", "RLS p50 ms", "owner p50 ms", "difference ms", "ratio", "scans"], sql_rows)
 
 
 def main() -> None:

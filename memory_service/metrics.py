@@ -109,7 +109,8 @@ class Metrics:
         )
         self.token_memories = Gauge(
             "memory_token_memories",
-            "Memories in each quota-bound token's scopes, as its memory quota counts them (refreshed with each write).",
+            "Memories in the scopes of each token with a memory quota, as the quota counts them (refreshed with its "
+            "grant, at most every 5 s while it makes calls).",
             ("token",),
             registry=r,
         )

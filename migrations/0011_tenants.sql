@@ -136,6 +136,28 @@ CREATE POLICY calls ON memory.embedding_cache TO memory_calls, memory_calls_kind
     WITH CHECK (owner <> '' AND owner = current_setting('memory.principal', true));
 CREATE POLICY maintenance ON memory.embedding_cache TO CURRENT_USER USING (true) WITH CHECK (true);
 
+-- Full-text matching for scoped calls. Under row-level security PostgreSQL evaluates a query's non-leakproof
+-- conditions, "search_tsv @@ query" among them, only on rows the policies already passed, so it cannot use the GIN
+-- index: a scoped text search would test every memory of the scope (6x slower than the same search by hand in a
+-- 10,000-row scope). This function runs the match as the owner, where the index and the scope index combine, and
+-- returns only ids within the caller's grants (memory.grants); the search then reads those rows by id, under the
+-- policies as always. It returns ids, never content.
+CREATE FUNCTION memory.text_matches(q tsquery) RETURNS SETOF bigint
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF memory.grant_every_id() THEN
+        RETURN QUERY SELECT m.id FROM memory.memories m
+            WHERE m.search_tsv @@ q AND m.scope = ANY (memory.grant_kinds()) AND memory.granted(m.scope, m.scope_id);
+    ELSE
+        RETURN QUERY SELECT m.id FROM memory.memories m
+            WHERE m.search_tsv @@ q AND m.scope = ANY (memory.grant_kinds()) AND m.scope_id = ANY (memory.grant_ids())
+              AND memory.granted(m.scope, m.scope_id);
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION memory.text_matches(tsquery) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION memory.text_matches(tsquery) TO memory_calls, memory_calls_kinds;
+
 -- Memories per scope, for quotas without a count(*) per write: statement triggers add what each statement inserted
 -- and subtract what it deleted (upserts that update change no count). Each backend adds to its own shard of a scope,
 -- so concurrent writers of one scope do not queue on one counter row; a count is the sum of a scope's shards.

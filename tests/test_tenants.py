@@ -188,6 +188,7 @@ async def test_memory_quota_refuses_the_write_that_would_pass_it_and_stores_noth
         "memory_token_quota_refusals_total", {"token": "capped", "quota": "max_memories"}
     )
     assert refusals == 2
+    assert running.server.metrics.registry.get_sample_value("memory_token_memories", {"token": "capped"}) is not None
 
 
 async def test_rate_quota_answers_resource_exhausted(served: tuple[str, object]) -> None:

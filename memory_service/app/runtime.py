@@ -146,7 +146,7 @@ class Runtime:
                 problem = await isolation_sql.isolation_problem(conn)
             if problem is not None:
                 raise StartupError(f"tenant isolation is not in force, refusing to start: {problem}")
-            self._tokens = Tokens(db, settings.auth_tokens)
+            self._tokens = Tokens(db, settings.auth_tokens, metrics=self.metrics)
             self._leases = LeaseManager(db, settings, self.metrics)
             await self._leases.start()
             async with db.connection() as conn:

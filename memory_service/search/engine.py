@@ -161,6 +161,7 @@ class SearchEngine:
                     ranking=self._text_ranking,
                     pruned=pruned,
                     with_embedding=query.include_embedding,
+                    rls=guard.scoped(),
                 )
 
             use_index = approximate_possible and not exact_is_cheaper

@@ -57,7 +57,8 @@ async def revoke(conn: asyncpg.Connection, name: str) -> bool:
 
 async def lookup(conn: asyncpg.Connection, secret_sha256: bytes) -> asyncpg.Record | None:
     """The live token with this secret hash, stamping its last use (at most once a minute, so a busy token does not
-    rewrite its row on every cache refresh); None when no live token has it."""
+    rewrite its row on every cache refresh), and for a token with a memory quota the memories it counts; None when
+    no live token has it."""
     row: asyncpg.Record | None = await conn.fetchrow(
         f"""
         WITH t AS (
@@ -69,7 +70,9 @@ async def lookup(conn: asyncpg.Connection, secret_sha256: bytes) -> asyncpg.Reco
             WHERE secret_sha256 = $1 AND name = (SELECT name FROM t)
               AND (last_used_at IS NULL OR last_used_at < clock_timestamp() - interval '1 minute')
         )
-        SELECT * FROM t
+        SELECT t.*, CASE WHEN t.max_memories IS NOT NULL
+                         THEN memory.usage_in(',' || array_to_string(t.scopes, ',') || ',') END AS memories
+        FROM t
         """,
         secret_sha256,
     )

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from memory_service.errors import InvalidArgument, Unauthenticated
+from memory_service.metrics import Metrics
 from memory_service.storage import tokens_sql
 from memory_service.storage.database import Database
 from memory_service.tenants.types import FULL_ACCESS, TOKEN_NAME, Access, Permission, ScopeGrant
@@ -97,9 +98,15 @@ class Tokens:
     """Resolves presented secrets; manages the table for the ``tokens`` command."""
 
     def __init__(
-        self, db: Database, static_tokens: Sequence[str] = (), *, clock: Callable[[], float] = time.monotonic
+        self,
+        db: Database,
+        static_tokens: Sequence[str] = (),
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
+        self._metrics = metrics
         self._static = [t.encode() for t in static_tokens]
         self._clock = clock
         self._cache: dict[bytes, tuple[float, Access | None]] = {}
@@ -173,7 +180,11 @@ class Tokens:
         try:
             async with self._db.connection() as conn:
                 row = await tokens_sql.lookup(conn, digest)
-            access = None if row is None else access_from_row(row)
+            access = None
+            if row is not None:
+                access = access_from_row(row)
+                if row["memories"] is not None and self._metrics is not None:
+                    self._metrics.token_memories.labels(row["name"]).set(row["memories"])
             self._remember(digest, access)
             future.set_result(access)
             return access
