@@ -158,28 +158,30 @@ $$;
 REVOKE ALL ON FUNCTION memory.text_matches(tsquery) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION memory.text_matches(tsquery) TO memory_calls, memory_calls_kinds;
 
--- Memories per scope, for quotas without a count(*) per write: statement triggers add what each statement inserted
--- and subtract what it deleted (upserts that update change no count). Each backend adds to its own shard of a scope,
--- so concurrent writers of one scope do not queue on one counter row; a count is the sum of a scope's shards.
--- Expired memories count until the purge deletes them.
+-- Memories per scope, for quotas without a count(*) per write. Statement triggers on memory.memories append what
+-- each statement inserted and deleted (upserts that update change no count) as rows of (scope, scope_id, +n/-n);
+-- a scope's count is the sum of its rows, read through the index. Appending takes no lock that another writer could
+-- wait for (a counter row updated in place would queue every writer of a scope behind the longest transaction
+-- writing to it); the purge loop folds each scope's rows into one (memory_service.memories.purge). Expired
+-- memories count until the purge deletes them.
 CREATE TABLE memory.scope_usage (
     scope    memory.scope NOT NULL,
     scope_id bigint NOT NULL,
-    shard    smallint NOT NULL,
-    memories bigint NOT NULL,
-    PRIMARY KEY (scope, scope_id, shard)
+    memories bigint NOT NULL
 );
-GRANT SELECT, INSERT, UPDATE ON memory.scope_usage TO memory_calls, memory_calls_kinds;
+CREATE INDEX scope_usage_scope ON memory.scope_usage (scope, scope_id);
+GRANT SELECT, INSERT ON memory.scope_usage TO memory_calls, memory_calls_kinds;
+REVOKE UPDATE, DELETE ON memory.scope_usage FROM memory_calls, memory_calls_kinds;
 -- Which scope ids exist is not a tenant's business either.
 ALTER TABLE memory.scope_usage ENABLE ROW LEVEL SECURITY;
 ALTER TABLE memory.scope_usage FORCE ROW LEVEL SECURITY;
 CREATE POLICY calls ON memory.scope_usage TO memory_calls, memory_calls_kinds
     USING (memory.granted(scope, scope_id)) WITH CHECK (memory.granted(scope, scope_id));
 CREATE POLICY maintenance ON memory.scope_usage TO CURRENT_USER USING (true) WITH CHECK (true);
-INSERT INTO memory.scope_usage (scope, scope_id, shard, memories)
-SELECT scope, scope_id, 0, count(*) FROM memory.memories GROUP BY scope, scope_id;
+INSERT INTO memory.scope_usage (scope, scope_id, memories)
+SELECT scope, scope_id, count(*) FROM memory.memories GROUP BY scope, scope_id;
 
--- Live memories in the scopes of a grants list (as memory.grants holds it), read through the primary key.
+-- Memories in the scopes of a grants list (as memory.grants holds it), read through the index.
 CREATE FUNCTION memory.usage_in(grants text) RETURNS bigint LANGUAGE plpgsql STABLE AS $$
 DECLARE
     grant_ text;
@@ -213,9 +215,8 @@ DECLARE
     used bigint;
     added bigint;
 BEGIN
-    INSERT INTO memory.scope_usage AS u (scope, scope_id, shard, memories)
-    SELECT scope, scope_id, pg_backend_pid() % 8, count(*) FROM inserted GROUP BY scope, scope_id
-    ON CONFLICT (scope, scope_id, shard) DO UPDATE SET memories = u.memories + EXCLUDED.memories;
+    INSERT INTO memory.scope_usage (scope, scope_id, memories)
+    SELECT scope, scope_id, count(*) FROM inserted GROUP BY scope, scope_id;
     GET DIAGNOSTICS added = ROW_COUNT;
     IF quota IS NOT NULL AND added > 0 THEN
         PERFORM pg_advisory_xact_lock(hashtextextended('memory quota ' || current_setting('memory.principal', true), 0));
@@ -231,9 +232,8 @@ $$;
 
 CREATE FUNCTION memory.count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO memory.scope_usage AS u (scope, scope_id, shard, memories)
-    SELECT scope, scope_id, pg_backend_pid() % 8, -count(*) FROM deleted GROUP BY scope, scope_id
-    ON CONFLICT (scope, scope_id, shard) DO UPDATE SET memories = u.memories + EXCLUDED.memories;
+    INSERT INTO memory.scope_usage (scope, scope_id, memories)
+    SELECT scope, scope_id, -count(*) FROM deleted GROUP BY scope, scope_id;
     RETURN NULL;
 END
 $$;

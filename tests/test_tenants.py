@@ -230,3 +230,28 @@ async def test_the_server_refuses_to_start_when_isolation_is_not_in_force(databa
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("memory-service: error: tenant isolation is not in force, refusing to start:")
+
+
+async def test_scope_counts_stay_exact_and_fold_into_one_row(database_url: str) -> None:
+    from memory_service.memories.purge import fold_scope_counts
+
+    running = await start_server(server_env(database_url))
+    try:
+        stub = running.memory
+        stored = [
+            await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 9, f"note {i}", key=f"k{i}")))
+            for i in range(5)
+        ]
+        await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 9, "note 0 changed", key="k0")))
+        await stub.Delete(memory_pb2.DeleteRequest(id=stored[1].id))
+        conn = await asyncpg.connect(database_url)
+        try:
+            query = "SELECT count(*), sum(memories) FROM memory.scope_usage WHERE scope = 'agent' AND scope_id = 9"
+            rows, count = await conn.fetchrow(query)
+            assert count == 4 and rows == 6  # five inserts and a delete appended; the update added nothing
+            assert await fold_scope_counts(running.server.runtime.db) == 6
+            assert tuple(await conn.fetchrow(query)) == (1, 4)
+        finally:
+            await conn.close()
+    finally:
+        await stop_server(running)

@@ -238,6 +238,7 @@ class Runtime:
         """Purge expired memories (returning how many) and evict old embedding-cache entries."""
         purged = await purge.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
         await purge.evict_embedding_cache(self.db)
+        await purge.fold_scope_counts(self.db)
         return purged
 
     async def _database_dsn(self) -> str:
