@@ -33,9 +33,9 @@ from bench.harness import ServerProcess, database_server, fresh_database, latenc
 from bench.scale import MODES, SCOPE_1PCT, SCOPE_10K, K, Measure, build, load_corpus, scans, service_env
 from memory_service.models import MemoryFilter, Scope, ScopeRef
 from memory_service.storage import search_sql
-from memory_service.storage.database import Database
+from memory_service.storage.database import Database, access_settings
 from memory_service.tenants.tokens import Tokens, TokenSpec
-from memory_service.tenants.types import Permission, ScopeGrant
+from memory_service.tenants.types import Access, Permission, ScopeGrant
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 STATIC = "bench-operator-token-0123456789"
@@ -138,7 +138,12 @@ async def sql_level(dsn: str, measure: Measure, *, count: int) -> list[list[obje
             await register_vector(conn)
         rows = []
         for scope_id in SCOPE_NAMES:
-            await calls.execute(f"SET ROLE memory_calls; SET memory.grants = ',project:{scope_id},'")
+            access = Access(
+                principal="bench",
+                scopes=(ScopeGrant(Scope.PROJECT, scope_id),),
+                permissions=frozenset({Permission.READ}),
+            )
+            await calls.execute("; ".join(f"SET {name} = '{value}'" for name, value in access_settings(access).items()))
             rows += [await _sql_row(owner, calls, measure, shape, scope_id, count=count) for shape in STATEMENTS]
         return rows
     finally:

@@ -57,11 +57,10 @@ REVOKE ALL ON memory.tokens FROM memory_calls, memory_calls_kinds;
 REVOKE ALL ON memory.schema_migrations FROM memory_calls, memory_calls_kinds;
 REVOKE INSERT, UPDATE, DELETE ON memory.settings FROM memory_calls, memory_calls_kinds;
 
--- The call's grants, as the service sets them per connection in memory.grants: ',agent:7,project:*,' (',*,' for
--- every scope). Unset or empty grants nothing. Each policy reads them through these functions only.
-CREATE FUNCTION memory.grant_list() RETURNS text[] LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT string_to_array(trim(BOTH ',' FROM coalesce(current_setting('memory.grants', true), '')), ',')
-$$;
+-- The call's grants, as the service sets them per connection: memory.grants ',agent:7,project:*,' (',*,' for every
+-- scope), and the same grants taken apart for index conditions: memory.grant_kinds 'agent,project' (the kinds),
+-- memory.grant_ids '7' (the ids of the grants naming one), memory.grant_every_id 'on' when a grant covers a kind
+-- whole. Unset or empty settings grant nothing.
 
 -- Whether a row of scope (s, i) is granted: a couple of string searches, inlined into the policies that use it.
 CREATE FUNCTION memory.granted(s memory.scope, i bigint) RETURNS boolean
@@ -69,31 +68,6 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT strpos(current_setting('memory.grants', true), ',' || s::text || ':' || i::text || ',') > 0
         OR strpos(current_setting('memory.grants', true), ',' || s::text || ':*,') > 0
         OR current_setting('memory.grants', true) = ',*,'
-$$;
-
--- For grants within one scope kind: the kind (NULL for several kinds, or for '*'), the granted ids of it, and
--- whether every id is granted. The policies of memory_calls compare with them through scalar subqueries, which
--- PostgreSQL evaluates once per statement: "scope = (kind)" is an index condition on (scope, scope_id, id) that
--- keeps the scan in id order, where the service's own "scope = $1" cannot be one under row-level security (enum
--- equality is not marked leakproof).
-CREATE FUNCTION memory.grant_kind() RETURNS memory.scope LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN count(DISTINCT split_part(g, ':', 1)) = 1 AND bool_and(g <> '*')
-                THEN min(split_part(g, ':', 1))::memory.scope END
-    FROM unnest(memory.grant_list()) g
-$$;
-
-CREATE FUNCTION memory.grant_ids() RETURNS bigint[] LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT coalesce(array_agg(split_part(g, ':', 2)::bigint) FILTER (WHERE split_part(g, ':', 2) ~ '^[0-9]+$'), '{}')
-    FROM unnest(memory.grant_list()) g
-$$;
-
-CREATE FUNCTION memory.grant_every_id() RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT coalesce(bool_or(g = '*' OR split_part(g, ':', 2) = '*'), false) FROM unnest(memory.grant_list()) g
-$$;
-
-CREATE FUNCTION memory.grant_kinds() RETURNS memory.scope[] LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT coalesce(array_agg(DISTINCT split_part(g, ':', 1)::memory.scope) FILTER (WHERE g <> '*'), '{}')
-    FROM unnest(memory.grant_list()) g
 $$;
 
 -- The embedding cache is keyed by content: a scoped token reads and writes only the entries it computed itself
@@ -107,6 +81,13 @@ ALTER TABLE memory.embedding_cache ADD PRIMARY KEY (model, dimension, content_ha
 -- Row-level security, FORCEd so that the owner too sees rows only through a policy. Each table has a policy for
 -- each calls role and one for the owner (migrations, maintenance, admin and full-access calls), which is a constant
 -- true that PostgreSQL drops from its plans: those plan as before. Any other role sees nothing.
+--
+-- memory_calls compares the scope kind by equality with a scalar subquery, which PostgreSQL evaluates once per
+-- statement: "scope = (kind)" is an index condition on (scope, scope_id, id) that keeps scoped scans in id order.
+-- The service's own "scope = $1" cannot be one under row-level security, because enum equality is not marked
+-- leakproof and PostgreSQL evaluates such conditions only after the policies'. With one kind, the kind and the
+-- ids (or every id) are exactly the grants, so no row needs more than two comparisons. Several kinds cannot be
+-- compared by one equality: memory_calls_kinds compares with the list, and checks each row against the grants.
 DO $$
 DECLARE
     table_ text;
@@ -116,12 +97,16 @@ BEGIN
         EXECUTE format('ALTER TABLE memory.%I FORCE ROW LEVEL SECURITY', table_);
         EXECUTE format($p$
             CREATE POLICY calls ON memory.%I TO memory_calls
-            USING (scope = (SELECT memory.grant_kind())
-                   AND ((SELECT memory.grant_every_id()) OR scope_id = ANY ((SELECT memory.grant_ids())::bigint[])))
+            USING (scope = (SELECT nullif(current_setting('memory.grant_kinds', true), '')::memory.scope)
+                   AND ((SELECT current_setting('memory.grant_every_id', true) = 'on')
+                        OR scope_id = ANY ((SELECT string_to_array(current_setting('memory.grant_ids', true), ','))
+                                           ::bigint[])))
             WITH CHECK (memory.granted(scope, scope_id))$p$, table_);
         EXECUTE format($p$
             CREATE POLICY calls_kinds ON memory.%I TO memory_calls_kinds
-            USING (scope = ANY ((SELECT memory.grant_kinds())::memory.scope[]) AND memory.granted(scope, scope_id))
+            USING (scope = ANY ((SELECT string_to_array(current_setting('memory.grant_kinds', true), ','))
+                                ::memory.scope[])
+                   AND memory.granted(scope, scope_id))
             WITH CHECK (memory.granted(scope, scope_id))$p$, table_);
         EXECUTE format('CREATE POLICY maintenance ON memory.%I TO %I USING (true) WITH CHECK (true)',
                        table_, current_user);
@@ -144,13 +129,16 @@ CREATE POLICY maintenance ON memory.embedding_cache TO CURRENT_USER USING (true)
 -- policies as always. It returns ids, never content.
 CREATE FUNCTION memory.text_matches(q tsquery) RETURNS SETOF bigint
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    kinds memory.scope[] := string_to_array(current_setting('memory.grant_kinds', true), ',')::memory.scope[];
+    ids bigint[] := string_to_array(current_setting('memory.grant_ids', true), ',')::bigint[];
 BEGIN
-    IF memory.grant_every_id() THEN
+    IF current_setting('memory.grant_every_id', true) = 'on' THEN
         RETURN QUERY SELECT m.id FROM memory.memories m
-            WHERE m.search_tsv @@ q AND m.scope = ANY (memory.grant_kinds()) AND memory.granted(m.scope, m.scope_id);
+            WHERE m.search_tsv @@ q AND m.scope = ANY (kinds) AND memory.granted(m.scope, m.scope_id);
     ELSE
         RETURN QUERY SELECT m.id FROM memory.memories m
-            WHERE m.search_tsv @@ q AND m.scope = ANY (memory.grant_kinds()) AND m.scope_id = ANY (memory.grant_ids())
+            WHERE m.search_tsv @@ q AND m.scope = ANY (kinds) AND m.scope_id = ANY (ids)
               AND memory.granted(m.scope, m.scope_id);
     END IF;
 END

@@ -19,6 +19,8 @@ from google.protobuf import duration_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from memory_service.storage.database import access_settings
+from memory_service.tenants.types import Access, Permission, ScopeGrant
 from memory_service.v1 import lease_pb2, memory_pb2
 from tests.conftest import TEMPLATE_DB, RunningServer, create_database, drop_database, start_server, stop_server
 from tests.conftest import test_env as server_env
@@ -30,6 +32,7 @@ NOT_FOUND, DENIED = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED
 TTL = duration_pb2.Duration(seconds=60)
 A_WORD = "zebrafish"
 B_SCOPES = {(AGENT, 2), (AGENT, 3)}
+READ = frozenset({Permission.READ})
 """A word only A's memories hold."""
 
 
@@ -302,14 +305,20 @@ async def test_random_filters_never_return_a_row_of_another_tenant(
         assert all((m.scope, m.scope_id) in B_SCOPES for m in rows)
 
 
+def set_local(role: str, scopes: list[str]) -> str:
+    """The settings a scoped call of ``scopes`` runs with (as the service computes them), for ``role``."""
+    access = Access(principal="tenant-b", scopes=tuple(ScopeGrant.parse(s) for s in scopes), permissions=READ)
+    settings = {**access_settings(access), "role": role}
+    return "; ".join(f"SET LOCAL {name} = '{value}'" for name, value in settings.items())
+
+
 async def test_row_level_security_alone_hides_another_tenant(tenants: Tenants) -> None:
     """No service in the way: connections running as each calls role with B's grants, queried with no filter."""
     conn = await asyncpg.connect(tenants.dsn)
     try:
         for role in ("memory_calls", "memory_calls_kinds"):
             async with conn.transaction():
-                await conn.execute(f"SET LOCAL ROLE {role}; SET LOCAL memory.grants = ',agent:2,agent:3,'")
-                await conn.execute("SET LOCAL memory.principal = 'tenant-b'")
+                await conn.execute(set_local(role, ["agent:2", "agent:3"]))
                 for table, column in (("memories", "id"), ("memory_versions", "memory_id"), ("changes", "memory_id")):
                     ids = {r[0] for r in await conn.fetch(f"SELECT {column} FROM memory.{table}")}
                     assert ids, (role, table)
@@ -332,11 +341,13 @@ async def test_row_level_security_alone_hides_another_tenant(tenants: Tenants) -
             async with conn.transaction():
                 await conn.execute(f"SET LOCAL ROLE {role}")  # no grants set: nothing at all
                 assert await conn.fetchval("SELECT count(*) FROM memory.memories") == 0
-        async with conn.transaction():
-            # The one-kind role given grants of several kinds sees nothing rather than too much.
-            await conn.execute("SET LOCAL ROLE memory_calls; SET LOCAL memory.grants = ',agent:1,project:10,'")
-            assert await conn.fetchval("SELECT count(*) FROM memory.memories") == 0
-            await conn.execute("SET LOCAL ROLE memory_calls_kinds")  # the right role: A's rows, to show they exist
+        # The one-kind role given grants of several kinds refuses rather than show too much.
+        with pytest.raises(asyncpg.InvalidTextRepresentationError):
+            async with conn.transaction():
+                await conn.execute(set_local("memory_calls", ["agent:1", "project:10"]))
+                await conn.fetchval("SELECT count(*) FROM memory.memories")
+        async with conn.transaction():  # the right role: A's rows, to show they exist
+            await conn.execute(set_local("memory_calls_kinds", ["agent:1", "project:10"]))
             assert await conn.fetchval("SELECT count(*) FROM memory.memories") >= 4
     finally:
         await conn.close()

@@ -159,7 +159,15 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 _SETTING_NAME = re.compile(r"^[a-z_]+(\.[a-z_]+)?$")
 _SETTING_VALUE = re.compile(r"^[A-Za-z0-9_.,:*-]+$")
 
-ACCESS_SETTINGS = ("role", "memory.grants", "memory.principal", "memory.max_memories")
+ACCESS_SETTINGS = (
+    "role",
+    "memory.grants",
+    "memory.grant_kinds",
+    "memory.grant_ids",
+    "memory.grant_every_id",
+    "memory.principal",
+    "memory.max_memories",
+)
 """The settings that carry a call's access to PostgreSQL: the role it runs as and what the policies and the quota
 trigger of migration 0011 read."""
 
@@ -175,6 +183,7 @@ def access_settings(access: Access) -> dict[str, str]:
     values: dict[str, str] = {}
     if access.scoped:
         values["role"] = access.calls_role
+        values.update(access.policy_settings())
     if access.scoped or access.max_memories is not None:
         values["memory.grants"] = access.grants_setting()
         values["memory.principal"] = access.principal or ""

@@ -129,6 +129,19 @@ class Access:
         """The grants as the policies read them from ``memory.grants``: ``,agent:7,project:*,``."""
         return "," + ",".join(str(grant) for grant in self.scopes) + ","
 
+    def policy_settings(self) -> dict[str, str]:
+        """What the row-level security policies of migration 0011 read, for a scoped call: the grants, and the
+        same taken apart for index conditions (the kinds; the ids of the grants naming one, -1 for none; whether a
+        grant covers a kind whole)."""
+        kinds = sorted({g.scope.value for g in self.scopes if g.scope is not None})
+        ids = sorted({g.scope_id for g in self.scopes if g.scope is not None and g.scope_id is not None})
+        return {
+            "memory.grants": self.grants_setting(),
+            "memory.grant_kinds": ",".join(kinds),
+            "memory.grant_ids": ",".join(map(str, ids)) or "-1",
+            "memory.grant_every_id": "on" if any(g.scope_id is None for g in self.scopes) else "off",
+        }
+
 
 FULL_ACCESS = Access(principal=None)
 """Auth off, maintenance, and the tokens of AUTH_TOKENS: everything."""
