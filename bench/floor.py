@@ -34,6 +34,7 @@ from pgvector.asyncpg import register_vector
 
 from bench.lease_floor import BareLeases
 from memory_service.models import MemoryFilter, Scope, ScopeRef
+from memory_service.search.tuning import DEFAULT_TEXT_RANKING
 from memory_service.storage import search_sql
 from memory_service.v1 import lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
@@ -231,6 +232,7 @@ class Floor(memory_pb2_grpc.MemoryServiceServicer):
             limit=_HYBRID_CANDIDATES if hybrid else top_k,
             exact=request.exact,
             full_rows=not hybrid,
+            text_ranking=DEFAULT_TEXT_RANKING.values,
         )
         async with (await self._pool(request, _HYBRID_CANDIDATES)).acquire() as conn:
             rows = await conn.fetch(sql, *values)

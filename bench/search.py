@@ -37,8 +37,8 @@ from memory_service.app.runtime import Runtime
 from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, MemoryFilter, Scope, ScopeRef
-from memory_service.search.calibration import scan_settings
 from memory_service.search.index_care import fitted_probes
+from memory_service.search.tuning import DEFAULT_TEXT_RANKING, scan_settings
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
@@ -118,6 +118,7 @@ class PlainSql:
                 exact=narrow or mode == "text",
                 full_rows=mode == "vector",
                 pruned=not narrow,
+                text_ranking=DEFAULT_TEXT_RANKING.values,
             )
             if mode != "vector":
                 # The service fetches the memories of the k winners after fusion; any k candidates cost the same.

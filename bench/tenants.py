@@ -32,6 +32,7 @@ from pgvector.asyncpg import register_vector
 from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
 from bench.scale import MODES, SCOPE_1PCT, SCOPE_10K, K, Measure, build, load_corpus, scans, service_env
 from memory_service.models import MemoryFilter, Scope, ScopeRef
+from memory_service.search.tuning import DEFAULT_TEXT_RANKING
 from memory_service.storage import search_sql
 from memory_service.storage.database import Database, access_settings
 from memory_service.tenants.tokens import Tokens, TokenSpec
@@ -171,6 +172,7 @@ async def _sql_row(
             limit=K if not text else 40,
             exact=exact,
             full_rows=True,
+            text_ranking=DEFAULT_TEXT_RANKING.values,
             rls=conn_is_calls,
         )
 

@@ -30,6 +30,7 @@ from memory_service.app.runtime import Runtime
 from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import MemoryFilter
+from memory_service.search.tuning import TextRanking
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
@@ -109,7 +110,7 @@ async def load(dsn: str, texts: list[str]) -> None:
 
 async def measure(dsn: str, address: str, by_length: dict[int, list[str]], max_scored: int) -> None:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, init=init_connection)
-    ranking = search_sql.TextRanking(max_scored=max_scored)
+    ranking = TextRanking(max_scored=max_scored).values
     rows = []
     async with aio.insecure_channel(address) as channel:
         stub = memory_pb2_grpc.MemoryServiceStub(channel)
@@ -128,7 +129,7 @@ async def measure(dsn: str, address: str, by_length: dict[int, list[str]], max_s
                         limit=K * 4,
                         exact=True,
                         full_rows=False,
-                        ranking=ranking,
+                        text_ranking=ranking,
                     )
 
             async def old_all_words(i: int, texts: list[str] = texts) -> None:

@@ -117,6 +117,21 @@ class Memory:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class WriteContext:
+    """Who made a change, recorded in its version: all optional."""
+
+    principal: str | None = None
+    """The authenticated caller, when auth is on."""
+    request_id: str | None = None
+    """The caller's request id (``x-request-id`` metadata), when it sent one."""
+    fencing_token: int | None = None
+    """The lease token the write was fenced with."""
+
+
+NO_CONTEXT = WriteContext()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StoreResult:
     id: int
     key: str

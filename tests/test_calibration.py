@@ -17,9 +17,10 @@ import pytest
 from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter
-from memory_service.search.calibration import Calibration, Curve, ladder, scan_settings
+from memory_service.search.calibration import Calibration, Curve, ladder
 from memory_service.search.index_care import IndexState, needs_calibration
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.tuning import scan_settings
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
@@ -74,8 +75,8 @@ async def test_calibration_chooses_the_least_probes_that_reach_the_target(
     assert calibration is not None and calibration.kind == "ivfflat" and calibration.target == TARGET
     points = calibration.unfiltered.points
     chosen = calibration.setting(filtered=False)
-    # The premise: one list is not enough on this data. Then: every cheaper setting fell short, the chosen one did not.
-    assert points[0] == (1, points[0][1]) and points[0][1] < TARGET
+    # Every cheaper setting fell short, the chosen one did not.
+    assert points[0][0] == 1
     lower = calibration.unfiltered.lower
     assert len(lower) == len(points) and all(lo <= r for lo, (_, r) in zip(lower, points, strict=True))
     assert [s for (s, _), lo in zip(points, lower, strict=True) if lo < TARGET] == [s for s, _ in points if s < chosen]
@@ -85,15 +86,24 @@ async def test_calibration_chooses_the_least_probes_that_reach_the_target(
     rng = np.random.default_rng(99)
     fresh = corpus.centres[rng.integers(0, len(corpus.centres), 60)] + rng.normal(size=(60, 384)) / np.sqrt(384)
     fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
-    total = 0.0
+    total = one_list = 0.0
     for vector in fresh.astype(np.float32):
         response = await running.memory.Search(
             memory_pb2.SearchRequest(query_embedding=vector.tolist(), top_k=10, mode=memory_pb2.SEARCH_MODE_VECTOR)
         )
         assert response.plan == "ivfflat-iterative" and response.probes == chosen
         assert response.estimated_recall == pytest.approx(calibration.unfiltered.recall_at(chosen))
-        truth = np.argsort(-(corpus.vectors @ vector))[:10]
-        total += recall([int(h.memory.key.split("-")[1]) for h in response.hits], [int(i) for i in truth])
+        truth = [int(i) for i in np.argsort(-(corpus.vectors @ vector))[:10]]
+        total += recall([int(h.memory.key.split("-")[1]) for h in response.hits], truth)
+        cheapest = await running.memory.Search(
+            memory_pb2.SearchRequest(
+                query_embedding=vector.tolist(), top_k=10, mode=memory_pb2.SEARCH_MODE_VECTOR, probes=1
+            )
+        )
+        one_list += recall([int(h.memory.key.split("-")[1]) for h in cheapest.hits], truth)
+    # Measured here against brute force, not read from the calibration: one list is not enough on this data (the
+    # premise, so choosing more than one was right), and the chosen setting keeps its promise.
+    assert one_list / 60 < TARGET
     assert total / 60 >= TARGET - 0.05
 
 

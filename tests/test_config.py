@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -21,6 +22,30 @@ def test_defaults_without_environment() -> None:
     assert (settings.database_pool_min, settings.database_pool_max) == (4, 20)
     assert (settings.grpc_port, settings.metrics_port) == (50051, 9464)
     assert settings.embedding_provider == "hash"
+
+
+def test_the_readme_states_the_defaults_the_settings_have() -> None:
+    # Each default is written once, on its Settings field; the README's configuration table repeats them for
+    # readers, so each value it states, given as the variable, must configure what leaving it unset does.
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    defaults = Settings.from_env({})
+    literal = re.compile(r"^([\d.]+ ?(KiB|MiB|[smh])?|true|false|INFO|ivfflat|0\.0\.0\.0)$")
+    checked = []
+    for names_cell, values_cell in re.findall(r"^\| (`[A-Z_]+`(?: / `[A-Z_]+`)*) \| ([^|]+) \|", readme, re.M):
+        names = re.findall(r"`([A-Z_]+)`", names_cell)
+        values = [value.strip().strip("`") for value in values_cell.split(" / ")]
+        if len(values) != len(names):
+            continue
+        for name, stated in zip(names, values, strict=True):
+            if not literal.match(stated):
+                continue  # "unset", "calibrated", a provider-dependent default: not a value to configure
+            value = stated
+            for unit, factor in (("KiB", 1024), ("MiB", 1024 * 1024)):
+                if stated.endswith(unit):
+                    value = str(int(stated.removesuffix(unit)) * factor)
+            assert Settings.from_env({name: value}) == defaults, (name, stated)
+            checked.append(name)
+    assert len(checked) >= 40, checked
 
 
 def test_openai_key_selects_openai_provider() -> None:

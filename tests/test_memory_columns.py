@@ -13,7 +13,7 @@ import asyncpg
 
 from memory_service.cli import jsonl
 from memory_service.models import Memory, NewMemory, Scope
-from memory_service.storage import ingest_sql, memories_sql
+from memory_service.storage import columns, history_sql, ingest_sql, memories_sql
 
 IDENTITY = {"scope", "scope_id", "key"}
 # Set by the database, never by a write.
@@ -41,7 +41,11 @@ def _set_list() -> list[str]:
 
 
 def test_reads_return_every_field_of_memory() -> None:
-    assert _names(memories_sql.COLUMNS_WITH_EMBEDDING) == _fields(Memory)
+    assert sorted(_names(memories_sql.COLUMNS_WITH_EMBEDDING)) == sorted(_fields(Memory))
+    # A version read as a memory has every field but the vector (versions do not keep it), and the version's own.
+    read = _names(history_sql.VERSION_COLUMNS)
+    assert len(read) == len(set(read))
+    assert set(read) >= set(_fields(Memory)) - {"embedding"}
 
 
 def test_writes_set_every_column_a_client_gives() -> None:
@@ -92,3 +96,28 @@ async def test_the_table_has_exactly_these_columns(database_url: str) -> None:
         await conn.close()
     stored = {r["column_name"] for r in rows if r["is_generated"] == "NEVER"}
     assert stored - BOOKKEEPING == set(_fields(Memory))
+
+
+async def test_versions_hold_every_content_column(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        memory = {
+            r["column_name"]
+            for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = 'memory' AND table_name = 'memories' AND is_generated = 'NEVER'"
+            )
+        }
+        versions = {
+            r["column_name"]
+            for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = 'memory' AND table_name = 'memory_versions'"
+            )
+        }
+    finally:
+        await conn.close()
+    # What a memory holds but its versions do not: its id, vector, version counter and last update (a version has
+    # its memory_id, version and changed_at instead).
+    assert set(columns.CONTENT) == memory & versions - {"version"}
+    assert memory - set(columns.CONTENT) == {"id", "embedding", "version", "updated_at"}

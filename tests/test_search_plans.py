@@ -12,6 +12,7 @@ import pytest
 from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
+from memory_service.search.tuning import DEFAULT_TEXT_RANKING
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection, session_statement, use_session_settings
 from memory_service.v1 import memory_pb2
@@ -76,6 +77,7 @@ def _statements() -> list[tuple[str, str, bool]]:
                         exact=exact,
                         full_rows=mode == "vector",
                         pruned=pruned,
+                        text_ranking=DEFAULT_TEXT_RANKING.values,
                     )
                     # The exact scan computes every distance among the filtered rows on purpose (the OFFSET 0
                     # fence): unfiltered, that is the whole table, and a sequential scan is the right plan.
@@ -228,7 +230,15 @@ async def test_repeated_searches_run_on_a_cached_generic_plan(indexed: tuple[Run
         ),
         "text": (
             memory_pb2.SearchRequest(query=text, mode=memory_pb2.SEARCH_MODE_TEXT),
-            search_sql.candidates_statement(NONE, vector=None, text=text, limit=40, exact=True, full_rows=False)[0],
+            search_sql.candidates_statement(
+                NONE,
+                vector=None,
+                text=text,
+                limit=40,
+                exact=True,
+                full_rows=False,
+                text_ranking=DEFAULT_TEXT_RANKING.values,
+            )[0],
         ),
     }
     for request, _ in shapes.values():

@@ -13,8 +13,7 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from memory_service.history.types import WriteContext
-from memory_service.models import NewMemory, Scope, content_hash
+from memory_service.models import NewMemory, Scope, WriteContext, content_hash
 from memory_service.storage import memories_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
@@ -112,8 +111,15 @@ async def test_resumed_watch_is_exactly_once_with_a_late_committing_transaction(
     expected_floor = WRITERS * OPS_PER_WRITER + 1
     reader = asyncio.create_task(watcher.read_until(expected_floor + 1))
     await asyncio.gather(*writers)
-    # Everything after the held transaction's change has committed; the watcher must not have passed it.
-    await asyncio.sleep(0.3)
+    # Everything after the held transaction's change has committed. Once the feed has probed past all of it, the
+    # frontier must still sit before the held change, and the watcher must not have received it.
+    late_seq = await held.fetchval("SELECT seq FROM memory.changes WHERE memory_id = $1", late_id)
+    last_seq = await runtime.db.run(lambda conn: conn.fetchval("SELECT max(seq) FROM memory.changes"))
+    assert last_seq > late_seq
+    async with asyncio.timeout(30):
+        while runtime.feed.newest_seen < last_seq:
+            await asyncio.sleep(0.01)
+    assert runtime.feed.frontier < late_seq
     assert late_id not in {memory_id for memory_id, _ in watcher.received}
     await transaction.commit()
     await held.close()

@@ -9,9 +9,9 @@ from google.protobuf import timestamp_pb2
 from memory_service.api import convert, times
 from memory_service.errors import InvalidArgument
 from memory_service.history.feed import encode_cursor
-from memory_service.history.types import Change, ChangeKind, EraseReceipt, Version, WriteContext
+from memory_service.history.types import Change, ChangeKind, EraseReceipt, Version
 from memory_service.memories import validation
-from memory_service.models import ScopeRef
+from memory_service.models import ScopeRef, WriteContext
 from memory_service.v1 import memory_pb2
 
 _KINDS = {
@@ -55,7 +55,7 @@ def erase_target(
         return scope, validation.check_id("id", request.id), None
     if target == "filter":
         return scope, None, request.filter
-    raise InvalidArgument("target", "give an id or a filter")
+    return scope, None, None
 
 
 def version_to_proto(version: Version) -> memory_pb2.MemoryVersion:

@@ -5,7 +5,6 @@ Errors are raised as domain errors; the interceptor maps them to status codes in
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from grpc import aio
@@ -17,10 +16,10 @@ from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument
 from memory_service.history.feed import ChangeFeed, decode_cursor
 from memory_service.history.service import History
-from memory_service.history.types import WriteContext
 from memory_service.memories import ingest, validation
 from memory_service.memories.stats import Stats
 from memory_service.memories.store import MemoryStore
+from memory_service.models import WriteContext
 from memory_service.search import SearchEngine
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
@@ -74,16 +73,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
         async def requests() -> AsyncIterator[ingest.BulkRequest]:
             async for message in request_iterator:
-                ingest.check_request_size(len(message.items), settings.bulk_max_items_per_request)
-                fence = convert.fence_from_proto(message.fence)
-                items: list[ingest.BulkItem] = []
-                for start in range(0, len(message.items), 50):
-                    if start:
-                        # Converting a full request takes tens of milliseconds; yielding between slices lets the
-                        # writer go on with its batch as soon as the database answers.
-                        await asyncio.sleep(0)
-                    items.extend(item(m) for m in message.items[start : start + 50])
-                yield ingest.BulkRequest(items=items, fence=fence)
+                items = await self._bulk.items(message.items, item)
+                yield ingest.BulkRequest(items=items, fence=convert.fence_from_proto(message.fence))
 
         async for ack in self._bulk.run(requests(), _writer(context)):
             yield convert.bulk_ack_to_proto(ack)
@@ -135,15 +126,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return convert.search_result_to_proto(await self._search.search(query))
 
     async def Embed(self, request: memory_pb2.EmbedRequest, context: aio.ServicerContext) -> memory_pb2.EmbedResponse:
-        limit = self._settings.embed_max_texts
-        if not request.texts:
-            raise InvalidArgument("texts", "must hold at least one text")
-        if len(request.texts) > limit:
-            raise InvalidArgument("texts", f"holds {len(request.texts)} texts; the limit is {limit}")
-        texts = [
-            validation.check_text(f"texts[{i}]", t, max_bytes=self._settings.max_text_bytes)
-            for i, t in enumerate(request.texts)
-        ]
+        texts = validation.check_texts(
+            "texts", request.texts, max_texts=self._settings.embed_max_texts, max_bytes=self._settings.max_text_bytes
+        )
         vectors = await self._embedder.embed(texts)
         return convert.embed_response(vectors, model=self._embedder.model, dimension=self._embedder.dimension)
 

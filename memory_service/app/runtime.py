@@ -30,11 +30,11 @@ from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.text_stats import TextStats
+from memory_service.search.tuning import TextRanking
 from memory_service.storage import isolation_sql, settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
-from memory_service.storage.search_sql import TextRanking
 from memory_service.tenants.tokens import Tokens
 
 log = logging.getLogger(__name__)
@@ -131,105 +131,154 @@ class Runtime:
         return _started(self._feed)
 
     async def start(self, *, background: bool = True) -> None:
-        settings = self.settings
+        """Build every component in dependency order; ``background`` also starts the loops and the change feed."""
         try:
-            self.dsn = await self._database_dsn()
-            await check_reachable(self.dsn, named_by=self._named_by)
-            if settings.migrate_on_start:
-                applied = await apply_migrations(self.dsn)
-                log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
-            self._db = db = await Database.connect(
-                self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max
-            )
-            self.metrics.watch_pool(db.pool_size, db.pool_idle)
-            async with db.connection() as conn:
-                problem = await isolation_sql.isolation_problem(conn)
-            if problem is not None:
-                raise StartupError(f"tenant isolation is not in force, refusing to start: {problem}")
-            self._tokens = Tokens(db, settings.auth_tokens, metrics=self.metrics)
-            self._leases = LeaseManager(db, settings, self.metrics)
+            db = await self._open_database()
+            await self._check_isolation(db)
+            self._tokens = Tokens(db, self.settings.auth_tokens, metrics=self.metrics)
+            self._leases = LeaseManager(db, self.settings, self.metrics)
             await self._leases.start()
-            async with db.connection() as conn:
-                self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
-            location, start_over = self._where()
-            self._binding = ModelBinding(
-                db,
-                model=settings.embedding_model,
-                dimension=settings.embedding_dim,
-                location=location,
-                start_over=start_over,
-            )
-            await self._binding.check()
-            iterative = _version_at_least(self.pgvector_version, (0, 8))
-            log.info(
-                "PostgreSQL %s, pgvector %s (iterative index scans %s)",
-                self.postgres_version,
-                self.pgvector_version,
-                "available" if iterative else "unavailable: filtered searches fall back to exact scans",
-            )
+            binding = await self._check_binding(db)
             # Loading a local model reads and compiles it (or downloads it once): not on the event loop.
-            provider = await asyncio.to_thread(create_provider, settings, self.metrics)
+            provider = await asyncio.to_thread(create_provider, self.settings, self.metrics)
             self._embedder = EmbeddingService(provider, db, self.metrics)
-            self._memories = MemoryStore(db, self._embedder, self._binding, history=settings.history_versions)
-            self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
-            self._feed = ChangeFeed(
-                db, self.dsn, self.metrics, poll_interval=settings.watch_poll_interval, page_rows=WATCH_PAGE_ROWS
-            )
-            self._bulk = BulkIngest(
-                db,
-                self._embedder,
-                self._binding,
-                self.metrics,
-                batch_rows=settings.bulk_batch_rows,
-                queue_depth=settings.bulk_queue_depth,
-                max_items_per_request=settings.bulk_max_items_per_request,
-                stopping=self.stopping,
-                history=settings.history_versions,
-            )
+            self._build_write_path(db, self._embedder, binding)
             seen = QuerySample()  # the searches of this instance, which its calibrations measure on
-            self._index = IndexCare(
-                db,
-                self.dsn,
-                exact_max_rows=settings.exact_search_max_rows,
-                kind=settings.vector_index,
-                target_recall=settings.search_target_recall,
-                calibration_queries=settings.search_calibration_queries,
-                filtered_min_rows=settings.search_narrow_filter_rows,
-                iterative_scan=iterative,
-                hnsw_m=settings.hnsw_m,
-                hnsw_ef_construction=settings.hnsw_ef_construction,
-                seen=seen,
-            )
-            await self._index.refresh()
+            index = await self._start_index_care(db, seen)
             self._text_stats = TextStats(db)
             await self._text_stats.maintain()
-            read_db = db
-            if settings.database_read_url:
-                await check_reachable(settings.database_read_url, named_by="named by DATABASE_READ_URL")
-                self._read_db = read_db = await Database.connect(
-                    settings.database_read_url, min_size=1, max_size=settings.database_pool_max
-                )
-            self._search = SearchEngine(
-                read_db,
-                self._embedder,
-                self._index,
-                self.metrics,
-                iterative_scan=iterative,
-                default_probes=settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes,
-                narrow_filter_rows=settings.search_narrow_filter_rows,
-                text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
-                hybrid_alpha=hybrid_alpha(settings, provider),
-                seen=seen,
-            )
+            await self._build_search(db, self._embedder, index, hybrid_alpha(self.settings, provider), seen)
             if background:
-                self._spawn("purge expired memories", settings.purge_interval, self._purge)
-                self._spawn("index maintenance", settings.index_check_interval, self._index.maintain)
-                self._spawn("text statistics", settings.text_stats_interval, self._text_stats.maintain)
-                self._spawn("history retention", settings.purge_interval, self._history.purge)
-                await self._feed.start()
+                await self._start_background()
         except BaseException:
             await self.close()
             raise
+
+    async def start_index_care(self) -> IndexCare:
+        """Start only what index maintenance needs (``memory-service reindex``): the database and the index care."""
+        try:
+            return await self._start_index_care(await self._open_database(), QuerySample())
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open_database(self) -> Database:
+        """Find (or start) the database, migrate it, open the pool and read the server's versions."""
+        settings = self.settings
+        self.dsn = await self._database_dsn()
+        await check_reachable(self.dsn, named_by=self._named_by)
+        if settings.migrate_on_start:
+            applied = await apply_migrations(self.dsn)
+            log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
+        self._db = db = await Database.connect(
+            self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max
+        )
+        self.metrics.watch_pool(db.pool_size, db.pool_idle)
+        async with db.connection() as conn:
+            self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
+        log.info(
+            "PostgreSQL %s, pgvector %s (iterative index scans %s)",
+            self.postgres_version,
+            self.pgvector_version,
+            "available" if self._iterative_scan else "unavailable: filtered searches fall back to exact scans",
+        )
+        return db
+
+    async def _check_isolation(self, db: Database) -> None:
+        """Refuse to serve when row-level security would not confine the calls of scoped tokens (docs/security.md)."""
+        async with db.connection() as conn:
+            problem = await isolation_sql.isolation_problem(conn)
+        if problem is not None:
+            raise StartupError(f"tenant isolation is not in force, refusing to start: {problem}")
+
+    @property
+    def _iterative_scan(self) -> bool:
+        """Whether pgvector keeps scanning an index until enough rows pass a filter (0.8+)."""
+        return _version_at_least(self.pgvector_version, (0, 8))
+
+    async def _check_binding(self, db: Database) -> ModelBinding:
+        """Refuse to start when the database holds embeddings of another model or dimension."""
+        location, start_over = self._where()
+        self._binding = ModelBinding(
+            db,
+            model=self.settings.embedding_model,
+            dimension=self.settings.embedding_dim,
+            location=location,
+            start_over=start_over,
+        )
+        await self._binding.check()
+        return self._binding
+
+    def _build_write_path(self, db: Database, embedder: EmbeddingService, binding: ModelBinding) -> None:
+        """Store, BulkStore, History and the change feed."""
+        settings = self.settings
+        self._memories = MemoryStore(db, embedder, binding, history=settings.history_versions)
+        self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
+        self._feed = ChangeFeed(
+            db, self.dsn, self.metrics, poll_interval=settings.watch_poll_interval, page_rows=WATCH_PAGE_ROWS
+        )
+        self._bulk = BulkIngest(
+            db,
+            embedder,
+            binding,
+            self.metrics,
+            batch_rows=settings.bulk_batch_rows,
+            queue_depth=settings.bulk_queue_depth,
+            max_items_per_request=settings.bulk_max_items_per_request,
+            stopping=self.stopping,
+            history=settings.history_versions,
+        )
+
+    async def _start_index_care(self, db: Database, seen: QuerySample) -> IndexCare:
+        settings = self.settings
+        self._index = IndexCare(
+            db,
+            self.dsn,
+            exact_max_rows=settings.exact_search_max_rows,
+            kind=settings.vector_index,
+            target_recall=settings.search_target_recall,
+            calibration_queries=settings.search_calibration_queries,
+            filtered_min_rows=settings.search_narrow_filter_rows,
+            iterative_scan=self._iterative_scan,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
+            seen=seen,
+        )
+        await self._index.refresh()
+        return self._index
+
+    async def _build_search(
+        self, db: Database, embedder: EmbeddingService, index: IndexCare, alpha: float, seen: QuerySample
+    ) -> None:
+        """The search engine, on the read replica when one is configured."""
+        settings = self.settings
+        read_db = db
+        if settings.database_read_url:
+            await check_reachable(settings.database_read_url, named_by="named by DATABASE_READ_URL")
+            self._read_db = read_db = await Database.connect(
+                settings.database_read_url, min_size=1, max_size=settings.database_pool_max
+            )
+        self._search = SearchEngine(
+            read_db,
+            embedder,
+            index,
+            self.metrics,
+            iterative_scan=self._iterative_scan,
+            default_probes=settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes,
+            narrow_filter_rows=settings.search_narrow_filter_rows,
+            text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
+            hybrid_alpha=alpha,
+            seen=seen,
+        )
+
+    async def _start_background(self) -> None:
+        """The periodic loops (purge, index, text statistics, history retention) and the change feed's poller."""
+        settings = self.settings
+        self._spawn("purge expired memories", settings.purge_interval, self._purge)
+        self._spawn("index maintenance", settings.index_check_interval, self.index.maintain)
+        self._spawn("text statistics", settings.text_stats_interval, self.text_stats.maintain)
+        self._spawn("history retention", settings.purge_interval, self.history.purge)
+        await self.feed.start()
 
     def _spawn(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
         self._tasks.append(asyncio.create_task(loops.every(interval, name, work), name=name))

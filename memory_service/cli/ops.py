@@ -67,20 +67,16 @@ def _scope(text: str) -> tuple[str, int | None]:
     return name.lower(), scope_id
 
 
-async def _with_runtime(settings: Settings, work: Any) -> Any:
-    runtime = Runtime(settings, Metrics())
-    await runtime.start(background=False)
-    try:
-        return await work(runtime)
-    finally:
-        await runtime.close()
-
-
 def _reindex(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(runtime: Runtime) -> str:
-        return await runtime.index.maintain(force=args.force)
+    async def reindex() -> str:
+        runtime = Runtime(settings, Metrics())
+        index = await runtime.start_index_care()  # the database and the index care, nothing else
+        try:
+            return await index.maintain(force=args.force)
+        finally:
+            await runtime.close()
 
-    print(asyncio.run(_with_runtime(settings, work)))
+    print(asyncio.run(reindex()))
     return 0
 
 

@@ -11,7 +11,11 @@ import os
 from pathlib import Path
 from typing import NoReturn
 
+from memory_service.config.settings import Settings
 from memory_service.errors import ConfigError
+
+DEFAULT_ADDRESS = f"localhost:{Settings.grpc_port}"
+"""Where a server started with the default settings listens."""
 
 EX_USAGE = 64
 """sysexits.h: a bad flag or argument."""
@@ -30,8 +34,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     env = os.environ
     parser.add_argument(
         "--address",
-        default=env.get("MEMORY_SERVICE_ADDRESS", "localhost:50051"),
-        help="server host:port (MEMORY_SERVICE_ADDRESS, default localhost:50051)",
+        default=env.get("MEMORY_SERVICE_ADDRESS", DEFAULT_ADDRESS),
+        help=f"server host:port (MEMORY_SERVICE_ADDRESS, default {DEFAULT_ADDRESS})",
     )
     parser.add_argument("--token", default=env.get("MEMORY_SERVICE_TOKEN"), help="bearer token (MEMORY_SERVICE_TOKEN)")
     parser.add_argument(

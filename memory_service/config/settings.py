@@ -24,6 +24,7 @@ DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
 DEFAULT_HASH_MODEL = "hash-ngram-v1"
 DEFAULT_LOCAL_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_MODELS = {"openai": DEFAULT_OPENAI_MODEL, "hash": DEFAULT_HASH_MODEL, "local": DEFAULT_LOCAL_MODEL}
+DEFAULT_METRICS_PORT = 9464
 _DEFAULT_DIMS = {"openai": 1536, "hash": 384, "local": 384}
 
 
@@ -64,7 +65,7 @@ class Settings:
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
     metrics_host: str = "0.0.0.0"
-    metrics_port: int | None = 9464
+    metrics_port: int | None = DEFAULT_METRICS_PORT
     """None (``METRICS_PORT=off``) disables the metrics endpoint; 0 picks a free port, as GRPC_PORT=0 does."""
     grpc_max_message_bytes: int = 8 * 1024 * 1024
     grpc_max_concurrent_rpcs: int = 1000
@@ -156,70 +157,87 @@ class Settings:
         provider = reader.choice("EMBEDDING_PROVIDER", EMBEDDING_PROVIDERS, implied)
         default_model = _DEFAULT_MODELS[provider]
         default_dim = _DEFAULT_DIMS[provider]
+        d = cls()  # the defaults, written once: on the fields above
         values: dict[str, Any] = dict(
             database_url=reader.postgres_url("DATABASE_URL"),
             database_read_url=reader.postgres_url("DATABASE_READ_URL"),
-            database_pool_min=reader.integer("DATABASE_POOL_MIN", 4, minimum=1),
-            database_pool_max=reader.integer("DATABASE_POOL_MAX", 20, minimum=1),
-            migrate_on_start=reader.boolean("MIGRATE_ON_START", True),
+            database_pool_min=reader.integer("DATABASE_POOL_MIN", d.database_pool_min, minimum=1),
+            database_pool_max=reader.integer("DATABASE_POOL_MAX", d.database_pool_max, minimum=1),
+            migrate_on_start=reader.boolean("MIGRATE_ON_START", d.migrate_on_start),
             embedding_provider=provider,
             embedding_model=reader.text("EMBEDDING_MODEL") or default_model,
             embedding_dim=reader.integer("EMBEDDING_DIM", default_dim, minimum=1, maximum=16000),
             embedding_dim_explicit=reader.text("EMBEDDING_DIM") is not None,
-            embedding_batch_size=reader.integer("EMBEDDING_BATCH_SIZE", 128, minimum=1, maximum=2048),
-            embedding_timeout=reader.duration("EMBEDDING_TIMEOUT", 30.0),
-            embedding_max_retries=reader.integer("EMBEDDING_MAX_RETRIES", 4, minimum=0, maximum=20),
+            embedding_batch_size=reader.integer(
+                "EMBEDDING_BATCH_SIZE", d.embedding_batch_size, minimum=1, maximum=2048
+            ),
+            embedding_timeout=reader.duration("EMBEDDING_TIMEOUT", d.embedding_timeout),
+            embedding_max_retries=reader.integer(
+                "EMBEDDING_MAX_RETRIES", d.embedding_max_retries, minimum=0, maximum=20
+            ),
             openai_api_key=api_key,
             openai_base_url=base_url,
             embedding_model_path=reader.path("EMBEDDING_MODEL_PATH"),
-            embedding_threads=reader.integer("EMBEDDING_THREADS", 2, minimum=1, maximum=64),
-            grpc_host=reader.text("GRPC_HOST") or "0.0.0.0",
-            grpc_port=reader.integer("GRPC_PORT", 50051, minimum=0, maximum=65535),
-            metrics_host=reader.text("METRICS_HOST") or "0.0.0.0",
-            metrics_port=reader.port_or_off("METRICS_PORT", 9464),
-            grpc_max_concurrent_rpcs=reader.integer("GRPC_MAX_CONCURRENT_RPCS", 1000, minimum=1, maximum=1_000_000),
-            grpc_max_message_bytes=reader.integer(
-                "GRPC_MAX_MESSAGE_BYTES", 8 * 1024 * 1024, minimum=64 * 1024, maximum=1 << 30
+            embedding_threads=reader.integer("EMBEDDING_THREADS", d.embedding_threads, minimum=1, maximum=64),
+            grpc_host=reader.text("GRPC_HOST") or d.grpc_host,
+            grpc_port=reader.integer("GRPC_PORT", d.grpc_port, minimum=0, maximum=65535),
+            metrics_host=reader.text("METRICS_HOST") or d.metrics_host,
+            metrics_port=reader.port_or_off("METRICS_PORT", DEFAULT_METRICS_PORT),
+            grpc_max_concurrent_rpcs=reader.integer(
+                "GRPC_MAX_CONCURRENT_RPCS", d.grpc_max_concurrent_rpcs, minimum=1, maximum=1_000_000
             ),
-            shutdown_grace=reader.duration("SHUTDOWN_GRACE", 20.0),
-            grpc_keepalive_time=reader.duration("GRPC_KEEPALIVE_TIME", 10.0),
-            grpc_keepalive_timeout=reader.duration("GRPC_KEEPALIVE_TIMEOUT", 5.0),
-            health_check_interval=reader.duration("HEALTH_CHECK_INTERVAL", 1.0),
+            grpc_max_message_bytes=reader.integer(
+                "GRPC_MAX_MESSAGE_BYTES", d.grpc_max_message_bytes, minimum=64 * 1024, maximum=1 << 30
+            ),
+            shutdown_grace=reader.duration("SHUTDOWN_GRACE", d.shutdown_grace),
+            grpc_keepalive_time=reader.duration("GRPC_KEEPALIVE_TIME", d.grpc_keepalive_time),
+            grpc_keepalive_timeout=reader.duration("GRPC_KEEPALIVE_TIMEOUT", d.grpc_keepalive_timeout),
+            health_check_interval=reader.duration("HEALTH_CHECK_INTERVAL", d.health_check_interval),
             auth_tokens=reader.token_list("AUTH_TOKENS"),
             tls_cert_file=reader.path("TLS_CERT_FILE"),
             tls_key_file=reader.path("TLS_KEY_FILE"),
             tls_client_ca_file=reader.path("TLS_CLIENT_CA_FILE"),
-            log_level=reader.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True),
-            max_text_bytes=reader.integer("MAX_TEXT_BYTES", 32 * 1024, minimum=16, maximum=1 << 20),
-            search_max_top_k=reader.integer("SEARCH_MAX_TOP_K", 200, minimum=1, maximum=10_000),
-            list_max_page_size=reader.integer("LIST_MAX_PAGE_SIZE", 1000, minimum=1, maximum=100_000),
-            embed_max_texts=reader.integer("EMBED_MAX_TEXTS", 256, minimum=1, maximum=10_000),
-            vector_index=cast(IndexKind, reader.choice("VECTOR_INDEX", ("ivfflat", "hnsw"), "ivfflat")),
-            search_target_recall=reader.number("SEARCH_TARGET_RECALL", 0.95, minimum=0.5, maximum=1.0),
-            search_calibration_queries=reader.integer("SEARCH_CALIBRATION_QUERIES", 100, minimum=10, maximum=10_000),
+            log_level=reader.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), d.log_level, upper=True),
+            max_text_bytes=reader.integer("MAX_TEXT_BYTES", d.max_text_bytes, minimum=16, maximum=1 << 20),
+            search_max_top_k=reader.integer("SEARCH_MAX_TOP_K", d.search_max_top_k, minimum=1, maximum=10_000),
+            list_max_page_size=reader.integer("LIST_MAX_PAGE_SIZE", d.list_max_page_size, minimum=1, maximum=100_000),
+            embed_max_texts=reader.integer("EMBED_MAX_TEXTS", d.embed_max_texts, minimum=1, maximum=10_000),
+            vector_index=cast(IndexKind, reader.choice("VECTOR_INDEX", ("ivfflat", "hnsw"), d.vector_index)),
+            search_target_recall=reader.number(
+                "SEARCH_TARGET_RECALL", d.search_target_recall, minimum=0.5, maximum=1.0
+            ),
+            search_calibration_queries=reader.integer(
+                "SEARCH_CALIBRATION_QUERIES", d.search_calibration_queries, minimum=10, maximum=10_000
+            ),
             ivfflat_probes=reader.optional_integer("IVFFLAT_PROBES", minimum=1, maximum=32768),
             hnsw_ef_search=reader.optional_integer("HNSW_EF_SEARCH", minimum=1, maximum=1000),
-            hnsw_m=reader.integer("HNSW_M", 16, minimum=2, maximum=100),
-            hnsw_ef_construction=reader.integer("HNSW_EF_CONSTRUCTION", 64, minimum=4, maximum=1000),
-            index_check_interval=reader.duration("INDEX_CHECK_INTERVAL", 60.0),
-            exact_search_max_rows=reader.integer("EXACT_SEARCH_MAX_ROWS", 20_000, minimum=0),
-            search_narrow_filter_rows=reader.integer("SEARCH_NARROW_FILTER_ROWS", 5000, minimum=0),
-            bm25_k1=reader.number("BM25_K1", 1.2, minimum=0.0, maximum=10.0),
-            bm25_b=reader.number("BM25_B", 0.75, minimum=0.0, maximum=1.0),
-            text_max_scored=reader.integer("TEXT_MAX_SCORED", 2000, minimum=100, maximum=10_000_000),
-            text_stats_interval=reader.duration("TEXT_STATS_INTERVAL", 10.0),
+            hnsw_m=reader.integer("HNSW_M", d.hnsw_m, minimum=2, maximum=100),
+            hnsw_ef_construction=reader.integer(
+                "HNSW_EF_CONSTRUCTION", d.hnsw_ef_construction, minimum=4, maximum=1000
+            ),
+            index_check_interval=reader.duration("INDEX_CHECK_INTERVAL", d.index_check_interval),
+            exact_search_max_rows=reader.integer("EXACT_SEARCH_MAX_ROWS", d.exact_search_max_rows, minimum=0),
+            search_narrow_filter_rows=reader.integer(
+                "SEARCH_NARROW_FILTER_ROWS", d.search_narrow_filter_rows, minimum=0
+            ),
+            bm25_k1=reader.number("BM25_K1", d.bm25_k1, minimum=0.0, maximum=10.0),
+            bm25_b=reader.number("BM25_B", d.bm25_b, minimum=0.0, maximum=1.0),
+            text_max_scored=reader.integer("TEXT_MAX_SCORED", d.text_max_scored, minimum=100, maximum=10_000_000),
+            text_stats_interval=reader.duration("TEXT_STATS_INTERVAL", d.text_stats_interval),
             hybrid_alpha=reader.optional_number("SEARCH_HYBRID_ALPHA", minimum=0.0, maximum=1.0),
-            purge_interval=reader.duration("PURGE_INTERVAL", 60.0),
-            lease_min_ttl=reader.duration("LEASE_MIN_TTL", 1.0),
-            lease_max_ttl=reader.duration("LEASE_MAX_TTL", 3600.0),
-            lease_max_wait=reader.duration("LEASE_MAX_WAIT", 300.0),
-            lease_quota=reader.integer("LEASE_QUOTA", 1000, minimum=1),
-            bulk_max_items_per_request=reader.integer("BULK_MAX_ITEMS_PER_REQUEST", 1000, minimum=1, maximum=100_000),
-            bulk_batch_rows=reader.integer("BULK_BATCH_ROWS", 1000, minimum=1, maximum=100_000),
-            bulk_queue_depth=reader.integer("BULK_QUEUE_DEPTH", 2, minimum=1, maximum=64),
-            history_versions=reader.boolean("HISTORY_VERSIONS", True),
-            history_retention=reader.duration("HISTORY_RETENTION", 30 * 86400.0),
-            watch_poll_interval=reader.duration("WATCH_POLL_INTERVAL", 1.0),
+            purge_interval=reader.duration("PURGE_INTERVAL", d.purge_interval),
+            lease_min_ttl=reader.duration("LEASE_MIN_TTL", d.lease_min_ttl),
+            lease_max_ttl=reader.duration("LEASE_MAX_TTL", d.lease_max_ttl),
+            lease_max_wait=reader.duration("LEASE_MAX_WAIT", d.lease_max_wait),
+            lease_quota=reader.integer("LEASE_QUOTA", d.lease_quota, minimum=1),
+            bulk_max_items_per_request=reader.integer(
+                "BULK_MAX_ITEMS_PER_REQUEST", d.bulk_max_items_per_request, minimum=1, maximum=100_000
+            ),
+            bulk_batch_rows=reader.integer("BULK_BATCH_ROWS", d.bulk_batch_rows, minimum=1, maximum=100_000),
+            bulk_queue_depth=reader.integer("BULK_QUEUE_DEPTH", d.bulk_queue_depth, minimum=1, maximum=64),
+            history_versions=reader.boolean("HISTORY_VERSIONS", d.history_versions),
+            history_retention=reader.duration("HISTORY_RETENTION", d.history_retention),
+            watch_poll_interval=reader.duration("WATCH_POLL_INTERVAL", d.watch_poll_interval),
         )
         data_dir = reader.path("MEMORY_SERVICE_DATA_DIR")
         if data_dir is not None:

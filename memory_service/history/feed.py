@@ -135,6 +135,12 @@ class ChangeFeed:
         self._active_at = 0.0
         """When a probe last saw a new change (monotonic)."""
 
+    @property
+    def newest_seen(self) -> int:
+        """The highest log position a probe has seen handed out (committed or not); ``frontier`` is how far of it
+        is safe to deliver."""
+        return self._high
+
     async def start(self) -> None:
         await self._advance()
         self._task = asyncio.create_task(self._run(), name="change feed")

@@ -9,16 +9,16 @@ from datetime import datetime, timedelta
 
 from memory_service.errors import InvalidArgument, NotFound
 from memory_service.history.types import EraseReceipt, Version
+from memory_service.memories.purge import in_batches
 from memory_service.memories.store import decode_cursor, encode_cursor
 from memory_service.metrics import Metrics
 from memory_service.models import Memory, MemoryFilter, ScopeRef
 from memory_service.storage import history_sql
-from memory_service.storage.database import Database
+from memory_service.storage.database import Connection, Database
 from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 
-_PURGE_BATCH = 5000
 _HISTORY_CURSOR = "h1"
 
 
@@ -68,6 +68,8 @@ class History:
         self, scope: ScopeRef | None, *, memory_id: int | None, memory_filter: MemoryFilter | None
     ) -> EraseReceipt:
         """Remove for good the memories in ``scope`` with this id, or matching this filter (live or deleted)."""
+        if memory_id is None and memory_filter is None:
+            raise InvalidArgument("target", "give an id or a filter")
         if scope is None:
             raise InvalidArgument("scope", "is required: an erase names the scope it erases in")
         if memory_filter is not None and memory_filter.scopes:
@@ -86,14 +88,11 @@ class History:
 
     async def purge(self) -> int:
         """Delete versions and change-log entries older than the retention, in batches."""
-        total = 0
-        while True:
-            async with self._db.transaction() as conn:
-                deleted = await history_sql.purge_history(conn, self.retention, batch=_PURGE_BATCH)
-            total += deleted
-            self._metrics.history_purged.inc(deleted)
-            if deleted < _PURGE_BATCH:
-                break
+
+        async def delete(conn: Connection, batch: int) -> int:
+            return await history_sql.purge_history(conn, self.retention, batch=batch)
+
+        total = await in_batches(self._db, delete, counted=self._metrics.history_purged.inc)
         if total:
             log.info("purged %d versions and change-log entries past the history retention", total)
         return total

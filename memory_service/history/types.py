@@ -1,4 +1,4 @@
-"""Values of the history package: who wrote, versions, changes, erase receipts. No gRPC, no SQL."""
+"""Values of the history package: versions, changes, erase receipts. No gRPC, no SQL."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from datetime import datetime
 
-from memory_service.models import Memory, Scope
+from memory_service.models import Memory, Scope, WriteContext
 
 
 class ChangeKind(enum.StrEnum):
@@ -15,21 +15,6 @@ class ChangeKind(enum.StrEnum):
     DELETED = "deleted"
     EXPIRED = "expired"
     ERASED = "erased"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class WriteContext:
-    """Who made a change, recorded in its version: all optional."""
-
-    principal: str | None = None
-    """The authenticated caller, when auth is on."""
-    request_id: str | None = None
-    """The caller's request id (``x-request-id`` metadata), when it sent one."""
-    fencing_token: int | None = None
-    """The lease token the write was fenced with."""
-
-
-NO_CONTEXT = WriteContext()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

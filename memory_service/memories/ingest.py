@@ -32,19 +32,19 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, Unavailable
-from memory_service.history.types import NO_CONTEXT, WriteContext
 from memory_service.memories.binding import ModelBinding
+from memory_service.memories.writes import WritePath
 from memory_service.metrics import Metrics
-from memory_service.models import Fence, NewMemory, Vector
+from memory_service.models import NO_CONTEXT, Fence, NewMemory, WriteContext
 from memory_service.storage import ingest_sql
 from memory_service.storage.database import Database
-from memory_service.storage.fencing import check_fence
 from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 WRITES_IN_FLIGHT = 2
 """Batches in their transactions at once: one stages its rows (binary COPY) while the one before it upserts and
 commits. Upserts still run one at a time in stream order, each after the previous batch committed."""
+
+CONVERT_SLICE = 50
+"""Items a request converts between yields to the event loop."""
+
+T = TypeVar("T")
 
 LINGER = 0.01
 """Seconds a partial batch waits for more rows before it is written: long enough to fill batches from a client
@@ -159,15 +164,24 @@ class BulkIngest:
         stopping: asyncio.Event | None = None,
         history: bool = True,
     ) -> None:
-        self._db = db
-        self._embedder = embedder
-        self._binding = binding
+        self._writes = WritePath(db, embedder, binding, history=history)
         self._metrics = metrics
         self._batch_rows = batch_rows
         self._depth = queue_depth
         self._max_items = max_items_per_request
         self._stopping = stopping or asyncio.Event()
-        self._history = history
+
+    async def items(self, received: Sequence[T], convert: Callable[[T], BulkItem]) -> list[BulkItem]:
+        """One request's items converted by ``convert``, refused whole when there are too many to convert."""
+        check_request_size(len(received), self._max_items)
+        items: list[BulkItem] = []
+        for start in range(0, len(received), CONVERT_SLICE):
+            if start:
+                # Converting a full request takes tens of milliseconds; yielding between slices lets the writer go
+                # on with its batch as soon as the database answers.
+                await asyncio.sleep(0)
+            items.extend(convert(message) for message in received[start : start + CONVERT_SLICE])
+        return items
 
     async def run(
         self, requests: AsyncIterator[BulkRequest], context: WriteContext = NO_CONTEXT
@@ -309,50 +323,25 @@ class BulkIngest:
         return _Batch(
             last_sequence=items[-1][0].sequence,
             fences=tuple(dict.fromkeys(fence for item, fence in items if fence is not None)),
-            records=ingest_sql.staging_records(memories, await self._embeddings(memories)),
+            records=ingest_sql.staging_records(memories, await self._writes.embeddings(memories)),
             rejections=tuple(rejections),
             collapsed_updated=collapsed_updated,
             collapsed_unchanged=collapsed_unchanged,
         )
-
-    async def _embeddings(self, memories: list[NewMemory]) -> list[Vector]:
-        """Given vectors as they are; otherwise the stored one when the content is unchanged; otherwise embed."""
-        vectors: list[Vector | None] = [m.embedding for m in memories]
-        missing = [i for i, v in enumerate(vectors) if v is None]
-        if missing:
-            model = self._embedder.model
-            async with self._db.connection() as conn:
-                stored = await ingest_sql.stored_embeddings(conn, [memories[i] for i in missing], model)
-            for position, vector in stored.items():
-                vectors[missing[position]] = vector
-            missing = [i for i in missing if vectors[i] is None]
-        if missing:
-            # One provider request per provider batch (EmbeddingService), not per row.
-            computed = await self._embedder.embed(
-                [memories[i].value for i in missing], [memories[i].content_hash for i in missing]
-            )
-            for i, vector in zip(missing, computed, strict=True):
-                vectors[i] = vector
-        result = [v for v in vectors if v is not None]
-        assert len(result) == len(memories)
-        return result
 
     async def _write(self, batch: _Batch, previous: _Commit | None, commit: _Commit, context: WriteContext) -> BulkAck:
         """One batch's transaction; its upsert waits until ``previous`` has committed, so the last write wins."""
         counts = ingest_sql.WriteCounts(0, 0, 0)
         try:
             if batch.records:
-                async with self._db.transaction() as conn:
-                    bound_now = await self._binding.ensure(conn)
-                    for fence in batch.fences:
-                        await check_fence(conn, fence)
+                async with self._writes.transaction(batch.fences) as conn:
                     await ingest_sql.stage(conn, batch.records)
                     if previous is not None:
                         await previous.wait()
+                    history = self._writes.versions(context, batch.fences)
                     counts = await ingest_sql.upsert_staged(
-                        conn, len(batch.records), self._embedder.model, history=self._versions(batch, context)
+                        conn, len(batch.records), self._writes.model, history=history
                     )
-                await self._binding.committed(bound_now)
             elif previous is not None:
                 await previous.wait()  # its ack vouches for every batch before it
             commit.ok = True
@@ -374,14 +363,6 @@ class BulkIngest:
             if count:
                 self._metrics.ingest_rows.labels(outcome).inc(count)
         return ack
-
-    def _versions(self, batch: _Batch, context: WriteContext) -> WriteContext | None:
-        """What the batch's versions record about the writer; None when history is off."""
-        if not self._history:
-            return None
-        if batch.fences:
-            return dataclasses.replace(context, fencing_token=batch.fences[-1].token)
-        return context
 
 
 def _same(a: NewMemory, b: NewMemory) -> bool:

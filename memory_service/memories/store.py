@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import json
 import logging
@@ -11,12 +10,11 @@ from dataclasses import asdict
 
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, NotFound
-from memory_service.history.types import NO_CONTEXT, WriteContext
 from memory_service.memories.binding import ModelBinding
-from memory_service.models import Fence, Memory, MemoryFilter, NewMemory, StoreResult
+from memory_service.memories.writes import WritePath
+from memory_service.models import NO_CONTEXT, Fence, Memory, MemoryFilter, NewMemory, StoreResult, WriteContext
 from memory_service.storage import memories_sql
 from memory_service.storage.database import Database
-from memory_service.storage.fencing import check_fence
 from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
@@ -29,37 +27,19 @@ class MemoryStore:
         self, db: Database, embedder: EmbeddingService, binding: ModelBinding, *, history: bool = True
     ) -> None:
         self._db = db
-        self._embedder = embedder
-        self._binding = binding
-        self._history = history
-        """Record a version of every change (HISTORY_VERSIONS)."""
-
-    def _context(self, context: WriteContext, fence: Fence | None = None) -> WriteContext | None:
-        if not self._history:
-            return None
-        if fence is not None:
-            return dataclasses.replace(context, fencing_token=fence.token)
-        return context
+        self._writes = WritePath(db, embedder, binding, history=history)
 
     async def store(
         self, memory: NewMemory, *, fence: Fence | None = None, context: WriteContext = NO_CONTEXT
     ) -> StoreResult:
         """Upsert by identity. Content already stored under this identity is never embedded again."""
         guard.check_scope(memory.scope, memory.scope_id, "memory.scope")
-        embedding = memory.embedding
-        if embedding is None:
-            async with self._db.connection() as conn:
-                embedding = await memories_sql.stored_embedding(conn, memory, self._embedder.model)
-            if embedding is None:
-                (embedding,) = await self._embedder.embed([memory.value], [memory.content_hash])
-        async with self._db.transaction() as conn:
-            bound_now = await self._binding.ensure(conn)
-            if fence is not None:
-                await check_fence(conn, fence)
+        (embedding,) = await self._writes.embeddings([memory])
+        fences = () if fence is None else (fence,)
+        async with self._writes.transaction(fences) as conn:
             memory_id, outcome = await memories_sql.upsert(
-                conn, memory, embedding, self._embedder.model, history=self._context(context, fence)
+                conn, memory, embedding, self._writes.model, history=self._writes.versions(context, fences)
             )
-        await self._binding.committed(bound_now)
         return StoreResult(id=memory_id, key=memory.key, outcome=outcome)
 
     async def get(self, memory_id: int, *, with_embedding: bool = False) -> Memory:
@@ -78,14 +58,14 @@ class MemoryStore:
                 scope = await memories_sql.lock_scope_of(conn, memory_id)
                 if scope is None or not guard.sees(*scope):
                     return 0  # as for a missing id
-            return await memories_sql.delete_by_id(conn, memory_id, history=self._context(context))
+            return await memories_sql.delete_by_id(conn, memory_id, history=self._writes.versions(context))
 
     async def delete_matching(self, memory_filter: MemoryFilter, *, context: WriteContext = NO_CONTEXT) -> int:
         if memory_filter.is_empty:
             raise InvalidArgument("filter", "must name at least one condition; an empty filter would delete everything")
         memory_filter = guard.narrow(memory_filter)
         async with self._db.transaction() as conn:
-            return await memories_sql.delete_matching(conn, memory_filter, history=self._context(context))
+            return await memories_sql.delete_matching(conn, memory_filter, history=self._writes.versions(context))
 
     async def list(
         self, memory_filter: MemoryFilter, *, page_size: int, page_token: str, with_embedding: bool = False

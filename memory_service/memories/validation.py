@@ -43,6 +43,15 @@ def check_text(field: str, value: str, *, max_bytes: int, allow_empty: bool = Fa
     return value
 
 
+def check_texts(field: str, texts: Sequence[str], *, max_texts: int, max_bytes: int) -> list[str]:
+    """Texts to embed: one to ``max_texts`` of them, each a valid text (``field[i]`` names the bad one)."""
+    if not texts:
+        raise InvalidArgument(field, "must hold at least one text")
+    if len(texts) > max_texts:
+        raise InvalidArgument(field, f"holds {len(texts)} texts; the limit is {max_texts}")
+    return [check_text(f"{field}[{i}]", text, max_bytes=max_bytes) for i, text in enumerate(texts)]
+
+
 def check_key(field: str, key: str) -> str:
     if len(key) > MAX_KEY_CHARS:
         raise InvalidArgument(field, f"is {len(key)} characters; the limit is {MAX_KEY_CHARS}")

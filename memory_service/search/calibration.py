@@ -26,6 +26,7 @@ from typing import Any
 
 from memory_service.models import IndexKind, MemoryFilter, ScopeRef
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.tuning import scan_settings
 from memory_service.storage import calibration_sql
 from memory_service.storage.calibration_sql import SampleRow
 from memory_service.storage.database import Connection
@@ -51,28 +52,6 @@ def ladder(kind: IndexKind, lists: int) -> list[int]:
     while steps and steps[-1] * 1.25 < lists:
         steps.append(int(steps[-1] * 1.25))
     return [*steps, max(lists, 1)]
-
-
-def scan_settings(kind: IndexKind, setting: int, *, iterative: bool, limit: int) -> dict[str, str]:
-    """The session settings a search (or a calibration) runs an index scan with.
-
-    Iterative scans (pgvector 0.8+) keep scanning until ``limit`` rows pass the filter, in relaxed order: the
-    candidates are re-sorted by exact distance afterwards, so a looser order inside the scan costs nothing. HNSW
-    returns at most ``ef_search`` rows from a plain scan, so it is never set below the limit.
-    """
-    if kind == "hnsw":
-        settings = {"hnsw.ef_search": str(min(max(setting, limit), 1000))}
-    else:
-        settings = {"ivfflat.probes": str(setting)}
-    if iterative:
-        settings[f"{kind}.iterative_scan"] = "relaxed_order"
-    # The engine sends a search to the index only when it has judged the index cheaper than reading the filter's
-    # matches; left to itself, PostgreSQL often reads a large scope through its btree and sorts every row instead
-    # (an exact scan under an approximate label, whose cost grows with the scope). The index yields rows in
-    # distance order, so forbidding the sort leaves it the index. Storage resets this setting before the
-    # connection serves anything else.
-    settings["enable_sort"] = "off"
-    return settings
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,16 +18,16 @@ import dataclasses
 import time
 from datetime import UTC, datetime
 
+from memory_service.config.settings import Settings
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
-from memory_service.search.calibration import scan_settings
 from memory_service.search.fusion import rank_candidates
 from memory_service.search.index_care import IndexCare, IndexState, fitted_probes
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.tuning import DEFAULT_TEXT_RANKING, TextRanking, scan_settings
 from memory_service.storage import search_sql
-from memory_service.storage.database import Database
-from memory_service.storage.search_sql import DEFAULT_TEXT_RANKING, TextRanking
+from memory_service.storage.database import Connection, Database
 from memory_service.tenants import guard
 
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
@@ -50,7 +50,7 @@ class SearchEngine:
         *,
         iterative_scan: bool,
         default_probes: int | None,
-        narrow_filter_rows: int = 5000,
+        narrow_filter_rows: int = Settings.search_narrow_filter_rows,
         text_ranking: TextRanking = DEFAULT_TEXT_RANKING,
         hybrid_alpha: float = 0.5,
         seen: QuerySample | None = None,
@@ -122,76 +122,114 @@ class SearchEngine:
         return self._narrow_filter_rows
 
     async def _run(self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int) -> SearchResult:
-        state = self._index.state
-        approximate_possible = (
-            vector is not None and not query.exact and state.usable and state.rows >= self._index.exact_max_rows
-        )
-        probes, recall = self._setting(query, state) if approximate_possible else (0, None)
-        kind: IndexKind = state.kind or "ivfflat"
+        plan = self._plan(query, vector)
         # No transaction: every statement below reads on its own (READ COMMITTED gave each its own snapshot
         # anyway), so a search is one round trip per statement. A memory deleted between the candidates and
         # memories_by_id is dropped from the hits, as before. Only an index scan depends on scan settings; the
         # exact and text scans run with whatever the connection has.
         session = (
-            self._db.settings_connection(scan_settings(kind, probes, iterative=self.iterative_scan, limit=limit))
-            if approximate_possible
+            self._db.settings_connection(
+                scan_settings(plan.kind, plan.probes, iterative=self.iterative_scan, limit=limit)
+            )
+            if plan.approximate_possible
             else self._db.connection()
         )
         async with session as conn:
-            # VECTOR asks for exactly top_k candidates, so they come with their memories in the same query; the
-            # other modes rank more candidates than they return and fetch the winners' memories afterwards.
-            full_rows = query.mode is SearchMode.VECTOR
-            exact_is_cheaper = False
-            # A filter no index narrows goes to the vector index (iterative scans keep it complete): counting its
-            # matches would read the table. Text needs no count: its candidates come from the GIN index either way.
-            if approximate_possible and search_sql.count_is_bounded(query.filter):
-                exact_below = self._exact_filter_rows(state, probes)
-                matching = await search_sql.count_matching(conn, query.filter, cap=exact_below)
-                exact_is_cheaper = matching < exact_below
-
-            async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
-                return await search_sql.candidates(
-                    conn,
-                    query.filter,
-                    vector=vector,
-                    text=text,
-                    limit=limit,
-                    exact=exact,
-                    full_rows=full_rows,
-                    ranking=self._text_ranking,
-                    pruned=pruned,
-                    with_embedding=query.include_embedding,
-                    rls=guard.scoped(),
-                )
-
-            use_index = approximate_possible and not exact_is_cheaper
-            if use_index and vector is not None and self.seen is not None:
-                self.seen.record(vector, query.filter)  # what the index's next calibration measures on
-            # Text candidates come first from the query's rarest terms, filtered or not (in a narrow filter as the
-            # floor does: one statement); when they are fewer than top_k, every term brings some in (below).
-            found = await fetch(exact=not use_index, pruned=True)
-            vector_short = use_index and sum(c.from_vector for c in found) < limit
-            # Fewer text candidates than fusion would like is fine; fewer than the caller asked for is not...
-            # unless every query term already brought its candidates in: widening would find the same ones.
-            text_short = (
-                text is not None
-                and sum(c.from_text for c in found) < query.top_k
-                and not (found and found[0].text_every_term)
+            use_index = plan.approximate_possible and not await self._exact_is_cheaper(conn, query, plan)
+            found, use_index = await self._candidates(conn, query, vector, text, limit, use_index=use_index)
+            hits = await self._hits(conn, query, found)
+        if vector is None:
+            return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
+        if use_index:
+            return SearchResult(
+                hits=hits,
+                mode=query.mode,
+                exact=False,
+                plan=f"{plan.kind}-iterative" if self.iterative_scan else plan.kind,
+                probes=plan.probes,
+                estimated_recall=plan.recall,
             )
-            if vector_short or text_short:
-                # The index came back short: only an exact scan can tell "few matches" from "missed matches".
-                # Too few memories held the query's rarest terms: let its common terms bring in candidates too.
-                use_index = use_index and not vector_short
-                found = await fetch(exact=not use_index, pruned=not text_short)
-            ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
-            memories = (
-                {}
-                if full_rows
-                else await search_sql.memories_by_id(
-                    conn, [s.candidate.id for s in ranked], with_embedding=query.include_embedding
-                )
+        return SearchResult(hits=hits, mode=query.mode, exact=True, plan="exact", estimated_recall=1.0)
+
+    def _plan(self, query: SearchQuery, vector: Vector | None) -> _Plan:
+        """Whether the vector index may serve this search at all, and at which setting."""
+        state = self._index.state
+        possible = vector is not None and not query.exact and state.usable and state.rows >= self._index.exact_max_rows
+        probes, recall = self._setting(query, state) if possible else (0, None)
+        return _Plan(
+            state=state, kind=state.kind or "ivfflat", approximate_possible=possible, probes=probes, recall=recall
+        )
+
+    async def _exact_is_cheaper(self, conn: Connection, query: SearchQuery, plan: _Plan) -> bool:
+        """Whether the filter is narrow enough that scanning its matches exactly costs no more than the index.
+
+        A filter no index narrows goes to the vector index (iterative scans keep it complete): counting its matches
+        would read the table. Text needs no count: its candidates come from the GIN index either way."""
+        if not search_sql.count_is_bounded(query.filter):
+            return False
+        exact_below = self._exact_filter_rows(plan.state, plan.probes)
+        return await search_sql.count_matching(conn, query.filter, cap=exact_below) < exact_below
+
+    async def _candidates(
+        self,
+        conn: Connection,
+        query: SearchQuery,
+        vector: Vector | None,
+        text: str | None,
+        limit: int,
+        *,
+        use_index: bool,
+    ) -> tuple[list[Candidate], bool]:
+        """The candidates, widened until complete, and whether the index served them in the end."""
+
+        async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
+            return await search_sql.candidates(
+                conn,
+                query.filter,
+                vector=vector,
+                text=text,
+                limit=limit,
+                exact=exact,
+                # VECTOR asks for exactly top_k candidates, so they come with their memories in the same query;
+                # the other modes rank more candidates than they return and fetch the winners' memories afterwards.
+                full_rows=query.mode is SearchMode.VECTOR,
+                text_ranking=self._text_ranking.values,
+                pruned=pruned,
+                with_embedding=query.include_embedding,
+                rls=guard.scoped(),
             )
-        hits = [
+
+        if use_index and vector is not None and self.seen is not None:
+            self.seen.record(vector, query.filter)  # what the index's next calibration measures on
+        # Text candidates come first from the query's rarest terms, filtered or not (in a narrow filter as the
+        # floor does: one statement); when they are fewer than top_k, every term brings some in (below).
+        found = await fetch(exact=not use_index, pruned=True)
+        vector_short = use_index and sum(c.from_vector for c in found) < limit
+        # Fewer text candidates than fusion would like is fine; fewer than the caller asked for is not...
+        # unless every query term already brought its candidates in: widening would find the same ones.
+        text_short = (
+            text is not None
+            and sum(c.from_text for c in found) < query.top_k
+            and not (found and found[0].text_every_term)
+        )
+        if vector_short or text_short:
+            # The index came back short: only an exact scan can tell "few matches" from "missed matches".
+            # Too few memories held the query's rarest terms: let its common terms bring in candidates too.
+            use_index = use_index and not vector_short
+            found = await fetch(exact=not use_index, pruned=not text_short)
+        return found, use_index
+
+    async def _hits(self, conn: Connection, query: SearchQuery, found: list[Candidate]) -> list[SearchHit]:
+        """Rank the candidates and attach the winners' memories (fetched unless they came along)."""
+        ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
+        memories = (
+            {}
+            if query.mode is SearchMode.VECTOR
+            else await search_sql.memories_by_id(
+                conn, [s.candidate.id for s in ranked], with_embedding=query.include_embedding
+            )
+        )
+        return [
             SearchHit(
                 memory=s.candidate.memory or memories[s.candidate.id],
                 score=s.score,
@@ -203,11 +241,14 @@ class SearchEngine:
             for s in ranked
             if s.candidate.memory is not None or s.candidate.id in memories
         ]
-        if vector is None:
-            return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
-        if use_index:
-            plan = f"{kind}-iterative" if self.iterative_scan else kind
-            return SearchResult(
-                hits=hits, mode=query.mode, exact=False, plan=plan, probes=probes, estimated_recall=recall
-            )
-        return SearchResult(hits=hits, mode=query.mode, exact=True, plan="exact", estimated_recall=1.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Plan:
+    state: IndexState
+    kind: IndexKind
+    approximate_possible: bool
+    probes: int
+    """ivfflat probes or HNSW ef_search for an index scan; 0 when no index scan is possible."""
+    recall: float | None
+    """What the calibration measured at ``probes``."""

@@ -23,6 +23,7 @@ import logging
 import math
 from datetime import datetime
 
+from memory_service.config.settings import Settings
 from memory_service.models import IndexKind
 from memory_service.search.calibration import MIN_SEEN, Calibration, Curve, calibrate
 from memory_service.search.query_sample import QuerySample
@@ -129,13 +130,13 @@ class IndexCare:
         dsn: str,
         *,
         exact_max_rows: int,
-        kind: IndexKind = "ivfflat",
-        target_recall: float = 0.95,
-        calibration_queries: int = 100,
-        filtered_min_rows: int = 5000,
+        kind: IndexKind = Settings.vector_index,
+        target_recall: float = Settings.search_target_recall,
+        calibration_queries: int = Settings.search_calibration_queries,
+        filtered_min_rows: int = Settings.search_narrow_filter_rows,
         iterative_scan: bool = True,
-        hnsw_m: int = 16,
-        hnsw_ef_construction: int = 64,
+        hnsw_m: int = Settings.hnsw_m,
+        hnsw_ef_construction: int = Settings.hnsw_ef_construction,
         seen: QuerySample | None = None,
     ) -> None:
         self._db = db

@@ -8,6 +8,7 @@ from datetime import timedelta
 import asyncpg
 
 from memory_service.models import Vector
+from memory_service.storage.command_tag import rows_affected
 
 
 async def lookup(conn: asyncpg.Connection, model: str, dimension: int, hashes: Sequence[bytes]) -> dict[bytes, Vector]:
@@ -47,4 +48,4 @@ async def evict_older_than(conn: asyncpg.Connection, age: timedelta, *, batch: i
         age,
         batch,
     )
-    return int(status.split()[-1])
+    return rows_affected(status)

@@ -6,17 +6,17 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from memory_service.history.types import ChangeKind, EraseReceipt, Version, WriteContext
-from memory_service.models import Memory, MemoryFilter
+from memory_service.history.types import ChangeKind, EraseReceipt, Version
+from memory_service.models import Memory, MemoryFilter, WriteContext
+from memory_service.storage import columns
+from memory_service.storage.command_tag import rows_affected
 from memory_service.storage.filters import Params, where_clause
 from memory_service.storage.memories_sql import memory_from_row
 
 # A version row read as a memory: the columns memory_from_row expects, and the version's own.
 VERSION_COLUMNS = (
-    "m.memory_id AS id, m.scope::text AS scope, m.scope_id, m.agent_id, m.memory_type::text AS memory_type, m.key, "
-    "m.value, m.importance, m.tags, m.metadata, m.content_hash, m.embedding_model, m.created_at, "
-    "m.changed_at AS updated_at, m.expires_at, m.version, m.kind::text AS kind, m.changed_at, m.principal, "
-    "m.fencing_token, m.request_id"
+    f"m.memory_id AS id, {columns.readable('m')}, m.changed_at AS updated_at, m.version, m.kind::text AS kind, "
+    "m.changed_at, m.principal, m.fencing_token, m.request_id"
 )
 
 PURGED_THROUGH = "changes_purged_through"
@@ -192,7 +192,7 @@ async def purge_history(conn: asyncpg.Connection, retention: timedelta, *, batch
         retention,
         batch,
     )
-    return int(versions.rsplit(" ", 1)[-1]) + changes
+    return rows_affected(versions) + changes
 
 
 async def purged_through(conn: asyncpg.Connection) -> int:

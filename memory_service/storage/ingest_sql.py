@@ -1,4 +1,4 @@
-"""SQL for bulk ingest: reuse of stored embeddings, and one batch written through a staging table.
+"""SQL for bulk ingest: one batch written through a staging table.
 
 A batch is copied (binary COPY) into a temporary staging table and moved into ``memory.memories`` by one
 ``INSERT ... SELECT ... ON CONFLICT`` statement, the same upsert a single Store runs, so both paths agree on what
@@ -14,8 +14,7 @@ from collections.abc import Sequence
 import asyncpg
 import pgvector
 
-from memory_service.history.types import WriteContext
-from memory_service.models import NewMemory, Vector
+from memory_service.models import NewMemory, Vector, WriteContext
 from memory_service.storage.memories_sql import LATEST_EXPIRY, UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS
 from memory_service.storage.versions_sql import UPSERT_KIND, context_values, record
 
@@ -87,32 +86,6 @@ class WriteCounts:
     created: int
     updated: int
     unchanged: int
-
-
-async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemory], model: str) -> dict[int, Vector]:
-    """Embeddings already stored for these identities with the same content and model, by position.
-
-    The batched form of ``memories_sql.stored_embedding``: a reloaded file costs no embedding work.
-    """
-    if not memories:
-        return {}
-    rows = await conn.fetch(
-        """
-        SELECT i.ord, m.embedding
-        FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[]) WITH ORDINALITY
-             AS i(scope, scope_id, key, content_hash, ord)
-        JOIN memory.memories m
-          ON m.scope = i.scope::memory.scope AND m.scope_id = i.scope_id AND m.key = i.key
-         AND m.content_hash = i.content_hash AND m.embedding_model = $5
-        WHERE m.embedding IS NOT NULL
-        """,
-        [m.scope.value for m in memories],
-        [m.scope_id for m in memories],
-        [m.key for m in memories],
-        [m.content_hash for m in memories],
-        model,
-    )
-    return {int(r["ord"]) - 1: r["embedding"] for r in rows}
 
 
 StagingRecord = tuple[object, ...]

@@ -22,6 +22,7 @@ import asyncpg
 
 from memory_service.errors import InvalidArgument
 from memory_service.leases.types import Holder, Lease
+from memory_service.storage.command_tag import rows_affected
 
 
 class Outcome(enum.Enum):
@@ -188,7 +189,7 @@ async def purge(conn: asyncpg.Connection, retention: timedelta) -> tuple[int, in
     """Delete ended leases and answered requests older than ``retention``; return how many of each."""
     requests = await conn.execute(_PURGE_REQUESTS, retention)
     leases = await conn.execute(_PURGE_LEASES, retention)
-    return int(leases.split()[-1]), int(requests.split()[-1])
+    return rows_affected(leases), rows_affected(requests)
 
 
 async def namespace_of(conn: asyncpg.Connection, lease_id: uuid.UUID) -> str | None:

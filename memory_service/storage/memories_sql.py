@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
-from memory_service.history.types import WriteContext
-from memory_service.models import Memory, MemoryFilter, MemoryType, NewMemory, Scope, Vector, WriteOutcome
+from memory_service.models import Memory, MemoryFilter, MemoryType, NewMemory, Scope, Vector, WriteContext, WriteOutcome
+from memory_service.storage import columns
+from memory_service.storage.command_tag import rows_affected
 from memory_service.storage.filters import LIVE, Params, where_clause
 from memory_service.storage.versions_sql import RETURNING_ROW, UPSERT_KIND, context_values, record
 
-COLUMNS = (
-    "m.id, m.scope::text AS scope, m.scope_id, m.agent_id, m.memory_type::text AS memory_type, m.key, m.value, "
-    "m.importance, m.tags, m.metadata, m.content_hash, m.embedding_model, m.created_at, m.updated_at, m.expires_at"
-)
+COLUMNS = f"m.id, {columns.readable('m')}, m.updated_at"
 COLUMNS_WITH_EMBEDDING = COLUMNS + ", m.embedding"
 
 # The columns a write sets, in the order of the VALUES below and of the bulk staging table.
@@ -122,21 +121,28 @@ async def upsert(
     return existing, WriteOutcome.UNCHANGED
 
 
-async def stored_embedding(conn: asyncpg.Connection, memory: NewMemory, model: str) -> Vector | None:
-    """The embedding already stored for this identity when its content is the same, so it need not be recomputed."""
-    result: Vector | None = await conn.fetchval(
+async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemory], model: str) -> dict[int, Vector]:
+    """Embeddings already stored for these identities with the same content and model, by position, so they need
+    not be recomputed."""
+    if not memories:
+        return {}
+    rows = await conn.fetch(
         """
-        SELECT embedding FROM memory.memories
-        WHERE scope = $1::text::memory.scope AND scope_id = $2 AND key = $3 AND content_hash = $4
-          AND embedding_model = $5
+        SELECT i.ord, m.embedding
+        FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[]) WITH ORDINALITY
+             AS i(scope, scope_id, key, content_hash, ord)
+        JOIN memory.memories m
+          ON m.scope = i.scope::memory.scope AND m.scope_id = i.scope_id AND m.key = i.key
+         AND m.content_hash = i.content_hash AND m.embedding_model = $5
+        WHERE m.embedding IS NOT NULL
         """,
-        memory.scope.value,
-        memory.scope_id,
-        memory.key,
-        memory.content_hash,
+        [m.scope.value for m in memories],
+        [m.scope_id for m in memories],
+        [m.key for m in memories],
+        [m.content_hash for m in memories],
         model,
     )
-    return result
+    return {int(r["ord"]) - 1: r["embedding"] for r in rows}
 
 
 async def get(conn: asyncpg.Connection, memory_id: int, *, with_embedding: bool) -> Memory | None:
@@ -158,7 +164,7 @@ async def delete_by_id(conn: asyncpg.Connection, memory_id: int, *, history: Wri
         deleted: int = await conn.fetchval(_DELETE_ONE_VERSIONED, memory_id, *context_values(history))
         return deleted
     result = await conn.execute("DELETE FROM memory.memories WHERE id = $1", memory_id)
-    return _affected(result)
+    return rows_affected(result)
 
 
 async def delete_matching(
@@ -168,7 +174,7 @@ async def delete_matching(
     where = where_clause(memory_filter, params, live_only=False)
     if history is None:
         result = await conn.execute(f"DELETE FROM memory.memories m WHERE {where}", *params.values)
-        return _affected(result)
+        return rows_affected(result)
     context = tuple(params.add(value) for value in context_values(history))
     deleted: int = await conn.fetchval(
         f"""
@@ -208,7 +214,7 @@ async def purge_expired(conn: asyncpg.Connection, *, batch: int, history: bool =
         """,
         batch,
     )
-    return _affected(result)
+    return rows_affected(result)
 
 
 def memory_from_row(row: asyncpg.Record | dict[str, Any]) -> Memory:
@@ -237,8 +243,3 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
-
-
-def _affected(status: str) -> int:
-    """Row count from a command tag such as ``DELETE 3``."""
-    return int(status.rsplit(" ", 1)[-1])

@@ -21,7 +21,6 @@ BM25 score, so fusion compares like with like.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import asyncpg
@@ -33,18 +32,6 @@ from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING,
 TEXT_CONFIG = "english"
 # A query of hundreds of words is still valid; its rarest terms carry its meaning, so only these many are ranked.
 MAX_QUERY_TERMS = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class TextRanking:
-    """BM25 parameters and the bound on how many memories one query scores."""
-
-    k1: float = 1.2
-    b: float = 0.75
-    max_scored: int = 2000
-
-
-DEFAULT_TEXT_RANKING = TextRanking()
 
 
 def _vector_cte(where: str, query: str, limit: str, *, exact: bool) -> str:
@@ -135,7 +122,7 @@ def candidates_statement(
     limit: int,
     exact: bool,
     full_rows: bool,
-    ranking: TextRanking = DEFAULT_TEXT_RANKING,
+    text_ranking: tuple[float, float, int] | None = None,
     pruned: bool = True,
     with_embedding: bool = False,
     rls: bool = False,
@@ -157,8 +144,11 @@ def candidates_statement(
         distance = f"m.embedding <=> {vector_param}"
         from_vector = "v.id IS NOT NULL"
     if text is not None:
-        budget = _bound(ranking.max_scored)
-        bm25 = _bm25(params.add(ranking.k1), params.add(ranking.b))
+        if text_ranking is None:
+            raise TypeError("a text search needs its text_ranking: BM25's k1 and b, and the most memories scored")
+        k1, b, max_scored = text_ranking
+        budget = _bound(max_scored)
+        bm25 = _bm25(params.add(k1), params.add(b))
         ctes.append(_term_ctes(params.add(text), budget))
         ctes.append(f"t AS ({_text_cte(where, limit_sql, budget, bm25, pruned=pruned, rls=rls)})")
         sources.append("SELECT id FROM t")
@@ -188,7 +178,7 @@ async def candidates(
     limit: int,
     exact: bool,
     full_rows: bool,
-    ranking: TextRanking = DEFAULT_TEXT_RANKING,
+    text_ranking: tuple[float, float, int] | None = None,
     pruned: bool = True,
     with_embedding: bool = False,
     rls: bool = False,
@@ -198,8 +188,9 @@ async def candidates(
     With both, each candidate carries its exact distance and BM25 score whichever list found it. With
     ``full_rows`` each candidate carries its whole memory; without, only what ranking needs, so a hybrid search
     that keeps 10 of 80 candidates decodes 10 memories (``memories_by_id``), not 80. Without ``pruned`` every
-    query term brings in candidates too (at most ``ranking.max_scored`` more). ``rls``: the connection runs under
-    row-level security (a scoped call), which changes how text matches are found, not which.
+    query term brings in candidates too (at most ``max_scored`` more). ``text_ranking`` is (k1, b, max_scored),
+    needed with ``text``. ``rls``: the connection runs under row-level security (a scoped call), which changes how
+    text matches are found, not which.
     """
     sql, values = candidates_statement(
         memory_filter,
@@ -208,7 +199,7 @@ async def candidates(
         limit=limit,
         exact=exact,
         full_rows=full_rows,
-        ranking=ranking,
+        text_ranking=text_ranking,
         pruned=pruned,
         with_embedding=with_embedding,
         rls=rls,

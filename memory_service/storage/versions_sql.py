@@ -8,18 +8,13 @@ are fixed text; only ``$n`` parameters carry values.
 
 from __future__ import annotations
 
-from memory_service.history.types import WriteContext
+from memory_service.models import WriteContext
+from memory_service.storage import columns
 
 # What the change returns about the row: the memory as the change left it, its new version, and the change's time.
-RETURNING_ROW = (
-    "m.id, m.version, m.scope, m.scope_id, m.agent_id, m.memory_type, m.key, m.value, m.importance, m.tags, "
-    "m.metadata, m.content_hash, m.embedding_model, m.created_at, m.expires_at"
-)
+RETURNING_ROW = f"m.id, m.version, {columns.qualified('m')}"
 
-_VERSION_COLUMNS = (
-    "memory_id, version, kind, scope, scope_id, agent_id, memory_type, key, value, importance, tags, metadata, "
-    "content_hash, embedding_model, created_at, expires_at, changed_at, principal, fencing_token, request_id"
-)
+_VERSION_COLUMNS = f"memory_id, version, kind, {columns.NAMES}, changed_at, principal, fencing_token, request_id"
 
 
 def record(source: str, *, kind: str, changed_at: str, context_params: tuple[str, str, str]) -> str:
@@ -32,8 +27,7 @@ def record(source: str, *, kind: str, changed_at: str, context_params: tuple[str
     return f"""
     v AS (
         INSERT INTO memory.memory_versions ({_VERSION_COLUMNS})
-        SELECT id, version, {kind}, scope, scope_id, agent_id, memory_type, key, value, importance, tags, metadata,
-               content_hash, embedding_model, created_at, expires_at, {changed_at},
+        SELECT id, version, {kind}, {columns.NAMES}, {changed_at},
                {principal}::text, {token}::bigint, {request_id}::text
         FROM {source}
     ),
