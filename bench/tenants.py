@@ -34,7 +34,8 @@ from bench.scale import MODES, SCOPE_1PCT, SCOPE_10K, K, Measure, build, load_co
 from memory_service.models import MemoryFilter, Scope, ScopeRef
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING
 from memory_service.storage import search_sql
-from memory_service.storage.database import Database, access_settings
+from memory_service.storage.access import access_settings
+from memory_service.storage.database import Database
 from memory_service.tenants.tokens import Tokens, TokenSpec
 from memory_service.tenants.types import Access, Permission, ScopeGrant
 from memory_service.v1 import memory_pb2, memory_pb2_grpc

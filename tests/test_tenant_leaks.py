@@ -19,7 +19,7 @@ from google.protobuf import duration_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memory_service.storage.database import access_settings
+from memory_service.storage.access import access_settings
 from memory_service.tenants.types import Access, Permission, ScopeGrant
 from memory_service.v1 import lease_pb2, memory_pb2
 from tests.conftest import TEMPLATE_DB, RunningServer, create_database, drop_database, start_server, stop_server

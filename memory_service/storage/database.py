@@ -25,10 +25,9 @@ from memory_service.errors import (
     Internal,
     MemoryServiceError,
     PermissionDenied,
-    QuotaExceeded,
     StartupError,
 )
-from memory_service.tenants.types import Access
+from memory_service.storage.access import ACCESS_SETTINGS, QUOTA_SQLSTATE, access_part, access_settings, quota_exceeded
 from memory_service.tenants.types import current as current_access
 
 log = logging.getLogger(__name__)
@@ -68,9 +67,6 @@ DRIVER_ERRORS: dict[type[BaseException], type[MemoryServiceError]] = {
     asyncpg.InsufficientPrivilegeError: PermissionDenied,
 }
 
-QUOTA_SQLSTATE = "MS429"
-"""Raised by migration 0011's count trigger when a write would take a token's scopes past its memory quota."""
-
 _MESSAGES: dict[type[MemoryServiceError], str] = {
     DatabaseUnavailable: "database unavailable: {name}",
     DatabaseConflict: "the transaction conflicted with another and was rolled back ({name}); retry",
@@ -83,12 +79,7 @@ _MESSAGES: dict[type[MemoryServiceError], str] = {
 def driver_error(exc: BaseException) -> MemoryServiceError | None:
     """The domain error for a driver exception, or None when it is not one the table knows (it propagates as is)."""
     if getattr(exc, "sqlstate", None) == QUOTA_SQLSTATE:
-        access = current_access()
-        return QuotaExceeded(
-            subject=f"token:{access.principal}",
-            quota="max_memories",
-            description=f"the token's scopes may hold at most {access.max_memories} memories",
-        )
+        return quota_exceeded(current_access())
     for cls in type(exc).__mro__:
         target = DRIVER_ERRORS.get(cls)
         if target is not None:
@@ -159,41 +150,11 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 _SETTING_NAME = re.compile(r"^[a-z_]+(\.[a-z_]+)?$")
 _SETTING_VALUE = re.compile(r"^[A-Za-z0-9_.,:*-]+$")
 
-ACCESS_SETTINGS = (
-    "role",
-    "memory.grants",
-    "memory.grant_kinds",
-    "memory.grant_ids",
-    "memory.grant_every_id",
-    "memory.principal",
-    "memory.max_memories",
-)
-"""The settings that carry a call's access to PostgreSQL: the role it runs as and what the policies and the quota
-trigger of migration 0011 read."""
-
 _ISOLATION = {
     "read_committed": "",
     "repeatable_read": " ISOLATION LEVEL REPEATABLE READ",
     "serializable": " ISOLATION LEVEL SERIALIZABLE",
 }
-
-
-def access_settings(access: Access) -> dict[str, str]:
-    """The settings a connection needs for ``access``: none for full access without a quota."""
-    values: dict[str, str] = {}
-    if access.scoped:
-        values["role"] = access.calls_role
-        values.update(access.policy_settings())
-    if access.scoped or access.max_memories is not None:
-        values["memory.grants"] = access.grants_setting()
-        values["memory.principal"] = access.principal or ""
-    if access.max_memories is not None:
-        values["memory.max_memories"] = str(access.max_memories)
-    return values
-
-
-def _access_part(values: Mapping[str, str] | None) -> dict[str, str] | None:
-    return None if values is None else {k: v for k, v in values.items() if k in ACCESS_SETTINGS}
 
 
 def begin_statement(settings: Mapping[str, str], *, readonly: bool = False, isolation: str = "read_committed") -> str:
@@ -276,7 +237,7 @@ async def _use_access(conn: asyncpg.Connection, access: Mapping[str, str]) -> No
     stay. ``enable_*`` settings change the plan of every statement, not just the index scan that wanted them."""
     state = _session_state(conn)
     known = state.values
-    if known is not None and _access_part(known) == access and not any(map(_is_planner_setting, known)):
+    if known is not None and access_part(known) == access and not any(map(_is_planner_setting, known)):
         return
     kept = {k: v for k, v in (known or {}).items() if not _is_planner_setting(k) and k not in ACCESS_SETTINGS}
     await use_session_settings(conn, {**kept, **access})
@@ -287,7 +248,7 @@ async def _access_for_transaction(conn: asyncpg.Connection, access: Mapping[str,
     call's access is switched first (one round trip: calls of the same access reuse it at no cost)."""
     state = _session_state(conn)
     known = state.values
-    if known is not None and not _access_part(known):
+    if known is not None and not access_part(known):
         if any(map(_is_planner_setting, known)):
             await _use_access(conn, {})
         return dict(access)  # folded into BEGIN: nothing of it outlives the transaction
