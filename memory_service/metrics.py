@@ -148,6 +148,23 @@ class Metrics:
             for outcome in ("ok", "error"):
                 self.background_runs.labels(task, outcome)
             self.background_success.labels(task).set(now)
+        # Per token name: bounded by the number of tokens an operator created (docs/security.md).
+        self.token_calls = Counter(
+            "memory_token_calls_total", "RPCs of each named token, by status code.", ("token", "grpc_code"), registry=r
+        )
+        self.token_quota_refusals = Counter(
+            "memory_token_quota_refusals_total",
+            "Calls of each named token refused by one of its quotas (rate, max_memories).",
+            ("token", "quota"),
+            registry=r,
+        )
+        self.token_memories = Gauge(
+            "memory_token_memories",
+            "Memories in the scopes of each token with a memory quota, as the quota counts them (refreshed with its "
+            "grant, at most every 5 s while it makes calls).",
+            ("token",),
+            registry=r,
+        )
 
     def _search_metrics(self, r: CollectorRegistry) -> None:
         self.search_latency = Histogram(

@@ -34,6 +34,7 @@ LAYERS: dict[str, str] = {
     "embeddings": "domain",
     "leases": "domain",
     "history": "domain",
+    "tenants": "domain",
     "app": "composition",
     "api": "api",
     "client": "client",

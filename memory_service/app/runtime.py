@@ -16,6 +16,7 @@ from memory_service.config.env import redact_url
 from memory_service.config.settings import Settings
 from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import StartupError
 from memory_service.history.feed import ChangeFeed
 from memory_service.history.service import History
 from memory_service.leases.manager import LeaseManager
@@ -34,10 +35,11 @@ from memory_service.search.recall_check import RecallCheck
 from memory_service.search.text_search import TextSearch
 from memory_service.search.text_stats import TextStats
 from memory_service.search.tuning import TextRanking
-from memory_service.storage import settings_sql
+from memory_service.storage import isolation_sql, settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
+from memory_service.tenants.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class Runtime:
         self._binding: ModelBinding | None = None
         self._history: History | None = None
         self._feed: ChangeFeed | None = None
+        self._tokens: Tokens | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -120,6 +123,11 @@ class Runtime:
         return _started(self._bulk)
 
     @property
+    def tokens(self) -> Tokens:
+        """The tokens table and AUTH_TOKENS: resolves each call's access."""
+        return _started(self._tokens)
+
+    @property
     def history(self) -> History:
         return _started(self._history)
 
@@ -132,6 +140,8 @@ class Runtime:
         """Build every component in dependency order; ``background`` also starts the loops and the change feed."""
         try:
             db = await self._open_database()
+            await self._check_isolation(db)
+            self._tokens = Tokens(db, self.settings.auth_tokens, metrics=self.metrics)
             self._leases = LeaseManager(db, self.settings, self.metrics)
             await self._leases.start()
             binding = await self._check_binding(db)
@@ -181,6 +191,13 @@ class Runtime:
             "available" if self._iterative_scan else "unavailable: filtered searches fall back to exact scans",
         )
         return db
+
+    async def _check_isolation(self, db: Database) -> None:
+        """Refuse to serve when row-level security would not confine the calls of scoped tokens (docs/security.md)."""
+        async with db.connection() as conn:
+            problem = await isolation_sql.isolation_problem(conn)
+        if problem is not None:
+            raise StartupError(f"tenant isolation is not in force, refusing to start: {problem}")
 
     @property
     def _iterative_scan(self) -> bool:
@@ -304,6 +321,7 @@ class Runtime:
         """Purge expired memories (returning how many) and evict old embedding-cache entries."""
         purged = await purge.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
         await purge.evict_embedding_cache(self.db)
+        await purge.fold_scope_counts(self.db)
         return purged
 
     async def _database_dsn(self) -> str:

@@ -114,7 +114,7 @@ class MemoryServer:
         limit = settings.grpc_max_message_bytes
         server = aio.server(
             maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
-            interceptors=[ServiceInterceptor(self.metrics, Authenticator(settings.auth_tokens), self._observer())],
+            interceptors=[ServiceInterceptor(self.metrics, Authenticator(self.runtime.tokens), self._observer())],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -44,6 +44,7 @@ from memory_service.metrics import Metrics
 from memory_service.models import NO_CONTEXT, Fence, NewMemory, WriteContext
 from memory_service.storage import ingest_sql
 from memory_service.storage.database import Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +334,10 @@ class BulkIngest:
             memory = item.memory
             if isinstance(memory, InvalidArgument):
                 rejections.append(Rejection(sequence=item.sequence, field=memory.field, reason=memory.message))
+                continue
+            if not guard.sees(memory.scope, memory.scope_id):
+                reason = f"scope {memory.scope.value}:{memory.scope_id} is outside this token's grants"
+                rejections.append(Rejection(sequence=item.sequence, field="memory.scope", reason=reason))
                 continue
             identity = (memory.scope.value, memory.scope_id, memory.key)
             superseded += identity in latest

@@ -31,6 +31,7 @@ from memory_service.search.text_search import TextSearch
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING, TextRanking, scan_settings
 from memory_service.storage import search_sql, text_index_sql
 from memory_service.storage.database import Connection, Database
+from memory_service.tenants import guard
 
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
 _MIN_CANDIDATES = 40
@@ -75,6 +76,7 @@ class SearchEngine:
 
     async def search(self, query: SearchQuery) -> SearchResult:
         started = time.perf_counter()
+        query = dataclasses.replace(query, filter=guard.narrow(query.filter))
         vector = await self._query_vector(query)
         text = query.text if query.mode in (SearchMode.TEXT, SearchMode.HYBRID) else None
         limit = query.top_k
@@ -244,6 +246,7 @@ class SearchEngine:
                 text_ranking=self._text_ranking.values,
                 pruned=pruned,
                 with_embedding=query.include_embedding,
+                rls=guard.scoped(),
             )
 
         if use_index and vector is not None and self.seen is not None:

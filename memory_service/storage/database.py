@@ -28,9 +28,12 @@ from memory_service.errors import (
     DeadlineExceeded,
     Internal,
     MemoryServiceError,
+    PermissionDenied,
     StartupError,
 )
 from memory_service.storage.probe import WriteRefusals
+from memory_service.storage.access import ACCESS_SETTINGS, QUOTA_SQLSTATE, access_part, access_settings, quota_exceeded
+from memory_service.tenants.types import current as current_access
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,6 +72,8 @@ DRIVER_ERRORS: dict[type[BaseException], type[MemoryServiceError]] = {
     asyncpg.InsufficientResourcesError: DatabaseResourcesExhausted,
     # The service handed the driver a value it cannot encode: a bug here, not the client's or the database's.
     asyncpg.DataError: Internal,
+    # Row-level security refused a row the service's own checks let through (or a grant is missing).
+    asyncpg.InsufficientPrivilegeError: PermissionDenied,
 }
 
 _MESSAGES: dict[type[MemoryServiceError], str] = {
@@ -81,11 +86,14 @@ _MESSAGES: dict[type[MemoryServiceError], str] = {
         "operator has freed them"
     ),
     Internal: "the database driver refused a value the service sent ({name}): {exc}",
+    PermissionDenied: "the database refused the call's access ({name})",
 }
 
 
 def driver_error(exc: BaseException) -> MemoryServiceError | None:
     """The domain error for a driver exception, or None when it is not one the table knows (it propagates as is)."""
+    if getattr(exc, "sqlstate", None) == QUOTA_SQLSTATE:
+        return quota_exceeded(current_access())
     for cls in type(exc).__mro__:
         target = DRIVER_ERRORS.get(cls)
         if target is not None:
@@ -154,13 +162,19 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 
 _SETTING_NAME = re.compile(r"^[a-z_]+(\.[a-z_]+)?$")
-_SETTING_VALUE = re.compile(r"^[A-Za-z0-9_.]+$")
+_SETTING_VALUE = re.compile(r"^[A-Za-z0-9_.,:*-]+$")
+
+_ISOLATION = {
+    "read_committed": "",
+    "repeatable_read": " ISOLATION LEVEL REPEATABLE READ",
+    "serializable": " ISOLATION LEVEL SERIALIZABLE",
+}
 
 
-def begin_statement(settings: Mapping[str, str], *, readonly: bool = False) -> str:
+def begin_statement(settings: Mapping[str, str], *, readonly: bool = False, isolation: str = "read_committed") -> str:
     """``BEGIN; SET LOCAL ...`` as one simple query. Settings come from code, never from a client, and are
     checked against a strict pattern all the same, since simple queries cannot carry parameters."""
-    parts = ["BEGIN READ ONLY" if readonly else "BEGIN"]
+    parts = [f"BEGIN{_ISOLATION[isolation]}{' READ ONLY' if readonly else ''}"]
     for name, value in settings.items():
         if not _SETTING_NAME.match(name) or not _SETTING_VALUE.match(value):
             raise ValueError(f"refusing to SET LOCAL {name!r} = {value!r}")
@@ -206,9 +220,7 @@ class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
 
 async def use_session_settings(conn: asyncpg.Connection, wanted: Mapping[str, str]) -> None:
     """Give ``conn`` exactly the session settings ``wanted`` (among those the service sets), in at most one trip."""
-    state = getattr(conn, "session_settings", None)  # through the pool's proxy
-    if not isinstance(state, SessionSettings):
-        raise TypeError(f"expected a connection of Database's pool (a PooledConnection), got {type(conn).__name__}")
+    state = _session_state(conn)
     if conn.is_in_transaction():
         # A rollback would undo the SET behind the connection's back.
         raise RuntimeError("session settings are set outside a transaction")
@@ -226,13 +238,36 @@ def _is_planner_setting(name: str) -> bool:
     return name.startswith("enable_")
 
 
-async def _drop_planner_settings(conn: asyncpg.Connection) -> None:
-    """Reset planner settings a search left on this connection before anything else uses it (one round trip, and
-    only after a search that set one); scan settings such as ``ivfflat.probes`` affect only index scans and stay."""
-    state = getattr(conn, "session_settings", None)
-    if isinstance(state, SessionSettings) and (state.values is None or any(map(_is_planner_setting, state.values))):
-        kept = {k: v for k, v in (state.values or {}).items() if not _is_planner_setting(k)}
-        await use_session_settings(conn, kept)
+def _session_state(conn: asyncpg.Connection) -> SessionSettings:
+    state = getattr(conn, "session_settings", None)  # through the pool's proxy
+    if not isinstance(state, SessionSettings):
+        raise TypeError(f"expected a connection of Database's pool (a PooledConnection), got {type(conn).__name__}")
+    return state
+
+
+async def _use_access(conn: asyncpg.Connection, access: Mapping[str, str]) -> None:
+    """Give ``conn`` the session settings of ``access`` and drop planner settings a search left on it, in at most one
+    round trip (none when it already has them); scan settings such as ``ivfflat.probes`` affect only index scans and
+    stay. ``enable_*`` settings change the plan of every statement, not just the index scan that wanted them."""
+    state = _session_state(conn)
+    known = state.values
+    if known is not None and access_part(known) == access and not any(map(_is_planner_setting, known)):
+        return
+    kept = {k: v for k, v in (known or {}).items() if not _is_planner_setting(k) and k not in ACCESS_SETTINGS}
+    await use_session_settings(conn, {**kept, **access})
+
+
+async def _access_for_transaction(conn: asyncpg.Connection, access: Mapping[str, str]) -> dict[str, str]:
+    """What a transaction must ``SET LOCAL`` to run with ``access``; a connection whose session runs with another
+    call's access is switched first (one round trip: calls of the same access reuse it at no cost)."""
+    state = _session_state(conn)
+    known = state.values
+    if known is not None and not access_part(known):
+        if any(map(_is_planner_setting, known)):
+            await _use_access(conn, {})
+        return dict(access)  # folded into BEGIN: nothing of it outlives the transaction
+    await _use_access(conn, access)
+    return {}
 
 
 async def _reset_connection(conn: asyncpg.Connection) -> None:
@@ -328,9 +363,11 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def connection(self, *, timeout: float | None = 10.0) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection; ``timeout=None`` leaves bounding the wait to the caller's own timer."""
+        """A pooled connection running with the call's access; ``timeout=None`` leaves bounding the wait to the
+        caller's own timer."""
         with self._translated():
             async with self._acquire(timeout) as conn:
+                await _use_access(conn, access_settings(current_access()))
                 yield conn
 
     async def run(self, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -343,9 +380,7 @@ class Database:
             return await op(conn)
 
     @contextlib.asynccontextmanager
-    async def _acquire(
-        self, timeout: float | None, *, keep_planner_settings: bool = False
-    ) -> AsyncIterator[asyncpg.Connection]:
+    async def _acquire(self, timeout: float | None) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection, waiting at most ``timeout`` for one.
 
         ``pool.acquire(timeout=...)`` runs each acquire in a task of its own; a timer around a plain acquire
@@ -356,22 +391,20 @@ class Database:
         if self.on_wait is not None:
             self.on_wait(time.perf_counter() - waited)
         try:
-            if not keep_planner_settings:
-                await _drop_planner_settings(conn)
             yield conn
         finally:
             await self.pool.release(conn)
 
     @contextlib.asynccontextmanager
     async def settings_connection(self, settings: Mapping[str, str]) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection outside a transaction whose session settings are ``settings``.
+        """A pooled connection outside a transaction whose session settings are ``settings`` (and the call's access).
 
         Each statement commits (and takes its snapshot) on its own; nothing is sent unless the connection's
         settings differ, since each pooled connection remembers what it was given. A caller that depends on a
         setting must name it: settings it leaves out are reset only if a previous caller had set them."""
         with self._translated():
-            async with self._acquire(10.0, keep_planner_settings=True) as conn:
-                await use_session_settings(conn, settings)
+            async with self._acquire(10.0) as conn:
+                await use_session_settings(conn, {**settings, **access_settings(current_access())})
                 yield conn
 
     @contextlib.asynccontextmanager
@@ -382,15 +415,18 @@ class Database:
         isolation: str = "read_committed",
         readonly: bool = False,
     ) -> AsyncIterator[asyncpg.Connection]:
-        """A connection inside a transaction, with ``settings`` applied for this transaction only."""
+        """A connection inside a transaction running with the call's access, with ``settings`` applied for this
+        transaction only."""
         with self._translated():
             async with self._acquire(10.0) as conn:
-                if not settings:
+                local = await _access_for_transaction(conn, access_settings(current_access()))
+                if not settings and not local:
                     async with conn.transaction(isolation=isolation, readonly=readonly):
                         yield conn
                     return
                 # BEGIN and every SET LOCAL travel in one round trip.
-                await conn.execute(begin_statement(settings, readonly=readonly))
+                begin = begin_statement({**(settings or {}), **local}, readonly=readonly, isolation=isolation)
+                await conn.execute(begin)
                 try:
                     yield conn
                 except BaseException:
