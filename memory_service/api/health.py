@@ -54,6 +54,7 @@ class HealthMonitor:
         probe: Probe,
         services: Iterable[str],
         interval: float,
+        *,
         writes: Writes | None = None,
         on_change: Callable[[bool], None] | None = None,
     ) -> None:

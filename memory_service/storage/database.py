@@ -31,8 +31,8 @@ from memory_service.errors import (
     PermissionDenied,
     StartupError,
 )
-from memory_service.storage.probe import WriteRefusals
 from memory_service.storage.access import ACCESS_SETTINGS, QUOTA_SQLSTATE, access_part, access_settings, quota_exceeded
+from memory_service.storage.probe import WriteRefusals
 from memory_service.tenants.types import current as current_access
 
 log = logging.getLogger(__name__)
