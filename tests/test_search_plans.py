@@ -14,7 +14,8 @@ from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING
 from memory_service.storage import search_sql, text_index_sql
-from memory_service.storage.database import init_connection, session_statement, use_session_settings
+from memory_service.storage.database import init_connection
+from memory_service.storage.session import session_statement, use_session_settings
 from memory_service.v1 import memory_pb2
 from tests.conftest import (
     TEMPLATE_DB,
