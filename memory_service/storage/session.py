@@ -62,7 +62,7 @@ class SessionSettings:
 class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
     """A pooled connection that remembers its session settings, so a search sends ``SET`` only when they change.
 
-    The pool's reset sends nothing (``_reset_connection``), so session settings outlive the call that made them."""
+    The pool's reset sends nothing (``reset_connection``), so session settings outlive the call that made them."""
 
     __slots__ = ("session_settings",)
 
