@@ -8,6 +8,8 @@ with SO_REUSEPORT and the kernel spreads new connections over them. The parent o
 * **port**: it reserves ``GRPC_PORT`` (or, for 0, a free port) with a socket of its own bound with SO_REUSEPORT, so
   every worker binds the same port and a log line names it;
 * **embedded PostgreSQL**: it starts it before the workers and stops it after the last one (they share it);
+* **start-up**: the first worker starts alone and says when it serves (a byte on a pipe); only then do the others
+  start, so migrations run once and a start-up failure is one line, the first worker's, with its exit code;
 * **metrics**: each worker serves its own ``/metrics`` on ``METRICS_PORT + i`` (worker i from 0; 0 picks a free
   port each). Their counters are separate, so Prometheus scrapes every worker and sums them;
 * **background work** (index care, purge, text statistics, history retention) runs in every worker, as in several
@@ -22,10 +24,12 @@ Settings reach a worker pickled on its stdin, so command-line flags count as the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -98,8 +102,17 @@ class _Supervisor:
             holder = reserve_port(settings.grpc_host, settings.grpc_port)
             port = int(holder.getsockname()[1])
             log.info("starting %d server processes on port %d", settings.server_processes, port)
-            for index in range(settings.server_processes):
-                self.workers.append(self._spawn(index, port))
+            # The first worker starts alone (migrations, the start-up checks), so a start-up failure is reported
+            # once, by it, and the others find the schema ready.
+            first, ready = self._spawn(0, port)
+            self.workers.append(first)
+            if not self._started(ready) and not self.stopping:
+                code = first.wait()
+                return code if code else 1
+            for index in range(1, settings.server_processes):
+                process, ready = self._spawn(index, port)
+                os.close(ready)
+                self.workers.append(process)
             return self._supervise()
         finally:
             for signum, handler in previous.items():
@@ -110,24 +123,44 @@ class _Supervisor:
             if embedded is not None:
                 embedded.stop()
 
-    def _spawn(self, index: int, port: int) -> subprocess.Popen[bytes]:
+    def _spawn(self, index: int, port: int) -> tuple[subprocess.Popen[bytes], int]:
+        """Start worker ``index``; also return a pipe it writes one byte to once it serves (EOF if it fails)."""
         metrics_port = self.settings.metrics_port
         if metrics_port:
             metrics_port += index
         worker_settings = dataclasses.replace(
             self.settings, grpc_port=port, metrics_port=metrics_port, server_processes=1
         )
-        process = subprocess.Popen(
-            [sys.executable, "-c", "from memory_service.app.processes import worker; worker()"],
-            stdin=subprocess.PIPE,
-            # A terminal's Ctrl-C reaches the parent only; it forwards SIGTERM, so each worker drains once.
-            start_new_session=True,
-        )
+        ready_read, ready_write = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", "from memory_service.app.processes import worker; worker()"],
+                stdin=subprocess.PIPE,
+                pass_fds=(ready_write,),
+                # A terminal's Ctrl-C reaches the parent only; it forwards SIGTERM, so each worker drains once.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(ready_read)
+            raise
+        finally:
+            os.close(ready_write)
         assert process.stdin is not None
-        payload = pickle.dumps((worker_settings, index))
+        payload = pickle.dumps((worker_settings, index, ready_write))
         process.stdin.write(_LENGTH.pack(len(payload)) + payload)
         process.stdin.flush()  # stdin stays open: its end tells the worker that the parent is gone
-        return process
+        return process, ready_read
+
+    def _started(self, ready: int) -> bool:
+        """Wait until a worker serves (True), or exits or a signal asks to stop first (False)."""
+        try:
+            while not self.stopping:
+                readable, _, _ = select.select([ready], [], [], 0.1)
+                if readable:
+                    return os.read(ready, 1) == b"1"
+            return False
+        finally:
+            os.close(ready)
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
@@ -172,11 +205,17 @@ def worker() -> None:
 
     fd = sys.stdin.fileno()
     (size,) = _LENGTH.unpack(_read_exactly(fd, _LENGTH.size))
-    settings, index = pickle.loads(_read_exactly(fd, size))
+    settings, index, ready = pickle.loads(_read_exactly(fd, size))
     logs.configure(settings.log_level, settings.log_format)
     log.info("server process %d (pid %d)", index, os.getpid())
+
+    async def serving(server: object) -> None:
+        with contextlib.suppress(BrokenPipeError):  # only the first worker's start is waited for
+            os.write(ready, b"1")
+        os.close(ready)
+
     try:
-        code = run_loop(serve_here(settings, reuse_port=True, parent_gone=fd))
+        code = run_loop(serve_here(settings, on_ready=serving, reuse_port=True, parent_gone=fd))
     except StartupError as exc:
         print(f"memory-service: error: {exc}", file=sys.stderr)
         code = 2
