@@ -175,7 +175,9 @@ class _Supervisor:
             codes = [p.poll() for p in self.workers]
             if self.stopping:
                 if all(code is not None for code in codes):
-                    return 0 if all(code == 0 for code in codes) else 1
+                    # A worker still starting when SIGTERM came had no handler yet and ended by the signal: asked
+                    # to stop, it stopped.
+                    return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
             elif any(code is not None for code in codes):
                 failed = next(i for i, code in enumerate(codes) if code is not None)
                 log.error("server process %d exited (code %s): stopping the others", failed, codes[failed])
