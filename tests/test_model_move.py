@@ -51,7 +51,7 @@ async def model(env: dict[str, str], action: str, capsys: pytest.CaptureFixture[
 
 async def backfill(running: RunningServer) -> str:
     """Run the backfill until complete: this call, or the server's own round if it holds the lease now."""
-    worker: BackfillWorker = running.server.runtime.backfill
+    worker: BackfillWorker = running.server.runtime.moves.backfill
     for _ in range(300):
         if (outcome := await worker.run()) == "backfill complete":
             return outcome
@@ -84,7 +84,7 @@ async def test_a_move_backfills_cuts_over_rolls_back_and_finishes(
         assert stats.model_move.backfill_complete and stats.model_move.backfill_done == 41
         assert stats.model_move.gate_memories.queries > 0
         runtime = moving.server.runtime
-        await runtime.refresh_generation()
+        await runtime.moves.refresh()
         registry = runtime.metrics.registry
         gate = stats.model_move.gate_memories
         assert registry.get_sample_value("memory_model_move_phase") == 1
@@ -230,7 +230,9 @@ async def test_a_write_whose_generation_is_replaced_runs_again_in_the_new_one(
         moving = await start_server({**env, **NEXT})
         assert await backfill(moving) == "backfill complete"
         runtime = moving.server.runtime
-        writes = WritePath(runtime.db, runtime.embedder, runtime.binding, history=True, generations=runtime.generations)
+        writes = WritePath(
+            runtime.db, runtime.embedder, runtime.binding, history=True, generations=runtime.moves.generations
+        )
         memory = NewMemory(
             scope=Scope.GLOBAL, scope_id=0, key="raced", value="raced by a cut-over", content_hash=content_hash("raced")
         )

@@ -86,7 +86,7 @@ async def fill_cache(dsn: str, data: LabeledSet) -> None:
 
 async def backfilled(running: RunningServer) -> None:
     """Until the backfill is complete (this call, or the server's own round, holds its lease)."""
-    worker: BackfillWorker = running.server.runtime.backfill
+    worker: BackfillWorker = running.server.runtime.moves.backfill
     for _ in range(600):
         if await worker.run() == "backfill complete":
             return
@@ -129,8 +129,8 @@ async def test_scifact_moves_from_the_hash_embedder_to_minilm(database_url: str)
 
         await asyncio.gather(writes(), backfilled(moving))
         runtime = moving.server.runtime
-        await runtime.backfill.measure_gate()
-        maintained = await runtime.next_index.maintain()
+        await runtime.moves.backfill.measure_gate()
+        maintained = await runtime.moves.other_index.maintain()
         assert "rebuilt" in maintained and "calibrated" in maintained, maintained
         stats = await moving.memory.Stats(memory_pb2.StatsRequest())
         move = stats.model_move

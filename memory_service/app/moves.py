@@ -1,6 +1,7 @@
-"""The start-up and upkeep of a move between embedding models (docs/model-migration.md), for the runtime.
+"""The runtime's share of a move between embedding models (docs/model-migration.md): the start-up steps and the
+parts that run beside the search engine (the other generation's index care, the backfill, the figures' refresh).
 
-Kept apart from ``runtime`` so the order of its steps reads in one place: check the configuration against the
+Kept apart from ``runtime`` so the order of the steps reads in one place: check the configuration against the
 database before any model is loaded, load one provider per configured model, then let the generation state decide
 which of them embeds searches.
 """
@@ -8,15 +9,21 @@ which of them embeds searches.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 
 from memory_service.config.settings import Settings
-from memory_service.embeddings.factory import create_provider
+from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import EmbeddingConfigMismatch
+from memory_service.generations import admin
+from memory_service.generations.backfill import BackfillWorker
 from memory_service.generations.state import Generations, check_configuration, spec_of
-from memory_service.generations.types import ModelSpec, Phase
+from memory_service.generations.types import GenerationState, ModelSpec, MoveStatus, Phase
+from memory_service.leases.manager import LeaseManager
 from memory_service.memories.binding import ModelBinding
 from memory_service.metrics import Metrics
+from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
 from memory_service.storage import generations_sql
 from memory_service.storage.database import Database
@@ -65,6 +72,65 @@ async def start_generations(db: Database, binding: ModelBinding, settings: Setti
         await generations.close()
         raise
     return generations
+
+
+class ModelMoves:
+    """The generation state, the other generation's index care and the backfill of one instance."""
+
+    def __init__(
+        self,
+        generations: Generations,
+        index: IndexCare,
+        leases: LeaseManager,
+        settings: Settings,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._db = db = generations.current.db
+        self._settings = settings
+        self._metrics = metrics = generations.current.metrics
+        self.generations = generations
+        other_index = index.for_column("embedding_alt")
+        self.other_index = other_index
+        """The vector index of a move's other generation (column ``embedding_alt``)."""
+        self.backfill = BackfillWorker(
+            db,
+            generations,
+            leases,
+            metrics,
+            batch=settings.model_backfill_batch,
+            rate=settings.model_backfill_rate,
+            instance=f"{socket.gethostname()}:{os.getpid()}",
+            stopping=stopping,
+        )
+
+    def follow(self, search: SearchEngine, index: IndexCare) -> None:
+        """At a cut-over, rollback or finish the column ``embedding`` holds another model's vectors: the search
+        engine drops its sample of query vectors and takes the model's fusion weight, both indexes are re-read."""
+
+        async def changed(state: GenerationState) -> None:
+            search.seen_reset()
+            search.hybrid_alpha = hybrid_alpha(self._settings, self.generations.current.provider)
+            await index.refresh()
+            await self.other_index.refresh()
+
+        self.generations.on_change(changed)
+
+    async def status(self) -> MoveStatus:
+        return await admin.status(self._db, self.other_index)
+
+    async def refresh(self) -> None:
+        """Re-read the embedding generation and publish the move's figures as metrics."""
+        await self.generations.refresh()
+        admin.publish(self._metrics, await self.status())
+
+    async def maintain_indexes(self, index: IndexCare) -> str:
+        """The current generation's index; during a move, the other one's once its backfill is complete."""
+        done = await index.maintain()
+        other = await maintain_other_index(self._db, self.generations, self.other_index)
+        return done if other is None else f"{done}; next generation: {other}"
+
+    async def close(self) -> None:
+        await self.generations.close()
 
 
 async def maintain_other_index(db: Database, generations: Generations, other_index: IndexCare) -> str | None:

@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from memory_service.app import loops, moves
 from memory_service.config.env import redact_url
 from memory_service.config.settings import Settings
 from memory_service.embeddings.factory import hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
-from memory_service.generations import admin
-from memory_service.generations.backfill import BackfillWorker
+from memory_service.errors import StartupError
 from memory_service.generations.state import REFRESH_SECONDS, Generations
-from memory_service.generations.types import GenerationState
 from memory_service.history.feed import ChangeFeed
 from memory_service.history.service import History
 from memory_service.leases.manager import LeaseManager
@@ -31,15 +27,20 @@ from memory_service.memories.ingest import BulkIngest
 from memory_service.memories.stats import Stats, collect
 from memory_service.memories.store import MemoryStore
 from memory_service.metrics import Metrics
+from memory_service.observability.tracing import Tracing
 from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
+from memory_service.search.observe import SearchObserver
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.recall_check import RecallCheck
+from memory_service.search.text_search import TextSearch
 from memory_service.search.text_stats import TextStats
 from memory_service.search.tuning import TextRanking
-from memory_service.storage import settings_sql
+from memory_service.storage import isolation_sql, settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
+from memory_service.tenants.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,11 @@ def _version_at_least(version: str, wanted: tuple[int, ...]) -> bool:
 class Runtime:
     """Owns every long-lived component; ``start`` builds them in dependency order, ``close`` tears them down."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, *, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing
+        self._recall: RecallCheck | None = None
         self.embedded: EmbeddedPostgres | None = None
         self.dsn = ""
         self._db: Database | None = None
@@ -75,9 +78,8 @@ class Runtime:
         self._binding: ModelBinding | None = None
         self._history: History | None = None
         self._feed: ChangeFeed | None = None
-        self._generations: Generations | None = None
-        self._next_index: IndexCare | None = None
-        self._backfill: BackfillWorker | None = None
+        self._tokens: Tokens | None = None
+        self._moves: moves.ModelMoves | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -123,18 +125,14 @@ class Runtime:
         return _started(self._bulk)
 
     @property
-    def generations(self) -> Generations:
+    def moves(self) -> moves.ModelMoves:
         """The database's embedding generations as this instance sees them (docs/model-migration.md)."""
-        return _started(self._generations)
+        return _started(self._moves)
 
     @property
-    def next_index(self) -> IndexCare:
-        """The vector index of a move's other generation (column ``embedding_alt``)."""
-        return _started(self._next_index)
-
-    @property
-    def backfill(self) -> BackfillWorker:
-        return _started(self._backfill)
+    def tokens(self) -> Tokens:
+        """The tokens table and AUTH_TOKENS: resolves each call's access."""
+        return _started(self._tokens)
 
     @property
     def history(self) -> History:
@@ -149,31 +147,22 @@ class Runtime:
         """Build every component in dependency order; ``background`` also starts the loops and the change feed."""
         try:
             db = await self._open_database()
+            await self._check_isolation(db)
+            self._tokens = Tokens(db, self.settings.auth_tokens, metrics=self.metrics)
             self._leases = LeaseManager(db, self.settings, self.metrics)
             await self._leases.start()
             binding = self._new_binding(db)
-            self._generations = generations = await moves.start_generations(db, binding, self.settings, self.metrics)
-            self._embedder = generations.current
+            generations = await moves.start_generations(db, binding, self.settings, self.metrics)
+            self._embedder = embedder = generations.current
+            self.metrics.init_embedding(embedder.provider.name)
             self._build_write_path(db, self._embedder, binding, generations)
             seen = QuerySample()  # the searches of this instance, which its calibrations measure on
             index = await self._start_index_care(db, seen)
-            self._next_index = self._new_index_care(db, column="embedding_alt")
+            self._moves = moves.ModelMoves(generations, index, self._leases, self.settings, self.stopping)
             self._text_stats = TextStats(db)
             await self._text_stats.maintain()
-            await self._build_search(
-                db, self._embedder, index, hybrid_alpha(self.settings, self._embedder.provider), seen
-            )
-            generations.on_change(self._generation_changed)
-            self._backfill = BackfillWorker(
-                db,
-                generations,
-                self._leases,
-                self.metrics,
-                batch=self.settings.model_backfill_batch,
-                rate=self.settings.model_backfill_rate,
-                instance=f"{socket.gethostname()}:{os.getpid()}",
-                stopping=self.stopping,
-            )
+            await self._build_search(db, self._embedder, index, hybrid_alpha(self.settings, embedder.provider), seen)
+            self.moves.follow(self.search, index)
             if background:
                 await self._start_background()
         except BaseException:
@@ -197,9 +186,10 @@ class Runtime:
             applied = await apply_migrations(self.dsn)
             log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
         self._db = db = await Database.connect(
-            self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max
+            self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max, on_query=self._on_query
         )
-        self.metrics.watch_pool(db.pool_size, db.pool_idle)
+        db.on_wait = self.metrics.pool_wait.observe
+        self.metrics.watch_pool(db.pool_size, db.pool_idle, settings.database_pool_max, lambda: db.refusing)
         async with db.connection() as conn:
             self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
         log.info(
@@ -210,13 +200,20 @@ class Runtime:
         )
         return db
 
+    async def _check_isolation(self, db: Database) -> None:
+        """Refuse to serve when row-level security would not confine the calls of scoped tokens (docs/security.md)."""
+        async with db.connection() as conn:
+            problem = await isolation_sql.isolation_problem(conn)
+        if problem is not None:
+            raise StartupError(f"tenant isolation is not in force, refusing to start: {problem}")
+
     @property
     def _iterative_scan(self) -> bool:
         """Whether pgvector keeps scanning an index until enough rows pass a filter (0.8+)."""
         return _version_at_least(self.pgvector_version, (0, 8))
 
     def _new_binding(self, db: Database) -> ModelBinding:
-        """The database's embedding model as this instance is configured (checked against the generations)."""
+        """The binding of this configuration; checked against the database's generations (moves.start_generations)."""
         location, start_over = self._where()
         self._binding = ModelBinding(
             db,
@@ -230,7 +227,7 @@ class Runtime:
     def _build_write_path(
         self, db: Database, embedder: EmbeddingService, binding: ModelBinding, generations: Generations
     ) -> None:
-        """Store, BulkStore, History and the change feed."""
+        """Store, BulkStore, History and the change feed; during a move of models they write both generations."""
         settings = self.settings
         self._memories = MemoryStore(db, embedder, binding, history=settings.history_versions, generations=generations)
         self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
@@ -251,14 +248,8 @@ class Runtime:
         )
 
     async def _start_index_care(self, db: Database, seen: QuerySample) -> IndexCare:
-        self._index = self._new_index_care(db, seen=seen)
-        await self._index.refresh()
-        return self._index
-
-    def _new_index_care(self, db: Database, *, seen: QuerySample | None = None, column: str = "embedding") -> IndexCare:
-        """The care of one vector column's index: ``embedding`` (searched), or a move's ``embedding_alt``."""
         settings = self.settings
-        return IndexCare(
+        self._index = IndexCare(
             db,
             self.dsn,
             exact_max_rows=settings.exact_search_max_rows,
@@ -270,8 +261,11 @@ class Runtime:
             hnsw_m=settings.hnsw_m,
             hnsw_ef_construction=settings.hnsw_ef_construction,
             seen=seen,
-            column=column,
+            metrics=self.metrics,
+            configured_setting=self._configured_setting,
         )
+        await self._index.refresh()
+        return self._index
 
     async def _build_search(
         self, db: Database, embedder: EmbeddingService, index: IndexCare, alpha: float, seen: QuerySample
@@ -282,59 +276,66 @@ class Runtime:
         if settings.database_read_url:
             await check_reachable(settings.database_read_url, named_by="named by DATABASE_READ_URL")
             self._read_db = read_db = await Database.connect(
-                settings.database_read_url, min_size=1, max_size=settings.database_pool_max
+                settings.database_read_url, min_size=1, max_size=settings.database_pool_max, on_query=self._on_query
             )
+            read_db.on_wait = self.metrics.pool_wait.observe
+        self._recall = RecallCheck(read_db, self.metrics, sample=settings.search_recall_sample)
+        ranking = TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored)
+        text_search = TextSearch(read_db, ranking) if settings.text_index else None
+        if text_search is not None:
+            await text_search.load_if_small()  # a large table loads in the background (_start_background)
         self._search = SearchEngine(
             read_db,
             embedder,
             index,
             self.metrics,
             iterative_scan=self._iterative_scan,
-            default_probes=settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes,
+            default_probes=self._configured_setting,
             narrow_filter_rows=settings.search_narrow_filter_rows,
-            text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
+            text_ranking=ranking,
             hybrid_alpha=alpha,
             seen=seen,
-            generations=self.generations,
+            observer=SearchObserver(self.metrics, self._recall),
+            text_search=text_search,
+            generations=self.moves.generations,
         )
 
-    async def _start_background(self) -> None:
-        """The periodic loops (embedding generation, backfill, purge, index, text statistics, history retention) and
-        the change feed's poller."""
+    @property
+    def _configured_setting(self) -> int | None:
+        """The operator's probes (ef_search for HNSW) for every index search; None leaves it to calibration."""
         settings = self.settings
-        self._spawn("embedding generation", REFRESH_SECONDS, self.refresh_generation)
-        self._spawn("model backfill", REFRESH_SECONDS, self.backfill.run)
-        self._spawn("purge expired memories", settings.purge_interval, self._purge)
-        self._spawn("index maintenance", settings.index_check_interval, self._maintain_indexes)
-        self._spawn("text statistics", settings.text_stats_interval, self.text_stats.maintain)
-        self._spawn("history retention", settings.purge_interval, self.history.purge)
+        return settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes
+
+    @property
+    def _on_query(self) -> Callable[[Any], None] | None:
+        """Tracing's hook on every SQL statement, when tracing is on."""
+        return self.tracing.on_query if self.tracing is not None else None
+
+    async def _start_background(self) -> None:
+        """The periodic loops (embedding generation and backfill, purge, index, text statistics, history retention)
+        and the change feed's poller."""
+        settings = self.settings
+        self._spawn("model_generation", REFRESH_SECONDS, self.moves.refresh)
+        self._spawn("model_backfill", REFRESH_SECONDS, self.moves.backfill.run)
+        text_search = self.search.text_search
+        if text_search is not None:  # its first step loads the index when start-up did not
+            self._spawn("text_index", settings.text_index_interval, text_search.follow)
+        self._spawn("purge", settings.purge_interval, self._purge)
+        self._spawn("index_maintenance", settings.index_check_interval, lambda: self.moves.maintain_indexes(self.index))
+        self._spawn("text_statistics", settings.text_stats_interval, self.text_stats.maintain)
+        self._spawn("history_retention", settings.purge_interval, self.history.purge)
+        if self._recall is not None:
+            self._recall.start()
         await self.feed.start()
 
-    async def _generation_changed(self, state: GenerationState) -> None:
-        """A cut-over, rollback or finish: the column ``embedding`` now holds another model's vectors."""
-        self.search.seen_reset()
-        self.search.hybrid_alpha = hybrid_alpha(self.settings, self.embedder.provider)
-        await self.index.refresh()
-        await self.next_index.refresh()
-
-    async def refresh_generation(self) -> None:
-        """Re-read the embedding generation and publish the move's figures as metrics."""
-        await self.generations.refresh()
-        admin.publish(self.metrics, await admin.status(self.db, self.next_index))
-
-    async def _maintain_indexes(self) -> str:
-        """The current generation's index; during a move, the other one's once its backfill is complete."""
-        done = await self.index.maintain()
-        other = await moves.maintain_other_index(self.db, self.generations, self.next_index)
-        return done if other is None else f"{done}; next generation: {other}"
-
     def _spawn(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
-        self._tasks.append(asyncio.create_task(loops.every(interval, name, work), name=name))
+        self._tasks.append(asyncio.create_task(loops.every(interval, name, work, self.metrics), name=name))
 
     async def _purge(self) -> int:
         """Purge expired memories (returning how many) and evict old embedding-cache entries."""
         purged = await purge.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
         await purge.evict_embedding_cache(self.db)
+        await purge.fold_scope_counts(self.db)
         return purged
 
     async def _database_dsn(self) -> str:
@@ -374,7 +375,7 @@ class Runtime:
             postgres_version=self.postgres_version,
             pgvector_version=self.pgvector_version,
             iterative_scan=self.search.iterative_scan,
-            move=await admin.status(self.db, self.next_index),
+            move=await self.moves.status(),
         )
 
     def begin_shutdown(self) -> None:
@@ -393,12 +394,14 @@ class Runtime:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._recall is not None:
+            await self._recall.close()
         if self._feed is not None:
             await self._feed.close()
         if self._leases is not None:
             await self._leases.close()  # releases this instance's Hold leases while the pool is still open
-        if self._generations is not None:
-            await self._generations.close()
+        if self._moves is not None:
+            await self._moves.close()  # every model's provider
         elif self._embedder is not None:
             await self._embedder.close()
         for db in (self._read_db, self._db):
