@@ -313,7 +313,7 @@ class BulkIngest:
         return _Batch(
             last_sequence=items[-1][0].sequence,
             fences=tuple(dict.fromkeys(fence for item, fence in items if fence is not None)),
-            records=ingest_sql.staging_records(memories, await self._writes.embeddings(memories)),
+            records=ingest_sql.staging_records(memories, await self._writes.embeddings(memories), self._writes.model),
             rejections=tuple(rejections),
             superseded=superseded,
         )
@@ -328,9 +328,7 @@ class BulkIngest:
                     if previous is not None:
                         await previous.wait()
                     history = self._writes.versions(context, batch.fences)
-                    counts = await ingest_sql.upsert_staged(
-                        conn, len(batch.records), self._writes.model, history=history
-                    )
+                    counts = await ingest_sql.upsert_staged(conn, len(batch.records), history=history)
             elif previous is not None:
                 await previous.wait()  # its ack vouches for every batch before it
             commit.ok = True

@@ -15,7 +15,8 @@ import asyncpg
 import pgvector
 
 from memory_service.models import NewMemory, Vector, WriteContext
-from memory_service.storage.memories_sql import UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS, expiry_sql
+from memory_service.storage import columns
+from memory_service.storage.memories_sql import UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS, write_values
 from memory_service.storage.versions_sql import UPSERT_KIND, context_values, record
 
 STAGING = "memory_bulk_staging"
@@ -24,49 +25,22 @@ STAGING = "memory_bulk_staging"
 # (``database._reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
 # empties it at every commit, and a rolled-back batch leaves nothing behind either. Enums and JSON travel as text:
 # asyncpg has no binary COPY encoder for jsonb.
+_STAGED = ",\n    ".join(f"{c.name} {c.staged_type}{'' if c.nullable else ' NOT NULL'}" for c in columns.WRITTEN)
 _CREATE_STAGING = f"""
 CREATE TEMP TABLE IF NOT EXISTS {STAGING} (
-    ord          integer NOT NULL,
-    scope        text NOT NULL,
-    scope_id     bigint NOT NULL,
-    agent_id     bigint,
-    memory_type  text NOT NULL,
-    key          text NOT NULL,
-    value        text NOT NULL,
-    embedding    vector NOT NULL,
-    importance   real NOT NULL,
-    tags         text[] NOT NULL,
-    metadata     text NOT NULL,
-    content_hash bytea NOT NULL,
-    expires_at   timestamptz,
-    ttl_seconds  float8
+    ord integer NOT NULL,
+    {_STAGED},
+    ttl_seconds float8
 ) ON COMMIT DELETE ROWS
 """
 
-_STAGING_COLUMNS = (
-    "ord",
-    "scope",
-    "scope_id",
-    "agent_id",
-    "memory_type",
-    "key",
-    "value",
-    "embedding",
-    "importance",
-    "tags",
-    "metadata",
-    "content_hash",
-    "expires_at",
-    "ttl_seconds",
-)
+_STAGING_COLUMNS = ("ord", *(c.name for c in columns.WRITTEN), "ttl_seconds")
 
 # Rows go in staging order, which the caller sorts by identity: concurrent loads that touch the same memories
 # then lock them in the same order and cannot deadlock.
 _INSERT_FROM_STAGING = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
-SELECT s.scope::memory.scope, s.scope_id, s.agent_id, s.memory_type::memory.memory_type, s.key, s.value,
-       s.embedding, s.importance, s.tags, s.metadata::jsonb, s.content_hash, $1::text,
-       {expiry_sql("s.expires_at", "s.ttl_seconds")}
+SELECT {write_values(lambda c: c.staged("s"), "s.ttl_seconds")}
 FROM pg_temp.{STAGING} s
 ORDER BY s.ord
 """
@@ -75,7 +49,7 @@ _UPSERT_FROM_STAGING = _INSERT_FROM_STAGING + UPSERT_TAIL
 # returned, in the same statement.
 _UPSERT_FROM_STAGING_VERSIONED = f"""
 WITH w AS ({_INSERT_FROM_STAGING} {UPSERT_TAIL_VERSIONED}),
-{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$2", "$3", "$4"))}
+{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$1", "$2", "$3"))}
 SELECT id, created FROM w
 """
 
@@ -90,31 +64,19 @@ class WriteCounts:
 StagingRecord = tuple[object, ...]
 
 
-def staging_records(memories: Sequence[NewMemory], embeddings: Sequence[Vector]) -> list[StagingRecord]:
+def staging_records(memories: Sequence[NewMemory], embeddings: Sequence[Vector], model: str) -> list[StagingRecord]:
     """COPY rows for ``memories`` (distinct identities, in the order they are to be written).
 
     Built apart from ``write_batch`` so the pipeline can do it while the previous batch's transaction runs; vectors
     are wrapped here for the same reason, leaving only their byte encoding to the COPY itself.
     """
-    return [
-        (
-            ord_,
-            m.scope.value,
-            m.scope_id,
-            m.agent_id,
-            m.memory_type.value,
-            m.key,
-            m.value,
-            pgvector.Vector(embedding),
-            m.importance,
-            list(m.tags),
-            json.dumps(m.metadata),
-            m.content_hash,
-            m.expires_at,
-            m.ttl_seconds,
-        )
-        for ord_, (m, embedding) in enumerate(zip(memories, embeddings, strict=True))
-    ]
+    records = []
+    for ord_, (m, embedding) in enumerate(zip(memories, embeddings, strict=True)):
+        values = columns.written_values(m, embedding, model)
+        values["embedding"] = pgvector.Vector(embedding)
+        values["metadata"] = json.dumps(m.metadata)
+        records.append((ord_, *(values[c.name] for c in columns.WRITTEN), m.ttl_seconds))
+    return records
 
 
 async def stage(conn: asyncpg.Connection, records: Sequence[StagingRecord]) -> None:
@@ -123,13 +85,11 @@ async def stage(conn: asyncpg.Connection, records: Sequence[StagingRecord]) -> N
     await conn.copy_records_to_table(STAGING, schema_name="pg_temp", columns=_STAGING_COLUMNS, records=records)
 
 
-async def upsert_staged(
-    conn: asyncpg.Connection, staged: int, model: str, *, history: WriteContext | None
-) -> WriteCounts:
+async def upsert_staged(conn: asyncpg.Connection, staged: int, *, history: WriteContext | None) -> WriteCounts:
     """Move the ``staged`` rows into memory.memories with one upsert and count the outcomes."""
     if history is None:
-        returned = await conn.fetch(_UPSERT_FROM_STAGING, model)
+        returned = await conn.fetch(_UPSERT_FROM_STAGING)
     else:
-        returned = await conn.fetch(_UPSERT_FROM_STAGING_VERSIONED, model, *context_values(history))
+        returned = await conn.fetch(_UPSERT_FROM_STAGING_VERSIONED, *context_values(history))
     created = sum(1 for r in returned if r["created"])
     return WriteCounts(created=created, updated=len(returned) - created, unchanged=staged - len(returned))
