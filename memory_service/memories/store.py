@@ -7,6 +7,7 @@ import logging
 from memory_service import pagination
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, NotFound
+from memory_service.memories import validation
 from memory_service.memories.binding import ModelBinding
 from memory_service.memories.writes import WritePath
 from memory_service.models import NO_CONTEXT, Fence, Memory, MemoryFilter, NewMemory, StoreResult, WriteContext
@@ -42,12 +43,23 @@ class MemoryStore:
             raise NotFound(f"no live memory with id {memory_id}")
         return memory
 
-    async def delete(self, memory_id: int, *, context: WriteContext = NO_CONTEXT) -> int:
-        """Deleting a missing memory is not an error, so a retried delete is safe."""
-        async with self._db.transaction() as conn:
-            return await memories_sql.delete_by_id(conn, memory_id, history=self._writes.versions(context))
+    async def delete(
+        self,
+        *,
+        memory_id: int | None = None,
+        memory_filter: MemoryFilter | None = None,
+        context: WriteContext = NO_CONTEXT,
+    ) -> int:
+        """Delete the memory with this id, or every memory matching this filter; exactly one must be given.
 
-    async def delete_matching(self, memory_filter: MemoryFilter, *, context: WriteContext = NO_CONTEXT) -> int:
+        Deleting a missing memory is not an error, so a retried delete is safe.
+        """
+        if memory_id is not None:
+            validation.check_id("id", memory_id)
+            async with self._db.transaction() as conn:
+                return await memories_sql.delete_by_id(conn, memory_id, history=self._writes.versions(context))
+        if memory_filter is None:
+            raise InvalidArgument("target", "give an id or a filter")
         if memory_filter.is_empty:
             raise InvalidArgument("filter", "must name at least one condition; an empty filter would delete everything")
         async with self._db.transaction() as conn:
