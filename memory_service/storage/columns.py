@@ -77,6 +77,9 @@ NAMES = ", ".join(CONTENT)
 
 WRITTEN_NAMES = ", ".join(c.name for c in WRITTEN)
 
+IDENTITY = ", ".join(c.name for c in MEMORY if c.identity)
+"""What an upsert conflicts on: the ``memories_identity`` constraint."""
+
 
 def written_values(memory: NewMemory, embedding: Vector, model: str) -> dict[str, object]:
     """What a write stores in each of ``columns.WRITTEN`` (``expires_at`` as asked: the TTL is applied in SQL)."""
@@ -107,10 +110,6 @@ def readable(alias: str) -> str:
     return ", ".join(
         f"{alias}.{c.name}::text AS {c.name}" if c.enum else f"{alias}.{c.name}" for c in MEMORY if c.versioned
     )
-
-
-IDENTITY = ", ".join(c.name for c in MEMORY if c.identity)
-"""What an upsert conflicts on: the ``memories_identity`` constraint."""
 
 
 def upsert_set(new: str) -> str:
