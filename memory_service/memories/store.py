@@ -50,16 +50,19 @@ class MemoryStore:
         memory_filter: MemoryFilter | None = None,
         context: WriteContext = NO_CONTEXT,
     ) -> int:
-        """Delete the memory with this id, or every memory matching this filter; exactly one must be given.
-
-        Deleting a missing memory is not an error, so a retried delete is safe.
-        """
+        """Delete the memory with this id, or every memory matching this filter: exactly one must be given."""
         if memory_id is not None:
-            validation.check_id("id", memory_id)
-            async with self._db.transaction() as conn:
-                return await memories_sql.delete_by_id(conn, memory_id, history=self._writes.versions(context))
+            return await self._delete_by_id(validation.check_id("id", memory_id), context=context)
         if memory_filter is None:
             raise InvalidArgument("target", "give an id or a filter")
+        return await self._delete_matching(memory_filter, context=context)
+
+    async def _delete_by_id(self, memory_id: int, *, context: WriteContext) -> int:
+        """Deleting a missing memory is not an error, so a retried delete is safe."""
+        async with self._db.transaction() as conn:
+            return await memories_sql.delete_by_id(conn, memory_id, history=self._writes.versions(context))
+
+    async def _delete_matching(self, memory_filter: MemoryFilter, *, context: WriteContext) -> int:
         if memory_filter.is_empty:
             raise InvalidArgument("filter", "must name at least one condition; an empty filter would delete everything")
         async with self._db.transaction() as conn:
