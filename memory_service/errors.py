@@ -13,8 +13,10 @@ classes (``memory_service.storage.database.DRIVER_ERRORS``), and these classes t
     │   ├── FenceRejected        a write whose lease has a newer holder
     │   └── DatabaseConflict     serialization failure or deadlock
     ├── ResourceExhausted        quotas, overload, oversize               -> RESOURCE_EXHAUSTED
-    │   └── DatabaseResourcesExhausted  disk full, out of memory: writes refused
+    │   ├── DatabaseResourcesExhausted  disk full, out of memory: writes refused
+    │   └── QuotaExceeded        a token's quota; names it                  (+ google.rpc.QuotaFailure)
     ├── Unauthenticated          no valid bearer token                    -> UNAUTHENTICATED
+    ├── PermissionDenied         outside the token's grants; names field  -> PERMISSION_DENIED
     ├── Unavailable              retryable: database or provider down     -> UNAVAILABLE
     │   ├── DatabaseUnavailable
     │   ├── DatabaseReadOnly     the database accepts no writes (read-only, standby)
@@ -75,6 +77,26 @@ class ResourceExhausted(MemoryServiceError):
 class DatabaseResourcesExhausted(ResourceExhausted):
     """PostgreSQL refused the work for want of disk, memory or another resource (SQLSTATE class 53); nothing of it
     was written. Retrying at once does not help: an operator must free the resource."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A token's quota refused the call; ``subject`` and ``description`` fill ``google.rpc.QuotaFailure``."""
+
+    def __init__(self, *, subject: str, quota: str, description: str) -> None:
+        super().__init__(f"quota exceeded for {subject}: {quota}: {description}")
+        self.subject = subject
+        self.quota = quota
+        """``rate`` or ``max_memories``."""
+        self.description = description
+
+
+class PermissionDenied(MemoryServiceError):
+    """The caller's token does not grant this; ``field`` names the request field when one is to blame."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
 
 
 class Unauthenticated(MemoryServiceError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from grpc_health.v1 import health_pb2
@@ -54,9 +54,12 @@ class HealthMonitor:
         probe: Probe,
         services: Iterable[str],
         interval: float,
+        *,
         writes: Writes | None = None,
+        on_change: Callable[[bool], None] | None = None,
     ) -> None:
         self._servicer = servicer
+        self._on_change = on_change
         self._probe = probe
         self._writes = writes
         self._services = tuple(services)
@@ -65,6 +68,8 @@ class HealthMonitor:
 
     async def set_all(self, serving: bool) -> None:
         self.serving = serving
+        if self._on_change is not None:
+            self._on_change(serving)
         for name in self._services:
             await self._servicer.set(name, SERVING if serving else NOT_SERVING)
 

@@ -35,6 +35,7 @@ from memory_service.metrics import Metrics
 from memory_service.models import MemoryFilter
 from memory_service.storage import changes_sql, history_sql
 from memory_service.storage.database import Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ class ChangeFeed:
 
     async def watch(self, memory_filter: MemoryFilter, *, after: int, include_memory: bool) -> AsyncIterator[Change]:
         """Every change after ``after`` that matches, in log order, as it becomes final; ends only on shutdown."""
+        memory_filter = guard.narrow(memory_filter)
         if after:
             async with self._db.connection() as conn:
                 purged = await history_sql.purged_through(conn)

@@ -14,6 +14,7 @@ from memory_service.metrics import Metrics
 from memory_service.models import Memory, MemoryFilter, ScopeRef
 from memory_service.storage import history_sql
 from memory_service.storage.database import Connection, Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,11 @@ class History:
         before = position[0] if position else pagination.INT32_MAX
         async with self._db.connection() as conn:
             rows = await history_sql.history_page(conn, memory_id, before=before, limit=page_size + 1)
-        if not rows and not page_token:
-            raise NotFound(f"no history for memory {memory_id}")
+        missing = f"no history for memory {memory_id}"
+        if rows:
+            guard.check_visible(rows[0].memory.scope, rows[0].memory.scope_id, missing)  # a memory keeps its scope
+        elif not page_token:
+            raise NotFound(missing)
         page = rows[:page_size]
         token = pagination.HISTORY.encode(page[-1].version, binding=binding) if len(rows) > page_size else ""
         return page, token
@@ -40,14 +44,17 @@ class History:
     async def get_as_of(self, memory_id: int, at: datetime) -> Memory:
         async with self._db.connection() as conn:
             memory = await history_sql.get_as_of(conn, memory_id, at)
+        missing = f"no memory with id {memory_id} was live at {at.isoformat()}"
         if memory is None:
-            raise NotFound(f"no memory with id {memory_id} was live at {at.isoformat()}")
+            raise NotFound(missing)
+        guard.check_visible(memory.scope, memory.scope_id, missing)
         return memory
 
     async def list_as_of(
         self, memory_filter: MemoryFilter, at: datetime, *, page_size: int, page_token: str
     ) -> tuple[list[Memory], str]:
         """One page, in id order, of what was live at ``at``; tokens are bound to the filter and the time."""
+        memory_filter = guard.narrow(memory_filter)
         binding = pagination.filter_binding(memory_filter, at.isoformat())
         after = pagination.MEMORY_LIST_AS_OF.decode(page_token, binding=binding)
         async with self._db.connection() as conn:
@@ -68,6 +75,7 @@ class History:
             raise InvalidArgument("scope", "is required: an erase names the scope it erases in")
         if memory_filter is not None and memory_filter.scopes:
             raise InvalidArgument("filter.scopes", "must be empty: the erase's scope is given in 'scope'")
+        guard.check_scope(scope.scope, scope.scope_id, "scope")
         target = dataclasses.replace(memory_filter or MemoryFilter(), scopes=(scope,))
         async with self._db.transaction() as conn:
             receipt = await history_sql.erase(conn, target, memory_id)

@@ -44,6 +44,7 @@ from memory_service.metrics import Metrics
 from memory_service.models import NO_CONTEXT, Fence, NewMemory, WriteContext
 from memory_service.storage import ingest_sql
 from memory_service.storage.database import Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,26 @@ class _PreviousBatchFailed(Exception):
     """Never reaches the client: the previous batch's own error is raised first."""
 
 
+class _InFlight:
+    """One stream's share of ``memory_ingest_rows_in_flight``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._gauge = metrics.ingest_in_flight
+        self.rows = 0
+
+    def received(self, rows: int) -> None:
+        self.rows += rows
+        self._gauge.inc(rows)
+
+    def done(self, rows: int) -> None:
+        rows = min(rows, self.rows)
+        self.rows -= rows
+        self._gauge.dec(rows)
+
+    def close(self) -> None:
+        self.done(self.rows)
+
+
 class BulkIngest:
     """Runs BulkStore streams; holds no per-stream state, so one instance serves them all."""
 
@@ -188,8 +209,11 @@ class BulkIngest:
         """Acks in stream order, one per committed batch; raises the error that ends the stream, if any."""
         received: asyncio.Queue[list[_Pending] | _End] = asyncio.Queue(self._depth)
         prepared: asyncio.Queue[_Batch | _End] = asyncio.Queue(self._depth)
+        # Rows received and not yet acknowledged, for memory_ingest_rows_in_flight; what is left at the end (rows
+        # of batches that never committed) is given back in ``finally``.
+        in_flight = _InFlight(self._metrics)
         tasks = [
-            asyncio.create_task(self._receive(requests, received), name="bulk receive"),
+            asyncio.create_task(self._receive(requests, received, in_flight), name="bulk receive"),
             asyncio.create_task(self._prepare(received, prepared), name="bulk prepare"),
         ]
         writes: collections.deque[asyncio.Task[BulkAck]] = collections.deque()
@@ -206,6 +230,7 @@ class BulkIngest:
                 if writes and writes[0].done():
                     ack = writes.popleft().result()  # raises the batch's error, ending the stream
                     rows, batches = rows + ack.rows, batches + 1
+                    in_flight.done(ack.rows)
                     yield ack
                 elif getter is not None and getter.done():
                     batch, getter = getter.result(), None
@@ -224,9 +249,12 @@ class BulkIngest:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            in_flight.close()
             log.info("bulk stream ended after %d rows in %d batches", rows, batches)
 
-    async def _receive(self, requests: AsyncIterator[BulkRequest], out: asyncio.Queue[list[_Pending] | _End]) -> None:
+    async def _receive(
+        self, requests: AsyncIterator[BulkRequest], out: asyncio.Queue[list[_Pending] | _End], in_flight: _InFlight
+    ) -> None:
         """Check stream-level rules and hand each request's items on; blocks while the pipeline is full."""
         last = -1
         fence: Fence | None = None
@@ -244,6 +272,7 @@ class BulkIngest:
                     last = item.sequence
                 fence = request.fence or fence
                 if request.items:
+                    in_flight.received(len(request.items))
                     await out.put([(item, fence) for item in request.items])
         except asyncio.CancelledError:
             raise
@@ -305,6 +334,10 @@ class BulkIngest:
             memory = item.memory
             if isinstance(memory, InvalidArgument):
                 rejections.append(Rejection(sequence=item.sequence, field=memory.field, reason=memory.message))
+                continue
+            if not guard.sees(memory.scope, memory.scope_id):
+                reason = f"scope {memory.scope.value}:{memory.scope_id} is outside this token's grants"
+                rejections.append(Rejection(sequence=item.sequence, field="memory.scope", reason=reason))
                 continue
             identity = (memory.scope.value, memory.scope_id, memory.key)
             superseded += identity in latest

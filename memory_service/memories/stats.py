@@ -14,6 +14,7 @@ from memory_service.models import Scope
 from memory_service.search.index_care import IndexCare, IndexState
 from memory_service.storage import stats_sql
 from memory_service.storage.database import Database
+from memory_service.tenants import guard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,8 @@ async def collect(
     pgvector_version: str,
     iterative_scan: bool,
 ) -> Stats:
+    if not guard.server_wide():
+        return await _granted(db, embedding_model=embedding_model, dimension=dimension)
     refusals = db.refusals
     refused = None
     if refusals.since is not None:  # read first: the counts below may fail while writes are refused
@@ -80,4 +83,25 @@ async def collect(
         embedding_cache_entries=counts.embedding_cache_entries,
         counts_estimated=counts.estimated,
         writes_refused=refused,
+    )
+
+
+async def _granted(db: Database, *, embedding_model: str, dimension: int) -> Stats:
+    """Stats of a token without admin: its scopes' counts and the model, nothing that spans other tenants."""
+    async with db.connection() as conn:
+        counts = await stats_sql.granted_counts(conn, every_scope=not guard.scoped())
+    by_scope = {Scope(k): v for k, v in counts.items()}
+    return Stats(
+        memories=sum(by_scope.values()),
+        by_scope=by_scope,
+        expired_pending_purge=0,
+        embedding_model=embedding_model,
+        dimension=dimension,
+        postgres_version="",
+        pgvector_version="",
+        iterative_scan=False,
+        index=IndexState(),
+        exact_threshold=0,
+        target_recall=0.0,
+        embedding_cache_entries=0,
     )

@@ -13,6 +13,7 @@ from memory_service.memories.writes import WritePath
 from memory_service.models import NO_CONTEXT, Fence, Memory, MemoryFilter, NewMemory, StoreResult, WriteContext
 from memory_service.storage import memories_sql
 from memory_service.storage.database import Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class MemoryStore:
         self, memory: NewMemory, *, fence: Fence | None = None, context: WriteContext = NO_CONTEXT
     ) -> StoreResult:
         """Upsert by identity. Content already stored under this identity is never embedded again."""
+        guard.check_scope(memory.scope, memory.scope_id, "memory.scope")
         (embedding,) = await self._writes.embeddings([memory])
         fences = () if fence is None else (fence,)
         async with self._writes.transaction(fences) as conn:
@@ -39,8 +41,10 @@ class MemoryStore:
     async def get(self, memory_id: int, *, with_embedding: bool = False) -> Memory:
         async with self._db.connection() as conn:
             memory = await memories_sql.get(conn, memory_id, with_embedding=with_embedding)
+        missing = f"no live memory with id {memory_id}"
         if memory is None:
-            raise NotFound(f"no live memory with id {memory_id}")
+            raise NotFound(missing)
+        guard.check_visible(memory.scope, memory.scope_id, missing)
         return memory
 
     async def delete(
@@ -60,11 +64,16 @@ class MemoryStore:
     async def _delete_by_id(self, memory_id: int, *, context: WriteContext) -> int:
         """Deleting a missing memory is not an error, so a retried delete is safe."""
         async with self._db.transaction() as conn:
+            if guard.scoped():
+                scope = await memories_sql.lock_scope_of(conn, memory_id)
+                if scope is None or not guard.sees(*scope):
+                    return 0  # as for a missing id
             return await memories_sql.delete_by_id(conn, memory_id, history=self._writes.versions(context))
 
     async def _delete_matching(self, memory_filter: MemoryFilter, *, context: WriteContext) -> int:
         if memory_filter.is_empty:
             raise InvalidArgument("filter", "must name at least one condition; an empty filter would delete everything")
+        memory_filter = guard.narrow(memory_filter)
         async with self._db.transaction() as conn:
             return await memories_sql.delete_matching(conn, memory_filter, history=self._writes.versions(context))
 
@@ -72,6 +81,7 @@ class MemoryStore:
         self, memory_filter: MemoryFilter, *, page_size: int, page_token: str, with_embedding: bool = False
     ) -> tuple[list[Memory], str]:
         """One page in id order and the token of the next page ("" on the last)."""
+        memory_filter = guard.narrow(memory_filter)
         binding = pagination.filter_binding(memory_filter)
         after = pagination.MEMORY_LIST.decode(page_token, binding=binding)
         async with self._db.connection() as conn:

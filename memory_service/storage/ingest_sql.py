@@ -22,7 +22,7 @@ from memory_service.storage.versions_sql import UPSERT_KIND, context_values, rec
 STAGING = "memory_bulk_staging"
 
 # Temporary tables live as long as the session: the pool's reset only rolls back a transaction left open
-# (``database._reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
+# (``session.reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
 # empties it at every commit, and a rolled-back batch leaves nothing behind either. Enums and JSON travel as text:
 # asyncpg has no binary COPY encoder for jsonb.
 _STAGED = ",\n    ".join(f"{c.name} {c.staged_type}{'' if c.nullable else ' NOT NULL'}" for c in columns.WRITTEN)

@@ -145,6 +145,14 @@ async def get(conn: asyncpg.Connection, memory_id: int, *, with_embedding: bool)
     return None if row is None else memory_from_row(row)
 
 
+async def lock_scope_of(conn: asyncpg.Connection, memory_id: int) -> tuple[Scope, int] | None:
+    """The scope of a memory (live or expired), locked for the delete that follows; None when there is none."""
+    row = await conn.fetchrow(
+        "SELECT scope::text AS scope, scope_id FROM memory.memories WHERE id = $1 FOR UPDATE", memory_id
+    )
+    return None if row is None else (Scope(row["scope"]), row["scope_id"])
+
+
 async def delete_by_id(conn: asyncpg.Connection, memory_id: int, *, history: WriteContext | None) -> int:
     if history is not None:
         deleted: int = await conn.fetchval(_DELETE_ONE_VERSIONED, memory_id, *context_values(history))
