@@ -31,6 +31,8 @@ class Column:
     compared: bool = True
     """Compared to tell a rewrite from "unchanged"; ``value`` is not: ``content_hash`` stands for it, and comparing
     the text itself would read it back from TOAST on every conflict."""
+    on_conflict: str | None = None
+    """What an upsert sets it to when that is not simply the new value: SQL over ``{old}`` and ``{new}``."""
 
     @property
     def staged_type(self) -> str:
@@ -54,11 +56,26 @@ MEMORY = (
     Column("key", "text", identity=True),
     Column("value", "text", compared=False),
     Column("embedding", "vector", versioned=False),
+    # The other generation's vector during a move of embedding models (migration 0012) is made from the content:
+    # kept while the content is the same, dropped with it (the backfill embeds the new content) unless the write
+    # brings one. Never compared: it follows the content.
+    Column(
+        "embedding_alt",
+        "vector",
+        nullable=True,
+        versioned=False,
+        compared=False,
+        on_conflict="CASE WHEN {old}.content_hash = {new}.content_hash "
+        "THEN coalesce({new}.embedding_alt, {old}.embedding_alt) ELSE {new}.embedding_alt END",
+    ),
     Column("importance", "real"),
     Column("tags", "text[]"),
     Column("metadata", "jsonb"),
     Column("content_hash", "bytea"),
-    Column("embedding_model", "text", nullable=True),
+    # Not compared: ``embedding`` holds the current generation's vector whatever model wrote the row (a cut-over
+    # swaps columns, not rows), so a memory stored again as it is after a move is unchanged; ``embedding_model``
+    # names the model current when its content was written.
+    Column("embedding_model", "text", nullable=True, compared=False),
     Column("created_at", "timestamptz", written=False),
     Column("expires_at", "timestamptz", nullable=True),
 )
@@ -81,8 +98,9 @@ IDENTITY = ", ".join(c.name for c in MEMORY if c.identity)
 """What an upsert conflicts on: the ``memories_identity`` constraint."""
 
 
-def written_values(memory: NewMemory, embedding: Vector, model: str) -> dict[str, object]:
-    """What a write stores in each of ``columns.WRITTEN`` (``expires_at`` as asked: the TTL is applied in SQL)."""
+def written_values(memory: NewMemory, embedding: Vector, model: str, other: Vector | None = None) -> dict[str, object]:
+    """What a write stores in each of ``columns.WRITTEN`` (``expires_at`` as asked: the TTL is applied in SQL;
+    ``other``: the other generation's vector during a move)."""
     return {
         "scope": memory.scope.value,
         "scope_id": memory.scope_id,
@@ -91,6 +109,7 @@ def written_values(memory: NewMemory, embedding: Vector, model: str) -> dict[str
         "key": memory.key,
         "value": memory.value,
         "embedding": embedding,
+        "embedding_alt": other,
         "importance": memory.importance,
         "tags": list(memory.tags),
         "metadata": memory.metadata,
@@ -112,9 +131,14 @@ def readable(alias: str) -> str:
     )
 
 
-def upsert_set(new: str) -> str:
-    """The SET list of an upsert: every written column but the identity, from ``new`` (``EXCLUDED``)."""
-    return ",\n    ".join(f"{c.name} = {new}.{c.name}" for c in WRITTEN if not c.identity)
+def upsert_set(old: str, new: str) -> str:
+    """The SET list of an upsert: every written column but the identity, from ``new`` (``EXCLUDED``) unless the
+    column says otherwise."""
+    return ",\n    ".join(
+        f"{c.name} = {c.on_conflict.format(old=old, new=new) if c.on_conflict else f'{new}.{c.name}'}"
+        for c in WRITTEN
+        if not c.identity
+    )
 
 
 def changed(table: str, new: str) -> str:

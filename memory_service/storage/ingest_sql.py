@@ -25,23 +25,26 @@ STAGING = "memory_bulk_staging"
 # (``session.reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
 # empties it at every commit, and a rolled-back batch leaves nothing behind either. Enums and JSON travel as text:
 # asyncpg has no binary COPY encoder for jsonb.
-_STAGED = ",\n    ".join(f"{c.name} {c.staged_type}{'' if c.nullable else ' NOT NULL'}" for c in columns.WRITTEN)
+_STAGED = tuple(c for c in columns.WRITTEN if c.name != "embedding_model")
+"""What a staging row holds of a write (besides its order and TTL); the model is the batch's, a parameter."""
+_STAGED_DEFINITIONS = ",\n    ".join(f"{c.name} {c.staged_type}{'' if c.nullable else ' NOT NULL'}" for c in _STAGED)
 _CREATE_STAGING = f"""
 CREATE TEMP TABLE IF NOT EXISTS {STAGING} (
     ord integer NOT NULL,
-    {_STAGED},
+    {_STAGED_DEFINITIONS},
     ttl_seconds float8
 ) ON COMMIT DELETE ROWS
 """
 
-_STAGING_COLUMNS = ("ord", *(c.name for c in columns.WRITTEN), "ttl_seconds")
+_STAGING_COLUMNS = ("ord", *(c.name for c in _STAGED), "ttl_seconds")
 
 # Rows go in staging order, which the caller sorts by identity: concurrent loads that touch the same memories
 # then lock them in the same order and cannot deadlock.
 _INSERT_FROM_STAGING = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
-SELECT {write_values(lambda c: c.staged("s"), "s.ttl_seconds")}
+SELECT {write_values(lambda c: "$1::text" if c.name == "embedding_model" else c.staged("s"), "s.ttl_seconds")}
 FROM pg_temp.{STAGING} s
+WHERE memory.embedding_generation_is($2)
 ORDER BY s.ord
 """
 _UPSERT_FROM_STAGING = _INSERT_FROM_STAGING + UPSERT_TAIL
@@ -49,7 +52,7 @@ _UPSERT_FROM_STAGING = _INSERT_FROM_STAGING + UPSERT_TAIL
 # returned, in the same statement.
 _UPSERT_FROM_STAGING_VERSIONED = f"""
 WITH w AS ({_INSERT_FROM_STAGING} {UPSERT_TAIL_VERSIONED}),
-{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$1", "$2", "$3"))}
+{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$3", "$4", "$5"))}
 SELECT id, created FROM w
 """
 
@@ -64,18 +67,23 @@ class WriteCounts:
 StagingRecord = tuple[object, ...]
 
 
-def staging_records(memories: Sequence[NewMemory], embeddings: Sequence[Vector], model: str) -> list[StagingRecord]:
+def staging_records(
+    memories: Sequence[NewMemory], embeddings: Sequence[Vector], others: Sequence[Vector | None] | None = None
+) -> list[StagingRecord]:
     """COPY rows for ``memories`` (distinct identities, in the order they are to be written).
 
     Built apart from ``write_batch`` so the pipeline can do it while the previous batch's transaction runs; vectors
     are wrapped here for the same reason, leaving only their byte encoding to the COPY itself.
     """
     records = []
-    for ord_, (m, embedding) in enumerate(zip(memories, embeddings, strict=True)):
-        values = columns.written_values(m, embedding, model)
+    for ord_, (m, embedding, other) in enumerate(
+        zip(memories, embeddings, others or [None] * len(memories), strict=True)
+    ):
+        values = columns.written_values(m, embedding, "", other)
         values["embedding"] = pgvector.Vector(embedding)
+        values["embedding_alt"] = None if other is None else pgvector.Vector(other)
         values["metadata"] = json.dumps(m.metadata)
-        records.append((ord_, *(values[c.name] for c in columns.WRITTEN), m.ttl_seconds))
+        records.append((ord_, *(values[c.name] for c in _STAGED), m.ttl_seconds))
     return records
 
 
@@ -85,11 +93,14 @@ async def stage(conn: asyncpg.Connection, records: Sequence[StagingRecord]) -> N
     await conn.copy_records_to_table(STAGING, schema_name="pg_temp", columns=_STAGING_COLUMNS, records=records)
 
 
-async def upsert_staged(conn: asyncpg.Connection, staged: int, *, history: WriteContext | None) -> WriteCounts:
-    """Move the ``staged`` rows into memory.memories with one upsert and count the outcomes."""
+async def upsert_staged(
+    conn: asyncpg.Connection, staged: int, model: str, *, history: WriteContext | None, generation: int = 0
+) -> WriteCounts:
+    """Move the ``staged`` rows into memory.memories with one upsert and count the outcomes; ``generation`` is the
+    embedding epoch their vectors were made for (a cut-over or rollback since fails the statement)."""
     if history is None:
-        returned = await conn.fetch(_UPSERT_FROM_STAGING)
+        returned = await conn.fetch(_UPSERT_FROM_STAGING, model, generation)
     else:
-        returned = await conn.fetch(_UPSERT_FROM_STAGING_VERSIONED, *context_values(history))
+        returned = await conn.fetch(_UPSERT_FROM_STAGING_VERSIONED, model, generation, *context_values(history))
     created = sum(1 for r in returned if r["created"])
     return WriteCounts(created=created, updated=len(returned) - created, unchanged=staged - len(returned))

@@ -42,7 +42,7 @@ def expiry_sql(expires_at: str, ttl_seconds: str) -> str:
 # reports no update. The memory's version is bumped under the row lock the conflict takes.
 UPSERT_CONFLICT = f"""
 ON CONFLICT ({columns.IDENTITY}) DO UPDATE SET
-    {columns.upsert_set("EXCLUDED")},
+    {columns.upsert_set("m", "EXCLUDED")},
     version = m.version + 1,
     updated_at = clock_timestamp()
 WHERE {columns.changed("m", "EXCLUDED")}
@@ -56,12 +56,26 @@ def write_values(value: Callable[[columns.Column], str], ttl_seconds: str) -> st
     return ", ".join(expiry_sql(value(c), ttl_seconds) if c.name == "expires_at" else value(c) for c in columns.WRITTEN)
 
 
-# Parameters: one per written column in WRITE_COLUMNS order, then the TTL, then the write's context (history).
+# Parameters: one per written column in WRITE_COLUMNS order, then the TTL, the generation, the write's context.
 _TTL_PARAM = len(columns.WRITTEN) + 1
-_CONTEXT_PARAMS = (f"${_TTL_PARAM + 1}", f"${_TTL_PARAM + 2}", f"${_TTL_PARAM + 3}")
+_GENERATION_PARAM = _TTL_PARAM + 1
+_CONTEXT_PARAMS = (f"${_GENERATION_PARAM + 1}", f"${_GENERATION_PARAM + 2}", f"${_GENERATION_PARAM + 3}")
+
+
+def _param(column: columns.Column) -> str:
+    """A written column's parameter. The vectors go through the generation check (the generation both were made
+    for; memory.embedding_generation_is fails the write when a cut-over or rollback replaced it): a bare parameter
+    is coerced to its column's vector(D) when the statement is planned, so a vector of a generation swapped since
+    would fail on its dimension before the check could run."""
+    param = column.param(columns.WRITTEN.index(column) + 1)
+    if column.type == "vector":
+        return f"CASE WHEN memory.embedding_generation_is(${_GENERATION_PARAM}) THEN {param} END"
+    return param
+
+
 _INSERT_ONE = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
-VALUES ({write_values(lambda c: c.param(columns.WRITTEN.index(c) + 1), f"${_TTL_PARAM}::float8")})
+VALUES ({write_values(_param, f"${_TTL_PARAM}::float8")})
 """
 _UPSERT_ONE = _INSERT_ONE + UPSERT_TAIL
 _UPSERT_ONE_VERSIONED = f"""
@@ -94,14 +108,24 @@ SELECT count(*) FROM w
 
 
 async def upsert(
-    conn: asyncpg.Connection, memory: NewMemory, embedding: Vector, model: str, *, history: WriteContext | None
+    conn: asyncpg.Connection,
+    memory: NewMemory,
+    embedding: Vector,
+    model: str,
+    *,
+    history: WriteContext | None,
+    other: Vector | None = None,
+    generation: int = 0,
 ) -> tuple[int, WriteOutcome]:
-    """Store by identity; with ``history``, a change records its version in the same statement."""
-    values = columns.written_values(memory, embedding, model)
+    """Store by identity; with ``history``, a change records its version in the same statement. ``embedding`` is
+    the current generation's vector, ``other`` the other generation's during a move (``generation``: the epoch
+    both belong to)."""
+    values = columns.written_values(memory, embedding, model, other)
     row = await conn.fetchrow(
         _UPSERT_ONE if history is None else _UPSERT_ONE_VERSIONED,
         *(values[c.name] for c in columns.WRITTEN),
         memory.ttl_seconds,
+        generation,
         *(() if history is None else context_values(history)),
     )
     if row is not None:
@@ -115,9 +139,13 @@ async def upsert(
     return existing, WriteOutcome.UNCHANGED
 
 
-async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemory], model: str) -> dict[int, Vector]:
-    """Embeddings already stored for these identities with the same content and model, by position, so they need
-    not be recomputed."""
+async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemory]) -> dict[int, Vector]:
+    """Embeddings already stored for these identities with the same content, by position, so they need not be
+    recomputed.
+
+    ``embedding`` holds vectors of the database's current model only (the binding, and during a move the generation
+    check of the write that uses them: read by an instance that has not seen a cut-over yet, they fail its write,
+    which then runs again), whichever model's name the row carries."""
     if not memories:
         return {}
     rows = await conn.fetch(
@@ -127,14 +155,13 @@ async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemo
              AS i(scope, scope_id, key, content_hash, ord)
         JOIN memory.memories m
           ON m.scope = i.scope::memory.scope AND m.scope_id = i.scope_id AND m.key = i.key
-         AND m.content_hash = i.content_hash AND m.embedding_model = $5
+         AND m.content_hash = i.content_hash
         WHERE m.embedding IS NOT NULL
         """,
         [m.scope.value for m in memories],
         [m.scope_id for m in memories],
         [m.key for m in memories],
         [m.content_hash for m in memories],
-        model,
     )
     return {int(r["ord"]) - 1: r["embedding"] for r in rows}
 
