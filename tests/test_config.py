@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 import socket
 import subprocess
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from memory_service.client import MemoryClient
 from memory_service.config.env import parse_duration
 from memory_service.config.settings import Settings
 from memory_service.errors import ConfigError
@@ -46,6 +49,30 @@ def test_the_readme_states_the_defaults_the_settings_have() -> None:
             assert Settings.from_env({name: value}) == defaults, (name, stated)
             checked.append(name)
     assert len(checked) >= 40, checked
+
+
+def test_the_default_port_is_spelled_only_by_settings() -> None:
+    # The client's default address, the commands' --address and the serve --help text all derive from the
+    # Settings field; a second spelling would drift the day the default changes. Docstrings (examples) aside.
+    package = Path(__file__).parent.parent / "memory_service"
+    port = Settings.grpc_port
+    spelled = []
+    for path in sorted(package.rglob("*.py")):
+        if "v1" in path.parts or path.name == "settings.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and id(node) not in docstrings and str(port) in str(node.value):
+                spelled.append(f"{path.name}:{node.lineno}")
+    assert spelled == []
+    assert inspect.signature(MemoryClient).parameters["address"].default == f"localhost:{port}"
 
 
 def test_openai_key_selects_openai_provider() -> None:

@@ -1,7 +1,6 @@
-"""The columns of a memory are written out in several places for speed and clarity; these tests make them agree.
-
-The definition they are held to is the table itself (``memory.memories``) and the ``Memory`` / ``NewMemory``
-dataclasses; a column added in one place and forgotten in another fails here, not in production.
+"""The columns of a memory are declared once (``storage/columns.py``) and every statement derives its list from there;
+these tests hold that declaration to the table itself (``memory.memories``, ``memory.memory_versions``) and to the
+``Memory`` / ``NewMemory`` dataclasses, so a column added in one place and forgotten in another fails here.
 """
 
 from __future__ import annotations
@@ -56,6 +55,9 @@ def test_writes_set_every_column_a_client_gives() -> None:
     # Everything but the identity is updated on conflict (the other generation's vector only with the content).
     assert set(_set_list()) == set(written) - IDENTITY - GENERATIONS
     assert "embedding_alt = CASE WHEN m.content_hash = EXCLUDED.content_hash" in memories_sql.UPSERT_TAIL
+    assert set(columns.IDENTITY.split(", ")) == IDENTITY
+    memory = NewMemory(scope=Scope.GLOBAL, scope_id=1, key="k", value="v", content_hash=b"h")
+    assert list(columns.written_values(memory, [0.0], "m")) == [c.name for c in columns.WRITTEN]
 
 
 def test_unchanged_detection_compares_every_updated_column() -> None:
@@ -70,17 +72,12 @@ def test_unchanged_detection_compares_every_updated_column() -> None:
 
 
 def test_bulk_staging_matches_the_write_columns() -> None:
-    created = re.findall(r"^\s{4}(\w+)\s", ingest_sql._CREATE_STAGING, flags=re.MULTILINE)
+    created = re.findall(r"(?:\(|,)\s*(\w+) [\w\[\]]+(?: NOT NULL)?(?=,|\s*\))", ingest_sql._CREATE_STAGING)
     assert created == list(ingest_sql._STAGING_COLUMNS)
-    # Staging carries the order and the relative expiry; the model is one parameter for the whole batch.
-    assert set(created) - {"ord", "ttl_seconds"} == set(_names(memories_sql.WRITE_COLUMNS)) - {"embedding_model"}
-    memory = NewMemory(
-        scope=Scope.GLOBAL,
-        scope_id=1,
-        key="k",
-        value="v",
-        content_hash=b"h",
-    )
+    # Staging carries the order and the relative expiry besides what a write sets.
+    # (the model is one parameter for the whole batch).
+    assert created == ["ord", *(n for n in _names(memories_sql.WRITE_COLUMNS) if n != "embedding_model"), "ttl_seconds"]
+    memory = NewMemory(scope=Scope.GLOBAL, scope_id=1, key="k", value="v", content_hash=b"h")
     [record] = ingest_sql.staging_records([memory], [[0.0]])
     assert len(record) == len(created)
 
@@ -125,3 +122,23 @@ async def test_versions_hold_every_content_column(database_url: str) -> None:
     # its memory_id, version and changed_at instead).
     assert set(columns.CONTENT) == memory & versions - {"version"}
     assert memory - set(columns.CONTENT) == {"id", "embedding", "version", "updated_at"} | GENERATIONS
+
+
+async def test_declared_types_and_nullability_are_the_tables(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT a.attname AS name, a.atttypid::regtype::text AS type, NOT a.attnotnull AS nullable "
+            "FROM pg_attribute a WHERE a.attrelid = 'memory.memories'::regclass AND a.attnum > 0 "
+            "AND NOT a.attisdropped"
+        )
+        declared = {c.name: await conn.fetchval("SELECT $1::regtype::text", c.type) for c in columns.MEMORY}
+    finally:
+        await conn.close()
+    table = {r["name"]: r for r in rows}
+    for name, type_ in declared.items():
+        # key is varchar(200) in the table; statements pass it as text, and the length is validated before.
+        assert type_ == ("text" if name == "key" else table[name]["type"]), name
+        # A write may leave NULL only where the table allows it.
+        if columns.BY_NAME[name].nullable:
+            assert table[name]["nullable"], name

@@ -91,14 +91,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         self, request: memory_pb2.DeleteRequest, context: aio.ServicerContext
     ) -> memory_pb2.DeleteResponse:
         target = request.WhichOneof("target")
-        if target == "id":
-            deleted = await self._memories.delete(validation.check_id("id", request.id), context=_writer(context))
-        elif target == "filter":
-            deleted = await self._memories.delete_matching(
-                convert.filter_from_proto(request.filter), context=_writer(context)
-            )
-        else:
-            raise InvalidArgument("target", "give an id or a filter")
+        deleted = await self._memories.delete(
+            memory_id=request.id if target == "id" else None,
+            memory_filter=convert.filter_from_proto(request.filter) if target == "filter" else None,
+            context=_writer(context),
+        )
         return memory_pb2.DeleteResponse(deleted=deleted)
 
     async def List(self, request: memory_pb2.ListRequest, context: aio.ServicerContext) -> memory_pb2.ListResponse:

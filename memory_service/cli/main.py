@@ -44,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="(database) run the gRPC server (migrates first unless --no-migrate); unset DATABASE_URL: embedded",
     )
     _database_flags(serve)
-    serve.add_argument("--host", help="address to listen on (GRPC_HOST, default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="gRPC port (GRPC_PORT, default 50051; 0 picks a free one)")
-    serve.add_argument("--metrics-port", help="Prometheus port (METRICS_PORT, default 9464; 'off' disables)")
+    serve.add_argument("--host", help=f"address to listen on (GRPC_HOST, default {Settings.grpc_host})")
+    serve.add_argument(
+        "--port", type=int, help=f"gRPC port (GRPC_PORT, default {Settings.grpc_port}; 0 picks a free one)"
+    )
+    serve.add_argument(
+        "--metrics-port", help=f"Prometheus port (METRICS_PORT, default {Settings.metrics_port}; 'off' disables)"
+    )
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations (MIGRATE_ON_START)")
     serve.set_defaults(run=_serve)
 

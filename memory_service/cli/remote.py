@@ -11,11 +11,8 @@ import os
 from pathlib import Path
 from typing import NoReturn
 
-from memory_service.config.settings import Settings
+from memory_service.client.channel import DEFAULT_ADDRESS
 from memory_service.errors import ConfigError
-
-DEFAULT_ADDRESS = f"localhost:{Settings.grpc_port}"
-"""Where a server started with the default settings listens."""
 
 EX_USAGE = 64
 """sysexits.h: a bad flag or argument."""

@@ -6,7 +6,7 @@ options, ``bulk`` the resumable BulkStore engine, ``hold`` the Hold stream as an
 """
 
 from memory_service.client.bulk import BulkSummary
-from memory_service.client.channel import open_channel
+from memory_service.client.channel import DEFAULT_ADDRESS, open_channel
 from memory_service.client.hold import HeldLease, NotAcquired
 from memory_service.client.memory_client import MemoryClient
 from memory_service.client.wire import (
@@ -21,6 +21,7 @@ from memory_service.client.wire import (
 )
 
 __all__ = [
+    "DEFAULT_ADDRESS",
     "MEMORY_TYPES",
     "SCOPES",
     "SEARCH_MODES",

@@ -7,6 +7,11 @@ import json
 import grpc
 from grpc import aio
 
+from memory_service.config.settings import Settings
+
+DEFAULT_ADDRESS = f"localhost:{Settings.grpc_port}"
+"""Where a server started with the default settings listens: the client's and the command's default."""
+
 
 def _service_config(attempts: int) -> str:
     policy = {

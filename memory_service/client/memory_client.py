@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from memory_service.client.bulk import BulkSummary, Entry, ResumableBulkStore, numbered
-from memory_service.client.channel import open_channel
+from memory_service.client.channel import DEFAULT_ADDRESS, open_channel
 from memory_service.client.history import HistoryCalls
 from memory_service.client.hold import HeldLease
 from memory_service.client.wire import duration, memory_input, mode_value, scope_filter
@@ -34,7 +34,7 @@ class MemoryClient(HistoryCalls):
 
     def __init__(
         self,
-        address: str = "localhost:50051",
+        address: str = DEFAULT_ADDRESS,
         *,
         token: str | None = None,
         tls: bool = False,

@@ -8,6 +8,7 @@ from memory_service import pagination
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, NotFound
 from memory_service.generations.state import Generations
+from memory_service.memories import validation
 from memory_service.memories.binding import ModelBinding
 from memory_service.memories.writes import Embedded, WritePath
 from memory_service.models import (
@@ -73,7 +74,21 @@ class MemoryStore:
         guard.check_visible(memory.scope, memory.scope_id, missing)
         return memory
 
-    async def delete(self, memory_id: int, *, context: WriteContext = NO_CONTEXT) -> int:
+    async def delete(
+        self,
+        *,
+        memory_id: int | None = None,
+        memory_filter: MemoryFilter | None = None,
+        context: WriteContext = NO_CONTEXT,
+    ) -> int:
+        """Delete the memory with this id, or every memory matching this filter: exactly one must be given."""
+        if memory_id is not None:
+            return await self._delete_by_id(validation.check_id("id", memory_id), context=context)
+        if memory_filter is None:
+            raise InvalidArgument("target", "give an id or a filter")
+        return await self._delete_matching(memory_filter, context=context)
+
+    async def _delete_by_id(self, memory_id: int, *, context: WriteContext) -> int:
         """Deleting a missing memory is not an error, so a retried delete is safe."""
         async with self._db.transaction() as conn:
             if guard.scoped():
@@ -82,7 +97,7 @@ class MemoryStore:
                     return 0  # as for a missing id
             return await memories_sql.delete_by_id(conn, memory_id, history=self._writes.versions(context))
 
-    async def delete_matching(self, memory_filter: MemoryFilter, *, context: WriteContext = NO_CONTEXT) -> int:
+    async def _delete_matching(self, memory_filter: MemoryFilter, *, context: WriteContext) -> int:
         if memory_filter.is_empty:
             raise InvalidArgument("filter", "must name at least one condition; an empty filter would delete everything")
         memory_filter = guard.narrow(memory_filter)

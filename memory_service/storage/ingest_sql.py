@@ -15,7 +15,8 @@ import asyncpg
 import pgvector
 
 from memory_service.models import NewMemory, Vector, WriteContext
-from memory_service.storage.memories_sql import UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS, expiry_sql
+from memory_service.storage import columns
+from memory_service.storage.memories_sql import UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS, write_values
 from memory_service.storage.versions_sql import UPSERT_KIND, context_values, record
 
 STAGING = "memory_bulk_staging"
@@ -24,51 +25,24 @@ STAGING = "memory_bulk_staging"
 # (``session.reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
 # empties it at every commit, and a rolled-back batch leaves nothing behind either. Enums and JSON travel as text:
 # asyncpg has no binary COPY encoder for jsonb.
+_STAGED = tuple(c for c in columns.WRITTEN if c.name != "embedding_model")
+"""What a staging row holds of a write (besides its order and TTL); the model is the batch's, a parameter."""
+_STAGED_DEFINITIONS = ",\n    ".join(f"{c.name} {c.staged_type}{'' if c.nullable else ' NOT NULL'}" for c in _STAGED)
 _CREATE_STAGING = f"""
 CREATE TEMP TABLE IF NOT EXISTS {STAGING} (
-    ord          integer NOT NULL,
-    scope        text NOT NULL,
-    scope_id     bigint NOT NULL,
-    agent_id     bigint,
-    memory_type  text NOT NULL,
-    key          text NOT NULL,
-    value        text NOT NULL,
-    embedding    vector NOT NULL,
-    embedding_alt vector,
-    importance   real NOT NULL,
-    tags         text[] NOT NULL,
-    metadata     text NOT NULL,
-    content_hash bytea NOT NULL,
-    expires_at   timestamptz,
-    ttl_seconds  float8
+    ord integer NOT NULL,
+    {_STAGED_DEFINITIONS},
+    ttl_seconds float8
 ) ON COMMIT DELETE ROWS
 """
 
-_STAGING_COLUMNS = (
-    "ord",
-    "scope",
-    "scope_id",
-    "agent_id",
-    "memory_type",
-    "key",
-    "value",
-    "embedding",
-    "embedding_alt",
-    "importance",
-    "tags",
-    "metadata",
-    "content_hash",
-    "expires_at",
-    "ttl_seconds",
-)
+_STAGING_COLUMNS = ("ord", *(c.name for c in _STAGED), "ttl_seconds")
 
 # Rows go in staging order, which the caller sorts by identity: concurrent loads that touch the same memories
 # then lock them in the same order and cannot deadlock.
 _INSERT_FROM_STAGING = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
-SELECT s.scope::memory.scope, s.scope_id, s.agent_id, s.memory_type::memory.memory_type, s.key, s.value,
-       s.embedding, s.embedding_alt, s.importance, s.tags, s.metadata::jsonb, s.content_hash, $1::text,
-       {expiry_sql("s.expires_at", "s.ttl_seconds")}
+SELECT {write_values(lambda c: "$1::text" if c.name == "embedding_model" else c.staged("s"), "s.ttl_seconds")}
 FROM pg_temp.{STAGING} s
 WHERE memory.embedding_generation_is($2)
 ORDER BY s.ord
@@ -101,28 +75,16 @@ def staging_records(
     Built apart from ``write_batch`` so the pipeline can do it while the previous batch's transaction runs; vectors
     are wrapped here for the same reason, leaving only their byte encoding to the COPY itself.
     """
-    return [
-        (
-            ord_,
-            m.scope.value,
-            m.scope_id,
-            m.agent_id,
-            m.memory_type.value,
-            m.key,
-            m.value,
-            pgvector.Vector(embedding),
-            None if other is None else pgvector.Vector(other),
-            m.importance,
-            list(m.tags),
-            json.dumps(m.metadata),
-            m.content_hash,
-            m.expires_at,
-            m.ttl_seconds,
-        )
-        for ord_, (m, embedding, other) in enumerate(
-            zip(memories, embeddings, others or [None] * len(memories), strict=True)
-        )
-    ]
+    records = []
+    for ord_, (m, embedding, other) in enumerate(
+        zip(memories, embeddings, others or [None] * len(memories), strict=True)
+    ):
+        values = columns.written_values(m, embedding, "", other)
+        values["embedding"] = pgvector.Vector(embedding)
+        values["embedding_alt"] = None if other is None else pgvector.Vector(other)
+        values["metadata"] = json.dumps(m.metadata)
+        records.append((ord_, *(values[c.name] for c in _STAGED), m.ttl_seconds))
+    return records
 
 
 async def stage(conn: asyncpg.Connection, records: Sequence[StagingRecord]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,11 +17,8 @@ from memory_service.storage.versions_sql import RETURNING_ROW, UPSERT_KIND, cont
 COLUMNS = f"m.id, {columns.readable('m')}, m.updated_at"
 COLUMNS_WITH_EMBEDDING = COLUMNS + ", m.embedding"
 
-# The columns a write sets, in the order of the VALUES below and of the bulk staging table.
-WRITE_COLUMNS = (
-    "scope, scope_id, agent_id, memory_type, key, value, embedding, embedding_alt, importance, tags, metadata, "
-    "content_hash, embedding_model, expires_at"
-)
+WRITE_COLUMNS = columns.WRITTEN_NAMES
+"""The columns a write sets, in the order of the VALUES below and of the bulk staging table."""
 
 LATEST_EXPIRY = "'9999-12-31 23:59:59.999999+00'::timestamptz"
 """The latest expiry stored (validation.LATEST_EXPIRY); a TTL added to the database clock is capped at it, so even a
@@ -43,51 +40,47 @@ def expiry_sql(expires_at: str, ttl_seconds: str) -> str:
 
 # On conflict the row is rewritten only when something differs, so "unchanged" costs no new row version and
 # reports no update. The memory's version is bumped under the row lock the conflict takes.
-UPSERT_CONFLICT = """
-ON CONFLICT (scope, scope_id, key) DO UPDATE SET
-    agent_id = EXCLUDED.agent_id,
-    memory_type = EXCLUDED.memory_type,
-    value = EXCLUDED.value,
-    embedding = EXCLUDED.embedding,
-    -- The other generation's vector of a move (migrations/0012) is made from the content: kept while it is the same,
-    -- dropped with it (the backfill embeds the new content) unless this write brings one.
-    embedding_alt = CASE WHEN m.content_hash = EXCLUDED.content_hash
-                         THEN coalesce(EXCLUDED.embedding_alt, m.embedding_alt) ELSE EXCLUDED.embedding_alt END,
-    importance = EXCLUDED.importance,
-    tags = EXCLUDED.tags,
-    metadata = EXCLUDED.metadata,
-    content_hash = EXCLUDED.content_hash,
-    embedding_model = EXCLUDED.embedding_model,
-    expires_at = EXCLUDED.expires_at,
+UPSERT_CONFLICT = f"""
+ON CONFLICT ({columns.IDENTITY}) DO UPDATE SET
+    {columns.upsert_set("m", "EXCLUDED")},
     version = m.version + 1,
     updated_at = clock_timestamp()
-WHERE (m.agent_id, m.memory_type, m.content_hash, m.importance, m.tags, m.metadata, m.expires_at)
-      IS DISTINCT FROM
-      (EXCLUDED.agent_id, EXCLUDED.memory_type, EXCLUDED.content_hash, EXCLUDED.importance, EXCLUDED.tags,
-       EXCLUDED.metadata, EXCLUDED.expires_at)
-   OR m.embedding IS DISTINCT FROM EXCLUDED.embedding
+WHERE {columns.changed("m", "EXCLUDED")}
 """
-# The model's name is left out of the comparison: ``embedding`` holds the current generation's vector whatever
-# model wrote the row (a cut-over swaps columns, not rows), so a memory stored again as it is after a move of
-# embedding models is unchanged; its ``embedding_model`` names the model current when its content was written.
 UPSERT_TAIL = UPSERT_CONFLICT + "RETURNING m.id, (m.xmax = 0) AS created\n"
 UPSERT_TAIL_VERSIONED = UPSERT_CONFLICT + f"RETURNING {RETURNING_ROW}, (m.xmax = 0) AS created, m.updated_at\n"
 
-# $15 is the other generation's vector during a move of embedding models (or NULL), $16 the generation both
-# were made for: memory.embedding_generation_is fails the write when a cut-over or rollback replaced it. Both
-# vectors go through the check: a bare parameter is coerced to its column's vector(D) when the statement is
-# planned, so a vector of a generation swapped since would fail on its dimension before the check could run.
+
+def write_values(value: Callable[[columns.Column], str], ttl_seconds: str) -> str:
+    """The values a write inserts, in ``WRITE_COLUMNS`` order: ``value(column)`` for each, the expiry computed."""
+    return ", ".join(expiry_sql(value(c), ttl_seconds) if c.name == "expires_at" else value(c) for c in columns.WRITTEN)
+
+
+# Parameters: one per written column in WRITE_COLUMNS order, then the TTL, the generation, the write's context.
+_TTL_PARAM = len(columns.WRITTEN) + 1
+_GENERATION_PARAM = _TTL_PARAM + 1
+_CONTEXT_PARAMS = (f"${_GENERATION_PARAM + 1}", f"${_GENERATION_PARAM + 2}", f"${_GENERATION_PARAM + 3}")
+
+
+def _param(column: columns.Column) -> str:
+    """A written column's parameter. The vectors go through the generation check (the generation both were made
+    for; memory.embedding_generation_is fails the write when a cut-over or rollback replaced it): a bare parameter
+    is coerced to its column's vector(D) when the statement is planned, so a vector of a generation swapped since
+    would fail on its dimension before the check could run."""
+    param = column.param(columns.WRITTEN.index(column) + 1)
+    if column.type == "vector":
+        return f"CASE WHEN memory.embedding_generation_is(${_GENERATION_PARAM}) THEN {param} END"
+    return param
+
+
 _INSERT_ONE = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
-VALUES ($1::text::memory.scope, $2, $3, $4::text::memory.memory_type, $5, $6,
-        CASE WHEN memory.embedding_generation_is($16) THEN $7::vector END,
-        CASE WHEN memory.embedding_generation_is($16) THEN $15::vector END, $8, $9, $10::jsonb, $11,
-        $12, {expiry_sql("$13::timestamptz", "$14::float8")})
+VALUES ({write_values(_param, f"${_TTL_PARAM}::float8")})
 """
 _UPSERT_ONE = _INSERT_ONE + UPSERT_TAIL
 _UPSERT_ONE_VERSIONED = f"""
 WITH w AS ({_INSERT_ONE} {UPSERT_TAIL_VERSIONED}),
-{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$17", "$18", "$19"))}
+{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=_CONTEXT_PARAMS)}
 SELECT id, created FROM w
 """
 
@@ -127,23 +120,11 @@ async def upsert(
     """Store by identity; with ``history``, a change records its version in the same statement. ``embedding`` is
     the current generation's vector, ``other`` the other generation's during a move (``generation``: the epoch
     both belong to)."""
+    values = columns.written_values(memory, embedding, model, other)
     row = await conn.fetchrow(
         _UPSERT_ONE if history is None else _UPSERT_ONE_VERSIONED,
-        memory.scope.value,
-        memory.scope_id,
-        memory.agent_id,
-        memory.memory_type.value,
-        memory.key,
-        memory.value,
-        embedding,
-        memory.importance,
-        list(memory.tags),
-        memory.metadata,
-        memory.content_hash,
-        model,
-        memory.expires_at,
+        *(values[c.name] for c in columns.WRITTEN),
         memory.ttl_seconds,
-        other,
         generation,
         *(() if history is None else context_values(history)),
     )
