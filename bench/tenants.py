@@ -102,8 +102,10 @@ async def _service_mode(
         return call
 
     await latencies(caller(token), caller(by_hand), count=warmup)
-    for bucket in (*answers.values(), *hits.values()):
-        bucket.clear()
+    for answered in answers.values():
+        answered.clear()
+    for counted in hits.values():
+        counted.clear()
     token_s, hand_s = await latencies(caller(token), caller(by_hand), count=count)
     recall: dict[int, str] = {id(token): "-", id(by_hand): "-"}
     if mode == "vector":

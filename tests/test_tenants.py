@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -153,10 +154,12 @@ async def test_permissions_and_expiry(served: tuple[str, object]) -> None:
 
 
 async def test_memory_quota_refuses_the_write_that_would_pass_it_and_stores_nothing_of_it(
-    served: tuple[str, object],
+    served: tuple[str, object], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="memory_service")
     dsn, start = served
-    capped = bearer(await create_token(dsn, "capped", ["agent:3", "agent:4"], max_memories=3))
+    secret = await create_token(dsn, "capped", ["agent:3", "agent:4"], max_memories=3)
+    capped = bearer(secret)
     running = await start()  # type: ignore[operator]
     stub = running.memory
     for i, scope_id in enumerate((3, 4, 3)):
@@ -182,6 +185,8 @@ async def test_memory_quota_refuses_the_write_that_would_pass_it_and_stores_noth
             pass
     assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert quota_violations(caught.value)[0][0] == "token:capped"
+    # Logs name the token, never its secret.
+    assert "bulk stream of capped ended" in caplog.text and secret not in caplog.text
     listed = await stub.List(memory_pb2.ListRequest(), metadata=capped)
     assert len(listed.memories) == 3 and not any(m.value.startswith("bulk") for m in listed.memories)
     refusals = running.server.metrics.registry.get_sample_value(
@@ -230,6 +235,76 @@ async def test_the_server_refuses_to_start_when_isolation_is_not_in_force(databa
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("memory-service: error: tenant isolation is not in force, refusing to start:")
+
+
+MISCONFIGURED = {
+    # Role attributes belong to the cluster: each case undoes itself, whatever the test's outcome.
+    "bypassrls": (
+        "ALTER ROLE memory_calls BYPASSRLS",
+        "ALTER ROLE memory_calls NOBYPASSRLS",
+        r"the role memory_calls bypasses row-level security \(it is a superuser or has BYPASSRLS\)",
+    ),
+    "superuser": (
+        "ALTER ROLE memory_calls_kinds SUPERUSER",
+        "ALTER ROLE memory_calls_kinds NOSUPERUSER",
+        r"the role memory_calls_kinds bypasses row-level security",
+    ),
+    "open policy": (
+        "CREATE POLICY everything ON memory.memory_versions TO memory_calls USING (true)",
+        "DROP POLICY everything ON memory.memory_versions",
+        r"policies of memory\.memory_versions other than the calls roles' apply to memory_calls: everything",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISCONFIGURED))
+async def test_the_server_refuses_to_start_when_the_calls_role_can_bypass_the_policies(
+    database_url: str, case: str
+) -> None:
+    breaks, repairs, message = MISCONFIGURED[case]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(breaks)
+        try:
+            with pytest.raises(StartupError, match="tenant isolation is not in force, refusing to start: " + message):
+                await start_server(server_env(database_url))
+        finally:
+            await conn.execute(repairs)
+        running = await start_server(server_env(database_url))  # repaired, it starts
+        await stop_server(running)
+    finally:
+        await conn.close()
+
+
+async def test_a_revoked_token_is_refused_within_5s_by_every_instance(database_url: str) -> None:
+    secret = bearer(await create_token(database_url, "everywhere", ["agent:2"]))
+    instances = [await start_server(server_env(database_url)) for _ in range(2)]
+    try:
+        for running in instances:  # each instance has resolved and cached the grant
+            await running.memory.List(memory_pb2.ListRequest(), metadata=secret)
+        revoked = await asyncio.to_thread(cli, "tokens", "revoke", "everywhere", dsn=database_url)
+        assert revoked.returncode == 0, revoked.stderr
+        began = time.monotonic()
+        refused_after: dict[int, float] = {}
+        while len(refused_after) < len(instances):
+            for n, running in enumerate(instances):
+                if n in refused_after:
+                    continue
+                try:
+                    await running.memory.List(memory_pb2.ListRequest(), metadata=secret)
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+                    refused_after[n] = time.monotonic() - began
+            assert time.monotonic() - began < 6.0, f"still served after 5 s by instances not in {refused_after}"
+            await asyncio.sleep(0.1)
+        # Refused for good: no instance serves it again once it has refused it.
+        for running in instances:
+            await refused(
+                running.memory.List(memory_pb2.ListRequest(), metadata=secret), grpc.StatusCode.UNAUTHENTICATED
+            )
+    finally:
+        for running in instances:
+            await stop_server(running)
 
 
 async def test_scope_counts_stay_exact_and_fold_into_one_row(database_url: str) -> None:

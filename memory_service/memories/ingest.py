@@ -225,7 +225,8 @@ class BulkIngest:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            log.info("bulk stream ended after %d rows in %d batches", rows, batches)
+            who = context.principal or "-"
+            log.info("bulk stream of %s ended after %d rows in %d batches", who, rows, batches)
 
     async def _receive(self, requests: AsyncIterator[BulkRequest], out: asyncio.Queue[list[_Pending] | _End]) -> None:
         """Check stream-level rules and hand each request's items on; blocks while the pipeline is full."""
