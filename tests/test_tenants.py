@@ -264,6 +264,10 @@ async def test_the_server_refuses_to_start_when_the_calls_role_can_bypass_the_po
     breaks, repairs, message = MISCONFIGURED[case]
     conn = await asyncpg.connect(database_url)
     try:
+        if breaks.startswith("ALTER ROLE") and not await conn.fetchval(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+        ):
+            pytest.skip("changing a role's attributes needs a superuser (TEST_DATABASE_URL's user is not one)")
         await conn.execute(breaks)
         try:
             with pytest.raises(StartupError, match="tenant isolation is not in force, refusing to start: " + message):
