@@ -272,12 +272,14 @@ class Runtime:
         )
 
     async def _start_background(self) -> None:
-        """The periodic loops (purge, index, text statistics, history retention) and the change feed's poller."""
+        """The periodic loops (purge, index, text statistics, history retention, scope counts) and the change
+        feed's poller."""
         settings = self.settings
         self._spawn("purge expired memories", settings.purge_interval, self._purge)
         self._spawn("index maintenance", settings.index_check_interval, self.index.maintain)
         self._spawn("text statistics", settings.text_stats_interval, self.text_stats.maintain)
         self._spawn("history retention", settings.purge_interval, self.history.purge)
+        self._spawn("fold scope counts", purge.SCOPE_COUNTS_FOLD_INTERVAL, lambda: purge.fold_scope_counts(self.db))
         await self.feed.start()
 
     def _spawn(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
@@ -287,7 +289,6 @@ class Runtime:
         """Purge expired memories (returning how many) and evict old embedding-cache entries."""
         purged = await purge.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
         await purge.evict_embedding_cache(self.db)
-        await purge.fold_scope_counts(self.db)
         return purged
 
     async def _database_dsn(self) -> str:
