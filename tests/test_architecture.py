@@ -25,6 +25,8 @@ LAYERS: dict[str, str] = {
     "models": "foundation",
     "config": "foundation",
     "metrics": "foundation",
+    "pagination": "foundation",
+    "observability": "foundation",
     "v1": "wire",
     "storage": "storage",
     "memories": "domain",

@@ -22,6 +22,7 @@ from grpc import aio
 
 from memory_service import errors
 from memory_service.api import details
+from memory_service.api.call_log import CallObserver
 from memory_service.api.status import status_for
 from memory_service.metrics import Metrics
 from memory_service.tenants import types as tenancy
@@ -96,9 +97,10 @@ class Authenticator:
 
 
 class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, metrics: Metrics, authenticator: Authenticator) -> None:
+    def __init__(self, metrics: Metrics, authenticator: Authenticator, observer: CallObserver | None = None) -> None:
         self._metrics = metrics
         self._auth = authenticator
+        self._observer = observer if observer is not None and observer.active else None
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -114,7 +116,7 @@ class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         service, _, name = method.lstrip("/").rpartition("/")
-        call = _Call(self._metrics, self._auth, service, name, handler)
+        call = _Call(self._metrics, self._auth, service, name, handler, observer=self._observer)
         factory, behavior = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
         original = getattr(handler, behavior)
         # Streaming handlers come in two shapes: async generators that yield responses, and coroutines that
@@ -163,7 +165,7 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 def _checked(request: Any) -> Any:
     if isinstance(request, _Undecodable):
-        raise errors.InvalidArgument("request", f"is not a valid message: {request.reason}")
+        raise errors.InvalidArgument("", f"the request is not a valid message: {request.reason}")
     return request
 
 
@@ -176,7 +178,14 @@ class _Call:
     """Everything the wrapper needs to know about one method."""
 
     def __init__(
-        self, metrics: Metrics, auth: Authenticator, service: str, method: str, handler: grpc.RpcMethodHandler
+        self,
+        metrics: Metrics,
+        auth: Authenticator,
+        service: str,
+        method: str,
+        handler: grpc.RpcMethodHandler,
+        *,
+        observer: CallObserver | None = None,
     ) -> None:
         kind = {
             (False, False): "unary",
@@ -190,6 +199,8 @@ class _Call:
         self._started = metrics.grpc_started.labels(*self.labels)
         self._latency = metrics.grpc_latency.labels(*self.labels)
         self.auth = auth if service not in OPEN_SERVICES else None
+        self.observer = observer
+        self.name = f"/{service}/{method}"
 
     async def _authenticate(self, context: aio.ServicerContext) -> None:
         """Resolve the call's access once; everything the call does from here on runs with it."""
@@ -200,20 +211,24 @@ class _Call:
         current_principal.set(access.principal)
         self.auth.admit(access, self.labels[1], self.labels[2])
 
-    def _finish(self, started: float, code: grpc.StatusCode, exc: BaseException | None = None) -> None:
+    def _finish(self, started: float, code: grpc.StatusCode, watch: Any, exc: BaseException | None) -> None:
+        seconds = time.perf_counter() - started
         self.metrics.grpc_handled.labels(*self.labels, code.name).inc()
-        self._latency.observe(time.perf_counter() - started)
+        self._latency.observe(seconds)
         principal = tenancy.CURRENT.get().principal
         if principal is not None:
             self.metrics.token_calls.labels(principal, code.name).inc()
             if isinstance(exc, errors.QuotaExceeded):
                 self.metrics.token_quota_refusals.labels(principal, exc.quota).inc()
+        if watch is not None:
+            watch.end(code, seconds, current_principal.get())
 
     def wrap_unary(self, behavior: Callable[[Any, aio.ServicerContext], Awaitable[Any]]) -> Any:
         async def unary(request: Any, context: aio.ServicerContext) -> Any:
             self._started.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            watch = None if self.observer is None else self.observer.begin(self.name, context)
             failure: BaseException | None = None
             try:
                 await self._authenticate(context)
@@ -224,7 +239,7 @@ class _Call:
                 await _abort_unless_final(exc, code, context)
                 raise
             finally:
-                self._finish(started, code, failure)
+                self._finish(started, code, watch, failure)
 
         return unary
 
@@ -233,6 +248,7 @@ class _Call:
             self._started.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            watch = None if self.observer is None else self.observer.begin(self.name, context)
             failure: BaseException | None = None
             try:
                 await self._authenticate(context)
@@ -244,7 +260,7 @@ class _Call:
                 await _abort_unless_final(exc, code, context)
                 raise
             finally:
-                self._finish(started, code, failure)
+                self._finish(started, code, watch, failure)
 
         return stream
 
@@ -272,7 +288,7 @@ async def _abort_unless_final(exc: BaseException, code: grpc.StatusCode, context
     """
     if isinstance(exc, aio.AbortError | asyncio.CancelledError | GeneratorExit):
         return
-    if isinstance(exc, errors.InvalidArgument):
+    if isinstance(exc, errors.InvalidArgument) and exc.field:
         message = str(exc)
         await context.abort(code, message, trailing_metadata=details.bad_request(exc, message))
     if isinstance(exc, errors.QuotaExceeded):

@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from memory_service.config.settings import Settings
 from memory_service.errors import (
+    WRITES_REFUSED,
     DatabaseUnavailable,
     DeadlineExceeded,
     InvalidArgument,
@@ -77,6 +78,8 @@ def owner_key(owner: str) -> int:
 
 def _ambiguous(exc: BaseException) -> bool:
     """Whether a grant may have committed although its caller did not get the answer."""
+    if isinstance(exc, WRITES_REFUSED):
+        return False  # refused before anything was written
     return not isinstance(exc, MemoryServiceError) or isinstance(exc, Unavailable | DeadlineExceeded)
 
 
@@ -300,14 +303,14 @@ class LeaseManager:
         if page_size < 0:
             raise InvalidArgument("page_size", f"is expected to be positive (got {page_size})")
         limit = min(page_size or DEFAULT_PAGE_SIZE, self._settings.list_max_page_size)
-        after = decode_page_token(page_token)
+        after = decode_page_token(page_token, listed=namespace)
         leases = await self._run(
             lambda conn: sql.list_live(conn, namespace=namespace or None, after=after, limit=limit + 1)
         )
         if len(leases) <= limit:
             return leases, ""
         last = leases[limit - 1]
-        return leases[:limit], encode_page_token(last.namespace, last.name)
+        return leases[:limit], encode_page_token(last.namespace, last.name, listed=namespace)
 
     # --- what Hold streams (leases.hold) use -------------------------------------------------------------------
 

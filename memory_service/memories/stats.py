@@ -8,6 +8,7 @@ table's current size for the total, with small scopes and the expired rows count
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 
 from memory_service.models import Scope
 from memory_service.search.index_care import IndexCare, IndexState
@@ -36,6 +37,15 @@ class Stats:
     """Exact on a small or never-analyzed cache, otherwise the planner's estimate."""
     counts_estimated: bool = False
     """Whether any count above is an estimate rather than a count."""
+    writes_refused: WriteRefusal | None = None
+    """Set while the database refuses writes, as this instance last saw."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteRefusal:
+    since: datetime
+    reason: str
+    refused_calls: int
 
 
 async def collect(
@@ -50,6 +60,10 @@ async def collect(
 ) -> Stats:
     if not guard.server_wide():
         return await _granted(db, embedding_model=embedding_model, dimension=dimension)
+    refusals = db.refusals
+    refused = None
+    if refusals.since is not None:  # read first: the counts below may fail while writes are refused
+        refused = WriteRefusal(since=refusals.since, reason=refusals.reason, refused_calls=refusals.count)
     state = await index.refresh()
     async with db.connection() as conn:
         counts = await stats_sql.counts(conn)
@@ -68,6 +82,7 @@ async def collect(
         target_recall=index.target_recall,
         embedding_cache_entries=counts.embedding_cache_entries,
         counts_estimated=counts.estimated,
+        writes_refused=refused,
     )
 
 

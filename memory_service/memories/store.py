@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import logging
-from dataclasses import asdict
 
+from memory_service import pagination
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, NotFound
 from memory_service.memories.binding import ModelBinding
@@ -18,8 +15,6 @@ from memory_service.storage.database import Database
 from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
-
-_CURSOR_VERSION = "1"
 
 
 class MemoryStore:
@@ -72,39 +67,16 @@ class MemoryStore:
     ) -> tuple[list[Memory], str]:
         """One page in id order and the token of the next page ("" on the last)."""
         memory_filter = guard.narrow(memory_filter)
-        after_id = decode_cursor(page_token, memory_filter)
+        binding = pagination.filter_binding(memory_filter)
+        after = pagination.MEMORY_LIST.decode(page_token, binding=binding)
         async with self._db.connection() as conn:
             rows = await memories_sql.list_page(
-                conn, memory_filter, after_id=after_id, limit=page_size + 1, with_embedding=with_embedding
+                conn,
+                memory_filter,
+                after_id=after[0] if after else 0,
+                limit=page_size + 1,
+                with_embedding=with_embedding,
             )
         page = rows[:page_size]
-        next_token = encode_cursor(page[-1].id, memory_filter) if len(rows) > page_size else ""
+        next_token = pagination.MEMORY_LIST.encode(page[-1].id, binding=binding) if len(rows) > page_size else ""
         return page, next_token
-
-
-def _filter_fingerprint(memory_filter: MemoryFilter, binding: str = "") -> str:
-    """Binds a cursor to the filter (and ``binding``, such as an as-of time) it was issued for, so it cannot
-    silently page through another."""
-    encoded = json.dumps(asdict(memory_filter), sort_keys=True, default=str) + binding
-    return hashlib.sha256(encoded.encode()).hexdigest()[:16]
-
-
-def encode_cursor(after_id: int, memory_filter: MemoryFilter, *, binding: str = "") -> str:
-    raw = f"{_CURSOR_VERSION}:{after_id}:{_filter_fingerprint(memory_filter, binding)}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(token: str, memory_filter: MemoryFilter, *, binding: str = "") -> int:
-    if not token:
-        return 0
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        version, after, fingerprint = base64.urlsafe_b64decode(padded.encode()).decode().split(":")
-        after_id = int(after)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("page_token", "is not a token this service issued") from None
-    if version != _CURSOR_VERSION or after_id < 0:
-        raise InvalidArgument("page_token", "is not a token this service issued")
-    if fingerprint != _filter_fingerprint(memory_filter, binding):
-        raise InvalidArgument("page_token", "was issued for a different filter")
-    return after_id
