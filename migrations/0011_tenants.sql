@@ -150,18 +150,14 @@ GRANT EXECUTE ON FUNCTION memory.text_matches(tsquery) TO memory_calls, memory_c
 -- each statement inserted and deleted (upserts that update change no count) as rows of (scope, scope_id, +n/-n);
 -- a scope's count is the sum of its rows, read through the index. Appending takes no lock that another writer could
 -- wait for (a counter row updated in place would queue every writer of a scope behind the longest transaction
--- writing to it). Every instance folds, every couple of seconds, the rows of the scopes written since into one row
--- per scope (memory_service.memories.purge), so a sum reads a few rows however fast a scope is written; appended
--- rows are not yet folded, and the partial index finds them without reading the folded rest. Expired memories
--- count until the purge deletes them.
+-- writing to it); the purge loop folds each scope's rows into one (memory_service.memories.purge). Expired
+-- memories count until the purge deletes them.
 CREATE TABLE memory.scope_usage (
     scope    memory.scope NOT NULL,
     scope_id bigint NOT NULL,
-    memories bigint NOT NULL,
-    folded   boolean NOT NULL DEFAULT false
+    memories bigint NOT NULL
 );
 CREATE INDEX scope_usage_scope ON memory.scope_usage (scope, scope_id);
-CREATE INDEX scope_usage_unfolded ON memory.scope_usage (scope, scope_id) WHERE NOT folded;
 GRANT SELECT, INSERT ON memory.scope_usage TO memory_calls, memory_calls_kinds;
 REVOKE UPDATE, DELETE ON memory.scope_usage FROM memory_calls, memory_calls_kinds;
 -- Which scope ids exist is not a tenant's business either.
@@ -170,8 +166,8 @@ ALTER TABLE memory.scope_usage FORCE ROW LEVEL SECURITY;
 CREATE POLICY calls ON memory.scope_usage TO memory_calls, memory_calls_kinds
     USING (memory.granted(scope, scope_id)) WITH CHECK (memory.granted(scope, scope_id));
 CREATE POLICY maintenance ON memory.scope_usage TO CURRENT_USER USING (true) WITH CHECK (true);
-INSERT INTO memory.scope_usage (scope, scope_id, memories, folded)
-SELECT scope, scope_id, count(*), true FROM memory.memories GROUP BY scope, scope_id;
+INSERT INTO memory.scope_usage (scope, scope_id, memories)
+SELECT scope, scope_id, count(*) FROM memory.memories GROUP BY scope, scope_id;
 
 -- Memories in the scopes of a grants list (as memory.grants holds it), read through the index.
 CREATE FUNCTION memory.usage_in(grants text) RETURNS bigint LANGUAGE plpgsql STABLE AS $$

@@ -301,8 +301,7 @@ class Runtime:
         return self.tracing.on_query if self.tracing is not None else None
 
     async def _start_background(self) -> None:
-        """The periodic loops (purge, index, text statistics, history retention, scope counts) and the change
-        feed's poller."""
+        """The periodic loops (purge, index, text statistics, history retention) and the change feed's poller."""
         settings = self.settings
         text_search = self.search.text_search
         if text_search is not None:  # its first step loads the index when start-up did not
@@ -311,7 +310,6 @@ class Runtime:
         self._spawn("index_maintenance", settings.index_check_interval, self.index.maintain)
         self._spawn("text_statistics", settings.text_stats_interval, self.text_stats.maintain)
         self._spawn("history_retention", settings.purge_interval, self.history.purge)
-        self._spawn("scope_counts", purge.SCOPE_COUNTS_FOLD_INTERVAL, lambda: purge.fold_scope_counts(self.db))
         if self._recall is not None:
             self._recall.start()
         await self.feed.start()
@@ -323,6 +321,7 @@ class Runtime:
         """Purge expired memories (returning how many) and evict old embedding-cache entries."""
         purged = await purge.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
         await purge.evict_embedding_cache(self.db)
+        await purge.fold_scope_counts(self.db)
         return purged
 
     async def _database_dsn(self) -> str:

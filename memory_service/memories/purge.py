@@ -62,16 +62,9 @@ async def evict_embedding_cache(db: Database, age: timedelta = EMBEDDING_CACHE_R
     return total
 
 
-SCOPE_COUNTS_FOLD_INTERVAL = 2.0
-"""Seconds between folds of the per-scope counts. A quota check sums its scopes' rows under the token's lock, so
-the rows appended between folds bound its cost: at 1,000 writing statements a second into one scope, about 2,000
-rows (a millisecond or two), where a fold per PURGE_INTERVAL (60 s) let 60,000 pile up (20-odd ms, every write).
-A fold with nothing to do is one probe of an empty partial index."""
-
-
 async def fold_scope_counts(db: Database) -> int:
-    """Fold the per-scope count rows that writes appended since the last fold (migration 0011) into one per scope,
-    so that summing a scope's count stays an index probe of a row or a few; returns the rows folded."""
+    """Fold the per-scope count rows that writes appended (migration 0011) into one per scope, so that summing a
+    scope's count stays an index probe of a row or a few."""
     total = 0
     while True:
         async with db.transaction() as conn:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncpg
 
-# The scopes written since the last fold (those with rows not yet folded, found through the partial index), up to $1
-# of them: each one's rows, folded or not, become a single folded row holding their sum. Rows a concurrent writer
-# appends meanwhile are not in this statement's snapshot and stay for the next fold; two instances folding at once
+# The scopes with more than one row, up to $1 of them: each one's rows become a single row holding their sum. Rows a
+# concurrent writer appends meanwhile are not in this statement's snapshot and stay; two instances folding at once
 # lock the same rows, and the second finds them gone, so nothing is counted twice.
 _FOLD = """
 WITH scopes AS (
-    SELECT DISTINCT scope, scope_id FROM memory.scope_usage WHERE NOT folded LIMIT $1
+    SELECT scope, scope_id FROM memory.scope_usage GROUP BY scope, scope_id HAVING count(*) > 1 LIMIT $1
 ),
 gone AS (
     DELETE FROM memory.scope_usage u USING scopes s
@@ -18,8 +17,8 @@ gone AS (
     RETURNING u.scope, u.scope_id, u.memories
 ),
 folded AS (
-    INSERT INTO memory.scope_usage (scope, scope_id, memories, folded)
-    SELECT scope, scope_id, sum(memories), true FROM gone GROUP BY scope, scope_id HAVING sum(memories) <> 0
+    INSERT INTO memory.scope_usage (scope, scope_id, memories)
+    SELECT scope, scope_id, sum(memories) FROM gone GROUP BY scope, scope_id HAVING sum(memories) <> 0
 )
 SELECT (SELECT count(*) FROM scopes) AS scopes, (SELECT count(*) FROM gone) AS rows
 """
