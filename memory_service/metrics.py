@@ -38,7 +38,14 @@ _WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 SEARCH_MODES = ("vector", "text", "hybrid")
 SEARCH_PLANS = ("exact", "index", "iterative_index", "text")
 """What answered a search: an exact scan, the vector index (plain or iterative scan), or text alone."""
-BACKGROUND_TASKS = ("purge", "index_maintenance", "text_statistics", "history_retention", "text_index")
+BACKGROUND_TASKS = (
+    "purge",
+    "index_maintenance",
+    "text_statistics",
+    "history_retention",
+    "text_index",
+    "quota_counts",
+)
 INGEST_OUTCOMES = ("created", "updated", "unchanged", "rejected")
 
 

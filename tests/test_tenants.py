@@ -335,3 +335,30 @@ async def test_scope_counts_stay_exact_and_fold_into_one_row(database_url: str) 
             await conn.close()
     finally:
         await stop_server(running)
+
+
+async def test_the_scopes_of_quota_bound_tokens_fold_every_few_seconds(database_url: str) -> None:
+    from memory_service.memories.purge import fold_quota_scopes
+
+    capped = bearer(await create_token(database_url, "capped-fold", ["agent:20"], max_memories=100))
+    running = await start_server(server_env(database_url, AUTH_TOKENS=STATIC))  # PURGE_INTERVAL 1h: no purge fold
+    conn = await asyncpg.connect(database_url)
+    query = "SELECT count(*), sum(memories) FROM memory.scope_usage WHERE scope = 'agent' AND scope_id = $1"
+    try:
+        stub = running.memory
+        for i in range(5):
+            await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 20, f"n{i}", key=f"k{i}")), metadata=capped)
+            await stub.Store(
+                memory_pb2.StoreRequest(memory=memory(AGENT, 21 + i % 2, f"n{i}", key=f"k{i}")), metadata=bearer(STATIC)
+            )
+        began = time.monotonic()
+        while tuple(await conn.fetchrow(query, 20)) != (1, 5):
+            assert time.monotonic() - began < 8.0, "the quota-bound scope's counts were not folded"
+            await asyncio.sleep(0.2)
+        # Scopes no quota-bound token holds are left to the purge; a kind-wide grant folds the whole kind.
+        assert tuple(await conn.fetchrow(query, 21)) == (3, 3)
+        assert await fold_quota_scopes(running.server.runtime.db, {ScopeGrant.parse("agent:*")}) == 5
+        assert [tuple(await conn.fetchrow(query, i)) for i in (20, 21, 22)] == [(1, 5), (1, 3), (1, 2)]
+    finally:
+        await conn.close()
+        await stop_server(running)

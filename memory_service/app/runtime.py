@@ -310,6 +310,7 @@ class Runtime:
         self._spawn("index_maintenance", settings.index_check_interval, self.index.maintain)
         self._spawn("text_statistics", settings.text_stats_interval, self.text_stats.maintain)
         self._spawn("history_retention", settings.purge_interval, self.history.purge)
+        self._spawn("quota_counts", purge.QUOTA_FOLD_INTERVAL, self._fold_quota_counts)
         if self._recall is not None:
             self._recall.start()
         await self.feed.start()
@@ -323,6 +324,9 @@ class Runtime:
         await purge.evict_embedding_cache(self.db)
         await purge.fold_scope_counts(self.db)
         return purged
+
+    async def _fold_quota_counts(self) -> int:
+        return await purge.fold_quota_scopes(self.db, self.tokens.quota_grants())
 
     async def _database_dsn(self) -> str:
         if self.settings.database_url is not None:
