@@ -93,3 +93,12 @@ async def fold_quota_scopes(db: Database, grants: Collection[ScopeGrant]) -> int
     async with db.transaction() as conn:
         _, rows = await usage_sql.fold_scopes(conn, pairs, kinds)
     return rows
+
+
+def quota_folder(db: Database, grants: Callable[[], Collection[ScopeGrant]]) -> Callable[[], Awaitable[int]]:
+    """The background step: fold the scopes ``grants()`` names at the time."""
+
+    async def fold() -> int:
+        return await fold_quota_scopes(db, grants())
+
+    return fold
