@@ -46,6 +46,7 @@ BACKGROUND_TASKS = (
     "text_index",
     "model_generation",
     "model_backfill",
+    "quota_counts",
 )
 INGEST_OUTCOMES = ("created", "updated", "unchanged", "rejected")
 

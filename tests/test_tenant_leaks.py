@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memory_service.storage.access import access_settings
+from memory_service.tenants import guard
 from memory_service.tenants.types import Access, Permission, ScopeGrant
 from memory_service.v1 import lease_pb2, memory_pb2
 from tests.conftest import TEMPLATE_DB, RunningServer, create_database, drop_database, start_server, stop_server
@@ -351,3 +352,37 @@ async def test_row_level_security_alone_hides_another_tenant(tenants: Tenants) -
             assert await conn.fetchval("SELECT count(*) FROM memory.memories") >= 4
     finally:
         await conn.close()
+
+
+async def test_with_the_services_narrowing_switched_off_postgresql_still_hides_another_tenant(
+    tenants: Tenants, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard's narrowing and checks let everything through; B's calls still run as the calls role with B's
+    grants, and come back with nothing of A: row-level security holds on its own behind the real RPCs."""
+    monkeypatch.setattr(guard, "narrow", lambda memory_filter, field="filter": memory_filter)
+    monkeypatch.setattr(guard, "check_scope", lambda scope, scope_id, field: None)
+    monkeypatch.setattr(guard, "check_visible", lambda scope, scope_id, missing: None)
+    monkeypatch.setattr(guard, "sees", lambda scope, scope_id: True)
+    stub, b, a_ids = tenants.server.memory, tenants.b, set(tenants.a_ids)
+    a_scopes = scopes((AGENT, 1), (PROJECT, 10))
+    for memory_filter in (memory_pb2.MemoryFilter(), a_scopes):
+        listed = await stub.List(memory_pb2.ListRequest(filter=memory_filter), metadata=b)
+        assert not {m.id for m in listed.memories} & a_ids
+        for mode in MODES:
+            found = await stub.Search(
+                memory_pb2.SearchRequest(query=f"{A_WORD} apple", mode=mode, filter=memory_filter, top_k=50),
+                metadata=b,
+            )
+            assert not {h.memory.id for h in found.hits} & a_ids, mode
+    assert not (await stub.List(memory_pb2.ListRequest(filter=a_scopes), metadata=b)).memories
+    for memory_id in tenants.a_ids:
+        await refused(stub.Get(memory_pb2.GetRequest(id=memory_id), metadata=b), NOT_FOUND)
+        await refused(stub.History(memory_pb2.HistoryRequest(id=memory_id), metadata=b), NOT_FOUND)
+        assert (await stub.Delete(memory_pb2.DeleteRequest(id=memory_id), metadata=b)).deleted == 0
+    assert (await stub.Delete(memory_pb2.DeleteRequest(filter=a_scopes), metadata=b)).deleted == 0
+    # A write into A's scope is refused by the policies' WITH CHECK: nothing of it is stored.
+    await refused(stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 1, "from b", key="b")), metadata=b), DENIED)
+    monkeypatch.undo()
+    kept = await _all_of(stub, tenants.a)
+    assert set(tenants.a_ids[:4]) <= {m.id for m in kept}
+    assert not any(m.value == "from b" for m in kept)

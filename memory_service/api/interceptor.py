@@ -300,6 +300,7 @@ async def _abort_unless_final(exc: BaseException, code: grpc.StatusCode, context
         message = "this method is not implemented yet"
     else:
         reference = uuid.uuid4().hex[:12]
-        log.error("internal error (ref %s)", reference, exc_info=exc)
+        principal = tenancy.CURRENT.get().principal or "-"  # a token's name, never its secret
+        log.error("internal error (ref %s, principal %s)", reference, principal, exc_info=exc)
         message = f"internal error; the server log has the details (ref {reference})"
     await context.abort(code, message)

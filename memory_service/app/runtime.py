@@ -303,8 +303,7 @@ class Runtime:
     @property
     def _configured_setting(self) -> int | None:
         """The operator's probes (ef_search for HNSW) for every index search; None leaves it to calibration."""
-        settings = self.settings
-        return settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes
+        return self.settings.hnsw_ef_search if self.settings.vector_index == "hnsw" else self.settings.ivfflat_probes
 
     @property
     def _on_query(self) -> Callable[[Any], None] | None:
@@ -324,6 +323,7 @@ class Runtime:
         self._spawn("index_maintenance", settings.index_check_interval, lambda: self.moves.maintain_indexes(self.index))
         self._spawn("text_statistics", settings.text_stats_interval, self.text_stats.maintain)
         self._spawn("history_retention", settings.purge_interval, self.history.purge)
+        self._spawn("quota_counts", purge.QUOTA_FOLD_INTERVAL, purge.quota_folder(self.db, self.tokens.quota_grants))
         if self._recall is not None:
             self._recall.start()
         await self.feed.start()

@@ -255,7 +255,8 @@ class BulkIngest:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             in_flight.close()
-            log.info("bulk stream ended after %d rows in %d batches", rows, batches)
+            who = context.principal or "-"
+            log.info("bulk stream of %s ended after %d rows in %d batches", who, rows, batches)
 
     async def _receive(
         self, requests: AsyncIterator[BulkRequest], out: asyncio.Queue[list[_Pending] | _End], in_flight: _InFlight

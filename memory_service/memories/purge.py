@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 
 from memory_service.metrics import Metrics
 from memory_service.storage import embedding_cache_sql, memories_sql, usage_sql
 from memory_service.storage.database import Connection, Database
+from memory_service.tenants.types import ScopeGrant
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +73,32 @@ async def fold_scope_counts(db: Database) -> int:
         total += rows
         if scopes < PURGE_BATCH:
             return total
+
+
+QUOTA_FOLD_INTERVAL = 2.0
+"""Seconds between folds of the scopes of quota-bound tokens. A quota check sums its scopes' rows, one per writing
+statement since the last fold: 1,000 rows cost 0.4 ms, 60,000 (a minute of PURGE_INTERVAL at 1,000 statements a
+second) 23 ms, on every write. With nothing to fold, no statement is sent."""
+
+
+async def fold_quota_scopes(db: Database, grants: Collection[ScopeGrant]) -> int:
+    """Fold the count rows of the scopes ``grants`` cover (the quota-bound tokens this instance served lately);
+    returns the rows folded."""
+    if not grants:
+        return 0
+    if any(g.scope is None for g in grants):
+        return await fold_scope_counts(db)
+    pairs = sorted({(g.scope.value, g.scope_id) for g in grants if g.scope is not None and g.scope_id is not None})
+    kinds = sorted({g.scope.value for g in grants if g.scope is not None and g.scope_id is None})
+    async with db.transaction() as conn:
+        _, rows = await usage_sql.fold_scopes(conn, pairs, kinds)
+    return rows
+
+
+def quota_folder(db: Database, grants: Callable[[], Collection[ScopeGrant]]) -> Callable[[], Awaitable[int]]:
+    """The background step: fold the scopes ``grants()`` names at the time."""
+
+    async def fold() -> int:
+        return await fold_quota_scopes(db, grants())
+
+    return fold

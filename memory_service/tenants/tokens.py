@@ -195,6 +195,17 @@ class Tokens:
         finally:
             del self._pending[digest]
 
+    def quota_grants(self, within: float = 60.0) -> set[ScopeGrant]:
+        """The scopes of the tokens with a memory quota this instance resolved in the last ``within`` seconds: the
+        scopes whose counts its writes sum."""
+        now = self._clock()
+        return {
+            grant
+            for resolved_at, access in list(self._cache.values())
+            if access is not None and access.max_memories is not None and now - resolved_at < within
+            for grant in access.scopes
+        }
+
     def _remember(self, digest: bytes, access: Access | None) -> None:
         self._cache.pop(digest, None)
         while len(self._cache) >= CACHE_ENTRIES:
