@@ -80,6 +80,26 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_compose_prometheus_scrapes_the_service_and_loads_the_rules(tmp_path: Path) -> None:
+    """The monitoring profile's config, with the container paths its volumes mount mapped back to the repository's
+    files, passes `promtool check config` (which loads the rule files), and scrapes the service's metrics port."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    prometheus = compose["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    mounts = dict(reversed(v.removesuffix(":ro").split(":")) for v in prometheus["volumes"])
+    config = yaml.safe_load((ROOT / mounts["/etc/prometheus/prometheus.yml"]).read_text())
+    assert [mounts[f] for f in config["rule_files"]] == ["./deploy/prometheus/alerts.yml"]
+    config["rule_files"] = [str(ROOT / mounts[f]) for f in config["rule_files"]]
+    (target,) = [t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    host, port = target.split(":")
+    assert host in compose and f"127.0.0.1:{port}:{port}" in compose[host]["ports"]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([_promtool(), "check", "config", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(_rules())} rules found" in result.stdout
+
+
 def test_every_alert_is_tested_firing_and_resolved_and_has_a_runbook() -> None:
     cases = [case for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for case in test["alert_rule_test"]]
     operations = OPERATIONS.read_text()
