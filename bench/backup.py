@@ -23,6 +23,7 @@ import asyncpg
 
 from bench.datasets import clustered, copy_into_memories, records
 from bench.harness import ServerProcess, database_server, fresh_database, print_table
+from bench.peak_memory import read_peak
 from memory_service.storage import settings_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.migrations import apply_migrations
@@ -31,18 +32,20 @@ MODEL = "hash-ngram-v1"
 
 
 def _command(dsn: str, *args: str, out: Path | None = None) -> tuple[float, float]:
-    """Seconds the command took as a process of its own, and its peak resident memory in MB."""
+    """Seconds the command took as a process of its own, and its own peak resident memory in MB."""
     started = time.perf_counter()
     env = {**os.environ, "DATABASE_URL": dsn}
     with open(out, "wb") if out else open(os.devnull, "wb") as handle:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "memory_service", *args], env=env, stdout=handle, stderr=subprocess.DEVNULL
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.peak_memory", "memory_service", *args],
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=handle,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=True,
         )
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, for its rusage
-    if process.returncode != 0:
-        raise subprocess.CalledProcessError(process.returncode, ["memory-service", *args])
-    return time.perf_counter() - started, usage.ru_maxrss / 1024
+    return time.perf_counter() - started, read_peak(result.stderr) / 1024
 
 
 async def run(rows: int) -> None:
