@@ -38,7 +38,7 @@ _WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 SEARCH_MODES = ("vector", "text", "hybrid")
 SEARCH_PLANS = ("exact", "index", "iterative_index", "text")
 """What answered a search: an exact scan, the vector index (plain or iterative scan), or text alone."""
-BACKGROUND_TASKS = ("purge", "index_maintenance", "text_statistics", "history_retention")
+BACKGROUND_TASKS = ("purge", "index_maintenance", "text_statistics", "history_retention", "text_index")
 INGEST_OUTCOMES = ("created", "updated", "unchanged", "rejected")
 
 
@@ -103,6 +103,11 @@ class Metrics:
         )
         self.pool_size = Gauge("memory_db_pool_connections", "Connections open in the pool.", registry=r)
         self.pool_in_use = Gauge("memory_db_pool_in_use_connections", "Pool connections checked out.", registry=r)
+        self.writes_refused = Gauge(
+            "memory_db_writes_refused",
+            "1 while the database refuses writes (read-only, out of disk or memory), as this instance last saw.",
+            registry=r,
+        )
         self.pool_max = Gauge("memory_db_pool_max_connections", "Most connections the pool opens.", registry=r)
         self.pool_wait = Histogram(
             "memory_db_pool_wait_seconds",
@@ -143,6 +148,23 @@ class Metrics:
             for outcome in ("ok", "error"):
                 self.background_runs.labels(task, outcome)
             self.background_success.labels(task).set(now)
+        # Per token name: bounded by the number of tokens an operator created (docs/security.md).
+        self.token_calls = Counter(
+            "memory_token_calls_total", "RPCs of each named token, by status code.", ("token", "grpc_code"), registry=r
+        )
+        self.token_quota_refusals = Counter(
+            "memory_token_quota_refusals_total",
+            "Calls of each named token refused by one of its quotas (rate, max_memories).",
+            ("token", "quota"),
+            registry=r,
+        )
+        self.token_memories = Gauge(
+            "memory_token_memories",
+            "Memories in the scopes of each token with a memory quota, as the quota counts them (refreshed with its "
+            "grant, at most every 5 s while it makes calls).",
+            ("token",),
+            registry=r,
+        )
 
     def _search_metrics(self, r: CollectorRegistry) -> None:
         self.search_latency = Histogram(
@@ -240,11 +262,18 @@ class Metrics:
             registry=r,
         )
 
-    def watch_pool(self, size: Callable[[], int], idle: Callable[[], int], maximum: int = 0) -> None:
+    def watch_pool(
+        self,
+        size: Callable[[], int],
+        idle: Callable[[], int],
+        maximum: int = 0,
+        refusing: Callable[[], bool] = lambda: False,
+    ) -> None:
         """Read pool gauges at scrape time rather than tracking every acquire."""
         self.pool_size.set_function(lambda: float(size()))
         self.pool_in_use.set_function(lambda: float(size() - idle()))
         self.pool_max.set(maximum)
+        self.writes_refused.set_function(lambda: float(refusing()))
 
     def init_embedding(self, provider: str, outcomes: Iterable[str] = ("ok", "retryable_error", "refused")) -> None:
         """Create the provider's series at zero, so its error ratio has something to divide from the start."""

@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-from memory_service.errors import MemoryServiceError
+from memory_service.errors import WRITES_REFUSED, MemoryServiceError
 from memory_service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ async def every(
         try:
             await work()
             outcome = "ok"
+        except WRITES_REFUSED as exc:
+            log.debug("%s skipped: %s", name, exc)  # the episode is logged once, where it began
         except MemoryServiceError as exc:
             log.warning("%s failed: %s", label, exc)
         except Exception:

@@ -16,6 +16,7 @@ from memory_service.config.env import redact_url
 from memory_service.config.settings import Settings
 from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import StartupError
 from memory_service.history.feed import ChangeFeed
 from memory_service.history.service import History
 from memory_service.leases.manager import LeaseManager
@@ -31,12 +32,14 @@ from memory_service.search.index_care import IndexCare
 from memory_service.search.observe import SearchObserver
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.recall_check import RecallCheck
+from memory_service.search.text_search import TextSearch
 from memory_service.search.text_stats import TextStats
 from memory_service.search.tuning import TextRanking
-from memory_service.storage import settings_sql
+from memory_service.storage import isolation_sql, settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
+from memory_service.tenants.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ class Runtime:
         self._binding: ModelBinding | None = None
         self._history: History | None = None
         self._feed: ChangeFeed | None = None
+        self._tokens: Tokens | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,6 +123,11 @@ class Runtime:
         return _started(self._bulk)
 
     @property
+    def tokens(self) -> Tokens:
+        """The tokens table and AUTH_TOKENS: resolves each call's access."""
+        return _started(self._tokens)
+
+    @property
     def history(self) -> History:
         return _started(self._history)
 
@@ -131,6 +140,8 @@ class Runtime:
         """Build every component in dependency order; ``background`` also starts the loops and the change feed."""
         try:
             db = await self._open_database()
+            await self._check_isolation(db)
+            self._tokens = Tokens(db, self.settings.auth_tokens, metrics=self.metrics)
             self._leases = LeaseManager(db, self.settings, self.metrics)
             await self._leases.start()
             binding = await self._check_binding(db)
@@ -170,7 +181,7 @@ class Runtime:
             self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max, on_query=self._on_query
         )
         db.on_wait = self.metrics.pool_wait.observe
-        self.metrics.watch_pool(db.pool_size, db.pool_idle, settings.database_pool_max)
+        self.metrics.watch_pool(db.pool_size, db.pool_idle, settings.database_pool_max, lambda: db.refusing)
         async with db.connection() as conn:
             self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
         log.info(
@@ -180,6 +191,13 @@ class Runtime:
             "available" if self._iterative_scan else "unavailable: filtered searches fall back to exact scans",
         )
         return db
+
+    async def _check_isolation(self, db: Database) -> None:
+        """Refuse to serve when row-level security would not confine the calls of scoped tokens (docs/security.md)."""
+        async with db.connection() as conn:
+            problem = await isolation_sql.isolation_problem(conn)
+        if problem is not None:
+            raise StartupError(f"tenant isolation is not in force, refusing to start: {problem}")
 
     @property
     def _iterative_scan(self) -> bool:
@@ -252,6 +270,10 @@ class Runtime:
             )
             read_db.on_wait = self.metrics.pool_wait.observe
         self._recall = RecallCheck(read_db, self.metrics, sample=settings.search_recall_sample)
+        ranking = TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored)
+        text_search = TextSearch(read_db, ranking) if settings.text_index else None
+        if text_search is not None:
+            await text_search.load_if_small()  # a large table loads in the background (_start_background)
         self._search = SearchEngine(
             read_db,
             embedder,
@@ -260,10 +282,11 @@ class Runtime:
             iterative_scan=self._iterative_scan,
             default_probes=self._configured_setting,
             narrow_filter_rows=settings.search_narrow_filter_rows,
-            text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
+            text_ranking=ranking,
             hybrid_alpha=alpha,
             seen=seen,
             observer=SearchObserver(self.metrics, self._recall),
+            text_search=text_search,
         )
 
     @property
@@ -280,6 +303,9 @@ class Runtime:
     async def _start_background(self) -> None:
         """The periodic loops (purge, index, text statistics, history retention) and the change feed's poller."""
         settings = self.settings
+        text_search = self.search.text_search
+        if text_search is not None:  # its first step loads the index when start-up did not
+            self._spawn("text_index", settings.text_index_interval, text_search.follow)
         self._spawn("purge", settings.purge_interval, self._purge)
         self._spawn("index_maintenance", settings.index_check_interval, self.index.maintain)
         self._spawn("text_statistics", settings.text_stats_interval, self.text_stats.maintain)
@@ -295,6 +321,7 @@ class Runtime:
         """Purge expired memories (returning how many) and evict old embedding-cache entries."""
         purged = await purge.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
         await purge.evict_embedding_cache(self.db)
+        await purge.fold_scope_counts(self.db)
         return purged
 
     async def _database_dsn(self) -> str:

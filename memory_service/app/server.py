@@ -69,8 +69,10 @@ def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
 class MemoryServer:
     """One running instance: the runtime (database, embedder, domain services) behind a gRPC server."""
 
-    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, reuse_port: bool = False) -> None:
         self.settings = settings
+        self._reuse_port = reuse_port
+        """Bind with SO_REUSEPORT: one of several server processes sharing the port (``app.processes``)."""
         self.metrics = metrics or Metrics()
         self.tracing = Tracing(settings.otel_traces_endpoint) if settings.otel_traces_endpoint else None
         self.runtime = Runtime(settings, self.metrics, tracing=self.tracing)
@@ -101,6 +103,7 @@ class MemoryServer:
             ("", *SERVICE_NAMES),
             self.settings.health_check_interval,
             on_change=lambda serving: self.metrics.serving.set(1 if serving else 0),
+            writes=self.runtime.db,
         )
         await self._monitor.set_all(True)
         self._monitor_task = asyncio.create_task(self._monitor.run(), name="health monitor")
@@ -111,11 +114,11 @@ class MemoryServer:
         limit = settings.grpc_max_message_bytes
         server = aio.server(
             maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
-            interceptors=[ServiceInterceptor(self.metrics, Authenticator(settings.auth_tokens), self._observer())],
+            interceptors=[ServiceInterceptor(self.metrics, Authenticator(self.runtime.tokens), self._observer())],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(self._reuse_port)),
                 *keepalive_options(settings),
             ],
         )
@@ -215,13 +218,22 @@ class MemoryServer:
             self._server = None
 
 
-async def serve(settings: Settings, *, on_ready: Callable[[MemoryServer], Awaitable[None]] | None = None) -> int:
-    """Run until SIGTERM or SIGINT, then shut down gracefully; return the process exit code."""
-    server = MemoryServer(settings)
+async def serve(
+    settings: Settings,
+    *,
+    on_ready: Callable[[MemoryServer], Awaitable[None]] | None = None,
+    reuse_port: bool = False,
+    parent_gone: int | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT (or, for a worker of ``app.processes``, until the pipe ``parent_gone`` ends),
+    then shut down gracefully; return the process exit code."""
+    server = MemoryServer(settings, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if parent_gone is not None:
+        loop.add_reader(parent_gone, stop.set)
     try:
         await server.start()
         if on_ready is not None:
@@ -236,4 +248,6 @@ async def serve(settings: Settings, *, on_ready: Callable[[MemoryServer], Awaita
             log.exception("shutdown did not complete cleanly")
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if parent_gone is not None:
+            loop.remove_reader(parent_gone)
     return 0

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     from memory_service.cli import ingest as cli_ingest
     from memory_service.cli import lease as cli_lease
     from memory_service.cli import ops as cli_ops
+    from memory_service.cli import tokens as cli_tokens
 
     cli_ingest.register(commands)
     cli_lease.register(commands)
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_history.register(commands)
     cli_backup.register(commands)
     cli_doctor.register(commands)
+    cli_tokens.register(commands)
     return parser
 
 
@@ -91,9 +93,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from memory_service.app.server import serve
+    from memory_service.app.processes import serve
 
-    return asyncio.run(serve(settings))
+    return serve(settings)
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:

@@ -66,6 +66,9 @@ class Settings:
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
+    server_processes: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    """Server processes ``serve`` runs on the one port (``app.processes``): the cores. An in-process
+    ``MemoryServer`` (tests, embedding) is always one."""
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = DEFAULT_METRICS_PORT
     """None (``METRICS_PORT=off``) disables the metrics endpoint; 0 picks a free port, as GRPC_PORT=0 does."""
@@ -106,8 +109,8 @@ class Settings:
     """The approximate index: ``ivfflat`` or ``hnsw``."""
     search_target_recall: float = 0.95
     """Recall@10 the index's calibration chooses probes (ef_search) for."""
-    search_calibration_queries: int = 100
-    """Stored vectors a calibration uses as queries."""
+    search_calibration_queries: int = 200
+    """Queries a calibration measures on before real searches replace them: half choose, half check."""
     ivfflat_probes: int | None = None
     """Probes for every approximate search on ivfflat; unset takes the calibrated probes."""
     hnsw_ef_search: int | None = None
@@ -128,6 +131,10 @@ class Settings:
     """Most memories one text query scores; terms are taken rarest first until their documents reach it."""
     text_stats_interval: float = 10.0
     """How often each instance checks whether BM25's corpus statistics are due for a refresh."""
+    text_index: bool = True
+    """TEXT and HYBRID searches rank with the in-memory text index (exact BM25 top-k); off: with the SQL statement."""
+    text_index_interval: float = 0.2
+    """How often the text index applies new changes in the background (searches apply them too before ranking)."""
     hybrid_alpha: float | None = None
     """Vector weight in weighted hybrid fusion; unset: 0.5 with a semantic provider, 0.2 with the hash embedder."""
     purge_interval: float = 60.0
@@ -192,6 +199,7 @@ class Settings:
             embedding_threads=reader.integer("EMBEDDING_THREADS", d.embedding_threads, minimum=1, maximum=64),
             grpc_host=reader.text("GRPC_HOST") or d.grpc_host,
             grpc_port=reader.integer("GRPC_PORT", d.grpc_port, minimum=0, maximum=65535),
+            server_processes=reader.integer("SERVER_PROCESSES", d.server_processes, minimum=1, maximum=256),
             metrics_host=reader.text("METRICS_HOST") or d.metrics_host,
             metrics_port=reader.port_or_off("METRICS_PORT", DEFAULT_METRICS_PORT),
             grpc_max_concurrent_rpcs=reader.integer(
@@ -241,6 +249,8 @@ class Settings:
             bm25_b=reader.number("BM25_B", d.bm25_b, minimum=0.0, maximum=1.0),
             text_max_scored=reader.integer("TEXT_MAX_SCORED", d.text_max_scored, minimum=100, maximum=10_000_000),
             text_stats_interval=reader.duration("TEXT_STATS_INTERVAL", d.text_stats_interval),
+            text_index=reader.boolean("TEXT_INDEX", d.text_index),
+            text_index_interval=reader.duration("TEXT_INDEX_INTERVAL", d.text_index_interval),
             hybrid_alpha=reader.optional_number("SEARCH_HYBRID_ALPHA", minimum=0.0, maximum=1.0),
             purge_interval=reader.duration("PURGE_INTERVAL", d.purge_interval),
             lease_min_ttl=reader.duration("LEASE_MIN_TTL", d.lease_min_ttl),

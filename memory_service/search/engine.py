@@ -27,9 +27,11 @@ from memory_service.search.fusion import rank_candidates
 from memory_service.search.index_care import IndexCare, IndexState, search_setting
 from memory_service.search.observe import PlanNotes, SearchObserver
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.text_search import TextSearch
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING, TextRanking, scan_settings
-from memory_service.storage import search_sql
+from memory_service.storage import search_sql, text_index_sql
 from memory_service.storage.database import Connection, Database
+from memory_service.tenants import guard
 
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
 _MIN_CANDIDATES = 40
@@ -54,6 +56,7 @@ class SearchEngine:
         hybrid_alpha: float = 0.5,
         seen: QuerySample | None = None,
         observer: SearchObserver | None = None,
+        text_search: TextSearch | None = None,
     ) -> None:
         self._db = db
         self._observer = observer or SearchObserver(metrics)
@@ -66,18 +69,24 @@ class SearchEngine:
         self._text_ranking = text_ranking
         self.hybrid_alpha = hybrid_alpha
         self.seen = seen
+        self.text_search = text_search
+        """The in-memory text index; TEXT and HYBRID use the SQL statement until it has loaded."""
         """Vectors of recent searches that went to the index, for its calibration (this instance's own)."""
         """Weight of the vector score in weighted fusion when the request does not set ``alpha``."""
 
     async def search(self, query: SearchQuery) -> SearchResult:
         started = time.perf_counter()
+        query = dataclasses.replace(query, filter=guard.narrow(query.filter))
         vector = await self._query_vector(query)
         text = query.text if query.mode in (SearchMode.TEXT, SearchMode.HYBRID) else None
         limit = query.top_k
         if query.mode is not SearchMode.VECTOR:
             limit = max(query.top_k * _CANDIDATE_FACTOR, _MIN_CANDIDATES)
         notes = PlanNotes()
-        result = await self._run(query, vector, text, limit, notes)
+        if vector is None and text is not None and self.text_search is not None and self.text_search.ready:
+            result = await self._run_text(query, text, limit)
+        else:
+            result = await self._run(query, vector, text, limit, notes)
         self._observer.observe(query, vector, result, notes, time.perf_counter() - started)
         return result
 
@@ -117,6 +126,23 @@ class SearchEngine:
             return max(self._narrow_filter_rows, min(visited, _EXACT_FILTER_MAX_ROWS))
         return self._narrow_filter_rows
 
+    async def _run_text(self, query: SearchQuery, text: str, limit: int) -> SearchResult:
+        """TEXT through the in-memory index: exact BM25 top-k, rows read (and checked) from PostgreSQL."""
+        assert self.text_search is not None
+        async with self._db.connection() as conn:
+            found = await self.text_search.candidates(
+                conn, text, query.filter, limit=limit, with_embedding=query.include_embedding
+            )
+        ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
+        hits = [
+            SearchHit(
+                memory=s.candidate.memory, score=s.score, text_score=s.candidate.text_score, text_rank=s.text_rank
+            )
+            for s in ranked
+            if s.candidate.memory is not None
+        ]
+        return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
+
     async def _run(
         self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int, notes: PlanNotes
     ) -> SearchResult:
@@ -127,7 +153,13 @@ class SearchEngine:
         # exact and text scans run with whatever the connection has.
         session = (
             self._db.settings_connection(
-                scan_settings(plan.kind, plan.probes, iterative=self.iterative_scan, limit=limit)
+                scan_settings(
+                    plan.kind,
+                    plan.probes,
+                    iterative=self.iterative_scan,
+                    limit=limit,
+                    filtered=not query.filter.is_empty,
+                )
             )
             if plan.approximate_possible
             else self._db.connection()
@@ -183,7 +215,24 @@ class SearchEngine:
     ) -> tuple[list[Candidate], bool]:
         """The candidates, widened until complete, and whether the index served them in the end."""
 
+        # HYBRID with the text index: its exact BM25 top `limit`, then one statement for the vector candidates and
+        # the text candidates' distances; BM25 of the vector-only candidates from the index too.
+        text_search = self.text_search if vector is not None and text is not None else None
+        text_best: list[tuple[int, float]] = []
+        scoring = None
+        if text_search is not None and text_search.ready and text is not None:
+            text_best, scoring = await text_search.ranked(conn, text, query.filter, limit=limit)
+        else:
+            text_search = None
+
         async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
+            if text_search is not None and vector is not None:
+                found = await text_index_sql.hybrid_candidates(
+                    conn, query.filter, vector=vector, limit=limit, exact=exact, text_ids=[i for i, _ in text_best]
+                )
+                scores = dict(text_best)
+                scores.update(text_search.scores([c.id for c in found if c.id not in scores], scoring))
+                return [dataclasses.replace(c, text_score=scores[c.id]) for c in found]
             return await search_sql.candidates(
                 conn,
                 query.filter,
@@ -197,6 +246,7 @@ class SearchEngine:
                 text_ranking=self._text_ranking.values,
                 pruned=pruned,
                 with_embedding=query.include_embedding,
+                rls=guard.scoped(),
             )
 
         if use_index and vector is not None and self.seen is not None:

@@ -62,6 +62,16 @@ async def nearest(
     return [c.id for c in sorted(found, key=lambda c: (c.distance if c.distance is not None else 2.0, c.id))]
 
 
+async def nearest_other(conn: asyncpg.Connection, row_id: int, vector: Vector) -> float | None:
+    """Cosine distance from a stored vector to its nearest other one, found through the index at the connection's
+    settings: a scale for ``search.calibration_queries``, not an answer to check."""
+    found = await search_sql.candidates(
+        conn, MemoryFilter(), vector=vector, text=None, limit=2, exact=False, full_rows=False
+    )
+    distances = [c.distance for c in found if c.id != row_id and c.distance is not None]
+    return min(distances) if distances else None
+
+
 async def matching_at_least(conn: asyncpg.Connection, memory_filter: MemoryFilter, rows: int) -> bool:
     return await search_sql.count_matching(conn, memory_filter, cap=rows) >= rows
 
