@@ -5,6 +5,7 @@
 Loads ``rows`` memories with 384-dimension embeddings (binary COPY, the ingest floor) and an ivfflat index, then
 times ``memory-service backup``, ``restore`` into an empty database, ``export`` with and without embeddings, and
 ``ingest`` of the export into an empty database through a server. The floor is COPY itself: the load's own time.
+Each command's peak resident memory shows that export streams: it stays flat as the rows grow.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncpg
 
 from bench.datasets import clustered, copy_into_memories, records
 from bench.harness import ServerProcess, database_server, fresh_database, print_table
+from bench.peak_memory import read_peak
 from memory_service.storage import settings_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.migrations import apply_migrations
@@ -29,18 +31,21 @@ from memory_service.storage.migrations import apply_migrations
 MODEL = "hash-ngram-v1"
 
 
-def _command(dsn: str, *args: str, out: Path | None = None) -> float:
+def _command(dsn: str, *args: str, out: Path | None = None) -> tuple[float, float]:
+    """Seconds the command took as a process of its own, and its own peak resident memory in MB."""
     started = time.perf_counter()
     env = {**os.environ, "DATABASE_URL": dsn}
     with open(out, "wb") if out else open(os.devnull, "wb") as handle:
-        subprocess.run(
-            [sys.executable, "-m", "memory_service", *args],
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.peak_memory", "memory_service", *args],
             env=env,
+            cwd=Path(__file__).resolve().parent.parent,
             stdout=handle,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
             check=True,
         )
-    return time.perf_counter() - started
+    return time.perf_counter() - started, read_peak(result.stderr) / 1024
 
 
 async def run(rows: int) -> None:
@@ -84,15 +89,20 @@ async def run(rows: int) -> None:
     per = 100_000 / rows
     mb = 1e6
     table = [
-        ["COPY into memory.memories (floor)", load, load * per, ""],
-        ["reindex --force (ivfflat build + calibration)", reindex, reindex * per, ""],
-        ["backup", backup, backup * per, f"{sizes['backup'] / mb:.0f} MB"],
-        ["restore into an empty database", restore, restore * per, ""],
-        ["export (no embeddings)", export, export * per, f"{sizes['text'] / mb:.0f} MB"],
-        ["export --include-embeddings", export_full, export_full * per, f"{sizes['full'] / mb:.0f} MB"],
-        ["ingest of that export through a server", ingest, ingest * per, ""],
+        ["COPY into memory.memories (floor)", load, load * per, "", ""],
+        _row("reindex --force (ivfflat build + calibration)", reindex, per),
+        _row("backup", backup, per, sizes["backup"] / mb),
+        _row("restore into an empty database", restore, per),
+        _row("export (no embeddings)", export, per, sizes["text"] / mb),
+        _row("export --include-embeddings", export_full, per, sizes["full"] / mb),
+        _row("ingest of that export through a server", ingest, per),
     ]
-    print_table([f"{rows} rows", "seconds", "s per 100k rows", "size"], table)
+    print_table([f"{rows} rows", "seconds", "s per 100k rows", "size", "peak RSS"], table)
+
+
+def _row(name: str, measured: tuple[float, float], per: float, size_mb: float | None = None) -> list[object]:
+    seconds, peak_mb = measured
+    return [name, seconds, seconds * per, "" if size_mb is None else f"{size_mb:.0f} MB", f"{peak_mb:.0f} MB"]
 
 
 def main() -> None:

@@ -165,8 +165,8 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
         with database(settings) as (dsn, named_by):
             asyncio.run(check_reachable(dsn, named_by=named_by))
             asyncio.run(_prepare(dsn, replace=args.force))
-            dump.restore(dsn, archive, bin_dir=args.pg_bin)
-            restored = asyncio.run(_verify(dsn, header))
+            default_privileges = dump.restore(dsn, archive, bin_dir=args.pg_bin)
+            restored = asyncio.run(_verify(dsn, header, default_privileges))
     pending = len({m.name for m in load_migrations()} - set(header.migrations))
     print(
         f"restored {restored} memories (model {header.model or 'unbound'}) in {time.monotonic() - started:.1f}s"
@@ -186,9 +186,11 @@ async def _prepare(dsn: str, *, replace: bool) -> None:
         await dump.prepare_target(conn, replace=replace)
 
 
-async def _verify(dsn: str, header: dump.BackupHeader) -> int:
-    """The restored database says what the header said: the same migrations, model and (at least) rows."""
+async def _verify(dsn: str, header: dump.BackupHeader, default_privileges: str) -> int:
+    """The restoring user takes the old owner's place; then the restored database says what the header said: the
+    same migrations, model and rows."""
     async with dump.plain_connection(dsn) as conn:
+        await dump.take_ownership(conn, default_privileges)
         await dump.analyze(conn)
         restored = await dump.read_header(conn)
     if restored.migrations != header.migrations or (restored.model, restored.dimension) != (

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from memory_service.cli.remote import OneLineParser
 from memory_service.config.settings import Settings
-from memory_service.errors import ConfigError, StartupError
+from memory_service.errors import ConfigError, MemoryServiceError, StartupError
 from memory_service.observability import logs
 
 log = logging.getLogger("memory_service")
@@ -150,6 +150,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except StartupError as exc:
         print(f"memory-service: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryServiceError as exc:  # a database command the database refused or dropped midway: one line
+        print(f"memory-service: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

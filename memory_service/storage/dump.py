@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -106,7 +107,9 @@ def dump(dsn: str, out: IO[bytes], *, snapshot: str | None, bin_dir: Path | None
     """Append a custom-format archive of the schema ``memory`` to ``out`` (a file already holding the header)."""
     # gzip level 1: embeddings barely compress, and the default level 6 spent most of a backup's time on them.
     command = [str(pg_bin(bin_dir) / "pg_dump"), "--format=custom", "--compress=1", f"--schema={SCHEMA}"]
-    command += ["--no-owner", "--no-acl"]
+    # Privileges are kept (the calls roles' grants, the REVOKEs of migration 0011); owners are not: restore
+    # makes the restoring user the owner, and hands it what named the old one (see restore).
+    command += ["--no-owner"]
     if snapshot is not None:
         command.append(f"--snapshot={snapshot}")
     _run([*command, f"--dbname={dsn}"], stdout=out)
@@ -137,6 +140,16 @@ async def is_empty(conn: asyncpg.Connection) -> bool:
 async def prepare_target(conn: asyncpg.Connection, *, replace: bool) -> None:
     """The extension the archive's columns need, and (``replace``) the old schema dropped."""
     await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    # The archive grants to the calls roles and its policies name them: roles belong to the cluster, so a new one
+    # lacks them. As migration 0011 makes them (an owner that is not a superuser becomes a member, to SET ROLE).
+    try:
+        await conn.execute(_CALLS_ROLES)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise StartupError(
+            f"cannot create or join the roles memory_calls and memory_calls_kinds ({' '.join(str(exc).split())}): "
+            "have a superuser create "
+            "them (NOLOGIN NOBYPASSRLS) and grant them to the restoring user, then restore again"
+        ) from exc
     if replace:
         await conn.execute("DROP SCHEMA IF EXISTS memory CASCADE")
     else:
@@ -144,16 +157,39 @@ async def prepare_target(conn: asyncpg.Connection, *, replace: bool) -> None:
         await conn.execute("DROP SCHEMA IF EXISTS memory")
 
 
-def restore(dsn: str, archive: IO[bytes], *, bin_dir: Path | None = None) -> None:
-    """pg_restore the archive that follows the header in ``archive``, in one transaction.
+def restore(dsn: str, archive: IO[bytes], *, bin_dir: Path | None = None) -> str:
+    """pg_restore the archive that follows the header in ``archive``, in one transaction, but for what names the
+    old owner (its ``maintenance`` policies, its default privileges); return those default privileges as SQL
+    for :func:`take_ownership`.
 
     pg_restore seeks within a custom archive by absolute offsets, which the header would shift: the archive is
     copied to a temporary file beside the backup first."""
-    with tempfile.NamedTemporaryFile(prefix="memory-service-restore-", suffix=".dump") as copy:
-        shutil.copyfileobj(archive, copy, 1 << 20)
-        copy.flush()
-        command = [str(pg_bin(bin_dir) / "pg_restore"), "--no-owner", "--no-acl", "--single-transaction"]
-        _run([*command, "--exit-on-error", f"--dbname={dsn}", copy.name])
+    program = str(pg_bin(bin_dir) / "pg_restore")
+    with tempfile.TemporaryDirectory(prefix="memory-service-restore-") as work:
+        copy, kept, owners = (Path(work) / name for name in ("archive.dump", "kept.list", "owner.list"))
+        with copy.open("wb") as out:
+            shutil.copyfileobj(archive, out, 1 << 20)
+        entries = _run([program, "--list", str(copy)], stdout=subprocess.PIPE).splitlines()
+        kept.write_text("\n".join(e for e in entries if not _OWNER_BOUND.match(e)) + "\n")
+        command = [program, "--no-owner", "--single-transaction", "--exit-on-error", f"--use-list={kept}"]
+        _run([*command, f"--dbname={dsn}", str(copy)])
+        default_acls = [e for e in entries if _DEFAULT_ACL.match(e)]
+        if not default_acls:
+            return ""
+        owners.write_text("\n".join(default_acls) + "\n")
+        script = _run([program, "--file=-", f"--use-list={owners}", str(copy)], stdout=subprocess.PIPE)
+    # Only its statements: the script also holds SET lines and psql meta-commands (\\restrict).
+    statements = [line for line in script.splitlines() if _FOR_OLD_OWNER.match(line)]
+    return "\n".join(_FOR_OLD_OWNER.sub("ALTER DEFAULT PRIVILEGES IN SCHEMA", s) for s in statements)
+
+
+async def take_ownership(conn: asyncpg.Connection, default_privileges: str) -> None:
+    """Give the restoring user what the archive gave the old owner: a ``maintenance`` policy on each table with
+    row-level security (FORCEd, it would otherwise see no rows), and the default privileges for later tables."""
+    async with conn.transaction():
+        await conn.execute(_MAINTENANCE_POLICIES)
+        if default_privileges:
+            await conn.execute(default_privileges)
 
 
 async def analyze(conn: asyncpg.Connection) -> None:
@@ -164,7 +200,8 @@ async def analyze(conn: asyncpg.Connection) -> None:
     await conn.execute("ANALYZE memory.embedding_cache")
 
 
-def _run(command: list[str], **kwargs: Any) -> None:
+def _run(command: list[str], **kwargs: Any) -> str:
+    """Run a PostgreSQL client program; its stdout when piped, and one line with its error when it fails."""
     try:
         result = subprocess.run(command, stderr=subprocess.PIPE, check=False, **kwargs)
     except OSError as exc:
@@ -172,3 +209,50 @@ def _run(command: list[str], **kwargs: Any) -> None:
     if result.returncode != 0:
         message = " ".join(result.stderr.decode(errors="replace").split())
         raise StartupError(f"{Path(command[0]).name} failed (exit {result.returncode}): {message}")
+    return result.stdout.decode() if result.stdout is not None else ""
+
+
+# Table of contents entries that name the owner at backup time: restored as the restoring user instead.
+_OWNER_BOUND = re.compile(r"^\d+; \d+ \d+ (POLICY \S+ \S+ maintenance |DEFAULT ACL )")
+_DEFAULT_ACL = re.compile(r"^\d+; \d+ \d+ DEFAULT ACL ")
+_FOR_OLD_OWNER = re.compile(r"ALTER DEFAULT PRIVILEGES FOR ROLE \S+ IN SCHEMA")
+
+_CALLS_ROLES = """
+DO $$
+DECLARE
+    role_ text;
+BEGIN
+    FOREACH role_ IN ARRAY ARRAY['memory_calls', 'memory_calls_kinds'] LOOP
+        -- Creating one that exists is refused for want of CREATEROLE before it is found to exist.
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = role_) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT', role_);
+            EXCEPTION WHEN duplicate_object THEN
+                NULL;
+            END;
+        END IF;
+        IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+           AND NOT pg_has_role(current_user, role_, 'MEMBER') THEN
+            EXECUTE format('GRANT %I TO %I', role_, current_user);
+        END IF;
+    END LOOP;
+END
+$$
+"""
+
+_MAINTENANCE_POLICIES = """
+DO $$
+DECLARE
+    table_ text;
+BEGIN
+    FOR table_ IN
+        SELECT c.relname FROM pg_class c
+        WHERE c.relnamespace = 'memory'::regnamespace AND c.relrowsecurity
+          AND NOT EXISTS (SELECT FROM pg_policy p WHERE p.polrelid = c.oid AND p.polname = 'maintenance')
+    LOOP
+        EXECUTE format('CREATE POLICY maintenance ON memory.%I TO CURRENT_USER USING (true) WITH CHECK (true)',
+                       table_);
+    END LOOP;
+END
+$$
+"""
