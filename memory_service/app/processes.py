@@ -22,10 +22,12 @@ Settings reach a worker pickled on its stdin, so command-line flags count as the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -104,8 +106,15 @@ class _Supervisor:
             holder = reserve_port(settings.grpc_host, settings.grpc_port)
             port = int(holder.getsockname()[1])
             log.info("starting %d server processes on port %d", settings.server_processes, port)
-            for index in range(settings.server_processes):
-                self.workers.append(self._spawn(index, port))
+            # The first process starts alone (migrations, the model binding, the database checks): a start-up
+            # error is then reported once, by it, and the others start only against a database it has prepared.
+            first, ready = self._spawn(0, port)
+            self.workers.append(first)
+            if self._wait_ready(first, ready):
+                for index in range(1, settings.server_processes):
+                    process, ready = self._spawn(index, port)
+                    os.close(ready)
+                    self.workers.append(process)
             return self._supervise()
         finally:
             for signum, handler in previous.items():
@@ -116,24 +125,43 @@ class _Supervisor:
             if embedded is not None:
                 embedded.stop()
 
-    def _spawn(self, index: int, port: int) -> subprocess.Popen[bytes]:
+    def _spawn(self, index: int, port: int) -> tuple[subprocess.Popen[bytes], int]:
+        """A worker, and the read end of the pipe it writes to once it serves (closed unwritten if it fails)."""
         metrics_port = self.settings.metrics_port
         if metrics_port:
             metrics_port += index
         worker_settings = dataclasses.replace(
             self.settings, grpc_port=port, metrics_port=metrics_port, server_processes=1
         )
-        process = subprocess.Popen(
-            [sys.executable, "-c", "from memory_service.app.processes import worker; worker()"],
-            stdin=subprocess.PIPE,
-            # A terminal's Ctrl-C reaches the parent only; it forwards SIGTERM, so each worker drains once.
-            start_new_session=True,
-        )
+        ready_read, ready_write = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", "from memory_service.app.processes import worker; worker()"],
+                stdin=subprocess.PIPE,
+                # A terminal's Ctrl-C reaches the parent only; it forwards SIGTERM, so each worker drains once.
+                start_new_session=True,
+                pass_fds=(ready_write,),
+            )
+        finally:
+            os.close(ready_write)
         assert process.stdin is not None
-        payload = pickle.dumps((worker_settings, index))
+        payload = pickle.dumps((worker_settings, index, ready_write))
         process.stdin.write(_LENGTH.pack(len(payload)) + payload)
         process.stdin.flush()  # stdin stays open: its end tells the worker that the parent is gone
-        return process
+        return process, ready_read
+
+    def _wait_ready(self, process: subprocess.Popen[bytes], ready: int) -> bool:
+        """Whether ``process`` came to serve; False when it exited first or a stop was asked for meanwhile."""
+        try:
+            while not self.stopping:
+                readable, _, _ = select.select([ready], [], [], 0.1)
+                if readable:
+                    return os.read(ready, 1) == b"1"
+                if process.poll() is not None:
+                    return False
+            return False
+        finally:
+            os.close(ready)
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
@@ -151,8 +179,10 @@ class _Supervisor:
                     return 0 if all(code == 0 for code in codes) else 1
             elif any(code is not None for code in codes):
                 failed = next(i for i, code in enumerate(codes) if code is not None)
+                if codes[failed] == 2:
+                    return 2  # a start-up error, which the process has reported in one line
                 log.error("server process %d exited (code %s): stopping the others", failed, codes[failed])
-                return 2 if codes[failed] == 2 else 1
+                return 1
             time.sleep(0.1)
 
     def _stop_all(self) -> None:
@@ -178,11 +208,18 @@ def worker() -> None:
 
     fd = sys.stdin.fileno()
     (size,) = _LENGTH.unpack(_read_exactly(fd, _LENGTH.size))
-    settings, index = pickle.loads(_read_exactly(fd, size))
+    settings, index, ready = pickle.loads(_read_exactly(fd, size))
     configure_logging(settings.log_level)
     log.info("server process %d (pid %d)", index, os.getpid())
+
+    async def serving(server: object) -> None:
+        # The parent waits for this from the first process only and has closed the others' pipes.
+        with contextlib.suppress(OSError):
+            os.write(ready, b"1")
+        os.close(ready)
+
     try:
-        code = run_loop(serve_here(settings, reuse_port=True, parent_gone=fd))
+        code = run_loop(serve_here(settings, on_ready=serving, reuse_port=True, parent_gone=fd))
     except StartupError as exc:
         print(f"memory-service: error: {exc}", file=sys.stderr)
         code = 2
