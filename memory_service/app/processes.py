@@ -176,7 +176,8 @@ class _Supervisor:
             codes = [p.poll() for p in self.workers]
             if self.stopping:
                 if all(code is not None for code in codes):
-                    return 0 if all(code == 0 for code in codes) else 1
+                    # A process the forwarded SIGTERM reached before it set its handlers had nothing to drain.
+                    return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
             elif any(code is not None for code in codes):
                 failed = next(i for i, code in enumerate(codes) if code is not None)
                 if codes[failed] == 2:
