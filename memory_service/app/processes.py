@@ -8,6 +8,8 @@ with SO_REUSEPORT and the kernel spreads new connections over them. The parent o
 * **port**: it reserves ``GRPC_PORT`` (or, for 0, a free port) with a socket of its own bound with SO_REUSEPORT, so
   every worker binds the same port and a log line names it;
 * **embedded PostgreSQL**: it starts it before the workers and stops it after the last one (they share it);
+* **start-up**: worker 0 starts alone (migrations, model binding, database checks) and the rest once it serves, so
+  a start-up error is reported once, in one line, and the parent exits 2 as a single server does;
 * **metrics**: each worker serves its own ``/metrics`` on ``METRICS_PORT + i`` (worker i from 0; 0 picks a free
   port each). Their counters are separate, so Prometheus scrapes every worker and sums them;
 * **background work** (index care, purge, text statistics, history retention) runs in every worker, as in several
