@@ -114,6 +114,21 @@ class ServerProcess:
         if not self._ready.wait(timeout):
             raise RuntimeError("server did not start:\n" + "".join(self._log[-20:]))
 
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Until the process has logged a line containing ``text``."""
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in list(self._log)):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"no {text!r} in the log:\n" + "".join(self._log[-20:]))
+            time.sleep(0.2)
+
+    def rss_mb(self) -> float:
+        """Resident memory of the process (Linux), MB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
     def stop(self) -> None:
         self.process.terminate()
         try:

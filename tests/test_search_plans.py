@@ -13,8 +13,9 @@ from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING
-from memory_service.storage import search_sql
-from memory_service.storage.database import init_connection, session_statement, use_session_settings
+from memory_service.storage import search_sql, text_index_sql
+from memory_service.storage.database import init_connection
+from memory_service.storage.session import session_statement, use_session_settings
 from memory_service.v1 import memory_pb2
 from tests.conftest import (
     TEMPLATE_DB,
@@ -48,6 +49,9 @@ async def indexed(server_dsn: str, template_dsn: str) -> AsyncIterator[tuple[Run
             await conn.execute("ANALYZE memory.memories")
         finally:
             await conn.close()
+        text_search = running.server.runtime.search.text_search
+        assert text_search is not None
+        await text_search.build()  # the copy wrote no change-log rows for the index to follow
         assert (await running.server.runtime.index.maintain()).startswith("rebuilt ivfflat with lists=")
         yield running, corpus, dsn
     finally:
@@ -86,6 +90,14 @@ def _statements() -> list[tuple[str, str, bool]]:
                     shapes.append((label, sql, needs_index))
     shapes.append(("count_matching scoped", search_sql.count_matching_statement(SCOPED, cap=5000)[0], True))
     shapes.append(("memories_by_id", search_sql.memories_by_id_statement(with_embedding=False), True))
+    # The text index's statements: query terms and the change log after its frontier, then its answer's rows.
+    shapes.append(("text index terms", text_index_sql.TERMS, True))
+    for name, memory_filter in (("unfiltered", NONE), ("scoped", SCOPED)):
+        shapes.append(
+            (f"text index rows {name}", text_index_sql.rows_statement(memory_filter, with_embedding=False)[0], True)
+        )
+        shapes.append((f"text index passing {name}", text_index_sql.passing_ids_statement(memory_filter)[0], True))
+    shapes.append(("text index scope ids", text_index_sql.matching_ids_statement(SCOPED, cap=50_000)[0], True))
     return shapes
 
 
@@ -120,7 +132,7 @@ async def test_search_statements_have_generic_plans_that_use_the_indexes(
                 assert "memories_embedding_ivfflat" in plan, f"{label}:\n{plan}"
     finally:
         await conn.close()
-    assert checked >= 12
+    assert checked >= 18
 
 
 async def _show(running: RunningServer, name: str) -> str:
@@ -228,17 +240,13 @@ async def test_repeated_searches_run_on_a_cached_generic_plan(indexed: tuple[Run
             memory_pb2.SearchRequest(query_embedding=vector.tolist(), mode=memory_pb2.SEARCH_MODE_VECTOR),
             search_sql.candidates_statement(NONE, vector=vector, text=None, limit=10, exact=False, full_rows=True)[0],
         ),
-        "text": (
+        "text terms": (
             memory_pb2.SearchRequest(query=text, mode=memory_pb2.SEARCH_MODE_TEXT),
-            search_sql.candidates_statement(
-                NONE,
-                vector=None,
-                text=text,
-                limit=40,
-                exact=True,
-                full_rows=False,
-                text_ranking=DEFAULT_TEXT_RANKING.values,
-            )[0],
+            text_index_sql.TERMS,
+        ),
+        "text rows": (
+            memory_pb2.SearchRequest(query=text, mode=memory_pb2.SEARCH_MODE_TEXT),
+            text_index_sql.rows_statement(NONE, with_embedding=False)[0],
         ),
     }
     for request, _ in shapes.values():

@@ -8,8 +8,8 @@ with SO_REUSEPORT and the kernel spreads new connections over them. The parent o
 * **port**: it reserves ``GRPC_PORT`` (or, for 0, a free port) with a socket of its own bound with SO_REUSEPORT, so
   every worker binds the same port and a log line names it;
 * **embedded PostgreSQL**: it starts it before the workers and stops it after the last one (they share it);
-* **start-up**: worker 0 starts alone (migrations, model binding, database checks) and the rest once it serves, so
-  a start-up error is reported once, in one line, and the parent exits 2 as a single server does;
+* **start-up**: the first worker starts alone and says when it serves (a byte on a pipe); only then do the others
+  start, so migrations run once and a start-up failure is one line, the first worker's, with its exit code;
 * **metrics**: each worker serves its own ``/metrics`` on ``METRICS_PORT + i`` (worker i from 0; 0 picks a free
   port each). Their counters are separate, so Prometheus scrapes every worker and sums them;
 * **background work** (index care, purge, text statistics, history retention) runs in every worker, as in several
@@ -42,20 +42,14 @@ from typing import Any
 
 from memory_service.config.settings import Settings
 from memory_service.errors import StartupError
+from memory_service.observability import logs
 from memory_service.storage.embedded import EmbeddedPostgres
 
 log = logging.getLogger(__name__)
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LENGTH = struct.Struct(">I")
 _STOP_TIMEOUT_EXTRA = 15.0
 """Seconds past SHUTDOWN_GRACE a worker gets to exit after SIGTERM before it is killed."""
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format=_LOG_FORMAT, stream=sys.stderr)
-    for noisy in ("asyncio", "pgserver"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def serve(settings: Settings) -> int:
@@ -108,15 +102,17 @@ class _Supervisor:
             holder = reserve_port(settings.grpc_host, settings.grpc_port)
             port = int(holder.getsockname()[1])
             log.info("starting %d server processes on port %d", settings.server_processes, port)
-            # The first process starts alone (migrations, the model binding, the database checks): a start-up
-            # error is then reported once, by it, and the others start only against a database it has prepared.
+            # The first worker starts alone (migrations, the start-up checks), so a start-up failure is reported
+            # once, by it, and the others find the schema ready.
             first, ready = self._spawn(0, port)
             self.workers.append(first)
-            if self._wait_ready(first, ready):
-                for index in range(1, settings.server_processes):
-                    process, ready = self._spawn(index, port)
-                    os.close(ready)
-                    self.workers.append(process)
+            if not self._started(ready) and not self.stopping:
+                code = first.wait()
+                return code if code else 1
+            for index in range(1, settings.server_processes):
+                process, ready = self._spawn(index, port)
+                os.close(ready)
+                self.workers.append(process)
             return self._supervise()
         finally:
             for signum, handler in previous.items():
@@ -128,7 +124,7 @@ class _Supervisor:
                 embedded.stop()
 
     def _spawn(self, index: int, port: int) -> tuple[subprocess.Popen[bytes], int]:
-        """A worker, and the read end of the pipe it writes to once it serves (closed unwritten if it fails)."""
+        """Start worker ``index``; also return a pipe it writes one byte to once it serves (EOF if it fails)."""
         metrics_port = self.settings.metrics_port
         if metrics_port:
             metrics_port += index
@@ -140,10 +136,13 @@ class _Supervisor:
             process = subprocess.Popen(
                 [sys.executable, "-c", "from memory_service.app.processes import worker; worker()"],
                 stdin=subprocess.PIPE,
+                pass_fds=(ready_write,),
                 # A terminal's Ctrl-C reaches the parent only; it forwards SIGTERM, so each worker drains once.
                 start_new_session=True,
-                pass_fds=(ready_write,),
             )
+        except BaseException:
+            os.close(ready_read)
+            raise
         finally:
             os.close(ready_write)
         assert process.stdin is not None
@@ -152,15 +151,13 @@ class _Supervisor:
         process.stdin.flush()  # stdin stays open: its end tells the worker that the parent is gone
         return process, ready_read
 
-    def _wait_ready(self, process: subprocess.Popen[bytes], ready: int) -> bool:
-        """Whether ``process`` came to serve; False when it exited first or a stop was asked for meanwhile."""
+    def _started(self, ready: int) -> bool:
+        """Wait until a worker serves (True), or exits or a signal asks to stop first (False)."""
         try:
             while not self.stopping:
                 readable, _, _ = select.select([ready], [], [], 0.1)
                 if readable:
                     return os.read(ready, 1) == b"1"
-                if process.poll() is not None:
-                    return False
             return False
         finally:
             os.close(ready)
@@ -178,14 +175,13 @@ class _Supervisor:
             codes = [p.poll() for p in self.workers]
             if self.stopping:
                 if all(code is not None for code in codes):
-                    # A process the forwarded SIGTERM reached before it set its handlers had nothing to drain.
+                    # A worker still starting when SIGTERM came had no handler yet and ended by the signal: asked
+                    # to stop, it stopped.
                     return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
             elif any(code is not None for code in codes):
                 failed = next(i for i, code in enumerate(codes) if code is not None)
-                if codes[failed] == 2:
-                    return 2  # a start-up error, which the process has reported in one line
                 log.error("server process %d exited (code %s): stopping the others", failed, codes[failed])
-                return 1
+                return 2 if codes[failed] == 2 else 1
             time.sleep(0.1)
 
     def _stop_all(self) -> None:
@@ -212,12 +208,11 @@ def worker() -> None:
     fd = sys.stdin.fileno()
     (size,) = _LENGTH.unpack(_read_exactly(fd, _LENGTH.size))
     settings, index, ready = pickle.loads(_read_exactly(fd, size))
-    configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     log.info("server process %d (pid %d)", index, os.getpid())
 
     async def serving(server: object) -> None:
-        # The parent waits for this from the first process only and has closed the others' pipes.
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(BrokenPipeError):  # only the first worker's start is waited for
             os.write(ready, b"1")
         os.close(ready)
 

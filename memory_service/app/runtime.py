@@ -9,13 +9,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from memory_service.app import loops
 from memory_service.config.env import redact_url
 from memory_service.config.settings import Settings
 from memory_service.embeddings.factory import create_provider, hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import StartupError
 from memory_service.history.feed import ChangeFeed
 from memory_service.history.service import History
 from memory_service.leases.manager import LeaseManager
@@ -25,15 +26,20 @@ from memory_service.memories.ingest import BulkIngest
 from memory_service.memories.stats import Stats, collect
 from memory_service.memories.store import MemoryStore
 from memory_service.metrics import Metrics
+from memory_service.observability.tracing import Tracing
 from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
+from memory_service.search.observe import SearchObserver
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.recall_check import RecallCheck
+from memory_service.search.text_search import TextSearch
 from memory_service.search.text_stats import TextStats
 from memory_service.search.tuning import TextRanking
-from memory_service.storage import settings_sql
+from memory_service.storage import isolation_sql, settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
+from memory_service.tenants.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +58,11 @@ def _version_at_least(version: str, wanted: tuple[int, ...]) -> bool:
 class Runtime:
     """Owns every long-lived component; ``start`` builds them in dependency order, ``close`` tears them down."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, *, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing
+        self._recall: RecallCheck | None = None
         self.embedded: EmbeddedPostgres | None = None
         self.dsn = ""
         self._db: Database | None = None
@@ -69,6 +77,7 @@ class Runtime:
         self._binding: ModelBinding | None = None
         self._history: History | None = None
         self._feed: ChangeFeed | None = None
+        self._tokens: Tokens | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -114,6 +123,11 @@ class Runtime:
         return _started(self._bulk)
 
     @property
+    def tokens(self) -> Tokens:
+        """The tokens table and AUTH_TOKENS: resolves each call's access."""
+        return _started(self._tokens)
+
+    @property
     def history(self) -> History:
         return _started(self._history)
 
@@ -126,11 +140,14 @@ class Runtime:
         """Build every component in dependency order; ``background`` also starts the loops and the change feed."""
         try:
             db = await self._open_database()
+            await self._check_isolation(db)
+            self._tokens = Tokens(db, self.settings.auth_tokens, metrics=self.metrics)
             self._leases = LeaseManager(db, self.settings, self.metrics)
             await self._leases.start()
             binding = await self._check_binding(db)
             # Loading a local model reads and compiles it (or downloads it once): not on the event loop.
             provider = await asyncio.to_thread(create_provider, self.settings, self.metrics)
+            self.metrics.init_embedding(provider.name)
             self._embedder = EmbeddingService(provider, db, self.metrics)
             self._build_write_path(db, self._embedder, binding)
             seen = QuerySample()  # the searches of this instance, which its calibrations measure on
@@ -161,9 +178,10 @@ class Runtime:
             applied = await apply_migrations(self.dsn)
             log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
         self._db = db = await Database.connect(
-            self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max
+            self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max, on_query=self._on_query
         )
-        self.metrics.watch_pool(db.pool_size, db.pool_idle)
+        db.on_wait = self.metrics.pool_wait.observe
+        self.metrics.watch_pool(db.pool_size, db.pool_idle, settings.database_pool_max, lambda: db.refusing)
         async with db.connection() as conn:
             self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
         log.info(
@@ -173,6 +191,13 @@ class Runtime:
             "available" if self._iterative_scan else "unavailable: filtered searches fall back to exact scans",
         )
         return db
+
+    async def _check_isolation(self, db: Database) -> None:
+        """Refuse to serve when row-level security would not confine the calls of scoped tokens (docs/security.md)."""
+        async with db.connection() as conn:
+            problem = await isolation_sql.isolation_problem(conn)
+        if problem is not None:
+            raise StartupError(f"tenant isolation is not in force, refusing to start: {problem}")
 
     @property
     def _iterative_scan(self) -> bool:
@@ -226,6 +251,8 @@ class Runtime:
             hnsw_m=settings.hnsw_m,
             hnsw_ef_construction=settings.hnsw_ef_construction,
             seen=seen,
+            metrics=self.metrics,
+            configured_setting=self._configured_setting,
         )
         await self._index.refresh()
         return self._index
@@ -239,37 +266,62 @@ class Runtime:
         if settings.database_read_url:
             await check_reachable(settings.database_read_url, named_by="named by DATABASE_READ_URL")
             self._read_db = read_db = await Database.connect(
-                settings.database_read_url, min_size=1, max_size=settings.database_pool_max
+                settings.database_read_url, min_size=1, max_size=settings.database_pool_max, on_query=self._on_query
             )
+            read_db.on_wait = self.metrics.pool_wait.observe
+        self._recall = RecallCheck(read_db, self.metrics, sample=settings.search_recall_sample)
+        ranking = TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored)
+        text_search = TextSearch(read_db, ranking) if settings.text_index else None
+        if text_search is not None:
+            await text_search.load_if_small()  # a large table loads in the background (_start_background)
         self._search = SearchEngine(
             read_db,
             embedder,
             index,
             self.metrics,
             iterative_scan=self._iterative_scan,
-            default_probes=settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes,
+            default_probes=self._configured_setting,
             narrow_filter_rows=settings.search_narrow_filter_rows,
-            text_ranking=TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored),
+            text_ranking=ranking,
             hybrid_alpha=alpha,
             seen=seen,
+            observer=SearchObserver(self.metrics, self._recall),
+            text_search=text_search,
         )
+
+    @property
+    def _configured_setting(self) -> int | None:
+        """The operator's probes (ef_search for HNSW) for every index search; None leaves it to calibration."""
+        settings = self.settings
+        return settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes
+
+    @property
+    def _on_query(self) -> Callable[[Any], None] | None:
+        """Tracing's hook on every SQL statement, when tracing is on."""
+        return self.tracing.on_query if self.tracing is not None else None
 
     async def _start_background(self) -> None:
         """The periodic loops (purge, index, text statistics, history retention) and the change feed's poller."""
         settings = self.settings
-        self._spawn("purge expired memories", settings.purge_interval, self._purge)
-        self._spawn("index maintenance", settings.index_check_interval, self.index.maintain)
-        self._spawn("text statistics", settings.text_stats_interval, self.text_stats.maintain)
-        self._spawn("history retention", settings.purge_interval, self.history.purge)
+        text_search = self.search.text_search
+        if text_search is not None:  # its first step loads the index when start-up did not
+            self._spawn("text_index", settings.text_index_interval, text_search.follow)
+        self._spawn("purge", settings.purge_interval, self._purge)
+        self._spawn("index_maintenance", settings.index_check_interval, self.index.maintain)
+        self._spawn("text_statistics", settings.text_stats_interval, self.text_stats.maintain)
+        self._spawn("history_retention", settings.purge_interval, self.history.purge)
+        if self._recall is not None:
+            self._recall.start()
         await self.feed.start()
 
     def _spawn(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
-        self._tasks.append(asyncio.create_task(loops.every(interval, name, work), name=name))
+        self._tasks.append(asyncio.create_task(loops.every(interval, name, work, self.metrics), name=name))
 
     async def _purge(self) -> int:
         """Purge expired memories (returning how many) and evict old embedding-cache entries."""
         purged = await purge.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
         await purge.evict_embedding_cache(self.db)
+        await purge.fold_scope_counts(self.db)
         return purged
 
     async def _database_dsn(self) -> str:
@@ -327,6 +379,8 @@ class Runtime:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._recall is not None:
+            await self._recall.close()
         if self._feed is not None:
             await self._feed.close()
         if self._leases is not None:

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from memory_service.api.call_log import CallObserver
 from memory_service.api.health import HealthMonitor
 from memory_service.api.interceptor import Authenticator, ServiceInterceptor
 from memory_service.api.lease_servicer import LeaseServicer
@@ -33,6 +34,7 @@ from memory_service.app.runtime import Runtime
 from memory_service.config.settings import Settings
 from memory_service.errors import StartupError
 from memory_service.metrics import Metrics
+from memory_service.observability.tracing import Tracing
 from memory_service.storage.probe import DatabaseProbe
 from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
@@ -72,7 +74,8 @@ class MemoryServer:
         self._reuse_port = reuse_port
         """Bind with SO_REUSEPORT: one of several server processes sharing the port (``app.processes``)."""
         self.metrics = metrics or Metrics()
-        self.runtime = Runtime(settings, self.metrics)
+        self.tracing = Tracing(settings.otel_traces_endpoint) if settings.otel_traces_endpoint else None
+        self.runtime = Runtime(settings, self.metrics, tracing=self.tracing)
         self.health = HealthServicer()
         self._server: aio.Server | None = None
         self._metrics_http: Any = None
@@ -82,6 +85,9 @@ class MemoryServer:
         self.metrics_port = 0
 
     async def start(self) -> None:
+        if self.tracing is not None:
+            self.tracing.start()
+            log.info("tracing to %s", self.settings.otel_traces_endpoint)
         await self.runtime.start()
         try:
             await self._start_grpc()
@@ -91,7 +97,14 @@ class MemoryServer:
             await self.runtime.close()
             raise
         probe = DatabaseProbe(self.runtime.dsn, timeout=max(self.settings.health_check_interval, 1.0))
-        self._monitor = HealthMonitor(self.health, probe, ("", *SERVICE_NAMES), self.settings.health_check_interval)
+        self._monitor = HealthMonitor(
+            self.health,
+            probe,
+            ("", *SERVICE_NAMES),
+            self.settings.health_check_interval,
+            on_change=lambda serving: self.metrics.serving.set(1 if serving else 0),
+            writes=self.runtime.db,
+        )
         await self._monitor.set_all(True)
         self._monitor_task = asyncio.create_task(self._monitor.run(), name="health monitor")
         log.info("serving gRPC on %s:%d", self.settings.grpc_host, self.port)
@@ -101,7 +114,7 @@ class MemoryServer:
         limit = settings.grpc_max_message_bytes
         server = aio.server(
             maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
-            interceptors=[ServiceInterceptor(self.metrics, Authenticator(settings.auth_tokens))],
+            interceptors=[ServiceInterceptor(self.metrics, Authenticator(self.runtime.tokens), self._observer())],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -139,6 +152,14 @@ class MemoryServer:
         self._server = server
         await server.start()
 
+    def _observer(self) -> CallObserver:
+        settings = self.settings
+        return CallObserver(
+            access_log=settings.log_format == "json",
+            slow_call_seconds=settings.slow_call_seconds,
+            tracing=self.tracing,
+        )
+
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         settings = self.settings
         if settings.tls_cert_file is None or settings.tls_key_file is None:
@@ -172,6 +193,7 @@ class MemoryServer:
         """Drain and shut down in the documented order; safe to call twice."""
         grace = self.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        self.metrics.serving.set(0)
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)
@@ -185,6 +207,8 @@ class MemoryServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+        if self.tracing is not None:
+            self.tracing.shutdown()
         log.info("stopped")
 
     async def _stop_grpc(self, grace: float) -> None:

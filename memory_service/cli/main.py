@@ -12,10 +12,10 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from memory_service.app.processes import configure_logging
 from memory_service.cli.remote import OneLineParser
 from memory_service.config.settings import Settings
 from memory_service.errors import ConfigError, StartupError
+from memory_service.observability import logs
 
 log = logging.getLogger("memory_service")
 
@@ -59,15 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     _database_flags(migrate)
     migrate.set_defaults(run=_migrate, needs_database=True)
 
+    from memory_service.cli import backup as cli_backup
+    from memory_service.cli import doctor as cli_doctor
     from memory_service.cli import history as cli_history
     from memory_service.cli import ingest as cli_ingest
     from memory_service.cli import lease as cli_lease
     from memory_service.cli import ops as cli_ops
+    from memory_service.cli import tokens as cli_tokens
 
     cli_ingest.register(commands)
     cli_lease.register(commands)
     cli_ops.register(commands)
     cli_history.register(commands)
+    cli_backup.register(commands)
+    cli_doctor.register(commands)
+    cli_tokens.register(commands)
     return parser
 
 
@@ -133,7 +139,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
                 "or --data-dir (MEMORY_SERVICE_DATA_DIR) for the embedded one"
             )
         settings = Settings.from_env(merged)
-        configure_logging(settings.log_level)
+        logs.configure(settings.log_level, settings.log_format)
         return run(settings, args)
     except StartupError as exc:
         print(f"memory-service: error: {exc}", file=sys.stderr)

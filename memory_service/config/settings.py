@@ -16,6 +16,8 @@ import platformdirs
 from memory_service.config.env import MIN_TOKEN_LENGTH, EnvReader, parse_duration, redact_url
 from memory_service.errors import ConfigError
 from memory_service.models import IndexKind
+from memory_service.observability.logs import LOG_FORMATS
+from memory_service.observability.tracing import endpoint_from
 
 __all__ = ["MIN_TOKEN_LENGTH", "Settings", "parse_duration", "redact_url"]
 
@@ -88,6 +90,15 @@ class Settings:
     tls_client_ca_file: Path | None = None
     """When set, clients must present a certificate signed by this CA (mutual TLS)."""
     log_level: str = "INFO"
+    log_format: str = "text"
+    """``text`` lines, or ``json``: one object per line, with an access log line per call at INFO."""
+    slow_call_seconds: float | None = None
+    """Calls slower than this are logged at WARNING with their search plan (never their text); unset: off."""
+    otel_traces_endpoint: str | None = None
+    """OTLP/HTTP URL spans go to, from OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT (plus
+    ``/v1/traces``); unset: tracing off."""
+    search_recall_sample: float = 0.01
+    """Share of index searches re-run exactly in the background to estimate recall (``memory_search_recall``)."""
 
     max_text_bytes: int = 32 * 1024
     """Largest memory value (and search query) accepted, in UTF-8 bytes."""
@@ -120,6 +131,10 @@ class Settings:
     """Most memories one text query scores; terms are taken rarest first until their documents reach it."""
     text_stats_interval: float = 10.0
     """How often each instance checks whether BM25's corpus statistics are due for a refresh."""
+    text_index: bool = True
+    """TEXT and HYBRID searches rank with the in-memory text index (exact BM25 top-k); off: with the SQL statement."""
+    text_index_interval: float = 0.2
+    """How often the text index applies new changes in the background (searches apply them too before ranking)."""
     hybrid_alpha: float | None = None
     """Vector weight in weighted hybrid fusion; unset: 0.5 with a semantic provider, 0.2 with the hash embedder."""
     purge_interval: float = 60.0
@@ -202,6 +217,12 @@ class Settings:
             tls_key_file=reader.path("TLS_KEY_FILE"),
             tls_client_ca_file=reader.path("TLS_CLIENT_CA_FILE"),
             log_level=reader.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), d.log_level, upper=True),
+            log_format=reader.choice("LOG_FORMAT", LOG_FORMATS, d.log_format),
+            slow_call_seconds=reader.optional_number("SLOW_CALL_SECONDS", minimum=0.0, maximum=86400.0),
+            otel_traces_endpoint=_otel_endpoint(reader, env if env is not None else os.environ),
+            search_recall_sample=reader.number(
+                "SEARCH_RECALL_SAMPLE", d.search_recall_sample, minimum=0.0, maximum=1.0
+            ),
             max_text_bytes=reader.integer("MAX_TEXT_BYTES", d.max_text_bytes, minimum=16, maximum=1 << 20),
             search_max_top_k=reader.integer("SEARCH_MAX_TOP_K", d.search_max_top_k, minimum=1, maximum=10_000),
             list_max_page_size=reader.integer("LIST_MAX_PAGE_SIZE", d.list_max_page_size, minimum=1, maximum=100_000),
@@ -228,6 +249,8 @@ class Settings:
             bm25_b=reader.number("BM25_B", d.bm25_b, minimum=0.0, maximum=1.0),
             text_max_scored=reader.integer("TEXT_MAX_SCORED", d.text_max_scored, minimum=100, maximum=10_000_000),
             text_stats_interval=reader.duration("TEXT_STATS_INTERVAL", d.text_stats_interval),
+            text_index=reader.boolean("TEXT_INDEX", d.text_index),
+            text_index_interval=reader.duration("TEXT_INDEX_INTERVAL", d.text_index_interval),
             hybrid_alpha=reader.optional_number("SEARCH_HYBRID_ALPHA", minimum=0.0, maximum=1.0),
             purge_interval=reader.duration("PURGE_INTERVAL", d.purge_interval),
             lease_min_ttl=reader.duration("LEASE_MIN_TTL", d.lease_min_ttl),
@@ -281,3 +304,18 @@ class Settings:
             raise ConfigError(
                 "EMBEDDING_PROVIDER=openai is expected with OPENAI_API_KEY or OPENAI_BASE_URL (got neither)"
             )
+
+
+def _otel_endpoint(reader: EnvReader, env: Mapping[str, str]) -> str | None:
+    endpoint = endpoint_from(env)
+    if endpoint is None:
+        return None
+    scheme = endpoint.split("://", 1)[0].lower() if "://" in endpoint else ""
+    if scheme not in ("http", "https"):
+        name = (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+            if reader.text("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            else ("OTEL_EXPORTER_OTLP_ENDPOINT")
+        )
+        raise ConfigError(f"{name} is expected to be an http:// or https:// URL (got {reader.text(name)!r})")
+    return endpoint

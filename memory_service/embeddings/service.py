@@ -17,6 +17,7 @@ from memory_service.embeddings.base import EmbeddingProvider
 from memory_service.errors import FailedPrecondition
 from memory_service.metrics import Metrics
 from memory_service.models import Vector, content_hash
+from memory_service.observability import tracing
 from memory_service.storage import embedding_cache_sql
 from memory_service.storage.database import Database
 
@@ -77,9 +78,16 @@ class EmbeddingService:
         batches = [texts[i : i + size] for i in range(0, len(texts), size)]
         gate = asyncio.Semaphore(_CONCURRENT_REQUESTS)
 
+        pending = self._metrics.embedding_pending
+
         async def run(batch: list[str]) -> list[Vector]:
-            async with gate:
-                array = np.asarray(await self.provider.embed_batch(batch), dtype=np.float32)
+            pending.inc(len(batch))
+            try:
+                async with gate:
+                    with tracing.span("embedding", provider=self.provider.name, texts=len(batch)):
+                        array = np.asarray(await self.provider.embed_batch(batch), dtype=np.float32)
+            finally:
+                pending.dec(len(batch))
             self._metrics.embedding_texts.labels(self.provider.name).inc(len(batch))
             _check_usable(array)
             return list(array)

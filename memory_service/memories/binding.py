@@ -13,6 +13,7 @@ import logging
 from memory_service.errors import EmbeddingConfigMismatch, FailedPrecondition
 from memory_service.storage import settings_sql
 from memory_service.storage.database import Connection, Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class ModelBinding:
         Returns True when this transaction did the binding; pass that to ``committed`` after the commit.
         """
         if self._bound:
+            return False
+        if guard.scoped():
+            # Binding alters the table, which only its owner may: done in a transaction of its own, before this one
+            # writes anything.
+            with guard.maintenance():
+                await self.bind_now()
             return False
         stored, bound_now = await settings_sql.bind_if_unbound(conn, self.model, self.dimension)
         if stored != (self.model, self.dimension):

@@ -8,11 +8,13 @@ table's current size for the total, with small scopes and the expired rows count
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 
 from memory_service.models import Scope
 from memory_service.search.index_care import IndexCare, IndexState
 from memory_service.storage import stats_sql
 from memory_service.storage.database import Database
+from memory_service.tenants import guard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,15 @@ class Stats:
     """Exact on a small or never-analyzed cache, otherwise the planner's estimate."""
     counts_estimated: bool = False
     """Whether any count above is an estimate rather than a count."""
+    writes_refused: WriteRefusal | None = None
+    """Set while the database refuses writes, as this instance last saw."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteRefusal:
+    since: datetime
+    reason: str
+    refused_calls: int
 
 
 async def collect(
@@ -47,6 +58,12 @@ async def collect(
     pgvector_version: str,
     iterative_scan: bool,
 ) -> Stats:
+    if not guard.server_wide():
+        return await _granted(db, embedding_model=embedding_model, dimension=dimension)
+    refusals = db.refusals
+    refused = None
+    if refusals.since is not None:  # read first: the counts below may fail while writes are refused
+        refused = WriteRefusal(since=refusals.since, reason=refusals.reason, refused_calls=refusals.count)
     state = await index.refresh()
     async with db.connection() as conn:
         counts = await stats_sql.counts(conn)
@@ -65,4 +82,26 @@ async def collect(
         target_recall=index.target_recall,
         embedding_cache_entries=counts.embedding_cache_entries,
         counts_estimated=counts.estimated,
+        writes_refused=refused,
+    )
+
+
+async def _granted(db: Database, *, embedding_model: str, dimension: int) -> Stats:
+    """Stats of a token without admin: its scopes' counts and the model, nothing that spans other tenants."""
+    async with db.connection() as conn:
+        counts = await stats_sql.granted_counts(conn, every_scope=not guard.scoped())
+    by_scope = {Scope(k): v for k, v in counts.items()}
+    return Stats(
+        memories=sum(by_scope.values()),
+        by_scope=by_scope,
+        expired_pending_purge=0,
+        embedding_model=embedding_model,
+        dimension=dimension,
+        postgres_version="",
+        pgvector_version="",
+        iterative_scan=False,
+        index=IndexState(),
+        exact_threshold=0,
+        target_recall=0.0,
+        embedding_cache_entries=0,
     )

@@ -22,12 +22,16 @@ from memory_service.config.settings import Settings
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
+from memory_service.observability import tracing
 from memory_service.search.fusion import rank_candidates
-from memory_service.search.index_care import IndexCare, IndexState, fitted_probes
+from memory_service.search.index_care import IndexCare, IndexState, search_setting
+from memory_service.search.observe import PlanNotes, SearchObserver
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.text_search import TextSearch
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING, TextRanking, scan_settings
-from memory_service.storage import search_sql
+from memory_service.storage import search_sql, text_index_sql
 from memory_service.storage.database import Connection, Database
+from memory_service.tenants import guard
 
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
 _MIN_CANDIDATES = 40
@@ -35,8 +39,6 @@ _CANDIDATE_FACTOR = 3
 # Most matching rows a filtered search scans exactly instead of using the index (the count deciding it reads up to
 # this many index entries).
 _EXACT_FILTER_MAX_ROWS = 20_000
-# pgvector's own default, used only until the index's first calibration.
-_HNSW_DEFAULT_EF_SEARCH = 40
 
 
 class SearchEngine:
@@ -53,8 +55,11 @@ class SearchEngine:
         text_ranking: TextRanking = DEFAULT_TEXT_RANKING,
         hybrid_alpha: float = 0.5,
         seen: QuerySample | None = None,
+        observer: SearchObserver | None = None,
+        text_search: TextSearch | None = None,
     ) -> None:
         self._db = db
+        self._observer = observer or SearchObserver(metrics)
         self._embedder = embedder
         self._index = index
         self._metrics = metrics
@@ -64,18 +69,25 @@ class SearchEngine:
         self._text_ranking = text_ranking
         self.hybrid_alpha = hybrid_alpha
         self.seen = seen
+        self.text_search = text_search
+        """The in-memory text index; TEXT and HYBRID use the SQL statement until it has loaded."""
         """Vectors of recent searches that went to the index, for its calibration (this instance's own)."""
         """Weight of the vector score in weighted fusion when the request does not set ``alpha``."""
 
     async def search(self, query: SearchQuery) -> SearchResult:
         started = time.perf_counter()
+        query = dataclasses.replace(query, filter=guard.narrow(query.filter))
         vector = await self._query_vector(query)
         text = query.text if query.mode in (SearchMode.TEXT, SearchMode.HYBRID) else None
         limit = query.top_k
         if query.mode is not SearchMode.VECTOR:
             limit = max(query.top_k * _CANDIDATE_FACTOR, _MIN_CANDIDATES)
-        result = await self._run(query, vector, text, limit)
-        self._metrics.search_latency.labels(query.mode.value).observe(time.perf_counter() - started)
+        notes = PlanNotes()
+        if vector is None and text is not None and self.text_search is not None and self.text_search.ready:
+            result = await self._run_text(query, text, limit)
+        else:
+            result = await self._run(query, vector, text, limit, notes)
+        self._observer.observe(query, vector, result, notes, time.perf_counter() - started)
         return result
 
     async def _query_vector(self, query: SearchQuery) -> Vector | None:
@@ -91,15 +103,10 @@ class SearchEngine:
         The request's own setting wins, then the operator's, then the index's calibration for this kind of
         search (filtered or not), then a rule of thumb until the first calibration."""
         filtered = not query.filter.is_empty
-        calibration = state.calibration
-        setting = query.probes or self._default_probes
-        if not setting:
-            if calibration is not None:
-                setting = calibration.setting(filtered=filtered)
-            else:
-                setting = _HNSW_DEFAULT_EF_SEARCH if state.kind == "hnsw" else fitted_probes(state.lists)
+        setting = query.probes or search_setting(state, filtered=filtered, configured=self._default_probes)
         if state.kind != "hnsw":
             setting = min(setting, state.lists)
+        calibration = state.calibration
         recall = None if calibration is None else calibration.curve(filtered=filtered).recall_at(setting)
         return setting, recall
 
@@ -119,7 +126,26 @@ class SearchEngine:
             return max(self._narrow_filter_rows, min(visited, _EXACT_FILTER_MAX_ROWS))
         return self._narrow_filter_rows
 
-    async def _run(self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int) -> SearchResult:
+    async def _run_text(self, query: SearchQuery, text: str, limit: int) -> SearchResult:
+        """TEXT through the in-memory index: exact BM25 top-k, rows read (and checked) from PostgreSQL."""
+        assert self.text_search is not None
+        async with self._db.connection() as conn:
+            found = await self.text_search.candidates(
+                conn, text, query.filter, limit=limit, with_embedding=query.include_embedding
+            )
+        ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
+        hits = [
+            SearchHit(
+                memory=s.candidate.memory, score=s.score, text_score=s.candidate.text_score, text_rank=s.text_rank
+            )
+            for s in ranked
+            if s.candidate.memory is not None
+        ]
+        return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
+
+    async def _run(
+        self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int, notes: PlanNotes
+    ) -> SearchResult:
         plan = self._plan(query, vector)
         # No transaction: every statement below reads on its own (READ COMMITTED gave each its own snapshot
         # anyway), so a search is one round trip per statement. A memory deleted between the candidates and
@@ -140,7 +166,9 @@ class SearchEngine:
         )
         async with session as conn:
             use_index = plan.approximate_possible and not await self._exact_is_cheaper(conn, query, plan)
-            found, use_index = await self._candidates(conn, query, vector, text, limit, use_index=use_index)
+            found, use_index = await self._candidates(
+                conn, query, vector, text, limit, use_index=use_index, notes=notes
+            )
             hits = await self._hits(conn, query, found)
         if vector is None:
             return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
@@ -183,10 +211,28 @@ class SearchEngine:
         limit: int,
         *,
         use_index: bool,
+        notes: PlanNotes,
     ) -> tuple[list[Candidate], bool]:
         """The candidates, widened until complete, and whether the index served them in the end."""
 
+        # HYBRID with the text index: its exact BM25 top `limit`, then one statement for the vector candidates and
+        # the text candidates' distances; BM25 of the vector-only candidates from the index too.
+        text_search = self.text_search if vector is not None and text is not None else None
+        text_best: list[tuple[int, float]] = []
+        scoring = None
+        if text_search is not None and text_search.ready and text is not None:
+            text_best, scoring = await text_search.ranked(conn, text, query.filter, limit=limit)
+        else:
+            text_search = None
+
         async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
+            if text_search is not None and vector is not None:
+                found = await text_index_sql.hybrid_candidates(
+                    conn, query.filter, vector=vector, limit=limit, exact=exact, text_ids=[i for i, _ in text_best]
+                )
+                scores = dict(text_best)
+                scores.update(text_search.scores([c.id for c in found if c.id not in scores], scoring))
+                return [dataclasses.replace(c, text_score=scores[c.id]) for c in found]
             return await search_sql.candidates(
                 conn,
                 query.filter,
@@ -200,6 +246,7 @@ class SearchEngine:
                 text_ranking=self._text_ranking.values,
                 pruned=pruned,
                 with_embedding=query.include_embedding,
+                rls=guard.scoped(),
             )
 
         if use_index and vector is not None and self.seen is not None:
@@ -220,11 +267,14 @@ class SearchEngine:
             # Too few memories held the query's rarest terms: let its common terms bring in candidates too.
             use_index = use_index and not vector_short
             found = await fetch(exact=not use_index, pruned=not text_short)
+        notes.found, notes.fallback, notes.widened = found, vector_short, text_short
+        notes.bounded = text is not None and bool(found) and not found[0].text_every_term
         return found, use_index
 
     async def _hits(self, conn: Connection, query: SearchQuery, found: list[Candidate]) -> list[SearchHit]:
         """Rank the candidates and attach the winners' memories (fetched unless they came along)."""
-        ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
+        with tracing.span("fusion", candidates=len(found)):
+            ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
         memories = (
             {}
             if query.mode is SearchMode.VECTOR

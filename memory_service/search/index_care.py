@@ -24,6 +24,7 @@ import math
 from datetime import datetime
 
 from memory_service.config.settings import Settings
+from memory_service.metrics import Metrics
 from memory_service.models import IndexKind
 from memory_service.search.calibration import MIN_SEEN, Calibration, Curve, calibrate
 from memory_service.search.query_sample import QuerySample
@@ -39,6 +40,8 @@ RECALIBRATE_AFTER = 0.2
 _ROWS_AT_BUILD = "vector_index_rows_at_build"
 _BUILT_AT = "vector_index_built_at"
 _LEGACY = {_ROWS_AT_BUILD: "ivfflat_rows_at_build", _BUILT_AT: "ivfflat_built_at"}
+_HNSW_DEFAULT_EF_SEARCH = 40
+"""pgvector's own default, used only until the index's first calibration."""
 
 
 def fitted_lists(rows: int) -> int:
@@ -70,6 +73,18 @@ class IndexState:
     @property
     def usable(self) -> bool:
         return self.exists and self.valid and (self.kind == "hnsw" or self.lists > 0)
+
+
+def search_setting(state: IndexState, *, filtered: bool, configured: int | None) -> int:
+    """Probes (ef_search for HNSW) an index search uses unless the request names its own: the operator's
+    setting, then the index's calibration for this kind of search, then a rule of thumb until the first one."""
+    setting = configured
+    if not setting:
+        if state.calibration is not None:
+            setting = state.calibration.setting(filtered=filtered)
+        else:
+            setting = _HNSW_DEFAULT_EF_SEARCH if state.kind == "hnsw" else fitted_probes(state.lists)
+    return setting if state.kind == "hnsw" else min(setting, state.lists)
 
 
 def needs_rebuild(state: IndexState, *, exact_max_rows: int, kind: IndexKind = "ivfflat") -> bool:
@@ -138,8 +153,12 @@ class IndexCare:
         hnsw_m: int = Settings.hnsw_m,
         hnsw_ef_construction: int = Settings.hnsw_ef_construction,
         seen: QuerySample | None = None,
+        metrics: Metrics | None = None,
+        configured_setting: int | None = None,
     ) -> None:
         self._db = db
+        self._metrics = metrics
+        self._configured = configured_setting
         self._dsn = dsn
         self.exact_max_rows = exact_max_rows
         self.kind: IndexKind = kind
@@ -154,6 +173,14 @@ class IndexCare:
     async def refresh(self) -> IndexState:
         async with self._db.connection() as conn:
             self.state = await self._read(conn)
+        if self._metrics is not None:
+            publish(
+                self._metrics,
+                self.state,
+                target=self.target_recall,
+                exact_max_rows=self.exact_max_rows,
+                configured=self._configured,
+            )
         return self.state
 
     async def _read(self, conn: Connection) -> IndexState:
@@ -242,6 +269,35 @@ class IndexCare:
             return f"not calibrated: {exc}"
         await calibration_sql.write(conn, calibration.to_json())
         return "calibrated " + describe(calibration)
+
+
+def publish(metrics: Metrics, state: IndexState, *, target: float, exact_max_rows: int, configured: int | None) -> None:
+    """The index's state as gauges: what it is, how it was calibrated, and what searches use."""
+    for kind in ("ivfflat", "hnsw", "none"):
+        metrics.index_info.labels(kind).set(
+            1 if (state.kind or "none") == kind and (state.exists or kind == "none") else 0
+        )
+    metrics.index_usable.set(1 if state.usable else 0)
+    metrics.index_lists.set(state.lists if state.kind == "ivfflat" else 0)
+    metrics.index_m.set(state.m if state.kind == "hnsw" else 0)
+    metrics.index_rows.set(state.rows)
+    metrics.index_rows_at_build.set(state.rows_at_build)
+    metrics.index_exact_rows.set(exact_max_rows)
+    metrics.index_built.set(state.built_at.timestamp() if state.built_at else 0)
+    metrics.index_target_recall.set(target)
+    calibration = state.calibration
+    metrics.index_calibrated.set(calibration.calibrated_at.timestamp() if calibration else 0)
+    for filtered in (False, True):
+        label = "true" if filtered else "false"
+        setting = search_setting(state, filtered=filtered, configured=configured) if state.usable else 0
+        metrics.index_setting.labels(label).set(setting)
+        # Filtered searches fall back to the unfiltered curve when none was measured for them, as the engine does.
+        curve = calibration.curve(filtered=filtered) if calibration is not None else None
+        recall = curve.recall_at(setting) if curve is not None else None
+        metrics.index_estimated_recall.labels(label).set(recall or 0)
+        for source in ("searches", "memories"):
+            queries = curve.queries if curve is not None and curve.source == source else 0
+            metrics.index_calibration_queries.labels(label, source).set(queries)
 
 
 def describe(calibration: Calibration) -> str:

@@ -15,13 +15,13 @@ import asyncpg
 import pgvector
 
 from memory_service.models import NewMemory, Vector, WriteContext
-from memory_service.storage.memories_sql import LATEST_EXPIRY, UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS
+from memory_service.storage.memories_sql import UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS, expiry_sql
 from memory_service.storage.versions_sql import UPSERT_KIND, context_values, record
 
 STAGING = "memory_bulk_staging"
 
 # Temporary tables live as long as the session: the pool's reset only rolls back a transaction left open
-# (``database._reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
+# (``session.reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
 # empties it at every commit, and a rolled-back batch leaves nothing behind either. Enums and JSON travel as text:
 # asyncpg has no binary COPY encoder for jsonb.
 _CREATE_STAGING = f"""
@@ -66,8 +66,7 @@ _INSERT_FROM_STAGING = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
 SELECT s.scope::memory.scope, s.scope_id, s.agent_id, s.memory_type::memory.memory_type, s.key, s.value,
        s.embedding, s.importance, s.tags, s.metadata::jsonb, s.content_hash, $1::text,
-       CASE WHEN s.ttl_seconds IS NULL THEN s.expires_at
-            ELSE LEAST(clock_timestamp() + make_interval(secs => s.ttl_seconds), {LATEST_EXPIRY}) END
+       {expiry_sql("s.expires_at", "s.ttl_seconds")}
 FROM pg_temp.{STAGING} s
 ORDER BY s.ord
 """

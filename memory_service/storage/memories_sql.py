@@ -27,6 +27,20 @@ LATEST_EXPIRY = "'9999-12-31 23:59:59.999999+00'::timestamptz"
 """The latest expiry stored (validation.LATEST_EXPIRY); a TTL added to the database clock is capped at it, so even a
 skewed clock cannot store a row that the driver cannot read back (migration 0006 also forbids one)."""
 
+
+def expiry_sql(expires_at: str, ttl_seconds: str) -> str:
+    """The one expression for a written row's ``expires_at``, given SQL for the request's expiry and TTL.
+
+    NULL (never expires) when neither is set. ``LEAST`` ignores NULL arguments, so the TTL branch must only be
+    taken when there is a TTL: ``LEAST(now + NULL, latest)`` is ``latest``, not NULL (migration 0010 repairs the
+    rows a Store wrote that way).
+    """
+    return (
+        f"CASE WHEN {ttl_seconds} IS NULL THEN {expires_at} "
+        f"ELSE LEAST(clock_timestamp() + make_interval(secs => {ttl_seconds}), {LATEST_EXPIRY}) END"
+    )
+
+
 # On conflict the row is rewritten only when something differs, so "unchanged" costs no new row version and
 # reports no update. The memory's version is bumped under the row lock the conflict takes.
 UPSERT_CONFLICT = """
@@ -56,7 +70,7 @@ UPSERT_TAIL_VERSIONED = UPSERT_CONFLICT + f"RETURNING {RETURNING_ROW}, (m.xmax =
 _INSERT_ONE = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
 VALUES ($1::text::memory.scope, $2, $3, $4::text::memory.memory_type, $5, $6, $7, $8, $9, $10::jsonb, $11,
-        $12, COALESCE($13::timestamptz, LEAST(clock_timestamp() + make_interval(secs => $14::float8), {LATEST_EXPIRY})))
+        $12, {expiry_sql("$13::timestamptz", "$14::float8")})
 """
 _UPSERT_ONE = _INSERT_ONE + UPSERT_TAIL
 _UPSERT_ONE_VERSIONED = f"""
@@ -149,6 +163,14 @@ async def get(conn: asyncpg.Connection, memory_id: int, *, with_embedding: bool)
     columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
     row = await conn.fetchrow(f"SELECT {columns} FROM memory.memories m WHERE m.id = $1 AND {LIVE}", memory_id)
     return None if row is None else memory_from_row(row)
+
+
+async def lock_scope_of(conn: asyncpg.Connection, memory_id: int) -> tuple[Scope, int] | None:
+    """The scope of a memory (live or expired), locked for the delete that follows; None when there is none."""
+    row = await conn.fetchrow(
+        "SELECT scope::text AS scope, scope_id FROM memory.memories WHERE id = $1 FOR UPDATE", memory_id
+    )
+    return None if row is None else (Scope(row["scope"]), row["scope_id"])
 
 
 async def delete_by_id(conn: asyncpg.Connection, memory_id: int, *, history: WriteContext | None) -> int:

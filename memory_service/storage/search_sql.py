@@ -80,15 +80,24 @@ def _bm25(k1_param: str, b_param: str) -> str:
     )
 
 
-def _text_cte(where: str, limit: str, budget: str, bm25: str, *, pruned: bool) -> str:
+def _matches(terms: str, *, rls: bool) -> str:
+    """Memory ``m`` holds one of ``terms`` (``core`` or ``broad``). Under row-level security ``@@`` (not leakproof)
+    could not use the GIN index, so the match runs in ``memory.text_matches`` (migration 0011), which returns the
+    matching ids within the call's grants, and the rows are read by id under the policies."""
+    if rls:
+        return f"m.id = ANY (ARRAY(SELECT memory.text_matches((SELECT {terms} FROM wa))))"
+    return f"m.search_tsv @@ (SELECT {terms} FROM wa)"
+
+
+def _text_cte(where: str, limit: str, budget: str, bm25: str, *, pruned: bool, rls: bool = False) -> str:
     """The best ``limit`` by BM25 among at most ``budget`` memories holding the core terms (plus, unpruned, at
     most ``budget`` more holding any term)."""
-    core = f"m.search_tsv @@ (SELECT core FROM wa) AND {where}"
+    core = f"{_matches('core', rls=rls)} AND {where}"
     if pruned:
         # Scored as the index finds them: one visit to each memory.
         scored = f"SELECT m.id, {bm25} AS text_score FROM memory.memories m WHERE {core} LIMIT {budget}"
     else:
-        broad = f"m.search_tsv @@ (SELECT broad FROM wa) AND {where}"
+        broad = f"{_matches('broad', rls=rls)} AND {where}"
         ids = (
             f"(SELECT m.id FROM memory.memories m WHERE {core} LIMIT {budget}) UNION "
             f"(SELECT m.id FROM memory.memories m WHERE {broad} LIMIT {budget})"
@@ -116,6 +125,7 @@ def candidates_statement(
     text_ranking: tuple[float, float, int] | None = None,
     pruned: bool = True,
     with_embedding: bool = False,
+    rls: bool = False,
 ) -> tuple[str, list[Any]]:
     """The SQL and parameters of ``candidates``: every user value a ``$n`` parameter, the bounds literals."""
     params = Params()
@@ -140,7 +150,7 @@ def candidates_statement(
         budget = _bound(max_scored)
         bm25 = _bm25(params.add(k1), params.add(b))
         ctes.append(_term_ctes(params.add(text), budget))
-        ctes.append(f"t AS ({_text_cte(where, limit_sql, budget, bm25, pruned=pruned)})")
+        ctes.append(f"t AS ({_text_cte(where, limit_sql, budget, bm25, pruned=pruned, rls=rls)})")
         sources.append("SELECT id FROM t")
         joins.append("LEFT JOIN t ON t.id = m.id")
         text_score = f"coalesce(t.text_score, {bm25})" if vector is not None else "t.text_score"
@@ -171,6 +181,7 @@ async def candidates(
     text_ranking: tuple[float, float, int] | None = None,
     pruned: bool = True,
     with_embedding: bool = False,
+    rls: bool = False,
 ) -> list[Candidate]:
     """Up to ``limit`` nearest by vector and up to ``limit`` best by text (whichever are asked for), merged by id.
 
@@ -178,7 +189,8 @@ async def candidates(
     ``full_rows`` each candidate carries its whole memory; without, only what ranking needs, so a hybrid search
     that keeps 10 of 80 candidates decodes 10 memories (``memories_by_id``), not 80. Without ``pruned`` every
     query term brings in candidates too (at most ``max_scored`` more). ``text_ranking`` is (k1, b, max_scored),
-    needed with ``text``.
+    needed with ``text``. ``rls``: the connection runs under row-level security (a scoped call), which changes how
+    text matches are found, not which.
     """
     sql, values = candidates_statement(
         memory_filter,
@@ -190,6 +202,7 @@ async def candidates(
         text_ranking=text_ranking,
         pruned=pruned,
         with_embedding=with_embedding,
+        rls=rls,
     )
     rows = await conn.fetch(sql, *values)
     return [

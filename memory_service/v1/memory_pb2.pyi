@@ -478,7 +478,7 @@ Global___Rejection: _TypeAlias = Rejection  # noqa: Y015
 
 @_typing.final
 class BulkStoreAck(_message.Message):
-    """Sent after each committed batch. Counts are for that batch."""
+    """Sent after each committed batch. Counts are for that batch; each item counts once, in one of them."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -488,12 +488,19 @@ class BulkStoreAck(_message.Message):
     UNCHANGED_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_FIELD_NUMBER: _builtins.int
     durable_sequence: _builtins.int
-    """Every item with a sequence number up to this one is durable (stored or rejected)."""
+    """Every item with a sequence number up to this one is durable (stored, superseded or rejected)."""
     created: _builtins.int
     updated: _builtins.int
     unchanged: _builtins.int
     rejected: _builtins.int
+    superseded: _builtins.int
+    """Items replaced before they were written by a later item of this stream with the same identity (scope,
+    scope_id, key): the server writes a batch as one upsert per identity, so only the last of them is stored. A
+    superseded item records no version and no Watch change; the later item's outcome counts the write. Send
+    items one per identity (or use Store for each) when every intermediate state must be in History.
+    """
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rejection]: ...
     def __init__(
@@ -505,10 +512,11 @@ class BulkStoreAck(_message.Message):
         unchanged: _builtins.int = ...,
         rejected: _builtins.int = ...,
         rejections: _abc.Iterable[Global___Rejection] | None = ...,
+        superseded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "durable_sequence", b"durable_sequence", "rejected", b"rejected", "rejections", b"rejections", "unchanged", b"unchanged", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "durable_sequence", b"durable_sequence", "rejected", b"rejected", "rejections", b"rejections", "superseded", b"superseded", "unchanged", b"unchanged", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1193,6 +1201,7 @@ class StatsResponse(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     EMBEDDING_CACHE_ENTRIES_FIELD_NUMBER: _builtins.int
     COUNTS_ESTIMATED_FIELD_NUMBER: _builtins.int
+    WRITES_REFUSED_FIELD_NUMBER: _builtins.int
     memories: _builtins.int
     expired_pending_purge: _builtins.int
     embedding_model: _builtins.str
@@ -1209,6 +1218,13 @@ class StatsResponse(_message.Message):
     def by_scope(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeCount]: ...
     @_builtins.property
     def index(self) -> Global___IndexState: ...
+    @_builtins.property
+    def writes_refused(self) -> Global___WriteRefusal:
+        """Set while the database refuses writes (read-only, out of disk or memory), as this instance last saw: writes
+        answer UNAVAILABLE (read-only) or RESOURCE_EXHAUSTED (out of resources) meanwhile, and reads still work. The
+        server probes with a small write every HEALTH_CHECK_INTERVAL and clears it once one succeeds.
+        """
+
     def __init__(
         self,
         *,
@@ -1223,14 +1239,43 @@ class StatsResponse(_message.Message):
         index: Global___IndexState | None = ...,
         embedding_cache_entries: _builtins.int = ...,
         counts_estimated: _builtins.bool = ...,
+        writes_refused: Global___WriteRefusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "writes_refused", b"writes_refused"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_scope", b"by_scope", "counts_estimated", b"counts_estimated", "dimension", b"dimension", "embedding_cache_entries", b"embedding_cache_entries", "embedding_model", b"embedding_model", "expired_pending_purge", b"expired_pending_purge", "index", b"index", "iterative_scan", b"iterative_scan", "memories", b"memories", "pgvector_version", b"pgvector_version", "postgres_version", b"postgres_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_scope", b"by_scope", "counts_estimated", b"counts_estimated", "dimension", b"dimension", "embedding_cache_entries", b"embedding_cache_entries", "embedding_model", b"embedding_model", "expired_pending_purge", b"expired_pending_purge", "index", b"index", "iterative_scan", b"iterative_scan", "memories", b"memories", "pgvector_version", b"pgvector_version", "postgres_version", b"postgres_version", "writes_refused", b"writes_refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class WriteRefusal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REFUSED_CALLS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The first refusal, as PostgreSQL gave it."""
+    refused_calls: _builtins.int
+    """Calls this instance has answered with a refusal since."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        refused_calls: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "refused_calls", b"refused_calls", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteRefusal: _TypeAlias = WriteRefusal  # noqa: Y015
 
 @_typing.final
 class MemoryVersion(_message.Message):

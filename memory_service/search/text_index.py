@@ -1,0 +1,259 @@
+"""The in-memory text index: every live memory's lexemes, held in segments, answering BM25's exact top-k.
+
+It is derived data. PostgreSQL stays the only source of truth: the index is loaded from the stored ``search_tsv``
+(the same parser, stopwords and stemming), follows the change log, and every answer is checked against the rows
+(``search/text_search.py``). Each version of a memory gets a *slot* (its place in the per-document arrays: id,
+length, expiry, alive); a change appends a slot and marks the old one dead, so segments never change once built.
+New versions go into a small segment per batch of changes; small segments merge pairwise, smallest first, so a
+document is rewritten O(log n) times, and the search reads a handful of segments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from memory_service.search.text_segment import Floats, Ints, Scoring, Segment, merged
+from memory_service.storage.text_index_sql import DocText, PostingsChunk
+
+MAX_SMALL_SEGMENTS = 6
+"""Segments beside the largest before the two smallest merge."""
+MERGE_MAX_DOCS = 50_000
+"""Largest merge done in place (on the event loop, some 100 ms); beyond it the index is reloaded in the background."""
+
+
+class TextIndex:
+    def __init__(self, k1: float = 1.2, b: float = 0.75) -> None:
+        self.ids: Ints = np.empty(0, np.int64)
+        self.lengths: Floats = np.empty(0, np.float64)
+        self.expiry: Floats = np.empty(0, np.float64)
+        self.alive: npt.NDArray[np.bool_] = np.empty(0, np.bool_)
+        self.count = 0
+        """Slots in use."""
+        self.segments: list[Segment] = []
+        self._base_ids: Ints = np.empty(0, np.int64)
+        """Ids of the first ``len(_base_ids)`` slots, ascending (the load's)."""
+        self._moved: dict[int, int] = {}
+        """Id -> slot for every id whose slot is not its load slot (-1 once gone)."""
+        self.live = 0
+        self.crowded = False
+        """Too many segments to merge in place: reload."""
+        self.k1, self.b = k1, b
+        self._version = 0
+        """Bumped by every change, so the cached usable mask is recomputed."""
+        self._moved_arrays: tuple[int, Ints, Ints] | None = None
+        self._usable: npt.NDArray[np.bool_] | None = None
+        self._usable_version = -1
+        self._usable_until = np.inf
+
+    # -- building ------------------------------------------------------------------------------------------------
+
+    def _reserve(self, extra: int) -> None:
+        need = self.count + extra
+        if need <= len(self.ids):
+            return
+        size = max(need, 2 * len(self.ids), 1024)
+        for name, fill in (("ids", 0), ("lengths", 1.0), ("expiry", np.inf), ("alive", False)):
+            old = getattr(self, name)
+            new = np.full(size, fill, dtype=old.dtype)
+            new[: self.count] = old[: self.count]
+            setattr(self, name, new)
+
+    def _append(self, ids: Ints, lengths: Floats, expiry: Floats) -> Ints:
+        self._reserve(len(ids))
+        slots = np.arange(self.count, self.count + len(ids), dtype=np.int64)
+        self.ids[slots] = ids
+        self.lengths[slots] = lengths
+        self.expiry[slots] = expiry
+        self.alive[slots] = True
+        self.count += len(ids)
+        self.live += len(ids)
+        return slots
+
+    @classmethod
+    def loaded(
+        cls,
+        parts: list[tuple[Ints, Floats, npt.NDArray[np.int32], PostingsChunk]],
+        avgdl: float,
+        k1: float = 1.2,
+        b: float = 0.75,
+    ) -> TextIndex:
+        """An index of what ``text_index_sql.load`` read, in ascending id ranges."""
+        index = cls(k1, b)
+        vocabulary: dict[str, int] = {}
+        terms, docs, tfs = [], [], []
+        for ids, expiry, lengths, chunk in parts:
+            first = index.count
+            slots = index._append(ids, lengths.astype(np.float64), expiry)
+            mapping = np.fromiter(
+                (vocabulary.setdefault(lexeme, len(vocabulary)) for lexeme in chunk.lexemes),
+                dtype=np.int32,
+                count=len(chunk.lexemes),
+            )
+            position = np.searchsorted(ids, chunk.ids)
+            # A memory written between the two statements of a chunk is in neither or only its postings: drop those.
+            position = np.minimum(position, max(len(ids) - 1, 0))
+            known = ids[position] == chunk.ids if len(ids) else np.zeros(len(chunk.ids), np.bool_)
+            terms.append(mapping[chunk.term[known]])
+            docs.append((first + position[known]).astype(np.int32))
+            tfs.append(chunk.tfs[known])
+            del slots
+        index._base_ids = index.ids[: index.count].copy()
+        if index.count:
+            index.segments.append(
+                Segment(
+                    slots=np.arange(index.count, dtype=np.int64),
+                    lengths=index.lengths[: index.count].copy(),
+                    lexemes=list(vocabulary),
+                    term=np.concatenate(terms),
+                    docs=np.concatenate(docs),
+                    tfs=np.concatenate(tfs),
+                    avgdl=avgdl,
+                    k1=k1,
+                    b=b,
+                )
+            )
+        return index
+
+    # -- following changes ---------------------------------------------------------------------------------------
+
+    def slot_of(self, memory_id: int) -> int:
+        """The live slot of a memory, or -1."""
+        slot = self._moved.get(memory_id)
+        if slot is not None:
+            return slot
+        base = self._base_ids
+        at = int(np.searchsorted(base, memory_id))
+        if at < len(base) and base[at] == memory_id and self.alive[at]:
+            return at
+        return -1
+
+    def slots_of(self, ids: Ints) -> Ints:
+        """The live slots of many memories at once (-1 where gone or unknown)."""
+        base = self._base_ids
+        slots = np.full(len(ids), -1, dtype=np.int64)
+        if len(base):
+            at = np.minimum(np.searchsorted(base, ids), len(base) - 1)
+            hit = (base[at] == ids) & self.alive[at]
+            slots[hit] = at[hit]
+        if self._moved:
+            if self._moved_arrays is None or self._moved_arrays[0] != self._version:
+                keys = np.fromiter(self._moved.keys(), dtype=np.int64, count=len(self._moved))
+                values = np.fromiter(self._moved.values(), dtype=np.int64, count=len(self._moved))
+                order = np.argsort(keys)
+                self._moved_arrays = (self._version, keys[order], values[order])
+            _, keys, values = self._moved_arrays
+            at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+            moved = keys[at] == ids
+            slots[moved] = values[at[moved]]
+        return slots
+
+    def apply(self, changed: list[int], present: list[DocText], avgdl: float) -> None:
+        """``changed`` memories now read as ``present`` (those missing from it are gone)."""
+        self._version += 1
+        for memory_id in changed:
+            slot = self.slot_of(memory_id)
+            if slot >= 0:
+                self.alive[slot] = False
+                self.live -= 1
+            self._moved[memory_id] = -1
+        if not present:
+            return
+        ids = np.fromiter((d.id for d in present), dtype=np.int64, count=len(present))
+        lengths = np.fromiter((len(d.lexemes) for d in present), dtype=np.float64, count=len(present))
+        expiry = np.fromiter(
+            (np.inf if d.expires_at is None else d.expires_at for d in present), dtype=np.float64, count=len(present)
+        )
+        for memory_id in ids.tolist():
+            slot = self.slot_of(memory_id)
+            if slot >= 0:  # listed twice in one batch
+                self.alive[slot] = False
+                self.live -= 1
+        slots = self._append(ids, lengths, expiry)
+        for memory_id, slot in zip(ids.tolist(), slots.tolist(), strict=True):
+            self._moved[memory_id] = slot
+        vocabulary: dict[str, int] = {}
+        terms: list[int] = []
+        docs: list[int] = []
+        tfs: list[int] = []
+        for local, doc in enumerate(present):
+            for lexeme, tf in zip(doc.lexemes, doc.tfs, strict=True):
+                terms.append(vocabulary.setdefault(lexeme, len(vocabulary)))
+                docs.append(local)
+                tfs.append(tf)
+        self.segments.append(
+            Segment(
+                slots=slots,
+                lengths=lengths,
+                lexemes=list(vocabulary),
+                term=np.array(terms, dtype=np.int32),
+                docs=np.array(docs, dtype=np.int32),
+                tfs=np.array(tfs, dtype=np.uint16),
+                avgdl=avgdl,
+                k1=self.k1,
+                b=self.b,
+            )
+        )
+        self.compact(avgdl)
+
+    def compact(self, avgdl: float) -> None:
+        """Merge the two smallest segments while there are too many beside the largest."""
+        while len(self.segments) > MAX_SMALL_SEGMENTS + 1:
+            self.segments.sort(key=len, reverse=True)
+            if len(self.segments[-1]) + len(self.segments[-2]) > MERGE_MAX_DOCS:
+                self.crowded = True
+                return
+            a, b = self.segments.pop(), self.segments.pop()
+            self.segments.append(
+                merged([b, a], lengths=self.lengths, alive=self.alive, avgdl=avgdl, k1=self.k1, b=self.b)
+            )
+
+    @property
+    def dead(self) -> int:
+        return self.count - self.live
+
+    # -- searching -----------------------------------------------------------------------------------------------
+
+    def usable(self, now: float) -> npt.NDArray[np.bool_]:
+        """Per slot: alive and not expired at ``now``; recomputed only after a change or once a memory expires."""
+        if self._usable is None or self._usable_version != self._version or now >= self._usable_until:
+            count = self.count
+            usable = self.alive[:count] & (self.expiry[:count] > now)
+            later = self.expiry[:count][usable]
+            self._usable_until = float(later.min()) if len(later) else np.inf
+            self._usable, self._usable_version = usable, self._version
+        return self._usable
+
+    def top(self, scoring: Scoring, k: int, now: float) -> list[tuple[int, float]]:
+        """The best ``k`` live memories by exact BM25, best first (ties by id), as (id, score)."""
+        usable = self.usable(now)
+        slots, scores = [], []
+        for segment in self.segments:
+            local, score = segment.top(scoring, k, usable)
+            slots.append(segment.slots[local])
+            scores.append(score)
+        return self._best(slots, scores, k)
+
+    def score_ids(self, ids: list[int], scoring: Scoring, now: float, k: int | None = None) -> list[tuple[int, float]]:
+        """Exact BM25 of the given memories that are live and hold a query term, best first (the best ``k``)."""
+        wanted = self.slots_of(np.asarray(ids, dtype=np.int64))
+        wanted = wanted[wanted >= 0]
+        wanted = wanted[self.expiry[wanted] > now]
+        slots, scores = [], []
+        for segment in self.segments:
+            found, local = segment.locate(wanted)
+            if not found.any():
+                continue
+            score = segment.score_local(local[found], scoring)
+            hit = score > 0
+            slots.append(wanted[found][hit])
+            scores.append(score[hit])
+        return self._best(slots, scores, k if k is not None else len(ids))
+
+    def _best(self, slots: list[Ints], scores: list[Floats], k: int) -> list[tuple[int, float]]:
+        if not slots:
+            return []
+        all_slots, all_scores = np.concatenate(slots), np.concatenate(scores)
+        ids = self.ids[all_slots]
+        order = np.lexsort((ids, -all_scores))[:k]
+        return list(zip(ids[order].tolist(), all_scores[order].tolist(), strict=True))

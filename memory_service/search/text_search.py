@@ -1,0 +1,219 @@
+"""TEXT candidates from the in-memory index, kept current from the change log and checked against PostgreSQL.
+
+* **Load**: the index is built from one repeatable-read snapshot of the stored ``search_tsv``, taken once every
+  change up to a frontier is final (``changes_sql.frontier_probe``, as the Watch feed does), so it holds every change
+  up to that seq; later ones are applied on top (applying a change re-reads the memory's row, so applying one twice
+  is harmless).
+* **Follow**: every search reads the change log after the frontier in the same round trip as its query terms and
+  applies what it has not applied yet before it ranks, so a search sees every write committed before it began
+  (read-your-writes, across instances and processes). A background loop applies changes as they come and advances
+  the frontier once the seqs below it are final.
+* **Answer**: BM25's exact top-k over the statistics snapshot (``memory.text_terms`` / ``memory.text_corpus``, the
+  same numbers the SQL path and every instance use). Filters: the index knows expiry only. A filter an index narrows
+  (``search_sql.count_is_bounded``) lists its matching ids (up to a cap) and the index scores exactly those; any
+  other filter is checked by PostgreSQL on the index's best candidates, read deeper until enough pass. The rows
+  returned are read from PostgreSQL with the filter and expiry applied again, so a memory deleted a moment ago is
+  never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+
+from memory_service.models import Candidate, MemoryFilter
+from memory_service.search.text_index import TextIndex
+from memory_service.search.text_segment import Scoring
+from memory_service.search.tuning import TextRanking
+from memory_service.storage import changes_sql, search_sql, text_index_sql
+from memory_service.storage.database import Connection, Database
+
+log = logging.getLogger(__name__)
+
+FILTER_IDS_CAP = 50_000
+"""Most ids a filtered search lists to score exactly; a broader filter is checked on the index's best instead."""
+LOAD_AT_START_ROWS = 200_000
+"""Up to about this many memories the index loads before the server serves (a few seconds); a larger table loads in
+the background while TEXT searches use the SQL statement."""
+REBUILD_DEAD_FRACTION = 0.5
+"""Dead versions (as a share of live memories) that make the index reload from PostgreSQL."""
+_FINAL_WAIT = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """Every seq <= ``high`` is final once the transactions in ``blockers`` have ended (or, unknown, once no
+    transaction older than ``xid`` runs): the Watch feed's rule (``history/feed.py``)."""
+
+    high: int
+    xid: int
+    blockers: frozenset[int] | None
+
+    @classmethod
+    def of(cls, probe: changes_sql.Probe) -> _Candidate:
+        blockers = None
+        if probe.running is not None:
+            blockers = frozenset(x for x in probe.running if 0 < (probe.xid - x) % 2**32 < 2**31)
+        return cls(high=probe.high, xid=probe.xid, blockers=blockers)
+
+    def final(self, probe: changes_sql.Probe) -> bool:
+        if probe.xmin >= self.xid:
+            return True
+        return self.blockers is not None and probe.running is not None and not (self.blockers & probe.running)
+
+
+class TextSearch:
+    def __init__(self, db: Database, ranking: TextRanking) -> None:
+        self._db = db
+        self._ranking = ranking
+        self.index: TextIndex | None = None
+        self.frontier = 0
+        """Every change with seq <= frontier is in the index."""
+        self._applied: set[int] = set()
+        """Seqs after the frontier already applied."""
+        self._lock = asyncio.Lock()
+        self._candidate: _Candidate | None = None
+        self._avgdl = 1.0
+        self._building = False
+
+    @property
+    def ready(self) -> bool:
+        return self.index is not None
+
+    async def _final_frontier(self) -> int:
+        """A seq every change up to which is committed or never will be (waits for older transactions)."""
+        async with self._db.connection() as conn:
+            first = await changes_sql.frontier_probe(conn)
+            candidate = _Candidate.of(first)
+            probe = first
+            while not candidate.final(probe):
+                await asyncio.sleep(_FINAL_WAIT)
+                probe = await changes_sql.frontier_probe(conn)
+        return candidate.high
+
+    async def load_if_small(self) -> None:
+        async with self._db.connection() as conn:
+            rows = await text_index_sql.estimated_rows(conn)
+        if rows <= LOAD_AT_START_ROWS:
+            await self.build()
+
+    async def build(self) -> None:
+        """(Re)load the index from PostgreSQL; searches use the previous one (or the SQL path) meanwhile."""
+        if self._building:
+            return
+        self._building = True
+        try:
+            started = time.perf_counter()
+            frontier = await self._final_frontier()
+            async with self._db.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                parts = [part async for part in text_index_sql.load(conn)]
+                docs, total_length = await text_index_sql.corpus(conn)
+            avgdl = total_length / docs if docs and total_length else 1.0
+            index = await asyncio.to_thread(TextIndex.loaded, parts, avgdl, self._ranking.k1, self._ranking.b)
+            del parts
+            async with self._lock:
+                self.index, self.frontier, self._applied, self._avgdl = index, frontier, set(), avgdl
+            log.info(
+                "text index loaded: %d memories, %d postings in %.1fs",
+                index.live,
+                sum(s.postings for s in index.segments),
+                time.perf_counter() - started,
+            )
+        finally:
+            self._building = False
+
+    async def _catch_up(self, conn: Connection, pending: list[tuple[int, int]]) -> None:
+        """Apply the changes in ``pending`` (and any later pages) not applied yet. Holds the lock."""
+        index = self.index
+        assert index is not None
+        while True:
+            fresh = [(seq, memory_id) for seq, memory_id in pending if seq not in self._applied]
+            if fresh:
+                ids = sorted({memory_id for _, memory_id in fresh})
+                docs = await text_index_sql.docs(conn, ids)
+                index.apply(ids, docs, self._avgdl)
+                self._applied.update(seq for seq, _ in fresh)
+            if len(pending) < text_index_sql.PENDING_PAGE:
+                return
+            pending = await text_index_sql.changes_between(conn, pending[-1][0], 2**63 - 1)
+
+    async def follow(self) -> None:
+        """Background step: load the index if it is not yet (or a load failed); apply new changes, advance the
+        frontier over final seqs, reload when crowded or mostly dead."""
+        index = self.index
+        if index is None:
+            await self.build()
+            return
+        async with self._db.connection() as conn:
+            probe = await changes_sql.frontier_probe(conn)
+            if self._candidate is None and probe.high > self.frontier:
+                self._candidate = _Candidate.of(probe)
+            candidate = self._candidate
+            final = candidate is not None and candidate.final(probe)
+            pending = await text_index_sql.changes_between(conn, self.frontier, 2**63 - 1)
+            async with self._lock:
+                if self.index is index:
+                    await self._catch_up(conn, pending)
+                    if final and candidate is not None:
+                        # Every change up to candidate.high is committed and was visible to the read above.
+                        self.frontier = max(self.frontier, candidate.high)
+                        self._applied = {seq for seq in self._applied if seq > self.frontier}
+        if final:
+            self._candidate = None
+        if index.crowded or index.dead > REBUILD_DEAD_FRACTION * max(index.live, 10_000):
+            await self.build()
+
+    def _scoring(self, terms: text_index_sql.QueryTerms) -> Scoring:
+        docs = terms.docs
+        idf = tuple(math.log(1 + (max(docs, df) - df + 0.5) / (df + 0.5)) for df in terms.dfs)
+        avgdl = terms.total_length / docs if docs and terms.total_length else 1.0
+        self._avgdl = avgdl
+        return Scoring(tuple(terms.lexemes), idf, avgdl, self._ranking.k1, self._ranking.b)
+
+    async def ranked(
+        self, conn: Connection, text: str, memory_filter: MemoryFilter, *, limit: int
+    ) -> tuple[list[tuple[int, float]], Scoring | None]:
+        """The best ``limit`` memories passing the filter by exact BM25 (as the index knows them), best first, and
+        the scoring used (None when the query has no lexeme)."""
+        terms = await text_index_sql.query_terms(conn, text, after=self.frontier)
+        async with self._lock:
+            if terms.pending:
+                await self._catch_up(conn, terms.pending)
+            index = self.index
+        assert index is not None
+        if not terms.lexemes:
+            return [], None
+        scoring = self._scoring(terms)
+        now = time.time()
+        if memory_filter.is_empty:
+            return index.top(scoring, limit, now), scoring
+        if search_sql.count_is_bounded(memory_filter):
+            ids = await text_index_sql.matching_ids(conn, memory_filter, cap=FILTER_IDS_CAP)
+            if len(ids) < FILTER_IDS_CAP:
+                return index.score_ids(ids, scoring, now, k=limit), scoring
+        depth = 4 * limit
+        while True:
+            best = index.top(scoring, depth, now)
+            passing = await text_index_sql.passing_ids(conn, memory_filter, [i for i, _ in best])
+            if len(passing) >= limit or len(best) < depth:
+                return [(i, s) for i, s in best if i in passing][:limit], scoring
+            depth *= 4
+
+    def scores(self, ids: list[int], scoring: Scoring | None) -> dict[int, float]:
+        """Exact BM25 of the given memories (0 for one holding no query lexeme)."""
+        if scoring is None or self.index is None:
+            return dict.fromkeys(ids, 0.0)
+        found = dict(self.index.score_ids(ids, scoring, time.time()))
+        return {i: found.get(i, 0.0) for i in ids}
+
+    async def candidates(
+        self, conn: Connection, text: str, memory_filter: MemoryFilter, *, limit: int, with_embedding: bool
+    ) -> list[Candidate]:
+        """The best ``limit`` live memories passing the filter by exact BM25, with their rows, best first."""
+        best, _ = await self.ranked(conn, text, memory_filter, limit=limit)
+        if not best:
+            return []
+        return await text_index_sql.rows(conn, memory_filter, dict(best), with_embedding=with_embedding)

@@ -1,0 +1,296 @@
+"""Immutable postings of some memories, and exact BM25 top-k over them without scoring every match.
+
+A segment numbers its documents locally (0..n-1) and keeps, per lexeme, the documents holding it in ascending order
+with their term frequencies (for lookups), and, in large segments, the same postings by descending impact (BM25's
+term-frequency part at the average length the segment was built with) cut into chunks of ``CHUNK`` postings, each
+with the largest frequency and the smallest length in it. Those two make an upper bound of the term's part of any
+document's score from that chunk on, at any average length, so a search reads each term's postings in impact order
+only until no unread document can still reach the k-th best score found (the threshold algorithm); every document
+it does read is scored exactly, over every query term. Small segments are scored exhaustively: cheaper than the
+bookkeeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import numpy.typing as npt
+
+PRUNE_MIN_DOCS = 20_000
+"""Segments with fewer documents are scored exhaustively."""
+SEED_POSTINGS = 4096
+"""Postings of the rarest query terms scored first, whose k-th best score is the first threshold."""
+_EPSILON = 1e-9
+"""Slack for floating-point sums in the bounds: a bound a rounding error below the threshold still counts."""
+
+Ints = npt.NDArray[np.int64]
+Floats = npt.NDArray[np.float64]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """What BM25 needs besides the postings: the query's lexemes with their idf, the average length, k1 and b."""
+
+    lexemes: tuple[str, ...]
+    idf: tuple[float, ...]
+    avgdl: float
+    k1: float
+    b: float
+
+    def part(self, tf: npt.NDArray[np.float64], length: npt.NDArray[np.float64]) -> Floats:
+        """The term-frequency part of BM25 (0 where ``tf`` is 0)."""
+        norm = self.k1 * (1 - self.b + self.b * length / self.avgdl)
+        result: Floats = tf * (self.k1 + 1) / (tf + norm)
+        return result
+
+
+class Segment:
+    """Postings of ``len(slots)`` documents; ``slots[i]`` is document i's place in the index's per-document arrays."""
+
+    def __init__(
+        self,
+        *,
+        slots: Ints,
+        lengths: Floats,
+        lexemes: list[str],
+        term: npt.NDArray[np.int32],
+        docs: npt.NDArray[np.int32],
+        tfs: npt.NDArray[np.uint16],
+        avgdl: float,
+        k1: float = 1.2,
+        b: float = 0.75,
+    ) -> None:
+        """Postings given in any order: ``docs[i]`` (local number) holds ``lexemes[term[i]]`` ``tfs[i]`` times."""
+        self.slots = slots
+        self.lengths = lengths
+        self.k1, self.b = k1, b
+        self._slot_order: Ints | None = (
+            None if len(slots) < 2 or bool(np.all(slots[1:] > slots[:-1])) else np.argsort(slots)
+        )
+        self.terms = {lexeme: i for i, lexeme in enumerate(lexemes)}
+        self.lexemes = lexemes
+        counts = np.bincount(term, minlength=len(lexemes))
+        self.offsets = np.zeros(len(lexemes) + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.offsets[1:])
+        order = np.argsort(term.astype(np.int64) * (len(slots) + 1) + docs)
+        self.docs = docs[order]
+        self.tfs = tfs[order]
+        self._identity_slots = bool(len(slots) == 0 or (slots[0] == 0 and slots[-1] == len(slots) - 1))
+        """Document i is slot i (the loaded segment): no indirection needed."""
+        self.last_read = (0, 0, 0)
+        """Of the last pruned search: terms read whole, their postings, query terms here (for benchmarks)."""
+        self._acc: Floats | None = None
+        self._mark: npt.NDArray[np.bool_] | None = None
+        """Scratch space of one search at a time (searches run on the event loop), cleared after each."""
+        self.pruned = len(slots) >= PRUNE_MIN_DOCS
+        if self.pruned:
+            self._build_bounds(term[order], avgdl)
+
+    def _build_bounds(self, term: npt.NDArray[np.int32], avgdl: float) -> None:
+        """Per term: the largest term-frequency part of BM25 among its postings at ``bound_avgdl`` (above the
+        average length the segment was built with; the part grows with the average length, so the bound holds for
+        any average up to it), and the largest frequency and smallest length (a looser bound beyond it)."""
+        self.bound_avgdl = 1.5 * avgdl
+        tf = self.tfs.astype(np.float64)
+        lengths = self.lengths[self.docs]
+        part = tf * (self.k1 + 1) / (tf + self.k1 * (1 - self.b + self.b * lengths / self.bound_avgdl))
+        starts = self.offsets[:-1]
+        nonempty = np.diff(self.offsets) > 0
+        self.max_part = np.zeros(len(starts), dtype=np.float64)
+        self.max_tf = np.zeros(len(starts), dtype=np.float64)
+        self.min_length = np.ones(len(starts), dtype=np.float64)
+        if nonempty.any():
+            at = starts[nonempty]
+            self.max_part[nonempty] = np.maximum.reduceat(part, at)
+            self.max_tf[nonempty] = np.maximum.reduceat(tf, at)
+            self.min_length[nonempty] = np.minimum.reduceat(lengths, at)
+        del term
+
+    def locate(self, slots: Ints) -> tuple[npt.NDArray[np.bool_], Ints]:
+        """Which of ``slots`` are documents of this segment, and their local numbers (where they are)."""
+        if not len(self.slots):
+            return np.zeros(len(slots), np.bool_), np.zeros(len(slots), np.int64)
+        at = np.minimum(np.searchsorted(self.slots, slots, sorter=self._slot_order), len(self.slots) - 1)
+        local: Ints = at if self._slot_order is None else self._slot_order[at]
+        return self.slots[local] == slots, local
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def postings(self) -> int:
+        return len(self.docs)
+
+    def _term_slice(self, lexeme: str) -> tuple[int, int] | None:
+        row = self.terms.get(lexeme)
+        if row is None:
+            return None
+        return int(self.offsets[row]), int(self.offsets[row + 1])
+
+    def score_local(self, local: npt.NDArray[np.int64], scoring: Scoring) -> Floats:
+        """Exact BM25 of the given local documents (ascending or not), over every query term."""
+        total = np.zeros(len(local), dtype=np.float64)
+        if not len(local):
+            return total
+        length = self.lengths[local]
+        for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
+            span = self._term_slice(lexeme)
+            if span is None:
+                continue
+            docs = self.docs[span[0] : span[1]]
+            at = np.minimum(np.searchsorted(docs, local), len(docs) - 1)
+            hit = docs[at] == local
+            if not hit.any():
+                continue
+            tf = np.where(hit, self.tfs[span[0] + at], 0).astype(np.float64)
+            total += idf * scoring.part(tf, length)
+        return total
+
+    def exhaustive(self, scoring: Scoring) -> tuple[Ints, Floats]:
+        """Every local document holding a query term, with its exact score."""
+        parts_docs, parts_scores = [], []
+        for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
+            span = self._term_slice(lexeme)
+            if span is None:
+                continue
+            docs = self.docs[span[0] : span[1]]
+            tf = self.tfs[span[0] : span[1]].astype(np.float64)
+            parts_docs.append(docs)
+            parts_scores.append(idf * scoring.part(tf, self.lengths[docs]))
+        if not parts_docs:
+            return np.empty(0, np.int64), np.empty(0, np.float64)
+        sums = np.asarray(
+            np.bincount(np.concatenate(parts_docs), weights=np.concatenate(parts_scores), minlength=len(self)),
+            dtype=np.float64,
+        )
+        local: Ints = np.flatnonzero(sums > 0)
+        return local, sums[local]
+
+    def top(self, scoring: Scoring, k: int, usable: npt.NDArray[np.bool_]) -> tuple[Ints, Floats]:
+        """Local documents and exact scores of a set that holds this segment's best ``k`` usable documents (and
+        maybe more); ``usable`` is indexed by slot (alive and not expired)."""
+        if not self.pruned:
+            local, scores = self.exhaustive(scoring)
+            keep = usable[self.slots[local]]
+            return local[keep], scores[keep]
+        return self._max_score(scoring, k, usable)
+
+    def _bound(self, row: int, scoring: Scoring) -> float:
+        """The most term ``row``'s part of BM25 can be in any document of this segment."""
+        if scoring.avgdl <= self.bound_avgdl and (scoring.k1, scoring.b) == (self.k1, self.b):
+            return float(self.max_part[row])
+        return float(scoring.part(np.array([self.max_tf[row]]), np.array([self.min_length[row]]))[0])
+
+    def _max_score(self, scoring: Scoring, k: int, usable: npt.NDArray[np.bool_]) -> tuple[Ints, Floats]:
+        """MaxScore: terms are read whole, most valuable first, only while a document holding none of them yet could
+        still reach the threshold (the k-th best partial score so far: partial scores only grow); the documents
+        already met then look the remaining terms up, dropping out as soon as their bound falls below it."""
+        terms = []  # (start, end, idf, bound)
+        for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
+            row = self.terms.get(lexeme)
+            if row is not None:
+                terms.append((int(self.offsets[row]), int(self.offsets[row + 1]), idf, idf * self._bound(row, scoring)))
+        if not terms:
+            return np.empty(0, np.int64), np.empty(0, np.float64)
+        terms.sort(key=lambda t: -t[3])
+        rest = np.append(np.cumsum([t[3] for t in terms][::-1])[::-1], 0.0)  # bound of terms i.. together
+        if self._acc is None or len(self._acc) != len(self):
+            self._acc = np.zeros(len(self), dtype=np.float64)
+            self._mark = np.zeros(len(self), dtype=np.bool_)
+        acc, mark = self._acc, self._mark
+        assert mark is not None
+        marked: list[Ints] = []
+        met: list[Ints] = []  # usable documents met, in the order they were
+        usable_here = usable[: len(self)] if self._identity_slots else usable[self.slots]
+        leaders = np.empty(0, np.int64)  # the k best partial scores so far (partial scores only grow)
+        threshold = -np.inf
+        read = 0
+        try:
+            while read < len(terms) and rest[read] >= threshold:
+                start, end, idf, _ = terms[read]
+                docs = self.docs[start:end]
+                acc[docs] += idf * scoring.part(self.tfs[start:end].astype(np.float64), self.lengths[docs])
+                fresh = docs[~mark[docs]].astype(np.int64)
+                mark[fresh] = True
+                marked.append(fresh)
+                met.append(fresh[usable_here[fresh]])
+                read += 1
+                if read < len(terms):
+                    # The new k best are among the old ones and this term's documents: no other partial changed.
+                    at = np.minimum(np.searchsorted(docs, leaders), len(docs) - 1)
+                    pool = np.concatenate([leaders[docs[at] != leaders], docs[usable_here[docs]]])
+                    if len(pool) >= k:
+                        values = acc[pool]
+                        best = np.argpartition(values, len(pool) - k)[len(pool) - k :]
+                        leaders = pool[best]
+                        threshold = max(threshold, float(values[best].min()) - _EPSILON)
+                    else:
+                        leaders = pool
+            local = np.concatenate(met) if met else np.empty(0, np.int64)
+            partial = acc[local]
+            self.last_read = (read, sum(end - start for start, end, _, _ in terms[:read]), len(terms))
+        finally:
+            for fresh in marked:
+                acc[fresh] = 0.0
+                mark[fresh] = False
+        for start, end, idf, _ in terms[read:]:
+            keep = partial + rest[read] >= threshold
+            local, partial = local[keep], partial[keep]
+            if not len(local):
+                break
+            docs = self.docs[start:end]
+            at = np.minimum(np.searchsorted(docs, local), len(docs) - 1)
+            tf = np.where(docs[at] == local, self.tfs[start + at], 0).astype(np.float64)
+            partial = partial + idf * scoring.part(tf, self.lengths[local])
+            read += 1
+            if len(partial) >= k:
+                threshold = max(threshold, float(np.partition(partial, len(partial) - k)[len(partial) - k]) - _EPSILON)
+        keep = partial >= threshold
+        return local[keep], partial[keep]
+
+    def _row(self, start: int) -> int:
+        return int(np.searchsorted(self.offsets, start, side="right")) - 1
+
+
+def merged(
+    segments: list[Segment],
+    *,
+    lengths: Floats,
+    alive: npt.NDArray[np.bool_],
+    avgdl: float,
+    k1: float = 1.2,
+    b: float = 0.75,
+) -> Segment:
+    """One segment holding the live documents of ``segments``; ``lengths`` and ``alive`` are indexed by slot."""
+    vocabulary: dict[str, int] = {}
+    slots, terms, docs, tfs = [], [], [], []
+    base = 0
+    for segment in segments:
+        keep = alive[segment.slots]
+        renumber = np.cumsum(keep) - 1 + base
+        mapping = np.fromiter(
+            (vocabulary.setdefault(lexeme, len(vocabulary)) for lexeme in segment.lexemes),
+            dtype=np.int32,
+            count=len(segment.lexemes),
+        )
+        per_term = np.diff(segment.offsets)
+        term = np.repeat(mapping, per_term)
+        live = keep[segment.docs]
+        slots.append(segment.slots[keep])
+        terms.append(term[live])
+        docs.append(renumber[segment.docs[live]].astype(np.int32))
+        tfs.append(segment.tfs[live])
+        base += int(keep.sum())
+    all_slots = np.concatenate(slots) if slots else np.empty(0, np.int64)
+    return Segment(
+        slots=all_slots,
+        lengths=lengths[all_slots],
+        lexemes=list(vocabulary),
+        term=np.concatenate(terms) if terms else np.empty(0, np.int32),
+        docs=np.concatenate(docs) if docs else np.empty(0, np.int32),
+        tfs=np.concatenate(tfs) if tfs else np.empty(0, np.uint16),
+        avgdl=avgdl,
+        k1=k1,
+        b=b,
+    )

@@ -1,0 +1,305 @@
+"""The in-memory text index: exact BM25 top-k (against a brute force written here and against the SQL statement
+without a budget), read-your-writes across servers, complete filters, expiry, and segments that merge."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import numpy as np
+import pytest
+from google.protobuf import timestamp_pb2
+
+from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
+from memory_service.search import text_index as text_index_module
+from memory_service.search import text_segment
+from memory_service.search.text_index import TextIndex
+from memory_service.search.text_segment import Scoring
+from memory_service.storage import search_sql
+from memory_service.storage.database import init_connection
+from memory_service.storage.text_index_sql import DocText, PostingsChunk
+from memory_service.v1 import memory_pb2
+from tests.conftest import RunningServer, start_server, stop_server, test_env
+
+K1, B = 1.2, 0.75
+
+
+# -- the index alone, on synthetic documents ---------------------------------------------------------------------
+
+
+def synthetic(count: int, seed: int) -> dict[int, dict[str, int]]:
+    """Documents of Zipf-distributed words: a few words in most documents, most words in few."""
+    rng = np.random.default_rng(seed)
+    docs = {}
+    for memory_id in range(1, count + 1):
+        words = rng.zipf(1.3, size=int(rng.integers(3, 40))) % 5000
+        terms: dict[str, int] = {}
+        for w in words.tolist():
+            terms[f"w{w}"] = terms.get(f"w{w}", 0) + 1
+        docs[memory_id * 3] = terms  # ids with gaps, as deletes leave them
+    return docs
+
+
+def brute_force(docs: dict[int, dict[str, int]], query: list[str], k: int) -> list[tuple[int, float]]:
+    """BM25 written out over every document: statistics from ``docs`` itself."""
+    n = len(docs)
+    avgdl = sum(len(t) for t in docs.values()) / n
+    df = {q: sum(1 for t in docs.values() if q in t) for q in query}
+    scored = []
+    for memory_id, terms in docs.items():
+        score = 0.0
+        for q in query:
+            tf = terms.get(q, 0)
+            if tf:
+                idf = math.log(1 + (n - df[q] + 0.5) / (df[q] + 0.5))
+                score += idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * len(terms) / avgdl))
+        if score > 0:
+            scored.append((memory_id, score))
+    scored.sort(key=lambda s: (-s[1], s[0]))
+    return scored[:k]
+
+
+def scoring_for(docs: dict[int, dict[str, int]], query: list[str]) -> Scoring:
+    n = len(docs)
+    avgdl = sum(len(t) for t in docs.values()) / n
+    df = [sum(1 for t in docs.values() if q in t) for q in query]
+    idf = tuple(math.log(1 + (n - d + 0.5) / (d + 0.5)) for d in df)
+    return Scoring(tuple(query), idf, avgdl, K1, B)
+
+
+def loaded(docs: dict[int, dict[str, int]]) -> TextIndex:
+    ids = np.array(sorted(docs), dtype=np.int64)
+    vocabulary: dict[str, int] = {}
+    term, posting_ids, tfs = [], [], []
+    for memory_id in ids.tolist():
+        for lexeme, tf in docs[memory_id].items():
+            term.append(vocabulary.setdefault(lexeme, len(vocabulary)))
+            posting_ids.append(memory_id)
+            tfs.append(tf)
+    chunk = PostingsChunk(
+        lexemes=list(vocabulary),
+        term=np.array(term, dtype=np.int32),
+        ids=np.array(posting_ids, dtype=np.int64),
+        tfs=np.array(tfs, dtype=np.uint16),
+    )
+    lengths = np.array([len(docs[i]) for i in ids.tolist()], dtype=np.int32)
+    avgdl = float(lengths.mean())
+    return TextIndex.loaded([(ids, np.full(len(ids), np.inf), lengths, chunk)], avgdl)
+
+
+def assert_same_top(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
+    """The same scores in the same order; ids may differ only among equal scores (ties)."""
+    assert len(got) == len(expected)
+    assert [s for _, s in got] == pytest.approx([s for _, s in expected], rel=1e-9)
+    last = expected[-1][1] if expected else 0.0
+    assert {i for i, s in got if s > last + 1e-9} == {i for i, s in expected if s > last + 1e-9}
+
+
+def queries(docs: dict[int, dict[str, int]], count: int, seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    texts = list(docs.values())
+    out = []
+    for _ in range(count):
+        words = [w for t in rng.sample(texts, 3) for w in t]
+        out.append(sorted(set(rng.sample(words, min(len(words), rng.choice([1, 2, 5, 12]))))))
+    return out
+
+
+def test_max_score_finds_the_brute_force_top_k() -> None:
+    docs = synthetic(text_segment.PRUNE_MIN_DOCS + 5000, seed=1)
+    index = loaded(docs)
+    assert index.segments[0].pruned  # large enough for MaxScore, not scored exhaustively
+    for query in queries(docs, 40, seed=2):
+        for k in (1, 10, 40):
+            assert_same_top(index.top(scoring_for(docs, query), k, time.time()), brute_force(docs, query, k))
+
+
+def test_changes_land_in_segments_that_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(text_index_module, "MAX_SMALL_SEGMENTS", 2)
+    docs = synthetic(3000, seed=3)
+    index = loaded(docs)
+    rng = random.Random(4)
+    later = synthetic(400, seed=5)
+    for step in range(40):
+        changed: list[int] = []
+        present: list[DocText] = []
+        for _ in range(rng.randint(1, 20)):
+            memory_id = rng.choice(list(docs)) if rng.random() < 0.7 else 10_000 + step * 100 + rng.randint(0, 99)
+            changed.append(memory_id)
+            if rng.random() < 0.2:
+                docs.pop(memory_id, None)  # deleted
+            else:
+                docs[memory_id] = rng.choice(list(later.values()))
+        present = [DocText(i, list(docs[i]), list(docs[i].values()), None) for i in dict.fromkeys(changed) if i in docs]
+        index.apply(changed, present, avgdl=10.0)
+        assert len(index.segments) <= 3
+    assert index.live == len(docs)
+    for query in queries(docs, 30, seed=6):
+        assert_same_top(index.top(scoring_for(docs, query), 10, time.time()), brute_force(docs, query, 10))
+        wanted = rng.sample(list(docs), 50)
+        # score_ids ranks the given memories with the statistics given, not theirs: compare scores by id.
+        got = dict(index.score_ids(wanted, scoring_for(docs, query), time.time()))
+        full = dict(brute_force(docs, query, len(docs)))
+        assert got == pytest.approx({i: full[i] for i in wanted if i in full}, rel=1e-9)
+
+
+def test_expired_documents_are_never_returned() -> None:
+    docs = synthetic(500, seed=7)
+    index = loaded(docs)
+    query = queries(docs, 1, seed=8)[0]
+    first = index.top(scoring_for(docs, query), 5, time.time())
+    gone = first[0][0]
+    index.apply([gone], [DocText(gone, list(docs[gone]), list(docs[gone].values()), time.time() + 0.05)], 10.0)
+    assert first[0][0] in {i for i, _ in index.top(scoring_for(docs, query), 5, time.time())}
+    time.sleep(0.06)
+    assert gone not in {i for i, _ in index.top(scoring_for(docs, query), 5, time.time())}
+
+
+# -- through the service ------------------------------------------------------------------------------------------
+
+WORDS = [
+    "apple",
+    "banana",
+    "cherry",
+    "date",
+    "elder",
+    "fig",
+    "grape",
+    "hazel",
+    "iris",
+    "juniper",
+    "kiwi",
+    "lemon",
+    "mango",
+    "nectar",
+    "olive",
+    "pear",
+]
+
+
+def sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS[: rng.randint(2, len(WORDS))]) for _ in range(rng.randint(2, 12)))
+
+
+@pytest.fixture
+async def two_servers(database_url: str) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    """Two servers on one database, as two instances (or SERVER_PROCESSES) behind one address would be."""
+    first = await start_server(test_env(database_url, TEXT_INDEX_INTERVAL="1h"))
+    second = await start_server(test_env(database_url, TEXT_INDEX_INTERVAL="1h"))
+    yield first, second
+    await stop_server(second)
+    await stop_server(first)
+
+
+async def text_hits(server: RunningServer, query: str, top_k: int = 10, **fields: object) -> list[tuple[int, float]]:
+    response = await server.memory.Search(
+        memory_pb2.SearchRequest(query=query, mode=memory_pb2.SEARCH_MODE_TEXT, top_k=top_k, **fields)  # type: ignore[arg-type]
+    )
+    assert response.plan == "text" and response.exact
+    return [(hit.memory.id, hit.text_score) for hit in response.hits]
+
+
+async def test_a_store_is_found_at_once_by_another_instance(
+    two_servers: tuple[RunningServer, RunningServer],
+) -> None:
+    writer, reader = two_servers
+    assert reader.server.runtime.search.text_search is not None
+    assert reader.server.runtime.search.text_search.ready
+    stored = await writer.memory.Store(
+        memory_pb2.StoreRequest(
+            memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, key="k", value="zeppelin ride")
+        )
+    )
+    assert [i for i, _ in await text_hits(reader, "zeppelin")] == [stored.id]
+    await writer.memory.Store(
+        memory_pb2.StoreRequest(
+            memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, key="k", value="balloon ride")
+        )
+    )
+    assert await text_hits(reader, "zeppelin") == []
+    assert [i for i, _ in await text_hits(reader, "balloon")] == [stored.id]
+    await writer.memory.Delete(memory_pb2.DeleteRequest(id=stored.id))
+    assert await text_hits(reader, "balloon") == []
+
+
+async def uncapped(database_url: str, text: str, memory_filter: MemoryFilter, k: int) -> list[tuple[int, float]]:
+    """The SQL statement with a budget no query reaches: every memory holding a query word scored in SQL."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await init_connection(conn)
+        found = await search_sql.candidates(
+            conn, memory_filter, vector=None, text=text, limit=k, exact=True, full_rows=False,
+            text_ranking=(K1, B, 10_000_000), pruned=False,
+        )  # fmt: skip
+    finally:
+        await conn.close()
+    ranked = sorted(((c.id, c.text_score or 0.0) for c in found), key=lambda s: (-s[1], s[0]))
+    return ranked[:k]
+
+
+async def test_text_top_k_is_the_sql_bm25_top_k_with_and_without_filters(
+    server: RunningServer, database_url: str
+) -> None:
+    rng = random.Random(9)
+    types = [memory_pb2.MEMORY_TYPE_FACT, memory_pb2.MEMORY_TYPE_SKILL, memory_pb2.MEMORY_TYPE_DECISION]
+    items = [
+        memory_pb2.MemoryInput(
+            scope=memory_pb2.SCOPE_PROJECT,
+            scope_id=i % 4,
+            value=sentence(rng),
+            memory_type=types[i % 3],
+            tags=["even"] if i % 2 == 0 else [],
+        )
+        for i in range(600)
+    ]
+
+    async def requests() -> AsyncIterator[memory_pb2.BulkStoreRequest]:
+        for start in range(0, len(items), 200):
+            yield memory_pb2.BulkStoreRequest(items=[
+                memory_pb2.BulkItem(sequence=start + j + 1, memory=m) for j, m in enumerate(items[start : start + 200])
+            ])  # fmt: skip
+
+    async for _ack in server.memory.BulkStore(requests()):
+        pass
+    assert await server.server.runtime.text_stats.refresh()
+    scope = memory_pb2.MemoryFilter(scopes=[memory_pb2.ScopeRef(scope=memory_pb2.SCOPE_PROJECT, scope_id=2)])
+    skills = memory_pb2.MemoryFilter(memory_types=[memory_pb2.MEMORY_TYPE_SKILL])
+    cases = [
+        (None, MemoryFilter()),
+        (scope, MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=2),))),
+        (skills, MemoryFilter(memory_types=(MemoryType.SKILL,))),
+        (memory_pb2.MemoryFilter(tags=["even"]), MemoryFilter(tags=("even",))),
+    ]
+    for query in ("apple", "kiwi lemon", "olive pear nectar mango", "banana grape zeppelin"):
+        for wire, domain in cases:
+            fields = {"filter": wire} if wire is not None else {}
+            got = await text_hits(server, query, top_k=15, **fields)
+            expected = await uncapped(database_url, query, domain, 15)
+            assert_same_top(got, expected)
+        # HYBRID: every hit carries its exact BM25 score, whichever list brought it in.
+        every = dict(await uncapped(database_url, query, MemoryFilter(), 1000))
+        response = await server.memory.Search(
+            memory_pb2.SearchRequest(query=query, mode=memory_pb2.SEARCH_MODE_HYBRID, top_k=20)
+        )
+        assert response.hits
+        for hit in response.hits:
+            assert hit.text_score == pytest.approx(every.get(hit.memory.id, 0.0), rel=1e-9, abs=1e-12)
+
+
+async def test_an_expired_memory_is_never_returned(server: RunningServer) -> None:
+    soon = timestamp_pb2.Timestamp()
+    soon.FromNanoseconds(time.time_ns() + 1_500_000_000)
+    await server.memory.Store(
+        memory_pb2.StoreRequest(
+            memory=memory_pb2.MemoryInput(
+                scope=memory_pb2.SCOPE_AGENT, scope_id=1, value="ephemeral quokka", expires_at=soon
+            )
+        )
+    )
+    assert len(await text_hits(server, "quokka")) == 1
+    await asyncio.sleep(1.6)
+    assert await text_hits(server, "quokka") == []
