@@ -11,7 +11,8 @@ classes (``memory_service.storage.database.DRIVER_ERRORS``), and these classes t
     ├── Aborted                  re-read and retry                        -> ABORTED
     │   ├── LeaseLost            renew of an expired or superseded lease
     │   ├── FenceRejected        a write whose lease has a newer holder
-    │   └── DatabaseConflict     serialization failure or deadlock
+    │   ├── DatabaseConflict     serialization failure or deadlock
+    │   └── GenerationChanged    the embedding model changed under a statement
     ├── ResourceExhausted        quotas, overload, oversize               -> RESOURCE_EXHAUSTED
     │   ├── DatabaseResourcesExhausted  disk full, out of memory: writes refused
     │   └── QuotaExceeded        a token's quota; names it                  (+ google.rpc.QuotaFailure)
@@ -68,6 +69,11 @@ class FenceRejected(Aborted):
 
 class DatabaseConflict(Aborted):
     """PostgreSQL rolled the transaction back (serialization failure or deadlock); nothing of it was written."""
+
+
+class GenerationChanged(Aborted):
+    """A statement named an embedding generation that a cut-over, rollback or finish has replaced; nothing of it
+    was written. The service re-reads the generation and runs it again; a client that sees it may retry."""
 
 
 class ResourceExhausted(MemoryServiceError):

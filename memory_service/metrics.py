@@ -38,7 +38,15 @@ _WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 SEARCH_MODES = ("vector", "text", "hybrid")
 SEARCH_PLANS = ("exact", "index", "iterative_index", "text")
 """What answered a search: an exact scan, the vector index (plain or iterative scan), or text alone."""
-BACKGROUND_TASKS = ("purge", "index_maintenance", "text_statistics", "history_retention", "text_index")
+BACKGROUND_TASKS = (
+    "purge",
+    "index_maintenance",
+    "text_statistics",
+    "history_retention",
+    "text_index",
+    "model_generation",
+    "model_backfill",
+)
 INGEST_OUTCOMES = ("created", "updated", "unchanged", "rejected")
 
 
@@ -66,6 +74,7 @@ class Metrics:
         )
         self._search_metrics(r)
         self._index_metrics(r)
+        self._model_metrics(r)
         self.embedding_requests = Counter(
             "memory_embedding_requests_total",
             "Requests sent to the embedding provider, by outcome.",
@@ -259,6 +268,41 @@ class Metrics:
             "memory_index_calibration_queries",
             "Queries the calibration measured on, by source (recent searches or sampled memories).",
             ("filtered", "source"),
+            registry=r,
+        )
+
+    def _model_metrics(self, r: CollectorRegistry) -> None:
+        """A move to another embedding model (docs/model-migration.md)."""
+        self.model_backfill_written = Counter(
+            "memory_model_backfill_written_total",
+            "Memories this instance re-embedded into the other generation of a model move.",
+            registry=r,
+        )
+        self.model_move_phase = Gauge(
+            "memory_model_move_phase", "Embedding model move: 0 none, 1 backfilling, 2 cut over.", registry=r
+        )
+        self.model_backfill_done = Gauge(
+            "memory_model_backfill_done_memories", "Memories with a vector of the move's other generation.", registry=r
+        )
+        self.model_backfill_total = Gauge(
+            "memory_model_backfill_total_memories", "Memories the move's backfill covers.", registry=r
+        )
+        self.model_backfill_rate = Gauge(
+            "memory_model_backfill_rate_memories_per_second", "Recent re-embedding rate of the backfill.", registry=r
+        )
+        self.model_backfill_eta = Gauge(
+            "memory_model_backfill_eta_seconds", "Estimated seconds until the backfill completes.", registry=r
+        )
+        self.model_gate_overlap = Gauge(
+            "memory_model_gate_overlap_at_10",
+            "Quality gate: mean overlap of the two generations' top 10, by sample (searches, memories).",
+            ("sample",),
+            registry=r,
+        )
+        self.model_gate_top_changed = Gauge(
+            "memory_model_gate_top_hit_changed_ratio",
+            "Quality gate: share of queries whose first hit differs between the generations, by sample.",
+            ("sample",),
             registry=r,
         )
 

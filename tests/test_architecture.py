@@ -34,6 +34,7 @@ LAYERS: dict[str, str] = {
     "embeddings": "domain",
     "leases": "domain",
     "history": "domain",
+    "generations": "domain",
     "tenants": "domain",
     "app": "composition",
     "api": "api",

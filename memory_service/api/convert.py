@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from memory_service.api import times
+from memory_service.api.move_convert import move_to_proto
 from memory_service.config.settings import Settings
 from memory_service.errors import InvalidArgument
 from memory_service.memories import validation
@@ -369,6 +370,8 @@ def stats_to_proto(stats: Stats) -> memory_pb2.StatsResponse:
         embedding_cache_entries=stats.embedding_cache_entries,
         counts_estimated=stats.counts_estimated,
     )
+    if stats.move is not None:
+        response.model_move.CopyFrom(move_to_proto(stats.move))
     if (refused := stats.writes_refused) is not None:
         response.writes_refused.reason = refused.reason
         response.writes_refused.refused_calls = refused.refused_calls

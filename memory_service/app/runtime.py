@@ -11,12 +11,13 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from memory_service.app import loops
+from memory_service.app import loops, moves
 from memory_service.config.env import redact_url
 from memory_service.config.settings import Settings
-from memory_service.embeddings.factory import create_provider, hybrid_alpha
+from memory_service.embeddings.factory import hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import StartupError
+from memory_service.generations.state import REFRESH_SECONDS, Generations
 from memory_service.history.feed import ChangeFeed
 from memory_service.history.service import History
 from memory_service.leases.manager import LeaseManager
@@ -78,6 +79,7 @@ class Runtime:
         self._history: History | None = None
         self._feed: ChangeFeed | None = None
         self._tokens: Tokens | None = None
+        self._moves: moves.ModelMoves | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -123,6 +125,11 @@ class Runtime:
         return _started(self._bulk)
 
     @property
+    def moves(self) -> moves.ModelMoves:
+        """The database's embedding generations as this instance sees them (docs/model-migration.md)."""
+        return _started(self._moves)
+
+    @property
     def tokens(self) -> Tokens:
         """The tokens table and AUTH_TOKENS: resolves each call's access."""
         return _started(self._tokens)
@@ -144,17 +151,18 @@ class Runtime:
             self._tokens = Tokens(db, self.settings.auth_tokens, metrics=self.metrics)
             self._leases = LeaseManager(db, self.settings, self.metrics)
             await self._leases.start()
-            binding = await self._check_binding(db)
-            # Loading a local model reads and compiles it (or downloads it once): not on the event loop.
-            provider = await asyncio.to_thread(create_provider, self.settings, self.metrics)
-            self.metrics.init_embedding(provider.name)
-            self._embedder = EmbeddingService(provider, db, self.metrics)
-            self._build_write_path(db, self._embedder, binding)
+            binding = self._new_binding(db)
+            generations = await moves.start_generations(db, binding, self.settings, self.metrics)
+            self._embedder = embedder = generations.current
+            self.metrics.init_embedding(embedder.provider.name)
+            self._build_write_path(db, self._embedder, binding, generations)
             seen = QuerySample()  # the searches of this instance, which its calibrations measure on
             index = await self._start_index_care(db, seen)
+            self._moves = moves.ModelMoves(generations, index, self._leases, self.settings, self.stopping)
             self._text_stats = TextStats(db)
             await self._text_stats.maintain()
-            await self._build_search(db, self._embedder, index, hybrid_alpha(self.settings, provider), seen)
+            await self._build_search(db, self._embedder, index, hybrid_alpha(self.settings, embedder.provider), seen)
+            self.moves.follow(self.search, index)
             if background:
                 await self._start_background()
         except BaseException:
@@ -204,8 +212,8 @@ class Runtime:
         """Whether pgvector keeps scanning an index until enough rows pass a filter (0.8+)."""
         return _version_at_least(self.pgvector_version, (0, 8))
 
-    async def _check_binding(self, db: Database) -> ModelBinding:
-        """Refuse to start when the database holds embeddings of another model or dimension."""
+    def _new_binding(self, db: Database) -> ModelBinding:
+        """The binding of this configuration; checked against the database's generations (moves.start_generations)."""
         location, start_over = self._where()
         self._binding = ModelBinding(
             db,
@@ -214,13 +222,14 @@ class Runtime:
             location=location,
             start_over=start_over,
         )
-        await self._binding.check()
         return self._binding
 
-    def _build_write_path(self, db: Database, embedder: EmbeddingService, binding: ModelBinding) -> None:
-        """Store, BulkStore, History and the change feed."""
+    def _build_write_path(
+        self, db: Database, embedder: EmbeddingService, binding: ModelBinding, generations: Generations
+    ) -> None:
+        """Store, BulkStore, History and the change feed; during a move of models they write both generations."""
         settings = self.settings
-        self._memories = MemoryStore(db, embedder, binding, history=settings.history_versions)
+        self._memories = MemoryStore(db, embedder, binding, history=settings.history_versions, generations=generations)
         self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
         self._feed = ChangeFeed(
             db, self.dsn, self.metrics, poll_interval=settings.watch_poll_interval, page_rows=WATCH_PAGE_ROWS
@@ -235,6 +244,7 @@ class Runtime:
             max_items_per_request=settings.bulk_max_items_per_request,
             stopping=self.stopping,
             history=settings.history_versions,
+            generations=generations,
         )
 
     async def _start_index_care(self, db: Database, seen: QuerySample) -> IndexCare:
@@ -287,6 +297,7 @@ class Runtime:
             seen=seen,
             observer=SearchObserver(self.metrics, self._recall),
             text_search=text_search,
+            generations=self.moves.generations,
         )
 
     @property
@@ -301,13 +312,16 @@ class Runtime:
         return self.tracing.on_query if self.tracing is not None else None
 
     async def _start_background(self) -> None:
-        """The periodic loops (purge, index, text statistics, history retention) and the change feed's poller."""
+        """The periodic loops (embedding generation and backfill, purge, index, text statistics, history retention)
+        and the change feed's poller."""
         settings = self.settings
+        self._spawn("model_generation", REFRESH_SECONDS, self.moves.refresh)
+        self._spawn("model_backfill", REFRESH_SECONDS, self.moves.backfill.run)
         text_search = self.search.text_search
         if text_search is not None:  # its first step loads the index when start-up did not
             self._spawn("text_index", settings.text_index_interval, text_search.follow)
         self._spawn("purge", settings.purge_interval, self._purge)
-        self._spawn("index_maintenance", settings.index_check_interval, self.index.maintain)
+        self._spawn("index_maintenance", settings.index_check_interval, lambda: self.moves.maintain_indexes(self.index))
         self._spawn("text_statistics", settings.text_stats_interval, self.text_stats.maintain)
         self._spawn("history_retention", settings.purge_interval, self.history.purge)
         if self._recall is not None:
@@ -361,6 +375,7 @@ class Runtime:
             postgres_version=self.postgres_version,
             pgvector_version=self.pgvector_version,
             iterative_scan=self.search.iterative_scan,
+            move=await self.moves.status(),
         )
 
     def begin_shutdown(self) -> None:
@@ -385,7 +400,9 @@ class Runtime:
             await self._feed.close()
         if self._leases is not None:
             await self._leases.close()  # releases this instance's Hold leases while the pool is still open
-        if self._embedder is not None:
+        if self._moves is not None:
+            await self._moves.close()  # every model's provider
+        elif self._embedder is not None:
             await self._embedder.close()
         for db in (self._read_db, self._db):
             if db is not None:

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from memory_service.cli import history as cli_history
     from memory_service.cli import ingest as cli_ingest
     from memory_service.cli import lease as cli_lease
+    from memory_service.cli import model as cli_model
     from memory_service.cli import ops as cli_ops
     from memory_service.cli import tokens as cli_tokens
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_lease.register(commands)
     cli_ops.register(commands)
     cli_history.register(commands)
+    cli_model.register(commands)
     cli_backup.register(commands)
     cli_doctor.register(commands)
     cli_tokens.register(commands)

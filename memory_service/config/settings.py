@@ -63,6 +63,18 @@ class Settings:
     embedding_max_retries: int = 4
     openai_api_key: str | None = dataclasses.field(default=None, repr=False)
     openai_base_url: str | None = None
+    embedding_next_provider: str | None = None
+    """The model to move the database to (docs/model-migration.md); unset: no move. ``EMBEDDING_NEXT_MODEL``,
+    ``_DIM`` and ``_MODEL_PATH`` mean for it what ``EMBEDDING_MODEL``, ``_DIM`` and ``_MODEL_PATH`` mean."""
+    embedding_next_model: str | None = None
+    embedding_next_dim: int | None = None
+    embedding_next_dim_explicit: bool = False
+    embedding_next_model_path: Path | None = None
+    model_backfill_rate: float = 250.0
+    """Memories the background re-embedding writes per second at most (0: as fast as the embedder goes). At 250 a
+    backfill of 100k memories takes 7 minutes and the searches meanwhile stay within 1.5x (docs/benchmarks.md)."""
+    model_backfill_batch: int = 256
+    """Memories the re-embedding reads, embeds and writes per transaction."""
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
@@ -164,6 +176,20 @@ class Settings:
     def embedded_database(self) -> bool:
         return self.database_url is None
 
+    def next_embedding(self) -> Settings | None:
+        """These settings with the next model as the embedding model, to build its provider; None without one."""
+        if self.embedding_next_provider is None:
+            return None
+        return dataclasses.replace(
+            self,
+            embedding_provider=self.embedding_next_provider,
+            embedding_model=self.embedding_next_model or _DEFAULT_MODELS[self.embedding_next_provider],
+            embedding_dim=self.embedding_next_dim or _DEFAULT_DIMS[self.embedding_next_provider],
+            embedding_dim_explicit=self.embedding_next_dim_explicit,
+            embedding_model_path=self.embedding_next_model_path,
+            embedding_next_provider=None,
+        )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate settings; raise ConfigError with one line on the first bad value."""
@@ -197,6 +223,11 @@ class Settings:
             openai_base_url=base_url,
             embedding_model_path=reader.path("EMBEDDING_MODEL_PATH"),
             embedding_threads=reader.integer("EMBEDDING_THREADS", d.embedding_threads, minimum=1, maximum=64),
+            **_next_model(reader),
+            model_backfill_rate=reader.number("MODEL_BACKFILL_RATE", d.model_backfill_rate, minimum=0.0, maximum=1e9),
+            model_backfill_batch=reader.integer(
+                "MODEL_BACKFILL_BATCH", d.model_backfill_batch, minimum=1, maximum=10_000
+            ),
             grpc_host=reader.text("GRPC_HOST") or d.grpc_host,
             grpc_port=reader.integer("GRPC_PORT", d.grpc_port, minimum=0, maximum=65535),
             server_processes=reader.integer("SERVER_PROCESSES", d.server_processes, minimum=1, maximum=256),
@@ -300,10 +331,37 @@ class Settings:
             raise ConfigError(
                 f"EMBEDDING_MODEL_PATH is expected to name a model directory (got {str(self.embedding_model_path)!r})"
             )
+        if self.embedding_next_provider is None and (self.embedding_next_model or self.embedding_next_dim):
+            raise ConfigError(
+                "EMBEDDING_NEXT_MODEL and EMBEDDING_NEXT_DIM are expected with EMBEDDING_NEXT_PROVIDER "
+                "(got no provider)"
+            )
+        if self.embedding_next_model_path is not None and not self.embedding_next_model_path.is_dir():
+            raise ConfigError(
+                "EMBEDDING_NEXT_MODEL_PATH is expected to name a model directory "
+                f"(got {str(self.embedding_next_model_path)!r})"
+            )
         if self.embedding_provider == "openai" and not (self.openai_api_key or self.openai_base_url):
             raise ConfigError(
                 "EMBEDDING_PROVIDER=openai is expected with OPENAI_API_KEY or OPENAI_BASE_URL (got neither)"
             )
+        if self.embedding_next_provider == "openai" and not (self.openai_api_key or self.openai_base_url):
+            raise ConfigError(
+                "EMBEDDING_NEXT_PROVIDER=openai is expected with OPENAI_API_KEY or OPENAI_BASE_URL (got neither)"
+            )
+
+
+def _next_model(reader: EnvReader) -> dict[str, Any]:
+    provider = reader.text("EMBEDDING_NEXT_PROVIDER")
+    if provider is not None:
+        provider = reader.choice("EMBEDDING_NEXT_PROVIDER", EMBEDDING_PROVIDERS, "hash")
+    return dict(
+        embedding_next_provider=provider,
+        embedding_next_model=reader.text("EMBEDDING_NEXT_MODEL"),
+        embedding_next_dim=reader.optional_integer("EMBEDDING_NEXT_DIM", minimum=1, maximum=16000),
+        embedding_next_dim_explicit=reader.text("EMBEDDING_NEXT_DIM") is not None,
+        embedding_next_model_path=reader.path("EMBEDDING_NEXT_MODEL_PATH"),
+    )
 
 
 def _otel_endpoint(reader: EnvReader, env: Mapping[str, str]) -> str | None:

@@ -52,6 +52,10 @@ class ModelBinding:
         self._bound = True
         return True
 
+    def mark_bound(self) -> None:
+        """The database is bound (seen by the generation state): writes need not check again."""
+        self._bound = True
+
     async def ensure(self, conn: Connection) -> bool:
         """First statement of a write transaction that stores embeddings: bind when unbound, refuse another pair.
 

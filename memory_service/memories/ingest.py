@@ -38,12 +38,13 @@ from typing import TypeVar
 
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, Unavailable
+from memory_service.generations.state import Generations
 from memory_service.memories.binding import ModelBinding
-from memory_service.memories.writes import WritePath
+from memory_service.memories.writes import Embedded, WritePath
 from memory_service.metrics import Metrics
 from memory_service.models import NO_CONTEXT, Fence, NewMemory, WriteContext
 from memory_service.storage import ingest_sql
-from memory_service.storage.database import Database
+from memory_service.storage.database import Connection, Database
 from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,11 @@ class _End:
 class _Batch:
     last_sequence: int
     fences: tuple[Fence, ...]
-    records: list[ingest_sql.StagingRecord]
+    memories: list[NewMemory]
     """One per distinct identity, sorted by identity."""
+    embedded: Embedded
+    records: list[ingest_sql.StagingRecord]
+    """The staging rows of ``memories`` with the vectors of ``embedded``."""
     rejections: tuple[Rejection, ...]
     superseded: int
 
@@ -183,8 +187,9 @@ class BulkIngest:
         max_items_per_request: int,
         stopping: asyncio.Event | None = None,
         history: bool = True,
+        generations: Generations | None = None,
     ) -> None:
-        self._writes = WritePath(db, embedder, binding, history=history)
+        self._writes = WritePath(db, embedder, binding, history=history, generations=generations)
         self._metrics = metrics
         self._batch_rows = batch_rows
         self._depth = queue_depth
@@ -343,10 +348,13 @@ class BulkIngest:
             superseded += identity in latest
             latest[identity] = memory
         memories = [latest[identity] for identity in sorted(latest)]
+        embedded = await self._writes.embeddings(memories)
         return _Batch(
             last_sequence=items[-1][0].sequence,
             fences=tuple(dict.fromkeys(fence for item, fence in items if fence is not None)),
-            records=ingest_sql.staging_records(memories, await self._writes.embeddings(memories)),
+            memories=memories,
+            embedded=embedded,
+            records=ingest_sql.staging_records(memories, embedded.vectors, embedded.others),
             rejections=tuple(rejections),
             superseded=superseded,
         )
@@ -356,14 +364,20 @@ class BulkIngest:
         counts = ingest_sql.WriteCounts(0, 0, 0)
         try:
             if batch.records:
-                async with self._writes.transaction(batch.fences) as conn:
+                history = self._writes.versions(context, batch.fences)
+
+                async def upsert(conn: Connection, embedded: Embedded) -> ingest_sql.WriteCounts:
+                    if embedded is not batch.embedded:  # embedded anew for another generation
+                        batch.embedded = embedded
+                        batch.records = ingest_sql.staging_records(batch.memories, embedded.vectors, embedded.others)
                     await ingest_sql.stage(conn, batch.records)
                     if previous is not None:
                         await previous.wait()
-                    history = self._writes.versions(context, batch.fences)
-                    counts = await ingest_sql.upsert_staged(
-                        conn, len(batch.records), self._writes.model, history=history
+                    return await ingest_sql.upsert_staged(
+                        conn, len(batch.records), embedded.model, history=history, generation=embedded.generation
                     )
+
+                counts = await self._writes.write(batch.memories, batch.embedded, batch.fences, upsert)
             elif previous is not None:
                 await previous.wait()  # its ack vouches for every batch before it
             commit.ok = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime
 
+from memory_service.generations.types import MoveStatus
 from memory_service.models import Scope
 from memory_service.search.index_care import IndexCare, IndexState
 from memory_service.storage import stats_sql
@@ -37,6 +38,8 @@ class Stats:
     """Exact on a small or never-analyzed cache, otherwise the planner's estimate."""
     counts_estimated: bool = False
     """Whether any count above is an estimate rather than a count."""
+    move: MoveStatus | None = None
+    """A move to another embedding model: its phase, backfill and quality gate."""
     writes_refused: WriteRefusal | None = None
     """Set while the database refuses writes, as this instance last saw."""
 
@@ -57,6 +60,7 @@ async def collect(
     postgres_version: str,
     pgvector_version: str,
     iterative_scan: bool,
+    move: MoveStatus | None = None,
 ) -> Stats:
     if not guard.server_wide():
         return await _granted(db, embedding_model=embedding_model, dimension=dimension)
@@ -82,6 +86,7 @@ async def collect(
         target_recall=index.target_recall,
         embedding_cache_entries=counts.embedding_cache_entries,
         counts_estimated=counts.estimated,
+        move=move,
         writes_refused=refused,
     )
 

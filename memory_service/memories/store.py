@@ -7,11 +7,21 @@ import logging
 from memory_service import pagination
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, NotFound
+from memory_service.generations.state import Generations
 from memory_service.memories.binding import ModelBinding
-from memory_service.memories.writes import WritePath
-from memory_service.models import NO_CONTEXT, Fence, Memory, MemoryFilter, NewMemory, StoreResult, WriteContext
+from memory_service.memories.writes import Embedded, WritePath
+from memory_service.models import (
+    NO_CONTEXT,
+    Fence,
+    Memory,
+    MemoryFilter,
+    NewMemory,
+    StoreResult,
+    WriteContext,
+    WriteOutcome,
+)
 from memory_service.storage import memories_sql
-from memory_service.storage.database import Database
+from memory_service.storage.database import Connection, Database
 from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
@@ -19,22 +29,39 @@ log = logging.getLogger(__name__)
 
 class MemoryStore:
     def __init__(
-        self, db: Database, embedder: EmbeddingService, binding: ModelBinding, *, history: bool = True
+        self,
+        db: Database,
+        embedder: EmbeddingService,
+        binding: ModelBinding,
+        *,
+        history: bool = True,
+        generations: Generations | None = None,
     ) -> None:
         self._db = db
-        self._writes = WritePath(db, embedder, binding, history=history)
+        self._writes = WritePath(db, embedder, binding, history=history, generations=generations)
 
     async def store(
         self, memory: NewMemory, *, fence: Fence | None = None, context: WriteContext = NO_CONTEXT
     ) -> StoreResult:
-        """Upsert by identity. Content already stored under this identity is never embedded again."""
+        """Upsert by identity. Content already stored under this identity is never embedded again; during a move of
+        embedding models both generations' vectors are stored (WritePath)."""
         guard.check_scope(memory.scope, memory.scope_id, "memory.scope")
-        (embedding,) = await self._writes.embeddings([memory])
         fences = () if fence is None else (fence,)
-        async with self._writes.transaction(fences) as conn:
-            memory_id, outcome = await memories_sql.upsert(
-                conn, memory, embedding, self._writes.model, history=self._writes.versions(context, fences)
+        history = self._writes.versions(context, fences)
+
+        async def upsert(conn: Connection, embedded: Embedded) -> tuple[int, WriteOutcome]:
+            return await memories_sql.upsert(
+                conn,
+                memory,
+                embedded.vectors[0],
+                embedded.model,
+                history=history,
+                other=embedded.others[0],
+                generation=embedded.generation,
             )
+
+        memories = [memory]
+        memory_id, outcome = await self._writes.write(memories, await self._writes.embeddings(memories), fences, upsert)
         return StoreResult(id=memory_id, key=memory.key, outcome=outcome)
 
     async def get(self, memory_id: int, *, with_embedding: bool = False) -> Memory:

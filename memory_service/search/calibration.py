@@ -194,14 +194,16 @@ def _without(query_id: int | None, ids: Sequence[int]) -> list[int]:
     return [i for i in ids if i != query_id][:RECALL_AT]
 
 
-async def _probe(conn: Connection, query_id: int | None, vector: Any, memory_filter: MemoryFilter) -> _Probe:
+async def _probe(
+    conn: Connection, query_id: int | None, vector: Any, memory_filter: MemoryFilter, column: str = "embedding"
+) -> _Probe:
     """A query and its exact neighbours; a stored memory used as a query (``query_id``) is left out of them."""
-    ids = await calibration_sql.nearest(conn, memory_filter, vector, limit=RECALL_AT + 1, exact=True)
+    ids = await calibration_sql.nearest(conn, memory_filter, vector, limit=RECALL_AT + 1, exact=True, column=column)
     return _Probe(query_id, vector, memory_filter, frozenset(_without(query_id, ids)))
 
 
 async def _scope_probes(
-    conn: Connection, rows: Sequence[SampleRow], vectors: Sequence[Vector], min_rows: int
+    conn: Connection, rows: Sequence[SampleRow], vectors: Sequence[Vector], min_rows: int, column: str = "embedding"
 ) -> list[_Probe]:
     """Queries made from sampled memories (``vectors[i]`` from ``rows[i]``) filtered to the memory's scope, for
     the scopes large enough (``min_rows``) that a search of them would use the index."""
@@ -212,15 +214,17 @@ async def _scope_probes(
         if row.scope not in large:
             large[row.scope] = await calibration_sql.matching_at_least(conn, scope_filter, max(min_rows, 1))
         if large[row.scope]:
-            probes.append(await _probe(conn, None, vector, scope_filter))
+            probes.append(await _probe(conn, None, vector, scope_filter, column))
     return probes
 
 
-async def _recalls(conn: Connection, probes: Sequence[_Probe]) -> list[float]:
+async def _recalls(conn: Connection, probes: Sequence[_Probe], column: str = "embedding") -> list[float]:
     """recall@10 of each query through the index, at the connection's current scan settings."""
     recalls = []
     for probe in probes:
-        ids = await calibration_sql.nearest(conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False)
+        ids = await calibration_sql.nearest(
+            conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False, column=column
+        )
         recalls.append(len(probe.truth.intersection(_without(probe.id, ids))) / len(probe.truth))
     return recalls
 
@@ -236,6 +240,7 @@ async def _curve(
     source: str,
     margin: float,
     extra: int,
+    column: str = "embedding",
 ) -> Curve:
     """Walk up ``settings`` on half the queries (alternate ones) until the lower bound of their mean recall
     reaches the target and the other half, held out, confirms it (``Curve.checked``)."""
@@ -247,7 +252,7 @@ async def _curve(
     for setting in settings:
         scan = scan_settings(kind, setting, iterative=iterative, limit=RECALL_AT + 1, filtered=filtered)
         await calibration_sql.use_settings(conn, scan)
-        per_query = await _recalls(conn, fit)
+        per_query = await _recalls(conn, fit, column)
         recall = round(statistics.fmean(per_query), 4)
         spread = statistics.stdev(per_query) if len(per_query) > 1 else 0.0
         bound = round(recall - _Z95 * spread / math.sqrt(len(per_query)), 4)
@@ -257,7 +262,7 @@ async def _curve(
             continue
         if not held_out:
             break
-        confirmed = round(statistics.fmean(await _recalls(conn, held_out)), 4)
+        confirmed = round(statistics.fmean(await _recalls(conn, held_out, column)), 4)
         checked.append((setting, confirmed))
         if confirmed >= target:
             break
@@ -286,6 +291,7 @@ async def calibrate(
     writes: int,
     index_built_at: str,
     seen: QuerySample | None = None,
+    column: str = "embedding",
 ) -> Calibration:
     """Measure recall@10 unfiltered and filtered: on the recent searches in ``seen`` when there are at least
     ``MIN_SEEN`` of the kind, otherwise on ``queries`` points between sampled memories
@@ -301,20 +307,20 @@ async def calibrate(
     sample: list[SampleRow] = []
     if not unfiltered_on_searches or (iterative and not filtered_on_searches):
         # Stored vectors are read (a Bernoulli sample reads every page) only for a kind that has too few searches.
-        sample = await calibration_sql.sample(conn, queries, rows=rows)
+        sample = await calibration_sql.sample(conn, queries, rows=rows, column=column)
         if not sample:
             raise ValueError("no stored vectors to calibrate on")
-    nearest = [await calibration_sql.nearest_other(conn, row.id, row.vector) for row in sample]
+    nearest = [await calibration_sql.nearest_other(conn, row.id, row.vector, column=column) for row in sample]
     queries_made = moved([row.vector for row in sample], nearest)
     if unfiltered_on_searches:
-        unfiltered = [await _probe(conn, None, q.vector, q.memory_filter) for q in seen_unfiltered]
+        unfiltered = [await _probe(conn, None, q.vector, q.memory_filter, column) for q in seen_unfiltered]
     else:
-        unfiltered = [await _probe(conn, None, vector, MemoryFilter()) for vector in queries_made]
+        unfiltered = [await _probe(conn, None, vector, MemoryFilter(), column) for vector in queries_made]
     filtered: list[_Probe] = []
     if filtered_on_searches:
-        filtered = [await _probe(conn, None, q.vector, q.memory_filter) for q in seen_filtered]
+        filtered = [await _probe(conn, None, q.vector, q.memory_filter, column) for q in seen_filtered]
     elif iterative:
-        filtered = await _scope_probes(conn, sample, queries_made, filtered_min_rows)
+        filtered = await _scope_probes(conn, sample, queries_made, filtered_min_rows, column)
     # A query with no neighbour measures nothing (and has no recall to divide by): a table emptied since the
     # searches were seen, or a lone stored vector.
     unfiltered = [p for p in unfiltered if p.truth]
@@ -336,6 +342,7 @@ async def calibrate(
             source=source,
             margin=margin,
             extra=extra,
+            column=column,
         )
 
     unfiltered_curve = await curve(unfiltered, unfiltered_on_searches)

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 
 from memory_service.config.settings import Settings
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import GenerationChanged
+from memory_service.generations.state import Generations
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
 from memory_service.observability import tracing
@@ -39,6 +41,8 @@ _CANDIDATE_FACTOR = 3
 # Most matching rows a filtered search scans exactly instead of using the index (the count deciding it reads up to
 # this many index entries).
 _EXACT_FILTER_MAX_ROWS = 20_000
+# Runs of one search when the embedding generation changes under it: a cut-over and a rollback in quick succession.
+_GENERATION_ATTEMPTS = 3
 
 
 class SearchEngine:
@@ -57,9 +61,13 @@ class SearchEngine:
         seen: QuerySample | None = None,
         observer: SearchObserver | None = None,
         text_search: TextSearch | None = None,
+        generations: Generations | None = None,
     ) -> None:
         self._db = db
         self._observer = observer or SearchObserver(metrics)
+        self._generations = generations
+        """The embedding generation searches run in; a search planned for one that has just been replaced runs
+        again in the new one, so its hits never mix two models."""
         self._embedder = embedder
         self._index = index
         self._metrics = metrics
@@ -74,19 +82,38 @@ class SearchEngine:
         """Vectors of recent searches that went to the index, for its calibration (this instance's own)."""
         """Weight of the vector score in weighted fusion when the request does not set ``alpha``."""
 
+    def seen_reset(self) -> None:
+        if self.seen is not None:
+            self.seen.clear()
+
     async def search(self, query: SearchQuery) -> SearchResult:
         started = time.perf_counter()
         query = dataclasses.replace(query, filter=guard.narrow(query.filter))
-        vector = await self._query_vector(query)
         text = query.text if query.mode in (SearchMode.TEXT, SearchMode.HYBRID) else None
         limit = query.top_k
         if query.mode is not SearchMode.VECTOR:
             limit = max(query.top_k * _CANDIDATE_FACTOR, _MIN_CANDIDATES)
         notes = PlanNotes()
-        if vector is None and text is not None and self.text_search is not None and self.text_search.ready:
-            result = await self._run_text(query, text, limit)
-        else:
-            result = await self._run(query, vector, text, limit, notes)
+        generations = self._generations
+        for attempt in range(_GENERATION_ATTEMPTS):
+            # The generation is taken before the query is embedded: the statement then checks that the model that
+            # embedded it is still the database's current one.
+            generation = 0 if generations is None else generations.epoch
+            if generations is not None and query.mode is not SearchMode.TEXT:
+                generations.check_current()
+            try:
+                vector = await self._query_vector(query)
+                if vector is None and text is not None and self.text_search is not None and self.text_search.ready:
+                    result = await self._run_text(query, text, limit)
+                else:
+                    result = await self._run(query, vector, text, limit, notes=notes, generation=generation)
+                break
+            except GenerationChanged:
+                if generations is None or attempt == _GENERATION_ATTEMPTS - 1:
+                    raise
+                await generations.refresh()
+        if generations is not None and query.text and query.mode is not SearchMode.TEXT:
+            generations.searches.record(query.text, query.filter)
         self._observer.observe(query, vector, result, notes, time.perf_counter() - started)
         return result
 
@@ -144,8 +171,17 @@ class SearchEngine:
         return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
 
     async def _run(
-        self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int, notes: PlanNotes
+        self,
+        query: SearchQuery,
+        vector: Vector | None,
+        text: str | None,
+        limit: int,
+        *,
+        notes: PlanNotes,
+        generation: int,
     ) -> SearchResult:
+        """One search in embedding generation ``generation``: every statement that compares or returns vectors
+        fails (GenerationChanged) when it is no longer the database's."""
         plan = self._plan(query, vector)
         # No transaction: every statement below reads on its own (READ COMMITTED gave each its own snapshot
         # anyway), so a search is one round trip per statement. A memory deleted between the candidates and
@@ -167,9 +203,9 @@ class SearchEngine:
         async with session as conn:
             use_index = plan.approximate_possible and not await self._exact_is_cheaper(conn, query, plan)
             found, use_index = await self._candidates(
-                conn, query, vector, text, limit, use_index=use_index, notes=notes
+                conn, query, vector, text, limit, use_index=use_index, notes=notes, generation=generation
             )
-            hits = await self._hits(conn, query, found)
+            hits = await self._hits(conn, query, found, generation)
         if vector is None:
             return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
         if use_index:
@@ -212,6 +248,7 @@ class SearchEngine:
         *,
         use_index: bool,
         notes: PlanNotes,
+        generation: int,
     ) -> tuple[list[Candidate], bool]:
         """The candidates, widened until complete, and whether the index served them in the end."""
 
@@ -228,7 +265,13 @@ class SearchEngine:
         async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
             if text_search is not None and vector is not None:
                 found = await text_index_sql.hybrid_candidates(
-                    conn, query.filter, vector=vector, limit=limit, exact=exact, text_ids=[i for i, _ in text_best]
+                    conn,
+                    query.filter,
+                    vector=vector,
+                    limit=limit,
+                    exact=exact,
+                    text_ids=[i for i, _ in text_best],
+                    generation=generation,
                 )
                 scores = dict(text_best)
                 scores.update(text_search.scores([c.id for c in found if c.id not in scores], scoring))
@@ -246,6 +289,7 @@ class SearchEngine:
                 text_ranking=self._text_ranking.values,
                 pruned=pruned,
                 with_embedding=query.include_embedding,
+                generation=generation,
                 rls=guard.scoped(),
             )
 
@@ -271,7 +315,9 @@ class SearchEngine:
         notes.bounded = text is not None and bool(found) and not found[0].text_every_term
         return found, use_index
 
-    async def _hits(self, conn: Connection, query: SearchQuery, found: list[Candidate]) -> list[SearchHit]:
+    async def _hits(
+        self, conn: Connection, query: SearchQuery, found: list[Candidate], generation: int
+    ) -> list[SearchHit]:
         """Rank the candidates and attach the winners' memories (fetched unless they came along)."""
         with tracing.span("fusion", candidates=len(found)):
             ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
@@ -279,7 +325,7 @@ class SearchEngine:
             {}
             if query.mode is SearchMode.VECTOR
             else await search_sql.memories_by_id(
-                conn, [s.candidate.id for s in ranked], with_embedding=query.include_embedding
+                conn, [s.candidate.id for s in ranked], with_embedding=query.include_embedding, generation=generation
             )
         )
         return [

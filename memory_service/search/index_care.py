@@ -17,6 +17,7 @@ instance (and on every Stats call) must not scan the table. A rebuild counts exa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -30,7 +31,7 @@ from memory_service.search.calibration import MIN_SEEN, Calibration, Curve, cali
 from memory_service.search.query_sample import QuerySample
 from memory_service.storage import calibration_sql, index_sql, settings_sql, stats_sql
 from memory_service.storage.database import Connection, Database
-from memory_service.storage.index_sql import IndexSpec
+from memory_service.storage.index_sql import IndexSpec, setting_key
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,10 @@ def _doubled(curve: Curve | None) -> int:
     return 2 * curve.queries
 
 
-def _calibration_of(stored: dict[str, str], kind: IndexKind | None, built_at: str | None) -> Calibration | None:
-    raw = stored.get(calibration_sql.CALIBRATION_KEY)
+def _calibration_of(
+    stored: dict[str, str], kind: IndexKind | None, built_at: str | None, column: str = "embedding"
+) -> Calibration | None:
+    raw = stored.get(setting_key(calibration_sql.CALIBRATION_KEY, column))
     if raw is None:
         return None
     try:
@@ -155,10 +158,13 @@ class IndexCare:
         seen: QuerySample | None = None,
         metrics: Metrics | None = None,
         configured_setting: int | None = None,
+        column: str = "embedding",
     ) -> None:
         self._db = db
         self._metrics = metrics
         self._configured = configured_setting
+        self.column = column
+        """The vector column this cares for: ``embedding``, or a move's other generation (``embedding_alt``)."""
         self._dsn = dsn
         self.exact_max_rows = exact_max_rows
         self.kind: IndexKind = kind
@@ -169,6 +175,13 @@ class IndexCare:
         self._hnsw = (hnsw_m, hnsw_ef_construction)
         self._seen = seen
         self.state = IndexState()
+
+    def for_column(self, column: str) -> IndexCare:
+        """The care of another vector column's index with this one's settings (a move's ``embedding_alt``), without
+        the search sample and the metrics: they belong to the column searched."""
+        other = copy.copy(self)
+        other.column, other._seen, other._metrics, other.state = column, None, None, IndexState()
+        return other
 
     async def refresh(self) -> IndexState:
         async with self._db.connection() as conn:
@@ -184,11 +197,14 @@ class IndexCare:
         return self.state
 
     async def _read(self, conn: Connection) -> IndexState:
-        info = await index_sql.index_info(conn, self.kind)
-        rows = await index_sql.estimated_rows(conn)
+        info = await index_sql.index_info(conn, self.kind, self.column)
+        rows = await index_sql.estimated_rows(conn, self.column)
         stored = await settings_sql.read_settings(conn)
-        built = stored.get(_BUILT_AT) or stored.get(_LEGACY[_BUILT_AT])
-        rows_at_build = stored.get(_ROWS_AT_BUILD) or stored.get(_LEGACY[_ROWS_AT_BUILD]) or "0"
+        legacy = self.column == "embedding"
+        built = stored.get(self._key(_BUILT_AT)) or (stored.get(_LEGACY[_BUILT_AT]) if legacy else None)
+        rows_at_build = (
+            stored.get(self._key(_ROWS_AT_BUILD)) or (stored.get(_LEGACY[_ROWS_AT_BUILD]) if legacy else None) or "0"
+        )
         return IndexState(
             exists=info.exists,
             valid=info.valid,
@@ -198,16 +214,19 @@ class IndexCare:
             rows=rows,
             rows_at_build=int(rows_at_build),
             built_at=datetime.fromisoformat(built) if built else None,
-            calibration=_calibration_of(stored, info.kind, built),
+            calibration=_calibration_of(stored, info.kind, built, self.column),
         )
+
+    def _key(self, base: str) -> str:
+        return setting_key(base, self.column)
 
     def needs_rebuild(self, state: IndexState) -> bool:
         return needs_rebuild(state, exact_max_rows=self.exact_max_rows, kind=self.kind)
 
     def spec_for(self, rows: int) -> IndexSpec:
         if self.kind == "hnsw":
-            return IndexSpec("hnsw", m=self._hnsw[0], ef_construction=self._hnsw[1])
-        return IndexSpec("ivfflat", lists=fitted_lists(rows))
+            return IndexSpec("hnsw", m=self._hnsw[0], ef_construction=self._hnsw[1], column=self.column)
+        return IndexSpec("ivfflat", lists=fitted_lists(rows), column=self.column)
 
     async def maintain(self, *, force: bool = False) -> str:
         """Rebuild when due (or when forced) and calibrate when due; return what was done, for logs and the CLI."""
@@ -224,11 +243,13 @@ class IndexCare:
             # Another instance may have done the work while this one waited for the lock: decide again.
             state = await self._read(conn)
             if force or self.needs_rebuild(state):
-                rows = await index_sql.row_count(conn)
+                rows = await index_sql.row_count(conn, self.column)
                 spec = self.spec_for(rows)
                 log.info("building %s index: %d rows (%s)", spec.kind, rows, spec.using())
                 built_at = await index_sql.rebuild(conn, spec)
-                await settings_sql.write_settings(conn, {_ROWS_AT_BUILD: str(rows), _BUILT_AT: built_at.isoformat()})
+                await settings_sql.write_settings(
+                    conn, {self._key(_ROWS_AT_BUILD): str(rows), self._key(_BUILT_AT): built_at.isoformat()}
+                )
                 state = await self._read(conn)
                 described = f"lists={spec.lists}" if spec.kind == "ivfflat" else f"m={spec.m}"
                 done.append(f"rebuilt {spec.kind} with {described} for {rows} rows")
@@ -264,10 +285,11 @@ class IndexCare:
                 writes=writes,
                 index_built_at=state.built_at.isoformat(),
                 seen=self._seen,
+                column=self.column,
             )
         except ValueError as exc:
             return f"not calibrated: {exc}"
-        await calibration_sql.write(conn, calibration.to_json())
+        await calibration_sql.write(conn, calibration.to_json(), self._key(calibration_sql.CALIBRATION_KEY))
         return "calibrated " + describe(calibration)
 
 

@@ -25,6 +25,7 @@ from memory_service.errors import (
     DatabaseResourcesExhausted,
     DatabaseUnavailable,
     DeadlineExceeded,
+    GenerationChanged,
     Internal,
     MemoryServiceError,
     PermissionDenied,
@@ -68,6 +69,8 @@ DRIVER_ERRORS: dict[type[BaseException], type[MemoryServiceError]] = {
     # PostgreSQL rolled the transaction back to keep it consistent: nothing was written; re-read and retry.
     asyncpg.SerializationError: DatabaseConflict,
     asyncpg.DeadlockDetectedError: DatabaseConflict,
+    # A schema change gave up waiting for its lock (lock_timeout): nothing was changed; retry.
+    asyncpg.LockNotAvailableError: DatabaseConflict,
     # A statement prepared before a schema change (binding the embedding column's type), run in a transaction:
     # asyncpg drops its statement cache, so the retry succeeds.
     asyncpg.InvalidCachedStatementError: DatabaseUnavailable,
@@ -97,8 +100,14 @@ _MESSAGES: dict[type[MemoryServiceError], str] = {
 }
 
 
+GENERATION_CHANGED = "MSG01"
+"""The SQLSTATE of ``memory.embedding_generation_is`` (migrations/0012_embedding_generations.sql)."""
+
+
 def driver_error(exc: BaseException) -> MemoryServiceError | None:
     """The domain error for a driver exception, or None when it is not one the table knows (it propagates as is)."""
+    if getattr(exc, "sqlstate", None) == GENERATION_CHANGED:
+        return GenerationChanged(str(exc))
     if getattr(exc, "sqlstate", None) == QUOTA_SQLSTATE:
         return quota_exceeded(current_access())
     for cls in type(exc).__mro__:

@@ -27,6 +27,7 @@ import asyncpg
 
 from memory_service.models import Candidate, Memory, MemoryFilter, Vector
 from memory_service.storage.filters import Params, where_clause
+from memory_service.storage.index_sql import vector_column
 from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING, memory_from_row
 
 TEXT_CONFIG = "english"
@@ -34,16 +35,25 @@ TEXT_CONFIG = "english"
 MAX_QUERY_TERMS = 64
 
 
-def _vector_cte(where: str, query: str, limit: str, *, exact: bool) -> str:
+def _vector_cte(where: str, query: str, limit: str, *, exact: bool, column: str = "embedding") -> str:
+    c = vector_column(column)
     if exact:
         return (
-            f"SELECT id, distance FROM (SELECT m.id, m.embedding <=> {query} AS distance FROM memory.memories m "
-            f"WHERE {where} AND m.embedding IS NOT NULL OFFSET 0) s ORDER BY distance, id LIMIT {limit}"
+            f"SELECT id, distance FROM (SELECT m.id, m.{c} <=> {query} AS distance FROM memory.memories m "
+            f"WHERE {where} AND m.{c} IS NOT NULL OFFSET 0) s ORDER BY distance, id LIMIT {limit}"
         )
     return (
-        f"SELECT m.id, m.embedding <=> {query} AS distance FROM memory.memories m "
-        f"WHERE {where} AND m.embedding IS NOT NULL ORDER BY m.embedding <=> {query} LIMIT {limit}"
+        f"SELECT m.id, m.{c} <=> {query} AS distance FROM memory.memories m "
+        f"WHERE {where} AND m.{c} IS NOT NULL ORDER BY m.{c} <=> {query} LIMIT {limit}"
     )
+
+
+def generation_guard(params: Params, generation: int | None) -> str:
+    """A condition that fails the statement (GenerationChanged) unless ``generation`` is still the database's
+    embedding epoch; empty when the caller names none (maintenance on its own locked connection)."""
+    if generation is None:
+        return ""
+    return f"memory.embedding_generation_is({params.add(generation)})"
 
 
 def _term_ctes(text: str, budget: str) -> str:
@@ -125,9 +135,14 @@ def candidates_statement(
     text_ranking: tuple[float, float, int] | None = None,
     pruned: bool = True,
     with_embedding: bool = False,
+    column: str = "embedding",
+    generation: int | None = None,
     rls: bool = False,
 ) -> tuple[str, list[Any]]:
-    """The SQL and parameters of ``candidates``: every user value a ``$n`` parameter, the bounds literals."""
+    """The SQL and parameters of ``candidates``: every user value a ``$n`` parameter, the bounds literals.
+
+    ``column`` is the vector column searched (a move's other generation is ``embedding_alt``); ``generation`` the
+    embedding epoch the query vector was made for (``generation_guard``)."""
     params = Params()
     where = where_clause(memory_filter, params)
     limit_sql = _bound(limit)
@@ -138,10 +153,10 @@ def candidates_statement(
     from_vector, from_text, every_term = "false", "false", "false"
     if vector is not None:
         vector_param = params.add(vector)
-        ctes.append(f"v AS ({_vector_cte(where, vector_param, limit_sql, exact=exact)})")
+        ctes.append(f"v AS ({_vector_cte(where, vector_param, limit_sql, exact=exact, column=column)})")
         sources.append("SELECT id FROM v")
         joins.append("LEFT JOIN v ON v.id = m.id")
-        distance = f"m.embedding <=> {vector_param}"
+        distance = f"m.{vector_column(column)} <=> {vector_param}"
         from_vector = "v.id IS NOT NULL"
     if text is not None:
         if text_ranking is None:
@@ -160,11 +175,13 @@ def candidates_statement(
         columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
     else:
         columns = "m.id, m.importance, m.updated_at"
+    guard = generation_guard(params, generation if vector is not None or with_embedding else None)
     sql = (
         f"WITH {', '.join(ctes)} "
         f"SELECT {columns}, {distance} AS distance, {text_score} AS text_score, "
         f"{from_vector} AS from_vector, {from_text} AS from_text, {every_term} AS text_every_term "
         f"FROM ({' UNION '.join(sources)}) ids JOIN memory.memories m ON m.id = ids.id {' '.join(joins)}"
+        + (f" WHERE {guard}" if guard else "")
     )
     return sql, params.values
 
@@ -181,6 +198,8 @@ async def candidates(
     text_ranking: tuple[float, float, int] | None = None,
     pruned: bool = True,
     with_embedding: bool = False,
+    column: str = "embedding",
+    generation: int | None = None,
     rls: bool = False,
 ) -> list[Candidate]:
     """Up to ``limit`` nearest by vector and up to ``limit`` best by text (whichever are asked for), merged by id.
@@ -202,6 +221,8 @@ async def candidates(
         text_ranking=text_ranking,
         pruned=pruned,
         with_embedding=with_embedding,
+        column=column,
+        generation=generation,
         rls=rls,
     )
     rows = await conn.fetch(sql, *values)
@@ -222,12 +243,20 @@ async def candidates(
 
 
 def memories_by_id_statement(*, with_embedding: bool) -> str:
-    columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
-    return f"SELECT {columns} FROM memory.memories m WHERE m.id = ANY($1::bigint[])"
+    if with_embedding:
+        # The vectors returned are those of the generation the search ran in.
+        return (
+            f"SELECT {COLUMNS_WITH_EMBEDDING} FROM memory.memories m WHERE m.id = ANY($1::bigint[]) "
+            "AND memory.embedding_generation_is($2)"
+        )
+    return f"SELECT {COLUMNS} FROM memory.memories m WHERE m.id = ANY($1::bigint[])"
 
 
-async def memories_by_id(conn: asyncpg.Connection, ids: list[int], *, with_embedding: bool) -> dict[int, Memory]:
-    rows = await conn.fetch(memories_by_id_statement(with_embedding=with_embedding), ids)
+async def memories_by_id(
+    conn: asyncpg.Connection, ids: list[int], *, with_embedding: bool, generation: int = 0
+) -> dict[int, Memory]:
+    statement = memories_by_id_statement(with_embedding=with_embedding)
+    rows = await conn.fetch(statement, ids, generation) if with_embedding else await conn.fetch(statement, ids)
     return {row["id"]: memory_from_row(row) for row in rows}
 
 
