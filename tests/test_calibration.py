@@ -334,6 +334,10 @@ def test_the_policy_needs_no_database() -> None:
     assert dataclasses.replace(cold, most=5).chosen(0.95) == 5  # never past every list
     assert Curve.from_json(cold.to_json()) == cold
     assert Curve.from_json({"points": [[2, 0.96]], "queries": 10}).margin == 1.0  # stored before margins
+    # HNSW's cold margin is added: ef_search 3 plus 16, and never past the largest setting either.
+    added = dataclasses.replace(checked, extra=16)
+    assert added.chosen(0.95) == 19 and dataclasses.replace(added, most=10).chosen(0.95) == 10
+    assert Curve.from_json(added.to_json()) == added and Curve.from_json(checked.to_json()).extra == 0
 
     import datetime as dt
 

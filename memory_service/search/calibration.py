@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from memory_service.models import IndexKind, MemoryFilter, ScopeRef, Vector
-from memory_service.search.calibration_queries import COLD_MARGIN, moved
+from memory_service.search.calibration_queries import COLD_EXTRA, COLD_MARGIN, moved
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.tuning import scan_settings
 from memory_service.storage import calibration_sql
@@ -80,6 +80,9 @@ class Curve:
     """What the setting that reached the target is multiplied by: more than 1 for queries made from stored
     memories, which cannot tell how far real questions lie (``search.calibration_queries.COLD_MARGIN``)."""
 
+    extra: int = 0
+    """Added to the setting after ``margin``: HNSW's cold margin (``search.calibration_queries.COLD_EXTRA``)."""
+
     most: int = 0
     """The largest setting there is (every list; ef_search 1000), which the margin never goes past; 0: no bound."""
 
@@ -91,7 +94,7 @@ class Curve:
             if bound >= target and (not self.checked or held_out.get(setting, 0.0) >= target):
                 passed = setting
                 break
-        with_margin = math.ceil(passed * self.margin)
+        with_margin = math.ceil(passed * self.margin) + self.extra
         return min(with_margin, self.most) if self.most else with_margin
 
     def recall_at(self, setting: int) -> float | None:
@@ -109,6 +112,7 @@ class Curve:
             "lower": list(self.lower),
             "checked": [list(p) for p in self.checked],
             "margin": self.margin,
+            "extra": self.extra,
             "most": self.most,
         }
 
@@ -121,6 +125,7 @@ class Curve:
             lower=tuple(float(x) for x in data.get("lower", ())),
             checked=tuple((int(s), float(r)) for s, r in data.get("checked", ())),
             margin=float(data.get("margin", 1.0)),
+            extra=int(data.get("extra", 0)),
             most=int(data.get("most", 0)),
         )
 
@@ -234,6 +239,7 @@ async def _curve(
     target: float,
     source: str,
     margin: float,
+    extra: int,
     column: str = "embedding",
 ) -> Curve:
     """Walk up ``settings`` on half the queries (alternate ones) until the lower bound of their mean recall
@@ -267,6 +273,7 @@ async def _curve(
         lower=tuple(lower),
         checked=tuple(checked),
         margin=margin,
+        extra=extra,
         most=settings[-1] if settings else 0,
     )
 
@@ -324,7 +331,7 @@ async def calibrate(
 
     async def curve(probes: Sequence[_Probe], on_searches: bool) -> Curve:
         source = "searches" if on_searches else "memories"
-        margin = 1.0 if on_searches else COLD_MARGIN[kind]
+        margin, extra = (1.0, 0) if on_searches else (COLD_MARGIN[kind], COLD_EXTRA[kind])
         return await _curve(
             conn,
             probes,
@@ -334,6 +341,7 @@ async def calibrate(
             target=target,
             source=source,
             margin=margin,
+            extra=extra,
             column=column,
         )
 
