@@ -31,11 +31,15 @@ DECLARE
     role_ text;
 BEGIN
     FOREACH role_ IN ARRAY ARRAY['memory_calls', 'memory_calls_kinds'] LOOP
-        BEGIN
-            EXECUTE format('CREATE ROLE %I NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT', role_);
-        EXCEPTION WHEN duplicate_object THEN
-            NULL;
-        END;
+        -- Checked first: a user without CREATEROLE gets a permission error, not duplicate_object, for a role that
+        -- another database of the cluster already created.
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = role_) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT', role_);
+            EXCEPTION WHEN duplicate_object THEN
+                NULL;  -- created by a concurrent migration
+            END;
+        END IF;
         -- A superuser may switch to any role; an owner that is not one needs membership to SET ROLE.
         IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
            AND NOT pg_has_role(current_user, role_, 'MEMBER') THEN
