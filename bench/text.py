@@ -17,7 +17,8 @@ the rest spread over scopes 1..100 (about 1% each). For each size, in one run:
 * **calls/s** with 16 calls in flight;
 * scoped searches (the 1% scope and the 10k scope) against ``bench.floor``, the bare gRPC server;
 * tantivy and bm25s in process (``--peers``), over the raw texts with their own English stemming;
-* with ``--hybrid`` (vectors loaded, index built): HYBRID against VECTOR and TEXT alone.
+* with ``--hybrid`` (the ``clustered`` synthetic vectors of ``bench.datasets`` loaded, index built): HYBRID against
+  VECTOR and TEXT alone, with query vectors of the same distribution.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import asyncpg
 import numpy as np
 from grpc import aio
 
+from bench import datasets
 from bench.datasets import copy_into_memories
 from bench.harness import (
     ServerProcess,
@@ -64,7 +66,6 @@ K = 10
 LENGTHS = (2, 8, 16)
 SCOPE_10K_ROWS = 10_000
 SCOPES = 100
-DIMENSION = 384
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9-]+")
 
@@ -107,7 +108,7 @@ async def load(dsn: str, texts: list[str], *, vectors: bool) -> None:
     await runtime.start(background=False)
     try:
         await runtime.binding.bind_now()  # the rows are copied in behind the service's back
-        rng = np.random.default_rng(3)
+        vectors_of = datasets.synthetic(len(texts), datasets.SHAPES["clustered"]).vectors if vectors else None
         started = time.perf_counter()
         async with runtime.db.connection() as conn:
             for first in range(0, len(texts), 50_000):
@@ -115,10 +116,7 @@ async def load(dsn: str, texts: list[str], *, vectors: bool) -> None:
                 for i in range(first, min(first + 50_000, len(texts))):
                     # A derived key carries no words into search_tsv; the row number keeps repeated texts apart.
                     digest = hashlib.sha256(f"{i}:{texts[i]}".encode()).digest()
-                    vector = None
-                    if vectors:
-                        vector = rng.normal(size=DIMENSION).astype(np.float32)
-                        vector /= np.linalg.norm(vector)
+                    vector = None if vectors_of is None else vectors_of[i]
                     model = settings.embedding_model if vectors else None
                     records.append(
                         ("project", scope_of(i), "sha256:" + digest.hex(), texts[i], vector, digest, model, 0.5)
@@ -248,9 +246,8 @@ class Measure:
 
     async def _hybrid(self, rows: int, stub: Any) -> None:
         texts = self.by_length[8]
-        rng = np.random.default_rng(11)
-        vectors = rng.normal(size=(len(texts), DIMENSION)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        # Queries of the stored vectors' own distribution (topic centre plus noise, never a stored row).
+        vectors, _ = datasets.queries(datasets.synthetic(rows, datasets.SHAPES["clustered"]), len(texts))
 
         def call(mode: int) -> Any:
             async def search(i: int) -> None:

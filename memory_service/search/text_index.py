@@ -18,6 +18,8 @@ from memory_service.storage.text_index_sql import DocText, PostingsChunk
 
 MAX_SMALL_SEGMENTS = 6
 """Segments beside the largest before the two smallest merge."""
+MOVED_BYTES = 100
+"""Python's cost of one entry of the moved-ids dict, roughly."""
 MERGE_MAX_DOCS = 50_000
 """Largest merge done in place (on the event loop, some 100 ms); beyond it the index is reloaded in the background."""
 
@@ -45,6 +47,7 @@ class TextIndex:
         self._usable: npt.NDArray[np.bool_] | None = None
         self._usable_version = -1
         self._usable_until = np.inf
+        self._all_usable = False
 
     # -- building ------------------------------------------------------------------------------------------------
 
@@ -212,6 +215,20 @@ class TextIndex:
     def dead(self) -> int:
         return self.count - self.live
 
+    @property
+    def postings(self) -> int:
+        return sum(s.postings for s in self.segments)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the index holds (its arrays and vocabularies; Python's per-object overhead approximated)."""
+        arrays = (self.ids, self.lengths, self.expiry, self.alive, self._base_ids, self._usable)
+        return (
+            sum(a.nbytes for a in arrays if a is not None)
+            + MOVED_BYTES * len(self._moved)
+            + sum(s.nbytes for s in self.segments)
+        )
+
     # -- searching -----------------------------------------------------------------------------------------------
 
     def usable(self, now: float) -> npt.NDArray[np.bool_]:
@@ -222,11 +239,14 @@ class TextIndex:
             later = self.expiry[:count][usable]
             self._usable_until = float(later.min()) if len(later) else np.inf
             self._usable, self._usable_version = usable, self._version
+            self._all_usable = bool(usable.all())
         return self._usable
 
     def top(self, scoring: Scoring, k: int, now: float) -> list[tuple[int, float]]:
         """The best ``k`` live memories by exact BM25, best first (ties by id), as (id, score)."""
-        usable = self.usable(now)
+        usable: npt.NDArray[np.bool_] | None = self.usable(now)
+        if self._all_usable:
+            usable = None  # nothing to check per document
         slots, scores = [], []
         for segment in self.segments:
             local, score = segment.top(scoring, k, usable)

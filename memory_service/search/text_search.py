@@ -41,6 +41,14 @@ the background while TEXT searches use the SQL statement."""
 REBUILD_DEAD_FRACTION = 0.5
 """Dead versions (as a share of live memories) that make the index reload from PostgreSQL."""
 _FINAL_WAIT = 0.02
+POSTING_BYTES = 8
+"""Memory per posting once loaded (its document and frequency, 6 bytes, plus the vocabulary), with some margin."""
+DOC_BYTES = 64
+"""Memory per memory (id, length, expiry, liveness, slot and scratch arrays)."""
+REFUSED_RECHECK = 60.0
+"""Seconds before a corpus found too large for ``max_bytes`` is estimated again."""
+_RERANKS = 3
+"""Rankings a TEXT search runs at most when memories it ranked are gone by the time their rows are read."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +73,19 @@ class _Candidate:
         return self.blockers is not None and probe.running is not None and not (self.blockers & probe.running)
 
 
+def estimated_bytes(docs: int, total_length: int) -> int:
+    """What the index of a corpus will hold: ``total_length`` (the sum of the memories' distinct lexemes) is its
+    postings."""
+    return POSTING_BYTES * total_length + DOC_BYTES * docs
+
+
 class TextSearch:
-    def __init__(self, db: Database, ranking: TextRanking) -> None:
+    def __init__(self, db: Database, ranking: TextRanking, *, max_bytes: int = 2 << 30) -> None:
         self._db = db
         self._ranking = ranking
+        self.max_bytes = max_bytes
+        """Most memory the index may hold; a corpus estimated larger is ranked by the SQL statement."""
+        self._refused_at: float | None = None
         self.index: TextIndex | None = None
         self.frontier = 0
         """Every change with seq <= frontier is in the index."""
@@ -107,6 +124,21 @@ class TextSearch:
         self._building = True
         try:
             started = time.perf_counter()
+            async with self._db.connection() as conn:
+                docs, total_length = await text_index_sql.corpus(conn)
+            if estimated_bytes(docs, total_length) > self.max_bytes:
+                if self._refused_at is None or self.index is not None:
+                    log.warning(
+                        "text index not loaded: %d memories with %d postings would take about %d MB, more than "
+                        "TEXT_INDEX_MAX_MB (%d); TEXT searches use the SQL statement",
+                        docs,
+                        total_length,
+                        estimated_bytes(docs, total_length) >> 20,
+                        self.max_bytes >> 20,
+                    )
+                self.index, self._refused_at = None, time.monotonic()
+                return
+            self._refused_at = None
             frontier = await self._final_frontier()
             async with self._db.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
                 parts = [part async for part in text_index_sql.load(conn)]
@@ -117,9 +149,10 @@ class TextSearch:
             async with self._lock:
                 self.index, self.frontier, self._applied, self._avgdl = index, frontier, set(), avgdl
             log.info(
-                "text index loaded: %d memories, %d postings in %.1fs",
+                "text index loaded: %d memories, %d postings, %d MB in %.1fs",
                 index.live,
-                sum(s.postings for s in index.segments),
+                index.postings,
+                index.nbytes >> 20,
                 time.perf_counter() - started,
             )
         finally:
@@ -145,7 +178,8 @@ class TextSearch:
         frontier over final seqs, reload when crowded or mostly dead."""
         index = self.index
         if index is None:
-            await self.build()
+            if self._refused_at is None or time.monotonic() - self._refused_at > REFUSED_RECHECK:
+                await self.build()
             return
         async with self._db.connection() as conn:
             probe = await changes_sql.frontier_probe(conn)
@@ -163,7 +197,11 @@ class TextSearch:
                         self._applied = {seq for seq in self._applied if seq > self.frontier}
         if final:
             self._candidate = None
-        if index.crowded or index.dead > REBUILD_DEAD_FRACTION * max(index.live, 10_000):
+        if (
+            index.crowded
+            or index.dead > REBUILD_DEAD_FRACTION * max(index.live, 10_000)
+            or index.nbytes > self.max_bytes
+        ):
             await self.build()
 
     def _scoring(self, terms: text_index_sql.QueryTerms) -> Scoring:
@@ -175,15 +213,19 @@ class TextSearch:
 
     async def ranked(
         self, conn: Connection, text: str, memory_filter: MemoryFilter, *, limit: int
-    ) -> tuple[list[tuple[int, float]], Scoring | None]:
+    ) -> tuple[list[tuple[int, float]], Scoring | None] | None:
         """The best ``limit`` memories passing the filter by exact BM25 (as the index knows them), best first, and
-        the scoring used (None when the query has no lexeme)."""
+        the scoring used (None when the query has no lexeme); None when there is no index (the SQL statement's
+        turn): not loaded yet, or dropped for its size meanwhile."""
+        if self.index is None:
+            return None
         terms = await text_index_sql.query_terms(conn, text, after=self.frontier)
         async with self._lock:
+            index = self.index
+            if index is None:
+                return None
             if terms.pending:
                 await self._catch_up(conn, terms.pending)
-            index = self.index
-        assert index is not None
         if not terms.lexemes:
             return [], None
         scoring = self._scoring(terms)
@@ -211,9 +253,19 @@ class TextSearch:
 
     async def candidates(
         self, conn: Connection, text: str, memory_filter: MemoryFilter, *, limit: int, with_embedding: bool
-    ) -> list[Candidate]:
-        """The best ``limit`` live memories passing the filter by exact BM25, with their rows, best first."""
-        best, _ = await self.ranked(conn, text, memory_filter, limit=limit)
-        if not best:
-            return []
-        return await text_index_sql.rows(conn, memory_filter, dict(best), with_embedding=with_embedding)
+    ) -> list[Candidate] | None:
+        """The best ``limit`` live memories passing the filter by exact BM25, with their rows, best first (None:
+        no index)."""
+        found: list[Candidate] = []
+        for _ in range(_RERANKS):
+            ranked = await self.ranked(conn, text, memory_filter, limit=limit)
+            if ranked is None:
+                return None
+            best = ranked[0]
+            if not best:
+                return []
+            found = await text_index_sql.rows(conn, memory_filter, dict(best), with_embedding=with_embedding)
+            if len(found) == len(best):
+                break
+            # A memory changed between the ranking and its row: the next ranking applies that change first.
+        return found

@@ -13,14 +13,18 @@ bookkeeping.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 PRUNE_MIN_DOCS = 20_000
 """Segments with fewer documents are scored exhaustively."""
-SEED_POSTINGS = 4096
-"""Postings of the rarest query terms scored first, whose k-th best score is the first threshold."""
+LEXEME_BYTES = 200
+"""Python's cost of one vocabulary entry (the string, twice referenced, and its dict slot), measured roughly."""
+_DENSE_LOOKUP = 8
+"""A remaining term is looked up for the documents met by spreading its postings into a dense array when it has at
+most this many postings per document looked up; otherwise by binary search in its postings."""
 _EPSILON = 1e-9
 """Slack for floating-point sums in the bounds: a bound a rounding error below the threshold still counts."""
 
@@ -81,8 +85,9 @@ class Segment:
         self.last_read = (0, 0, 0)
         """Of the last pruned search: terms read whole, their postings, query terms here (for benchmarks)."""
         self._acc: Floats | None = None
-        self._mark: npt.NDArray[np.bool_] | None = None
         """Scratch space of one search at a time (searches run on the event loop), cleared after each."""
+        self._stamp: npt.NDArray[np.int32] | None = None
+        """Scratch space for finding the documents a search met (never needs clearing)."""
         self.pruned = len(slots) >= PRUNE_MIN_DOCS
         if self.pruned:
             self._build_bounds(term[order], avgdl)
@@ -121,6 +126,16 @@ class Segment:
     @property
     def postings(self) -> int:
         return len(self.docs)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the arrays, and about ``LEXEME_BYTES`` per lexeme for the vocabulary."""
+        arrays: list[npt.NDArray[Any] | None] = [
+            self.slots, self.lengths, self.offsets, self.docs, self.tfs, self._slot_order, self._acc, self._stamp,
+        ]  # fmt: skip
+        if self.pruned:
+            arrays += [self.max_part, self.max_tf, self.min_length]
+        return sum(a.nbytes for a in arrays if a is not None) + LEXEME_BYTES * len(self.lexemes)
 
     def _term_slice(self, lexeme: str) -> tuple[int, int] | None:
         row = self.terms.get(lexeme)
@@ -167,11 +182,13 @@ class Segment:
         local: Ints = np.flatnonzero(sums > 0)
         return local, sums[local]
 
-    def top(self, scoring: Scoring, k: int, usable: npt.NDArray[np.bool_]) -> tuple[Ints, Floats]:
+    def top(self, scoring: Scoring, k: int, usable: npt.NDArray[np.bool_] | None) -> tuple[Ints, Floats]:
         """Local documents and exact scores of a set that holds this segment's best ``k`` usable documents (and
-        maybe more); ``usable`` is indexed by slot (alive and not expired)."""
+        maybe more); ``usable`` is indexed by slot (alive and not expired), None when every slot is."""
         if not self.pruned:
             local, scores = self.exhaustive(scoring)
+            if usable is None:
+                return local, scores
             keep = usable[self.slots[local]]
             return local[keep], scores[keep]
         return self._max_score(scoring, k, usable)
@@ -182,7 +199,7 @@ class Segment:
             return float(self.max_part[row])
         return float(scoring.part(np.array([self.max_tf[row]]), np.array([self.min_length[row]]))[0])
 
-    def _max_score(self, scoring: Scoring, k: int, usable: npt.NDArray[np.bool_]) -> tuple[Ints, Floats]:
+    def _max_score(self, scoring: Scoring, k: int, usable: npt.NDArray[np.bool_] | None) -> tuple[Ints, Floats]:
         """MaxScore: terms are read whole, most valuable first, only while a document holding none of them yet could
         still reach the threshold (the k-th best partial score so far: partial scores only grow); the documents
         already met then look the remaining terms up, dropping out as soon as their bound falls below it."""
@@ -195,62 +212,84 @@ class Segment:
             return np.empty(0, np.int64), np.empty(0, np.float64)
         terms.sort(key=lambda t: -t[3])
         rest = np.append(np.cumsum([t[3] for t in terms][::-1])[::-1], 0.0)  # bound of terms i.. together
-        if self._acc is None or len(self._acc) != len(self):
+        if self._acc is None or self._stamp is None or len(self._acc) != len(self):
             self._acc = np.zeros(len(self), dtype=np.float64)
-            self._mark = np.zeros(len(self), dtype=np.bool_)
-        acc, mark = self._acc, self._mark
-        assert mark is not None
-        marked: list[Ints] = []
-        met: list[Ints] = []  # usable documents met, in the order they were
-        usable_here = usable[: len(self)] if self._identity_slots else usable[self.slots]
+            self._stamp = np.zeros(len(self), dtype=np.int32)
+        acc, stamp = self._acc, self._stamp
+        usable_here = None if usable is None else usable[: len(self)] if self._identity_slots else usable[self.slots]
         leaders = np.empty(0, np.int64)  # the k best partial scores so far (partial scores only grow)
         threshold = -np.inf
         read = 0
+        touched: list[npt.NDArray[np.int32]] = []
         try:
             while read < len(terms) and rest[read] >= threshold:
                 start, end, idf, _ = terms[read]
                 docs = self.docs[start:end]
-                acc[docs] += idf * scoring.part(self.tfs[start:end].astype(np.float64), self.lengths[docs])
-                fresh = docs[~mark[docs]].astype(np.int64)
-                mark[fresh] = True
-                marked.append(fresh)
-                met.append(fresh[usable_here[fresh]])
+                touched.append(docs)
+                values = acc[docs] + idf * scoring.part(self.tfs[start:end].astype(np.float64), self.lengths[docs])
+                acc[docs] = values
                 read += 1
                 if read < len(terms):
-                    # The new k best are among the old ones and this term's documents: no other partial changed.
-                    at = np.minimum(np.searchsorted(docs, leaders), len(docs) - 1)
-                    pool = np.concatenate([leaders[docs[at] != leaders], docs[usable_here[docs]]])
+                    # The new k best are among the old ones and this term's documents above the old threshold
+                    # (every old leader is at or above it, and scores only grow).
+                    fresh = docs[values >= threshold] if threshold > -np.inf else docs
+                    if usable_here is not None:
+                        fresh = fresh[usable_here[fresh]]
+                    if len(leaders):
+                        at = np.minimum(np.searchsorted(docs, leaders), len(docs) - 1)
+                        pool = np.concatenate([leaders[docs[at] != leaders], fresh])
+                    else:
+                        pool = fresh.astype(np.int64)
                     if len(pool) >= k:
-                        values = acc[pool]
-                        best = np.argpartition(values, len(pool) - k)[len(pool) - k :]
+                        pooled = acc[pool]
+                        best = np.argpartition(pooled, len(pool) - k)[len(pool) - k :]
                         leaders = pool[best]
-                        threshold = max(threshold, float(values[best].min()) - _EPSILON)
+                        threshold = max(threshold, float(pooled[best].min()) - _EPSILON)
                     else:
                         leaders = pool
-            local = np.concatenate(met) if met else np.empty(0, np.int64)
+            read_postings = sum(len(d) for d in touched)
+            # The documents met, each once: every posting writes its position to its document's stamp, and the
+            # one position that stays names the document (no sort, no scan of the whole segment).
+            met = np.concatenate(touched) if len(touched) > 1 else touched[0]
+            positions = np.arange(len(met), dtype=np.int32)
+            stamp[met] = positions
+            local: Ints = met[stamp[met] == positions].astype(np.int64)
             partial = acc[local]
-            self.last_read = (read, sum(end - start for start, end, _, _ in terms[:read]), len(terms))
+            acc[local] = 0.0
+            touched.clear()
         finally:
-            for fresh in marked:
-                acc[fresh] = 0.0
-                mark[fresh] = False
-        for start, end, idf, _ in terms[read:]:
-            keep = partial + rest[read] >= threshold
+            for docs in touched:  # interrupted: leave the scratch space clean for the next search
+                acc[docs] = 0.0
+        if usable_here is not None:
+            keep = usable_here[local]
             local, partial = local[keep], partial[keep]
-            if not len(local):
-                break
-            docs = self.docs[start:end]
-            at = np.minimum(np.searchsorted(docs, local), len(docs) - 1)
-            tf = np.where(docs[at] == local, self.tfs[start + at], 0).astype(np.float64)
-            partial = partial + idf * scoring.part(tf, self.lengths[local])
-            read += 1
-            if len(partial) >= k:
-                threshold = max(threshold, float(np.partition(partial, len(partial) - k)[len(partial) - k]) - _EPSILON)
+        self.last_read = (read, read_postings, len(terms))
+        lengths = self.lengths[local]
+        try:
+            for start, end, idf, _ in terms[read:]:
+                keep = partial + rest[read] >= threshold
+                local, partial, lengths = local[keep], partial[keep], lengths[keep]
+                if not len(local):
+                    break
+                docs = self.docs[start:end]
+                if len(docs) <= _DENSE_LOOKUP * len(local):
+                    # Spread the term's frequencies over the (clean) accumulator and read them back: linear.
+                    acc[docs] = self.tfs[start:end]
+                    tf = acc[local]
+                    acc[docs] = 0.0
+                else:
+                    at = np.minimum(np.searchsorted(docs, local), len(docs) - 1)
+                    tf = np.where(docs[at] == local, self.tfs[start + at], 0).astype(np.float64)
+                partial = partial + idf * scoring.part(tf, lengths)
+                read += 1
+                if len(partial) >= k:
+                    kth = float(np.partition(partial, len(partial) - k)[len(partial) - k])
+                    threshold = max(threshold, kth - _EPSILON)
+        except BaseException:
+            acc.fill(0.0)
+            raise
         keep = partial >= threshold
         return local[keep], partial[keep]
-
-    def _row(self, start: int) -> int:
-        return int(np.searchsorted(self.offsets, start, side="right")) - 1
 
 
 def merged(
