@@ -210,7 +210,9 @@ class Measure:
             await self._scoped(rows, stub, floor)
             if self.hybrid:
                 await self._hybrid(rows, stub)
-        self.other.append([rows, "server RSS MB (index loaded)", round(server.rss_mb())])
+        self.other.append(
+            [rows, "server RSS MB now / at its peak", f"{server.rss_mb():.0f} / {server.rss_mb('VmHWM'):.0f}"]
+        )
         await pool.close()
 
     async def _scoped(self, rows: int, stub: Any, floor: Any) -> None:
@@ -326,8 +328,8 @@ async def run(args: argparse.Namespace) -> None:
                     process.wait_ready()
                     floor.wait_ready()
                     started = time.perf_counter()
-                    process.wait_for("text index loaded", timeout=3600)
-                    print(f"text index ready {time.perf_counter() - started:.1f}s after the server", flush=True)
+                    said = process.wait_for("text index loaded", timeout=3600)
+                    print(f"text index ready {time.perf_counter() - started:.1f}s after the server: {said}", flush=True)
                     measure = Measure(dsn, process.address, floor.address, by_length, args, hybrid=hybrid)
                     await measure.run(rows, texts, process)
                     measures.append(measure)

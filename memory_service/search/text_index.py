@@ -254,7 +254,9 @@ class TextIndex:
             scores.append(score)
         return self._best(slots, scores, k)
 
-    def score_ids(self, ids: list[int], scoring: Scoring, now: float, k: int | None = None) -> list[tuple[int, float]]:
+    def score_ids(
+        self, ids: list[int] | Ints, scoring: Scoring, now: float, k: int | None = None
+    ) -> list[tuple[int, float]]:
         """Exact BM25 of the given memories that are live and hold a query term, best first (the best ``k``)."""
         wanted = self.slots_of(np.asarray(ids, dtype=np.int64))
         wanted = wanted[wanted >= 0]

@@ -219,7 +219,11 @@ class TextSearch:
         turn): not loaded yet, or dropped for its size meanwhile."""
         if self.index is None:
             return None
-        terms = await text_index_sql.query_terms(conn, text, after=self.frontier)
+        # A filter an index narrows lists its matches in the same round trip; the index scores exactly those.
+        bounded = not memory_filter.is_empty and search_sql.count_is_bounded(memory_filter)
+        terms = await text_index_sql.query_terms(
+            conn, text, after=self.frontier, memory_filter=memory_filter if bounded else None, cap=FILTER_IDS_CAP
+        )
         async with self._lock:
             index = self.index
             if index is None:
@@ -232,10 +236,9 @@ class TextSearch:
         now = time.time()
         if memory_filter.is_empty:
             return index.top(scoring, limit, now), scoring
-        if search_sql.count_is_bounded(memory_filter):
-            ids = await text_index_sql.matching_ids(conn, memory_filter, cap=FILTER_IDS_CAP)
-            if len(ids) < FILTER_IDS_CAP:
-                return index.score_ids(ids, scoring, now, k=limit), scoring
+        ids = terms.filter_ids
+        if ids is not None and len(ids) < FILTER_IDS_CAP:
+            return index.score_ids(ids, scoring, now, k=limit), scoring
         depth = 4 * limit
         while True:
             best = index.top(scoring, depth, now)

@@ -143,6 +143,28 @@ class Segment:
             return None
         return int(self.offsets[row]), int(self.offsets[row + 1])
 
+    def _scratch(self) -> Floats:
+        """The accumulator: zeros, one per document, kept between searches (which run one at a time)."""
+        if self._acc is None or self._stamp is None or len(self._acc) != len(self):
+            self._acc = np.zeros(len(self), dtype=np.float64)
+            self._stamp = np.zeros(len(self), dtype=np.int32)
+        return self._acc
+
+    def _tf_of(self, start: int, end: int, local: Ints) -> Floats:
+        """The frequency of the term whose postings are ``start:end`` in each of ``local`` (0 where absent)."""
+        docs = self.docs[start:end]
+        if len(docs) <= _DENSE_LOOKUP * len(local):
+            # Spread the term's frequencies over the (clean) accumulator and read them back: linear.
+            acc = self._scratch()
+            try:
+                acc[docs] = self.tfs[start:end]
+                tf: Floats = acc[local]
+            finally:
+                acc[docs] = 0.0
+            return tf
+        at = np.minimum(np.searchsorted(docs, local), len(docs) - 1)
+        return np.where(docs[at] == local, self.tfs[start + at], 0).astype(np.float64)
+
     def score_local(self, local: npt.NDArray[np.int64], scoring: Scoring) -> Floats:
         """Exact BM25 of the given local documents (ascending or not), over every query term."""
         total = np.zeros(len(local), dtype=np.float64)
@@ -151,15 +173,8 @@ class Segment:
         length = self.lengths[local]
         for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
             span = self._term_slice(lexeme)
-            if span is None:
-                continue
-            docs = self.docs[span[0] : span[1]]
-            at = np.minimum(np.searchsorted(docs, local), len(docs) - 1)
-            hit = docs[at] == local
-            if not hit.any():
-                continue
-            tf = np.where(hit, self.tfs[span[0] + at], 0).astype(np.float64)
-            total += idf * scoring.part(tf, length)
+            if span is not None:
+                total += idf * scoring.part(self._tf_of(span[0], span[1], local), length)
         return total
 
     def exhaustive(self, scoring: Scoring) -> tuple[Ints, Floats]:
@@ -212,10 +227,9 @@ class Segment:
             return np.empty(0, np.int64), np.empty(0, np.float64)
         terms.sort(key=lambda t: -t[3])
         rest = np.append(np.cumsum([t[3] for t in terms][::-1])[::-1], 0.0)  # bound of terms i.. together
-        if self._acc is None or self._stamp is None or len(self._acc) != len(self):
-            self._acc = np.zeros(len(self), dtype=np.float64)
-            self._stamp = np.zeros(len(self), dtype=np.int32)
-        acc, stamp = self._acc, self._stamp
+        acc = self._scratch()
+        stamp = self._stamp
+        assert stamp is not None
         usable_here = None if usable is None else usable[: len(self)] if self._identity_slots else usable[self.slots]
         leaders = np.empty(0, np.int64)  # the k best partial scores so far (partial scores only grow)
         threshold = -np.inf
@@ -265,29 +279,16 @@ class Segment:
             local, partial = local[keep], partial[keep]
         self.last_read = (read, read_postings, len(terms))
         lengths = self.lengths[local]
-        try:
-            for start, end, idf, _ in terms[read:]:
-                keep = partial + rest[read] >= threshold
-                local, partial, lengths = local[keep], partial[keep], lengths[keep]
-                if not len(local):
-                    break
-                docs = self.docs[start:end]
-                if len(docs) <= _DENSE_LOOKUP * len(local):
-                    # Spread the term's frequencies over the (clean) accumulator and read them back: linear.
-                    acc[docs] = self.tfs[start:end]
-                    tf = acc[local]
-                    acc[docs] = 0.0
-                else:
-                    at = np.minimum(np.searchsorted(docs, local), len(docs) - 1)
-                    tf = np.where(docs[at] == local, self.tfs[start + at], 0).astype(np.float64)
-                partial = partial + idf * scoring.part(tf, lengths)
-                read += 1
-                if len(partial) >= k:
-                    kth = float(np.partition(partial, len(partial) - k)[len(partial) - k])
-                    threshold = max(threshold, kth - _EPSILON)
-        except BaseException:
-            acc.fill(0.0)
-            raise
+        for start, end, idf, _ in terms[read:]:
+            keep = partial + rest[read] >= threshold
+            local, partial, lengths = local[keep], partial[keep], lengths[keep]
+            if not len(local):
+                break
+            partial = partial + idf * scoring.part(self._tf_of(start, end, local), lengths)
+            read += 1
+            if len(partial) >= k:
+                kth = float(np.partition(partial, len(partial) - k)[len(partial) - k])
+                threshold = max(threshold, kth - _EPSILON)
         keep = partial >= threshold
         return local[keep], partial[keep]
 
