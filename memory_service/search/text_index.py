@@ -48,6 +48,9 @@ class TextIndex:
         self._usable_version = -1
         self._usable_until = np.inf
         self._all_usable = False
+        self._load_vocabulary: dict[str, int] = {}
+        self._load_parts: list[tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.uint16]]] = []
+        """A load's chunks, compact, until ``finish_load``."""
 
     # -- building ------------------------------------------------------------------------------------------------
 
@@ -83,40 +86,53 @@ class TextIndex:
     ) -> TextIndex:
         """An index of what ``text_index_sql.load`` read, in ascending id ranges."""
         index = cls(k1, b)
-        vocabulary: dict[str, int] = {}
-        terms, docs, tfs = [], [], []
-        for ids, expiry, lengths, chunk in parts:
-            first = index.count
-            slots = index._append(ids, lengths.astype(np.float64), expiry)
-            mapping = np.fromiter(
-                (vocabulary.setdefault(lexeme, len(vocabulary)) for lexeme in chunk.lexemes),
-                dtype=np.int32,
-                count=len(chunk.lexemes),
-            )
-            position = np.searchsorted(ids, chunk.ids)
-            # A memory written between the two statements of a chunk is in neither or only its postings: drop those.
-            position = np.minimum(position, max(len(ids) - 1, 0))
-            known = ids[position] == chunk.ids if len(ids) else np.zeros(len(chunk.ids), np.bool_)
-            terms.append(mapping[chunk.term[known]])
-            docs.append((first + position[known]).astype(np.int32))
-            tfs.append(chunk.tfs[known])
-            del slots
-        index._base_ids = index.ids[: index.count].copy()
-        if index.count:
-            index.segments.append(
+        for part in parts:
+            index.add_loaded(part)
+        index.finish_load(avgdl)
+        return index
+
+    def add_loaded(self, part: tuple[Ints, Floats, npt.NDArray[np.int32], PostingsChunk]) -> None:
+        """Take one chunk of a load (ascending ids, after the previous chunk's), kept compact (4 bytes per posting
+        for its term, 4 for its document, 2 for its frequency) until ``finish_load``."""
+        ids, expiry, lengths, chunk = part
+        first = self.count
+        self._append(ids, lengths.astype(np.float64), expiry)
+        vocabulary = self._load_vocabulary
+        mapping = np.fromiter(
+            (vocabulary.setdefault(lexeme, len(vocabulary)) for lexeme in chunk.lexemes),
+            dtype=np.int32,
+            count=len(chunk.lexemes),
+        )
+        position = np.minimum(np.searchsorted(ids, chunk.ids), max(len(ids) - 1, 0))
+        # Postings of a memory the chunk's memories do not list (none within one snapshot) are dropped.
+        known = ids[position] == chunk.ids if len(ids) else np.zeros(len(chunk.ids), np.bool_)
+        self._load_parts.append(
+            (mapping[chunk.term[known]], (first + position[known]).astype(np.int32), chunk.tfs[known])
+        )
+
+    def finish_load(self, avgdl: float) -> None:
+        """Build the loaded segment from the chunks taken."""
+        parts, self._load_parts = self._load_parts, []
+        self._base_ids = self.ids[: self.count].copy()
+        if self.count:
+            term = np.concatenate([p[0] for p in parts])
+            docs = np.concatenate([p[1] for p in parts])
+            tfs = np.concatenate([p[2] for p in parts])
+            del parts
+            self.segments.append(
                 Segment(
-                    slots=np.arange(index.count, dtype=np.int64),
-                    lengths=index.lengths[: index.count].copy(),
-                    lexemes=list(vocabulary),
-                    term=np.concatenate(terms),
-                    docs=np.concatenate(docs),
-                    tfs=np.concatenate(tfs),
+                    slots=np.arange(self.count, dtype=np.int64),
+                    lengths=self.lengths[: self.count].copy(),
+                    lexemes=list(self._load_vocabulary),
+                    term=term,
+                    docs=docs,
+                    tfs=tfs,
                     avgdl=avgdl,
-                    k1=k1,
-                    b=b,
+                    k1=self.k1,
+                    b=self.b,
                 )
             )
-        return index
+        self._load_vocabulary = {}
 
     # -- following changes ---------------------------------------------------------------------------------------
 

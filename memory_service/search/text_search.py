@@ -140,12 +140,15 @@ class TextSearch:
                 return
             self._refused_at = None
             frontier = await self._final_frontier()
+            index = TextIndex(self._ranking.k1, self._ranking.b)
             async with self._db.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-                parts = [part async for part in text_index_sql.load(conn)]
+                # Each chunk is made compact as it arrives (off the event loop), so a load holds little more
+                # than the index it builds.
+                async for part in text_index_sql.load(conn):
+                    await asyncio.to_thread(index.add_loaded, part)
                 docs, total_length = await text_index_sql.corpus(conn)
             avgdl = total_length / docs if docs and total_length else 1.0
-            index = await asyncio.to_thread(TextIndex.loaded, parts, avgdl, self._ranking.k1, self._ranking.b)
-            del parts
+            await asyncio.to_thread(index.finish_load, avgdl)
             async with self._lock:
                 self.index, self.frontier, self._applied, self._avgdl = index, frontier, set(), avgdl
             log.info(

@@ -22,6 +22,8 @@ PRUNE_MIN_DOCS = 20_000
 """Segments with fewer documents are scored exhaustively."""
 LEXEME_BYTES = 200
 """Python's cost of one vocabulary entry (the string, twice referenced, and its dict slot), measured roughly."""
+_BOUND_SLICE = 1 << 20
+"""Postings per slice when the bounds are computed."""
 _DENSE_LOOKUP = 8
 """A remaining term is looked up for the documents met by spreading its postings into a dense array when it has at
 most this many postings per document looked up; otherwise by binary search in its postings."""
@@ -77,8 +79,17 @@ class Segment:
         counts = np.bincount(term, minlength=len(lexemes))
         self.offsets = np.zeros(len(lexemes) + 1, dtype=np.int64)
         np.cumsum(counts, out=self.offsets[1:])
-        order = np.argsort(term.astype(np.int64) * (len(slots) + 1) + docs)
+        # Postings usually arrive in document order within each term (a load's chunks ascend, and so do the
+        # documents of a batch or a merge): a stable sort by term keeps it, and needs no 8-byte key per posting.
+        order = np.argsort(term, kind="stable")
         self.docs = docs[order]
+        if len(order) > 1:
+            step = np.diff(self.docs)
+            same = np.diff(term[order]) == 0
+            if bool((same & (step <= 0)).any()):
+                del step, same
+                order = np.lexsort((docs, term))
+                self.docs = docs[order]
         self.tfs = tfs[order]
         self._identity_slots = bool(len(slots) == 0 or (slots[0] == 0 and slots[-1] == len(slots) - 1))
         """Document i is slot i (the loaded segment): no indirection needed."""
@@ -97,19 +108,24 @@ class Segment:
         average length the segment was built with; the part grows with the average length, so the bound holds for
         any average up to it), and the largest frequency and smallest length (a looser bound beyond it)."""
         self.bound_avgdl = 1.5 * avgdl
-        tf = self.tfs.astype(np.float64)
-        lengths = self.lengths[self.docs]
-        part = tf * (self.k1 + 1) / (tf + self.k1 * (1 - self.b + self.b * lengths / self.bound_avgdl))
-        starts = self.offsets[:-1]
-        nonempty = np.diff(self.offsets) > 0
-        self.max_part = np.zeros(len(starts), dtype=np.float64)
-        self.max_tf = np.zeros(len(starts), dtype=np.float64)
-        self.min_length = np.ones(len(starts), dtype=np.float64)
-        if nonempty.any():
-            at = starts[nonempty]
-            self.max_part[nonempty] = np.maximum.reduceat(part, at)
-            self.max_tf[nonempty] = np.maximum.reduceat(tf, at)
-            self.min_length[nonempty] = np.minimum.reduceat(lengths, at)
+        terms = len(self.offsets) - 1
+        self.max_part = np.zeros(terms, dtype=np.float64)
+        self.max_tf = np.zeros(terms, dtype=np.float64)
+        self.min_length = np.full(terms, np.inf, dtype=np.float64)
+        # A slice of postings at a time, so the float temporaries stay small whatever the segment's size.
+        for low in range(0, len(self.docs), _BOUND_SLICE):
+            high = min(low + _BOUND_SLICE, len(self.docs))
+            tf = self.tfs[low:high].astype(np.float64)
+            lengths = self.lengths[self.docs[low:high]]
+            part = tf * (self.k1 + 1) / (tf + self.k1 * (1 - self.b + self.b * lengths / self.bound_avgdl))
+            # The pieces of terms within the slice: where a term starts inside it, and the slice's start.
+            inside = self.offsets[(self.offsets > low) & (self.offsets < high)]
+            starts = np.unique(np.concatenate([np.array([low], dtype=np.int64), inside]))
+            owner = np.searchsorted(self.offsets, starts, side="right") - 1
+            np.maximum.at(self.max_part, owner, np.maximum.reduceat(part, starts - low))
+            np.maximum.at(self.max_tf, owner, np.maximum.reduceat(tf, starts - low))
+            np.minimum.at(self.min_length, owner, np.minimum.reduceat(lengths, starts - low))
+        self.min_length[np.isinf(self.min_length)] = 1.0
         del term
 
     def locate(self, slots: Ints) -> tuple[npt.NDArray[np.bool_], Ints]:

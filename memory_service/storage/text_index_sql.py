@@ -21,8 +21,9 @@ from memory_service.storage.filters import LIVE, Params, where_clause
 from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING, memory_from_row
 from memory_service.storage.search_sql import MAX_QUERY_TERMS, TEXT_CONFIG
 
-# Memories per statement of a load: the inversion (GROUP BY lexeme) stays within work_mem.
-LOAD_CHUNK = 200_000
+# Memories per statement of a load: the inversion (GROUP BY lexeme) stays within work_mem, and one answer (some
+# 20 bytes per posting as it arrives) stays small.
+LOAD_CHUNK = 25_000
 # Change-log rows a search reads after the index's frontier; more are read in pages of this size.
 PENDING_PAGE = 5000
 
