@@ -26,6 +26,7 @@ from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
 
 K1, B = 1.2, 0.75
+PRUNE_DOCS = text_segment.PRUNE_MIN_DOCS + 5000
 
 
 # -- the index alone, on synthetic documents ---------------------------------------------------------------------
@@ -142,6 +143,23 @@ def test_max_score_skips_dead_and_expired_documents_of_a_large_segment() -> None
     assert index.segments[0].pruned and not index.usable(time.time())[: len(index.segments[0])].all()
     for query in query_list:
         assert_same_top(index.top(scoring_for(docs, query), 10, time.time()), brute_force(docs, query, 10))
+
+
+def test_a_segment_sorts_postings_given_out_of_document_order() -> None:
+    docs = synthetic(PRUNE_DOCS, seed=15)
+    index = loaded(docs)
+    segment = index.segments[0]
+    rng = np.random.default_rng(16)
+    order = rng.permutation(segment.postings)
+    term = np.repeat(np.arange(len(segment.lexemes), dtype=np.int32), np.diff(segment.offsets))[order]
+    shuffled = text_segment.Segment(
+        slots=segment.slots, lengths=segment.lengths, lexemes=segment.lexemes, term=term,
+        docs=segment.docs[order], tfs=segment.tfs[order], avgdl=10.0,
+    )  # fmt: skip
+    assert (shuffled.docs == segment.docs).all() and (shuffled.tfs == segment.tfs).all()
+    for query in queries(docs, 10, seed=17):
+        scoring = scoring_for(docs, query)
+        assert_same_top(index.top(scoring, 10, time.time()), brute_force(docs, query, 10))
 
 
 def test_changes_land_in_segments_that_merge(monkeypatch: pytest.MonkeyPatch) -> None:

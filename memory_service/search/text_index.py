@@ -111,22 +111,40 @@ class TextIndex:
         )
 
     def finish_load(self, avgdl: float) -> None:
-        """Build the loaded segment from the chunks taken."""
+        """Build the loaded segment from the chunks taken: a counting sort by term, one chunk at a time, so the
+        only large arrays are the segment's own."""
         parts, self._load_parts = self._load_parts, []
         self._base_ids = self.ids[: self.count].copy()
+        terms = len(self._load_vocabulary)
         if self.count:
-            term = np.concatenate([p[0] for p in parts])
-            docs = np.concatenate([p[1] for p in parts])
-            tfs = np.concatenate([p[2] for p in parts])
-            del parts
+            counts = np.zeros(terms, dtype=np.int64)
+            for term, _, _ in parts:
+                counts += np.bincount(term, minlength=terms)
+            offsets = np.zeros(terms + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            docs = np.empty(int(offsets[-1]), dtype=np.int32)
+            tfs = np.empty(int(offsets[-1]), dtype=np.uint16)
+            cursor = offsets[:-1].copy()
+            parts.reverse()
+            while parts:  # in load order: each term's postings stay in document order across chunks
+                term, part_docs, part_tfs = parts.pop()
+                order = np.argsort(term, kind="stable")
+                by_term = term[order]
+                part_counts = np.bincount(term, minlength=terms)
+                part_starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(part_counts)[:-1]])
+                target = cursor[by_term] + (np.arange(len(order), dtype=np.int64) - part_starts[by_term])
+                docs[target] = part_docs[order]
+                tfs[target] = part_tfs[order]
+                cursor += part_counts
+                del term, part_docs, part_tfs, order, by_term, target
             self.segments.append(
                 Segment(
                     slots=np.arange(self.count, dtype=np.int64),
                     lengths=self.lengths[: self.count].copy(),
                     lexemes=list(self._load_vocabulary),
-                    term=term,
                     docs=docs,
                     tfs=tfs,
+                    offsets=offsets,
                     avgdl=avgdl,
                     k1=self.k1,
                     b=self.b,

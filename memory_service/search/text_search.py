@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import math
@@ -71,6 +73,13 @@ class _Candidate:
         if probe.xmin >= self.xid:
             return True
         return self.blockers is not None and probe.running is not None and not (self.blockers & probe.running)
+
+
+def _release_free_memory() -> None:
+    """Hand the load's freed temporaries back to the system: glibc keeps them in its arenas otherwise, and a 100k
+    load left 340 MB of RSS for a 47 MB index (89 MB after this). Elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def estimated_bytes(docs: int, total_length: int) -> int:
@@ -151,6 +160,7 @@ class TextSearch:
             await asyncio.to_thread(index.finish_load, avgdl)
             async with self._lock:
                 self.index, self.frontier, self._applied, self._avgdl = index, frontier, set(), avgdl
+            _release_free_memory()
             log.info(
                 "text index loaded: %d memories, %d postings, %d MB in %.1fs",
                 index.live,

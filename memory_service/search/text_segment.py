@@ -60,14 +60,16 @@ class Segment:
         slots: Ints,
         lengths: Floats,
         lexemes: list[str],
-        term: npt.NDArray[np.int32],
+        term: npt.NDArray[np.int32] | None = None,
         docs: npt.NDArray[np.int32],
         tfs: npt.NDArray[np.uint16],
         avgdl: float,
         k1: float = 1.2,
         b: float = 0.75,
+        offsets: Ints | None = None,
     ) -> None:
-        """Postings given in any order: ``docs[i]`` (local number) holds ``lexemes[term[i]]`` ``tfs[i]`` times."""
+        """Postings as ``docs[i]`` (local number) holds ``lexemes[term[i]]`` ``tfs[i]`` times, in any order; or,
+        without ``term``, already grouped by term: term t's postings at ``offsets[t]:offsets[t + 1]``."""
         self.slots = slots
         self.lengths = lengths
         self.k1, self.b = k1, b
@@ -76,21 +78,29 @@ class Segment:
         )
         self.terms = {lexeme: i for i, lexeme in enumerate(lexemes)}
         self.lexemes = lexemes
-        counts = np.bincount(term, minlength=len(lexemes))
-        self.offsets = np.zeros(len(lexemes) + 1, dtype=np.int64)
-        np.cumsum(counts, out=self.offsets[1:])
-        # Postings usually arrive in document order within each term (a load's chunks ascend, and so do the
-        # documents of a batch or a merge): a stable sort by term keeps it, and needs no 8-byte key per posting.
-        order = np.argsort(term, kind="stable")
-        self.docs = docs[order]
-        if len(order) > 1:
-            step = np.diff(self.docs)
-            same = np.diff(term[order]) == 0
-            if bool((same & (step <= 0)).any()):
-                del step, same
-                order = np.lexsort((docs, term))
-                self.docs = docs[order]
-        self.tfs = tfs[order]
+        if term is not None:
+            counts = np.bincount(term, minlength=len(lexemes))
+            offsets = np.zeros(len(lexemes) + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            # Postings usually arrive in document order within each term (the documents of a batch or a merge
+            # ascend): a stable sort by term keeps it, and needs no 8-byte key per posting.
+            order = np.argsort(term, kind="stable")
+            docs, tfs = docs[order], tfs[order]
+            del order
+        assert offsets is not None
+        self.offsets = offsets
+        if len(docs) > 1:
+            step = np.diff(docs)
+            step[offsets[1:-1][(offsets[1:-1] > 0) & (offsets[1:-1] < len(docs))] - 1] = 1  # a new term may restart
+            unordered = bool((step <= 0).any())
+            del step
+            if unordered:
+                term_of = np.repeat(np.arange(len(lexemes), dtype=np.int32), np.diff(offsets))
+                order = np.lexsort((docs, term_of))
+                docs, tfs = docs[order], tfs[order]
+                del order, term_of
+        self.docs = docs
+        self.tfs = tfs
         self._identity_slots = bool(len(slots) == 0 or (slots[0] == 0 and slots[-1] == len(slots) - 1))
         """Document i is slot i (the loaded segment): no indirection needed."""
         self.last_read = (0, 0, 0)
@@ -101,9 +111,9 @@ class Segment:
         """Scratch space for finding the documents a search met (never needs clearing)."""
         self.pruned = len(slots) >= PRUNE_MIN_DOCS
         if self.pruned:
-            self._build_bounds(term[order], avgdl)
+            self._build_bounds(avgdl)
 
-    def _build_bounds(self, term: npt.NDArray[np.int32], avgdl: float) -> None:
+    def _build_bounds(self, avgdl: float) -> None:
         """Per term: the largest term-frequency part of BM25 among its postings at ``bound_avgdl`` (above the
         average length the segment was built with; the part grows with the average length, so the bound holds for
         any average up to it), and the largest frequency and smallest length (a looser bound beyond it)."""
@@ -126,7 +136,6 @@ class Segment:
             np.maximum.at(self.max_tf, owner, np.maximum.reduceat(tf, starts - low))
             np.minimum.at(self.min_length, owner, np.minimum.reduceat(lengths, starts - low))
         self.min_length[np.isinf(self.min_length)] = 1.0
-        del term
 
     def locate(self, slots: Ints) -> tuple[npt.NDArray[np.bool_], Ints]:
         """Which of ``slots`` are documents of this segment, and their local numbers (where they are)."""
