@@ -4,7 +4,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY memory_service ./memory_service
 COPY migrations ./migrations
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The tracing extra: OpenTelemetry is imported only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[tracing]"
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 memory && mkdir /data && chown memory:memory /data

@@ -58,9 +58,10 @@ class LabeledSet:
     @classmethod
     def load(cls, root: Path) -> LabeledSet:
         docs = {}
-        for line in (root / "corpus.jsonl").open():
-            doc = json.loads(line)
-            docs[doc["_id"]] = (doc.get("title", "") + " " + doc["text"]).strip()
+        with (root / "corpus.jsonl").open() as corpus:
+            for line in corpus:
+                doc = json.loads(line)
+                docs[doc["_id"]] = (doc.get("title", "") + " " + doc["text"]).strip()
         qrels: dict[str, dict[str, int]] = collections.defaultdict(dict)
         with (root / "qrels" / "test.tsv").open() as handle:
             next(handle)
@@ -68,12 +69,13 @@ class LabeledSet:
                 query_id, doc_id, score = line.rstrip("\n").split("\t")
                 qrels[query_id][doc_id] = int(score)
         queries, others = {}, []
-        for line in (root / "queries.jsonl").open():
-            query = json.loads(line)
-            if query["_id"] in qrels:
-                queries[query["_id"]] = query["text"]
-            else:
-                others.append(query["text"])
+        with (root / "queries.jsonl").open() as lines:
+            for line in lines:
+                query = json.loads(line)
+                if query["_id"] in qrels:
+                    queries[query["_id"]] = query["text"]
+                else:
+                    others.append(query["text"])
         vectors = None
         npz = next(root.glob("*.npz"), None)
         if npz is not None:

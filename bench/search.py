@@ -157,7 +157,7 @@ async def measure(dsn: str, address: str, workload: Workload, *, count: int, tot
     calibration = (await stub.Stats(memory_pb2.StatsRequest())).index.calibration
     probes = calibration.probes or fitted_probes(lists)
     # Startup settings, not SET: asyncpg's default reset runs RESET ALL on every release, which returns to these.
-    scan = scan_settings("ivfflat", probes, iterative=True, limit=K)
+    scan = scan_settings("ivfflat", probes, iterative=True, limit=K, filtered=True)
     pool = await asyncpg.create_pool(dsn, min_size=16, max_size=16, init=init_connection, server_settings=scan)
     for _ in range(2):  # the second time after a release and its reset
         async with pool.acquire() as conn:

@@ -24,7 +24,8 @@ from bench.harness import database_server, fresh_database, latencies, percentile
 from bench.search import prepare
 from memory_service.models import MemoryFilter
 from memory_service.storage import search_sql
-from memory_service.storage.database import Database, begin_statement
+from memory_service.storage.database import Database
+from memory_service.storage.session import begin_statement
 
 SETTINGS = {"ivfflat.probes": "1", "ivfflat.iterative_scan": "relaxed_order"}
 

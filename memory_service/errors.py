@@ -11,11 +11,16 @@ classes (``memory_service.storage.database.DRIVER_ERRORS``), and these classes t
     ├── Aborted                  re-read and retry                        -> ABORTED
     │   ├── LeaseLost            renew of an expired or superseded lease
     │   ├── FenceRejected        a write whose lease has a newer holder
-    │   └── DatabaseConflict     serialization failure or deadlock
+    │   ├── DatabaseConflict     serialization failure or deadlock
+    │   └── GenerationChanged    the embedding model changed under a statement
     ├── ResourceExhausted        quotas, overload, oversize               -> RESOURCE_EXHAUSTED
+    │   ├── DatabaseResourcesExhausted  disk full, out of memory: writes refused
+    │   └── QuotaExceeded        a token's quota; names it                  (+ google.rpc.QuotaFailure)
     ├── Unauthenticated          no valid bearer token                    -> UNAUTHENTICATED
+    ├── PermissionDenied         outside the token's grants; names field  -> PERMISSION_DENIED
     ├── Unavailable              retryable: database or provider down     -> UNAVAILABLE
     │   ├── DatabaseUnavailable
+    │   ├── DatabaseReadOnly     the database accepts no writes (read-only, standby)
     │   └── EmbeddingUnavailable
     ├── DeadlineExceeded         the call's deadline cancelled the work   -> DEADLINE_EXCEEDED
     ├── Internal                 a bug: a dependency was misused; logged  -> INTERNAL
@@ -33,10 +38,11 @@ class MemoryServiceError(Exception):
 
 
 class InvalidArgument(MemoryServiceError):
-    """The request is malformed; ``field`` names the offending field in the request."""
+    """The request is malformed; ``field`` is the path of the offending field in the request message ("" when the
+    request as a whole is at fault, such as bytes that do not parse)."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
 
@@ -65,8 +71,38 @@ class DatabaseConflict(Aborted):
     """PostgreSQL rolled the transaction back (serialization failure or deadlock); nothing of it was written."""
 
 
+class GenerationChanged(Aborted):
+    """A statement named an embedding generation that a cut-over, rollback or finish has replaced; nothing of it
+    was written. The service re-reads the generation and runs it again; a client that sees it may retry."""
+
+
 class ResourceExhausted(MemoryServiceError):
     """A quota, a size limit or the server's capacity was reached."""
+
+
+class DatabaseResourcesExhausted(ResourceExhausted):
+    """PostgreSQL refused the work for want of disk, memory or another resource (SQLSTATE class 53); nothing of it
+    was written. Retrying at once does not help: an operator must free the resource."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A token's quota refused the call; ``subject`` and ``description`` fill ``google.rpc.QuotaFailure``."""
+
+    def __init__(self, *, subject: str, quota: str, description: str) -> None:
+        super().__init__(f"quota exceeded for {subject}: {quota}: {description}")
+        self.subject = subject
+        self.quota = quota
+        """``rate`` or ``max_memories``."""
+        self.description = description
+
+
+class PermissionDenied(MemoryServiceError):
+    """The caller's token does not grant this; ``field`` names the request field when one is to blame."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
 
 
 class Unauthenticated(MemoryServiceError):
@@ -82,6 +118,15 @@ class Unavailable(MemoryServiceError):
 
 class DatabaseUnavailable(Unavailable):
     """PostgreSQL could not be reached, dropped the connection, or did not answer in time."""
+
+
+class DatabaseReadOnly(Unavailable):
+    """PostgreSQL refused a write because the transaction is read-only (SQLSTATE 25006: default_transaction_read_only,
+    a standby); nothing was written, and the write can be retried once the database accepts writes again."""
+
+
+WRITES_REFUSED = (DatabaseReadOnly, DatabaseResourcesExhausted)
+"""The errors of a database that is up but refuses writes: logged once per episode, not once per call."""
 
 
 class EmbeddingUnavailable(Unavailable):

@@ -108,6 +108,8 @@ def test_env(database_url: str, **overrides: str) -> dict[str, str]:
         "DATABASE_POOL_MAX": "8",
         "SHUTDOWN_GRACE": "5s",
         "PURGE_INTERVAL": "1h",
+        # One process: what a test signals or kills is the server itself (tests/test_processes.py runs several).
+        "SERVER_PROCESSES": "1",
     }
     env.update(overrides)
     return env

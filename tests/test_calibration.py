@@ -8,6 +8,7 @@ probes = 1, fails.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -18,6 +19,7 @@ from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter
 from memory_service.search.calibration import Calibration, Curve, ladder
+from memory_service.search.calibration_queries import COLD_MARGIN, STEP, moved
 from memory_service.search.index_care import IndexState, needs_calibration
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.tuning import scan_settings
@@ -73,14 +75,22 @@ async def test_calibration_chooses_the_least_probes_that_reach_the_target(
     running, corpus = calibrated
     calibration = running.server.runtime.index.state.calibration
     assert calibration is not None and calibration.kind == "ivfflat" and calibration.target == TARGET
-    points = calibration.unfiltered.points
+    curve = calibration.unfiltered
+    points = curve.points
     chosen = calibration.setting(filtered=False)
-    # Every cheaper setting fell short, the chosen one did not.
+    # Queries made from stored memories: the setting they need, with the cold margin on top.
+    assert curve.source == "memories" and curve.margin == COLD_MARGIN["ivfflat"] and curve.queries == 80
+    passed = points[-1][0]
+    assert curve.most == 10 and chosen == min(math.ceil(passed * curve.margin), 10)
+    # Every cheaper setting fell short, the one that passed did, on the half that chose and on the held-out half.
     assert points[0][0] == 1
-    lower = calibration.unfiltered.lower
+    lower = curve.lower
     assert len(lower) == len(points) and all(lo <= r for lo, (_, r) in zip(lower, points, strict=True))
-    assert [s for (s, _), lo in zip(points, lower, strict=True) if lo < TARGET] == [s for s, _ in points if s < chosen]
-    assert calibration.unfiltered.recall_at(chosen) >= TARGET and chosen > 1
+    held_out = dict(curve.checked)
+    short = [s for (s, _), lo in zip(points, lower, strict=True) if lo < TARGET or held_out.get(s, 1.0) < TARGET]
+    assert short == [s for s, _ in points if s < passed]
+    assert curve.checked and curve.checked[-1][0] == passed and curve.checked[-1][1] >= TARGET
+    assert curve.recall_at(chosen) >= TARGET and chosen > 1
 
     # What the calibration promised holds for queries it never saw: new points drawn as the rows were.
     rng = np.random.default_rng(99)
@@ -262,6 +272,21 @@ async def test_hnsw_replaces_ivfflat_and_is_calibrated_and_complete(
         await stop_server(running)
 
 
+def test_cold_queries_leave_their_memory_by_a_share_of_its_nearest_distance() -> None:
+    corpus = hard_corpus(2000, seed=4)
+    vectors = corpus.vectors[:50]
+    similarity = vectors @ corpus.vectors.T
+    similarity[np.arange(50), np.arange(50)] = -1.0
+    nearest = [1.0 - float(s) for s in similarity.max(axis=1)]
+    made = moved(list(vectors), nearest, seed=1)
+    assert len(made) == 50 and all(abs(float(np.linalg.norm(q)) - 1.0) < 1e-5 for q in made)
+    for vector, query, cosine in zip(vectors, made, nearest, strict=True):
+        # Off the stored vector (so not a node of the graph), by about STEP of the distance to its nearest other.
+        distance = float(np.linalg.norm(query - vector))
+        assert 0.5 * STEP * np.sqrt(2 * cosine) < distance < 1.05 * STEP * np.sqrt(2 * cosine)
+    assert moved(list(vectors[:2]), [None, None]) == [pytest.approx(v) for v in vectors[:2]]
+
+
 def test_the_query_sample_is_bounded_and_uniform() -> None:
     sample = QuerySample(capacity=50, seed=1)
     vectors = np.eye(384, dtype=np.float32)
@@ -278,12 +303,20 @@ def test_the_query_sample_is_bounded_and_uniform() -> None:
 def test_the_policy_needs_no_database() -> None:
     assert ladder("ivfflat", 10)[:3] == [1, 2, 3] and ladder("ivfflat", 10)[-1] == 10
     assert ladder("ivfflat", 1000)[-1] == 1000 and ladder("hnsw", 0)[-1] == 1000
-    assert scan_settings("hnsw", 20, iterative=True, limit=40) == {
+    assert scan_settings("hnsw", 20, iterative=True, limit=40, filtered=True) == {
         "hnsw.ef_search": "40",
         "hnsw.iterative_scan": "relaxed_order",
         "enable_sort": "off",
     }
-    assert scan_settings("ivfflat", 3, iterative=False, limit=40) == {"ivfflat.probes": "3", "enable_sort": "off"}
+    assert scan_settings("ivfflat", 3, iterative=False, limit=40, filtered=True) == {
+        "ivfflat.probes": "3",
+        "enable_sort": "off",
+    }
+    # Unfiltered, the index is the only plan short of reading the table: no planner setting, no reset after.
+    assert scan_settings("hnsw", 20, iterative=True, limit=10, filtered=False) == {
+        "hnsw.ef_search": "20",
+        "hnsw.iterative_scan": "relaxed_order",
+    }
     curve = Curve(points=((1, 0.8), (2, 0.93), (3, 0.96)), queries=50)
     assert curve.chosen(0.95) == 3 and curve.chosen(0.9) == 2 and curve.chosen(0.99) == 3
     # The choice is made on the lower confidence bound: a mean above the target is not enough on its own.
@@ -291,6 +324,16 @@ def test_the_policy_needs_no_database() -> None:
     assert bounded.chosen(0.95) == 3 and bounded.recall_at(3) == 0.97
     assert Curve.from_json(bounded.to_json()) == bounded
     assert curve.recall_at(2) == 0.93 and curve.recall_at(10) == 0.96 and curve.recall_at(0) is None
+    # A setting whose bound passed is chosen only when the held-out half reaches the target too, and what it
+    # reports is the lower of the two.
+    checked = Curve(points=((2, 0.96), (3, 0.97)), queries=100, lower=(0.951, 0.96), checked=((2, 0.94), (3, 0.955)))
+    assert checked.chosen(0.95) == 3 and checked.recall_at(3) == 0.955 and checked.recall_at(2) == 0.94
+    # Calibrated on queries made from stored memories: the margin multiplies the setting, not the recall.
+    cold = dataclasses.replace(checked, margin=2.0)
+    assert cold.chosen(0.95) == 6 and cold.recall_at(6) == 0.955
+    assert dataclasses.replace(cold, most=5).chosen(0.95) == 5  # never past every list
+    assert Curve.from_json(cold.to_json()) == cold
+    assert Curve.from_json({"points": [[2, 0.96]], "queries": 10}).margin == 1.0  # stored before margins
 
     import datetime as dt
 

@@ -55,6 +55,7 @@ async def test_stats_asks_the_server_and_creates_no_database(server: RunningServ
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
     assert stats["memories"] == 1 and stats["by_scope"] == {"agent": 1} and stats["dimension"] == 384
+    assert stats["writes_refused"] is None
     assert os.listdir(tmp_path) == []  # no embedded database was created in the home directory
 
 

@@ -37,7 +37,11 @@ async def test_bulk_store_counts_outcomes_and_names_rejections(client: MemoryCli
 
     acks: list[memory_pb2.BulkStoreAck] = []
     summary = await client.bulk_store(source(), batch_size=3, on_ack=acks.append)
-    assert (summary.sent, summary.created, summary.updated, summary.unchanged, summary.rejected) == (9, 6, 1, 1, 1)
+    assert (summary.sent, summary.created, summary.rejected, summary.done) == (9, 6, 1, 9)
+    # Items 8 and 9 rewrite items 1 and 2: unchanged and updated when the server writes them in a later batch, each
+    # superseding its earlier item when one batch holds both (the server's batching decides).
+    assert summary.unchanged + summary.updated + summary.superseded == 2
+    assert summary.unchanged <= 1 and summary.updated <= 1
     assert summary.rejections == {4: "memory.value: must not be empty"}
     assert summary.durable_sequence == 9 == acks[-1].durable_sequence
     rows = await stored(database_url)

@@ -65,7 +65,7 @@ async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
 
 
 async def stored(dsn: str) -> dict[str, asyncpg.Record]:
-    rows = await fetch(dsn, "SELECT key, value, xmin::text AS version, updated_at, expires_at FROM memory.memories")
+    rows = await fetch(dsn, "SELECT id, key, value, xmin::text AS version, updated_at, expires_at FROM memory.memories")
     return {r["key"]: r for r in rows}
 
 
@@ -153,7 +153,10 @@ async def test_invalid_rows_are_rejected_and_the_rest_lands(server: RunningServe
     assert sorted(await stored(database_url)) == ["k00001", "k00003", "k00006", "k00010"]
 
 
-async def test_repeated_identity_in_a_batch_keeps_the_last(server: RunningServer, database_url: str) -> None:
+async def test_repeated_identity_in_a_batch_keeps_the_last_and_acks_the_others_superseded(
+    server: RunningServer, database_url: str
+) -> None:
+    watch = server.memory.Watch(memory_pb2.WatchRequest(include_memory=True))
     items = [
         item(1, "tea", key="drink"),
         item(2, "coffee", key="drink"),
@@ -162,10 +165,29 @@ async def test_repeated_identity_in_a_batch_keeps_the_last(server: RunningServer
         item(5, "coffee", key="drink"),
     ]
     (ack,) = await bulk(server, [memory_pb2.BulkStoreRequest(items=items)])
-    # Counted as consecutive Stores would: 2 created, tea -> coffee updated, the identical repeats unchanged.
-    assert (ack.created, ack.updated, ack.unchanged) == (2, 1, 2)
+    # The earlier items of an identity were never written: superseded, not "updated" without a version.
+    assert (ack.created, ack.updated, ack.unchanged, ack.superseded, ack.rejected) == (2, 0, 0, 3, 0)
     rows = await stored(database_url)
     assert {k: r["value"] for k, r in rows.items()} == {"drink": "coffee", "name": "Alice"}
+    for key in ("drink", "name"):
+        history = await server.memory.History(memory_pb2.HistoryRequest(id=rows[key]["id"]))
+        assert [v.memory.value for v in history.versions] == [rows[key]["value"]]
+    # In separate batches (each acknowledged before the next is sent) every write is a change of its own.
+    feeder = Feeder()
+    call = server.memory.BulkStore(feeder.__aiter__())
+    for sequence, value in ((1, "water"), (2, "juice")):
+        await feeder.queue.put(memory_pb2.BulkStoreRequest(items=[item(sequence, value, key="drink")]))
+        separate = await call.read()
+        assert (separate.updated, separate.superseded) == (1, 0)
+    feeder.close()
+    await call.read()
+    history = await server.memory.History(memory_pb2.HistoryRequest(id=rows["drink"]["id"]))
+    assert [v.memory.value for v in history.versions] == ["juice", "water", "coffee"]
+    # Watch saw exactly the versions: no change for a superseded item, one for each written one.
+    changes = [await asyncio.wait_for(watch.read(), 30) for _ in range(4)]
+    watch.cancel()
+    values = [c.memory.value for c in changes]
+    assert sorted(values[:2]) == ["Alice", "coffee"] and values[2:] == ["water", "juice"]
 
 
 async def test_stream_errors_end_the_stream_after_earlier_batches_commit(

@@ -9,11 +9,15 @@ import os
 import re
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from memory_service.cli.jsonl import LineError, parse_line
+from memory_service.client.bulk import ResumableBulkStore
 from memory_service.v1 import lease_pb2, memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
 from tests.processes import ServerProcess
@@ -216,3 +220,69 @@ async def test_an_overloaded_server_slows_the_load_down(database_url: str, tmp_p
         assert summary(out.decode()) == (1, 0, 0, 0)
     finally:
         await stop_server(running)
+
+
+async def cancelled_batches(running: RunningServer, *, at_least: int) -> None:
+    """Wait until the server has answered DEADLINE_EXCEEDED to ``at_least`` BulkStore streams in all."""
+    labels = {
+        "grpc_type": "bidi_stream",
+        "grpc_service": "memory_service.v1.MemoryService",
+        "grpc_method": "BulkStore",
+        "grpc_code": "DEADLINE_EXCEEDED",
+    }
+    async with asyncio.timeout(60):
+        while (running.server.metrics.registry.get_sample_value("grpc_server_handled_total", labels) or 0) < at_least:
+            await asyncio.sleep(0.05)
+
+
+async def test_batches_cancelled_by_statement_timeout_are_retried(database_url: str, tmp_path: Path) -> None:
+    """A batch the server cancels at its statement_timeout (here: waiting on a table lock held past it) answers
+    DEADLINE_EXCEEDED, and the load backs off and resumes instead of giving up, in the CLI and in the client engine."""
+    name = urlsplit(database_url).path.lstrip("/")
+    conn = await asyncpg.connect(database_url)
+    await conn.execute(f"ALTER DATABASE \"{name}\" SET statement_timeout = '300ms'")
+    running = await start_server(test_env(database_url))
+    try:
+        data = tmp_path / "load.jsonl"
+        data.write_text("".join(line(n) + "\n" for n in range(1, 3001)))
+        # Writes wait on the lock until statement_timeout cancels them, for about two seconds.
+        lock = conn.transaction()
+        await lock.start()
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        await conn.execute("LOCK TABLE memory.memories IN SHARE ROW EXCLUSIVE MODE")
+        process = await asyncio.create_subprocess_exec(
+            *_INGEST, "--address", running.address, str(data), "--batch-size", "200",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await cancelled_batches(running, at_least=1)
+        await lock.commit()
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, (out.decode(), err.decode())
+        assert "DEADLINE_EXCEEDED" in err.decode()
+        assert summary(out.decode()) == (3000, 0, 0, 0)
+        assert await count(database_url) == 3000
+
+        # The engine under MemoryClient.bulk_store, with the same fault.
+        retried: list[str] = []
+
+        async def items() -> AsyncIterator[memory_pb2.BulkItem]:
+            for n in range(1, 3001):
+                value = {"scope": memory_pb2.SCOPE_AGENT, "scope_id": 2, "value": f"engine {n}"}
+                yield memory_pb2.BulkItem(sequence=n, memory=value)  # type: ignore[arg-type]
+
+        lock = conn.transaction()
+        await lock.start()
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        await conn.execute("LOCK TABLE memory.memories IN SHARE ROW EXCLUSIVE MODE")
+        engine = ResumableBulkStore(
+            running.memory, items(), batch_size=100, on_retry=lambda why, _delay: retried.append(why)
+        )
+        load = asyncio.create_task(engine.run())
+        await cancelled_batches(running, at_least=2)
+        await lock.commit()
+        result = await asyncio.wait_for(load, 120)
+        assert result.created == 3000 and result.durable_sequence == 3000
+        assert any(why.startswith("DEADLINE_EXCEEDED") for why in retried), retried
+    finally:
+        await stop_server(running)
+        await conn.close()

@@ -13,8 +13,9 @@ from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter
 from memory_service.storage import search_sql
-from memory_service.storage.database import begin_statement, init_connection
+from memory_service.storage.database import init_connection
 from memory_service.storage.filters import Params, where_clause
+from memory_service.storage.session import begin_statement
 from memory_service.v1 import memory_pb2
 from tests.conftest import (
     RunningServer,

@@ -14,7 +14,8 @@ from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING
 from memory_service.storage import search_sql, text_index_sql
-from memory_service.storage.database import init_connection, session_statement, use_session_settings
+from memory_service.storage.database import init_connection
+from memory_service.storage.session import session_statement, use_session_settings
 from memory_service.v1 import memory_pb2
 from tests.conftest import (
     TEMPLATE_DB,
@@ -81,6 +82,7 @@ def _statements() -> list[tuple[str, str, bool]]:
                         full_rows=mode == "vector",
                         pruned=pruned,
                         text_ranking=DEFAULT_TEXT_RANKING.values,
+                        generation=0,  # as the service runs them: checking the embedding generation
                     )
                     # The exact scan computes every distance among the filtered rows on purpose (the OFFSET 0
                     # fence): unfiltered, that is the whole table, and a sequential scan is the right plan.
@@ -237,7 +239,9 @@ async def test_repeated_searches_run_on_a_cached_generic_plan(indexed: tuple[Run
     shapes = {
         "vector": (
             memory_pb2.SearchRequest(query_embedding=vector.tolist(), mode=memory_pb2.SEARCH_MODE_VECTOR),
-            search_sql.candidates_statement(NONE, vector=vector, text=None, limit=10, exact=False, full_rows=True)[0],
+            search_sql.candidates_statement(
+                NONE, vector=vector, text=None, limit=10, exact=False, full_rows=True, generation=0
+            )[0],
         ),
         "text terms": (
             memory_pb2.SearchRequest(query=text, mode=memory_pb2.SEARCH_MODE_TEXT),

@@ -60,7 +60,9 @@ async def test_metrics_cover_search_and_embeddings(server: RunningServer) -> Non
     await server.memory.Search(memory_pb2.SearchRequest(query="metrics"))
     await server.memory.Embed(memory_pb2.EmbedRequest(texts=["metrics"]))
     registry = server.server.metrics.registry
-    assert registry.get_sample_value("memory_search_seconds_count", {"mode": "hybrid"}) == 1
+    assert registry.get_sample_value("memory_search_seconds_count", {"mode": "hybrid", "plan": "exact"}) == 1
+    assert registry.get_sample_value("memory_searches_total", {"mode": "hybrid", "plan": "exact"}) == 1
+    assert registry.get_sample_value("memory_search_short_results_total", {"mode": "hybrid"}) == 0
     assert registry.get_sample_value("memory_embedding_texts_total", {"provider": "hash"}) == 2  # value and query
     assert registry.get_sample_value("memory_embedding_cache_hits_total") == 1  # Embed of a stored text
     handled = {"grpc_type": "unary", "grpc_service": "memory_service.v1.MemoryService", "grpc_method": "Store"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import defaultdict
 
 import asyncpg
@@ -14,10 +15,11 @@ import numpy as np
 from grpc import aio
 
 from memory_service.models import NewMemory, Scope, WriteContext, content_hash
+from memory_service.search.text_stats import TextStats
 from memory_service.storage import memories_sql
-from memory_service.storage.database import init_connection
+from memory_service.storage.database import Database, init_connection
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
-from tests.conftest import RunningServer, test_env
+from tests.conftest import RunningServer, start_server, test_env
 from tests.processes import ServerProcess
 
 WRITERS = 8
@@ -177,3 +179,88 @@ async def test_watch_rejects_a_foreign_cursor(server: RunningServer) -> None:
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     else:
         raise AssertionError("a foreign cursor was accepted")
+
+
+async def test_shutdown_ends_a_watch_replaying_a_backlog_at_once(database_url: str) -> None:
+    """A watcher reading a long backlog gets UNAVAILABLE as shutdown begins, so the drain does not wait out the grace
+    period for it (the backlog would take far longer than the grace to replay at this reader's pace)."""
+    grace = 20.0
+    running = await start_server(test_env(database_url, SHUTDOWN_GRACE=f"{grace:g}s"))
+    stopped = False
+    try:
+        requests = [
+            memory_pb2.BulkStoreRequest(
+                items=[
+                    memory_pb2.BulkItem(sequence=n, memory=memory(f"backlog {n}", f"b{n}"))
+                    for n in range(start, start + 1000)
+                ]
+            )
+            for start in (1, 1001, 2001)
+        ]
+        async for _ in running.memory.BulkStore(iter(requests)):
+            pass
+        watch = running.memory.Watch(memory_pb2.WatchRequest())
+        received = 0
+
+        async def read_slowly() -> grpc.StatusCode:
+            nonlocal received
+            try:
+                while True:
+                    change = await watch.read()
+                    if change is aio.EOF:
+                        return grpc.StatusCode.OK
+                    received += 1
+                    await asyncio.sleep(0.01)  # 3,000 changes: half a minute, more than the grace
+            except grpc.RpcError as error:
+                return error.code()  # type: ignore[no-any-return]
+
+        reader = asyncio.create_task(read_slowly())
+        while received < 20:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await running.server.stop()
+        stopped = True
+        took = time.monotonic() - started
+        assert await asyncio.wait_for(reader, 30) is grpc.StatusCode.UNAVAILABLE
+        assert received < 3000
+        assert took / grace < 0.25, f"shutdown took {took:.1f}s of its {grace:g}s grace"
+    finally:
+        await running.channel.close()
+        if not stopped:
+            await running.server.stop(grace=1)
+
+
+async def test_the_text_statistics_refresh_holds_no_transaction_id_while_it_scans(database_url: str) -> None:
+    """The feed delivers nothing past a transaction holding an xid; the BM25 refresh scans every live memory (seconds
+    on a large table), so it must scan without one and draw it only for its short write."""
+    conn = await asyncpg.connect(database_url)
+    db = await Database.connect(database_url, min_size=1, max_size=1)
+    try:
+        await conn.execute(
+            """INSERT INTO memory.memories (scope, scope_id, key, value, content_hash)
+               SELECT 'agent', 1, 'k' || g, 'note ' || md5(g::text) || ' word' || (g % 997) || ' term' || (g % 31),
+                      '\\x00'
+               FROM generate_series(1, 40000) g"""
+        )
+        stats = TextStats(db)
+        assert await stats.refresh()  # the first refresh writes every lexeme; the next only what changed
+        await conn.execute(
+            """INSERT INTO memory.memories (scope, scope_id, key, value, content_hash)
+               SELECT 'agent', 2, 'k' || g, 'later ' || md5(g::text), '\\x00' FROM generate_series(1, 50) g"""
+        )
+        async with db.connection() as pooled:
+            pid = pooled.get_server_pid()
+        refresh = asyncio.create_task(stats.refresh())
+        holding: list[bool] = []  # per sample of a running statement of the refresh: does it hold an xid?
+        while not refresh.done():
+            row = await conn.fetchrow(
+                "SELECT state, backend_xid IS NOT NULL AS xid FROM pg_stat_activity WHERE pid = $1", pid
+            )
+            if row is not None and row["state"] == "active":
+                holding.append(row["xid"])
+        assert await refresh
+        assert len(holding) >= 20, "the refresh ran too briefly to sample"
+        assert sum(holding) / len(holding) < 0.2, f"an xid was held in {sum(holding)} of {len(holding)} samples"
+    finally:
+        await db.close()
+        await conn.close()

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from memory_service.api import times
+from memory_service.api.move_convert import move_to_proto
 from memory_service.config.settings import Settings
 from memory_service.errors import InvalidArgument
 from memory_service.memories import validation
@@ -145,16 +146,19 @@ def new_memory_from_proto(message: memory_pb2.MemoryInput, settings: Settings, d
     )
 
 
+def scope_ref_from_proto(message: memory_pb2.ScopeRef, field: str) -> ScopeRef:
+    """A scope reference at ``field`` (errors name ``field.scope`` and ``field.scope_id``)."""
+    scope = _enum(f"{field}.scope", message.scope, _SCOPES)
+    scope_id = None
+    if message.HasField("scope_id"):
+        scope_id = validation.check_id(f"{field}.scope_id", message.scope_id, allow_zero=True)
+    return ScopeRef(scope=scope, scope_id=scope_id)
+
+
 def filter_from_proto(message: memory_pb2.MemoryFilter, field: str = "filter") -> MemoryFilter:
     if len(message.scopes) > validation.MAX_SCOPES:
         raise InvalidArgument(f"{field}.scopes", f"may name at most {validation.MAX_SCOPES} scopes")
-    scopes = []
-    for index, ref in enumerate(message.scopes):
-        scope = _enum(f"{field}.scopes[{index}].scope", ref.scope, _SCOPES)
-        scope_id = None
-        if ref.HasField("scope_id"):
-            scope_id = validation.check_id(f"{field}.scopes[{index}].scope_id", ref.scope_id, allow_zero=True)
-        scopes.append(ScopeRef(scope=scope, scope_id=scope_id))
+    scopes = [scope_ref_from_proto(ref, f"{field}.scopes[{index}]") for index, ref in enumerate(message.scopes)]
     types = tuple(
         dict.fromkeys(_enum(f"{field}.memory_types[{i}]", t, _TYPES) for i, t in enumerate(message.memory_types))
     )
@@ -337,6 +341,7 @@ def bulk_ack_to_proto(ack: BulkAck) -> memory_pb2.BulkStoreAck:
         created=ack.created,
         updated=ack.updated,
         unchanged=ack.unchanged,
+        superseded=ack.superseded,
         rejected=ack.rejected,
         rejections=[memory_pb2.Rejection(sequence=r.sequence, field=r.field, reason=r.reason) for r in ack.rejections],
     )
@@ -365,6 +370,12 @@ def stats_to_proto(stats: Stats) -> memory_pb2.StatsResponse:
         embedding_cache_entries=stats.embedding_cache_entries,
         counts_estimated=stats.counts_estimated,
     )
+    if stats.move is not None:
+        response.model_move.CopyFrom(move_to_proto(stats.move))
+    if (refused := stats.writes_refused) is not None:
+        response.writes_refused.reason = refused.reason
+        response.writes_refused.refused_calls = refused.refused_calls
+        _set_timestamp(response.writes_refused.since, refused.since)
     return response
 
 

@@ -13,7 +13,7 @@ import google.rpc.status_pb2 as status_pb2  # noqa: PLR0402
 from google.protobuf import any_pb2
 from grpc_status import rpc_status
 
-from memory_service.errors import InvalidArgument
+from memory_service.errors import InvalidArgument, QuotaExceeded
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -24,5 +24,16 @@ def bad_request(error: InvalidArgument, message: str) -> Metadata:
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
+    metadata: Metadata = rpc_status.to_status(status).trailing_metadata
+    return metadata
+
+
+def quota_failure(error: QuotaExceeded, message: str) -> Metadata:
+    """Trailing metadata carrying a QuotaFailure naming the quota; ``message`` must be the call's details text."""
+    description = f"{error.quota}: {error.description}"
+    violation = error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=description)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.QuotaFailure(violations=[violation]))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])
     metadata: Metadata = rpc_status.to_status(status).trailing_metadata
     return metadata

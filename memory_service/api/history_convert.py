@@ -7,7 +7,6 @@ from datetime import datetime
 from google.protobuf import timestamp_pb2
 
 from memory_service.api import convert, times
-from memory_service.errors import InvalidArgument
 from memory_service.history.feed import encode_cursor
 from memory_service.history.types import Change, ChangeKind, EraseReceipt, Version
 from memory_service.memories import validation
@@ -40,10 +39,7 @@ def as_of(message: timestamp_pb2.Timestamp, field: str = "as_of") -> datetime:
 
 
 def scope_from_proto(message: memory_pb2.ScopeRef, field: str = "scope") -> ScopeRef:
-    if message.scope == memory_pb2.SCOPE_UNSPECIFIED:
-        raise InvalidArgument(f"{field}.scope", "is required")
-    filter_ = convert.filter_from_proto(memory_pb2.MemoryFilter(scopes=[message]), field)
-    return filter_.scopes[0]
+    return convert.scope_ref_from_proto(message, field)
 
 
 def erase_target(

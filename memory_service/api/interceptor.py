@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
-import hmac
 import inspect
 import logging
 import time
@@ -24,8 +22,13 @@ from grpc import aio
 
 from memory_service import errors
 from memory_service.api import details
+from memory_service.api.call_log import CallObserver
 from memory_service.api.status import status_for
 from memory_service.metrics import Metrics
+from memory_service.tenants import types as tenancy
+from memory_service.tenants.rate import RateLimiter
+from memory_service.tenants.tokens import Tokens
+from memory_service.tenants.types import Access, Permission
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +42,39 @@ OPEN_SERVICES = frozenset(
 )
 
 current_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_principal", default=None)
-"""The authenticated caller of the running RPC (``token:<fingerprint>``), or None when auth is off."""
+"""The authenticated caller of the running RPC (a token's name, ``token:<fingerprint>`` for AUTH_TOKENS), or None
+when auth is off."""
+
+# The permission each MemoryService method needs. A method missing here needs admin: a new RPC is closed to scoped
+# tokens until someone decides what it reads or writes. LeaseService methods need a lease namespace, checked by
+# the lease manager against the namespace each call names.
+METHOD_PERMISSIONS: dict[str, Permission] = {
+    "Get": Permission.READ,
+    "List": Permission.READ,
+    "Search": Permission.READ,
+    "History": Permission.READ,
+    "Watch": Permission.READ,
+    "Stats": Permission.READ,
+    "Store": Permission.WRITE,
+    "BulkStore": Permission.WRITE,
+    "Delete": Permission.WRITE,
+    "Embed": Permission.WRITE,
+    "Erase": Permission.ERASE,
+}
+LEASE_SERVICE = "memory_service.v1.LeaseService"
 
 
 class Authenticator:
-    """Accepts ``authorization: Bearer <token>`` for any configured token, compared in constant time."""
+    """Resolves the ``authorization: Bearer <token>`` of a call to its access: the tokens of AUTH_TOKENS (full
+    access, compared in constant time) or of the tokens table; then checks the method's permission and the token's
+    rate. With no token anywhere, auth is off and every call has full access."""
 
-    def __init__(self, tokens: tuple[str, ...]) -> None:
-        self._tokens = [t.encode() for t in tokens]
+    def __init__(self, tokens: Tokens, rate: RateLimiter | None = None) -> None:
+        self._tokens = tokens
+        self._rate = rate or RateLimiter()
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._tokens)
-
-    def principal(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
-        """The caller's principal; raises ``errors.Unauthenticated`` when no configured token is presented."""
+    async def access(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> Access:
+        """The access of the presented token; UNAUTHENTICATED when auth is on and it is no live token."""
         presented = b""
         for key, value in metadata or ():
             if key == "authorization":
@@ -61,20 +82,25 @@ class Authenticator:
                 scheme, _, token = raw.partition(b" ")
                 if scheme.lower() == b"bearer":
                     presented = token.strip()
-        # Compare against every token so timing does not reveal which one matched.
-        matched = b""
-        for token in self._tokens:
-            if hmac.compare_digest(presented, token):
-                matched = token
-        if not matched:
-            raise errors.Unauthenticated()
-        return "token:" + hashlib.sha256(matched).hexdigest()[:12]
+        return await self._tokens.resolve(presented)
+
+    def admit(self, access: Access, service: str, method: str) -> None:
+        """Spend one call of the token's rate and check that it may call this method at all."""
+        if access.rate is not None and access.principal is not None:
+            self._rate.take(access.principal, access.rate)
+        if service == LEASE_SERVICE:
+            if not access.lease_namespaces and Permission.ADMIN not in access.permissions:
+                raise errors.PermissionDenied(f"{method} needs a token granted a lease namespace (--lease NAMESPACE)")
+        elif not access.allows(METHOD_PERMISSIONS.get(method, Permission.ADMIN)):
+            needed = METHOD_PERMISSIONS.get(method, Permission.ADMIN)
+            raise errors.PermissionDenied(f"{method} needs a token with the {needed.value} permission")
 
 
 class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, metrics: Metrics, authenticator: Authenticator) -> None:
+    def __init__(self, metrics: Metrics, authenticator: Authenticator, observer: CallObserver | None = None) -> None:
         self._metrics = metrics
         self._auth = authenticator
+        self._observer = observer if observer is not None and observer.active else None
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -90,7 +116,7 @@ class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         service, _, name = method.lstrip("/").rpartition("/")
-        call = _Call(self._metrics, self._auth, service, name, handler)
+        call = _Call(self._metrics, self._auth, service, name, handler, observer=self._observer)
         factory, behavior = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
         original = getattr(handler, behavior)
         # Streaming handlers come in two shapes: async generators that yield responses, and coroutines that
@@ -139,7 +165,7 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 def _checked(request: Any) -> Any:
     if isinstance(request, _Undecodable):
-        raise errors.InvalidArgument("request", f"is not a valid message: {request.reason}")
+        raise errors.InvalidArgument("", f"the request is not a valid message: {request.reason}")
     return request
 
 
@@ -152,7 +178,14 @@ class _Call:
     """Everything the wrapper needs to know about one method."""
 
     def __init__(
-        self, metrics: Metrics, auth: Authenticator, service: str, method: str, handler: grpc.RpcMethodHandler
+        self,
+        metrics: Metrics,
+        auth: Authenticator,
+        service: str,
+        method: str,
+        handler: grpc.RpcMethodHandler,
+        *,
+        observer: CallObserver | None = None,
     ) -> None:
         kind = {
             (False, False): "unary",
@@ -166,29 +199,47 @@ class _Call:
         self._started = metrics.grpc_started.labels(*self.labels)
         self._latency = metrics.grpc_latency.labels(*self.labels)
         self.auth = auth if service not in OPEN_SERVICES else None
+        self.observer = observer
+        self.name = f"/{service}/{method}"
 
-    def _authenticate(self, context: aio.ServicerContext) -> None:
-        if self.auth is not None and self.auth.enabled:
-            current_principal.set(self.auth.principal(context.invocation_metadata()))
+    async def _authenticate(self, context: aio.ServicerContext) -> None:
+        """Resolve the call's access once; everything the call does from here on runs with it."""
+        if self.auth is None:
+            return
+        access = await self.auth.access(context.invocation_metadata())
+        tenancy.CURRENT.set(access)
+        current_principal.set(access.principal)
+        self.auth.admit(access, self.labels[1], self.labels[2])
 
-    def _finish(self, started: float, code: grpc.StatusCode) -> None:
+    def _finish(self, started: float, code: grpc.StatusCode, watch: Any, exc: BaseException | None) -> None:
+        seconds = time.perf_counter() - started
         self.metrics.grpc_handled.labels(*self.labels, code.name).inc()
-        self._latency.observe(time.perf_counter() - started)
+        self._latency.observe(seconds)
+        principal = tenancy.CURRENT.get().principal
+        if principal is not None:
+            self.metrics.token_calls.labels(principal, code.name).inc()
+            if isinstance(exc, errors.QuotaExceeded):
+                self.metrics.token_quota_refusals.labels(principal, exc.quota).inc()
+        if watch is not None:
+            watch.end(code, seconds, current_principal.get())
 
     def wrap_unary(self, behavior: Callable[[Any, aio.ServicerContext], Awaitable[Any]]) -> Any:
         async def unary(request: Any, context: aio.ServicerContext) -> Any:
             self._started.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            watch = None if self.observer is None else self.observer.begin(self.name, context)
+            failure: BaseException | None = None
             try:
-                self._authenticate(context)
+                await self._authenticate(context)
                 return await behavior(self._check(request), context)
             except BaseException as exc:
+                failure = exc
                 code = _status_of(exc, context)
                 await _abort_unless_final(exc, code, context)
                 raise
             finally:
-                self._finish(started, code)
+                self._finish(started, code, watch, failure)
 
         return unary
 
@@ -197,16 +248,19 @@ class _Call:
             self._started.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            watch = None if self.observer is None else self.observer.begin(self.name, context)
+            failure: BaseException | None = None
             try:
-                self._authenticate(context)
+                await self._authenticate(context)
                 async for response in behavior(self._check(request), context):
                     yield response
             except BaseException as exc:
+                failure = exc
                 code = _status_of(exc, context)
                 await _abort_unless_final(exc, code, context)
                 raise
             finally:
-                self._finish(started, code)
+                self._finish(started, code, watch, failure)
 
         return stream
 
@@ -234,9 +288,12 @@ async def _abort_unless_final(exc: BaseException, code: grpc.StatusCode, context
     """
     if isinstance(exc, aio.AbortError | asyncio.CancelledError | GeneratorExit):
         return
-    if isinstance(exc, errors.InvalidArgument):
+    if isinstance(exc, errors.InvalidArgument) and exc.field:
         message = str(exc)
         await context.abort(code, message, trailing_metadata=details.bad_request(exc, message))
+    if isinstance(exc, errors.QuotaExceeded):
+        message = str(exc)
+        await context.abort(code, message, trailing_metadata=details.quota_failure(exc, message))
     if isinstance(exc, errors.MemoryServiceError) and code is not grpc.StatusCode.INTERNAL:
         message = str(exc)
     elif isinstance(exc, NotImplementedError):

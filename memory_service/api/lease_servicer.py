@@ -84,5 +84,14 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         events = hold(
             self._leases, spec, owner=_owner(spec.holder), commands=convert.commands_from_proto(request_iterator)
         )
-        async for event in events:
-            yield convert.event_to_proto(event)
+        try:
+            async for event in events:
+                yield convert.event_to_proto(event)
+        except InvalidArgument as error:
+            # The lease rules name AcquireRequest's fields; in a Hold stream they sit under ``acquire``.
+            if error.field.partition(".")[0].partition("[")[0] in _ACQUIRE_FIELDS:
+                raise InvalidArgument(f"acquire.{error.field}", error.message) from None
+            raise
+
+
+_ACQUIRE_FIELDS = frozenset(lease_pb2.AcquireRequest.DESCRIPTOR.fields_by_name)

@@ -9,13 +9,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from memory_service.app import loops
+from memory_service.app import loops, moves
 from memory_service.config.env import redact_url
 from memory_service.config.settings import Settings
-from memory_service.embeddings.factory import create_provider, hybrid_alpha
+from memory_service.embeddings.factory import hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import StartupError
+from memory_service.generations.state import REFRESH_SECONDS, Generations
 from memory_service.history.feed import ChangeFeed
 from memory_service.history.service import History
 from memory_service.leases.manager import LeaseManager
@@ -25,16 +27,20 @@ from memory_service.memories.ingest import BulkIngest
 from memory_service.memories.stats import Stats, collect
 from memory_service.memories.store import MemoryStore
 from memory_service.metrics import Metrics
+from memory_service.observability.tracing import Tracing
 from memory_service.search import SearchEngine
 from memory_service.search.index_care import IndexCare
+from memory_service.search.observe import SearchObserver
 from memory_service.search.query_sample import QuerySample
+from memory_service.search.recall_check import RecallCheck
 from memory_service.search.text_search import TextSearch
 from memory_service.search.text_stats import TextStats
 from memory_service.search.tuning import TextRanking
-from memory_service.storage import settings_sql
+from memory_service.storage import isolation_sql, settings_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
+from memory_service.tenants.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +59,11 @@ def _version_at_least(version: str, wanted: tuple[int, ...]) -> bool:
 class Runtime:
     """Owns every long-lived component; ``start`` builds them in dependency order, ``close`` tears them down."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, *, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing
+        self._recall: RecallCheck | None = None
         self.embedded: EmbeddedPostgres | None = None
         self.dsn = ""
         self._db: Database | None = None
@@ -70,6 +78,8 @@ class Runtime:
         self._binding: ModelBinding | None = None
         self._history: History | None = None
         self._feed: ChangeFeed | None = None
+        self._tokens: Tokens | None = None
+        self._moves: moves.ModelMoves | None = None
         self.postgres_version = ""
         self.pgvector_version = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -115,6 +125,16 @@ class Runtime:
         return _started(self._bulk)
 
     @property
+    def moves(self) -> moves.ModelMoves:
+        """The database's embedding generations as this instance sees them (docs/model-migration.md)."""
+        return _started(self._moves)
+
+    @property
+    def tokens(self) -> Tokens:
+        """The tokens table and AUTH_TOKENS: resolves each call's access."""
+        return _started(self._tokens)
+
+    @property
     def history(self) -> History:
         return _started(self._history)
 
@@ -127,18 +147,22 @@ class Runtime:
         """Build every component in dependency order; ``background`` also starts the loops and the change feed."""
         try:
             db = await self._open_database()
+            await self._check_isolation(db)
+            self._tokens = Tokens(db, self.settings.auth_tokens, metrics=self.metrics)
             self._leases = LeaseManager(db, self.settings, self.metrics)
             await self._leases.start()
-            binding = await self._check_binding(db)
-            # Loading a local model reads and compiles it (or downloads it once): not on the event loop.
-            provider = await asyncio.to_thread(create_provider, self.settings, self.metrics)
-            self._embedder = EmbeddingService(provider, db, self.metrics)
-            self._build_write_path(db, self._embedder, binding)
+            binding = self._new_binding(db)
+            generations = await moves.start_generations(db, binding, self.settings, self.metrics)
+            self._embedder = embedder = generations.current
+            self.metrics.init_embedding(embedder.provider.name)
+            self._build_write_path(db, self._embedder, binding, generations)
             seen = QuerySample()  # the searches of this instance, which its calibrations measure on
             index = await self._start_index_care(db, seen)
+            self._moves = moves.ModelMoves(generations, index, self._leases, self.settings, self.stopping)
             self._text_stats = TextStats(db)
             await self._text_stats.maintain()
-            await self._build_search(db, self._embedder, index, hybrid_alpha(self.settings, provider), seen)
+            await self._build_search(db, self._embedder, index, hybrid_alpha(self.settings, embedder.provider), seen)
+            self.moves.follow(self.search, index)
             if background:
                 await self._start_background()
         except BaseException:
@@ -162,9 +186,10 @@ class Runtime:
             applied = await apply_migrations(self.dsn)
             log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
         self._db = db = await Database.connect(
-            self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max
+            self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max, on_query=self._on_query
         )
-        self.metrics.watch_pool(db.pool_size, db.pool_idle)
+        db.on_wait = self.metrics.pool_wait.observe
+        self.metrics.watch_pool(db.pool_size, db.pool_idle, settings.database_pool_max, lambda: db.refusing)
         async with db.connection() as conn:
             self.postgres_version, self.pgvector_version = await settings_sql.server_versions(conn)
         log.info(
@@ -175,13 +200,20 @@ class Runtime:
         )
         return db
 
+    async def _check_isolation(self, db: Database) -> None:
+        """Refuse to serve when row-level security would not confine the calls of scoped tokens (docs/security.md)."""
+        async with db.connection() as conn:
+            problem = await isolation_sql.isolation_problem(conn)
+        if problem is not None:
+            raise StartupError(f"tenant isolation is not in force, refusing to start: {problem}")
+
     @property
     def _iterative_scan(self) -> bool:
         """Whether pgvector keeps scanning an index until enough rows pass a filter (0.8+)."""
         return _version_at_least(self.pgvector_version, (0, 8))
 
-    async def _check_binding(self, db: Database) -> ModelBinding:
-        """Refuse to start when the database holds embeddings of another model or dimension."""
+    def _new_binding(self, db: Database) -> ModelBinding:
+        """The binding of this configuration; checked against the database's generations (moves.start_generations)."""
         location, start_over = self._where()
         self._binding = ModelBinding(
             db,
@@ -190,13 +222,14 @@ class Runtime:
             location=location,
             start_over=start_over,
         )
-        await self._binding.check()
         return self._binding
 
-    def _build_write_path(self, db: Database, embedder: EmbeddingService, binding: ModelBinding) -> None:
-        """Store, BulkStore, History and the change feed."""
+    def _build_write_path(
+        self, db: Database, embedder: EmbeddingService, binding: ModelBinding, generations: Generations
+    ) -> None:
+        """Store, BulkStore, History and the change feed; during a move of models they write both generations."""
         settings = self.settings
-        self._memories = MemoryStore(db, embedder, binding, history=settings.history_versions)
+        self._memories = MemoryStore(db, embedder, binding, history=settings.history_versions, generations=generations)
         self._history = History(db, self.metrics, retention=timedelta(seconds=settings.history_retention))
         self._feed = ChangeFeed(
             db, self.dsn, self.metrics, poll_interval=settings.watch_poll_interval, page_rows=WATCH_PAGE_ROWS
@@ -211,6 +244,7 @@ class Runtime:
             max_items_per_request=settings.bulk_max_items_per_request,
             stopping=self.stopping,
             history=settings.history_versions,
+            generations=generations,
         )
 
     async def _start_index_care(self, db: Database, seen: QuerySample) -> IndexCare:
@@ -227,6 +261,8 @@ class Runtime:
             hnsw_m=settings.hnsw_m,
             hnsw_ef_construction=settings.hnsw_ef_construction,
             seen=seen,
+            metrics=self.metrics,
+            configured_setting=self._configured_setting,
         )
         await self._index.refresh()
         return self._index
@@ -240,8 +276,10 @@ class Runtime:
         if settings.database_read_url:
             await check_reachable(settings.database_read_url, named_by="named by DATABASE_READ_URL")
             self._read_db = read_db = await Database.connect(
-                settings.database_read_url, min_size=1, max_size=settings.database_pool_max
+                settings.database_read_url, min_size=1, max_size=settings.database_pool_max, on_query=self._on_query
             )
+            read_db.on_wait = self.metrics.pool_wait.observe
+        self._recall = RecallCheck(read_db, self.metrics, sample=settings.search_recall_sample)
         ranking = TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored)
         text_search = (
             TextSearch(read_db, ranking, max_bytes=settings.text_index_max_mb << 20) if settings.text_index else None
@@ -254,33 +292,52 @@ class Runtime:
             index,
             self.metrics,
             iterative_scan=self._iterative_scan,
-            default_probes=settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes,
+            default_probes=self._configured_setting,
             narrow_filter_rows=settings.search_narrow_filter_rows,
             text_ranking=ranking,
             hybrid_alpha=alpha,
             seen=seen,
+            observer=SearchObserver(self.metrics, self._recall),
             text_search=text_search,
+            generations=self.moves.generations,
         )
 
-    async def _start_background(self) -> None:
-        """The periodic loops (purge, index, text statistics, history retention) and the change feed's poller."""
+    @property
+    def _configured_setting(self) -> int | None:
+        """The operator's probes (ef_search for HNSW) for every index search; None leaves it to calibration."""
         settings = self.settings
+        return settings.hnsw_ef_search if settings.vector_index == "hnsw" else settings.ivfflat_probes
+
+    @property
+    def _on_query(self) -> Callable[[Any], None] | None:
+        """Tracing's hook on every SQL statement, when tracing is on."""
+        return self.tracing.on_query if self.tracing is not None else None
+
+    async def _start_background(self) -> None:
+        """The periodic loops (embedding generation and backfill, purge, index, text statistics, history retention)
+        and the change feed's poller."""
+        settings = self.settings
+        self._spawn("model_generation", REFRESH_SECONDS, self.moves.refresh)
+        self._spawn("model_backfill", REFRESH_SECONDS, self.moves.backfill.run)
         text_search = self.search.text_search
         if text_search is not None:  # its first step loads the index when start-up did not
-            self._spawn("text index", settings.text_index_interval, text_search.follow)
-        self._spawn("purge expired memories", settings.purge_interval, self._purge)
-        self._spawn("index maintenance", settings.index_check_interval, self.index.maintain)
-        self._spawn("text statistics", settings.text_stats_interval, self.text_stats.maintain)
-        self._spawn("history retention", settings.purge_interval, self.history.purge)
+            self._spawn("text_index", settings.text_index_interval, text_search.follow)
+        self._spawn("purge", settings.purge_interval, self._purge)
+        self._spawn("index_maintenance", settings.index_check_interval, lambda: self.moves.maintain_indexes(self.index))
+        self._spawn("text_statistics", settings.text_stats_interval, self.text_stats.maintain)
+        self._spawn("history_retention", settings.purge_interval, self.history.purge)
+        if self._recall is not None:
+            self._recall.start()
         await self.feed.start()
 
     def _spawn(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
-        self._tasks.append(asyncio.create_task(loops.every(interval, name, work), name=name))
+        self._tasks.append(asyncio.create_task(loops.every(interval, name, work, self.metrics), name=name))
 
     async def _purge(self) -> int:
         """Purge expired memories (returning how many) and evict old embedding-cache entries."""
         purged = await purge.purge_expired(self.db, self.metrics, history=self.settings.history_versions)
         await purge.evict_embedding_cache(self.db)
+        await purge.fold_scope_counts(self.db)
         return purged
 
     async def _database_dsn(self) -> str:
@@ -320,6 +377,7 @@ class Runtime:
             postgres_version=self.postgres_version,
             pgvector_version=self.pgvector_version,
             iterative_scan=self.search.iterative_scan,
+            move=await self.moves.status(),
         )
 
     def begin_shutdown(self) -> None:
@@ -338,11 +396,15 @@ class Runtime:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._recall is not None:
+            await self._recall.close()
         if self._feed is not None:
             await self._feed.close()
         if self._leases is not None:
             await self._leases.close()  # releases this instance's Hold leases while the pool is still open
-        if self._embedder is not None:
+        if self._moves is not None:
+            await self._moves.close()  # every model's provider
+        elif self._embedder is not None:
             await self._embedder.close()
         for db in (self._read_db, self._db):
             if db is not None:

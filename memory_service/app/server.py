@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from memory_service.api.call_log import CallObserver
 from memory_service.api.health import HealthMonitor
 from memory_service.api.interceptor import Authenticator, ServiceInterceptor
 from memory_service.api.lease_servicer import LeaseServicer
@@ -33,6 +34,7 @@ from memory_service.app.runtime import Runtime
 from memory_service.config.settings import Settings
 from memory_service.errors import StartupError
 from memory_service.metrics import Metrics
+from memory_service.observability.tracing import Tracing
 from memory_service.storage.probe import DatabaseProbe
 from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
@@ -67,10 +69,13 @@ def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
 class MemoryServer:
     """One running instance: the runtime (database, embedder, domain services) behind a gRPC server."""
 
-    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, reuse_port: bool = False) -> None:
         self.settings = settings
+        self._reuse_port = reuse_port
+        """Bind with SO_REUSEPORT: one of several server processes sharing the port (``app.processes``)."""
         self.metrics = metrics or Metrics()
-        self.runtime = Runtime(settings, self.metrics)
+        self.tracing = Tracing(settings.otel_traces_endpoint) if settings.otel_traces_endpoint else None
+        self.runtime = Runtime(settings, self.metrics, tracing=self.tracing)
         self.health = HealthServicer()
         self._server: aio.Server | None = None
         self._metrics_http: Any = None
@@ -80,6 +85,9 @@ class MemoryServer:
         self.metrics_port = 0
 
     async def start(self) -> None:
+        if self.tracing is not None:
+            self.tracing.start()
+            log.info("tracing to %s", self.settings.otel_traces_endpoint)
         await self.runtime.start()
         try:
             await self._start_grpc()
@@ -89,7 +97,14 @@ class MemoryServer:
             await self.runtime.close()
             raise
         probe = DatabaseProbe(self.runtime.dsn, timeout=max(self.settings.health_check_interval, 1.0))
-        self._monitor = HealthMonitor(self.health, probe, ("", *SERVICE_NAMES), self.settings.health_check_interval)
+        self._monitor = HealthMonitor(
+            self.health,
+            probe,
+            ("", *SERVICE_NAMES),
+            self.settings.health_check_interval,
+            on_change=lambda serving: self.metrics.serving.set(1 if serving else 0),
+            writes=self.runtime.db,
+        )
         await self._monitor.set_all(True)
         self._monitor_task = asyncio.create_task(self._monitor.run(), name="health monitor")
         log.info("serving gRPC on %s:%d", self.settings.grpc_host, self.port)
@@ -99,11 +114,11 @@ class MemoryServer:
         limit = settings.grpc_max_message_bytes
         server = aio.server(
             maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
-            interceptors=[ServiceInterceptor(self.metrics, Authenticator(settings.auth_tokens))],
+            interceptors=[ServiceInterceptor(self.metrics, Authenticator(self.runtime.tokens), self._observer())],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(self._reuse_port)),
                 *keepalive_options(settings),
             ],
         )
@@ -136,6 +151,14 @@ class MemoryServer:
         self.port = port
         self._server = server
         await server.start()
+
+    def _observer(self) -> CallObserver:
+        settings = self.settings
+        return CallObserver(
+            access_log=settings.log_format == "json",
+            slow_call_seconds=settings.slow_call_seconds,
+            tracing=self.tracing,
+        )
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         settings = self.settings
@@ -170,6 +193,7 @@ class MemoryServer:
         """Drain and shut down in the documented order; safe to call twice."""
         grace = self.settings.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        self.metrics.serving.set(0)
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)
@@ -183,6 +207,8 @@ class MemoryServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+        if self.tracing is not None:
+            self.tracing.shutdown()
         log.info("stopped")
 
     async def _stop_grpc(self, grace: float) -> None:
@@ -192,13 +218,22 @@ class MemoryServer:
             self._server = None
 
 
-async def serve(settings: Settings, *, on_ready: Callable[[MemoryServer], Awaitable[None]] | None = None) -> int:
-    """Run until SIGTERM or SIGINT, then shut down gracefully; return the process exit code."""
-    server = MemoryServer(settings)
+async def serve(
+    settings: Settings,
+    *,
+    on_ready: Callable[[MemoryServer], Awaitable[None]] | None = None,
+    reuse_port: bool = False,
+    parent_gone: int | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT (or, for a worker of ``app.processes``, until the pipe ``parent_gone`` ends),
+    then shut down gracefully; return the process exit code."""
+    server = MemoryServer(settings, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if parent_gone is not None:
+        loop.add_reader(parent_gone, stop.set)
     try:
         await server.start()
         if on_ready is not None:
@@ -213,4 +248,6 @@ async def serve(settings: Settings, *, on_ready: Callable[[MemoryServer], Awaita
             log.exception("shutdown did not complete cleanly")
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if parent_gone is not None:
+            loop.remove_reader(parent_gone)
     return 0

@@ -9,10 +9,11 @@ One JSON object per line (blank lines are skipped)::
 the server embeds the value. Each line's sequence number is its line number, so every rejection names a line.
 
 The file is streamed, never read whole: only lines sent but not yet acknowledged are kept, and reading pauses while
-``--window`` of them are in flight. When the stream breaks (UNAVAILABLE, a server restart, a dropped connection)
-the client reconnects with backoff and resends what follows the last acknowledged line; the server's upsert by
-identity makes the resent lines that had in fact committed a no-op. Under ``memory-service lease run`` the load is
-fenced by that lease, so it stops with ABORTED once another holder takes over.
+``--window`` of them are in flight. When the stream breaks (UNAVAILABLE, a server restart, a dropped connection, a
+batch the server cancelled at its statement_timeout: DEADLINE_EXCEEDED or CANCELLED) the client reconnects with
+backoff and resends what follows the last acknowledged line; the server's upsert by identity makes the resent
+lines that had in fact committed a no-op. Under ``memory-service lease run`` the load is fenced by that lease, so it
+stops with ABORTED once another holder takes over.
 
 Exit codes: 0 every line stored; 1 some lines rejected; 2 the server refused the load (fence superseded, invalid
 request, authentication, a request too large); 64 the file cannot be read; 69 the server stayed unreachable (or
@@ -323,7 +324,8 @@ async def _load(args: argparse.Namespace, source: IO[bytes], ca: bytes | None) -
     elapsed = time.monotonic() - started
     print(
         f"{args.file}: {loader.lines:,} lines; created {summary.created:,}, updated {summary.updated:,}, "
-        f"unchanged {summary.unchanged:,}, rejected {summary.rejected:,} "
+        f"unchanged {summary.unchanged:,}, rejected {summary.rejected:,}"
+        f"{f', superseded {summary.superseded:,}' if summary.superseded else ''} "
         f"({elapsed:.1f}s, {summary.done / max(elapsed, 1e-6):,.0f} rows/s)"
     )
     if code:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from memory_service.cli.remote import OneLineParser
 from memory_service.config.settings import Settings
 from memory_service.errors import ConfigError, StartupError
+from memory_service.observability import logs
 
 log = logging.getLogger("memory_service")
 
@@ -58,15 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     _database_flags(migrate)
     migrate.set_defaults(run=_migrate, needs_database=True)
 
+    from memory_service.cli import backup as cli_backup
+    from memory_service.cli import doctor as cli_doctor
     from memory_service.cli import history as cli_history
     from memory_service.cli import ingest as cli_ingest
     from memory_service.cli import lease as cli_lease
+    from memory_service.cli import model as cli_model
     from memory_service.cli import ops as cli_ops
+    from memory_service.cli import tokens as cli_tokens
 
     cli_ingest.register(commands)
     cli_lease.register(commands)
     cli_ops.register(commands)
     cli_history.register(commands)
+    cli_model.register(commands)
+    cli_backup.register(commands)
+    cli_doctor.register(commands)
+    cli_tokens.register(commands)
     return parser
 
 
@@ -85,20 +94,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("asyncio", "pgserver"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from memory_service.app.server import serve
+    from memory_service.app.processes import serve
 
-    return asyncio.run(serve(settings))
+    return serve(settings)
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -142,7 +141,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
                 "or --data-dir (MEMORY_SERVICE_DATA_DIR) for the embedded one"
             )
         settings = Settings.from_env(merged)
-        _configure_logging(settings.log_level)
+        logs.configure(settings.log_level, settings.log_format)
         return run(settings, args)
     except StartupError as exc:
         print(f"memory-service: error: {exc}", file=sys.stderr)

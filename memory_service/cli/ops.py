@@ -142,6 +142,15 @@ def _stats(settings: Settings, args: argparse.Namespace) -> int:
             },
             "embedding_cache_entries": stats.embedding_cache_entries,
             "counts_estimated": stats.counts_estimated,
+            "writes_refused": (
+                {
+                    "since": stats.writes_refused.since.ToDatetime().isoformat(),
+                    "reason": stats.writes_refused.reason,
+                    "refused_calls": stats.writes_refused.refused_calls,
+                }
+                if stats.HasField("writes_refused")
+                else None
+            ),
         }
 
     report = asyncio.run(run())

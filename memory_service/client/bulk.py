@@ -3,9 +3,9 @@
 A producer task pulls sequence-numbered items from the caller's source into the unacknowledged tail, and pauses
 while ``window`` of them are unacknowledged (backpressure on the source; nothing else is buffered). Each stream
 attempt sends the tail, then new items as they arrive; every ack drops what became durable. When the stream breaks
-(UNAVAILABLE, a server restart, a dropped connection, RESOURCE_EXHAUSTED from an overloaded server) the engine
-reconnects with backoff and resends the tail; the server's upsert by identity makes resending what had in fact
-committed a no-op.
+(UNAVAILABLE, a server restart, a dropped connection, RESOURCE_EXHAUSTED from an overloaded server, a batch
+cancelled by the server's statement_timeout) the engine reconnects with backoff and resends the tail; the server's
+upsert by identity makes resending what had in fact committed a no-op.
 
 grpc.aio keeps pulling a failed call's request iterator until its next write fails, so each attempt's iterator
 carries an epoch and leaves the tail alone once a newer attempt has started; the source is read only by the
@@ -29,8 +29,16 @@ from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 # Codes after which resending the unacknowledged tail is safe and may succeed. CANCELLED and INTERNAL cover a
 # server that went away mid-stream (shutdown, reset HTTP/2 stream); the engine itself never cancels a call.
+# DEADLINE_EXCEEDED is a batch the server cancelled (its statement_timeout, a lock held too long): the engine sets
+# no deadline of its own on the stream, so it is transient, not the caller's budget running out.
 _RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
 )
 REJECTIONS_KEPT = 1000
 
@@ -52,6 +60,8 @@ class BulkSummary:
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+    superseded: int = 0
+    """Items a later item of the load with the same identity replaced before they were written."""
     rejected: int = 0
     durable_sequence: int = 0
     """Every item up to this sequence number is stored or rejected."""
@@ -60,7 +70,7 @@ class BulkSummary:
 
     @property
     def done(self) -> int:
-        return self.created + self.updated + self.unchanged + self.rejected
+        return self.created + self.updated + self.unchanged + self.superseded + self.rejected
 
     def reject(self, sequence: int, field: str, reason: str) -> None:
         self.rejected += 1
@@ -217,6 +227,7 @@ class ResumableBulkStore:
         summary.created += ack.created
         summary.updated += ack.updated
         summary.unchanged += ack.unchanged
+        summary.superseded += ack.superseded
         for rejection in ack.rejections:
             summary.reject(rejection.sequence, rejection.field, rejection.reason)
         if self._on_ack is not None:

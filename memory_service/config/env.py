@@ -15,14 +15,14 @@ T = TypeVar("T")
 MIN_TOKEN_LENGTH = 16
 """Shortest bearer token AUTH_TOKENS accepts."""
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from ``"30"``, ``"30s"``, ``"250ms"``, ``"5m"`` or ``"1h"``; ValueError otherwise."""
+    """Seconds from ``"30"``, ``"30s"``, ``"250ms"``, ``"5m"``, ``"1h"`` or ``"7d"``; ValueError otherwise."""
     match = _DURATION.match(text)
     if match is None:
         raise ValueError(text)

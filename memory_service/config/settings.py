@@ -16,6 +16,8 @@ import platformdirs
 from memory_service.config.env import MIN_TOKEN_LENGTH, EnvReader, parse_duration, redact_url
 from memory_service.errors import ConfigError
 from memory_service.models import IndexKind
+from memory_service.observability.logs import LOG_FORMATS
+from memory_service.observability.tracing import endpoint_from
 
 __all__ = ["MIN_TOKEN_LENGTH", "Settings", "parse_duration", "redact_url"]
 
@@ -61,9 +63,24 @@ class Settings:
     embedding_max_retries: int = 4
     openai_api_key: str | None = dataclasses.field(default=None, repr=False)
     openai_base_url: str | None = None
+    embedding_next_provider: str | None = None
+    """The model to move the database to (docs/model-migration.md); unset: no move. ``EMBEDDING_NEXT_MODEL``,
+    ``_DIM`` and ``_MODEL_PATH`` mean for it what ``EMBEDDING_MODEL``, ``_DIM`` and ``_MODEL_PATH`` mean."""
+    embedding_next_model: str | None = None
+    embedding_next_dim: int | None = None
+    embedding_next_dim_explicit: bool = False
+    embedding_next_model_path: Path | None = None
+    model_backfill_rate: float = 250.0
+    """Memories the background re-embedding writes per second at most (0: as fast as the embedder goes). At 250 a
+    backfill of 100k memories takes 7 minutes and the searches meanwhile stay within 1.5x (docs/benchmarks.md)."""
+    model_backfill_batch: int = 256
+    """Memories the re-embedding reads, embeds and writes per transaction."""
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
+    server_processes: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    """Server processes ``serve`` runs on the one port (``app.processes``): the cores. An in-process
+    ``MemoryServer`` (tests, embedding) is always one."""
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = DEFAULT_METRICS_PORT
     """None (``METRICS_PORT=off``) disables the metrics endpoint; 0 picks a free port, as GRPC_PORT=0 does."""
@@ -85,6 +102,15 @@ class Settings:
     tls_client_ca_file: Path | None = None
     """When set, clients must present a certificate signed by this CA (mutual TLS)."""
     log_level: str = "INFO"
+    log_format: str = "text"
+    """``text`` lines, or ``json``: one object per line, with an access log line per call at INFO."""
+    slow_call_seconds: float | None = None
+    """Calls slower than this are logged at WARNING with their search plan (never their text); unset: off."""
+    otel_traces_endpoint: str | None = None
+    """OTLP/HTTP URL spans go to, from OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT (plus
+    ``/v1/traces``); unset: tracing off."""
+    search_recall_sample: float = 0.01
+    """Share of index searches re-run exactly in the background to estimate recall (``memory_search_recall``)."""
 
     max_text_bytes: int = 32 * 1024
     """Largest memory value (and search query) accepted, in UTF-8 bytes."""
@@ -95,8 +121,8 @@ class Settings:
     """The approximate index: ``ivfflat`` or ``hnsw``."""
     search_target_recall: float = 0.95
     """Recall@10 the index's calibration chooses probes (ef_search) for."""
-    search_calibration_queries: int = 100
-    """Stored vectors a calibration uses as queries."""
+    search_calibration_queries: int = 200
+    """Queries a calibration measures on before real searches replace them: half choose, half check."""
     ivfflat_probes: int | None = None
     """Probes for every approximate search on ivfflat; unset takes the calibrated probes."""
     hnsw_ef_search: int | None = None
@@ -152,6 +178,20 @@ class Settings:
     def embedded_database(self) -> bool:
         return self.database_url is None
 
+    def next_embedding(self) -> Settings | None:
+        """These settings with the next model as the embedding model, to build its provider; None without one."""
+        if self.embedding_next_provider is None:
+            return None
+        return dataclasses.replace(
+            self,
+            embedding_provider=self.embedding_next_provider,
+            embedding_model=self.embedding_next_model or _DEFAULT_MODELS[self.embedding_next_provider],
+            embedding_dim=self.embedding_next_dim or _DEFAULT_DIMS[self.embedding_next_provider],
+            embedding_dim_explicit=self.embedding_next_dim_explicit,
+            embedding_model_path=self.embedding_next_model_path,
+            embedding_next_provider=None,
+        )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate settings; raise ConfigError with one line on the first bad value."""
@@ -185,8 +225,14 @@ class Settings:
             openai_base_url=base_url,
             embedding_model_path=reader.path("EMBEDDING_MODEL_PATH"),
             embedding_threads=reader.integer("EMBEDDING_THREADS", d.embedding_threads, minimum=1, maximum=64),
+            **_next_model(reader),
+            model_backfill_rate=reader.number("MODEL_BACKFILL_RATE", d.model_backfill_rate, minimum=0.0, maximum=1e9),
+            model_backfill_batch=reader.integer(
+                "MODEL_BACKFILL_BATCH", d.model_backfill_batch, minimum=1, maximum=10_000
+            ),
             grpc_host=reader.text("GRPC_HOST") or d.grpc_host,
             grpc_port=reader.integer("GRPC_PORT", d.grpc_port, minimum=0, maximum=65535),
+            server_processes=reader.integer("SERVER_PROCESSES", d.server_processes, minimum=1, maximum=256),
             metrics_host=reader.text("METRICS_HOST") or d.metrics_host,
             metrics_port=reader.port_or_off("METRICS_PORT", DEFAULT_METRICS_PORT),
             grpc_max_concurrent_rpcs=reader.integer(
@@ -204,6 +250,12 @@ class Settings:
             tls_key_file=reader.path("TLS_KEY_FILE"),
             tls_client_ca_file=reader.path("TLS_CLIENT_CA_FILE"),
             log_level=reader.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), d.log_level, upper=True),
+            log_format=reader.choice("LOG_FORMAT", LOG_FORMATS, d.log_format),
+            slow_call_seconds=reader.optional_number("SLOW_CALL_SECONDS", minimum=0.0, maximum=86400.0),
+            otel_traces_endpoint=_otel_endpoint(reader, env if env is not None else os.environ),
+            search_recall_sample=reader.number(
+                "SEARCH_RECALL_SAMPLE", d.search_recall_sample, minimum=0.0, maximum=1.0
+            ),
             max_text_bytes=reader.integer("MAX_TEXT_BYTES", d.max_text_bytes, minimum=16, maximum=1 << 20),
             search_max_top_k=reader.integer("SEARCH_MAX_TOP_K", d.search_max_top_k, minimum=1, maximum=10_000),
             list_max_page_size=reader.integer("LIST_MAX_PAGE_SIZE", d.list_max_page_size, minimum=1, maximum=100_000),
@@ -282,7 +334,49 @@ class Settings:
             raise ConfigError(
                 f"EMBEDDING_MODEL_PATH is expected to name a model directory (got {str(self.embedding_model_path)!r})"
             )
+        if self.embedding_next_provider is None and (self.embedding_next_model or self.embedding_next_dim):
+            raise ConfigError(
+                "EMBEDDING_NEXT_MODEL and EMBEDDING_NEXT_DIM are expected with EMBEDDING_NEXT_PROVIDER "
+                "(got no provider)"
+            )
+        if self.embedding_next_model_path is not None and not self.embedding_next_model_path.is_dir():
+            raise ConfigError(
+                "EMBEDDING_NEXT_MODEL_PATH is expected to name a model directory "
+                f"(got {str(self.embedding_next_model_path)!r})"
+            )
         if self.embedding_provider == "openai" and not (self.openai_api_key or self.openai_base_url):
             raise ConfigError(
                 "EMBEDDING_PROVIDER=openai is expected with OPENAI_API_KEY or OPENAI_BASE_URL (got neither)"
             )
+        if self.embedding_next_provider == "openai" and not (self.openai_api_key or self.openai_base_url):
+            raise ConfigError(
+                "EMBEDDING_NEXT_PROVIDER=openai is expected with OPENAI_API_KEY or OPENAI_BASE_URL (got neither)"
+            )
+
+
+def _next_model(reader: EnvReader) -> dict[str, Any]:
+    provider = reader.text("EMBEDDING_NEXT_PROVIDER")
+    if provider is not None:
+        provider = reader.choice("EMBEDDING_NEXT_PROVIDER", EMBEDDING_PROVIDERS, "hash")
+    return dict(
+        embedding_next_provider=provider,
+        embedding_next_model=reader.text("EMBEDDING_NEXT_MODEL"),
+        embedding_next_dim=reader.optional_integer("EMBEDDING_NEXT_DIM", minimum=1, maximum=16000),
+        embedding_next_dim_explicit=reader.text("EMBEDDING_NEXT_DIM") is not None,
+        embedding_next_model_path=reader.path("EMBEDDING_NEXT_MODEL_PATH"),
+    )
+
+
+def _otel_endpoint(reader: EnvReader, env: Mapping[str, str]) -> str | None:
+    endpoint = endpoint_from(env)
+    if endpoint is None:
+        return None
+    scheme = endpoint.split("://", 1)[0].lower() if "://" in endpoint else ""
+    if scheme not in ("http", "https"):
+        name = (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+            if reader.text("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            else ("OTEL_EXPORTER_OTLP_ENDPOINT")
+        )
+        raise ConfigError(f"{name} is expected to be an http:// or https:// URL (got {reader.text(name)!r})")
+    return endpoint

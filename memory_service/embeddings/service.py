@@ -17,6 +17,7 @@ from memory_service.embeddings.base import EmbeddingProvider
 from memory_service.errors import FailedPrecondition
 from memory_service.metrics import Metrics
 from memory_service.models import Vector, content_hash
+from memory_service.observability import tracing
 from memory_service.storage import embedding_cache_sql
 from memory_service.storage.database import Database
 
@@ -32,6 +33,13 @@ class EmbeddingService:
         self._metrics = metrics
         self._queries: collections.OrderedDict[str, Vector] = collections.OrderedDict()
 
+    def use(self, provider: EmbeddingProvider) -> None:
+        """Embed with ``provider`` from now on (a cut-over or rollback of the embedding model): the cache is keyed
+        by model, so only the in-process query cache, keyed by text, is dropped."""
+        if provider is not self.provider:
+            self.provider = provider
+            self._queries.clear()
+
     @property
     def model(self) -> str:
         return self.provider.model
@@ -46,15 +54,17 @@ class EmbeddingService:
             return []
         digests = list(hashes) if hashes is not None else [content_hash(t) for t in texts]
         unique: dict[bytes, str] = dict(zip(digests, texts, strict=True))
+        # One provider for the whole call, so a change of model meanwhile cannot file its vectors under another.
+        provider = self.provider
         async with self._db.connection() as conn:
-            found = await embedding_cache_sql.lookup(conn, self.model, self.dimension, list(unique))
+            found = await embedding_cache_sql.lookup(conn, provider.model, provider.dimension, list(unique))
         self._metrics.embedding_cache_hits.inc(sum(1 for d in digests if d in found))
         missing = [(d, t) for d, t in unique.items() if d not in found]
         if missing:
-            computed = await self._embed_uncached([t for _, t in missing])
+            computed = await self._embed_uncached([t for _, t in missing], provider)
             fresh = [(d, v) for (d, _), v in zip(missing, computed, strict=True)]
             async with self._db.connection() as conn:
-                await embedding_cache_sql.insert(conn, self.model, self.dimension, fresh)
+                await embedding_cache_sql.insert(conn, provider.model, provider.dimension, fresh)
             found.update(fresh)
         return [found[d] for d in digests]
 
@@ -65,22 +75,32 @@ class EmbeddingService:
             self._queries.move_to_end(text)
             self._metrics.embedding_cache_hits.inc()
             return cached
-        (vector,) = await self._embed_uncached([text])
+        provider = self.provider
+        (vector,) = await self._embed_uncached([text], provider)
+        if provider is not self.provider:
+            return vector  # the model changed meanwhile: the caller's statement fails its generation check
         self._queries[text] = vector
         if len(self._queries) > _QUERY_CACHE_SIZE:
             self._queries.popitem(last=False)
         return vector
 
-    async def _embed_uncached(self, texts: list[str]) -> list[Vector]:
+    async def _embed_uncached(self, texts: list[str], provider: EmbeddingProvider) -> list[Vector]:
         """One provider request per ``max_batch`` texts, a few in flight at once."""
-        size = self.provider.max_batch
+        size = provider.max_batch
         batches = [texts[i : i + size] for i in range(0, len(texts), size)]
         gate = asyncio.Semaphore(_CONCURRENT_REQUESTS)
 
+        pending = self._metrics.embedding_pending
+
         async def run(batch: list[str]) -> list[Vector]:
-            async with gate:
-                array = np.asarray(await self.provider.embed_batch(batch), dtype=np.float32)
-            self._metrics.embedding_texts.labels(self.provider.name).inc(len(batch))
+            pending.inc(len(batch))
+            try:
+                async with gate:
+                    with tracing.span("embedding", provider=provider.name, texts=len(batch)):
+                        array = np.asarray(await provider.embed_batch(batch), dtype=np.float32)
+            finally:
+                pending.dec(len(batch))
+            self._metrics.embedding_texts.labels(provider.name).inc(len(batch))
             _check_usable(array)
             return list(array)
 
@@ -89,6 +109,14 @@ class EmbeddingService:
 
     async def close(self) -> None:
         await self.provider.close()
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
+    @property
+    def db(self) -> Database:
+        return self._db
 
 
 def _check_usable(vectors: npt.NDArray[np.float32]) -> None:

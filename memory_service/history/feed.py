@@ -28,12 +28,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from memory_service.errors import FailedPrecondition, InvalidArgument, MemoryServiceError, Unavailable
+from memory_service import pagination
+from memory_service.errors import WRITES_REFUSED, FailedPrecondition, MemoryServiceError, Unavailable
 from memory_service.history.types import Change
 from memory_service.metrics import Metrics
 from memory_service.models import MemoryFilter
 from memory_service.storage import changes_sql, history_sql
 from memory_service.storage.database import Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 
@@ -58,27 +60,34 @@ MAX_PENDING = 64
 """Frontier candidates kept while a long transaction holds them all back; beyond it the newest is replaced, which
 only delays delivery."""
 
-_CURSOR_PREFIX = "w1:"
+_LEGACY_PREFIX = "w1:"
+"""Cursors of earlier versions were base64 of ``w1:<seq>``; clients keep cursors across restarts, so those still
+resume (range-checked like any other)."""
 
 
 def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{seq}".encode()).decode().rstrip("=")
+    return pagination.WATCH.encode(seq)
 
 
 def decode_cursor(token: str) -> int:
     """The log position after which to start; "" starts at the oldest change the log still holds."""
-    if not token:
-        return 0
+    legacy = _legacy_cursor(token)
+    if legacy is not None:
+        return legacy
+    position = pagination.WATCH.decode(token)
+    return 0 if position is None else int(position[0])
+
+
+def _legacy_cursor(token: str) -> int | None:
     try:
         raw = base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()).decode()
-        if not raw.startswith(_CURSOR_PREFIX):
-            raise ValueError(raw)
-        seq = int(raw[len(_CURSOR_PREFIX) :])
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("after", "is not a cursor this service issued") from None
-    if seq < 0:
-        raise InvalidArgument("after", "is not a cursor this service issued")
-    return seq
+        return None
+    digits = raw.removeprefix(_LEGACY_PREFIX)
+    if raw == digits or not digits.isdigit() or not digits.isascii() or len(digits) > 19:
+        return None
+    seq = int(digits)
+    return seq if seq <= pagination.INT64_MAX else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +178,8 @@ class ChangeFeed:
                     if sleeping and not self._sleeping:
                         await self._advance()  # a change committed just before writers saw the switch: no NOTIFY
                     self._sleeping = sleeping
+            except WRITES_REFUSED as exc:
+                log.debug("change feed: %s", exc)  # a refusal episode is logged once, where it began
             except MemoryServiceError as exc:
                 log.warning("change feed: %s", exc)
             except Exception:
@@ -217,6 +228,7 @@ class ChangeFeed:
 
     async def watch(self, memory_filter: MemoryFilter, *, after: int, include_memory: bool) -> AsyncIterator[Change]:
         """Every change after ``after`` that matches, in log order, as it becomes final; ends only on shutdown."""
+        memory_filter = guard.narrow(memory_filter)
         if after:
             async with self._db.connection() as conn:
                 purged = await history_sql.purged_through(conn)
@@ -232,10 +244,12 @@ class ChangeFeed:
             cursor = after
             while True:
                 await self._wait_beyond(cursor)
-                if self._stopping:
-                    raise Unavailable("the server is shutting down; watch again with the last cursor you received")
+                self._check_stopping()
                 upto = self.frontier
                 while cursor < upto:
+                    # Checked before every page and every change, so a stream replaying a backlog ends at once
+                    # on shutdown too, rather than holding the drain open until the backlog is sent.
+                    self._check_stopping()
                     async with self._db.connection() as conn:
                         page = await changes_sql.fetch_changes(
                             conn,
@@ -246,6 +260,7 @@ class ChangeFeed:
                             include_memory=include_memory,
                         )
                     for change in page:
+                        self._check_stopping()
                         self._metrics.watch_changes.inc()
                         self._metrics.watch_lag.observe(change.lag_seconds)
                         yield change
@@ -255,6 +270,10 @@ class ChangeFeed:
         finally:
             self._watchers -= 1
             self._metrics.watch_streams.dec()
+
+    def _check_stopping(self) -> None:
+        if self._stopping:
+            raise Unavailable("the server is shutting down; watch again with the last cursor you received")
 
     async def _wait_beyond(self, cursor: int) -> None:
         async with self._advanced:

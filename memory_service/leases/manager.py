@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from memory_service.config.settings import Settings
 from memory_service.errors import (
+    WRITES_REFUSED,
     DatabaseUnavailable,
     DeadlineExceeded,
     InvalidArgument,
@@ -46,6 +47,7 @@ from memory_service.leases.types import Acquired, Lease
 from memory_service.metrics import Metrics
 from memory_service.storage import leases_sql as sql
 from memory_service.storage.database import Connection, Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,6 +78,8 @@ def owner_key(owner: str) -> int:
 
 def _ambiguous(exc: BaseException) -> bool:
     """Whether a grant may have committed although its caller did not get the answer."""
+    if isinstance(exc, WRITES_REFUSED):
+        return False  # refused before anything was written
     return not isinstance(exc, MemoryServiceError) or isinstance(exc, Unavailable | DeadlineExceeded)
 
 
@@ -156,6 +160,7 @@ class LeaseManager:
         self, spec: AcquireSpec, *, owner: str, lease_id: uuid.UUID, deadline: float | None
     ) -> AsyncGenerator[Acquired, None]:
         """Yield a non-final step each time the name is found held, then the final answer."""
+        guard.check_namespace(spec.namespace, "namespace")
         wait_until = time.monotonic() + spec.wait
         if deadline is not None:
             # Stop waiting a little before the caller's deadline, so it hears "not acquired" rather than a timeout.
@@ -249,7 +254,10 @@ class LeaseManager:
         """Extend a live lease; a lease that has ended is never revived (LeaseLost)."""
         lid = parse_lease_id(lease_id)
         new_ttl = None if ttl is None else timedelta(seconds=check_ttl(self._settings, ttl))
-        result = await self._run(lambda conn: sql.renew(conn, lid, new_ttl), deadline)
+        if not await self._granted(lid, deadline):
+            result: Lease | str = "it passed to a newer holder (or never existed)"  # as for an unknown id
+        else:
+            result = await self._run(lambda conn: sql.renew(conn, lid, new_ttl), deadline)
         if isinstance(result, str):
             raise LeaseLost(
                 f"lease {lease_id} cannot be renewed: {result}; stop work that relies on it and acquire again"
@@ -259,11 +267,21 @@ class LeaseManager:
     async def release(self, lease_id: str, *, deadline: float | None = None) -> bool:
         """End the named grant if it is live; False (not an error) when it had already ended."""
         lid = parse_lease_id(lease_id)
+        if not await self._granted(lid, deadline):
+            return False  # as for an unknown id
         freed = await self._run(lambda conn: sql.release(conn, lid), deadline)
         self._holds.pop(lid, None)
         if freed is not None:
             self._wake(freed)
         return freed is not None
+
+    async def _granted(self, lease_id: uuid.UUID, deadline: float | None) -> bool:
+        """Whether the call may renew or release this grant: a token granted some namespaces only touches leases in
+        them; one outside them is answered as an unknown id, so its existence is not revealed."""
+        if guard.every_namespace():
+            return True
+        namespace = await self._run(lambda conn: sql.namespace_of(conn, lease_id), deadline)
+        return namespace is None or guard.allows_namespace(namespace)
 
     async def _release_id(self, lease_id: uuid.UUID) -> tuple[str, str] | None:
         return await self._run(lambda conn: sql.release(conn, lease_id))
@@ -271,6 +289,7 @@ class LeaseManager:
     async def get(self, namespace: str, name: str) -> Lease:
         check_name("namespace", namespace)
         check_name("name", name)
+        guard.check_namespace(namespace, "namespace")
         lease = await self._run(lambda conn: sql.get(conn, namespace, name))
         if lease is None:
             raise NotFound(f"no live lease on {namespace}/{name}")
@@ -280,17 +299,18 @@ class LeaseManager:
         """One page of live leases in (namespace, name) order and the token of the next page ("" at the end)."""
         if namespace:
             check_name("namespace", namespace)
+        guard.check_namespace(namespace or "*", "namespace")  # every namespace: only a token granted them all
         if page_size < 0:
             raise InvalidArgument("page_size", f"is expected to be positive (got {page_size})")
         limit = min(page_size or DEFAULT_PAGE_SIZE, self._settings.list_max_page_size)
-        after = decode_page_token(page_token)
+        after = decode_page_token(page_token, listed=namespace)
         leases = await self._run(
             lambda conn: sql.list_live(conn, namespace=namespace or None, after=after, limit=limit + 1)
         )
         if len(leases) <= limit:
             return leases, ""
         last = leases[limit - 1]
-        return leases[:limit], encode_page_token(last.namespace, last.name)
+        return leases[:limit], encode_page_token(last.namespace, last.name, listed=namespace)
 
     # --- what Hold streams (leases.hold) use -------------------------------------------------------------------
 

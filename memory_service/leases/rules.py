@@ -6,12 +6,11 @@ alone. Every check fails early with ``InvalidArgument`` naming what was expected
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
 import re
 import uuid
 
+from memory_service import pagination
 from memory_service.config.settings import Settings
 from memory_service.errors import InvalidArgument
 from memory_service.leases.types import Lease
@@ -85,20 +84,14 @@ class AcquireSpec:
         return self
 
 
-def encode_page_token(namespace: str, name: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([namespace, name]).encode()).decode()
+def encode_page_token(namespace: str, name: str, *, listed: str) -> str:
+    """The next page's token after lease (namespace, name) of a List of namespace ``listed`` ("" for all)."""
+    return pagination.LEASE_LIST.encode(namespace, name, binding=listed)
 
 
-def decode_page_token(token: str) -> tuple[str, str] | None:
-    if not token:
-        return None
-    try:
-        namespace, name = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if isinstance(namespace, str) and isinstance(name, str):
-            return namespace, name
-    except (ValueError, TypeError):
-        pass
-    raise InvalidArgument("page_token", "is expected to be a next_page_token from a previous List")
+def decode_page_token(token: str, *, listed: str) -> tuple[str, str] | None:
+    position = pagination.LEASE_LIST.decode(token, binding=listed)
+    return None if position is None else (position[0], position[1])
 
 
 def owner_for(principal: str | None, holder: str) -> str:

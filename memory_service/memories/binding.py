@@ -13,6 +13,7 @@ import logging
 from memory_service.errors import EmbeddingConfigMismatch, FailedPrecondition
 from memory_service.storage import settings_sql
 from memory_service.storage.database import Connection, Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,22 @@ class ModelBinding:
         self._bound = True
         return True
 
+    def mark_bound(self) -> None:
+        """The database is bound (seen by the generation state): writes need not check again."""
+        self._bound = True
+
     async def ensure(self, conn: Connection) -> bool:
         """First statement of a write transaction that stores embeddings: bind when unbound, refuse another pair.
 
         Returns True when this transaction did the binding; pass that to ``committed`` after the commit.
         """
         if self._bound:
+            return False
+        if guard.scoped():
+            # Binding alters the table, which only its owner may: done in a transaction of its own, before this one
+            # writes anything.
+            with guard.maintenance():
+                await self.bind_now()
             return False
         stored, bound_now = await settings_sql.bind_if_unbound(conn, self.model, self.dimension)
         if stored != (self.model, self.dimension):

@@ -11,9 +11,10 @@ Guarantees a resuming client relies on:
   of the batch. Batches commit in stream order, so everything up to an acked sequence is durable (stored or
   rejected), and nothing after it is half-written.
 - Writes are upserts by identity, so resending rows that did commit (their ack was lost) changes nothing.
-- Within a batch, several rows with one identity collapse to the last; the superseded ones count as "updated"
-  when they differ from the row that replaced them and "unchanged" otherwise, as consecutive Stores would count
-  them. Across batches the database applies them in order: each batch's upsert starts after the previous commit.
+- Within a batch, several rows with one identity collapse to the last, and the earlier ones are acknowledged as
+  "superseded": they are never written, so they record no version and no Watch change (counting them "updated"
+  would claim a change that History cannot show). Across batches the database applies them in order: each
+  batch's upsert starts after the previous commit.
 - An invalid row is rejected with its sequence number and the rest of its batch lands. A stream-level error (a
   request too large, a sequence number that does not increase, a superseded fence) first lets the batches before
   it commit, then ends the stream.
@@ -35,16 +36,16 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
-import numpy as np
-
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument, Unavailable
+from memory_service.generations.state import Generations
 from memory_service.memories.binding import ModelBinding
-from memory_service.memories.writes import WritePath
+from memory_service.memories.writes import Embedded, WritePath
 from memory_service.metrics import Metrics
 from memory_service.models import NO_CONTEXT, Fence, NewMemory, WriteContext
 from memory_service.storage import ingest_sql
-from memory_service.storage.database import Database
+from memory_service.storage.database import Connection, Database
+from memory_service.tenants import guard
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class BulkAck:
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+    superseded: int = 0
+    """Items a later item of the same identity replaced before the batch was written."""
     rejections: tuple[Rejection, ...] = ()
 
     @property
@@ -100,7 +103,7 @@ class BulkAck:
 
     @property
     def rows(self) -> int:
-        return self.created + self.updated + self.unchanged + self.rejected
+        return self.created + self.updated + self.unchanged + self.superseded + self.rejected
 
 
 def check_request_size(count: int, limit: int) -> None:
@@ -120,11 +123,13 @@ class _End:
 class _Batch:
     last_sequence: int
     fences: tuple[Fence, ...]
-    records: list[ingest_sql.StagingRecord]
+    memories: list[NewMemory]
     """One per distinct identity, sorted by identity."""
+    embedded: Embedded
+    records: list[ingest_sql.StagingRecord]
+    """The staging rows of ``memories`` with the vectors of ``embedded``."""
     rejections: tuple[Rejection, ...]
-    collapsed_updated: int
-    collapsed_unchanged: int
+    superseded: int
 
 
 _Pending = tuple[BulkItem, Fence | None]
@@ -147,6 +152,26 @@ class _PreviousBatchFailed(Exception):
     """Never reaches the client: the previous batch's own error is raised first."""
 
 
+class _InFlight:
+    """One stream's share of ``memory_ingest_rows_in_flight``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._gauge = metrics.ingest_in_flight
+        self.rows = 0
+
+    def received(self, rows: int) -> None:
+        self.rows += rows
+        self._gauge.inc(rows)
+
+    def done(self, rows: int) -> None:
+        rows = min(rows, self.rows)
+        self.rows -= rows
+        self._gauge.dec(rows)
+
+    def close(self) -> None:
+        self.done(self.rows)
+
+
 class BulkIngest:
     """Runs BulkStore streams; holds no per-stream state, so one instance serves them all."""
 
@@ -162,8 +187,9 @@ class BulkIngest:
         max_items_per_request: int,
         stopping: asyncio.Event | None = None,
         history: bool = True,
+        generations: Generations | None = None,
     ) -> None:
-        self._writes = WritePath(db, embedder, binding, history=history)
+        self._writes = WritePath(db, embedder, binding, history=history, generations=generations)
         self._metrics = metrics
         self._batch_rows = batch_rows
         self._depth = queue_depth
@@ -188,8 +214,11 @@ class BulkIngest:
         """Acks in stream order, one per committed batch; raises the error that ends the stream, if any."""
         received: asyncio.Queue[list[_Pending] | _End] = asyncio.Queue(self._depth)
         prepared: asyncio.Queue[_Batch | _End] = asyncio.Queue(self._depth)
+        # Rows received and not yet acknowledged, for memory_ingest_rows_in_flight; what is left at the end (rows
+        # of batches that never committed) is given back in ``finally``.
+        in_flight = _InFlight(self._metrics)
         tasks = [
-            asyncio.create_task(self._receive(requests, received), name="bulk receive"),
+            asyncio.create_task(self._receive(requests, received, in_flight), name="bulk receive"),
             asyncio.create_task(self._prepare(received, prepared), name="bulk prepare"),
         ]
         writes: collections.deque[asyncio.Task[BulkAck]] = collections.deque()
@@ -206,6 +235,7 @@ class BulkIngest:
                 if writes and writes[0].done():
                     ack = writes.popleft().result()  # raises the batch's error, ending the stream
                     rows, batches = rows + ack.rows, batches + 1
+                    in_flight.done(ack.rows)
                     yield ack
                 elif getter is not None and getter.done():
                     batch, getter = getter.result(), None
@@ -224,9 +254,12 @@ class BulkIngest:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            in_flight.close()
             log.info("bulk stream ended after %d rows in %d batches", rows, batches)
 
-    async def _receive(self, requests: AsyncIterator[BulkRequest], out: asyncio.Queue[list[_Pending] | _End]) -> None:
+    async def _receive(
+        self, requests: AsyncIterator[BulkRequest], out: asyncio.Queue[list[_Pending] | _End], in_flight: _InFlight
+    ) -> None:
         """Check stream-level rules and hand each request's items on; blocks while the pipeline is full."""
         last = -1
         fence: Fence | None = None
@@ -244,6 +277,7 @@ class BulkIngest:
                     last = item.sequence
                 fence = request.fence or fence
                 if request.items:
+                    in_flight.received(len(request.items))
                     await out.put([(item, fence) for item in request.items])
         except asyncio.CancelledError:
             raise
@@ -300,28 +334,29 @@ class BulkIngest:
     async def _batch(self, items: list[_Pending]) -> _Batch:
         rejections: list[Rejection] = []
         latest: dict[tuple[str, int, str], NewMemory] = {}
-        collapsed_updated = collapsed_unchanged = 0
+        superseded = 0
         for item, _ in items:
             memory = item.memory
             if isinstance(memory, InvalidArgument):
                 rejections.append(Rejection(sequence=item.sequence, field=memory.field, reason=memory.message))
                 continue
+            if not guard.sees(memory.scope, memory.scope_id):
+                reason = f"scope {memory.scope.value}:{memory.scope_id} is outside this token's grants"
+                rejections.append(Rejection(sequence=item.sequence, field="memory.scope", reason=reason))
+                continue
             identity = (memory.scope.value, memory.scope_id, memory.key)
-            superseded = latest.get(identity)
-            if superseded is not None:
-                if _same(superseded, memory):
-                    collapsed_unchanged += 1
-                else:
-                    collapsed_updated += 1
+            superseded += identity in latest
             latest[identity] = memory
         memories = [latest[identity] for identity in sorted(latest)]
+        embedded = await self._writes.embeddings(memories)
         return _Batch(
             last_sequence=items[-1][0].sequence,
             fences=tuple(dict.fromkeys(fence for item, fence in items if fence is not None)),
-            records=ingest_sql.staging_records(memories, await self._writes.embeddings(memories)),
+            memories=memories,
+            embedded=embedded,
+            records=ingest_sql.staging_records(memories, embedded.vectors, embedded.others),
             rejections=tuple(rejections),
-            collapsed_updated=collapsed_updated,
-            collapsed_unchanged=collapsed_unchanged,
+            superseded=superseded,
         )
 
     async def _write(self, batch: _Batch, previous: _Commit | None, commit: _Commit, context: WriteContext) -> BulkAck:
@@ -329,14 +364,20 @@ class BulkIngest:
         counts = ingest_sql.WriteCounts(0, 0, 0)
         try:
             if batch.records:
-                async with self._writes.transaction(batch.fences) as conn:
+                history = self._writes.versions(context, batch.fences)
+
+                async def upsert(conn: Connection, embedded: Embedded) -> ingest_sql.WriteCounts:
+                    if embedded is not batch.embedded:  # embedded anew for another generation
+                        batch.embedded = embedded
+                        batch.records = ingest_sql.staging_records(batch.memories, embedded.vectors, embedded.others)
                     await ingest_sql.stage(conn, batch.records)
                     if previous is not None:
                         await previous.wait()
-                    history = self._writes.versions(context, batch.fences)
-                    counts = await ingest_sql.upsert_staged(
-                        conn, len(batch.records), self._writes.model, history=history
+                    return await ingest_sql.upsert_staged(
+                        conn, len(batch.records), embedded.model, history=history, generation=embedded.generation
                     )
+
+                counts = await self._writes.write(batch.memories, batch.embedded, batch.fences, upsert)
             elif previous is not None:
                 await previous.wait()  # its ack vouches for every batch before it
             commit.ok = True
@@ -345,25 +386,18 @@ class BulkIngest:
         ack = BulkAck(
             durable_sequence=batch.last_sequence,
             created=counts.created,
-            updated=counts.updated + batch.collapsed_updated,
-            unchanged=counts.unchanged + batch.collapsed_unchanged,
+            updated=counts.updated,
+            unchanged=counts.unchanged,
+            superseded=batch.superseded,
             rejections=batch.rejections,
         )
         for outcome, count in (
             ("created", ack.created),
             ("updated", ack.updated),
             ("unchanged", ack.unchanged),
+            ("superseded", ack.superseded),
             ("rejected", ack.rejected),
         ):
             if count:
                 self._metrics.ingest_rows.labels(outcome).inc(count)
         return ack
-
-
-def _same(a: NewMemory, b: NewMemory) -> bool:
-    """Whether two writes of one identity store the same thing (vectors compared by value)."""
-    if dataclasses.replace(a, embedding=None) != dataclasses.replace(b, embedding=None):
-        return False
-    if a.embedding is None or b.embedding is None:
-        return a.embedding is b.embedding
-    return bool(np.array_equal(a.embedding, b.embedding))

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from memory_service.metrics import Metrics
-from memory_service.storage import embedding_cache_sql, memories_sql
+from memory_service.storage import embedding_cache_sql, memories_sql, usage_sql
 from memory_service.storage.database import Connection, Database
 
 log = logging.getLogger(__name__)
@@ -60,3 +60,15 @@ async def evict_embedding_cache(db: Database, age: timedelta = EMBEDDING_CACHE_R
     if total:
         log.info("evicted %d embedding-cache entries older than %s", total, age)
     return total
+
+
+async def fold_scope_counts(db: Database) -> int:
+    """Fold the per-scope count rows that writes appended (migration 0011) into one per scope, so that summing a
+    scope's count stays an index probe of a row or a few."""
+    total = 0
+    while True:
+        async with db.transaction() as conn:
+            scopes, rows = await usage_sql.fold(conn, scopes=PURGE_BATCH)
+        total += rows
+        if scopes < PURGE_BATCH:
+            return total

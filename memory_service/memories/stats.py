@@ -8,11 +8,14 @@ table's current size for the total, with small scopes and the expired rows count
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 
+from memory_service.generations.types import MoveStatus
 from memory_service.models import Scope
 from memory_service.search.index_care import IndexCare, IndexState
 from memory_service.storage import stats_sql
 from memory_service.storage.database import Database
+from memory_service.tenants import guard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,17 @@ class Stats:
     """Exact on a small or never-analyzed cache, otherwise the planner's estimate."""
     counts_estimated: bool = False
     """Whether any count above is an estimate rather than a count."""
+    move: MoveStatus | None = None
+    """A move to another embedding model: its phase, backfill and quality gate."""
+    writes_refused: WriteRefusal | None = None
+    """Set while the database refuses writes, as this instance last saw."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteRefusal:
+    since: datetime
+    reason: str
+    refused_calls: int
 
 
 async def collect(
@@ -46,7 +60,14 @@ async def collect(
     postgres_version: str,
     pgvector_version: str,
     iterative_scan: bool,
+    move: MoveStatus | None = None,
 ) -> Stats:
+    if not guard.server_wide():
+        return await _granted(db, embedding_model=embedding_model, dimension=dimension)
+    refusals = db.refusals
+    refused = None
+    if refusals.since is not None:  # read first: the counts below may fail while writes are refused
+        refused = WriteRefusal(since=refusals.since, reason=refusals.reason, refused_calls=refusals.count)
     state = await index.refresh()
     async with db.connection() as conn:
         counts = await stats_sql.counts(conn)
@@ -65,4 +86,27 @@ async def collect(
         target_recall=index.target_recall,
         embedding_cache_entries=counts.embedding_cache_entries,
         counts_estimated=counts.estimated,
+        move=move,
+        writes_refused=refused,
+    )
+
+
+async def _granted(db: Database, *, embedding_model: str, dimension: int) -> Stats:
+    """Stats of a token without admin: its scopes' counts and the model, nothing that spans other tenants."""
+    async with db.connection() as conn:
+        counts = await stats_sql.granted_counts(conn, every_scope=not guard.scoped())
+    by_scope = {Scope(k): v for k, v in counts.items()}
+    return Stats(
+        memories=sum(by_scope.values()),
+        by_scope=by_scope,
+        expired_pending_purge=0,
+        embedding_model=embedding_model,
+        dimension=dimension,
+        postgres_version="",
+        pgvector_version="",
+        iterative_scan=False,
+        index=IndexState(),
+        exact_threshold=0,
+        target_recall=0.0,
+        embedding_cache_entries=0,
     )

@@ -2,15 +2,17 @@
 
 The right number of ivfflat lists to probe, or of HNSW candidates to keep, depends on how the stored vectors
 cluster: on well-separated data one list finds every neighbour, on real embeddings a rule such as ``sqrt(lists)``
-can lose 5% of them. So after each build, and again as the data changes, the service measures: a uniform sample
-of stored vectors serve as queries, their exact neighbours (the query itself left out) are the truth, and the same
-search statement runs through the index at rising settings until recall@10 reaches the target with 95% confidence
-(its lower confidence bound over the sampled queries, so a small or lucky sample does not buy too few probes). Filtered
-searches (a scope large enough to be searched through the index) are measured on their own, because their true
-neighbours lie farther out than an unfiltered search's.
+can lose 5% of them. So after each build, and again as the data changes, the service measures: queries made
+between sampled memories (``search.calibration_queries``: stored vectors themselves over-promise), or, once an
+instance has seen enough, its own recent searches (``search.query_sample``); their exact neighbours are the truth,
+and the same search statement runs through the index at rising settings until recall@10 reaches the target on
+half the queries with 95% confidence (its lower confidence bound, so a small or lucky sample does not buy too few
+probes) and the other half, held out from the choice, confirms it. Filtered searches (a scope large enough to be
+searched through the index) are measured on their own, because their true neighbours lie farther out than an
+unfiltered search's.
 
-What the search uses: the setting of the first point that reached the target (or the last tried), and as its
-estimated recall the recall measured there.
+What the search uses: the setting of the first point that passed both (or the last tried), and as its estimated
+recall the lower of the two halves' recalls there.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from memory_service.models import IndexKind, MemoryFilter, ScopeRef
+from memory_service.models import IndexKind, MemoryFilter, ScopeRef, Vector
+from memory_service.search.calibration_queries import COLD_MARGIN, moved
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.tuning import scan_settings
 from memory_service.storage import calibration_sql
@@ -66,18 +69,36 @@ class Curve:
     """At each point, a one-sided 95% lower confidence bound of the recall (mean less 1.645 standard errors of
     the per-query recalls): what the choice is made on, so a sample of 50 queries that happened to be easy does not
     buy too few probes. Empty in calibrations stored before it was kept: the mean serves."""
+    checked: tuple[tuple[int, float], ...] = ()
+    """Held-out recall: at each setting whose bound reached the target, the mean recall of a second set of queries
+    that took no part in the choice. Walking up a ladder and stopping at the first setting that passes favours a
+    setting where the sample happened to do well; the held-out set has no such luck, so a setting is chosen only
+    when it reaches the target too, and its recall is what the calibration reports. Empty in calibrations stored
+    before it was kept."""
+
+    margin: float = 1.0
+    """What the setting that reached the target is multiplied by: more than 1 for queries made from stored
+    memories, which cannot tell how far real questions lie (``search.calibration_queries.COLD_MARGIN``)."""
+
+    most: int = 0
+    """The largest setting there is (every list; ef_search 1000), which the margin never goes past; 0: no bound."""
 
     def chosen(self, target: float) -> int:
         bounds = self.lower or tuple(recall for _, recall in self.points)
+        held_out = dict(self.checked)
+        passed = self.points[-1][0]
         for (setting, _), bound in zip(self.points, bounds, strict=True):
-            if bound >= target:
-                return setting
-        return self.points[-1][0]
+            if bound >= target and (not self.checked or held_out.get(setting, 0.0) >= target):
+                passed = setting
+                break
+        with_margin = math.ceil(passed * self.margin)
+        return min(with_margin, self.most) if self.most else with_margin
 
     def recall_at(self, setting: int) -> float | None:
-        """Recall measured at the largest tried setting not above ``setting`` (more probes never find less);
-        None below the cheapest tried."""
-        measured = [recall for tried, recall in self.points if tried <= setting]
+        """Recall measured at the largest tried setting not above ``setting`` (more probes never find less), the
+        lower of the two measurements where the held-out set was measured too; None below the cheapest tried."""
+        held_out = dict(self.checked)
+        measured = [min(recall, held_out.get(tried, recall)) for tried, recall in self.points if tried <= setting]
         return max(measured) if measured else None
 
     def to_json(self) -> dict[str, Any]:
@@ -86,6 +107,9 @@ class Curve:
             "queries": self.queries,
             "source": self.source,
             "lower": list(self.lower),
+            "checked": [list(p) for p in self.checked],
+            "margin": self.margin,
+            "most": self.most,
         }
 
     @classmethod
@@ -95,6 +119,9 @@ class Curve:
             queries=int(data["queries"]),
             source=str(data.get("source", "memories")),
             lower=tuple(float(x) for x in data.get("lower", ())),
+            checked=tuple((int(s), float(r)) for s, r in data.get("checked", ())),
+            margin=float(data.get("margin", 1.0)),
+            most=int(data.get("most", 0)),
         )
 
 
@@ -162,24 +189,39 @@ def _without(query_id: int | None, ids: Sequence[int]) -> list[int]:
     return [i for i in ids if i != query_id][:RECALL_AT]
 
 
-async def _probe(conn: Connection, query_id: int | None, vector: Any, memory_filter: MemoryFilter) -> _Probe:
+async def _probe(
+    conn: Connection, query_id: int | None, vector: Any, memory_filter: MemoryFilter, column: str = "embedding"
+) -> _Probe:
     """A query and its exact neighbours; a stored memory used as a query (``query_id``) is left out of them."""
-    ids = await calibration_sql.nearest(conn, memory_filter, vector, limit=RECALL_AT + 1, exact=True)
+    ids = await calibration_sql.nearest(conn, memory_filter, vector, limit=RECALL_AT + 1, exact=True, column=column)
     return _Probe(query_id, vector, memory_filter, frozenset(_without(query_id, ids)))
 
 
-async def _scope_probes(conn: Connection, rows: Sequence[SampleRow], min_rows: int) -> list[_Probe]:
-    """Sampled memories as queries filtered to their own scope, for the scopes large enough (``min_rows``) that a
-    search of them would use the index."""
+async def _scope_probes(
+    conn: Connection, rows: Sequence[SampleRow], vectors: Sequence[Vector], min_rows: int, column: str = "embedding"
+) -> list[_Probe]:
+    """Queries made from sampled memories (``vectors[i]`` from ``rows[i]``) filtered to the memory's scope, for
+    the scopes large enough (``min_rows``) that a search of them would use the index."""
     large: dict[ScopeRef, bool] = {}
     probes = []
-    for row in rows:
+    for row, vector in zip(rows, vectors, strict=False):
         scope_filter = MemoryFilter(scopes=(row.scope,))
         if row.scope not in large:
             large[row.scope] = await calibration_sql.matching_at_least(conn, scope_filter, max(min_rows, 1))
         if large[row.scope]:
-            probes.append(await _probe(conn, row.id, row.vector, scope_filter))
+            probes.append(await _probe(conn, None, vector, scope_filter, column))
     return probes
+
+
+async def _recalls(conn: Connection, probes: Sequence[_Probe], column: str = "embedding") -> list[float]:
+    """recall@10 of each query through the index, at the connection's current scan settings."""
+    recalls = []
+    for probe in probes:
+        ids = await calibration_sql.nearest(
+            conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False, column=column
+        )
+        recalls.append(len(probe.truth.intersection(_without(probe.id, ids))) / len(probe.truth))
+    return recalls
 
 
 async def _curve(
@@ -191,28 +233,42 @@ async def _curve(
     iterative: bool,
     target: float,
     source: str,
+    margin: float,
+    column: str = "embedding",
 ) -> Curve:
+    """Walk up ``settings`` on half the queries (alternate ones) until the lower bound of their mean recall
+    reaches the target and the other half, held out, confirms it (``Curve.checked``)."""
+    fit, held_out = (list(probes[0::2]), list(probes[1::2])) if len(probes) > 1 else (list(probes), [])
     points: list[tuple[int, float]] = []
     lower: list[float] = []
+    checked: list[tuple[int, float]] = []
+    filtered = any(not probe.memory_filter.is_empty for probe in probes)
     for setting in settings:
-        await calibration_sql.use_settings(conn, scan_settings(kind, setting, iterative=iterative, limit=RECALL_AT + 1))
-        found = 0
-        per_query: list[float] = []
-        for probe in probes:
-            ids = await calibration_sql.nearest(
-                conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False
-            )
-            hits = len(probe.truth.intersection(_without(probe.id, ids)))
-            found += hits
-            per_query.append(hits / len(probe.truth))
-        recall = round(found / max(1, sum(len(p.truth) for p in probes)), 4)
+        scan = scan_settings(kind, setting, iterative=iterative, limit=RECALL_AT + 1, filtered=filtered)
+        await calibration_sql.use_settings(conn, scan)
+        per_query = await _recalls(conn, fit, column)
+        recall = round(statistics.fmean(per_query), 4)
         spread = statistics.stdev(per_query) if len(per_query) > 1 else 0.0
-        bound = round(recall - _Z95 * spread / math.sqrt(max(len(per_query), 1)), 4)
+        bound = round(recall - _Z95 * spread / math.sqrt(len(per_query)), 4)
         points.append((setting, recall))
         lower.append(bound)
-        if bound >= target:
+        if bound < target:
+            continue
+        if not held_out:
             break
-    return Curve(points=tuple(points), queries=len(probes), source=source, lower=tuple(lower))
+        confirmed = round(statistics.fmean(await _recalls(conn, held_out, column)), 4)
+        checked.append((setting, confirmed))
+        if confirmed >= target:
+            break
+    return Curve(
+        points=tuple(points),
+        queries=len(probes),
+        source=source,
+        lower=tuple(lower),
+        checked=tuple(checked),
+        margin=margin,
+        most=settings[-1] if settings else 0,
+    )
 
 
 async def calibrate(
@@ -228,10 +284,12 @@ async def calibrate(
     writes: int,
     index_built_at: str,
     seen: QuerySample | None = None,
+    column: str = "embedding",
 ) -> Calibration:
     """Measure recall@10 unfiltered and filtered: on the recent searches in ``seen`` when there are at least
-    ``MIN_SEEN`` of the kind, otherwise on ``queries`` sampled memories (filtered by their own scope when it holds at
-    least ``filtered_min_rows`` memories, so a search would use the index)."""
+    ``MIN_SEEN`` of the kind, otherwise on ``queries`` points between sampled memories
+    (``search.calibration_queries``; filtered by their memory's scope when it holds at least ``filtered_min_rows``
+    memories, so a search would use the index). Either way half the queries choose, the other half check."""
     started = time.perf_counter()
     seen_unfiltered = seen.queries(filtered=False) if seen is not None else []
     seen_filtered = seen.queries(filtered=True) if seen is not None else []
@@ -242,18 +300,20 @@ async def calibrate(
     sample: list[SampleRow] = []
     if not unfiltered_on_searches or (iterative and not filtered_on_searches):
         # Stored vectors are read (a Bernoulli sample reads every page) only for a kind that has too few searches.
-        sample = await calibration_sql.sample(conn, queries, rows=rows)
+        sample = await calibration_sql.sample(conn, queries, rows=rows, column=column)
         if not sample:
             raise ValueError("no stored vectors to calibrate on")
+    nearest = [await calibration_sql.nearest_other(conn, row.id, row.vector, column=column) for row in sample]
+    queries_made = moved([row.vector for row in sample], nearest)
     if unfiltered_on_searches:
-        unfiltered = [await _probe(conn, None, q.vector, q.memory_filter) for q in seen_unfiltered]
+        unfiltered = [await _probe(conn, None, q.vector, q.memory_filter, column) for q in seen_unfiltered]
     else:
-        unfiltered = [await _probe(conn, row.id, row.vector, MemoryFilter()) for row in sample]
+        unfiltered = [await _probe(conn, None, vector, MemoryFilter(), column) for vector in queries_made]
     filtered: list[_Probe] = []
     if filtered_on_searches:
-        filtered = [await _probe(conn, None, q.vector, q.memory_filter) for q in seen_filtered]
+        filtered = [await _probe(conn, None, q.vector, q.memory_filter, column) for q in seen_filtered]
     elif iterative:
-        filtered = await _scope_probes(conn, sample[: max(1, queries // 2)], filtered_min_rows)
+        filtered = await _scope_probes(conn, sample, queries_made, filtered_min_rows, column)
     # A query with no neighbour measures nothing (and has no recall to divide by): a table emptied since the
     # searches were seen, or a lone stored vector.
     unfiltered = [p for p in unfiltered if p.truth]
@@ -264,7 +324,18 @@ async def calibrate(
 
     async def curve(probes: Sequence[_Probe], on_searches: bool) -> Curve:
         source = "searches" if on_searches else "memories"
-        return await _curve(conn, probes, settings, kind=kind, iterative=iterative, target=target, source=source)
+        margin = 1.0 if on_searches else COLD_MARGIN[kind]
+        return await _curve(
+            conn,
+            probes,
+            settings,
+            kind=kind,
+            iterative=iterative,
+            target=target,
+            source=source,
+            margin=margin,
+            column=column,
+        )
 
     unfiltered_curve = await curve(unfiltered, unfiltered_on_searches)
     filtered_curve = await curve(filtered, filtered_on_searches) if filtered else None

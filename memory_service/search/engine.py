@@ -20,15 +20,20 @@ from datetime import UTC, datetime
 
 from memory_service.config.settings import Settings
 from memory_service.embeddings.service import EmbeddingService
+from memory_service.errors import GenerationChanged
+from memory_service.generations.state import Generations
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
+from memory_service.observability import tracing
 from memory_service.search.fusion import rank_candidates
-from memory_service.search.index_care import IndexCare, IndexState, fitted_probes
+from memory_service.search.index_care import IndexCare, IndexState, search_setting
+from memory_service.search.observe import PlanNotes, SearchObserver
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.text_search import TextSearch
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING, TextRanking, scan_settings
 from memory_service.storage import search_sql, text_index_sql
 from memory_service.storage.database import Connection, Database
+from memory_service.tenants import guard
 
 # Hybrid and text searches fetch this many candidates per list (at least) so fusion has something to reorder.
 _MIN_CANDIDATES = 40
@@ -36,8 +41,8 @@ _CANDIDATE_FACTOR = 3
 # Most matching rows a filtered search scans exactly instead of using the index (the count deciding it reads up to
 # this many index entries).
 _EXACT_FILTER_MAX_ROWS = 20_000
-# pgvector's own default, used only until the index's first calibration.
-_HNSW_DEFAULT_EF_SEARCH = 40
+# Runs of one search when the embedding generation changes under it: a cut-over and a rollback in quick succession.
+_GENERATION_ATTEMPTS = 3
 
 
 class SearchEngine:
@@ -54,9 +59,15 @@ class SearchEngine:
         text_ranking: TextRanking = DEFAULT_TEXT_RANKING,
         hybrid_alpha: float = 0.5,
         seen: QuerySample | None = None,
+        observer: SearchObserver | None = None,
         text_search: TextSearch | None = None,
+        generations: Generations | None = None,
     ) -> None:
         self._db = db
+        self._observer = observer or SearchObserver(metrics)
+        self._generations = generations
+        """The embedding generation searches run in; a search planned for one that has just been replaced runs
+        again in the new one, so its hits never mix two models."""
         self._embedder = embedder
         self._index = index
         self._metrics = metrics
@@ -71,22 +82,45 @@ class SearchEngine:
         self.text_search = text_search
         """The in-memory text index; TEXT and HYBRID use the SQL statement until it has loaded."""
 
+    def seen_reset(self) -> None:
+        if self.seen is not None:
+            self.seen.clear()
+
     async def search(self, query: SearchQuery) -> SearchResult:
         started = time.perf_counter()
-        vector = await self._query_vector(query)
+        query = dataclasses.replace(query, filter=guard.narrow(query.filter))
         text = query.text if query.mode in (SearchMode.TEXT, SearchMode.HYBRID) else None
         limit = query.top_k
         if query.mode is not SearchMode.VECTOR:
             limit = max(query.top_k * _CANDIDATE_FACTOR, _MIN_CANDIDATES)
-        if vector is None and text is not None and self.text_search is not None and self.text_search.ready:
-            # Without boosts a TEXT hit's score is its BM25 score: the exact top_k is the answer, nothing to rerank.
-            boosted = query.importance_boost != 0 or query.recency_boost != 0
-            result = await self._run_text(query, text, limit if boosted else query.top_k)
-            if result is None:  # the index was dropped meanwhile
-                result = await self._run(query, vector, text, limit)
-        else:
-            result = await self._run(query, vector, text, limit)
-        self._metrics.search_latency.labels(query.mode.value).observe(time.perf_counter() - started)
+        notes = PlanNotes()
+        generations = self._generations
+        for attempt in range(_GENERATION_ATTEMPTS):
+            # The generation is taken before the query is embedded: the statement then checks that the model that
+            # embedded it is still the database's current one.
+            generation = 0 if generations is None else generations.epoch
+            if generations is not None and query.mode is not SearchMode.TEXT:
+                generations.check_current()
+            try:
+                vector = await self._query_vector(query)
+                by_index = None
+                if vector is None and text is not None and self.text_search is not None and self.text_search.ready:
+                    # Without boosts a TEXT hit's score is its BM25 score: the exact top_k is the answer, nothing
+                    # to rerank. None: the index was dropped meanwhile.
+                    boosted = query.importance_boost != 0 or query.recency_boost != 0
+                    by_index = await self._run_text(query, text, limit if boosted else query.top_k)
+                if by_index is not None:
+                    result = by_index
+                else:
+                    result = await self._run(query, vector, text, limit, notes=notes, generation=generation)
+                break
+            except GenerationChanged:
+                if generations is None or attempt == _GENERATION_ATTEMPTS - 1:
+                    raise
+                await generations.refresh()
+        if generations is not None and query.text and query.mode is not SearchMode.TEXT:
+            generations.searches.record(query.text, query.filter)
+        self._observer.observe(query, vector, result, notes, time.perf_counter() - started)
         return result
 
     async def _query_vector(self, query: SearchQuery) -> Vector | None:
@@ -102,15 +136,10 @@ class SearchEngine:
         The request's own setting wins, then the operator's, then the index's calibration for this kind of
         search (filtered or not), then a rule of thumb until the first calibration."""
         filtered = not query.filter.is_empty
-        calibration = state.calibration
-        setting = query.probes or self._default_probes
-        if not setting:
-            if calibration is not None:
-                setting = calibration.setting(filtered=filtered)
-            else:
-                setting = _HNSW_DEFAULT_EF_SEARCH if state.kind == "hnsw" else fitted_probes(state.lists)
+        setting = query.probes or search_setting(state, filtered=filtered, configured=self._default_probes)
         if state.kind != "hnsw":
             setting = min(setting, state.lists)
+        calibration = state.calibration
         recall = None if calibration is None else calibration.curve(filtered=filtered).recall_at(setting)
         return setting, recall
 
@@ -150,7 +179,18 @@ class SearchEngine:
         ]
         return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
 
-    async def _run(self, query: SearchQuery, vector: Vector | None, text: str | None, limit: int) -> SearchResult:
+    async def _run(
+        self,
+        query: SearchQuery,
+        vector: Vector | None,
+        text: str | None,
+        limit: int,
+        *,
+        notes: PlanNotes,
+        generation: int,
+    ) -> SearchResult:
+        """One search in embedding generation ``generation``: every statement that compares or returns vectors
+        fails (GenerationChanged) when it is no longer the database's."""
         plan = self._plan(query, vector)
         # No transaction: every statement below reads on its own (READ COMMITTED gave each its own snapshot
         # anyway), so a search is one round trip per statement. A memory deleted between the candidates and
@@ -158,15 +198,23 @@ class SearchEngine:
         # exact and text scans run with whatever the connection has.
         session = (
             self._db.settings_connection(
-                scan_settings(plan.kind, plan.probes, iterative=self.iterative_scan, limit=limit)
+                scan_settings(
+                    plan.kind,
+                    plan.probes,
+                    iterative=self.iterative_scan,
+                    limit=limit,
+                    filtered=not query.filter.is_empty,
+                )
             )
             if plan.approximate_possible
             else self._db.connection()
         )
         async with session as conn:
             use_index = plan.approximate_possible and not await self._exact_is_cheaper(conn, query, plan)
-            found, use_index = await self._candidates(conn, query, vector, text, limit, use_index=use_index)
-            hits = await self._hits(conn, query, found)
+            found, use_index = await self._candidates(
+                conn, query, vector, text, limit, use_index=use_index, notes=notes, generation=generation
+            )
+            hits = await self._hits(conn, query, found, generation)
         if vector is None:
             return SearchResult(hits=hits, mode=query.mode, exact=True, plan="text")
         if use_index:
@@ -208,6 +256,8 @@ class SearchEngine:
         limit: int,
         *,
         use_index: bool,
+        notes: PlanNotes,
+        generation: int,
     ) -> tuple[list[Candidate], bool]:
         """The candidates, widened until complete, and whether the index served them in the end."""
 
@@ -227,7 +277,13 @@ class SearchEngine:
         async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
             if text_search is not None and vector is not None:
                 found = await text_index_sql.hybrid_candidates(
-                    conn, query.filter, vector=vector, limit=limit, exact=exact, text_ids=[i for i, _ in text_best]
+                    conn,
+                    query.filter,
+                    vector=vector,
+                    limit=limit,
+                    exact=exact,
+                    text_ids=[i for i, _ in text_best],
+                    generation=generation,
                 )
                 scores = dict(text_best)
                 scores.update(text_search.scores([c.id for c in found if c.id not in scores], scoring))
@@ -245,6 +301,8 @@ class SearchEngine:
                 text_ranking=self._text_ranking.values,
                 pruned=pruned,
                 with_embedding=query.include_embedding,
+                generation=generation,
+                rls=guard.scoped(),
             )
 
         if use_index and vector is not None and self.seen is not None:
@@ -265,16 +323,21 @@ class SearchEngine:
             # Too few memories held the query's rarest terms: let its common terms bring in candidates too.
             use_index = use_index and not vector_short
             found = await fetch(exact=not use_index, pruned=not text_short)
+        notes.found, notes.fallback, notes.widened = found, vector_short, text_short
+        notes.bounded = text is not None and bool(found) and not found[0].text_every_term
         return found, use_index
 
-    async def _hits(self, conn: Connection, query: SearchQuery, found: list[Candidate]) -> list[SearchHit]:
+    async def _hits(
+        self, conn: Connection, query: SearchQuery, found: list[Candidate], generation: int
+    ) -> list[SearchHit]:
         """Rank the candidates and attach the winners' memories (fetched unless they came along)."""
-        ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
+        with tracing.span("fusion", candidates=len(found)):
+            ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
         memories = (
             {}
             if query.mode is SearchMode.VECTOR
             else await search_sql.memories_by_id(
-                conn, [s.candidate.id for s in ranked], with_embedding=query.include_embedding
+                conn, [s.candidate.id for s in ranked], with_embedding=query.include_embedding, generation=generation
             )
         )
         return [

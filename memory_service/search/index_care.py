@@ -17,6 +17,7 @@ instance (and on every Stats call) must not scan the table. A rebuild counts exa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -24,12 +25,13 @@ import math
 from datetime import datetime
 
 from memory_service.config.settings import Settings
+from memory_service.metrics import Metrics
 from memory_service.models import IndexKind
 from memory_service.search.calibration import MIN_SEEN, Calibration, Curve, calibrate
 from memory_service.search.query_sample import QuerySample
 from memory_service.storage import calibration_sql, index_sql, settings_sql, stats_sql
 from memory_service.storage.database import Connection, Database
-from memory_service.storage.index_sql import IndexSpec
+from memory_service.storage.index_sql import IndexSpec, setting_key
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ RECALIBRATE_AFTER = 0.2
 _ROWS_AT_BUILD = "vector_index_rows_at_build"
 _BUILT_AT = "vector_index_built_at"
 _LEGACY = {_ROWS_AT_BUILD: "ivfflat_rows_at_build", _BUILT_AT: "ivfflat_built_at"}
+_HNSW_DEFAULT_EF_SEARCH = 40
+"""pgvector's own default, used only until the index's first calibration."""
 
 
 def fitted_lists(rows: int) -> int:
@@ -70,6 +74,18 @@ class IndexState:
     @property
     def usable(self) -> bool:
         return self.exists and self.valid and (self.kind == "hnsw" or self.lists > 0)
+
+
+def search_setting(state: IndexState, *, filtered: bool, configured: int | None) -> int:
+    """Probes (ef_search for HNSW) an index search uses unless the request names its own: the operator's
+    setting, then the index's calibration for this kind of search, then a rule of thumb until the first one."""
+    setting = configured
+    if not setting:
+        if state.calibration is not None:
+            setting = state.calibration.setting(filtered=filtered)
+        else:
+            setting = _HNSW_DEFAULT_EF_SEARCH if state.kind == "hnsw" else fitted_probes(state.lists)
+    return setting if state.kind == "hnsw" else min(setting, state.lists)
 
 
 def needs_rebuild(state: IndexState, *, exact_max_rows: int, kind: IndexKind = "ivfflat") -> bool:
@@ -111,8 +127,10 @@ def _doubled(curve: Curve | None) -> int:
     return 2 * curve.queries
 
 
-def _calibration_of(stored: dict[str, str], kind: IndexKind | None, built_at: str | None) -> Calibration | None:
-    raw = stored.get(calibration_sql.CALIBRATION_KEY)
+def _calibration_of(
+    stored: dict[str, str], kind: IndexKind | None, built_at: str | None, column: str = "embedding"
+) -> Calibration | None:
+    raw = stored.get(setting_key(calibration_sql.CALIBRATION_KEY, column))
     if raw is None:
         return None
     try:
@@ -138,8 +156,15 @@ class IndexCare:
         hnsw_m: int = Settings.hnsw_m,
         hnsw_ef_construction: int = Settings.hnsw_ef_construction,
         seen: QuerySample | None = None,
+        metrics: Metrics | None = None,
+        configured_setting: int | None = None,
+        column: str = "embedding",
     ) -> None:
         self._db = db
+        self._metrics = metrics
+        self._configured = configured_setting
+        self.column = column
+        """The vector column this cares for: ``embedding``, or a move's other generation (``embedding_alt``)."""
         self._dsn = dsn
         self.exact_max_rows = exact_max_rows
         self.kind: IndexKind = kind
@@ -151,17 +176,35 @@ class IndexCare:
         self._seen = seen
         self.state = IndexState()
 
+    def for_column(self, column: str) -> IndexCare:
+        """The care of another vector column's index with this one's settings (a move's ``embedding_alt``), without
+        the search sample and the metrics: they belong to the column searched."""
+        other = copy.copy(self)
+        other.column, other._seen, other._metrics, other.state = column, None, None, IndexState()
+        return other
+
     async def refresh(self) -> IndexState:
         async with self._db.connection() as conn:
             self.state = await self._read(conn)
+        if self._metrics is not None:
+            publish(
+                self._metrics,
+                self.state,
+                target=self.target_recall,
+                exact_max_rows=self.exact_max_rows,
+                configured=self._configured,
+            )
         return self.state
 
     async def _read(self, conn: Connection) -> IndexState:
-        info = await index_sql.index_info(conn, self.kind)
-        rows = await index_sql.estimated_rows(conn)
+        info = await index_sql.index_info(conn, self.kind, self.column)
+        rows = await index_sql.estimated_rows(conn, self.column)
         stored = await settings_sql.read_settings(conn)
-        built = stored.get(_BUILT_AT) or stored.get(_LEGACY[_BUILT_AT])
-        rows_at_build = stored.get(_ROWS_AT_BUILD) or stored.get(_LEGACY[_ROWS_AT_BUILD]) or "0"
+        legacy = self.column == "embedding"
+        built = stored.get(self._key(_BUILT_AT)) or (stored.get(_LEGACY[_BUILT_AT]) if legacy else None)
+        rows_at_build = (
+            stored.get(self._key(_ROWS_AT_BUILD)) or (stored.get(_LEGACY[_ROWS_AT_BUILD]) if legacy else None) or "0"
+        )
         return IndexState(
             exists=info.exists,
             valid=info.valid,
@@ -171,16 +214,19 @@ class IndexCare:
             rows=rows,
             rows_at_build=int(rows_at_build),
             built_at=datetime.fromisoformat(built) if built else None,
-            calibration=_calibration_of(stored, info.kind, built),
+            calibration=_calibration_of(stored, info.kind, built, self.column),
         )
+
+    def _key(self, base: str) -> str:
+        return setting_key(base, self.column)
 
     def needs_rebuild(self, state: IndexState) -> bool:
         return needs_rebuild(state, exact_max_rows=self.exact_max_rows, kind=self.kind)
 
     def spec_for(self, rows: int) -> IndexSpec:
         if self.kind == "hnsw":
-            return IndexSpec("hnsw", m=self._hnsw[0], ef_construction=self._hnsw[1])
-        return IndexSpec("ivfflat", lists=fitted_lists(rows))
+            return IndexSpec("hnsw", m=self._hnsw[0], ef_construction=self._hnsw[1], column=self.column)
+        return IndexSpec("ivfflat", lists=fitted_lists(rows), column=self.column)
 
     async def maintain(self, *, force: bool = False) -> str:
         """Rebuild when due (or when forced) and calibrate when due; return what was done, for logs and the CLI."""
@@ -197,11 +243,13 @@ class IndexCare:
             # Another instance may have done the work while this one waited for the lock: decide again.
             state = await self._read(conn)
             if force or self.needs_rebuild(state):
-                rows = await index_sql.row_count(conn)
+                rows = await index_sql.row_count(conn, self.column)
                 spec = self.spec_for(rows)
                 log.info("building %s index: %d rows (%s)", spec.kind, rows, spec.using())
                 built_at = await index_sql.rebuild(conn, spec)
-                await settings_sql.write_settings(conn, {_ROWS_AT_BUILD: str(rows), _BUILT_AT: built_at.isoformat()})
+                await settings_sql.write_settings(
+                    conn, {self._key(_ROWS_AT_BUILD): str(rows), self._key(_BUILT_AT): built_at.isoformat()}
+                )
                 state = await self._read(conn)
                 described = f"lists={spec.lists}" if spec.kind == "ivfflat" else f"m={spec.m}"
                 done.append(f"rebuilt {spec.kind} with {described} for {rows} rows")
@@ -237,11 +285,41 @@ class IndexCare:
                 writes=writes,
                 index_built_at=state.built_at.isoformat(),
                 seen=self._seen,
+                column=self.column,
             )
         except ValueError as exc:
             return f"not calibrated: {exc}"
-        await calibration_sql.write(conn, calibration.to_json())
+        await calibration_sql.write(conn, calibration.to_json(), self._key(calibration_sql.CALIBRATION_KEY))
         return "calibrated " + describe(calibration)
+
+
+def publish(metrics: Metrics, state: IndexState, *, target: float, exact_max_rows: int, configured: int | None) -> None:
+    """The index's state as gauges: what it is, how it was calibrated, and what searches use."""
+    for kind in ("ivfflat", "hnsw", "none"):
+        metrics.index_info.labels(kind).set(
+            1 if (state.kind or "none") == kind and (state.exists or kind == "none") else 0
+        )
+    metrics.index_usable.set(1 if state.usable else 0)
+    metrics.index_lists.set(state.lists if state.kind == "ivfflat" else 0)
+    metrics.index_m.set(state.m if state.kind == "hnsw" else 0)
+    metrics.index_rows.set(state.rows)
+    metrics.index_rows_at_build.set(state.rows_at_build)
+    metrics.index_exact_rows.set(exact_max_rows)
+    metrics.index_built.set(state.built_at.timestamp() if state.built_at else 0)
+    metrics.index_target_recall.set(target)
+    calibration = state.calibration
+    metrics.index_calibrated.set(calibration.calibrated_at.timestamp() if calibration else 0)
+    for filtered in (False, True):
+        label = "true" if filtered else "false"
+        setting = search_setting(state, filtered=filtered, configured=configured) if state.usable else 0
+        metrics.index_setting.labels(label).set(setting)
+        # Filtered searches fall back to the unfiltered curve when none was measured for them, as the engine does.
+        curve = calibration.curve(filtered=filtered) if calibration is not None else None
+        recall = curve.recall_at(setting) if curve is not None else None
+        metrics.index_estimated_recall.labels(label).set(recall or 0)
+        for source in ("searches", "memories"):
+            queries = curve.queries if curve is not None and curve.source == source else 0
+            metrics.index_calibration_queries.labels(label, source).set(queries)
 
 
 def describe(calibration: Calibration) -> str:

@@ -52,5 +52,11 @@ class QuerySample:
         reservoir = self._unfiltered if memory_filter.is_empty else self._filtered
         reservoir.offer(SeenQuery(vector, memory_filter))
 
+    def clear(self) -> None:
+        """Forget every query: after a change of embedding model their vectors belong to the old one."""
+        for reservoir in (self._unfiltered, self._filtered):
+            reservoir.items.clear()
+            reservoir.offered = 0
+
     def queries(self, *, filtered: bool) -> list[SeenQuery]:
         return list((self._filtered if filtered else self._unfiltered).items)

@@ -72,9 +72,10 @@ class TextStats:
     async def refresh(self) -> bool:
         """Recompute now; False when another instance was already doing it."""
         started = time.perf_counter()
-        # The refresh is one statement after the lock: its one snapshot makes idf and the average length agree, and
-        # it is taken once no other instance can be refreshing (a repeatable-read snapshot taken before the lock
-        # could predate another instance's refresh and fail to serialize against it).
+        # The refresh reads in one statement after the lock: its one snapshot makes idf and the average length agree,
+        # and it is taken once no other instance can be refreshing (a repeatable-read snapshot taken before the lock
+        # could predate another instance's refresh and fail to serialize against it). Only its short write of what
+        # changed draws a transaction id, so the scan does not hold the change feed back.
         async with self._db.transaction() as conn:
             docs = await text_stats_sql.refresh(conn)
         if docs is None:

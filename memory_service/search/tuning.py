@@ -28,7 +28,7 @@ class TextRanking:
 DEFAULT_TEXT_RANKING = TextRanking()
 
 
-def scan_settings(kind: IndexKind, setting: int, *, iterative: bool, limit: int) -> dict[str, str]:
+def scan_settings(kind: IndexKind, setting: int, *, iterative: bool, limit: int, filtered: bool) -> dict[str, str]:
     """The session settings a search (or a calibration) runs an index scan with.
 
     Iterative scans (pgvector 0.8+) keep scanning until ``limit`` rows pass the filter, in relaxed order: the
@@ -41,10 +41,12 @@ def scan_settings(kind: IndexKind, setting: int, *, iterative: bool, limit: int)
         settings = {"ivfflat.probes": str(setting)}
     if iterative:
         settings[f"{kind}.iterative_scan"] = "relaxed_order"
-    # The engine sends a search to the index only when it has judged the index cheaper than reading the filter's
-    # matches; left to itself, PostgreSQL often reads a large scope through its btree and sorts every row instead
-    # (an exact scan under an approximate label, whose cost grows with the scope). The index yields rows in
-    # distance order, so forbidding the sort leaves it the index. Storage resets this setting before the
-    # connection serves anything else.
-    settings["enable_sort"] = "off"
+    if filtered:
+        # The engine sends a filtered search to the index only when it has judged the index cheaper than reading
+        # the filter's matches; left to itself, PostgreSQL often reads a large scope through its btree and sorts
+        # every row instead (an exact scan under an approximate label, whose cost grows with the scope). The index
+        # yields rows in distance order, so forbidding the sort leaves it the index. Storage resets this setting
+        # before the connection serves anything else, which costs a round trip: unfiltered searches, for which
+        # the index is the only plan short of reading the whole table, do without it.
+        settings["enable_sort"] = "off"
     return settings

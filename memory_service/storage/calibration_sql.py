@@ -16,6 +16,7 @@ import asyncpg
 
 from memory_service.models import MemoryFilter, Scope, ScopeRef, Vector
 from memory_service.storage import search_sql, settings_sql
+from memory_service.storage.index_sql import vector_column
 
 CALIBRATION_KEY = "vector_index_calibration"
 
@@ -27,15 +28,16 @@ class SampleRow:
     scope: ScopeRef
 
 
-async def sample(conn: asyncpg.Connection, size: int, *, rows: int) -> list[SampleRow]:
+async def sample(conn: asyncpg.Connection, size: int, *, rows: int, column: str = "embedding") -> list[SampleRow]:
     """About ``size`` live memories with an embedding, drawn uniformly (a Bernoulli sample of the rows, so pages
     written together, often on one topic, do not come as a block)."""
     percent = min(100.0, 100.0 * 4 * size / max(rows, 1))
+    column = vector_column(column)
     records = await conn.fetch(
         f"""
-        SELECT id, embedding, scope::text AS scope, scope_id FROM memory.memories m
+        SELECT id, {column} AS embedding, scope::text AS scope, scope_id FROM memory.memories m
         TABLESAMPLE BERNOULLI ({percent:.6f})
-        WHERE m.embedding IS NOT NULL AND (m.expires_at IS NULL OR m.expires_at > now())
+        WHERE m.{column} IS NOT NULL AND (m.expires_at IS NULL OR m.expires_at > now())
         ORDER BY random() LIMIT $1
         """,
         size,
@@ -53,18 +55,45 @@ async def use_settings(conn: asyncpg.Connection, settings: Mapping[str, str]) ->
 
 
 async def nearest(
-    conn: asyncpg.Connection, memory_filter: MemoryFilter, vector: Vector, *, limit: int, exact: bool
+    conn: asyncpg.Connection,
+    memory_filter: MemoryFilter,
+    vector: Vector,
+    *,
+    limit: int,
+    exact: bool,
+    column: str = "embedding",
+    generation: int | None = None,
 ) -> list[int]:
     """Ids of the ``limit`` nearest among the filter's memories, by distance: exactly, or through the index."""
     found = await search_sql.candidates(
-        conn, memory_filter, vector=vector, text=None, limit=limit, exact=exact, full_rows=False
+        conn,
+        memory_filter,
+        vector=vector,
+        text=None,
+        limit=limit,
+        exact=exact,
+        full_rows=False,
+        column=column,
+        generation=generation,
     )
     return [c.id for c in sorted(found, key=lambda c: (c.distance if c.distance is not None else 2.0, c.id))]
+
+
+async def nearest_other(
+    conn: asyncpg.Connection, row_id: int, vector: Vector, *, column: str = "embedding"
+) -> float | None:
+    """Cosine distance from a stored vector to its nearest other one, found through the index at the connection's
+    settings: a scale for ``search.calibration_queries``, not an answer to check."""
+    found = await search_sql.candidates(
+        conn, MemoryFilter(), vector=vector, text=None, limit=2, exact=False, full_rows=False, column=column
+    )
+    distances = [c.distance for c in found if c.id != row_id and c.distance is not None]
+    return min(distances) if distances else None
 
 
 async def matching_at_least(conn: asyncpg.Connection, memory_filter: MemoryFilter, rows: int) -> bool:
     return await search_sql.count_matching(conn, memory_filter, cap=rows) >= rows
 
 
-async def write(conn: asyncpg.Connection, calibration: Mapping[str, Any]) -> None:
-    await settings_sql.write_settings(conn, {CALIBRATION_KEY: json.dumps(calibration, sort_keys=True)})
+async def write(conn: asyncpg.Connection, calibration: Mapping[str, Any], key: str = CALIBRATION_KEY) -> None:
+    await settings_sql.write_settings(conn, {key: json.dumps(calibration, sort_keys=True)})

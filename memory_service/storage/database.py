@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -19,13 +19,29 @@ from pgvector.asyncpg import register_vector
 
 from memory_service.config.env import redact_url
 from memory_service.errors import (
+    WRITES_REFUSED,
     DatabaseConflict,
+    DatabaseReadOnly,
+    DatabaseResourcesExhausted,
     DatabaseUnavailable,
     DeadlineExceeded,
+    GenerationChanged,
     Internal,
     MemoryServiceError,
+    PermissionDenied,
     StartupError,
 )
+from memory_service.storage.access import QUOTA_SQLSTATE, access_settings, quota_exceeded
+from memory_service.storage.probe import WriteRefusals
+from memory_service.storage.session import (
+    PooledConnection,
+    access_for_transaction,
+    begin_statement,
+    reset_connection,
+    use_access,
+    use_session_settings,
+)
+from memory_service.tenants.types import current as current_access
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,25 +69,47 @@ DRIVER_ERRORS: dict[type[BaseException], type[MemoryServiceError]] = {
     # PostgreSQL rolled the transaction back to keep it consistent: nothing was written; re-read and retry.
     asyncpg.SerializationError: DatabaseConflict,
     asyncpg.DeadlockDetectedError: DatabaseConflict,
+    # A schema change gave up waiting for its lock (lock_timeout): nothing was changed; retry.
+    asyncpg.LockNotAvailableError: DatabaseConflict,
     # A statement prepared before a schema change (binding the embedding column's type), run in a transaction:
     # asyncpg drops its statement cache, so the retry succeeds.
     asyncpg.InvalidCachedStatementError: DatabaseUnavailable,
     # The deadline or statement_timeout cancelled the query.
     asyncpg.QueryCanceledError: DeadlineExceeded,
+    # Up, but refusing writes: a read-only transaction (default_transaction_read_only, a standby), or out of disk,
+    # memory or another resource (SQLSTATE class 53; too many connections is mapped above as unavailable).
+    asyncpg.ReadOnlySQLTransactionError: DatabaseReadOnly,
+    asyncpg.InsufficientResourcesError: DatabaseResourcesExhausted,
     # The service handed the driver a value it cannot encode: a bug here, not the client's or the database's.
     asyncpg.DataError: Internal,
+    # Row-level security refused a row the service's own checks let through (or a grant is missing).
+    asyncpg.InsufficientPrivilegeError: PermissionDenied,
 }
 
 _MESSAGES: dict[type[MemoryServiceError], str] = {
     DatabaseUnavailable: "database unavailable: {name}",
     DatabaseConflict: "the transaction conflicted with another and was rolled back ({name}); retry",
     DeadlineExceeded: "the query was cancelled: its deadline or statement_timeout passed",
+    DatabaseReadOnly: "the database refuses writes: {exc} (it is read-only); nothing was written, retry later",
+    DatabaseResourcesExhausted: (
+        "the database is out of resources and refused the work ({name}: {exc}); nothing was written, retry after an "
+        "operator has freed them"
+    ),
     Internal: "the database driver refused a value the service sent ({name}): {exc}",
+    PermissionDenied: "the database refused the call's access ({name})",
 }
+
+
+GENERATION_CHANGED = "MSG01"
+"""The SQLSTATE of ``memory.embedding_generation_is`` (migrations/0012_embedding_generations.sql)."""
 
 
 def driver_error(exc: BaseException) -> MemoryServiceError | None:
     """The domain error for a driver exception, or None when it is not one the table knows (it propagates as is)."""
+    if getattr(exc, "sqlstate", None) == GENERATION_CHANGED:
+        return GenerationChanged(str(exc))
+    if getattr(exc, "sqlstate", None) == QUOTA_SQLSTATE:
+        return quota_exceeded(current_access())
     for cls in type(exc).__mro__:
         target = DRIVER_ERRORS.get(cls)
         if target is not None:
@@ -139,102 +177,6 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-_SETTING_NAME = re.compile(r"^[a-z_]+(\.[a-z_]+)?$")
-_SETTING_VALUE = re.compile(r"^[A-Za-z0-9_.]+$")
-
-
-def begin_statement(settings: Mapping[str, str], *, readonly: bool = False) -> str:
-    """``BEGIN; SET LOCAL ...`` as one simple query. Settings come from code, never from a client, and are
-    checked against a strict pattern all the same, since simple queries cannot carry parameters."""
-    parts = ["BEGIN READ ONLY" if readonly else "BEGIN"]
-    for name, value in settings.items():
-        if not _SETTING_NAME.match(name) or not _SETTING_VALUE.match(value):
-            raise ValueError(f"refusing to SET LOCAL {name!r} = {value!r}")
-        parts.append(f"SET LOCAL {name} = '{value}'")
-    return "; ".join(parts)
-
-
-def session_statement(current: Mapping[str, str] | None, wanted: Mapping[str, str]) -> str:
-    """The simple query that turns a connection's session settings from ``current`` into ``wanted``.
-
-    ``current`` None means not known (a change was interrupted): everything is reset first. Settings that
-    ``current`` has and ``wanted`` lacks are reset to the server default. Names and values come from code, never
-    from a client, and are checked against a strict pattern all the same (simple queries carry no parameters)."""
-    parts = ["RESET ALL"] if current is None else []
-    known = current or {}
-    parts.extend(f"RESET {name}" for name in known if name not in wanted)
-    for name, value in wanted.items():
-        if not _SETTING_NAME.match(name) or not _SETTING_VALUE.match(value):
-            raise ValueError(f"refusing to SET {name!r} = {value!r}")
-        if known.get(name) != value:
-            parts.append(f"SET {name} = '{value}'")
-    return "; ".join(parts)
-
-
-class SessionSettings:
-    """The session settings the service gave one pooled connection; ``values`` None while not known."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, str] | None = {}
-
-
-class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
-    """A pooled connection that remembers its session settings, so a search sends ``SET`` only when they change.
-
-    The pool's reset sends nothing (``_reset_connection``), so session settings outlive the call that made them."""
-
-    __slots__ = ("session_settings",)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.session_settings = SessionSettings()
-
-
-async def use_session_settings(conn: asyncpg.Connection, wanted: Mapping[str, str]) -> None:
-    """Give ``conn`` exactly the session settings ``wanted`` (among those the service sets), in at most one trip."""
-    state = getattr(conn, "session_settings", None)  # through the pool's proxy
-    if not isinstance(state, SessionSettings):
-        raise TypeError(f"expected a connection of Database's pool (a PooledConnection), got {type(conn).__name__}")
-    if conn.is_in_transaction():
-        # A rollback would undo the SET behind the connection's back.
-        raise RuntimeError("session settings are set outside a transaction")
-    if state.values == wanted:
-        return
-    statement = session_statement(state.values, wanted)
-    # Unknown until the server confirms: a cancelled SET may or may not have been applied.
-    state.values = None
-    await conn.execute(statement)
-    state.values = dict(wanted)
-
-
-def _is_planner_setting(name: str) -> bool:
-    """``enable_*`` settings change the plan of every statement, not just the index scan that wanted them."""
-    return name.startswith("enable_")
-
-
-async def _drop_planner_settings(conn: asyncpg.Connection) -> None:
-    """Reset planner settings a search left on this connection before anything else uses it (one round trip, and
-    only after a search that set one); scan settings such as ``ivfflat.probes`` affect only index scans and stay."""
-    state = getattr(conn, "session_settings", None)
-    if isinstance(state, SessionSettings) and (state.values is None or any(map(_is_planner_setting, state.values))):
-        kept = {k: v for k, v in (state.values or {}).items() if not _is_planner_setting(k)}
-        await use_session_settings(conn, kept)
-
-
-async def _reset_connection(conn: asyncpg.Connection) -> None:
-    """Roll back a transaction left open (after a cancelled call); otherwise send nothing.
-
-    asyncpg's default reset sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every release:
-    a round trip per call for state this service never creates. It changes settings with SET LOCAL, or with SET
-    only through ``settings_connection`` (which tracks them per connection, and whose every caller that depends on
-    them states all of its own, so they may stay); takes advisory locks only at transaction level; and keeps
-    cursors and LISTEN off pooled connections (the migration runner and the index builder use connections of their
-    own). Whatever a transaction did ends with it.
-    """
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
-
-
 class Database:
     """One pool per DSN. Hands out connections and transactions with driver errors translated.
 
@@ -247,16 +189,57 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
         self.dsn = dsn
+        self.on_wait: Callable[[float], None] | None = None
+        """Told how long each acquire waited for a connection, in seconds (the pool-wait metric)."""
+        self.refusals = WriteRefusals()
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """``translate_errors``, noting a refused write in ``refusals``."""
+        try:
+            with translate_errors():
+                yield
+        except WRITES_REFUSED as exc:
+            self.refusals.refused(exc)
+            raise
+
+    @property
+    def refusing(self) -> bool:
+        """Whether the database refused a write and no write probe has succeeded since."""
+        return self.refusals.active
+
+    async def writes_resumed(self) -> None:
+        """End a refusal episode: a write probe succeeded. Pooled connections opened during the episode may carry
+        its read-only default (a session's defaults are read when it starts), so they are replaced."""
+        if self.refusals.active:
+            self.refusals.ended()
+            await self.pool.expire_connections()
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int, max_size: int, timeout: float = 30.0) -> Database:
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int,
+        max_size: int,
+        timeout: float = 30.0,
+        on_query: Callable[[Any], None] | None = None,
+    ) -> Database:
+        """A pool of ``max_size`` connections; ``on_query`` (tracing) hears of every statement they run."""
+        init = init_connection
+        if on_query is not None:
+
+            async def init(conn: asyncpg.Connection) -> None:
+                await init_connection(conn)
+                conn.add_query_logger(on_query)
+
         with translate_errors():
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,
                 max_size=max_size,
-                init=init_connection,
-                reset=_reset_connection,
+                init=init,
+                reset=reset_connection,
                 connection_class=PooledConnection,
                 timeout=timeout,
                 command_timeout=None,
@@ -273,9 +256,11 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def connection(self, *, timeout: float | None = 10.0) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection; ``timeout=None`` leaves bounding the wait to the caller's own timer."""
-        with translate_errors():
+        """A pooled connection running with the call's access; ``timeout=None`` leaves bounding the wait to the
+        caller's own timer."""
+        with self._translated():
             async with self._acquire(timeout) as conn:
+                await use_access(conn, access_settings(current_access()))
                 yield conn
 
     async def run(self, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -288,32 +273,31 @@ class Database:
             return await op(conn)
 
     @contextlib.asynccontextmanager
-    async def _acquire(
-        self, timeout: float | None, *, keep_planner_settings: bool = False
-    ) -> AsyncIterator[asyncpg.Connection]:
+    async def _acquire(self, timeout: float | None) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection, waiting at most ``timeout`` for one.
 
         ``pool.acquire(timeout=...)`` runs each acquire in a task of its own; a timer around a plain acquire
         bounds the wait the same way without a task per call."""
+        waited = time.perf_counter()
         async with asyncio.timeout(timeout):
             conn = await self.pool.acquire()
+        if self.on_wait is not None:
+            self.on_wait(time.perf_counter() - waited)
         try:
-            if not keep_planner_settings:
-                await _drop_planner_settings(conn)
             yield conn
         finally:
             await self.pool.release(conn)
 
     @contextlib.asynccontextmanager
     async def settings_connection(self, settings: Mapping[str, str]) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection outside a transaction whose session settings are ``settings``.
+        """A pooled connection outside a transaction whose session settings are ``settings`` (and the call's access).
 
         Each statement commits (and takes its snapshot) on its own; nothing is sent unless the connection's
         settings differ, since each pooled connection remembers what it was given. A caller that depends on a
         setting must name it: settings it leaves out are reset only if a previous caller had set them."""
-        with translate_errors():
-            async with self._acquire(10.0, keep_planner_settings=True) as conn:
-                await use_session_settings(conn, settings)
+        with self._translated():
+            async with self._acquire(10.0) as conn:
+                await use_session_settings(conn, {**settings, **access_settings(current_access())})
                 yield conn
 
     @contextlib.asynccontextmanager
@@ -324,15 +308,18 @@ class Database:
         isolation: str = "read_committed",
         readonly: bool = False,
     ) -> AsyncIterator[asyncpg.Connection]:
-        """A connection inside a transaction, with ``settings`` applied for this transaction only."""
-        with translate_errors():
+        """A connection inside a transaction running with the call's access, with ``settings`` applied for this
+        transaction only."""
+        with self._translated():
             async with self._acquire(10.0) as conn:
-                if not settings:
+                local = await access_for_transaction(conn, access_settings(current_access()))
+                if not settings and not local:
                     async with conn.transaction(isolation=isolation, readonly=readonly):
                         yield conn
                     return
                 # BEGIN and every SET LOCAL travel in one round trip.
-                await conn.execute(begin_statement(settings, readonly=readonly))
+                begin = begin_statement({**(settings or {}), **local}, readonly=readonly, isolation=isolation)
+                await conn.execute(begin)
                 try:
                     yield conn
                 except BaseException:
@@ -351,3 +338,7 @@ class Database:
 
     def pool_idle(self) -> int:
         return int(self.pool.get_idle_size())
+
+    def pool_busy(self) -> bool:
+        """Every connection the pool may open is checked out: one more caller would wait."""
+        return self.pool_size() - self.pool_idle() >= int(self.pool.get_max_size())

@@ -24,6 +24,28 @@ from memory_service.storage.stats_sql import SMALL_TABLE_PAGES
 
 KINDS: tuple[IndexKind, ...] = ("ivfflat", "hnsw")
 NAMES: dict[IndexKind, str] = {"ivfflat": "memories_embedding_ivfflat", "hnsw": "memories_embedding_hnsw"}
+COLUMNS = ("embedding", "embedding_alt")
+"""The vector columns: the generation searches use, and during a move of embedding models the other one
+(``storage.generations_sql``). Each has its own index and index settings."""
+INDEX_SETTINGS = ("vector_index_rows_at_build", "vector_index_built_at", "vector_index_calibration")
+
+
+def vector_column(column: str) -> str:
+    """``column`` when it is one of ``COLUMNS``: the only way a column name gets into the SQL text."""
+    if column not in COLUMNS:
+        raise ValueError(f"not a vector column: {column!r}")
+    return column
+
+
+def index_name(column: str, kind: IndexKind) -> str:
+    return NAMES[kind] if vector_column(column) == "embedding" else f"memories_{column}_{kind}"
+
+
+def setting_key(base: str, column: str) -> str:
+    """The memory.settings key of an index setting of ``column`` (the current column's keys are unsuffixed)."""
+    return base if vector_column(column) == "embedding" else f"{base}:{column}"
+
+
 # Held (session level, on a dedicated connection) by the one instance rebuilding; its bytes spell "memsvivf".
 REBUILD_LOCK_KEY = 0x6D656D7376697666
 _OPTION = re.compile(r"(lists|m|ef_construction)=(\d+)")
@@ -38,13 +60,14 @@ class IndexSpec:
     lists: int = 0
     m: int = 16
     ef_construction: int = 64
+    column: str = "embedding"
 
     def using(self) -> str:
         if self.kind == "hnsw":
             options = f"m = {int(self.m)}, ef_construction = {int(self.ef_construction)}"
         else:
             options = f"lists = {int(self.lists)}"
-        return f"{self.kind} (embedding vector_cosine_ops) WITH ({options})"
+        return f"{self.kind} ({vector_column(self.column)} vector_cosine_ops) WITH ({options})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +79,19 @@ class IndexInfo:
     m: int = 0
 
 
-async def index_info(conn: asyncpg.Connection, prefer: IndexKind) -> IndexInfo:
+async def index_info(conn: asyncpg.Connection, prefer: IndexKind, column: str = "embedding") -> IndexInfo:
     """The index searches use: of the kind ``prefer`` when one is there (a switch of kinds leaves the other one
     in use until the new one is built)."""
+    names = {kind: index_name(column, kind) for kind in KINDS}
     rows = await conn.fetch(
         """
         SELECT c.relname AS name, i.indisvalid AS valid, c.reloptions AS options
         FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'memory' AND c.relname = ANY($1::text[])
         """,
-        list(NAMES.values()),
+        list(names.values()),
     )
-    found = {kind: row for kind in KINDS for row in rows if row["name"] == NAMES[kind]}
+    found = {kind: row for kind in KINDS for row in rows if row["name"] == names[kind]}
     usable = [kind for kind in (prefer, *KINDS) if kind in found and found[kind]["valid"]]
     if not found:
         return IndexInfo(exists=False, valid=False)
@@ -82,7 +106,7 @@ async def index_info(conn: asyncpg.Connection, prefer: IndexKind) -> IndexInfo:
     )
 
 
-_COUNT = "SELECT count(*) FROM memory.memories WHERE embedding IS NOT NULL"
+_COUNT = {c: f"SELECT count(*) FROM memory.memories WHERE {c} IS NOT NULL" for c in COLUMNS}
 
 # The planner's own estimate: tuples per page at the last VACUUM, ANALYZE or CREATE INDEX, times the pages the table
 # has now, less the fraction of rows without an embedding. It reads the catalog and the file size, never the rows.
@@ -90,23 +114,23 @@ _ESTIMATE = """
 SELECT c.reltuples, c.relpages, pg_relation_size(c.oid) / current_setting('block_size')::bigint AS pages,
        coalesce(s.null_frac, 0) AS null_frac
 FROM pg_class c
-LEFT JOIN pg_stats s ON s.schemaname = 'memory' AND s.tablename = 'memories' AND s.attname = 'embedding'
+LEFT JOIN pg_stats s ON s.schemaname = 'memory' AND s.tablename = 'memories' AND s.attname = $1
 WHERE c.oid = 'memory.memories'::regclass
 """
 
 
-async def row_count(conn: asyncpg.Connection) -> int:
+async def row_count(conn: asyncpg.Connection, column: str = "embedding") -> int:
     """Rows with an embedding, counted exactly: a scan of the table."""
-    value: int = await conn.fetchval(_COUNT)
+    value: int = await conn.fetchval(_COUNT[vector_column(column)])
     return value
 
 
 # Live rows as the cumulative statistics count every committed insert and delete (lost on a crash or a reset).
 _LIVE = "SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = 'memory.memories'::regclass"
-_PLANNED = "EXPLAIN (FORMAT JSON) SELECT 1 FROM memory.memories WHERE embedding IS NOT NULL"
+_PLANNED = {c: f"EXPLAIN (FORMAT JSON) SELECT 1 FROM memory.memories WHERE {c} IS NOT NULL" for c in COLUMNS}
 
 
-async def estimated_rows(conn: asyncpg.Connection) -> int:
+async def estimated_rows(conn: asyncpg.Connection, column: str = "embedding") -> int:
     """Rows with an embedding as the planner estimates them, without a scan.
 
     A table that was never analyzed has no statistics (``reltuples`` -1, or no pages when it was last looked at):
@@ -114,14 +138,14 @@ async def estimated_rows(conn: asyncpg.Connection) -> int:
     cumulative statistics counted, or, when those were reset, the planner's guess from its size, until the first
     ANALYZE.
     """
-    row = await conn.fetchrow(_ESTIMATE)
+    row = await conn.fetchrow(_ESTIMATE, vector_column(column))
     if row["reltuples"] < 0 or row["relpages"] <= 0:
         if row["pages"] < SMALL_TABLE_PAGES:
-            return await row_count(conn)
+            return await row_count(conn, column)
         live: int | None = await conn.fetchval(_LIVE)
         if live:
             return live
-        plan = await conn.fetchval(_PLANNED)
+        plan = await conn.fetchval(_PLANNED[column])
         planned = json.loads(plan) if isinstance(plan, str) else plan
         return int(planned[0]["Plan"]["Plan Rows"])
     estimate: float = row["reltuples"] / row["relpages"] * row["pages"] * (1.0 - row["null_frac"])
@@ -158,7 +182,7 @@ async def rebuild(conn: asyncpg.Connection, spec: IndexSpec) -> datetime:
     CREATE INDEX CONCURRENTLY and DROP INDEX CONCURRENTLY let writes continue throughout; the renames take only a
     brief lock that does not conflict with reads or writes.
     """
-    name = NAMES[spec.kind]
+    name = index_name(spec.column, spec.kind)
     building, retired = name + "_building", name + "_retired"
     await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{building}")
     await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{retired}")
@@ -169,6 +193,6 @@ async def rebuild(conn: asyncpg.Connection, spec: IndexSpec) -> datetime:
     await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{retired}")
     for other in KINDS:
         if other != spec.kind:
-            await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{NAMES[other]}")
+            await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{index_name(spec.column, other)}")
     built_at: datetime = await conn.fetchval("SELECT clock_timestamp()")
     return built_at

@@ -15,13 +15,13 @@ import asyncpg
 import pgvector
 
 from memory_service.models import NewMemory, Vector, WriteContext
-from memory_service.storage.memories_sql import LATEST_EXPIRY, UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS
+from memory_service.storage.memories_sql import UPSERT_TAIL, UPSERT_TAIL_VERSIONED, WRITE_COLUMNS, expiry_sql
 from memory_service.storage.versions_sql import UPSERT_KIND, context_values, record
 
 STAGING = "memory_bulk_staging"
 
 # Temporary tables live as long as the session: the pool's reset only rolls back a transaction left open
-# (``database._reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
+# (``session.reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
 # empties it at every commit, and a rolled-back batch leaves nothing behind either. Enums and JSON travel as text:
 # asyncpg has no binary COPY encoder for jsonb.
 _CREATE_STAGING = f"""
@@ -34,6 +34,7 @@ CREATE TEMP TABLE IF NOT EXISTS {STAGING} (
     key          text NOT NULL,
     value        text NOT NULL,
     embedding    vector NOT NULL,
+    embedding_alt vector,
     importance   real NOT NULL,
     tags         text[] NOT NULL,
     metadata     text NOT NULL,
@@ -52,6 +53,7 @@ _STAGING_COLUMNS = (
     "key",
     "value",
     "embedding",
+    "embedding_alt",
     "importance",
     "tags",
     "metadata",
@@ -65,10 +67,10 @@ _STAGING_COLUMNS = (
 _INSERT_FROM_STAGING = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
 SELECT s.scope::memory.scope, s.scope_id, s.agent_id, s.memory_type::memory.memory_type, s.key, s.value,
-       s.embedding, s.importance, s.tags, s.metadata::jsonb, s.content_hash, $1::text,
-       CASE WHEN s.ttl_seconds IS NULL THEN s.expires_at
-            ELSE LEAST(clock_timestamp() + make_interval(secs => s.ttl_seconds), {LATEST_EXPIRY}) END
+       s.embedding, s.embedding_alt, s.importance, s.tags, s.metadata::jsonb, s.content_hash, $1::text,
+       {expiry_sql("s.expires_at", "s.ttl_seconds")}
 FROM pg_temp.{STAGING} s
+WHERE memory.embedding_generation_is($2)
 ORDER BY s.ord
 """
 _UPSERT_FROM_STAGING = _INSERT_FROM_STAGING + UPSERT_TAIL
@@ -76,7 +78,7 @@ _UPSERT_FROM_STAGING = _INSERT_FROM_STAGING + UPSERT_TAIL
 # returned, in the same statement.
 _UPSERT_FROM_STAGING_VERSIONED = f"""
 WITH w AS ({_INSERT_FROM_STAGING} {UPSERT_TAIL_VERSIONED}),
-{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$2", "$3", "$4"))}
+{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$3", "$4", "$5"))}
 SELECT id, created FROM w
 """
 
@@ -91,7 +93,9 @@ class WriteCounts:
 StagingRecord = tuple[object, ...]
 
 
-def staging_records(memories: Sequence[NewMemory], embeddings: Sequence[Vector]) -> list[StagingRecord]:
+def staging_records(
+    memories: Sequence[NewMemory], embeddings: Sequence[Vector], others: Sequence[Vector | None] | None = None
+) -> list[StagingRecord]:
     """COPY rows for ``memories`` (distinct identities, in the order they are to be written).
 
     Built apart from ``write_batch`` so the pipeline can do it while the previous batch's transaction runs; vectors
@@ -107,6 +111,7 @@ def staging_records(memories: Sequence[NewMemory], embeddings: Sequence[Vector])
             m.key,
             m.value,
             pgvector.Vector(embedding),
+            None if other is None else pgvector.Vector(other),
             m.importance,
             list(m.tags),
             json.dumps(m.metadata),
@@ -114,7 +119,9 @@ def staging_records(memories: Sequence[NewMemory], embeddings: Sequence[Vector])
             m.expires_at,
             m.ttl_seconds,
         )
-        for ord_, (m, embedding) in enumerate(zip(memories, embeddings, strict=True))
+        for ord_, (m, embedding, other) in enumerate(
+            zip(memories, embeddings, others or [None] * len(memories), strict=True)
+        )
     ]
 
 
@@ -125,12 +132,13 @@ async def stage(conn: asyncpg.Connection, records: Sequence[StagingRecord]) -> N
 
 
 async def upsert_staged(
-    conn: asyncpg.Connection, staged: int, model: str, *, history: WriteContext | None
+    conn: asyncpg.Connection, staged: int, model: str, *, history: WriteContext | None, generation: int = 0
 ) -> WriteCounts:
-    """Move the ``staged`` rows into memory.memories with one upsert and count the outcomes."""
+    """Move the ``staged`` rows into memory.memories with one upsert and count the outcomes; ``generation`` is the
+    embedding epoch their vectors were made for (a cut-over or rollback since fails the statement)."""
     if history is None:
-        returned = await conn.fetch(_UPSERT_FROM_STAGING, model)
+        returned = await conn.fetch(_UPSERT_FROM_STAGING, model, generation)
     else:
-        returned = await conn.fetch(_UPSERT_FROM_STAGING_VERSIONED, model, *context_values(history))
+        returned = await conn.fetch(_UPSERT_FROM_STAGING_VERSIONED, model, generation, *context_values(history))
     created = sum(1 for r in returned if r["created"])
     return WriteCounts(created=created, updated=len(returned) - created, unchanged=staged - len(returned))

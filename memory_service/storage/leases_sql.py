@@ -190,3 +190,9 @@ async def purge(conn: asyncpg.Connection, retention: timedelta) -> tuple[int, in
     requests = await conn.execute(_PURGE_REQUESTS, retention)
     leases = await conn.execute(_PURGE_LEASES, retention)
     return rows_affected(leases), rows_affected(requests)
+
+
+async def namespace_of(conn: asyncpg.Connection, lease_id: uuid.UUID) -> str | None:
+    """The namespace of grant ``lease_id`` (live or ended), or None when the table has no such grant."""
+    namespace: str | None = await conn.fetchval("SELECT namespace FROM memory.leases WHERE lease_id = $1", lease_id)
+    return namespace

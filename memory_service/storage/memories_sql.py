@@ -19,13 +19,27 @@ COLUMNS_WITH_EMBEDDING = COLUMNS + ", m.embedding"
 
 # The columns a write sets, in the order of the VALUES below and of the bulk staging table.
 WRITE_COLUMNS = (
-    "scope, scope_id, agent_id, memory_type, key, value, embedding, importance, tags, metadata, "
+    "scope, scope_id, agent_id, memory_type, key, value, embedding, embedding_alt, importance, tags, metadata, "
     "content_hash, embedding_model, expires_at"
 )
 
 LATEST_EXPIRY = "'9999-12-31 23:59:59.999999+00'::timestamptz"
 """The latest expiry stored (validation.LATEST_EXPIRY); a TTL added to the database clock is capped at it, so even a
 skewed clock cannot store a row that the driver cannot read back (migration 0006 also forbids one)."""
+
+
+def expiry_sql(expires_at: str, ttl_seconds: str) -> str:
+    """The one expression for a written row's ``expires_at``, given SQL for the request's expiry and TTL.
+
+    NULL (never expires) when neither is set. ``LEAST`` ignores NULL arguments, so the TTL branch must only be
+    taken when there is a TTL: ``LEAST(now + NULL, latest)`` is ``latest``, not NULL (migration 0010 repairs the
+    rows a Store wrote that way).
+    """
+    return (
+        f"CASE WHEN {ttl_seconds} IS NULL THEN {expires_at} "
+        f"ELSE LEAST(clock_timestamp() + make_interval(secs => {ttl_seconds}), {LATEST_EXPIRY}) END"
+    )
+
 
 # On conflict the row is rewritten only when something differs, so "unchanged" costs no new row version and
 # reports no update. The memory's version is bumped under the row lock the conflict takes.
@@ -35,6 +49,10 @@ ON CONFLICT (scope, scope_id, key) DO UPDATE SET
     memory_type = EXCLUDED.memory_type,
     value = EXCLUDED.value,
     embedding = EXCLUDED.embedding,
+    -- The other generation's vector of a move (migrations/0012) is made from the content: kept while it is the same,
+    -- dropped with it (the backfill embeds the new content) unless this write brings one.
+    embedding_alt = CASE WHEN m.content_hash = EXCLUDED.content_hash
+                         THEN coalesce(EXCLUDED.embedding_alt, m.embedding_alt) ELSE EXCLUDED.embedding_alt END,
     importance = EXCLUDED.importance,
     tags = EXCLUDED.tags,
     metadata = EXCLUDED.metadata,
@@ -43,25 +61,33 @@ ON CONFLICT (scope, scope_id, key) DO UPDATE SET
     expires_at = EXCLUDED.expires_at,
     version = m.version + 1,
     updated_at = clock_timestamp()
-WHERE (m.agent_id, m.memory_type, m.content_hash, m.importance, m.tags, m.metadata, m.embedding_model,
-       m.expires_at)
+WHERE (m.agent_id, m.memory_type, m.content_hash, m.importance, m.tags, m.metadata, m.expires_at)
       IS DISTINCT FROM
       (EXCLUDED.agent_id, EXCLUDED.memory_type, EXCLUDED.content_hash, EXCLUDED.importance, EXCLUDED.tags,
-       EXCLUDED.metadata, EXCLUDED.embedding_model, EXCLUDED.expires_at)
+       EXCLUDED.metadata, EXCLUDED.expires_at)
    OR m.embedding IS DISTINCT FROM EXCLUDED.embedding
 """
+# The model's name is left out of the comparison: ``embedding`` holds the current generation's vector whatever
+# model wrote the row (a cut-over swaps columns, not rows), so a memory stored again as it is after a move of
+# embedding models is unchanged; its ``embedding_model`` names the model current when its content was written.
 UPSERT_TAIL = UPSERT_CONFLICT + "RETURNING m.id, (m.xmax = 0) AS created\n"
 UPSERT_TAIL_VERSIONED = UPSERT_CONFLICT + f"RETURNING {RETURNING_ROW}, (m.xmax = 0) AS created, m.updated_at\n"
 
+# $15 is the other generation's vector during a move of embedding models (or NULL), $16 the generation both
+# were made for: memory.embedding_generation_is fails the write when a cut-over or rollback replaced it. Both
+# vectors go through the check: a bare parameter is coerced to its column's vector(D) when the statement is
+# planned, so a vector of a generation swapped since would fail on its dimension before the check could run.
 _INSERT_ONE = f"""
 INSERT INTO memory.memories AS m ({WRITE_COLUMNS})
-VALUES ($1::text::memory.scope, $2, $3, $4::text::memory.memory_type, $5, $6, $7, $8, $9, $10::jsonb, $11,
-        $12, COALESCE($13::timestamptz, LEAST(clock_timestamp() + make_interval(secs => $14::float8), {LATEST_EXPIRY})))
+VALUES ($1::text::memory.scope, $2, $3, $4::text::memory.memory_type, $5, $6,
+        CASE WHEN memory.embedding_generation_is($16) THEN $7::vector END,
+        CASE WHEN memory.embedding_generation_is($16) THEN $15::vector END, $8, $9, $10::jsonb, $11,
+        $12, {expiry_sql("$13::timestamptz", "$14::float8")})
 """
 _UPSERT_ONE = _INSERT_ONE + UPSERT_TAIL
 _UPSERT_ONE_VERSIONED = f"""
 WITH w AS ({_INSERT_ONE} {UPSERT_TAIL_VERSIONED}),
-{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$15", "$16", "$17"))}
+{record("w", kind=UPSERT_KIND, changed_at="updated_at", context_params=("$17", "$18", "$19"))}
 SELECT id, created FROM w
 """
 
@@ -89,9 +115,18 @@ SELECT count(*) FROM w
 
 
 async def upsert(
-    conn: asyncpg.Connection, memory: NewMemory, embedding: Vector, model: str, *, history: WriteContext | None
+    conn: asyncpg.Connection,
+    memory: NewMemory,
+    embedding: Vector,
+    model: str,
+    *,
+    history: WriteContext | None,
+    other: Vector | None = None,
+    generation: int = 0,
 ) -> tuple[int, WriteOutcome]:
-    """Store by identity; with ``history``, a change records its version in the same statement."""
+    """Store by identity; with ``history``, a change records its version in the same statement. ``embedding`` is
+    the current generation's vector, ``other`` the other generation's during a move (``generation``: the epoch
+    both belong to)."""
     row = await conn.fetchrow(
         _UPSERT_ONE if history is None else _UPSERT_ONE_VERSIONED,
         memory.scope.value,
@@ -108,6 +143,8 @@ async def upsert(
         model,
         memory.expires_at,
         memory.ttl_seconds,
+        other,
+        generation,
         *(() if history is None else context_values(history)),
     )
     if row is not None:
@@ -121,9 +158,13 @@ async def upsert(
     return existing, WriteOutcome.UNCHANGED
 
 
-async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemory], model: str) -> dict[int, Vector]:
-    """Embeddings already stored for these identities with the same content and model, by position, so they need
-    not be recomputed."""
+async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemory]) -> dict[int, Vector]:
+    """Embeddings already stored for these identities with the same content, by position, so they need not be
+    recomputed.
+
+    ``embedding`` holds vectors of the database's current model only (the binding, and during a move the generation
+    check of the write that uses them: read by an instance that has not seen a cut-over yet, they fail its write,
+    which then runs again), whichever model's name the row carries."""
     if not memories:
         return {}
     rows = await conn.fetch(
@@ -133,14 +174,13 @@ async def stored_embeddings(conn: asyncpg.Connection, memories: Sequence[NewMemo
              AS i(scope, scope_id, key, content_hash, ord)
         JOIN memory.memories m
           ON m.scope = i.scope::memory.scope AND m.scope_id = i.scope_id AND m.key = i.key
-         AND m.content_hash = i.content_hash AND m.embedding_model = $5
+         AND m.content_hash = i.content_hash
         WHERE m.embedding IS NOT NULL
         """,
         [m.scope.value for m in memories],
         [m.scope_id for m in memories],
         [m.key for m in memories],
         [m.content_hash for m in memories],
-        model,
     )
     return {int(r["ord"]) - 1: r["embedding"] for r in rows}
 
@@ -149,6 +189,14 @@ async def get(conn: asyncpg.Connection, memory_id: int, *, with_embedding: bool)
     columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
     row = await conn.fetchrow(f"SELECT {columns} FROM memory.memories m WHERE m.id = $1 AND {LIVE}", memory_id)
     return None if row is None else memory_from_row(row)
+
+
+async def lock_scope_of(conn: asyncpg.Connection, memory_id: int) -> tuple[Scope, int] | None:
+    """The scope of a memory (live or expired), locked for the delete that follows; None when there is none."""
+    row = await conn.fetchrow(
+        "SELECT scope::text AS scope, scope_id FROM memory.memories WHERE id = $1 FOR UPDATE", memory_id
+    )
+    return None if row is None else (Scope(row["scope"]), row["scope_id"])
 
 
 async def delete_by_id(conn: asyncpg.Connection, memory_id: int, *, history: WriteContext | None) -> int:

@@ -27,6 +27,7 @@ import asyncpg
 
 from memory_service.models import Candidate, Memory, MemoryFilter, Vector
 from memory_service.storage.filters import Params, where_clause
+from memory_service.storage.index_sql import vector_column
 from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING, memory_from_row
 
 TEXT_CONFIG = "english"
@@ -34,16 +35,25 @@ TEXT_CONFIG = "english"
 MAX_QUERY_TERMS = 64
 
 
-def _vector_cte(where: str, query: str, limit: str, *, exact: bool) -> str:
+def _vector_cte(where: str, query: str, limit: str, *, exact: bool, column: str = "embedding") -> str:
+    c = vector_column(column)
     if exact:
         return (
-            f"SELECT id, distance FROM (SELECT m.id, m.embedding <=> {query} AS distance FROM memory.memories m "
-            f"WHERE {where} AND m.embedding IS NOT NULL OFFSET 0) s ORDER BY distance, id LIMIT {limit}"
+            f"SELECT id, distance FROM (SELECT m.id, m.{c} <=> {query} AS distance FROM memory.memories m "
+            f"WHERE {where} AND m.{c} IS NOT NULL OFFSET 0) s ORDER BY distance, id LIMIT {limit}"
         )
     return (
-        f"SELECT m.id, m.embedding <=> {query} AS distance FROM memory.memories m "
-        f"WHERE {where} AND m.embedding IS NOT NULL ORDER BY m.embedding <=> {query} LIMIT {limit}"
+        f"SELECT m.id, m.{c} <=> {query} AS distance FROM memory.memories m "
+        f"WHERE {where} AND m.{c} IS NOT NULL ORDER BY m.{c} <=> {query} LIMIT {limit}"
     )
+
+
+def generation_guard(params: Params, generation: int | None) -> str:
+    """A condition that fails the statement (GenerationChanged) unless ``generation`` is still the database's
+    embedding epoch; empty when the caller names none (maintenance on its own locked connection)."""
+    if generation is None:
+        return ""
+    return f"memory.embedding_generation_is({params.add(generation)})"
 
 
 def _term_ctes(text: str, budget: str) -> str:
@@ -80,15 +90,24 @@ def _bm25(k1_param: str, b_param: str) -> str:
     )
 
 
-def _text_cte(where: str, limit: str, budget: str, bm25: str, *, pruned: bool) -> str:
+def _matches(terms: str, *, rls: bool) -> str:
+    """Memory ``m`` holds one of ``terms`` (``core`` or ``broad``). Under row-level security ``@@`` (not leakproof)
+    could not use the GIN index, so the match runs in ``memory.text_matches`` (migration 0011), which returns the
+    matching ids within the call's grants, and the rows are read by id under the policies."""
+    if rls:
+        return f"m.id = ANY (ARRAY(SELECT memory.text_matches((SELECT {terms} FROM wa))))"
+    return f"m.search_tsv @@ (SELECT {terms} FROM wa)"
+
+
+def _text_cte(where: str, limit: str, budget: str, bm25: str, *, pruned: bool, rls: bool = False) -> str:
     """The best ``limit`` by BM25 among at most ``budget`` memories holding the core terms (plus, unpruned, at
     most ``budget`` more holding any term)."""
-    core = f"m.search_tsv @@ (SELECT core FROM wa) AND {where}"
+    core = f"{_matches('core', rls=rls)} AND {where}"
     if pruned:
         # Scored as the index finds them: one visit to each memory.
         scored = f"SELECT m.id, {bm25} AS text_score FROM memory.memories m WHERE {core} LIMIT {budget}"
     else:
-        broad = f"m.search_tsv @@ (SELECT broad FROM wa) AND {where}"
+        broad = f"{_matches('broad', rls=rls)} AND {where}"
         ids = (
             f"(SELECT m.id FROM memory.memories m WHERE {core} LIMIT {budget}) UNION "
             f"(SELECT m.id FROM memory.memories m WHERE {broad} LIMIT {budget})"
@@ -116,8 +135,14 @@ def candidates_statement(
     text_ranking: tuple[float, float, int] | None = None,
     pruned: bool = True,
     with_embedding: bool = False,
+    column: str = "embedding",
+    generation: int | None = None,
+    rls: bool = False,
 ) -> tuple[str, list[Any]]:
-    """The SQL and parameters of ``candidates``: every user value a ``$n`` parameter, the bounds literals."""
+    """The SQL and parameters of ``candidates``: every user value a ``$n`` parameter, the bounds literals.
+
+    ``column`` is the vector column searched (a move's other generation is ``embedding_alt``); ``generation`` the
+    embedding epoch the query vector was made for (``generation_guard``)."""
     params = Params()
     where = where_clause(memory_filter, params)
     limit_sql = _bound(limit)
@@ -128,10 +153,10 @@ def candidates_statement(
     from_vector, from_text, every_term = "false", "false", "false"
     if vector is not None:
         vector_param = params.add(vector)
-        ctes.append(f"v AS ({_vector_cte(where, vector_param, limit_sql, exact=exact)})")
+        ctes.append(f"v AS ({_vector_cte(where, vector_param, limit_sql, exact=exact, column=column)})")
         sources.append("SELECT id FROM v")
         joins.append("LEFT JOIN v ON v.id = m.id")
-        distance = f"m.embedding <=> {vector_param}"
+        distance = f"m.{vector_column(column)} <=> {vector_param}"
         from_vector = "v.id IS NOT NULL"
     if text is not None:
         if text_ranking is None:
@@ -140,7 +165,7 @@ def candidates_statement(
         budget = _bound(max_scored)
         bm25 = _bm25(params.add(k1), params.add(b))
         ctes.append(_term_ctes(params.add(text), budget))
-        ctes.append(f"t AS ({_text_cte(where, limit_sql, budget, bm25, pruned=pruned)})")
+        ctes.append(f"t AS ({_text_cte(where, limit_sql, budget, bm25, pruned=pruned, rls=rls)})")
         sources.append("SELECT id FROM t")
         joins.append("LEFT JOIN t ON t.id = m.id")
         text_score = f"coalesce(t.text_score, {bm25})" if vector is not None else "t.text_score"
@@ -150,11 +175,13 @@ def candidates_statement(
         columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
     else:
         columns = "m.id, m.importance, m.updated_at"
+    guard = generation_guard(params, generation if vector is not None or with_embedding else None)
     sql = (
         f"WITH {', '.join(ctes)} "
         f"SELECT {columns}, {distance} AS distance, {text_score} AS text_score, "
         f"{from_vector} AS from_vector, {from_text} AS from_text, {every_term} AS text_every_term "
         f"FROM ({' UNION '.join(sources)}) ids JOIN memory.memories m ON m.id = ids.id {' '.join(joins)}"
+        + (f" WHERE {guard}" if guard else "")
     )
     return sql, params.values
 
@@ -171,6 +198,9 @@ async def candidates(
     text_ranking: tuple[float, float, int] | None = None,
     pruned: bool = True,
     with_embedding: bool = False,
+    column: str = "embedding",
+    generation: int | None = None,
+    rls: bool = False,
 ) -> list[Candidate]:
     """Up to ``limit`` nearest by vector and up to ``limit`` best by text (whichever are asked for), merged by id.
 
@@ -178,7 +208,8 @@ async def candidates(
     ``full_rows`` each candidate carries its whole memory; without, only what ranking needs, so a hybrid search
     that keeps 10 of 80 candidates decodes 10 memories (``memories_by_id``), not 80. Without ``pruned`` every
     query term brings in candidates too (at most ``max_scored`` more). ``text_ranking`` is (k1, b, max_scored),
-    needed with ``text``.
+    needed with ``text``. ``rls``: the connection runs under row-level security (a scoped call), which changes how
+    text matches are found, not which.
     """
     sql, values = candidates_statement(
         memory_filter,
@@ -190,6 +221,9 @@ async def candidates(
         text_ranking=text_ranking,
         pruned=pruned,
         with_embedding=with_embedding,
+        column=column,
+        generation=generation,
+        rls=rls,
     )
     rows = await conn.fetch(sql, *values)
     return [
@@ -209,12 +243,20 @@ async def candidates(
 
 
 def memories_by_id_statement(*, with_embedding: bool) -> str:
-    columns = COLUMNS_WITH_EMBEDDING if with_embedding else COLUMNS
-    return f"SELECT {columns} FROM memory.memories m WHERE m.id = ANY($1::bigint[])"
+    if with_embedding:
+        # The vectors returned are those of the generation the search ran in.
+        return (
+            f"SELECT {COLUMNS_WITH_EMBEDDING} FROM memory.memories m WHERE m.id = ANY($1::bigint[]) "
+            "AND memory.embedding_generation_is($2)"
+        )
+    return f"SELECT {COLUMNS} FROM memory.memories m WHERE m.id = ANY($1::bigint[])"
 
 
-async def memories_by_id(conn: asyncpg.Connection, ids: list[int], *, with_embedding: bool) -> dict[int, Memory]:
-    rows = await conn.fetch(memories_by_id_statement(with_embedding=with_embedding), ids)
+async def memories_by_id(
+    conn: asyncpg.Connection, ids: list[int], *, with_embedding: bool, generation: int = 0
+) -> dict[int, Memory]:
+    statement = memories_by_id_statement(with_embedding=with_embedding)
+    rows = await conn.fetch(statement, ids, generation) if with_embedding else await conn.fetch(statement, ids)
     return {row["id"]: memory_from_row(row) for row in rows}
 
 

@@ -7,7 +7,7 @@ import asyncpg
 from memory_service.errors import EmbeddingConfigMismatch
 
 # Serialises binding the embedding model between transactions and instances; its bytes spell "memsvcb".
-_BIND_LOCK_KEY = 0x6D656D73766362
+BIND_LOCK_KEY = 0x6D656D73766362
 
 
 async def read_settings(conn: asyncpg.Connection) -> dict[str, str]:
@@ -41,7 +41,7 @@ async def bind_if_unbound(conn: asyncpg.Connection, model: str, dimension: int) 
     """
     stored = await read_binding(conn)
     if stored is None:
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _BIND_LOCK_KEY)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", BIND_LOCK_KEY)
         stored = await read_binding(conn)
     if stored is not None:
         return stored, False

@@ -178,3 +178,16 @@ async def _estimated_by_scope(
         if count:
             result[scope] = count
     return result
+
+
+async def granted_counts(conn: asyncpg.Connection, *, every_scope: bool) -> dict[str, int]:
+    """Memories per scope kind within the call's grants (``memory.grants``), from the per-scope counts of migration
+    0011: exact, and read through an index whatever the table's size. Expired memories count until purged."""
+    rows = await conn.fetch(
+        """
+        SELECT scope::text AS scope, sum(memories)::bigint AS n FROM memory.scope_usage
+        WHERE $1::boolean OR memory.granted(scope, scope_id) GROUP BY scope
+        """,
+        every_scope,
+    )
+    return {row["scope"]: row["n"] for row in rows if row["n"]}

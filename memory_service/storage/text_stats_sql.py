@@ -2,6 +2,11 @@
 
 A refresh recomputes document frequencies with ``ts_stat`` over the live memories and writes only the lexemes whose
 count changed, in one transaction, so a search sees either the old snapshot or the new one, never a mixture.
+
+It reads first and writes last: the scan (seconds on a large table) is one read-only statement, and only the short
+write of what changed draws a transaction id. The change feed delivers nothing past a transaction that holds one
+(``changes_sql.frontier_probe``), so a refresh that wrote first would hold every Watch stream back for the whole
+scan.
 """
 
 from __future__ import annotations
@@ -20,27 +25,40 @@ _REFRESH_LOCK_KEY = int.from_bytes(b"ms-bm25", "big")
 _SNAPSHOT = "SELECT docs, total_length, writes_seen, refreshed_at FROM memory.text_corpus"
 
 # One statement, so the frequencies, the totals and the write count come from one snapshot, taken after the lock
-# is held (a snapshot taken before it could miss a refresh that committed in between). ts_stat runs the query it is
-# given; only this fixed one is ever passed.
-_REFRESH = f"""
+# is held (a snapshot taken before it could miss a refresh that committed in between). It only reads: it answers the
+# lexemes whose frequency differs from the stored one (0: no live memory has it any more) and the totals. ts_stat
+# runs the query it is given; only this fixed one is ever passed.
+_READ = f"""
 WITH fresh AS MATERIALIZED (
     SELECT word AS lexeme, ndoc::integer AS df
     FROM ts_stat('SELECT m.search_tsv FROM memory.memories m WHERE {LIVE.replace("'", "''")}')
 ),
+changed AS MATERIALIZED (
+    SELECT coalesce(f.lexeme, t.lexeme) AS lexeme, coalesce(f.df, 0) AS df
+    FROM fresh f FULL JOIN memory.text_terms t ON t.lexeme = f.lexeme
+    WHERE f.df IS DISTINCT FROM t.df
+)
+SELECT (SELECT coalesce(array_agg(lexeme ORDER BY lexeme), '{{}}') FROM changed) AS lexemes,
+       (SELECT coalesce(array_agg(df ORDER BY lexeme), '{{}}') FROM changed) AS dfs,
+       count(*) AS docs, coalesce(sum(length(m.search_tsv)), 0) AS total_length, coalesce(({WRITES}), 0) AS writes
+FROM memory.memories m WHERE {LIVE}
+"""
+
+# The write: the changed lexemes and the totals the read computed, in one short statement.
+_WRITE = """
+WITH changes AS (SELECT * FROM unnest($1::text[], $2::integer[]) AS c(lexeme, df)),
 gone AS (
-    DELETE FROM memory.text_terms t WHERE NOT EXISTS (SELECT 1 FROM fresh f WHERE f.lexeme = t.lexeme)
+    DELETE FROM memory.text_terms t USING changes c WHERE c.df = 0 AND t.lexeme = c.lexeme
 ),
 terms AS (
-    INSERT INTO memory.text_terms AS t (lexeme, df) SELECT lexeme, df FROM fresh
-    ON CONFLICT (lexeme) DO UPDATE SET df = EXCLUDED.df WHERE t.df <> EXCLUDED.df
+    INSERT INTO memory.text_terms AS t (lexeme, df) SELECT lexeme, df FROM changes WHERE df > 0
+    ON CONFLICT (lexeme) DO UPDATE SET df = EXCLUDED.df
 )
 INSERT INTO memory.text_corpus AS c (docs, total_length, writes_seen, refreshed_at)
-SELECT count(*), coalesce(sum(length(m.search_tsv)), 0), coalesce(({WRITES}), 0), clock_timestamp()
-FROM memory.memories m WHERE {LIVE}
+VALUES ($3, $4, $5, clock_timestamp())
 ON CONFLICT (singleton) DO UPDATE
 SET docs = EXCLUDED.docs, total_length = EXCLUDED.total_length, writes_seen = EXCLUDED.writes_seen,
     refreshed_at = EXCLUDED.refreshed_at
-RETURNING docs
 """
 
 
@@ -66,5 +84,8 @@ async def refresh(conn: asyncpg.Connection) -> int | None:
     ends); None when another session is refreshing."""
     if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _REFRESH_LOCK_KEY):
         return None
-    docs: int = await conn.fetchval(_REFRESH)
+    read = await conn.fetchrow(_READ)
+    assert read is not None
+    await conn.execute(_WRITE, read["lexemes"], read["dfs"], read["docs"], read["total_length"], read["writes"])
+    docs: int = read["docs"]
     return docs

@@ -478,7 +478,7 @@ Global___Rejection: _TypeAlias = Rejection  # noqa: Y015
 
 @_typing.final
 class BulkStoreAck(_message.Message):
-    """Sent after each committed batch. Counts are for that batch."""
+    """Sent after each committed batch. Counts are for that batch; each item counts once, in one of them."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -488,12 +488,19 @@ class BulkStoreAck(_message.Message):
     UNCHANGED_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_FIELD_NUMBER: _builtins.int
     durable_sequence: _builtins.int
-    """Every item with a sequence number up to this one is durable (stored or rejected)."""
+    """Every item with a sequence number up to this one is durable (stored, superseded or rejected)."""
     created: _builtins.int
     updated: _builtins.int
     unchanged: _builtins.int
     rejected: _builtins.int
+    superseded: _builtins.int
+    """Items replaced before they were written by a later item of this stream with the same identity (scope,
+    scope_id, key): the server writes a batch as one upsert per identity, so only the last of them is stored. A
+    superseded item records no version and no Watch change; the later item's outcome counts the write. Send
+    items one per identity (or use Store for each) when every intermediate state must be in History.
+    """
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rejection]: ...
     def __init__(
@@ -505,10 +512,11 @@ class BulkStoreAck(_message.Message):
         unchanged: _builtins.int = ...,
         rejected: _builtins.int = ...,
         rejections: _abc.Iterable[Global___Rejection] | None = ...,
+        superseded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "durable_sequence", b"durable_sequence", "rejected", b"rejected", "rejections", b"rejections", "unchanged", b"unchanged", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "durable_sequence", b"durable_sequence", "rejected", b"rejected", "rejections", b"rejections", "superseded", b"superseded", "unchanged", b"unchanged", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1193,6 +1201,8 @@ class StatsResponse(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     EMBEDDING_CACHE_ENTRIES_FIELD_NUMBER: _builtins.int
     COUNTS_ESTIMATED_FIELD_NUMBER: _builtins.int
+    MODEL_MOVE_FIELD_NUMBER: _builtins.int
+    WRITES_REFUSED_FIELD_NUMBER: _builtins.int
     memories: _builtins.int
     expired_pending_purge: _builtins.int
     embedding_model: _builtins.str
@@ -1209,6 +1219,17 @@ class StatsResponse(_message.Message):
     def by_scope(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeCount]: ...
     @_builtins.property
     def index(self) -> Global___IndexState: ...
+    @_builtins.property
+    def model_move(self) -> Global___ModelMove:
+        """A move of the database to another embedding model: unset when none was ever begun on this server's view."""
+
+    @_builtins.property
+    def writes_refused(self) -> Global___WriteRefusal:
+        """Set while the database refuses writes (read-only, out of disk or memory), as this instance last saw: writes
+        answer UNAVAILABLE (read-only) or RESOURCE_EXHAUSTED (out of resources) meanwhile, and reads still work. The
+        server probes with a small write every HEALTH_CHECK_INTERVAL and clears it once one succeeds.
+        """
+
     def __init__(
         self,
         *,
@@ -1223,14 +1244,152 @@ class StatsResponse(_message.Message):
         index: Global___IndexState | None = ...,
         embedding_cache_entries: _builtins.int = ...,
         counts_estimated: _builtins.bool = ...,
+        model_move: Global___ModelMove | None = ...,
+        writes_refused: Global___WriteRefusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "model_move", b"model_move", "writes_refused", b"writes_refused"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_scope", b"by_scope", "counts_estimated", b"counts_estimated", "dimension", b"dimension", "embedding_cache_entries", b"embedding_cache_entries", "embedding_model", b"embedding_model", "expired_pending_purge", b"expired_pending_purge", "index", b"index", "iterative_scan", b"iterative_scan", "memories", b"memories", "pgvector_version", b"pgvector_version", "postgres_version", b"postgres_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_scope", b"by_scope", "counts_estimated", b"counts_estimated", "dimension", b"dimension", "embedding_cache_entries", b"embedding_cache_entries", "embedding_model", b"embedding_model", "expired_pending_purge", b"expired_pending_purge", "index", b"index", "iterative_scan", b"iterative_scan", "memories", b"memories", "model_move", b"model_move", "pgvector_version", b"pgvector_version", "postgres_version", b"postgres_version", "writes_refused", b"writes_refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class ModelMove(_message.Message):
+    """A move to another embedding model (docs/model-migration.md): `memory-service model status` shows the same."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    CURRENT_MODEL_FIELD_NUMBER: _builtins.int
+    CURRENT_DIMENSION_FIELD_NUMBER: _builtins.int
+    NEXT_MODEL_FIELD_NUMBER: _builtins.int
+    NEXT_DIMENSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_MODEL_FIELD_NUMBER: _builtins.int
+    BACKFILL_DONE_FIELD_NUMBER: _builtins.int
+    BACKFILL_TOTAL_FIELD_NUMBER: _builtins.int
+    BACKFILL_ROWS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    BACKFILL_ETA_SECONDS_FIELD_NUMBER: _builtins.int
+    BACKFILL_COMPLETE_FIELD_NUMBER: _builtins.int
+    NEXT_INDEX_FIELD_NUMBER: _builtins.int
+    GATE_SEARCHES_FIELD_NUMBER: _builtins.int
+    GATE_MEMORIES_FIELD_NUMBER: _builtins.int
+    GATE_COMPUTED_AT_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    """"steady", "backfilling" (searches use the current model; the next one is backfilled) or "cut_over" (searches
+    use the next model; the previous one is still written, so `model rollback` loses nothing).
+    """
+    generation: _builtins.int
+    """Counts the changes of generation (begin, cut-over, rollback, finish)."""
+    current_model: _builtins.str
+    """The model searches use now."""
+    current_dimension: _builtins.int
+    next_model: _builtins.str
+    """The model moved to, and the one moved from; empty when steady."""
+    next_dimension: _builtins.int
+    previous_model: _builtins.str
+    backfill_done: _builtins.int
+    """Memories with a vector of the other generation, of all memories, and the re-embedding's recent rate."""
+    backfill_total: _builtins.int
+    backfill_rows_per_second: _builtins.float
+    backfill_eta_seconds: _builtins.float
+    backfill_complete: _builtins.bool
+    next_index: _builtins.str
+    """The other generation's vector index: built and calibrated before a cut-over."""
+    @_builtins.property
+    def gate_searches(self) -> Global___ModelGate:
+        """The quality gate: the generations compared on recent real searches and on stored memories as queries."""
+
+    @_builtins.property
+    def gate_memories(self) -> Global___ModelGate: ...
+    @_builtins.property
+    def gate_computed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        current_model: _builtins.str = ...,
+        current_dimension: _builtins.int = ...,
+        next_model: _builtins.str = ...,
+        next_dimension: _builtins.int = ...,
+        previous_model: _builtins.str = ...,
+        backfill_done: _builtins.int = ...,
+        backfill_total: _builtins.int = ...,
+        backfill_rows_per_second: _builtins.float = ...,
+        backfill_eta_seconds: _builtins.float | None = ...,
+        backfill_complete: _builtins.bool = ...,
+        next_index: _builtins.str = ...,
+        gate_searches: Global___ModelGate | None = ...,
+        gate_memories: Global___ModelGate | None = ...,
+        gate_computed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_backfill_eta_seconds", b"_backfill_eta_seconds", "backfill_eta_seconds", b"backfill_eta_seconds", "gate_computed_at", b"gate_computed_at", "gate_memories", b"gate_memories", "gate_searches", b"gate_searches"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_backfill_eta_seconds", b"_backfill_eta_seconds", "backfill_complete", b"backfill_complete", "backfill_done", b"backfill_done", "backfill_eta_seconds", b"backfill_eta_seconds", "backfill_rows_per_second", b"backfill_rows_per_second", "backfill_total", b"backfill_total", "current_dimension", b"current_dimension", "current_model", b"current_model", "gate_computed_at", b"gate_computed_at", "gate_memories", b"gate_memories", "gate_searches", b"gate_searches", "generation", b"generation", "next_dimension", b"next_dimension", "next_index", b"next_index", "next_model", b"next_model", "phase", b"phase", "previous_model", b"previous_model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__backfill_eta_seconds: _TypeAlias = _typing.Literal["backfill_eta_seconds"]  # noqa: Y015
+    _WhichOneofArgType__backfill_eta_seconds: _TypeAlias = _typing.Literal["_backfill_eta_seconds", b"_backfill_eta_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__backfill_eta_seconds) -> _WhichOneofReturnType__backfill_eta_seconds | None: ...
+
+Global___ModelMove: _TypeAlias = ModelMove  # noqa: Y015
+
+@_typing.final
+class ModelGate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERIES_FIELD_NUMBER: _builtins.int
+    OVERLAP_AT_10_FIELD_NUMBER: _builtins.int
+    TOP_HIT_CHANGED_FIELD_NUMBER: _builtins.int
+    queries: _builtins.int
+    overlap_at_10: _builtins.float
+    """Mean share of the top 10 both generations return."""
+    top_hit_changed: _builtins.float
+    """Share of the queries whose first hit differs."""
+    def __init__(
+        self,
+        *,
+        queries: _builtins.int = ...,
+        overlap_at_10: _builtins.float = ...,
+        top_hit_changed: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["overlap_at_10", b"overlap_at_10", "queries", b"queries", "top_hit_changed", b"top_hit_changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelGate: _TypeAlias = ModelGate  # noqa: Y015
+
+@_typing.final
+class WriteRefusal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REFUSED_CALLS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The first refusal, as PostgreSQL gave it."""
+    refused_calls: _builtins.int
+    """Calls this instance has answered with a refusal since."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        refused_calls: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "refused_calls", b"refused_calls", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteRefusal: _TypeAlias = WriteRefusal  # noqa: Y015
 
 @_typing.final
 class MemoryVersion(_message.Message):

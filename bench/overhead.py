@@ -1,0 +1,175 @@
+"""What the service adds to a call: its p50 less the p50 of the very SQL statement it runs, and calls/s by processes.
+
+    python -m bench.overhead --rows 20000 --index hnsw --processes 1,2
+
+Loads the ``hard`` corpus through BulkStore and builds the index (``bench.scale.build``), then, for each
+``SERVER_PROCESSES`` value, starts the server and times, alternating call by call from one client:
+
+* **Get** through gRPC against ``memories_sql.get``'s statement on one asyncpg connection of the client's;
+* **unfiltered VECTOR** (top 10) through gRPC against ``search_sql.candidates``'s statement, run on that
+  connection with the scan settings the service reported (``probes``) set once for the session; every request
+  names that setting, so a recalibration on the measured searches does not change it midway.
+
+The difference of the p50s is the service's own cost per call: gRPC on both ends, conversions, validation, the
+interceptor, the pool. Then calls/s with 16 calls in flight (each in-flight caller its own channel, so the
+client's own Python is spread over connections as real callers would be).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import numpy as np
+from grpc import aio
+
+from bench.datasets import corpus, queries
+from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
+from bench.harness import throughput as calls_per_second
+from bench.scale import build, service_env
+from memory_service.models import IndexKind, MemoryFilter
+from memory_service.search.tuning import scan_settings
+from memory_service.storage import search_sql
+from memory_service.storage.database import init_connection
+from memory_service.storage.filters import LIVE
+from memory_service.storage.memories_sql import COLUMNS
+from memory_service.v1 import memory_pb2, memory_pb2_grpc
+
+K = 10
+IN_FLIGHT = 16
+
+
+async def measure(
+    dsn: str, env: dict[str, str], vectors: Any, ids: list[int], *, count: int, kind: IndexKind, total: int
+) -> list[list[object]]:
+    server = ServerProcess(env)
+    conn = await asyncpg.connect(dsn)
+    channels = []
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        await init_connection(conn)
+        channels = [aio.insecure_channel(server.address) for _ in range(IN_FLIGHT)]
+        stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in channels]
+        stub = stubs[0]
+        get_sql = f"SELECT {COLUMNS} FROM memory.memories m WHERE m.id = $1 AND {LIVE}"
+
+        probes = 0
+
+        def search_request(i: int) -> memory_pb2.SearchRequest:
+            return memory_pb2.SearchRequest(
+                mode=memory_pb2.SEARCH_MODE_VECTOR,
+                top_k=K,
+                query_embedding=vectors[i % len(vectors)].tolist(),
+                probes=probes or None,
+            )
+
+        first = await stub.Search(search_request(0))
+        # Every call at the setting of the first: the server recalibrates on the searches it serves.
+        probes = first.probes
+        exact = first.plan == "exact"
+        for name, value in scan_settings(kind, first.probes, iterative=True, limit=K, filtered=False).items():
+            if not exact:
+                await conn.execute("SELECT set_config($1, $2, false)", name, value)
+        vector_sql, _ = search_sql.candidates_statement(
+            MemoryFilter(), vector=vectors[0], text=None, limit=K, exact=exact, full_rows=True
+        )
+
+        async def get_service(i: int) -> None:
+            await stub.Get(memory_pb2.GetRequest(id=ids[i % len(ids)]))
+
+        async def get_sql_only(i: int) -> None:
+            await conn.fetchrow(get_sql, ids[i % len(ids)])
+
+        async def search_service(i: int) -> None:
+            await stub.Search(search_request(i))
+
+        async def search_sql_only(i: int) -> None:
+            await conn.fetch(vector_sql, vectors[i % len(vectors)])
+
+        def get_on(s: Any) -> Callable[[int], Awaitable[object]]:
+            return lambda i: s.Get(memory_pb2.GetRequest(id=ids[i % len(ids)]))
+
+        def search_on(s: Any) -> Callable[[int], Awaitable[object]]:
+            return lambda i: s.Search(search_request(i))
+
+        rows: list[list[object]] = []
+        pairs = [
+            ("Get", get_service, get_sql_only, get_on),
+            (f"VECTOR ({first.plan} {first.probes})", search_service, search_sql_only, search_on),
+        ]
+        for name, service, statement, on in pairs:
+            await latencies(service, statement, count=50)
+            timed = await latencies(service, statement, count=count)
+            service_p50, sql_p50 = percentile_ms(timed[0], 50), percentile_ms(timed[1], 50)
+            per_stub = [on(s) for s in stubs]
+
+            async def spread(i: int, per_stub: list[Callable[[int], Awaitable[object]]] = per_stub) -> None:
+                await per_stub[i % IN_FLIGHT](i)
+
+            rate = await calls_per_second(spread, in_flight=IN_FLIGHT, total=total)
+            processes = env.get("SERVER_PROCESSES", "default")
+            p99 = percentile_ms(timed[0], 99)
+            rows.append([processes, name, service_p50, sql_p50, service_p50 - sql_p50, p99, rate])
+        return rows
+    finally:
+        for channel in channels:
+            await channel.close()
+        await conn.close()
+        await asyncio.to_thread(server.stop)
+
+
+async def run(args: argparse.Namespace) -> None:
+    data = corpus("hard", args.rows)
+    vectors = queries(data, 200)[0]
+    async with contextlib.AsyncExitStack() as stack:
+        dsn = args.dsn
+        if dsn is None:
+            server_dsn = stack.enter_context(database_server())
+            dsn = await stack.enter_async_context(fresh_database(server_dsn))
+            built = await build(dsn, data, args.index)
+            print(f"built: {built}", flush=True)
+        conn = await asyncpg.connect(dsn)
+        try:
+            ids = [r["id"] for r in await conn.fetch("SELECT id FROM memory.memories ORDER BY random() LIMIT 500")]
+            table_rows = await conn.fetchval("SELECT count(*) FROM memory.memories")
+        finally:
+            await conn.close()
+        rows: list[list[object]] = []
+        for processes in args.processes.split(","):
+            env = service_env(dsn, args.index, SERVER_PROCESSES=processes)
+            kind: IndexKind = "hnsw" if args.index == "hnsw" else "ivfflat"
+            rows += await measure(dsn, env, vectors, ids, count=args.queries, kind=kind, total=args.total)
+    print(f"\n{table_rows} rows of hard, VECTOR_INDEX={args.index}, load average {os.getloadavg()[0]:.2f}\n")
+    print_table(
+        [
+            "SERVER_PROCESSES",
+            "call",
+            "service p50 ms",
+            "SQL p50 ms",
+            "service - SQL ms",
+            "service p99 ms",
+            f"calls/s at {IN_FLIGHT} in flight",
+        ],
+        rows,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--index", default="hnsw", choices=("ivfflat", "hnsw"))
+    parser.add_argument("--processes", default="1", help="SERVER_PROCESSES values to measure, comma-separated")
+    parser.add_argument("--queries", type=int, default=500, help="timed calls per path")
+    parser.add_argument("--dsn", help="measure on this database as it is (loaded and indexed) instead of a new one")
+    parser.add_argument("--total", type=int, default=3000, help="calls of the throughput run")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

