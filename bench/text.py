@@ -14,7 +14,8 @@ the rest spread over scopes 1..100 (about 1% each). For each size, in one run:
   ties the 10th exact score counts as found;
 * **p50 / p99** of one client's TEXT search (top_k 10) through gRPC, alternating with the SQL statement the service
   ran before the index (``search_sql.candidates``, ``TEXT_MAX_SCORED`` 2000) over plain asyncpg;
-* **calls/s** with 16 calls in flight;
+* **calls/s** with 16 calls in flight, to one server process (``SERVER_PROCESSES=1``: its RSS is then the one
+  process holding the index; each process holds its own);
 * scoped searches (the 1% scope and the 10k scope) against ``bench.floor``, the bare gRPC server;
 * tantivy and bm25s in process (``--peers``), over the raw texts with their own English stemming;
 * with ``--hybrid`` (the ``clustered`` synthetic vectors of ``bench.datasets`` loaded, index built): HYBRID against
@@ -205,7 +206,8 @@ class Measure:
                 ]
                 for peer in peers:
                     seconds, agreement = peer_rows(peer, texts_of_length, [[i for i, _ in t] for t in truth])
-                    row += [percentile_ms(seconds, 50), round(agreement, 3)]
+                    ratio = percentile_ms(grpc_s, 50) / percentile_ms(seconds, 50)
+                    row += [percentile_ms(seconds, 50), f"{ratio:.1f}x", round(agreement, 3)]
                 self.rows.append(row)
             await self._scoped(rows, stub, floor)
             if self.hybrid:
@@ -321,7 +323,8 @@ async def run(args: argparse.Namespace) -> None:
                     if hybrid:
                         said, seconds = reindex(env)
                         print(f"reindex: {said} ({seconds:.0f}s)", flush=True)
-                env = {"DATABASE_URL": dsn}
+                # One server process, so its RSS is the index's process (each of SERVER_PROCESSES holds its own).
+                env = {"DATABASE_URL": dsn, "SERVER_PROCESSES": "1"}
                 process = ServerProcess(env)
                 floor = ServerProcess({"DATABASE_URL": dsn}, command=("-m", "bench.floor"))
                 try:
@@ -348,7 +351,7 @@ async def run(args: argparse.Namespace) -> None:
         "SQL before: p50",
     ]
     for name in args.peers:
-        headers += [f"{name} p50", f"{name} overlap@10"]
+        headers += [f"{name} p50", f"service / {name} p50", f"{name} overlap@10"]
     print_table(headers, [row for m in measures for row in m.rows])
     print_table(["rows", "measure", "value"], [row for m in measures for row in m.other])
     print(
