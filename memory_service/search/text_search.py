@@ -89,10 +89,10 @@ def estimated_bytes(docs: int, total_length: int) -> int:
 
 
 class TextSearch:
-    def __init__(self, db: Database, ranking: TextRanking, *, max_bytes: int = 2 << 30) -> None:
+    def __init__(self, db: Database, ranking: TextRanking, *, max_mb: int = 2048) -> None:
         self._db = db
         self._ranking = ranking
-        self.max_bytes = max_bytes
+        self.max_bytes = max_mb << 20
         """Most memory the index may hold; a corpus estimated larger is ranked by the SQL statement."""
         self._refused_at: float | None = None
         self.index: TextIndex | None = None
