@@ -1,13 +1,13 @@
 """Immutable postings of some memories, and exact BM25 top-k over them without scoring every match.
 
 A segment numbers its documents locally (0..n-1) and keeps, per lexeme, the documents holding it in ascending order
-with their term frequencies (for lookups), and, in large segments, the same postings by descending impact (BM25's
-term-frequency part at the average length the segment was built with) cut into chunks of ``CHUNK`` postings, each
-with the largest frequency and the smallest length in it. Those two make an upper bound of the term's part of any
-document's score from that chunk on, at any average length, so a search reads each term's postings in impact order
-only until no unread document can still reach the k-th best score found (the threshold algorithm); every document
-it does read is scored exactly, over every query term. Small segments are scored exhaustively: cheaper than the
-bookkeeping.
+with their term frequencies, and, in large segments, per lexeme an upper bound of its term-frequency part of BM25
+(the largest among its postings at 1.5x the average length the segment was built with, and the largest frequency
+with the smallest length for beyond it). A search runs MaxScore over them: query terms are read whole, most
+valuable first, only while a document holding none of them yet could still reach the k-th best partial score; the
+documents met then look the remaining terms up and drop out once their bound falls below it. Every document that
+can be in the top k is scored exactly, over every query term. Small segments are scored exhaustively: cheaper than
+the bookkeeping.
 """
 
 from __future__ import annotations
