@@ -114,18 +114,21 @@ class ServerProcess:
         if not self._ready.wait(timeout):
             raise RuntimeError("server did not start:\n" + "".join(self._log[-20:]))
 
-    def wait_for(self, text: str, timeout: float) -> None:
-        """Until the process has logged a line containing ``text``."""
+    def wait_for(self, text: str, timeout: float) -> str:
+        """The first line the process logged containing ``text``, once it has."""
         deadline = time.monotonic() + timeout
-        while not any(text in line for line in list(self._log)):
+        while True:
+            for line in list(self._log):
+                if text in line:
+                    return line.strip()
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise RuntimeError(f"no {text!r} in the log:\n" + "".join(self._log[-20:]))
             time.sleep(0.2)
 
-    def rss_mb(self) -> float:
-        """Resident memory of the process (Linux), MB."""
+    def rss_mb(self, field: str = "VmRSS") -> float:
+        """Resident memory of the process (Linux), MB: now (``VmRSS``) or at its peak (``VmHWM``)."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 

@@ -1,7 +1,9 @@
-"""Unfiltered VECTOR against what a user would pick instead, in one run: chromadb's server, and faiss in process.
+"""Unfiltered VECTOR and TEXT against what a user would pick instead: chromadb's server and faiss in process for
+VECTOR; tantivy and bm25s in process for TEXT (``bench.text``'s run, with exact BM25 as the truth).
 
     pip install -e '.[bench]'
-    python -m bench.peers --rows 100000 --dataset hard
+    python -m bench.peers --rows 100000 --dataset hard               # VECTOR, then TEXT
+    python -m bench.peers --rows 100000 --modes text                 # TEXT only
 
 One corpus (``bench.datasets``; ``minilm`` for real MiniLM vectors), the same queries (never stored rows) and the
 same exact top 10 (numpy) for every system:
@@ -33,12 +35,14 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from grpc import aio
 
+from bench import text as text_bench
 from bench.datasets import NAMES, queries
 from bench.harness import ServerProcess, database_server, fresh_database, percentile_ms, print_table, throughput
 from bench.scale import K, build, load_corpus, service_env
@@ -259,6 +263,19 @@ def versions() -> str:
 
 
 async def run(args: argparse.Namespace) -> None:
+    if "vector" in args.modes:
+        await run_vector(args)
+    if "text" in args.modes:
+        # TEXT against tantivy and bm25s in process, and against exact BM25: bench.text's own run at these rows.
+        await text_bench.run(
+            argparse.Namespace(
+                data=args.data, rows=[args.rows], queries=args.text_queries, total=args.count,
+                peers=["tantivy", "bm25s"], hybrid=False, keep=False, hybrid_upto=0,
+            )
+        )  # fmt: skip
+
+
+async def run_vector(args: argparse.Namespace) -> None:
     data, used = load_corpus(args.dataset, args.rows)
     query_vectors = queries(data, args.queries)[0]
     truth = exact_top(data.vectors, query_vectors)
@@ -305,6 +322,11 @@ def main() -> None:
     parser.add_argument("--dataset", default="hard", choices=NAMES)
     parser.add_argument("--queries", type=int, default=200, help="distinct queries (recall is measured on them)")
     parser.add_argument("--count", type=int, default=500, help="timed calls one at a time, per system")
+    parser.add_argument(
+        "--modes", type=lambda v: v.split(","), default=["vector", "text"], help="vector, text, or both (vector,text)"
+    )
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/scifact"), help="text corpus (SciFact)")
+    parser.add_argument("--text-queries", type=int, default=100, help="TEXT queries per length")
     asyncio.run(run(parser.parse_args()))
 
 

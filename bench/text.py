@@ -14,10 +14,12 @@ the rest spread over scopes 1..100 (about 1% each). For each size, in one run:
   ties the 10th exact score counts as found;
 * **p50 / p99** of one client's TEXT search (top_k 10) through gRPC, alternating with the SQL statement the service
   ran before the index (``search_sql.candidates``, ``TEXT_MAX_SCORED`` 2000) over plain asyncpg;
-* **calls/s** with 16 calls in flight;
+* **calls/s** with 16 calls in flight, to one server process (``SERVER_PROCESSES=1``: its RSS is then the one
+  process holding the index; each process holds its own);
 * scoped searches (the 1% scope and the 10k scope) against ``bench.floor``, the bare gRPC server;
 * tantivy and bm25s in process (``--peers``), over the raw texts with their own English stemming;
-* with ``--hybrid`` (vectors loaded, index built): HYBRID against VECTOR and TEXT alone.
+* with ``--hybrid`` (the ``clustered`` synthetic vectors of ``bench.datasets`` loaded, index built): HYBRID against
+  VECTOR and TEXT alone, with query vectors of the same distribution.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import asyncpg
 import numpy as np
 from grpc import aio
 
+from bench import datasets
 from bench.datasets import copy_into_memories
 from bench.harness import (
     ServerProcess,
@@ -64,7 +67,6 @@ K = 10
 LENGTHS = (2, 8, 16)
 SCOPE_10K_ROWS = 10_000
 SCOPES = 100
-DIMENSION = 384
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9-]+")
 
@@ -107,7 +109,7 @@ async def load(dsn: str, texts: list[str], *, vectors: bool) -> None:
     await runtime.start(background=False)
     try:
         await runtime.binding.bind_now()  # the rows are copied in behind the service's back
-        rng = np.random.default_rng(3)
+        vectors_of = datasets.synthetic(len(texts), datasets.SHAPES["clustered"]).vectors if vectors else None
         started = time.perf_counter()
         async with runtime.db.connection() as conn:
             for first in range(0, len(texts), 50_000):
@@ -115,10 +117,7 @@ async def load(dsn: str, texts: list[str], *, vectors: bool) -> None:
                 for i in range(first, min(first + 50_000, len(texts))):
                     # A derived key carries no words into search_tsv; the row number keeps repeated texts apart.
                     digest = hashlib.sha256(f"{i}:{texts[i]}".encode()).digest()
-                    vector = None
-                    if vectors:
-                        vector = rng.normal(size=DIMENSION).astype(np.float32)
-                        vector /= np.linalg.norm(vector)
+                    vector = None if vectors_of is None else vectors_of[i]
                     model = settings.embedding_model if vectors else None
                     records.append(
                         ("project", scope_of(i), "sha256:" + digest.hex(), texts[i], vector, digest, model, 0.5)
@@ -207,12 +206,15 @@ class Measure:
                 ]
                 for peer in peers:
                     seconds, agreement = peer_rows(peer, texts_of_length, [[i for i, _ in t] for t in truth])
-                    row += [percentile_ms(seconds, 50), round(agreement, 3)]
+                    ratio = percentile_ms(grpc_s, 50) / percentile_ms(seconds, 50)
+                    row += [percentile_ms(seconds, 50), f"{ratio:.1f}x", round(agreement, 3)]
                 self.rows.append(row)
             await self._scoped(rows, stub, floor)
             if self.hybrid:
                 await self._hybrid(rows, stub)
-        self.other.append([rows, "server RSS MB (index loaded)", round(server.rss_mb())])
+        self.other.append(
+            [rows, "server RSS MB now / at its peak", f"{server.rss_mb():.0f} / {server.rss_mb('VmHWM'):.0f}"]
+        )
         await pool.close()
 
     async def _scoped(self, rows: int, stub: Any, floor: Any) -> None:
@@ -248,9 +250,8 @@ class Measure:
 
     async def _hybrid(self, rows: int, stub: Any) -> None:
         texts = self.by_length[8]
-        rng = np.random.default_rng(11)
-        vectors = rng.normal(size=(len(texts), DIMENSION)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        # Queries of the stored vectors' own distribution (topic centre plus noise, never a stored row).
+        vectors, _ = datasets.queries(datasets.synthetic(rows, datasets.SHAPES["clustered"]), len(texts))
 
         def call(mode: int) -> Any:
             async def search(i: int) -> None:
@@ -322,15 +323,16 @@ async def run(args: argparse.Namespace) -> None:
                     if hybrid:
                         said, seconds = reindex(env)
                         print(f"reindex: {said} ({seconds:.0f}s)", flush=True)
-                env = {"DATABASE_URL": dsn}
+                # One server process, so its RSS is the index's process (each of SERVER_PROCESSES holds its own).
+                env = {"DATABASE_URL": dsn, "SERVER_PROCESSES": "1"}
                 process = ServerProcess(env)
                 floor = ServerProcess({"DATABASE_URL": dsn}, command=("-m", "bench.floor"))
                 try:
                     process.wait_ready()
                     floor.wait_ready()
                     started = time.perf_counter()
-                    process.wait_for("text index loaded", timeout=3600)
-                    print(f"text index ready {time.perf_counter() - started:.1f}s after the server", flush=True)
+                    said = process.wait_for("text index loaded", timeout=3600)
+                    print(f"text index ready {time.perf_counter() - started:.1f}s after the server: {said}", flush=True)
                     measure = Measure(dsn, process.address, floor.address, by_length, args, hybrid=hybrid)
                     await measure.run(rows, texts, process)
                     measures.append(measure)
@@ -349,7 +351,7 @@ async def run(args: argparse.Namespace) -> None:
         "SQL before: p50",
     ]
     for name in args.peers:
-        headers += [f"{name} p50", f"{name} overlap@10"]
+        headers += [f"{name} p50", f"service / {name} p50", f"{name} overlap@10"]
     print_table(headers, [row for m in measures for row in m.rows])
     print_table(["rows", "measure", "value"], [row for m in measures for row in m.other])
     print(

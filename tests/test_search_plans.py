@@ -98,7 +98,7 @@ def _statements() -> list[tuple[str, str, bool]]:
             (f"text index rows {name}", text_index_sql.rows_statement(memory_filter, with_embedding=False)[0], True)
         )
         shapes.append((f"text index passing {name}", text_index_sql.passing_ids_statement(memory_filter)[0], True))
-    shapes.append(("text index scope ids", text_index_sql.matching_ids_statement(SCOPED, cap=50_000)[0], True))
+    shapes.append(("text index terms scoped", text_index_sql.terms_statement(SCOPED, cap=50_000)[0], True))
     return shapes
 
 

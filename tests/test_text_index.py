@@ -26,6 +26,7 @@ from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
 
 K1, B = 1.2, 0.75
+PRUNE_DOCS = text_segment.PRUNE_MIN_DOCS + 5000
 
 
 # -- the index alone, on synthetic documents ---------------------------------------------------------------------
@@ -116,6 +117,49 @@ def test_max_score_finds_the_brute_force_top_k() -> None:
     for query in queries(docs, 40, seed=2):
         for k in (1, 10, 40):
             assert_same_top(index.top(scoring_for(docs, query), k, time.time()), brute_force(docs, query, k))
+
+
+def test_max_score_skips_dead_and_expired_documents_of_a_large_segment() -> None:
+    docs = synthetic(text_segment.PRUNE_MIN_DOCS + 5000, seed=11)
+    index = loaded(docs)
+    rng = random.Random(12)
+    query_list = queries(docs, 30, seed=13)
+    # The best documents of each query go away (deleted, or rewritten into a small segment) or expire, so the
+    # large segment's leaders are the very documents it must skip.
+    gone = {i for query in query_list for i, _ in brute_force(docs, query, 3)}
+    changed = sorted(gone)
+    present = []
+    for memory_id in changed:
+        roll = rng.random()
+        if roll < 0.4:
+            del docs[memory_id]
+        elif roll < 0.7:
+            docs[memory_id] = {"rewritten": 1, "w1": 2}
+            present.append(DocText(memory_id, list(docs[memory_id]), list(docs[memory_id].values()), None))
+        else:
+            present.append(DocText(memory_id, list(docs[memory_id]), list(docs[memory_id].values()), 1.0))
+            del docs[memory_id]  # expired at 1970-01-01T00:00:01
+    index.apply(changed, present, avgdl=10.0)
+    assert index.segments[0].pruned and not index.usable(time.time())[: len(index.segments[0])].all()
+    for query in query_list:
+        assert_same_top(index.top(scoring_for(docs, query), 10, time.time()), brute_force(docs, query, 10))
+
+
+def test_a_segment_sorts_postings_given_out_of_document_order() -> None:
+    docs = synthetic(PRUNE_DOCS, seed=15)
+    index = loaded(docs)
+    segment = index.segments[0]
+    rng = np.random.default_rng(16)
+    order = rng.permutation(segment.postings)
+    term = np.repeat(np.arange(len(segment.lexemes), dtype=np.int32), np.diff(segment.offsets))[order]
+    shuffled = text_segment.Segment(
+        slots=segment.slots, lengths=segment.lengths, lexemes=segment.lexemes, term=term,
+        docs=segment.docs[order], tfs=segment.tfs[order], avgdl=10.0,
+    )  # fmt: skip
+    assert (shuffled.docs == segment.docs).all() and (shuffled.tfs == segment.tfs).all()
+    for query in queries(docs, 10, seed=17):
+        scoring = scoring_for(docs, query)
+        assert_same_top(index.top(scoring, 10, time.time()), brute_force(docs, query, 10))
 
 
 def test_changes_land_in_segments_that_merge(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -303,3 +347,38 @@ async def test_an_expired_memory_is_never_returned(server: RunningServer) -> Non
     assert len(await text_hits(server, "quokka")) == 1
     await asyncio.sleep(1.6)
     assert await text_hits(server, "quokka") == []
+
+
+async def test_an_index_larger_than_its_bound_is_not_loaded_and_sql_answers(database_url: str) -> None:
+    server = await start_server(test_env(database_url, TEXT_INDEX_MAX_MB="1", TEXT_INDEX_INTERVAL="1h"))
+    try:
+        rng = random.Random(14)
+        items = [
+            memory_pb2.MemoryInput(
+                scope=memory_pb2.SCOPE_PROJECT,
+                scope_id=1,
+                value=" ".join(f"word{rng.randint(0, 3000)}" for _ in range(40)) + f" {sentence(rng)}",
+            )
+            for _ in range(5000)
+        ]
+
+        async def requests() -> AsyncIterator[memory_pb2.BulkStoreRequest]:
+            for start in range(0, len(items), 1000):
+                yield memory_pb2.BulkStoreRequest(items=[
+                    memory_pb2.BulkItem(sequence=start + j + 1, memory=m)
+                    for j, m in enumerate(items[start : start + 1000])
+                ])  # fmt: skip
+
+        async for _ack in server.memory.BulkStore(requests()):
+            pass
+        assert await server.server.runtime.text_stats.refresh()
+        text_search = server.server.runtime.search.text_search
+        assert text_search is not None and text_search.ready  # loaded at start, while the table was empty
+        await text_search.follow()  # 5000 memories of ~45 lexemes: about 2 MB, over the bound: dropped
+        assert not text_search.ready
+        await text_search.follow()  # and not loaded again until the recheck
+        assert not text_search.ready
+        got = await text_hits(server, "kiwi word7 word2999")
+        assert_same_top(got, await uncapped(database_url, "kiwi word7 word2999", MemoryFilter(), 10))
+    finally:
+        await stop_server(server)

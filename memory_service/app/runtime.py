@@ -281,7 +281,7 @@ class Runtime:
             read_db.on_wait = self.metrics.pool_wait.observe
         self._recall = RecallCheck(read_db, self.metrics, sample=settings.search_recall_sample)
         ranking = TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored)
-        text_search = TextSearch(read_db, ranking) if settings.text_index else None
+        text_search = TextSearch(read_db, ranking, max_mb=settings.text_index_max_mb) if settings.text_index else None
         if text_search is not None:
             await text_search.load_if_small()  # a large table loads in the background (_start_background)
         self._search = SearchEngine(

@@ -147,6 +147,8 @@ class Settings:
     """TEXT and HYBRID searches rank with the in-memory text index (exact BM25 top-k); off: with the SQL statement."""
     text_index_interval: float = 0.2
     """How often the text index applies new changes in the background (searches apply them too before ranking)."""
+    text_index_max_mb: int = 2048
+    """Most memory the text index may hold per server process; a larger corpus is ranked by the SQL statement."""
     hybrid_alpha: float | None = None
     """Vector weight in weighted hybrid fusion; unset: 0.5 with a semantic provider, 0.2 with the hash embedder."""
     purge_interval: float = 60.0
@@ -282,6 +284,7 @@ class Settings:
             text_stats_interval=reader.duration("TEXT_STATS_INTERVAL", d.text_stats_interval),
             text_index=reader.boolean("TEXT_INDEX", d.text_index),
             text_index_interval=reader.duration("TEXT_INDEX_INTERVAL", d.text_index_interval),
+            text_index_max_mb=reader.integer("TEXT_INDEX_MAX_MB", d.text_index_max_mb, minimum=1, maximum=1_000_000),
             hybrid_alpha=reader.optional_number("SEARCH_HYBRID_ALPHA", minimum=0.0, maximum=1.0),
             purge_interval=reader.duration("PURGE_INTERVAL", d.purge_interval),
             lease_min_ttl=reader.duration("LEASE_MIN_TTL", d.lease_min_ttl),

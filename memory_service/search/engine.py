@@ -76,11 +76,11 @@ class SearchEngine:
         self._narrow_filter_rows = narrow_filter_rows
         self._text_ranking = text_ranking
         self.hybrid_alpha = hybrid_alpha
+        """Weight of the vector score in weighted fusion when the request does not set ``alpha``."""
         self.seen = seen
+        """Vectors of recent searches that went to the index, for its calibration (this instance's own)."""
         self.text_search = text_search
         """The in-memory text index; TEXT and HYBRID use the SQL statement until it has loaded."""
-        """Vectors of recent searches that went to the index, for its calibration (this instance's own)."""
-        """Weight of the vector score in weighted fusion when the request does not set ``alpha``."""
 
     def seen_reset(self) -> None:
         if self.seen is not None:
@@ -103,8 +103,14 @@ class SearchEngine:
                 generations.check_current()
             try:
                 vector = await self._query_vector(query)
+                by_index = None
                 if vector is None and text is not None and self.text_search is not None and self.text_search.ready:
-                    result = await self._run_text(query, text, limit)
+                    # Without boosts a TEXT hit's score is its BM25 score: the exact top_k is the answer, nothing
+                    # to rerank. None: the index was dropped meanwhile.
+                    boosted = query.importance_boost != 0 or query.recency_boost != 0
+                    by_index = await self._run_text(query, text, limit if boosted else query.top_k)
+                if by_index is not None:
+                    result = by_index
                 else:
                     result = await self._run(query, vector, text, limit, notes=notes, generation=generation)
                 break
@@ -153,13 +159,16 @@ class SearchEngine:
             return max(self._narrow_filter_rows, min(visited, _EXACT_FILTER_MAX_ROWS))
         return self._narrow_filter_rows
 
-    async def _run_text(self, query: SearchQuery, text: str, limit: int) -> SearchResult:
-        """TEXT through the in-memory index: exact BM25 top-k, rows read (and checked) from PostgreSQL."""
+    async def _run_text(self, query: SearchQuery, text: str, limit: int) -> SearchResult | None:
+        """TEXT through the in-memory index: exact BM25 top-k, rows read (and checked) from PostgreSQL; None when
+        the index is gone."""
         assert self.text_search is not None
         async with self._db.connection() as conn:
             found = await self.text_search.candidates(
                 conn, text, query.filter, limit=limit, with_embedding=query.include_embedding
             )
+        if found is None:
+            return None
         ranked = rank_candidates(found, query, datetime.now(UTC), alpha=self.hybrid_alpha)
         hits = [
             SearchHit(
@@ -257,10 +266,13 @@ class SearchEngine:
         text_search = self.text_search if vector is not None and text is not None else None
         text_best: list[tuple[int, float]] = []
         scoring = None
-        if text_search is not None and text_search.ready and text is not None:
-            text_best, scoring = await text_search.ranked(conn, text, query.filter, limit=limit)
-        else:
+        ranked = None
+        if text_search is not None and text is not None:
+            ranked = await text_search.ranked(conn, text, query.filter, limit=limit)
+        if ranked is None:
             text_search = None
+        else:
+            text_best, scoring = ranked
 
         async def fetch(*, exact: bool, pruned: bool) -> list[Candidate]:
             if text_search is not None and vector is not None:

@@ -18,6 +18,8 @@ from memory_service.storage.text_index_sql import DocText, PostingsChunk
 
 MAX_SMALL_SEGMENTS = 6
 """Segments beside the largest before the two smallest merge."""
+MOVED_BYTES = 100
+"""Python's cost of one entry of the moved-ids dict, roughly."""
 MERGE_MAX_DOCS = 50_000
 """Largest merge done in place (on the event loop, some 100 ms); beyond it the index is reloaded in the background."""
 
@@ -45,6 +47,10 @@ class TextIndex:
         self._usable: npt.NDArray[np.bool_] | None = None
         self._usable_version = -1
         self._usable_until = np.inf
+        self._all_usable = False
+        self._load_vocabulary: dict[str, int] = {}
+        self._load_parts: list[tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.uint16]]] = []
+        """A load's chunks, compact, until ``finish_load``."""
 
     # -- building ------------------------------------------------------------------------------------------------
 
@@ -80,40 +86,71 @@ class TextIndex:
     ) -> TextIndex:
         """An index of what ``text_index_sql.load`` read, in ascending id ranges."""
         index = cls(k1, b)
-        vocabulary: dict[str, int] = {}
-        terms, docs, tfs = [], [], []
-        for ids, expiry, lengths, chunk in parts:
-            first = index.count
-            slots = index._append(ids, lengths.astype(np.float64), expiry)
-            mapping = np.fromiter(
-                (vocabulary.setdefault(lexeme, len(vocabulary)) for lexeme in chunk.lexemes),
-                dtype=np.int32,
-                count=len(chunk.lexemes),
-            )
-            position = np.searchsorted(ids, chunk.ids)
-            # A memory written between the two statements of a chunk is in neither or only its postings: drop those.
-            position = np.minimum(position, max(len(ids) - 1, 0))
-            known = ids[position] == chunk.ids if len(ids) else np.zeros(len(chunk.ids), np.bool_)
-            terms.append(mapping[chunk.term[known]])
-            docs.append((first + position[known]).astype(np.int32))
-            tfs.append(chunk.tfs[known])
-            del slots
-        index._base_ids = index.ids[: index.count].copy()
-        if index.count:
-            index.segments.append(
+        for part in parts:
+            index.add_loaded(part)
+        index.finish_load(avgdl)
+        return index
+
+    def add_loaded(self, part: tuple[Ints, Floats, npt.NDArray[np.int32], PostingsChunk]) -> None:
+        """Take one chunk of a load (ascending ids, after the previous chunk's), kept compact (4 bytes per posting
+        for its term, 4 for its document, 2 for its frequency) until ``finish_load``."""
+        ids, expiry, lengths, chunk = part
+        first = self.count
+        self._append(ids, lengths.astype(np.float64), expiry)
+        vocabulary = self._load_vocabulary
+        mapping = np.fromiter(
+            (vocabulary.setdefault(lexeme, len(vocabulary)) for lexeme in chunk.lexemes),
+            dtype=np.int32,
+            count=len(chunk.lexemes),
+        )
+        position = np.minimum(np.searchsorted(ids, chunk.ids), max(len(ids) - 1, 0))
+        # Postings of a memory the chunk's memories do not list (none within one snapshot) are dropped.
+        known = ids[position] == chunk.ids if len(ids) else np.zeros(len(chunk.ids), np.bool_)
+        self._load_parts.append(
+            (mapping[chunk.term[known]], (first + position[known]).astype(np.int32), chunk.tfs[known])
+        )
+
+    def finish_load(self, avgdl: float) -> None:
+        """Build the loaded segment from the chunks taken: a counting sort by term, one chunk at a time, so the
+        only large arrays are the segment's own."""
+        parts, self._load_parts = self._load_parts, []
+        self._base_ids = self.ids[: self.count].copy()
+        terms = len(self._load_vocabulary)
+        if self.count:
+            counts = np.zeros(terms, dtype=np.int64)
+            for term, _, _ in parts:
+                counts += np.bincount(term, minlength=terms)
+            offsets = np.zeros(terms + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            docs = np.empty(int(offsets[-1]), dtype=np.int32)
+            tfs = np.empty(int(offsets[-1]), dtype=np.uint16)
+            cursor = offsets[:-1].copy()
+            parts.reverse()
+            while parts:  # in load order: each term's postings stay in document order across chunks
+                term, part_docs, part_tfs = parts.pop()
+                order = np.argsort(term, kind="stable")
+                by_term = term[order]
+                part_counts = np.bincount(term, minlength=terms)
+                part_starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(part_counts)[:-1]])
+                target = cursor[by_term] + (np.arange(len(order), dtype=np.int64) - part_starts[by_term])
+                docs[target] = part_docs[order]
+                tfs[target] = part_tfs[order]
+                cursor += part_counts
+                del term, part_docs, part_tfs, order, by_term, target
+            self.segments.append(
                 Segment(
-                    slots=np.arange(index.count, dtype=np.int64),
-                    lengths=index.lengths[: index.count].copy(),
-                    lexemes=list(vocabulary),
-                    term=np.concatenate(terms),
-                    docs=np.concatenate(docs),
-                    tfs=np.concatenate(tfs),
+                    slots=np.arange(self.count, dtype=np.int64),
+                    lengths=self.lengths[: self.count].copy(),
+                    lexemes=list(self._load_vocabulary),
+                    docs=docs,
+                    tfs=tfs,
+                    offsets=offsets,
                     avgdl=avgdl,
-                    k1=k1,
-                    b=b,
+                    k1=self.k1,
+                    b=self.b,
                 )
             )
-        return index
+        self._load_vocabulary = {}
 
     # -- following changes ---------------------------------------------------------------------------------------
 
@@ -212,6 +249,20 @@ class TextIndex:
     def dead(self) -> int:
         return self.count - self.live
 
+    @property
+    def postings(self) -> int:
+        return sum(s.postings for s in self.segments)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the index holds (its arrays and vocabularies; Python's per-object overhead approximated)."""
+        arrays = (self.ids, self.lengths, self.expiry, self.alive, self._base_ids, self._usable)
+        return (
+            sum(a.nbytes for a in arrays if a is not None)
+            + MOVED_BYTES * len(self._moved)
+            + sum(s.nbytes for s in self.segments)
+        )
+
     # -- searching -----------------------------------------------------------------------------------------------
 
     def usable(self, now: float) -> npt.NDArray[np.bool_]:
@@ -222,11 +273,14 @@ class TextIndex:
             later = self.expiry[:count][usable]
             self._usable_until = float(later.min()) if len(later) else np.inf
             self._usable, self._usable_version = usable, self._version
+            self._all_usable = bool(usable.all())
         return self._usable
 
     def top(self, scoring: Scoring, k: int, now: float) -> list[tuple[int, float]]:
         """The best ``k`` live memories by exact BM25, best first (ties by id), as (id, score)."""
-        usable = self.usable(now)
+        usable: npt.NDArray[np.bool_] | None = self.usable(now)
+        if self._all_usable:
+            usable = None  # nothing to check per document
         slots, scores = [], []
         for segment in self.segments:
             local, score = segment.top(scoring, k, usable)
@@ -234,7 +288,9 @@ class TextIndex:
             scores.append(score)
         return self._best(slots, scores, k)
 
-    def score_ids(self, ids: list[int], scoring: Scoring, now: float, k: int | None = None) -> list[tuple[int, float]]:
+    def score_ids(
+        self, ids: list[int] | Ints, scoring: Scoring, now: float, k: int | None = None
+    ) -> list[tuple[int, float]]:
         """Exact BM25 of the given memories that are live and hold a query term, best first (the best ``k``)."""
         wanted = self.slots_of(np.asarray(ids, dtype=np.int64))
         wanted = wanted[wanted >= 0]

@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import math
@@ -41,6 +43,14 @@ the background while TEXT searches use the SQL statement."""
 REBUILD_DEAD_FRACTION = 0.5
 """Dead versions (as a share of live memories) that make the index reload from PostgreSQL."""
 _FINAL_WAIT = 0.02
+POSTING_BYTES = 8
+"""Memory per posting once loaded (its document and frequency, 6 bytes, plus the vocabulary), with some margin."""
+DOC_BYTES = 64
+"""Memory per memory (id, length, expiry, liveness, slot and scratch arrays)."""
+REFUSED_RECHECK = 60.0
+"""Seconds before a corpus found too large for ``max_bytes`` is estimated again."""
+_RERANKS = 3
+"""Rankings a TEXT search runs at most when memories it ranked are gone by the time their rows are read."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +75,26 @@ class _Candidate:
         return self.blockers is not None and probe.running is not None and not (self.blockers & probe.running)
 
 
+def _release_free_memory() -> None:
+    """Hand the load's freed temporaries back to the system: glibc keeps them in its arenas otherwise, and a 100k
+    load left 340 MB of RSS for a 47 MB index (89 MB after this). Elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def estimated_bytes(docs: int, total_length: int) -> int:
+    """What the index of a corpus will hold: ``total_length`` (the sum of the memories' distinct lexemes) is its
+    postings."""
+    return POSTING_BYTES * total_length + DOC_BYTES * docs
+
+
 class TextSearch:
-    def __init__(self, db: Database, ranking: TextRanking) -> None:
+    def __init__(self, db: Database, ranking: TextRanking, *, max_mb: int = 2048) -> None:
         self._db = db
         self._ranking = ranking
+        self.max_bytes = max_mb << 20
+        """Most memory the index may hold; a corpus estimated larger is ranked by the SQL statement."""
+        self._refused_at: float | None = None
         self.index: TextIndex | None = None
         self.frontier = 0
         """Every change with seq <= frontier is in the index."""
@@ -107,19 +133,39 @@ class TextSearch:
         self._building = True
         try:
             started = time.perf_counter()
+            async with self._db.connection() as conn:
+                docs, total_length = await text_index_sql.corpus(conn)
+            if estimated_bytes(docs, total_length) > self.max_bytes:
+                if self._refused_at is None or self.index is not None:
+                    log.warning(
+                        "text index not loaded: %d memories with %d postings would take about %d MB, more than "
+                        "TEXT_INDEX_MAX_MB (%d); TEXT searches use the SQL statement",
+                        docs,
+                        total_length,
+                        estimated_bytes(docs, total_length) >> 20,
+                        self.max_bytes >> 20,
+                    )
+                self.index, self._refused_at = None, time.monotonic()
+                return
+            self._refused_at = None
             frontier = await self._final_frontier()
+            index = TextIndex(self._ranking.k1, self._ranking.b)
             async with self._db.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-                parts = [part async for part in text_index_sql.load(conn)]
+                # Each chunk is made compact as it arrives (off the event loop), so a load holds little more
+                # than the index it builds.
+                async for part in text_index_sql.load(conn):
+                    await asyncio.to_thread(index.add_loaded, part)
                 docs, total_length = await text_index_sql.corpus(conn)
             avgdl = total_length / docs if docs and total_length else 1.0
-            index = await asyncio.to_thread(TextIndex.loaded, parts, avgdl, self._ranking.k1, self._ranking.b)
-            del parts
+            await asyncio.to_thread(index.finish_load, avgdl)
             async with self._lock:
                 self.index, self.frontier, self._applied, self._avgdl = index, frontier, set(), avgdl
+            _release_free_memory()
             log.info(
-                "text index loaded: %d memories, %d postings in %.1fs",
+                "text index loaded: %d memories, %d postings, %d MB in %.1fs",
                 index.live,
-                sum(s.postings for s in index.segments),
+                index.postings,
+                index.nbytes >> 20,
                 time.perf_counter() - started,
             )
         finally:
@@ -145,7 +191,8 @@ class TextSearch:
         frontier over final seqs, reload when crowded or mostly dead."""
         index = self.index
         if index is None:
-            await self.build()
+            if self._refused_at is None or time.monotonic() - self._refused_at > REFUSED_RECHECK:
+                await self.build()
             return
         async with self._db.connection() as conn:
             probe = await changes_sql.frontier_probe(conn)
@@ -163,7 +210,11 @@ class TextSearch:
                         self._applied = {seq for seq in self._applied if seq > self.frontier}
         if final:
             self._candidate = None
-        if index.crowded or index.dead > REBUILD_DEAD_FRACTION * max(index.live, 10_000):
+        if (
+            index.crowded
+            or index.dead > REBUILD_DEAD_FRACTION * max(index.live, 10_000)
+            or index.nbytes > self.max_bytes
+        ):
             await self.build()
 
     def _scoring(self, terms: text_index_sql.QueryTerms) -> Scoring:
@@ -175,25 +226,32 @@ class TextSearch:
 
     async def ranked(
         self, conn: Connection, text: str, memory_filter: MemoryFilter, *, limit: int
-    ) -> tuple[list[tuple[int, float]], Scoring | None]:
+    ) -> tuple[list[tuple[int, float]], Scoring | None] | None:
         """The best ``limit`` memories passing the filter by exact BM25 (as the index knows them), best first, and
-        the scoring used (None when the query has no lexeme)."""
-        terms = await text_index_sql.query_terms(conn, text, after=self.frontier)
+        the scoring used (None when the query has no lexeme); None when there is no index (the SQL statement's
+        turn): not loaded yet, or dropped for its size meanwhile."""
+        if self.index is None:
+            return None
+        # A filter an index narrows lists its matches in the same round trip; the index scores exactly those.
+        bounded = not memory_filter.is_empty and search_sql.count_is_bounded(memory_filter)
+        terms = await text_index_sql.query_terms(
+            conn, text, after=self.frontier, memory_filter=memory_filter if bounded else None, cap=FILTER_IDS_CAP
+        )
         async with self._lock:
+            index = self.index
+            if index is None:
+                return None
             if terms.pending:
                 await self._catch_up(conn, terms.pending)
-            index = self.index
-        assert index is not None
         if not terms.lexemes:
             return [], None
         scoring = self._scoring(terms)
         now = time.time()
         if memory_filter.is_empty:
             return index.top(scoring, limit, now), scoring
-        if search_sql.count_is_bounded(memory_filter):
-            ids = await text_index_sql.matching_ids(conn, memory_filter, cap=FILTER_IDS_CAP)
-            if len(ids) < FILTER_IDS_CAP:
-                return index.score_ids(ids, scoring, now, k=limit), scoring
+        ids = terms.filter_ids
+        if ids is not None and len(ids) < FILTER_IDS_CAP:
+            return index.score_ids(ids, scoring, now, k=limit), scoring
         depth = 4 * limit
         while True:
             best = index.top(scoring, depth, now)
@@ -211,9 +269,19 @@ class TextSearch:
 
     async def candidates(
         self, conn: Connection, text: str, memory_filter: MemoryFilter, *, limit: int, with_embedding: bool
-    ) -> list[Candidate]:
-        """The best ``limit`` live memories passing the filter by exact BM25, with their rows, best first."""
-        best, _ = await self.ranked(conn, text, memory_filter, limit=limit)
-        if not best:
-            return []
-        return await text_index_sql.rows(conn, memory_filter, dict(best), with_embedding=with_embedding)
+    ) -> list[Candidate] | None:
+        """The best ``limit`` live memories passing the filter by exact BM25, with their rows, best first (None:
+        no index)."""
+        found: list[Candidate] = []
+        for _ in range(_RERANKS):
+            ranked = await self.ranked(conn, text, memory_filter, limit=limit)
+            if ranked is None:
+                return None
+            best = ranked[0]
+            if not best:
+                return []
+            found = await text_index_sql.rows(conn, memory_filter, dict(best), with_embedding=with_embedding)
+            if len(found) == len(best):
+                break
+            # A memory changed between the ranking and its row: the next ranking applies that change first.
+        return found

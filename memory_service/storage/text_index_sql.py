@@ -21,8 +21,9 @@ from memory_service.storage.filters import LIVE, Params, where_clause
 from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING, memory_from_row
 from memory_service.storage.search_sql import MAX_QUERY_TERMS, TEXT_CONFIG
 
-# Memories per statement of a load: the inversion (GROUP BY lexeme) stays within work_mem.
-LOAD_CHUNK = 200_000
+# Memories per statement of a load: the inversion (GROUP BY lexeme) stays within work_mem, and one answer (some
+# 20 bytes per posting as it arrives) stays small.
+LOAD_CHUNK = 25_000
 # Change-log rows a search reads after the index's frontier; more are read in pages of this size.
 PENDING_PAGE = 5000
 
@@ -38,6 +39,8 @@ class QueryTerms:
     total_length: int
     pending: list[tuple[int, int]]
     """(seq, memory_id) of the changes after the frontier, in seq order."""
+    filter_ids: npt.NDArray[np.int64] | None = None
+    """Ids of the memories the search's filter holds for (up to the cap asked for), when one was given."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,20 @@ SELECT (SELECT array_agg(lexeme ORDER BY df, lexeme) FROM qt) AS lexemes,
              LIMIT {PENDING_PAGE}) AS pending
 """
 
+
+def terms_statement(memory_filter: MemoryFilter | None, *, cap: int) -> tuple[str, list[Any]]:
+    """``TERMS``, and with a filter also the ids of the memories its own conditions hold for (at most ``cap``, as
+    ``array_send`` bytes): one round trip for a filtered search's terms, changes and candidates."""
+    if memory_filter is None:
+        return TERMS, [None, None]
+    params = Params(None, None)
+    # The filter's own conditions only (as the vector path's count): an index-only scan where the filter allows;
+    # expiry is the index's to check.
+    where = where_clause(memory_filter, params, live_only=False)
+    ids = f"SELECT m.id FROM memory.memories m WHERE {where} LIMIT {int(cap)}"
+    return f"{TERMS.rstrip()},\n       (SELECT array_send(array_agg(id)) FROM ({ids}) s) AS filter_ids\n", params.values
+
+
 _DOCS = f"""
 SELECT m.id, ARRAY(SELECT u.lexeme FROM unnest(m.search_tsv) u) AS lexemes,
        ARRAY(SELECT coalesce(array_length(u.positions, 1), 0) FROM unnest(m.search_tsv) u) AS tfs,
@@ -111,15 +128,25 @@ def _array(buf: bytes, value: str, size: type[np.generic]) -> npt.NDArray[Any]:
     return values
 
 
-async def query_terms(conn: asyncpg.Connection, text: str, *, after: int) -> QueryTerms:
-    row = await conn.fetchrow(TERMS, text, after)
+async def query_terms(
+    conn: asyncpg.Connection, text: str, *, after: int, memory_filter: MemoryFilter | None = None, cap: int = 0
+) -> QueryTerms:
+    """The query's terms and the changes after ``after``; with ``memory_filter``, its matching ids too."""
+    sql, values = terms_statement(memory_filter, cap=cap)
+    values[0], values[1] = text, after
+    row = await conn.fetchrow(sql, *values)
     assert row is not None
+    filter_ids = None
+    if memory_filter is not None:
+        raw = row["filter_ids"]
+        filter_ids = np.empty(0, np.int64) if raw is None else _array(raw, ">i8", np.int64)
     return QueryTerms(
         lexemes=list(row["lexemes"] or ()),
         dfs=list(row["dfs"] or ()),
         docs=row["docs"] or 0,
         total_length=row["total_length"] or 0,
         pending=[(int(p[0]), int(p[1])) for p in row["pending"]],
+        filter_ids=filter_ids,
     )
 
 
@@ -194,23 +221,6 @@ async def rows(
         )
         for row in found
     ]
-
-
-def matching_ids_statement(memory_filter: MemoryFilter, *, cap: int) -> tuple[str, list[Any]]:
-    params = Params()
-    # The filter's own conditions only (as the vector path's count): an index-only scan where the filter allows,
-    # expiry is the index's to check.
-    where = where_clause(memory_filter, params, live_only=False)
-    return f"SELECT array_agg(id) FROM (SELECT m.id FROM memory.memories m WHERE {where} LIMIT {int(cap)}) s", (
-        params.values
-    )
-
-
-async def matching_ids(conn: asyncpg.Connection, memory_filter: MemoryFilter, *, cap: int) -> list[int]:
-    """Ids of the memories the filter's conditions hold for, at most ``cap``."""
-    sql, values = matching_ids_statement(memory_filter, cap=cap)
-    found = await conn.fetchval(sql, *values)
-    return list(found or ())
 
 
 def passing_ids_statement(memory_filter: MemoryFilter) -> tuple[str, list[Any]]:
