@@ -49,6 +49,12 @@ async def model(env: dict[str, str], action: str, capsys: pytest.CaptureFixture[
     return code, captured.out + captured.err
 
 
+async def doctor(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["doctor"], env)
+    return code, capsys.readouterr().out
+
+
 async def backfill(running: RunningServer) -> str:
     """Run the backfill until complete: this call, or the server's own round if it holds the lease now."""
     worker: BackfillWorker = running.server.runtime.moves.backfill
@@ -112,6 +118,12 @@ async def test_a_move_backfills_cuts_over_rolls_back_and_finishes(
         assert code == 0 and "cut over to hash 'hash-ngram-v1-256' (256 dimensions)" in out, out
         after = await moving.memory.Search(search("topic 3"))
         assert {len(h.memory.embedding) for h in after.hits} == {256}
+        # doctor checks the configuration as a starting server would: fine with the next model, not without it.
+        _, out = await doctor({**env, **NEXT}, capsys)
+        assert "ok     model: bound to hash-ngram-v1-256 (256 dimensions); cut_over:" in out, out
+        _, out = await doctor(env, capsys)
+        assert "ACTION model: the configuration cannot serve this database" in out, out
+        assert "configure it as EMBEDDING_NEXT_*" in out, out
         stats = await moving.memory.Stats(memory_pb2.StatsRequest())
         assert (stats.embedding_model, stats.dimension, stats.model_move.phase) == (
             "hash-ngram-v1-256",

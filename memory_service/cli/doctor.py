@@ -12,11 +12,13 @@ import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
+from memory_service.app import moves
 from memory_service.cli.backup import database
 from memory_service.config.settings import Settings
 from memory_service.errors import MemoryServiceError
+from memory_service.generations.state import check_configuration
 from memory_service.search.index_care import IndexCare, needs_calibration
-from memory_service.storage import doctor_sql, settings_sql, stats_sql
+from memory_service.storage import doctor_sql, generations_sql, stats_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.dump import plain_connection
 from memory_service.storage.migrations import load_migrations
@@ -138,19 +140,30 @@ def _migrations(applied: dict[str, str] | None) -> Finding:
 
 
 async def _binding(db: Database, settings: Settings) -> Finding:
+    """The configuration against the database's embedding generations, as a server's start-up checks them: during
+    a move of models (docs/model-migration.md) either generation's model may be the configured one."""
     async with db.connection() as conn:
-        bound = await settings_sql.read_binding(conn)
-    wanted = (settings.embedding_model, settings.embedding_dim)
-    if bound is None:
+        state = await generations_sql.read_state(conn)
+    configured, _, next_model = moves.models(settings)
+    if state.current is None:
         return Finding("model", True, "unbound: the first stored embedding binds the configured model")
-    if bound != wanted:
+    bound, wanted = (state.current.model, state.current.dimension), (configured.model, configured.dimension)
+    problem = check_configuration(state, configured, next_model)
+    if problem:
+        return Finding("model", False, "the configuration cannot serve this database", problem)
+    if problem == "":
         return Finding(
             "model",
             False,
             f"the database is bound to {bound[0]} ({bound[1]}), the configuration says {wanted[0]} ({wanted[1]})",
             "configure EMBEDDING_MODEL/EMBEDDING_DIM as stored; a server configured otherwise refuses to start",
         )
-    return Finding("model", True, f"bound to {bound[0]} ({bound[1]} dimensions)")
+    moving = (
+        ""
+        if state.move is None
+        else f"; {state.phase}: {state.move.source.describe()} -> {state.move.target.describe()}"
+    )
+    return Finding("model", True, f"bound to {bound[0]} ({bound[1]} dimensions){moving}")
 
 
 async def _index(db: Database, dsn: str, settings: Settings) -> list[Finding]:
