@@ -138,6 +138,8 @@ class BackfillWorker:
                 ahead = None
                 if not rows:
                     if progress.after_id == 0:
+                        async with self._db.connection() as conn:
+                            await generations_sql.vacuum(conn)  # the next index is sized from fresh statistics
                         await self._checkpoint(fence, dataclasses.replace(progress, complete=True, rate=0.0))
                         log.info("backfill complete after %d passes", progress.passes + 1)
                         return True

@@ -270,8 +270,9 @@ async def fill(
 
 async def vacuum(conn: asyncpg.Connection) -> None:
     """Reclaim the row versions the backfill's updates left behind, and their index entries (outside a
-    transaction)."""
-    await conn.execute("VACUUM memory.memories")
+    transaction), and refresh the statistics: the other column's share of NULLs, which the index care reads to
+    count the rows its index would hold, falls as the backfill goes."""
+    await conn.execute("VACUUM (ANALYZE) memory.memories")
 
 
 async def counts(conn: asyncpg.Connection) -> tuple[int, int]:
