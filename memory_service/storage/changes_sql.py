@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -140,7 +139,11 @@ class Listener:
         with translate_errors():
             # The probe's empty commits (it draws an xid) need no flush: nothing depends on their durability.
             conn = await asyncpg.connect(dsn, timeout=10, server_settings={"synchronous_commit": "off"})
-            await conn.add_listener(CHANNEL, lambda *_: wake())
+            try:
+                await conn.add_listener(CHANNEL, lambda *_: wake())
+            except BaseException:
+                conn.terminate()
+                raise
         return cls(conn)
 
     async def probe(self) -> Probe:
@@ -156,5 +159,10 @@ class Listener:
         return not self._conn.is_closed()
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             await self._conn.close(timeout=2)
+        except Exception:
+            self._conn.terminate()
+        except BaseException:  # cancelled while closing: never leave the socket to the garbage collector
+            self._conn.terminate()
+            raise

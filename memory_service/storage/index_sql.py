@@ -172,7 +172,11 @@ async def maintenance_connection(dsn: str) -> AsyncIterator[asyncpg.Connection |
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", REBUILD_LOCK_KEY)
         finally:
-            await conn.close()
+            try:
+                await conn.close(timeout=5)
+            except BaseException:  # cancelled or timed out while closing: drop the socket rather than leak it
+                conn.terminate()
+                raise
 
 
 async def rebuild(conn: asyncpg.Connection, spec: IndexSpec) -> datetime:
