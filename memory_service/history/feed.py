@@ -22,7 +22,6 @@ import asyncio
 import base64
 import collections
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
@@ -90,33 +89,6 @@ def _legacy_cursor(token: str) -> int | None:
     return seq if seq <= pagination.INT64_MAX else None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Candidate:
-    """Every seq <= ``high`` is final once the transactions in ``blockers`` have ended (or, when they are unknown,
-    once no transaction older than ``xid`` runs)."""
-
-    high: int
-    xid: int
-    blockers: frozenset[int] | None
-
-    @classmethod
-    def of(cls, probe: changes_sql.Probe) -> _Candidate:
-        blockers = None
-        if probe.running is not None:
-            blockers = frozenset(x for x in probe.running if _precedes(x, probe.xid))
-        return cls(high=probe.high, xid=probe.xid, blockers=blockers)
-
-    def final(self, probe: changes_sql.Probe) -> bool:
-        if probe.xmin >= self.xid:
-            return True
-        return self.blockers is not None and probe.running is not None and not (self.blockers & probe.running)
-
-
-def _precedes(xid32: int, xid8: int) -> bool:
-    """Whether a running 32-bit xid was assigned before the 64-bit ``xid8`` (running xids are within 2^31 of it)."""
-    return 0 < (xid8 - xid32) % 2**32 < 2**31
-
-
 class ChangeFeed:
     def __init__(self, db: Database, dsn: str, metrics: Metrics, *, poll_interval: float, page_rows: int) -> None:
         self._db = db
@@ -126,7 +98,7 @@ class ChangeFeed:
         self._page_rows = page_rows
         self.frontier = 0
         """Every change with seq <= frontier is committed or will never be."""
-        self._pending: collections.deque[_Candidate] = collections.deque()
+        self._pending: collections.deque[changes_sql.Settling] = collections.deque()
         self._advanced = asyncio.Condition()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -217,7 +189,7 @@ class ChangeFeed:
         if probe.high > max(self.frontier, self._pending[-1].high if self._pending else 0):
             if len(self._pending) >= MAX_PENDING:
                 self._pending.pop()  # the new candidate covers it, later
-            self._pending.append(_Candidate.of(probe))
+            self._pending.append(changes_sql.Settling.of(probe))
         safe = self.frontier
         # A transaction that holds back one candidate holds back every later one too, so they resolve in order.
         while self._pending and self._pending[0].final(probe):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import logging
 import math
 import time
@@ -53,28 +52,6 @@ _RERANKS = 3
 """Rankings a TEXT search runs at most when memories it ranked are gone by the time their rows are read."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Candidate:
-    """Every seq <= ``high`` is final once the transactions in ``blockers`` have ended (or, unknown, once no
-    transaction older than ``xid`` runs): the Watch feed's rule (``history/feed.py``)."""
-
-    high: int
-    xid: int
-    blockers: frozenset[int] | None
-
-    @classmethod
-    def of(cls, probe: changes_sql.Probe) -> _Candidate:
-        blockers = None
-        if probe.running is not None:
-            blockers = frozenset(x for x in probe.running if 0 < (probe.xid - x) % 2**32 < 2**31)
-        return cls(high=probe.high, xid=probe.xid, blockers=blockers)
-
-    def final(self, probe: changes_sql.Probe) -> bool:
-        if probe.xmin >= self.xid:
-            return True
-        return self.blockers is not None and probe.running is not None and not (self.blockers & probe.running)
-
-
 def _release_free_memory() -> None:
     """Hand the load's freed temporaries back to the system: glibc keeps them in its arenas otherwise, and a 100k
     load left 340 MB of RSS for a 47 MB index (89 MB after this). Elsewhere a no-op."""
@@ -101,7 +78,7 @@ class TextSearch:
         self._applied: set[int] = set()
         """Seqs after the frontier already applied."""
         self._lock = asyncio.Lock()
-        self._candidate: _Candidate | None = None
+        self._candidate: changes_sql.Settling | None = None
         self._avgdl = 1.0
         self._building = False
 
@@ -113,7 +90,7 @@ class TextSearch:
         """A seq every change up to which is committed or never will be (waits for older transactions)."""
         async with self._db.connection() as conn:
             first = await changes_sql.frontier_probe(conn)
-            candidate = _Candidate.of(first)
+            candidate = changes_sql.Settling.of(first)
             probe = first
             while not candidate.final(probe):
                 await asyncio.sleep(_FINAL_WAIT)
@@ -197,7 +174,7 @@ class TextSearch:
         async with self._db.connection() as conn:
             probe = await changes_sql.frontier_probe(conn)
             if self._candidate is None and probe.high > self.frontier:
-                self._candidate = _Candidate.of(probe)
+                self._candidate = changes_sql.Settling.of(probe)
             candidate = self._candidate
             final = candidate is not None and candidate.final(probe)
             pending = await text_index_sql.changes_between(conn, self.frontier, 2**63 - 1)

@@ -33,6 +33,33 @@ class Probe:
     sessions are hidden from this role (no pg_read_all_stats), so only ``xmin`` can be trusted."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Settling:
+    """Every seq <= ``high`` is final once the transactions in ``blockers`` have ended (or, when they are unknown,
+    once no transaction older than ``xid`` runs): how the Watch feed and the text index read ``frontier_probe``."""
+
+    high: int
+    xid: int
+    blockers: frozenset[int] | None
+
+    @classmethod
+    def of(cls, probe: Probe) -> Settling:
+        blockers = None
+        if probe.running is not None:
+            blockers = frozenset(x for x in probe.running if _precedes(x, probe.xid))
+        return cls(high=probe.high, xid=probe.xid, blockers=blockers)
+
+    def final(self, probe: Probe) -> bool:
+        if probe.xmin >= self.xid:
+            return True
+        return self.blockers is not None and probe.running is not None and not (self.blockers & probe.running)
+
+
+def _precedes(xid32: int, xid8: int) -> bool:
+    """Whether a running 32-bit xid was assigned before the 64-bit ``xid8`` (running xids are within 2^31 of it)."""
+    return 0 < (xid8 - xid32) % 2**32 < 2**31
+
+
 async def frontier_probe(conn: asyncpg.Connection) -> Probe:
     """What the change feed needs to tell which seqs are final; three statements, in this order, on purpose.
 
