@@ -24,7 +24,7 @@ from memory_service.generations.types import GenerationState, ModelSpec, Move, P
 from memory_service.memories.writes import Embedded, WritePath
 from memory_service.models import MemoryFilter, NewMemory, Scope, content_hash
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING
-from memory_service.storage import ingest_sql, memories_sql, search_sql
+from memory_service.storage import index_sql, ingest_sql, memories_sql, search_sql
 from memory_service.storage.database import Connection
 from memory_service.storage.index_sql import REBUILD_LOCK_KEY
 from memory_service.v1 import memory_pb2
@@ -409,3 +409,28 @@ async def test_a_move_to_1536_dimensions_through_an_openai_compatible_server(
             assert code == 0, out
         finally:
             await stop_server(moving)
+
+
+async def test_a_completed_backfill_leaves_statistics_that_count_the_next_generation(database_url: str) -> None:
+    """The next index is sized from the planner's statistics: statistics taken while the next column was empty
+    must not survive the backfill, or the index care takes a full column for an empty one."""
+    env = test_env(database_url)
+    first = await start_server(env)
+    try:
+        for i in range(40):
+            await first.memory.Store(store(f"note {i} about topic {i % 7}"))
+    finally:
+        await stop_server(first)
+    moving = await start_server({**env, **NEXT})
+    try:
+        column = moving.server.runtime.moves.other_index.column
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("ANALYZE memory.memories")  # the next column is all NULL here
+            assert await index_sql.estimated_rows(conn, column) == 0
+            assert await backfill(moving) == "backfill complete"
+            assert await index_sql.estimated_rows(conn, column) == 40
+        finally:
+            await conn.close()
+    finally:
+        await stop_server(moving)
