@@ -24,7 +24,6 @@ Settings reach a worker pickled on its stdin, so command-line flags count as the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -104,15 +103,16 @@ class _Supervisor:
             log.info("starting %d server processes on port %d", settings.server_processes, port)
             # The first worker starts alone (migrations, the start-up checks), so a start-up failure is reported
             # once, by it, and the others find the schema ready.
-            first, ready = self._spawn(0, port)
-            self.workers.append(first)
+            ready, told = os.pipe()
+            try:
+                self.workers.append(self._spawn(0, port, ready_fd=told))
+            finally:
+                os.close(told)
             if not self._started(ready) and not self.stopping:
-                code = first.wait()
+                code = self.workers[0].wait()
                 return code if code else 1
             for index in range(1, settings.server_processes):
-                process, ready = self._spawn(index, port)
-                os.close(ready)
-                self.workers.append(process)
+                self.workers.append(self._spawn(index, port))
             return self._supervise()
         finally:
             for signum, handler in previous.items():
@@ -123,33 +123,26 @@ class _Supervisor:
             if embedded is not None:
                 embedded.stop()
 
-    def _spawn(self, index: int, port: int) -> tuple[subprocess.Popen[bytes], int]:
-        """Start worker ``index``; also return a pipe it writes one byte to once it serves (EOF if it fails)."""
+    def _spawn(self, index: int, port: int, *, ready_fd: int | None = None) -> subprocess.Popen[bytes]:
+        """Start worker ``index``; it writes one byte to ``ready_fd`` once it serves (the pipe ends if it fails)."""
         metrics_port = self.settings.metrics_port
         if metrics_port:
             metrics_port += index
         worker_settings = dataclasses.replace(
             self.settings, grpc_port=port, metrics_port=metrics_port, server_processes=1
         )
-        ready_read, ready_write = os.pipe()
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-c", "from memory_service.app.processes import worker; worker()"],
-                stdin=subprocess.PIPE,
-                pass_fds=(ready_write,),
-                # A terminal's Ctrl-C reaches the parent only; it forwards SIGTERM, so each worker drains once.
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(ready_read)
-            raise
-        finally:
-            os.close(ready_write)
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from memory_service.app.processes import worker; worker()"],
+            stdin=subprocess.PIPE,
+            pass_fds=() if ready_fd is None else (ready_fd,),
+            # A terminal's Ctrl-C reaches the parent only; it forwards SIGTERM, so each worker drains once.
+            start_new_session=True,
+        )
         assert process.stdin is not None
-        payload = pickle.dumps((worker_settings, index, ready_write))
+        payload = pickle.dumps((worker_settings, index, ready_fd))
         process.stdin.write(_LENGTH.pack(len(payload)) + payload)
         process.stdin.flush()  # stdin stays open: its end tells the worker that the parent is gone
-        return process, ready_read
+        return process
 
     def _started(self, ready: int) -> bool:
         """Wait until a worker serves (True), or exits or a signal asks to stop first (False)."""
@@ -212,12 +205,13 @@ def worker() -> None:
     log.info("server process %d (pid %d)", index, os.getpid())
 
     async def serving(server: object) -> None:
-        with contextlib.suppress(BrokenPipeError):  # only the first worker's start is waited for
-            os.write(ready, b"1")
+        os.write(ready, b"1")
         os.close(ready)
 
     try:
-        code = run_loop(serve_here(settings, on_ready=serving, reuse_port=True, parent_gone=fd))
+        code = run_loop(
+            serve_here(settings, on_ready=None if ready is None else serving, reuse_port=True, parent_gone=fd)
+        )
     except StartupError as exc:
         print(f"memory-service: error: {exc}", file=sys.stderr)
         code = 2
