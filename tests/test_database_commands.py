@@ -85,3 +85,27 @@ async def test_database_commands_on_the_embedded_data_dir(tmp_path: Path) -> Non
     await _run("restore", str(backup), data_dir=restored)
     assert not EmbeddedPostgres(restored).is_running()
     assert _exported(await _run("export", "--include-embeddings", data_dir=restored)) == beside
+
+
+def test_the_last_user_of_the_embedded_postgres_stops_it_not_the_first(tmp_path: Path) -> None:
+    """A command that started PostgreSQL must not stop it under a server that came to it later: whoever leaves last
+    stops it, and a server this module did not start is left alone."""
+    command, server = EmbeddedPostgres(tmp_path), EmbeddedPostgres(tmp_path)
+    command.start()
+    server.start()
+    command.stop()  # it started PostgreSQL, but the server still uses it
+    assert server.is_running()
+    server.stop()  # the last user: it stops the server the command started
+    assert not server.is_running()
+
+    # Not started by this module (as with an operator's own pg_ctl: no marker): its users leave it running.
+    outside = EmbeddedPostgres(tmp_path)
+    outside.start()
+    (tmp_path / "started.marker").unlink()
+    user = EmbeddedPostgres(tmp_path)
+    user.start()
+    user.stop()
+    outside.stop()
+    assert outside.is_running()
+    outside.stop(force=True)
+    assert not outside.is_running()

