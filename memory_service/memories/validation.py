@@ -65,6 +65,12 @@ def check_vector(field: str, values: Sequence[float], dimension: int) -> Vector:
     if len(values) != dimension:
         raise InvalidArgument(field, f"has {len(values)} dimensions; this database stores {dimension}")
     vector = np.asarray(values, dtype=np.float32)
+    # One reduction answers for nearly every vector: the sum of squares is finite only when every element is, and
+    # non-zero only when one is. Only a vector it does not clear (non-finite, or squares that overflow or underflow
+    # float32) gets the two exact checks below, which name what is wrong.
+    square_sum = float(np.dot(vector, vector))
+    if square_sum > 0.0 and math.isfinite(square_sum):
+        return vector
     if not np.isfinite(vector).all():
         raise InvalidArgument(field, "must contain only finite numbers (no NaN or infinity)")
     if not vector.any():
