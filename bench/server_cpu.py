@@ -127,6 +127,10 @@ async def measure(dsn: str, args: argparse.Namespace, vectors: Any, ids: list[in
         )
         for target in targets:
             await target.start(first)
+        for target in targets[1:]:
+            # Every server scans at the same setting: a call's CPU grows with how long it waits for PostgreSQL (the
+            # process's caches go cold meanwhile), so a floor at its default ef_search would look cheaper than it is.
+            target.probes = targets[0].probes
         for kind in ("Get", "VECTOR"):
             by_target = [calls(t, vectors, ids)[kind] for t in targets]
             for call in by_target:

@@ -278,9 +278,8 @@ def memory_to_proto(memory: Memory) -> memory_pb2.Memory:
 
 
 def fill_memory(message: memory_pb2.Memory, memory: Memory) -> None:
-    """Write ``memory`` into an empty ``message`` in place: into a response's own sub-message (``response.memory``,
-    ``response.hits.add().memory``) rather than building one and handing it over, which copies it once more for
-    each level it is nested in (twice per search hit)."""
+    """Write ``memory`` into an empty ``message`` in place, a response's own sub-message: one built apart and handed
+    over is copied once more for each level it is nested in (twice per search hit)."""
     message.id = memory.id
     message.scope = _SCOPE_WIRE[memory.scope]
     message.scope_id = memory.scope_id
