@@ -11,8 +11,10 @@ Loads the ``hard`` corpus through BulkStore and builds the index (``bench.scale.
   names that setting, so a recalibration on the measured searches does not change it midway.
 
 The difference of the p50s is the service's own cost per call: gRPC on both ends, conversions, validation, the
-interceptor, the pool. Then calls/s with 16 calls in flight (each in-flight caller its own channel, so the
-client's own Python is spread over connections as real callers would be).
+interceptor, the pool. With ``--floor``, the bare floor (``bench.floor`` on uvloop, at the same ``probes``) takes its
+turn in the same alternation: the least any grpc.aio and asyncpg server adds to the same statement.
+Then calls/s with 16 calls in flight (each in-flight caller its own channel, so the client's own Python is spread
+over connections as real callers would be).
 """
 
 from __future__ import annotations
@@ -44,17 +46,34 @@ K = 10
 IN_FLIGHT = 16
 
 
+FLOOR = ("-c", "import uvloop; from bench.floor import serve; uvloop.run(serve())")
+
+
 async def measure(
-    dsn: str, env: dict[str, str], vectors: Any, ids: list[int], *, count: int, kind: IndexKind, total: int
+    dsn: str,
+    env: dict[str, str],
+    vectors: Any,
+    ids: list[int],
+    *,
+    count: int,
+    kind: IndexKind,
+    total: int,
+    floor: bool = False,
 ) -> list[list[object]]:
     server = ServerProcess(env)
+    floor_server = ServerProcess(env, FLOOR) if floor else None
     conn = await asyncpg.connect(dsn)
     channels = []
     try:
         await asyncio.to_thread(server.wait_ready)
+        if floor_server is not None:
+            await asyncio.to_thread(floor_server.wait_ready)
+            channels.append(aio.insecure_channel(floor_server.address))
+        floor_stub = memory_pb2_grpc.MemoryServiceStub(channels[0]) if floor_server is not None else None
         await init_connection(conn)
-        channels = [aio.insecure_channel(server.address) for _ in range(IN_FLIGHT)]
-        stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in channels]
+        service_channels = [aio.insecure_channel(server.address) for _ in range(IN_FLIGHT)]
+        channels += service_channels
+        stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in service_channels]
         stub = stubs[0]
         get_sql = f"SELECT {COLUMNS} FROM memory.memories m WHERE m.id = $1 AND {LIVE}"
 
@@ -103,8 +122,11 @@ async def measure(
             (f"VECTOR ({first.plan} {first.probes})", search_service, search_sql_only, search_on),
         ]
         for name, service, statement, on in pairs:
-            await latencies(service, statement, count=50)
-            timed = await latencies(service, statement, count=count)
+            paths = [service, statement]
+            if floor_stub is not None:
+                paths.append(get_on(floor_stub) if name == "Get" else search_on(floor_stub))
+            await latencies(*paths, count=50)
+            timed = await latencies(*paths, count=count)
             service_p50, sql_p50 = percentile_ms(timed[0], 50), percentile_ms(timed[1], 50)
             per_stub = [on(s) for s in stubs]
 
@@ -114,13 +136,18 @@ async def measure(
             rate = await calls_per_second(spread, in_flight=IN_FLIGHT, total=total)
             processes = env.get("SERVER_PROCESSES", "default")
             p99 = percentile_ms(timed[0], 99)
-            rows.append([processes, name, service_p50, sql_p50, service_p50 - sql_p50, p99, rate])
+            row: list[object] = [processes, name, service_p50, sql_p50, service_p50 - sql_p50, p99, rate]
+            if floor_stub is not None:
+                row.append(percentile_ms(timed[2], 50) - sql_p50)
+            rows.append(row)
         return rows
     finally:
         for channel in channels:
             await channel.close()
         await conn.close()
         await asyncio.to_thread(server.stop)
+        if floor_server is not None:
+            await asyncio.to_thread(floor_server.stop)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -143,7 +170,9 @@ async def run(args: argparse.Namespace) -> None:
         for processes in args.processes.split(","):
             env = service_env(dsn, args.index, SERVER_PROCESSES=processes)
             kind: IndexKind = "hnsw" if args.index == "hnsw" else "ivfflat"
-            rows += await measure(dsn, env, vectors, ids, count=args.queries, kind=kind, total=args.total)
+            rows += await measure(
+                dsn, env, vectors, ids, count=args.queries, kind=kind, total=args.total, floor=args.floor
+            )
     print(f"\n{table_rows} rows of hard, VECTOR_INDEX={args.index}, load average {os.getloadavg()[0]:.2f}\n")
     print_table(
         [
@@ -154,6 +183,7 @@ async def run(args: argparse.Namespace) -> None:
             "service - SQL ms",
             "service p99 ms",
             f"calls/s at {IN_FLIGHT} in flight",
+            *(["floor - SQL ms"] if args.floor else []),
         ],
         rows,
     )
@@ -167,6 +197,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500, help="timed calls per path")
     parser.add_argument("--dsn", help="measure on this database as it is (loaded and indexed) instead of a new one")
     parser.add_argument("--total", type=int, default=3000, help="calls of the throughput run")
+    parser.add_argument("--floor", action="store_true", help="also time bench.floor (uvloop) in the alternation")
     asyncio.run(run(parser.parse_args()))
 
 

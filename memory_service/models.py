@@ -159,7 +159,11 @@ class MemoryFilter:
 
     @property
     def is_empty(self) -> bool:
-        return self == MemoryFilter()
+        return self is NO_FILTER or self == NO_FILTER
+
+
+NO_FILTER = MemoryFilter()
+"""The filter that matches everything; requests without one share it, so ``is_empty`` is an identity test for them."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -168,7 +172,7 @@ class SearchQuery:
     embedding: Vector | None = None
     mode: SearchMode = SearchMode.HYBRID
     top_k: int = 10
-    filter: MemoryFilter = MemoryFilter()
+    filter: MemoryFilter = NO_FILTER
     min_score: float | None = None
     fusion: Fusion = Fusion.WEIGHTED
     rrf_k: int = 60

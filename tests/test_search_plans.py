@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 
 from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
-from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
+from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef, SearchMode, SearchQuery
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING
 from memory_service.storage import search_sql, text_index_sql
 from memory_service.storage.database import init_connection
@@ -272,3 +274,80 @@ def test_only_filters_an_index_narrows_are_counted() -> None:
     assert search_sql.count_is_bounded(SCOPED)
     assert search_sql.count_is_bounded(MemoryFilter(agent_id=3, min_importance=0.99))
     assert search_sql.count_is_bounded(MemoryFilter(tags=("a",)))
+
+
+_OURS: contextvars.ContextVar[bool] = contextvars.ContextVar("ours", default=False)
+
+
+async def test_a_vector_search_and_a_get_are_one_statement_each(indexed: tuple[RunningServer, Corpus, str]) -> None:
+    # The per-call cost target (issue 19) counts on it: no SET, no count, no second fetch for an unfiltered VECTOR
+    # search once its connection has its settings, and one statement for a Get. The driver calls query loggers
+    # through the event loop in a copy of the issuing task's context, so only this task's statements are counted
+    # (background loops share the pool's one connection).
+    running, corpus, _ = indexed
+    runtime = running.server.runtime
+    query = SearchQuery(embedding=corpus.vectors[3], mode=SearchMode.VECTOR, top_k=10, probes=4)
+    first = await runtime.search.search(query)  # prepares the statement and sets the scan settings
+    memory_id = first.hits[0].memory.id
+    await runtime.memories.get(memory_id, with_embedding=False)
+    heard: list[str] = []
+
+    def hear(record: Any) -> None:
+        if _OURS.get():
+            heard.append(record.query)
+
+    async with runtime.db.pool.acquire() as conn:
+        conn.add_query_logger(hear)
+    statement, _ = search_sql.candidates_statement(
+        NONE, vector=corpus.vectors[3], text=None, limit=10, exact=False, full_rows=True, generation=0
+    )
+    mark = _OURS.set(True)
+    try:
+        # A background job may take the pool's one connection between two searches and leave other scan settings
+        # on it (a calibration): the search after it sends a SET first, the one after that must not.
+        for _ in range(3):
+            result = await runtime.search.search(query)
+            await asyncio.sleep(0)
+            searched, heard[:] = list(heard), []
+            if searched == [statement]:
+                break
+        memory = await runtime.memories.get(memory_id, with_embedding=False)
+        await asyncio.sleep(0)
+    finally:
+        _OURS.reset(mark)
+        async with runtime.db.pool.acquire() as conn:
+            conn.remove_query_logger(hear)
+    assert result.plan == "ivfflat-iterative" and len(result.hits) == 10
+    assert searched == [statement]
+    assert memory.id == memory_id and len(heard) == 1, heard
+
+
+def test_the_unfiltered_vector_statement_is_built_once_and_the_same() -> None:
+    # search_sql.candidates keeps the text of unfiltered vector searches; it must be candidates_statement's, with
+    # the parameters in the same order.
+    vector = np.ones(384, dtype=np.float32)
+    for exact in (False, True):
+        for with_embedding in (False, True):
+            for generation in (None, 3):
+                for column in ("embedding", "embedding_alt"):
+                    expected, values = search_sql.candidates_statement(
+                        NONE,
+                        vector=vector,
+                        text=None,
+                        limit=7,
+                        exact=exact,
+                        full_rows=True,
+                        with_embedding=with_embedding,
+                        column=column,
+                        generation=generation,
+                    )
+                    built = search_sql._unfiltered_vector_sql(
+                        7,
+                        exact=exact,
+                        full_rows=True,
+                        with_embedding=with_embedding,
+                        column=column,
+                        guarded=generation is not None,
+                    )
+                    assert built == expected
+                    assert values[0] is vector and values[1:] == ([] if generation is None else [generation])

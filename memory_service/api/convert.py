@@ -17,6 +17,7 @@ from memory_service.memories import validation
 from memory_service.memories.ingest import BulkAck
 from memory_service.memories.stats import Stats
 from memory_service.models import (
+    NO_FILTER,
     Fence,
     Fusion,
     Memory,
@@ -25,7 +26,6 @@ from memory_service.models import (
     NewMemory,
     Scope,
     ScopeRef,
-    SearchHit,
     SearchMode,
     SearchQuery,
     SearchResult,
@@ -156,6 +156,9 @@ def scope_ref_from_proto(message: memory_pb2.ScopeRef, field: str) -> ScopeRef:
 
 
 def filter_from_proto(message: memory_pb2.MemoryFilter, field: str = "filter") -> MemoryFilter:
+    if message.ByteSize() == 0:
+        # Nothing set (fields with presence count even at 0): most searches and pages. Nothing to check.
+        return NO_FILTER
     if len(message.scopes) > validation.MAX_SCOPES:
         raise InvalidArgument(f"{field}.scopes", f"may name at most {validation.MAX_SCOPES} scopes")
     scopes = [scope_ref_from_proto(ref, f"{field}.scopes[{index}]") for index, ref in enumerate(message.scopes)]
@@ -269,18 +272,26 @@ def _probes(value: int) -> int:
 
 
 def memory_to_proto(memory: Memory) -> memory_pb2.Memory:
-    message = memory_pb2.Memory(
-        id=memory.id,
-        scope=_SCOPE_WIRE[memory.scope],
-        scope_id=memory.scope_id,
-        memory_type=_TYPE_WIRE[memory.memory_type],
-        key=memory.key,
-        value=memory.value,
-        importance=memory.importance,
-        tags=list(memory.tags),
-        embedding_model=memory.embedding_model or "",
-        content_hash=memory.content_hash.hex(),
-    )
+    message = memory_pb2.Memory()
+    fill_memory(message, memory)
+    return message
+
+
+def fill_memory(message: memory_pb2.Memory, memory: Memory) -> None:
+    """Write ``memory`` into an empty ``message`` in place, a response's own sub-message: one built apart and handed
+    over is copied once more for each level it is nested in (twice per search hit)."""
+    message.id = memory.id
+    message.scope = _SCOPE_WIRE[memory.scope]
+    message.scope_id = memory.scope_id
+    message.memory_type = _TYPE_WIRE[memory.memory_type]
+    message.key = memory.key
+    message.value = memory.value
+    message.importance = memory.importance
+    if memory.tags:
+        message.tags.extend(memory.tags)
+    if memory.embedding_model:
+        message.embedding_model = memory.embedding_model
+    message.content_hash = memory.content_hash.hex()
     if memory.agent_id is not None:
         message.agent_id = memory.agent_id
     if memory.metadata:
@@ -291,7 +302,6 @@ def memory_to_proto(memory: Memory) -> memory_pb2.Memory:
     _set_timestamp(message.updated_at, memory.updated_at)
     if memory.expires_at is not None:
         _set_timestamp(message.expires_at, memory.expires_at)
-    return message
 
 
 def _set_timestamp(message: timestamp_pb2.Timestamp, value: datetime) -> None:
@@ -312,27 +322,27 @@ def scope_to_proto(scope: Scope) -> memory_pb2.Scope.ValueType:
 
 
 def search_result_to_proto(result: SearchResult) -> memory_pb2.SearchResponse:
-    return memory_pb2.SearchResponse(
-        hits=[_hit_to_proto(hit) for hit in result.hits],
+    response = memory_pb2.SearchResponse(
         mode=_MODE_WIRE[result.mode],
         exact=result.exact,
         plan=result.plan,
         probes=result.probes,
         estimated_recall=result.estimated_recall,
     )
-
-
-def _hit_to_proto(hit: SearchHit) -> memory_pb2.SearchHit:
-    message = memory_pb2.SearchHit(memory=memory_to_proto(hit.memory), score=hit.score)
-    if hit.cosine_similarity is not None:
-        message.cosine_similarity = hit.cosine_similarity
-    if hit.text_score is not None:
-        message.text_score = hit.text_score
-    if hit.vector_rank is not None:
-        message.vector_rank = hit.vector_rank
-    if hit.text_rank is not None:
-        message.text_rank = hit.text_rank
-    return message
+    for hit in result.hits:
+        # Filled where it lives: a hit built apart and passed in would be copied into the response (and its memory
+        # into the hit before that).
+        message = response.hits.add(score=hit.score)
+        fill_memory(message.memory, hit.memory)
+        if hit.cosine_similarity is not None:
+            message.cosine_similarity = hit.cosine_similarity
+        if hit.text_score is not None:
+            message.text_score = hit.text_score
+        if hit.vector_rank is not None:
+            message.vector_rank = hit.vector_rank
+        if hit.text_rank is not None:
+            message.text_rank = hit.text_rank
+    return response
 
 
 def bulk_ack_to_proto(ack: BulkAck) -> memory_pb2.BulkStoreAck:

@@ -198,6 +198,8 @@ class _Call:
         self._check: Callable[[Any], Any] = _checked_stream if handler.request_streaming else _checked
         self._started = metrics.grpc_started.labels(*self.labels)
         self._latency = metrics.grpc_latency.labels(*self.labels)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+        """The ``grpc_handled`` child of each status code this method has ended with (looked up once, not per call)."""
         self.auth = auth if service not in OPEN_SERVICES else None
         self.observer = observer
         self.name = f"/{service}/{method}"
@@ -213,7 +215,10 @@ class _Call:
 
     def _finish(self, started: float, code: grpc.StatusCode, watch: Any, exc: BaseException | None) -> None:
         seconds = time.perf_counter() - started
-        self.metrics.grpc_handled.labels(*self.labels, code.name).inc()
+        handled = self._handled.get(code)
+        if handled is None:
+            handled = self._handled[code] = self.metrics.grpc_handled.labels(*self.labels, code.name)
+        handled.inc()
         self._latency.observe(seconds)
         principal = tenancy.CURRENT.get().principal
         if principal is not None:

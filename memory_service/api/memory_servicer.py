@@ -85,7 +85,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
             memory = await self._history.get_as_of(memory_id, history_convert.as_of(request.as_of))
         else:
             memory = await self._memories.get(memory_id, with_embedding=request.include_embedding)
-        return memory_pb2.GetResponse(memory=convert.memory_to_proto(memory))
+        response = memory_pb2.GetResponse()
+        convert.fill_memory(response.memory, memory)
+        return response
 
     async def Delete(
         self, request: memory_pb2.DeleteRequest, context: aio.ServicerContext
@@ -114,7 +116,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                 page_token=request.page_token,
                 with_embedding=request.include_embedding,
             )
-        return memory_pb2.ListResponse(memories=[convert.memory_to_proto(m) for m in memories], next_page_token=token)
+        response = memory_pb2.ListResponse(next_page_token=token)
+        for memory in memories:
+            convert.fill_memory(response.memories.add(), memory)
+        return response
 
     async def Search(
         self, request: memory_pb2.SearchRequest, context: aio.ServicerContext

@@ -65,6 +65,13 @@ def check_vector(field: str, values: Sequence[float], dimension: int) -> Vector:
     if len(values) != dimension:
         raise InvalidArgument(field, f"has {len(values)} dimensions; this database stores {dimension}")
     vector = np.asarray(values, dtype=np.float32)
+    # One reduction answers for a valid vector: the sum of squares is finite only when every element is, and
+    # non-zero only when one is. In float64, where no float32 square overflows or underflows (and so nothing
+    # warns). Only a vector it does not clear gets the two checks below, which name what is wrong.
+    wide = vector.astype(np.float64)
+    square_sum = float(wide @ wide)
+    if square_sum > 0.0 and math.isfinite(square_sum):
+        return vector
     if not np.isfinite(vector).all():
         raise InvalidArgument(field, "must contain only finite numbers (no NaN or infinity)")
     if not vector.any():

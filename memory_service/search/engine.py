@@ -88,7 +88,9 @@ class SearchEngine:
 
     async def search(self, query: SearchQuery) -> SearchResult:
         started = time.perf_counter()
-        query = dataclasses.replace(query, filter=guard.narrow(query.filter))
+        narrowed = guard.narrow(query.filter)
+        if narrowed is not query.filter:
+            query = dataclasses.replace(query, filter=narrowed)
         text = query.text if query.mode in (SearchMode.TEXT, SearchMode.HYBRID) else None
         limit = query.top_k
         if query.mode is not SearchMode.VECTOR:

@@ -164,6 +164,12 @@ def _encode_vector(value: Vector | npt.NDArray[np.floating[Any]] | list[float]) 
     return encoded
 
 
+def _decode_json(text: str) -> Any:
+    """``json.loads``, without its parser for the empty object most memories' metadata is (every row a search or
+    a page returns decodes one)."""
+    return {} if text == "{}" else json.loads(text)
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
     """Binary pgvector codecs (vectors decode to numpy arrays) and JSON codecs on every pooled connection."""
     schema = await conn.fetchval(
@@ -173,8 +179,8 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "vector", schema=schema or "public", encoder=_encode_vector, decoder=_decode_vector, format="binary"
     )
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=_decode_json, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=_decode_json, schema="pg_catalog")
 
 
 class Database:

@@ -21,11 +21,13 @@ BM25 score, so fusion compares like with like.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import asyncpg
+import numpy as np
 
-from memory_service.models import Candidate, Memory, MemoryFilter, Vector
+from memory_service.models import NO_FILTER, Candidate, Memory, MemoryFilter, Vector
 from memory_service.storage.filters import Params, where_clause
 from memory_service.storage.index_sql import vector_column
 from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING, memory_from_row
@@ -211,20 +213,32 @@ async def candidates(
     needed with ``text``. ``rls``: the connection runs under row-level security (a scoped call), which changes how
     text matches are found, not which.
     """
-    sql, values = candidates_statement(
-        memory_filter,
-        vector=vector,
-        text=text,
-        limit=limit,
-        exact=exact,
-        full_rows=full_rows,
-        text_ranking=text_ranking,
-        pruned=pruned,
-        with_embedding=with_embedding,
-        column=column,
-        generation=generation,
-        rls=rls,
-    )
+    if vector is not None and text is None and memory_filter.is_empty:
+        # The commonest search, whose text depends on its bounds and flags only: built once, not on every call.
+        sql = _unfiltered_vector_sql(
+            limit,
+            exact=exact,
+            full_rows=full_rows,
+            with_embedding=with_embedding,
+            column=column,
+            guarded=generation is not None,
+        )
+        values: list[Any] = [vector] if generation is None else [vector, generation]
+    else:
+        sql, values = candidates_statement(
+            memory_filter,
+            vector=vector,
+            text=text,
+            limit=limit,
+            exact=exact,
+            full_rows=full_rows,
+            text_ranking=text_ranking,
+            pruned=pruned,
+            with_embedding=with_embedding,
+            column=column,
+            generation=generation,
+            rls=rls,
+        )
     rows = await conn.fetch(sql, *values)
     return [
         Candidate(
@@ -240,6 +254,26 @@ async def candidates(
         )
         for row in rows
     ]
+
+
+@functools.lru_cache(maxsize=256)
+def _unfiltered_vector_sql(
+    limit: int, *, exact: bool, full_rows: bool, with_embedding: bool, column: str, guarded: bool
+) -> str:
+    """``candidates_statement`` of an unfiltered vector search, whose parameters are the vector and (``guarded``)
+    the generation, in that order."""
+    sql, _ = candidates_statement(
+        NO_FILTER,
+        vector=np.zeros(1, dtype=np.float32),
+        text=None,
+        limit=limit,
+        exact=exact,
+        full_rows=full_rows,
+        with_embedding=with_embedding,
+        column=column,
+        generation=0 if guarded else None,
+    )
+    return sql
 
 
 def memories_by_id_statement(*, with_embedding: bool) -> str:
