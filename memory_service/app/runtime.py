@@ -260,6 +260,7 @@ class Runtime:
             iterative_scan=self._iterative_scan,
             hnsw_m=settings.hnsw_m,
             hnsw_ef_construction=settings.hnsw_ef_construction,
+            hnsw_tail_rows=settings.hnsw_tail_rows,
             seen=seen,
             metrics=self.metrics,
             configured_setting=self._configured_setting,

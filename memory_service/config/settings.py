@@ -129,6 +129,9 @@ class Settings:
     """ef_search for every approximate search on HNSW; unset takes the calibrated value."""
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
+    hnsw_tail_rows: int = 10_000
+    """Rows written since the HNSW graph was built that are searched exactly (the tail) before index care builds
+    the graph again over them; 0: every row goes into the graph as it is written (pgvector's per-row insert)."""
     index_check_interval: float = 60.0
     """How often each instance checks whether the vector index is due for a rebuild or a calibration."""
     exact_search_max_rows: int = 20_000
@@ -273,6 +276,7 @@ class Settings:
             hnsw_ef_construction=reader.integer(
                 "HNSW_EF_CONSTRUCTION", d.hnsw_ef_construction, minimum=4, maximum=1000
             ),
+            hnsw_tail_rows=reader.integer("HNSW_TAIL_ROWS", d.hnsw_tail_rows, minimum=0, maximum=10_000_000),
             index_check_interval=reader.duration("INDEX_CHECK_INTERVAL", d.index_check_interval),
             exact_search_max_rows=reader.integer("EXACT_SEARCH_MAX_ROWS", d.exact_search_max_rows, minimum=0),
             search_narrow_filter_rows=reader.integer(

@@ -5,6 +5,12 @@ from one to the other is a rebuild like any other: the new index is built concur
 dropped. ``maintenance_connection`` is the connection a rebuild and a calibration run on: its own, outside the
 pool, holding the session advisory lock that lets one instance maintain the index at a time. When to rebuild and
 how is policy and lives in ``memory_service.search.index_care``.
+
+An HNSW index may be partial, ``WHERE id <= W``: the graph then covers the rows up to the watermark ``W`` (ids come
+from a sequence, so rows written after the build land above it), and rows written since, the tail, are not
+inserted into the graph one by one (pgvector's per-row insert is a search at ``ef_construction`` through the
+buffer manager, ten times the in-memory build's cost per row); ``search_sql`` searches them exactly beside the
+graph. The watermark is read back from the index's own predicate, so it can never disagree with the index.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ def setting_key(base: str, column: str) -> str:
 # Held (session level, on a dedicated connection) by the one instance rebuilding; its bytes spell "memsvivf".
 REBUILD_LOCK_KEY = 0x6D656D7376697666
 _OPTION = re.compile(r"(lists|m|ef_construction)=(\d+)")
+# pg_get_expr of ``WHERE id <= W``: ``(id <= 123)``, or with a bigint literal ``(id <= '5000000000'::bigint)``.
+_WATERMARK = re.compile(r"\(id <= '?(\d+)'?(?:::bigint)?\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +69,16 @@ class IndexSpec:
     m: int = 16
     ef_construction: int = 64
     column: str = "embedding"
+    watermark: int | None = None
+    """HNSW only: the graph covers rows with ``id <= watermark`` (None: every row, each inserted as written)."""
 
     def using(self) -> str:
         if self.kind == "hnsw":
             options = f"m = {int(self.m)}, ef_construction = {int(self.ef_construction)}"
         else:
             options = f"lists = {int(self.lists)}"
-        return f"{self.kind} ({vector_column(self.column)} vector_cosine_ops) WITH ({options})"
+        partial = f" WHERE id <= {int(self.watermark)}" if self.kind == "hnsw" and self.watermark is not None else ""
+        return f"{self.kind} ({vector_column(self.column)} vector_cosine_ops) WITH ({options}){partial}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +88,8 @@ class IndexInfo:
     kind: IndexKind | None = None
     lists: int = 0
     m: int = 0
+    watermark: int | None = None
+    """A partial HNSW index's ``W`` in ``WHERE id <= W``; None for an index of every row."""
 
 
 async def index_info(conn: asyncpg.Connection, prefer: IndexKind, column: str = "embedding") -> IndexInfo:
@@ -85,7 +98,8 @@ async def index_info(conn: asyncpg.Connection, prefer: IndexKind, column: str = 
     names = {kind: index_name(column, kind) for kind in KINDS}
     rows = await conn.fetch(
         """
-        SELECT c.relname AS name, i.indisvalid AS valid, c.reloptions AS options
+        SELECT c.relname AS name, i.indisvalid AS valid, c.reloptions AS options,
+               pg_get_expr(i.indpred, i.indrelid) AS predicate
         FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'memory' AND c.relname = ANY($1::text[])
         """,
@@ -101,9 +115,38 @@ async def index_info(conn: asyncpg.Connection, prefer: IndexKind, column: str = 
         for option in found[kind]["options"] or ()
         if (match := _OPTION.fullmatch(option)) is not None
     }
+    predicate = found[kind]["predicate"]
+    watermark = _WATERMARK.fullmatch(predicate) if predicate else None
     return IndexInfo(
-        exists=True, valid=bool(found[kind]["valid"]), kind=kind, lists=options.get("lists", 0), m=options.get("m", 0)
+        exists=True,
+        valid=bool(found[kind]["valid"]),
+        kind=kind,
+        lists=options.get("lists", 0),
+        m=options.get("m", 0),
+        watermark=int(watermark.group(1)) if watermark else None,
     )
+
+
+_TAIL = {
+    c: f"SELECT count(*) FROM (SELECT 1 FROM memory.memories WHERE id > $1 AND {c} IS NOT NULL LIMIT $2) s"
+    for c in COLUMNS
+}
+
+
+async def tail_rows(conn: asyncpg.Connection, watermark: int, column: str = "embedding", *, cap: int) -> int:
+    """Rows with an embedding above a partial index's watermark (searched exactly), counted up to ``cap``: a range
+    scan of the primary key from the watermark, so it reads the tail, never the indexed rows."""
+    value: int = await conn.fetchval(_TAIL[vector_column(column)], watermark, cap)
+    return value
+
+
+async def next_watermark(conn: asyncpg.Connection) -> int:
+    """The watermark of a graph about to be built: the highest id written so far (the primary key's last entry).
+
+    A row given a lower id by a transaction still open is covered all the same: CREATE INDEX CONCURRENTLY indexes
+    every row its predicate takes, whenever it commits."""
+    value: int = await conn.fetchval("SELECT coalesce(max(id), 0) FROM memory.memories")
+    return value
 
 
 _COUNT = {c: f"SELECT count(*) FROM memory.memories WHERE {c} IS NOT NULL" for c in COLUMNS}
