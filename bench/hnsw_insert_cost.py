@@ -30,6 +30,7 @@ CASES: tuple[tuple[str, str, int, str], ...] = (
     ("hnsw ef_c 64", "hnsw", 64, ""),
     ("hnsw ef_c 64, wal_compression", "hnsw", 64, "SET wal_compression = 'pglz'"),
     ("hnsw ef_c 32", "hnsw", 32, ""),
+    ("hnsw ef_c 64, graph up to the load (HNSW_TAIL_ROWS)", "hnsw-tail", 64, ""),
 )
 BATCH = 200
 
@@ -82,7 +83,13 @@ async def one(server: str, case: tuple[str, str, int, str], base: int, extra: in
             await copy_into_memories(conn, rows[:base])
             await conn.execute("SET maintenance_work_mem = '512MB'")
             if kind != "none":
-                spec = index_sql.IndexSpec(kind, lists=max(10, base // 1000), ef_construction=ef_construction or 64)  # type: ignore[arg-type]
+                watermark = await index_sql.next_watermark(conn) if kind == "hnsw-tail" else None
+                spec = index_sql.IndexSpec(
+                    "ivfflat" if kind == "ivfflat" else "hnsw",
+                    lists=max(10, base // 1000),
+                    ef_construction=ef_construction or 64,
+                    watermark=watermark,
+                )
                 await index_sql.rebuild(conn, spec)
             await conn.execute("CHECKPOINT")
         finally:
@@ -102,6 +109,8 @@ async def run(args: argparse.Namespace) -> None:
     table = []
     with database_server() as server:
         for case in CASES:
+            if args.only and args.only not in case[0]:
+                continue
             for parallel in (1, 2):
                 if parallel == 2 and case[1] != "hnsw":
                     continue
@@ -115,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=int, default=20_000)
     parser.add_argument("--extra", type=int, default=2_000)
+    parser.add_argument("--only", help="run only the cases whose name contains this")
     asyncio.run(run(parser.parse_args()))
 
 

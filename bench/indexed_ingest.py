@@ -4,9 +4,11 @@
 
 ``--base`` rows of the ``hard`` corpus are copied in and indexed (``maintenance_work_mem`` 512 MB, the build's
 own parallel workers), then a server (``SERVER_PROCESSES=1``, the index kept whatever the size) takes ``--extra``
-more rows through BulkStore with their embeddings, 1,000 a message, and the rows/s are printed per index. Every
-row written into an HNSW index is inserted into its graph, a search at ``ef_construction`` of its own, so the
-second half of the table is the cost of keeping HNSW up to date rather than of building it.
+new rows through BulkStore with their embeddings, 1,000 a message, then as many rewrites of indexed rows (new
+texts and vectors under their keys), and the rows/s of each are printed per index. With
+``HNSW_TAIL_ROWS`` 0 every row written into an HNSW index is inserted into its graph, a search at
+``ef_construction`` of its own; by default the graph covers the rows up to its build's watermark and the loaded
+rows are its tail, searched exactly until the next build (``search.index_care``).
 """
 
 from __future__ import annotations
@@ -28,17 +30,24 @@ from memory_service.storage import index_sql, settings_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.migrations import apply_migrations
 
-CASES: tuple[tuple[IndexKind, int], ...] = (("ivfflat", 0), ("hnsw", 64), ("hnsw", 32))
-"""Index kind and HNSW ef_construction (m 16 throughout)."""
+CASES: tuple[tuple[IndexKind, int, int], ...] = (
+    ("ivfflat", 0, 0),
+    ("hnsw", 64, 10_000),
+    ("hnsw", 64, 0),
+    ("hnsw", 32, 0),
+)
+"""Index kind, HNSW ef_construction (m 16 throughout) and HNSW_TAIL_ROWS (0: every row into the graph)."""
 
 
 async def one(
-    server_dsn: str, kind: IndexKind, ef_construction: int, base: int, extra: int
-) -> tuple[str, float, float]:
+    server_dsn: str, kind: IndexKind, ef_construction: int, base: int, extra: int, *, tail_rows: int
+) -> tuple[str, float, float, float]:
+    """Build seconds, then rows/s of ``extra`` new rows through BulkStore, then of ``extra`` rewrites of indexed
+    rows (new texts and vectors under their keys)."""
     data = corpus("hard", base + extra)
     rows = records(data, model=DEFAULT_HASH_MODEL)
-    # The loaded rows: the rest of the corpus, under other keys and texts so none is a duplicate of an indexed row.
-    tail = dataclasses.replace(
+    # The rest of the corpus, under other texts: rewrites of the first rows under their own keys, then new rows.
+    more = dataclasses.replace(
         data,
         vectors=data.vectors[base:],
         texts=["more " + t for t in data.texts[base:]],
@@ -46,6 +55,11 @@ async def one(
         scope_ids=data.scope_ids[base:],
         importance=data.importance[base:],
     )
+    rewrites = requests(more, 1000, embedded=True)
+    created = requests(more, 1000, embedded=True)
+    for message in created:
+        for item in message.items:
+            item.memory.key = item.memory.key.replace("row-", "new-")
     async with fresh_database(server_dsn) as dsn:
         await apply_migrations(dsn)
         conn = await asyncpg.connect(dsn)
@@ -56,7 +70,10 @@ async def one(
             await copy_into_memories(conn, rows[:base])
             await conn.execute("SET maintenance_work_mem = '512MB'")
             started = time.perf_counter()
-            spec = index_sql.IndexSpec(kind, lists=max(10, base // 1000), ef_construction=ef_construction or 64)
+            watermark = await index_sql.next_watermark(conn) if tail_rows else None
+            spec = index_sql.IndexSpec(
+                kind, lists=max(10, base // 1000), ef_construction=ef_construction or 64, watermark=watermark
+            )
             await index_sql.rebuild(conn, spec)
             build = time.perf_counter() - started
         finally:
@@ -66,28 +83,35 @@ async def one(
             "VECTOR_INDEX": kind,
             "SERVER_PROCESSES": "1",
             "EXACT_SEARCH_MAX_ROWS": "1000000000",
+            "HNSW_TAIL_ROWS": str(tail_rows),
         }
         server = ServerProcess(env)
         server.wait_ready()
         try:
-            seconds = await bulk_store(server.address, requests(tail, 1000, embedded=True))
+            new_seconds = await bulk_store(server.address, created)
+            rewrite_seconds = await bulk_store(server.address, rewrites)
         finally:
             server.stop()
     name = kind if kind == "ivfflat" else f"hnsw m 16, ef_construction {ef_construction}"
-    print(f"{name}: built in {build:.1f} s, {extra / seconds:.0f} rows/s", flush=True)
-    return name, build, extra / seconds
+    if kind == "hnsw":
+        name += f", tail up to {tail_rows}" if tail_rows else ", every row into the graph"
+    new, rewritten = extra / new_seconds, extra / rewrite_seconds
+    print(f"{name}: built in {build:.1f} s, new rows {new:.0f}/s, rewrites {rewritten:.0f}/s", flush=True)
+    return name, build, new, rewritten
 
 
 async def run(args: argparse.Namespace) -> None:
     results = []
     with database_server() as server:
-        for kind, ef_construction in CASES:
-            results.append(await one(server, kind, ef_construction, args.base, args.extra))
+        for kind, ef_construction, tail_rows in CASES:
+            results.append(await one(server, kind, ef_construction, args.base, args.extra, tail_rows=tail_rows))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\n{args.base} hard rows indexed, then {args.extra} through BulkStore; load average {load}\n")
-    floor = results[0][2]
-    table = [[name, build, rate, floor / rate] for name, build, rate in results]
-    print_table(["index", "build s", "BulkStore rows/s", "ivfflat / this"], table)
+    print(f"\n{args.base} hard rows indexed, then {args.extra} new rows and {args.extra} rewrites of indexed rows")
+    print(f"through BulkStore; load average {load}\n")
+    _, _, new_floor, rewrite_floor = results[0]
+    table = [[name, build, new, new_floor / new, rw, rewrite_floor / rw] for name, build, new, rw in results]
+    headers = ["index", "build s", "new rows/s", "ivfflat / this", "rewrites/s", "ivfflat / this"]
+    print_table(headers, table)
 
 
 def main() -> None:

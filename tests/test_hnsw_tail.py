@@ -109,6 +109,9 @@ async def test_rows_loaded_after_the_build_are_found_from_the_tail(
     await bulk_store(running, corpus, range(BASE, BASE + 200))
     state = await running.server.runtime.index.refresh()
     assert state.tail == 200 and running.server.runtime.index.needs_rebuild(state) is False
+    stats = await running.memory.Stats(memory_pb2.StatsRequest())
+    assert stats.index.tail_rows == 200 and stats.index.kind == "hnsw"
+    assert running.server.metrics.registry.get_sample_value("memory_index_tail_rows") == 200
     # The graph never saw them: the partial index holds the first BASE rows only.
     rows = await sql(
         database_url,
