@@ -63,11 +63,11 @@ async def built(database_url: str) -> AsyncIterator[tuple[RunningServer, Corpus]
             await init_connection(conn)
             await copy_into_memories(conn, records(corpus, model="hash-ngram-v1")[:BASE])
             await conn.execute("ANALYZE memory.memories")
-            top = await conn.fetchval("SELECT max(id) FROM memory.memories")
+            top = await conn.fetchval("SELECT max(graph_seq) FROM memory.memories")
         finally:
             await conn.close()
         outcome = await running.server.runtime.index.maintain()
-        assert outcome.startswith(f"rebuilt hnsw with m=16, ids <= {top} for {BASE} rows; calibrated"), outcome
+        assert outcome.startswith(f"rebuilt hnsw with m=16, graph_seq <= {top} for {BASE} rows; calibrated"), outcome
         state = running.server.runtime.index.state
         assert state.watermark == top and state.tail == 0
         yield running, corpus
@@ -75,10 +75,13 @@ async def built(database_url: str) -> AsyncIterator[tuple[RunningServer, Corpus]
         await stop_server(running)
 
 
-async def bulk_store(running: RunningServer, corpus: Corpus, rows: range) -> None:
+async def bulk_store(running: RunningServer, corpus: Corpus, rows: range, *, prefix: str = "") -> None:
+    """BulkStore rows ``rows`` of the corpus with their vectors (their values after ``prefix``)."""
     items = [
         memory_pb2.BulkItem(sequence=n + 1, memory=memory_input(corpus, i, embedded=True)) for n, i in enumerate(rows)
     ]
+    for item in items:
+        item.memory.value = prefix + item.memory.value
     batches = [memory_pb2.BulkStoreRequest(items=items[at : at + 100]) for at in range(0, len(items), 100)]
 
     async def messages() -> AsyncIterator[memory_pb2.BulkStoreRequest]:
@@ -118,7 +121,7 @@ async def test_rows_loaded_after_the_build_are_found_from_the_tail(
         "SELECT pg_get_expr(indpred, indrelid) FROM pg_index WHERE indexrelid = "
         "'memory.memories_embedding_hnsw'::regclass",
     )
-    assert rows[0][0] == f"(id <= {state.watermark})"
+    assert rows[0][0] == f"(graph_seq <= {state.watermark})"
     for i in (BASE, BASE + 77, BASE + 199, 5, 1500, BASE - 1):
         keys, plan = await nearest_keys(running, corpus.vectors[i])
         assert plan == "hnsw-iterative" and keys[0] == f"row-{i}", (i, keys)
@@ -170,6 +173,14 @@ async def test_deletes_and_updates_in_the_graph_and_in_the_tail(
         assert keys[0] == f"row-{i}"
         keys, _ = await nearest_keys(running, corpus.vectors[i], top_k=1)
         assert keys != [f"row-{i}"]
+    # The graph's rewritten row moved to the tail (a new graph_seq) instead of into the graph; the tail's stayed.
+    state = await running.server.runtime.index.refresh()
+    assert state.tail == 100 - 2 + 1
+    size = "SELECT pg_relation_size('memory.memories_embedding_hnsw')"
+    before = (await sql(database_url, size))[0][0]
+    await bulk_store(running, corpus, range(0, 300), prefix="again ")  # rewrites of graph rows (new values)
+    assert (await running.server.runtime.index.refresh()).tail == 99 + 300 - 1  # row-30 was in the tail already
+    assert (await sql(database_url, size))[0][0] == before
 
 
 async def test_a_rebuild_moves_the_watermark_while_writes_go_on(
@@ -194,8 +205,10 @@ async def test_a_rebuild_moves_the_watermark_while_writes_go_on(
     assert outcome.startswith("rebuilt hnsw"), outcome
     state = await care.refresh()
     assert state.watermark is not None and state.watermark > before and not care.needs_rebuild(state)
-    top = (await sql(database_url, "SELECT max(id) FROM memory.memories"))[0][0]
-    above = (await sql(database_url, "SELECT count(*) FROM memory.memories WHERE id > $1", state.watermark))[0][0]
+    top = (await sql(database_url, "SELECT max(graph_seq) FROM memory.memories"))[0][0]
+    above = (await sql(database_url, "SELECT count(*) FROM memory.memories WHERE graph_seq > $1", state.watermark))[0][
+        0
+    ]
     assert state.tail == above and above < MORE - TAIL_ROWS + 1 and top >= state.watermark
     # Every row written, before, during and after the build, is found by its own vector.
     for i in [*range(0, BASE, 150), *range(BASE, BASE + MORE, 7), BASE + MORE - 1]:

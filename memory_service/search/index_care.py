@@ -295,7 +295,7 @@ class IndexCare:
                 state = await self._read(conn)
                 described = f"lists={spec.lists}" if spec.kind == "ivfflat" else f"m={spec.m}"
                 if spec.watermark is not None:
-                    described += f", ids <= {spec.watermark}"
+                    described += f", graph_seq <= {spec.watermark}"
                 done.append(f"rebuilt {spec.kind} with {described} for {rows} rows")
             writes = await stats_sql.writes_so_far(conn)
             if self._needs_calibration(state, writes):

@@ -6,11 +6,12 @@ dropped. ``maintenance_connection`` is the connection a rebuild and a calibratio
 pool, holding the session advisory lock that lets one instance maintain the index at a time. When to rebuild and
 how is policy and lives in ``memory_service.search.index_care``.
 
-An HNSW index may be partial, ``WHERE id <= W``: the graph then covers the rows up to the watermark ``W`` (ids come
-from a sequence, so rows written after the build land above it), and rows written since, the tail, are not
-inserted into the graph one by one (pgvector's per-row insert is a search at ``ef_construction`` through the
-buffer manager, ten times the in-memory build's cost per row); ``search_sql`` searches them exactly beside the
-graph. The watermark is read back from the index's own predicate, so it can never disagree with the index.
+An HNSW index may be partial, ``WHERE graph_seq <= W``: the graph then covers the rows up to the watermark ``W``.
+Every row created or rewritten takes the next ``graph_seq`` (migration 0013), so rows written after the build land
+above it, in the tail, and are not inserted into the graph one by one (pgvector's per-row insert is a search at
+``ef_construction`` through the buffer manager, about ten times the in-memory build's cost per row);
+``search_sql`` searches them exactly beside the graph. The watermark is read back from the index's own predicate,
+so it can never disagree with the index.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def setting_key(base: str, column: str) -> str:
 # Held (session level, on a dedicated connection) by the one instance rebuilding; its bytes spell "memsvivf".
 REBUILD_LOCK_KEY = 0x6D656D7376697666
 _OPTION = re.compile(r"(lists|m|ef_construction)=(\d+)")
-# pg_get_expr of ``WHERE id <= W``: ``(id <= 123)``, or with a bigint literal ``(id <= '5000000000'::bigint)``.
-_WATERMARK = re.compile(r"\(id <= '?(\d+)'?(?:::bigint)?\)")
+# pg_get_expr of ``WHERE graph_seq <= W``: ``(graph_seq <= 123)``, or ``(graph_seq <= '5000000000'::bigint)``.
+_WATERMARK = re.compile(r"\(graph_seq <= '?(\d+)'?(?:::bigint)?\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +71,16 @@ class IndexSpec:
     ef_construction: int = 64
     column: str = "embedding"
     watermark: int | None = None
-    """HNSW only: the graph covers rows with ``id <= watermark`` (None: every row, each inserted as written)."""
+    """HNSW only: the graph covers rows with ``graph_seq <= watermark`` (None: every row, each inserted as
+    written)."""
 
     def using(self) -> str:
         if self.kind == "hnsw":
             options = f"m = {int(self.m)}, ef_construction = {int(self.ef_construction)}"
         else:
             options = f"lists = {int(self.lists)}"
-        partial = f" WHERE id <= {int(self.watermark)}" if self.kind == "hnsw" and self.watermark is not None else ""
+        hnsw_partial = self.kind == "hnsw" and self.watermark is not None
+        partial = f" WHERE graph_seq <= {int(self.watermark or 0)}" if hnsw_partial else ""
         return f"{self.kind} ({vector_column(self.column)} vector_cosine_ops) WITH ({options}){partial}"
 
 
@@ -89,7 +92,7 @@ class IndexInfo:
     lists: int = 0
     m: int = 0
     watermark: int | None = None
-    """A partial HNSW index's ``W`` in ``WHERE id <= W``; None for an index of every row."""
+    """A partial HNSW index's ``W`` in ``WHERE graph_seq <= W``; None for an index of every row."""
 
 
 async def index_info(conn: asyncpg.Connection, prefer: IndexKind, column: str = "embedding") -> IndexInfo:
@@ -128,24 +131,25 @@ async def index_info(conn: asyncpg.Connection, prefer: IndexKind, column: str = 
 
 
 _TAIL = {
-    c: f"SELECT count(*) FROM (SELECT 1 FROM memory.memories WHERE id > $1 AND {c} IS NOT NULL LIMIT $2) s"
+    c: "SELECT count(*) FROM (SELECT 1 FROM memory.memories WHERE graph_seq > {w} AND " + c + " IS NOT NULL LIMIT $1) s"
     for c in COLUMNS
 }
 
 
 async def tail_rows(conn: asyncpg.Connection, watermark: int, column: str = "embedding", *, cap: int) -> int:
     """Rows with an embedding above a partial index's watermark (searched exactly), counted up to ``cap``: a range
-    scan of the primary key from the watermark, so it reads the tail, never the indexed rows."""
-    value: int = await conn.fetchval(_TAIL[vector_column(column)], watermark, cap)
+    scan of ``memories_graph_tail`` from the watermark (a literal, so the planner sees it lies in that partial
+    index), which reads the tail, never the graph's rows."""
+    value: int = await conn.fetchval(_TAIL[vector_column(column)].format(w=int(watermark)), cap)
     return value
 
 
 async def next_watermark(conn: asyncpg.Connection) -> int:
-    """The watermark of a graph about to be built: the highest id written so far (the primary key's last entry).
+    """The watermark of a graph about to be built: the highest ``graph_seq`` written so far.
 
-    A row given a lower id by a transaction still open is covered all the same: CREATE INDEX CONCURRENTLY indexes
+    A row given a lower one by a transaction still open is covered all the same: CREATE INDEX CONCURRENTLY indexes
     every row its predicate takes, whenever it commits."""
-    value: int = await conn.fetchval("SELECT coalesce(max(id), 0) FROM memory.memories")
+    value: int = await conn.fetchval("SELECT coalesce(max(graph_seq), 0) FROM memory.memories WHERE graph_seq > 0")
     return value
 
 

@@ -2,7 +2,7 @@
 
 Vector candidates come either from the ivfflat index (``ORDER BY embedding <=> q LIMIT n`` directly on the table)
 or from an exact scan: ``OFFSET 0`` fences the subquery so PostgreSQL cannot use the index order and must compute
-every distance among the filtered rows. A partial HNSW index (``WHERE id <= W``, ``storage.index_sql``) serves
+every distance among the filtered rows. A partial HNSW index (``WHERE graph_seq <= W``, ``storage.index_sql``) serves
 the rows up to its watermark, named in the statement as the same literal so the planner can prove the index
 covers them; the rows above it, the tail, are scanned exactly, and the two lists merge by distance.
 
@@ -48,8 +48,8 @@ def _vector_cte(
         )
     if watermark is not None:
         w = _bound(watermark)
-        graph = _vector_cte(f"{where} AND m.id <= {w}", query, limit, exact=False, column=c)
-        tail = _vector_cte(f"{where} AND m.id > {w}", query, limit, exact=True, column=c)
+        graph = _vector_cte(f"{where} AND m.graph_seq <= {w}", query, limit, exact=False, column=c)
+        tail = _vector_cte(f"{where} AND m.graph_seq > {w}", query, limit, exact=True, column=c)
         return f"SELECT id, distance FROM (({graph}) UNION ALL ({tail})) g ORDER BY distance, id LIMIT {limit}"
     return (
         f"SELECT m.id, m.{c} <=> {query} AS distance FROM memory.memories m "
