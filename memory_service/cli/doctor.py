@@ -167,13 +167,7 @@ async def _binding(db: Database, settings: Settings) -> Finding:
 
 
 async def _index(db: Database, dsn: str, settings: Settings) -> list[Finding]:
-    care = IndexCare(
-        db,
-        dsn,
-        exact_max_rows=settings.exact_search_max_rows,
-        kind=settings.vector_index,
-        target_recall=settings.search_target_recall,
-    )
+    care = IndexCare.from_settings(db, dsn, settings)
     state = await care.refresh()
     async with db.connection() as conn:
         writes = await stats_sql.writes_so_far(conn)

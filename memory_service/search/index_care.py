@@ -30,6 +30,7 @@ import json
 import logging
 import math
 from datetime import datetime
+from typing import Any
 
 from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
@@ -204,6 +205,24 @@ class IndexCare:
         self.tail_rows = hnsw_tail_rows
         self._seen = seen
         self.state = IndexState()
+
+    @classmethod
+    def from_settings(cls, db: Database, dsn: str, settings: Settings, **extra: Any) -> IndexCare:
+        """The care the service's settings describe (the server, ``doctor`` and ``model`` agree on when an index is
+        due); ``extra``: the server's own parts (the search sample, the metrics) and overrides."""
+        return cls(
+            db,
+            dsn,
+            exact_max_rows=settings.exact_search_max_rows,
+            kind=settings.vector_index,
+            target_recall=settings.search_target_recall,
+            calibration_queries=settings.search_calibration_queries,
+            filtered_min_rows=settings.search_narrow_filter_rows,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
+            hnsw_tail_rows=settings.hnsw_tail_rows,
+            **extra,
+        )
 
     def for_column(self, column: str) -> IndexCare:
         """The care of another vector column's index with this one's settings (a move's ``embedding_alt``), without
