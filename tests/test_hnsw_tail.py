@@ -146,7 +146,20 @@ async def test_rows_loaded_after_the_build_are_found_from_the_tail(
         watermark=state.watermark,
     )
     plan = "\n".join(r[0] for r in await sql(database_url, "EXPLAIN " + statement, *values))
-    assert "memories_embedding_hnsw" in plan and "Seq Scan on memories" not in plan, plan
+    assert "memories_embedding_hnsw" in plan and "memories_graph_tail" in plan, plan
+    assert "Seq Scan on memories" not in plan, plan
+    # The generic plan too (the one a prepared statement settles on): the watermark is a literal, not a parameter.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "CREATE FUNCTION pg_temp.generic_plan(statement text) RETURNS SETOF text LANGUAGE plpgsql AS "
+            "$$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || statement; END $$"
+        )
+        plan = "\n".join(r[0] for r in await conn.fetch("SELECT * FROM pg_temp.generic_plan($1)", statement))
+    finally:
+        await conn.close()
+    assert "memories_embedding_hnsw" in plan and "memories_graph_tail" in plan, plan
+    assert "Seq Scan on memories" not in plan, plan
 
 
 async def test_deletes_and_updates_in_the_graph_and_in_the_tail(
