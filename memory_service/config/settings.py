@@ -117,8 +117,9 @@ class Settings:
     search_max_top_k: int = 200
     list_max_page_size: int = 1000
     embed_max_texts: int = 256
-    vector_index: IndexKind = "ivfflat"
-    """The approximate index: ``ivfflat`` or ``hnsw``."""
+    vector_index: IndexKind = "hnsw"
+    """The approximate index: ``hnsw`` (a graph up to a watermark and an exact tail, see ``hnsw_tail_rows``) or
+    ``ivfflat``."""
     search_target_recall: float = 0.95
     """Recall@10 the index's calibration chooses probes (ef_search) for."""
     search_calibration_queries: int = 200
