@@ -246,6 +246,11 @@ class Metrics:
             "Rows written since the HNSW graph was built, searched exactly beside it until the next build.",
             registry=r,
         )
+        self.index_tail_bound = Gauge(
+            "memory_index_tail_bound_rows",
+            "The HNSW tail at which the graph is built again (HNSW_TAIL_ROWS, or half its rows); 0 without a tail.",
+            registry=r,
+        )
         self.index_exact_rows = Gauge(
             "memory_index_exact_search_max_rows", "Below this many rows every search is exact (no index).", registry=r
         )

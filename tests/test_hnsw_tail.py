@@ -115,6 +115,7 @@ async def test_rows_loaded_after_the_build_are_found_from_the_tail(
     stats = await running.memory.Stats(memory_pb2.StatsRequest())
     assert stats.index.tail_rows == 200 and stats.index.kind == "hnsw"
     assert running.server.metrics.registry.get_sample_value("memory_index_tail_rows") == 200
+    assert running.server.metrics.registry.get_sample_value("memory_index_tail_bound_rows") == TAIL_ROWS
     # The graph never saw them: the partial index holds the first BASE rows only.
     rows = await sql(
         database_url,

@@ -81,7 +81,7 @@ class IndexState:
     calibration: Calibration | None = None
     """The calibration of this very index (one of an index since replaced is dropped)."""
     watermark: int | None = None
-    """A partial HNSW index covers ``id <= watermark``; None: every row (ivfflat, or HNSW_TAIL_ROWS=0)."""
+    """A partial HNSW index covers ``graph_seq <= watermark``; None: every row (ivfflat, or HNSW_TAIL_ROWS=0)."""
     tail: int = 0
     """Rows with an embedding above the watermark, searched exactly (counted up to a cap: see ``_read``)."""
 
@@ -242,6 +242,9 @@ class IndexCare:
                 exact_max_rows=self.exact_max_rows,
                 configured=self._configured,
             )
+            partial = self.state.watermark is not None
+            bound = tail_bound(self.state.rows_at_build, self.tail_rows) if partial and self.tail_rows else 0
+            self._metrics.index_tail_bound.set(bound)
         return self.state
 
     async def _read(self, conn: Connection) -> IndexState:
