@@ -34,7 +34,7 @@ from memory_service.v1 import memory_pb2
 
 CASES: tuple[tuple[IndexKind, int, int], ...] = (
     ("ivfflat", 0, 0),
-    ("hnsw", 64, 10_000),
+    ("hnsw", 64, 5000),
     ("hnsw", 64, 0),
     ("hnsw", 32, 0),
 )
