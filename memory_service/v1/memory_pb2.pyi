@@ -1100,8 +1100,8 @@ class IndexState(_message.Message):
     target_recall: _builtins.float
     """SEARCH_TARGET_RECALL: the recall@10 the calibration chooses probes for."""
     tail_rows: _builtins.int
-    """HNSW with HNSW_TAIL_ROWS > 0: rows written since the graph was built (counted up to twice the bound), searched
-    exactly beside it until the next build; 0 otherwise.
+    """HNSW with HNSW_TAIL_ROWS > 0: rows written since the graph was built (counted up to twice HNSW_TAIL_ROWS),
+    searched exactly beside it until the next build; 0 otherwise.
     """
     @_builtins.property
     def built_at(self) -> _timestamp_pb2.Timestamp: ...
