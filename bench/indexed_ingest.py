@@ -64,8 +64,22 @@ async def _timed(dsn: str, server: ServerProcess, messages: list[memory_pb2.Bulk
     return seconds, sum(after[pid] - before.get(pid, 0.0) for pid in after)
 
 
+def _case_name(kind: IndexKind, ef_construction: int, tail_rows: int) -> str:
+    name = kind if kind == "ivfflat" else f"hnsw m 16, ef_construction {ef_construction}"
+    if kind == "hnsw":
+        name += f", tail up to {tail_rows}" if tail_rows else ", every row into the graph"
+    return name
+
+
 async def one(
-    server_dsn: str, kind: IndexKind, ef_construction: int, base: int, extra: int, *, tail_rows: int
+    server_dsn: str,
+    kind: IndexKind,
+    ef_construction: int,
+    base: int,
+    extra: int,
+    *,
+    tail_rows: int,
+    maintain: bool = False,
 ) -> tuple[str, float, float, float, float, float]:
     """Build seconds, then rows/s and CPU ms per row of ``extra`` new rows through BulkStore, then of ``extra``
     rewrites of indexed rows (new texts and vectors under their keys)."""
@@ -99,17 +113,23 @@ async def one(
             spec = index_sql.IndexSpec(
                 kind, lists=max(10, base // 1000), ef_construction=ef_construction or 64, watermark=watermark
             )
-            await index_sql.rebuild(conn, spec)
+            built_at = await index_sql.rebuild(conn, spec)
             build = time.perf_counter() - started
+            # What index care records of a build, so that its checks (--maintain) judge this one as their own.
+            await settings_sql.write_settings(
+                conn, {"vector_index_rows_at_build": str(base), "vector_index_built_at": built_at.isoformat()}
+            )
         finally:
             await conn.close()
         env = {
             "DATABASE_URL": dsn,
             "VECTOR_INDEX": kind,
             "SERVER_PROCESSES": "1",
-            "EXACT_SEARCH_MAX_ROWS": "1000000000",
+            "EXACT_SEARCH_MAX_ROWS": "1000" if maintain else "1000000000",
             "HNSW_TAIL_ROWS": str(tail_rows),
         }
+        if maintain:
+            env["INDEX_CHECK_INTERVAL"] = "1s"  # rebuilds and calibrations run during the load, as they would
         server = ServerProcess(env)
         server.wait_ready()
         try:
@@ -117,9 +137,7 @@ async def one(
             rewrite_seconds, rewrite_cpu = await _timed(dsn, server, rewrites)
         finally:
             server.stop()
-    name = kind if kind == "ivfflat" else f"hnsw m 16, ef_construction {ef_construction}"
-    if kind == "hnsw":
-        name += f", tail up to {tail_rows}" if tail_rows else ", every row into the graph"
+    name = _case_name(kind, ef_construction, tail_rows)
     new, rewritten = extra / new_seconds, extra / rewrite_seconds
     new_ms, rewrite_ms = 1000 * new_cpu / extra, 1000 * rewrite_cpu / extra
     print(
@@ -136,10 +154,18 @@ async def run(args: argparse.Namespace) -> None:
         # Cases alternate, round after round, so a busy spell of a shared machine falls on all of them.
         for _ in range(args.repeat):
             for kind, ef_construction, tail_rows in CASES:
-                name, *measured = await one(server, kind, ef_construction, args.base, args.extra, tail_rows=tail_rows)
+                if args.cases and not any(
+                    _case_name(kind, ef_construction, tail_rows).find(c) >= 0 for c in args.cases.split("|")
+                ):
+                    continue
+                name, *measured = await one(
+                    server, kind, ef_construction, args.base, args.extra, tail_rows=tail_rows, maintain=args.maintain
+                )
                 runs.setdefault(name, []).append(tuple(measured))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    maintained = ", index care checking every second" if args.maintain else ""
     print(f"\n{args.base} hard rows indexed, then {args.extra} new rows and {args.extra} rewrites of indexed rows")
+    print(f"(the index kept whatever the size{maintained})")
     print(f"through BulkStore; medians of {args.repeat} alternating runs; load average {load}\n")
     medians = {
         name: [statistics.median(column) for column in zip(*values, strict=True)] for name, values in runs.items()
@@ -167,6 +193,10 @@ def main() -> None:
     parser.add_argument("--base", type=int, default=20_000, help="rows indexed before the load")
     parser.add_argument("--extra", type=int, default=10_000, help="rows then loaded through BulkStore")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of the cases, alternating")
+    parser.add_argument(
+        "--maintain", action="store_true", help="index care checks every second, rebuilding during the load"
+    )
+    parser.add_argument("--cases", help="only the cases whose name holds this (e.g. 'tail' or 'ivfflat|tail')")
     asyncio.run(run(parser.parse_args()))
 
 

@@ -8,10 +8,8 @@ the index at a time (``storage.index_sql.maintenance_connection``).
 
 An HNSW graph is built over the rows up to a watermark (``HNSW_TAIL_ROWS`` > 0): rows written since, the tail, are
 searched exactly beside it instead of being inserted into the graph one by one, which made a bulk load into an
-HNSW table twenty times slower than into ivfflat. When the tail reaches ``tail_bound`` the graph is built again,
-in memory and with parallel workers, over every row. The bound is absolute (every search scans the tail exactly,
-so it is capped at ``HNSW_TAIL_ROWS``) and relative (half the graph's rows, so on a small table a load's rows
-reach the graph after a build of about twice their number, not one of the whole table each time).
+HNSW table twenty times slower than into ivfflat; when the tail is due (``search.hnsw_tail``) the graph is built
+again, in memory and with parallel workers, over every row.
 
 After each build, whenever a fifth of the rows have been written since, and once this instance has seen enough real
 searches to replace sampled memories as calibration queries, the index is calibrated (``search.calibration``): the
@@ -36,6 +34,7 @@ from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import IndexKind
 from memory_service.search.calibration import MIN_SEEN, Calibration, Curve, calibrate
+from memory_service.search.hnsw_tail import tail_bound, tail_due
 from memory_service.search.query_sample import QuerySample
 from memory_service.storage import calibration_sql, index_sql, settings_sql, stats_sql
 from memory_service.storage.database import Connection, Database
@@ -49,8 +48,6 @@ RECALIBRATE_AFTER = 0.2
 _ROWS_AT_BUILD = "vector_index_rows_at_build"
 _BUILT_AT = "vector_index_built_at"
 _LEGACY = {_ROWS_AT_BUILD: "ivfflat_rows_at_build", _BUILT_AT: "ivfflat_built_at"}
-TAIL_SHARE = 0.5
-"""A partial HNSW index is rebuilt once its tail reaches this share of its rows (or ``HNSW_TAIL_ROWS``, if fewer)."""
 _HNSW_DEFAULT_EF_SEARCH = 40
 """pgvector's own default, used only until the index's first calibration."""
 
@@ -102,17 +99,18 @@ def search_setting(state: IndexState, *, filtered: bool, configured: int | None)
     return setting if state.kind == "hnsw" else min(setting, state.lists)
 
 
-def tail_bound(rows_at_build: int, tail_rows: int) -> int:
-    """The tail a partial HNSW index may have before it is rebuilt: ``tail_rows``, or half its rows if fewer."""
-    return max(1, min(tail_rows, math.ceil(TAIL_SHARE * rows_at_build)))
-
-
 def needs_rebuild(
-    state: IndexState, *, exact_max_rows: int, kind: IndexKind = "ivfflat", tail_rows: int | None = None
+    state: IndexState,
+    *,
+    exact_max_rows: int,
+    kind: IndexKind = "ivfflat",
+    tail_rows: int | None = None,
+    tail_before: int | None = None,
 ) -> bool:
     """Past the exact-search threshold, build when there is no usable index of the wanted kind, when an ivfflat
     index's table has doubled since its build, or when an HNSW index's tail has reached its bound. ``tail_rows``:
-    HNSW_TAIL_ROWS (0: a graph of every row, so a partial one is replaced); None leaves the HNSW graph as it is."""
+    HNSW_TAIL_ROWS (0: a graph of every row, so a partial one is replaced); None leaves the HNSW graph as it is;
+    ``tail_before``: the tail at the previous check (``search.hnsw_tail.tail_due``)."""
     if state.rows < exact_max_rows:
         return False
     if not state.usable or state.kind != kind:
@@ -123,7 +121,9 @@ def needs_rebuild(
         return False
     if (state.watermark is not None) != (tail_rows > 0):
         return True
-    return state.watermark is not None and state.tail >= tail_bound(state.rows_at_build, tail_rows)
+    if state.watermark is None:
+        return False
+    return tail_due(state.tail, rows_at_build=state.rows_at_build, tail_rows=tail_rows, tail_before=tail_before)
 
 
 def needs_calibration(
@@ -203,6 +203,8 @@ class IndexCare:
         self._iterative_scan = iterative_scan
         self._hnsw = (hnsw_m, hnsw_ef_construction)
         self.tail_rows = hnsw_tail_rows
+        self._tail_seen: int | None = None
+        """The tail at this instance's previous check: whether a load is still going on."""
         self._seen = seen
         self.state = IndexState()
 
@@ -279,8 +281,10 @@ class IndexCare:
     def _key(self, base: str) -> str:
         return setting_key(base, self.column)
 
-    def needs_rebuild(self, state: IndexState) -> bool:
-        return needs_rebuild(state, exact_max_rows=self.exact_max_rows, kind=self.kind, tail_rows=self.tail_rows)
+    def needs_rebuild(self, state: IndexState, tail_before: int | None = None) -> bool:
+        return needs_rebuild(
+            state, exact_max_rows=self.exact_max_rows, kind=self.kind, tail_rows=self.tail_rows, tail_before=tail_before
+        )
 
     def spec_for(self, rows: int, watermark: int | None = None) -> IndexSpec:
         """What to build for ``rows`` rows; an HNSW graph covers ids up to ``watermark`` when tails are kept."""
@@ -293,9 +297,10 @@ class IndexCare:
     async def maintain(self, *, force: bool = False) -> str:
         """Rebuild when due (or when forced) and calibrate when due; return what was done, for logs and the CLI."""
         state = await self.refresh()
+        before, self._tail_seen = self._tail_seen, state.tail
         async with self._db.connection() as conn:
             writes = await stats_sql.writes_so_far(conn)
-        due = force or self.needs_rebuild(state)
+        due = force or self.needs_rebuild(state, before)
         if not due and not self._needs_calibration(state, writes):
             return "up to date" if state.usable else f"exact search ({state.rows} rows < {self.exact_max_rows})"
         async with index_sql.maintenance_connection(self._dsn) as conn:
@@ -304,7 +309,7 @@ class IndexCare:
             done: list[str] = []
             # Another instance may have done the work while this one waited for the lock: decide again.
             state = await self._read(conn)
-            if force or self.needs_rebuild(state):
+            if force or self.needs_rebuild(state, before):
                 # The watermark first: rows written while the rows are counted and the graph is built are the tail.
                 watermark = await index_sql.next_watermark(conn)
                 rows = await index_sql.row_count(conn, self.column)
@@ -315,6 +320,7 @@ class IndexCare:
                     conn, {self._key(_ROWS_AT_BUILD): str(rows), self._key(_BUILT_AT): built_at.isoformat()}
                 )
                 state = await self._read(conn)
+                self._tail_seen = state.tail
                 described = f"lists={spec.lists}" if spec.kind == "ivfflat" else f"m={spec.m}"
                 if spec.watermark is not None:
                     described += f", graph_seq <= {spec.watermark}"
