@@ -53,7 +53,7 @@ from memory_service.client import MemoryClient
 from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import MemoryFilter, Scope, ScopeRef
-from memory_service.storage import search_sql
+from memory_service.storage import index_sql, search_sql
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 K = 10
@@ -262,13 +262,21 @@ class Measure:
         memory_filter = MemoryFilter()
         if scope_id is not None:
             memory_filter = MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=scope_id),))
-        service_sql, values = search_sql.candidates_statement(
-            memory_filter, vector=self.vectors[0], text=None, limit=K, exact=service_plan == "exact", full_rows=True
-        )
         setting = max(probes, K) if self.kind == "hnsw" and probes else probes
         conn = await asyncpg.connect(self.dsn, server_settings=scan_settings(self.kind, setting))
         try:
             await register_vector(conn)
+            # An HNSW graph up to a watermark is searched with its tail, as the service does.
+            watermark = (await index_sql.index_info(conn, self.kind)).watermark if self.kind != "none" else None
+            service_sql, values = search_sql.candidates_statement(
+                memory_filter,
+                vector=self.vectors[0],
+                text=None,
+                limit=K,
+                exact=service_plan == "exact",
+                full_rows=True,
+                watermark=watermark,
+            )
             scope = () if scope_id is None else ("project", scope_id)
             (floor,) = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {floor_sql}", self.vectors[0], *scope))
             await conn.execute(f"SET plan_cache_mode = force_generic_plan; PREPARE service_vector AS {service_sql}")

@@ -241,6 +241,16 @@ class Metrics:
         self.index_m = Gauge("memory_index_hnsw_m", "HNSW m (0 for ivfflat or no index).", registry=r)
         self.index_rows = Gauge("memory_index_rows", "Rows with an embedding, as the planner estimates.", registry=r)
         self.index_rows_at_build = Gauge("memory_index_rows_at_build", "Rows when the index was built.", registry=r)
+        self.index_tail_rows = Gauge(
+            "memory_index_tail_rows",
+            "Rows written since the HNSW graph was built, searched exactly beside it until the next build.",
+            registry=r,
+        )
+        self.index_tail_bound = Gauge(
+            "memory_index_tail_bound_rows",
+            "The HNSW tail at which the graph is built again (HNSW_TAIL_ROWS, or half its rows); 0 without a tail.",
+            registry=r,
+        )
         self.index_exact_rows = Gauge(
             "memory_index_exact_search_max_rows", "Below this many rows every search is exact (no index).", registry=r
         )

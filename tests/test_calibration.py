@@ -224,7 +224,9 @@ async def test_hnsw_replaces_ivfflat_and_is_calibrated_and_complete(
     calibrated: tuple[RunningServer, Corpus], database_url: str
 ) -> None:
     _, corpus = calibrated
-    running = await start_server(env_for(database_url, VECTOR_INDEX="hnsw", SEARCH_NARROW_FILTER_ROWS="10"))
+    running = await start_server(
+        env_for(database_url, VECTOR_INDEX="hnsw", SEARCH_NARROW_FILTER_ROWS="10", HNSW_TAIL_ROWS="0")
+    )
     try:
         outcome = await running.server.runtime.index.maintain()
         assert outcome.startswith("rebuilt hnsw with m=16 for 8000 rows; calibrated ef_search="), outcome

@@ -32,7 +32,7 @@ def test_the_readme_states_the_defaults_the_settings_have() -> None:
     # readers, so each value it states, given as the variable, must configure what leaving it unset does.
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     defaults = Settings.from_env({})
-    literal = re.compile(r"^([\d.]+ ?(KiB|MiB|[smh])?|true|false|INFO|ivfflat|0\.0\.0\.0)$")
+    literal = re.compile(r"^([\d.]+ ?(KiB|MiB|[smh])?|true|false|INFO|ivfflat|hnsw|0\.0\.0\.0)$")
     checked = []
     for names_cell, values_cell in re.findall(r"^\| (`[A-Z_]+`(?: / `[A-Z_]+`)*) \| ([^|]+) \|", readme, re.M):
         names = re.findall(r"`([A-Z_]+)`", names_cell)

@@ -40,4 +40,4 @@ async def test_problems_come_with_what_to_do(
     )
     code, out = await _doctor(database_url, capsys, EXACT_SEARCH_MAX_ROWS="500")
     assert code == 0, out
-    assert "ok     index: ivfflat" in out and "ok     calibration:" in out
+    assert "ok     index: hnsw" in out and "ok     calibration:" in out  # the default kind

@@ -169,18 +169,19 @@ async def test_reindex_and_stats_commands(database_url: str) -> None:
         assert result.returncode == 0, result.stderr
         return result.stdout
 
+    # The commands run with the defaults: an HNSW graph, over every row written so far.
     assert (await asyncio.to_thread(cli, "reindex")).startswith(
-        "rebuilt ivfflat with lists=10 for 1200 rows; calibrated probes="
+        "rebuilt hnsw with m=16, graph_seq <= 1200 for 1200 rows; calibrated ef_search="
     )
     assert (await asyncio.to_thread(cli, "reindex")).strip() == "up to date"
     # stats asks a server, never the database.
-    running = await start_server(test_env(database_url, EXACT_SEARCH_MAX_ROWS="1000"))
+    running = await start_server(test_env(database_url, EXACT_SEARCH_MAX_ROWS="1000", VECTOR_INDEX="hnsw"))
     try:
         stats = json.loads(await asyncio.to_thread(cli, "stats", "--json", "--address", running.address))
     finally:
         await stop_server(running)
     assert stats["memories"] == 1200 and stats["by_scope"] == {"project": 1200}
     assert stats["counts_estimated"] is False  # a small table is counted
-    assert stats["index"]["lists"] == 10 and stats["dimension"] == 384
-    assert stats["index"]["kind"] == "ivfflat" and stats["index"]["target_recall"] == 0.95
+    assert stats["index"]["tail_rows"] == 0 and stats["dimension"] == 384
+    assert stats["index"]["kind"] == "hnsw" and stats["index"]["target_recall"] == 0.95
     assert stats["index"]["estimated_recall"] >= 0.95 and stats["index"]["calibrated_at"] is not None

@@ -21,6 +21,8 @@ DATABASE_SET = {"id", "created_at", "updated_at"}
 BOOKKEEPING = {"version"}
 # The other generation's vector during a move of embedding models (migration 0012): written, never read as a field.
 GENERATIONS = {"embedding_alt"}
+# Which HNSW graph holds the row (migration 0013): drawn from a sequence on every insert and rewrite, never a field.
+GRAPH = {"graph_seq"}
 
 
 def _names(columns: str) -> list[str]:
@@ -53,7 +55,7 @@ def test_writes_set_every_column_a_client_gives() -> None:
     written = _names(memories_sql.WRITE_COLUMNS)
     assert set(written) - GENERATIONS == set(_fields(Memory)) - DATABASE_SET
     # Everything but the identity is updated on conflict (the other generation's vector only with the content).
-    assert set(_set_list()) == set(written) - IDENTITY - GENERATIONS
+    assert set(_set_list()) - GRAPH == set(written) - IDENTITY - GENERATIONS
     assert "embedding_alt = CASE WHEN m.content_hash = EXCLUDED.content_hash" in memories_sql.UPSERT_TAIL
     assert set(columns.IDENTITY.split(", ")) == IDENTITY
     memory = NewMemory(scope=Scope.GLOBAL, scope_id=1, key="k", value="v", content_hash=b"h")
@@ -68,7 +70,7 @@ def test_unchanged_detection_compares_every_updated_column() -> None:
     assert old == new
     # value is compared through content_hash, which is computed from it; embedding_model follows the embedding
     # generation, which a move of models changes without changing a memory (the vector itself is compared).
-    assert set(old) == set(_set_list()) - {"value", "embedding_model"}
+    assert set(old) == set(_set_list()) - {"value", "embedding_model"} - GRAPH
 
 
 def test_bulk_staging_matches_the_write_columns() -> None:
@@ -96,7 +98,7 @@ async def test_the_table_has_exactly_these_columns(database_url: str) -> None:
     finally:
         await conn.close()
     stored = {r["column_name"] for r in rows if r["is_generated"] == "NEVER"}
-    assert stored - BOOKKEEPING - GENERATIONS == set(_fields(Memory))
+    assert stored - BOOKKEEPING - GENERATIONS - GRAPH == set(_fields(Memory))
 
 
 async def test_versions_hold_every_content_column(database_url: str) -> None:
@@ -121,7 +123,7 @@ async def test_versions_hold_every_content_column(database_url: str) -> None:
     # What a memory holds but its versions do not: its id, vectors, version counter and last update (a version has
     # its memory_id, version and changed_at instead).
     assert set(columns.CONTENT) == memory & versions - {"version"}
-    assert memory - set(columns.CONTENT) == {"id", "embedding", "version", "updated_at"} | GENERATIONS
+    assert memory - set(columns.CONTENT) == {"id", "embedding", "version", "updated_at"} | GENERATIONS | GRAPH
 
 
 async def test_declared_types_and_nullability_are_the_tables(database_url: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -326,28 +327,28 @@ def test_the_unfiltered_vector_statement_is_built_once_and_the_same() -> None:
     # search_sql.candidates keeps the text of unfiltered vector searches; it must be candidates_statement's, with
     # the parameters in the same order.
     vector = np.ones(384, dtype=np.float32)
-    for exact in (False, True):
-        for with_embedding in (False, True):
-            for generation in (None, 3):
-                for column in ("embedding", "embedding_alt"):
-                    expected, values = search_sql.candidates_statement(
-                        NONE,
-                        vector=vector,
-                        text=None,
-                        limit=7,
-                        exact=exact,
-                        full_rows=True,
-                        with_embedding=with_embedding,
-                        column=column,
-                        generation=generation,
-                    )
-                    built = search_sql._unfiltered_vector_sql(
-                        7,
-                        exact=exact,
-                        full_rows=True,
-                        with_embedding=with_embedding,
-                        column=column,
-                        guarded=generation is not None,
-                    )
-                    assert built == expected
-                    assert values[0] is vector and values[1:] == ([] if generation is None else [generation])
+    shapes = itertools.product((False, True), (False, True), (None, 3), ("embedding", "embedding_alt"), (None, 42))
+    for exact, with_embedding, generation, column, watermark in shapes:
+        expected, values = search_sql.candidates_statement(
+            NONE,
+            vector=vector,
+            text=None,
+            limit=7,
+            exact=exact,
+            full_rows=True,
+            with_embedding=with_embedding,
+            column=column,
+            generation=generation,
+            watermark=watermark,
+        )
+        built = search_sql._unfiltered_vector_sql(
+            7,
+            exact=exact,
+            full_rows=True,
+            with_embedding=with_embedding,
+            column=column,
+            guarded=generation is not None,
+            watermark=watermark,
+        )
+        assert built == expected
+        assert values[0] is vector and values[1:] == ([] if generation is None else [generation])

@@ -401,6 +401,7 @@ def _index_to_proto(stats: Stats) -> memory_pb2.IndexState:
         m=state.m,
         rows=state.rows,
         target_recall=stats.target_recall,
+        tail_rows=state.tail,
     )
     if state.built_at is not None:
         message.built_at.FromDatetime(state.built_at)

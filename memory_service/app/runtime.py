@@ -248,18 +248,11 @@ class Runtime:
         )
 
     async def _start_index_care(self, db: Database, seen: QuerySample) -> IndexCare:
-        settings = self.settings
-        self._index = IndexCare(
+        self._index = IndexCare.from_settings(
             db,
             self.dsn,
-            exact_max_rows=settings.exact_search_max_rows,
-            kind=settings.vector_index,
-            target_recall=settings.search_target_recall,
-            calibration_queries=settings.search_calibration_queries,
-            filtered_min_rows=settings.search_narrow_filter_rows,
+            self.settings,
             iterative_scan=self._iterative_scan,
-            hnsw_m=settings.hnsw_m,
-            hnsw_ef_construction=settings.hnsw_ef_construction,
             seen=seen,
             metrics=self.metrics,
             configured_setting=self._configured_setting,

@@ -167,13 +167,7 @@ async def _binding(db: Database, settings: Settings) -> Finding:
 
 
 async def _index(db: Database, dsn: str, settings: Settings) -> list[Finding]:
-    care = IndexCare(
-        db,
-        dsn,
-        exact_max_rows=settings.exact_search_max_rows,
-        kind=settings.vector_index,
-        target_recall=settings.search_target_recall,
-    )
+    care = IndexCare.from_settings(db, dsn, settings)
     state = await care.refresh()
     async with db.connection() as conn:
         writes = await stats_sql.writes_so_far(conn)
@@ -183,17 +177,22 @@ async def _index(db: Database, dsn: str, settings: Settings) -> list[Finding]:
             Finding("index", False, "an invalid vector index (an interrupted build)", "memory-service reindex --force")
         )
     elif care.needs_rebuild(state):
+        tail = f" ({state.tail} rows written since the last build)" if state.watermark is not None else ""
         findings.append(
             Finding(
-                "index", False, f"due for a build at {state.rows} rows", "memory-service reindex (or wait a minute)"
+                "index",
+                False,
+                f"due for a build at {state.rows} rows{tail}",
+                "memory-service reindex (or wait a minute)",
             )
         )
     elif not state.usable:
         findings.append(Finding("index", True, f"none needed: {state.rows} rows searched exactly"))
     else:
         built = state.built_at.isoformat() if state.built_at else "unknown"
+        tail = f"; {state.tail} rows since, searched exactly" if state.watermark is not None else ""
         findings.append(
-            Finding("index", True, f"{state.kind}, {state.rows} rows (built at {state.rows_at_build}, {built})")
+            Finding("index", True, f"{state.kind}, {state.rows} rows (built at {state.rows_at_build}, {built}{tail})")
         )
         calibration = state.calibration
         if calibration is None:

@@ -45,14 +45,7 @@ def register(commands: Any) -> None:
 
 
 def _next_index(db: Database, dsn: str, settings: Settings) -> IndexCare:
-    return IndexCare(
-        db,
-        dsn,
-        exact_max_rows=settings.exact_search_max_rows,
-        kind=settings.vector_index,
-        target_recall=settings.search_target_recall,
-        column="embedding_alt",
-    )
+    return IndexCare.from_settings(db, dsn, settings, column="embedding_alt")
 
 
 async def act(settings: Settings, dsn: str, action: str) -> tuple[str, dict[str, Any]]:

@@ -137,6 +137,7 @@ def _stats(settings: Settings, args: argparse.Namespace) -> int:
                 "exact_search_below_rows": stats.index.exact_threshold,
                 "kind": stats.index.kind or None,
                 "rows_estimated": stats.index.rows,
+                "tail_rows": stats.index.tail_rows,
                 "target_recall": stats.index.target_recall,
                 **_calibration_report(stats.index),
             },

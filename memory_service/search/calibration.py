@@ -218,12 +218,21 @@ async def _scope_probes(
     return probes
 
 
-async def _recalls(conn: Connection, probes: Sequence[_Probe], column: str = "embedding") -> list[float]:
-    """recall@10 of each query through the index, at the connection's current scan settings."""
+async def _recalls(
+    conn: Connection, probes: Sequence[_Probe], column: str = "embedding", watermark: int | None = None
+) -> list[float]:
+    """recall@10 of each query through the index, at the connection's current scan settings (with a partial HNSW
+    index's exact tail, as searches run: ``watermark``)."""
     recalls = []
     for probe in probes:
         ids = await calibration_sql.nearest(
-            conn, probe.memory_filter, probe.vector, limit=RECALL_AT + 1, exact=False, column=column
+            conn,
+            probe.memory_filter,
+            probe.vector,
+            limit=RECALL_AT + 1,
+            exact=False,
+            column=column,
+            watermark=watermark,
         )
         recalls.append(len(probe.truth.intersection(_without(probe.id, ids))) / len(probe.truth))
     return recalls
@@ -241,6 +250,7 @@ async def _curve(
     margin: float,
     extra: int,
     column: str = "embedding",
+    watermark: int | None = None,
 ) -> Curve:
     """Walk up ``settings`` on half the queries (alternate ones) until the lower bound of their mean recall
     reaches the target and the other half, held out, confirms it (``Curve.checked``)."""
@@ -252,7 +262,7 @@ async def _curve(
     for setting in settings:
         scan = scan_settings(kind, setting, iterative=iterative, limit=RECALL_AT + 1, filtered=filtered)
         await calibration_sql.use_settings(conn, scan)
-        per_query = await _recalls(conn, fit, column)
+        per_query = await _recalls(conn, fit, column, watermark)
         recall = round(statistics.fmean(per_query), 4)
         spread = statistics.stdev(per_query) if len(per_query) > 1 else 0.0
         bound = round(recall - _Z95 * spread / math.sqrt(len(per_query)), 4)
@@ -262,7 +272,7 @@ async def _curve(
             continue
         if not held_out:
             break
-        confirmed = round(statistics.fmean(await _recalls(conn, held_out, column)), 4)
+        confirmed = round(statistics.fmean(await _recalls(conn, held_out, column, watermark)), 4)
         checked.append((setting, confirmed))
         if confirmed >= target:
             break
@@ -292,11 +302,15 @@ async def calibrate(
     index_built_at: str,
     seen: QuerySample | None = None,
     column: str = "embedding",
+    watermark: int | None = None,
 ) -> Calibration:
     """Measure recall@10 unfiltered and filtered: on the recent searches in ``seen`` when there are at least
     ``MIN_SEEN`` of the kind, otherwise on ``queries`` points between sampled memories
     (``search.calibration_queries``; filtered by their memory's scope when it holds at least ``filtered_min_rows``
-    memories, so a search would use the index). Either way half the queries choose, the other half check."""
+    memories, so a search would use the index). Either way half the queries choose, the other half check.
+
+    A partial HNSW index (``watermark``) is measured as searches use it, with its tail scanned exactly: right after
+    a build the tail is nearly empty, so the setting is the graph's own; later the tail only adds exact rows."""
     started = time.perf_counter()
     seen_unfiltered = seen.queries(filtered=False) if seen is not None else []
     seen_filtered = seen.queries(filtered=True) if seen is not None else []
@@ -310,7 +324,10 @@ async def calibrate(
         sample = await calibration_sql.sample(conn, queries, rows=rows, column=column)
         if not sample:
             raise ValueError("no stored vectors to calibrate on")
-    nearest = [await calibration_sql.nearest_other(conn, row.id, row.vector, column=column) for row in sample]
+    nearest = [
+        await calibration_sql.nearest_other(conn, row.id, row.vector, column=column, watermark=watermark)
+        for row in sample
+    ]
     queries_made = moved([row.vector for row in sample], nearest)
     if unfiltered_on_searches:
         unfiltered = [await _probe(conn, None, q.vector, q.memory_filter, column) for q in seen_unfiltered]
@@ -343,6 +360,7 @@ async def calibrate(
             margin=margin,
             extra=extra,
             column=column,
+            watermark=watermark,
         )
 
     unfiltered_curve = await curve(unfiltered, unfiltered_on_searches)

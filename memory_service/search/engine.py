@@ -214,7 +214,15 @@ class SearchEngine:
         async with session as conn:
             use_index = plan.approximate_possible and not await self._exact_is_cheaper(conn, query, plan)
             found, use_index = await self._candidates(
-                conn, query, vector, text, limit, use_index=use_index, notes=notes, generation=generation
+                conn,
+                query,
+                vector,
+                text,
+                limit,
+                use_index=use_index,
+                notes=notes,
+                generation=generation,
+                watermark=plan.state.watermark,
             )
             hits = await self._hits(conn, query, found, generation)
         if vector is None:
@@ -260,8 +268,10 @@ class SearchEngine:
         use_index: bool,
         notes: PlanNotes,
         generation: int,
+        watermark: int | None = None,
     ) -> tuple[list[Candidate], bool]:
-        """The candidates, widened until complete, and whether the index served them in the end."""
+        """The candidates, widened until complete, and whether the index served them in the end. ``watermark``: a
+        partial HNSW index's (``storage.search_sql``), whose tail an index search scans exactly."""
 
         # HYBRID with the text index: its exact BM25 top `limit`, then one statement for the vector candidates and
         # the text candidates' distances; BM25 of the vector-only candidates from the index too.
@@ -286,6 +296,7 @@ class SearchEngine:
                     exact=exact,
                     text_ids=[i for i, _ in text_best],
                     generation=generation,
+                    watermark=watermark,
                 )
                 scores = dict(text_best)
                 scores.update(text_search.scores([c.id for c in found if c.id not in scores], scoring))
@@ -305,6 +316,7 @@ class SearchEngine:
                 with_embedding=query.include_embedding,
                 generation=generation,
                 rls=guard.scoped(),
+                watermark=watermark,
             )
 
         if use_index and vector is not None and self.seen is not None:

@@ -3,8 +3,13 @@
 An ivfflat index built on an empty or small table has poor recall: its list centroids describe data that is no
 longer there. Below a row threshold every search is exact and no index is kept; past it, the index is built (ivfflat
 with ``lists`` fitted to the row count, or HNSW, per ``VECTOR_INDEX``), and an ivfflat index is rebuilt each time
-the table has doubled since the last build (an HNSW graph takes new rows as they come). Builds run concurrently with
-writes, and only one instance maintains the index at a time (``storage.index_sql.maintenance_connection``).
+the table has doubled since the last build. Builds run concurrently with writes, and only one instance maintains
+the index at a time (``storage.index_sql.maintenance_connection``).
+
+An HNSW graph is built over the rows up to a watermark (``HNSW_TAIL_ROWS`` > 0): rows written since, the tail, are
+searched exactly beside it instead of being inserted into the graph one by one, which made a bulk load into an
+HNSW table twenty times slower than into ivfflat; when the tail is due (``search.hnsw_tail``) the graph is built
+again, in memory and with parallel workers, over every row.
 
 After each build, whenever a fifth of the rows have been written since, and once this instance has seen enough real
 searches to replace sampled memories as calibration queries, the index is calibrated (``search.calibration``): the
@@ -23,11 +28,13 @@ import json
 import logging
 import math
 from datetime import datetime
+from typing import Any
 
 from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import IndexKind
 from memory_service.search.calibration import MIN_SEEN, Calibration, Curve, calibrate
+from memory_service.search.hnsw_tail import tail_bound, tail_due
 from memory_service.search.query_sample import QuerySample
 from memory_service.storage import calibration_sql, index_sql, settings_sql, stats_sql
 from memory_service.storage.database import Connection, Database
@@ -70,6 +77,10 @@ class IndexState:
     built_at: datetime | None = None
     calibration: Calibration | None = None
     """The calibration of this very index (one of an index since replaced is dropped)."""
+    watermark: int | None = None
+    """A partial HNSW index covers ``graph_seq <= watermark``; None: every row (ivfflat, or HNSW_TAIL_ROWS=0)."""
+    tail: int = 0
+    """Rows with an embedding above the watermark, searched exactly (counted up to a cap: see ``_read``)."""
 
     @property
     def usable(self) -> bool:
@@ -88,14 +99,31 @@ def search_setting(state: IndexState, *, filtered: bool, configured: int | None)
     return setting if state.kind == "hnsw" else min(setting, state.lists)
 
 
-def needs_rebuild(state: IndexState, *, exact_max_rows: int, kind: IndexKind = "ivfflat") -> bool:
-    """Past the exact-search threshold, build when there is no usable index of the wanted kind, or when an
-    ivfflat index's table has doubled since its build."""
+def needs_rebuild(
+    state: IndexState,
+    *,
+    exact_max_rows: int,
+    kind: IndexKind = "ivfflat",
+    tail_rows: int | None = None,
+    tail_before: int | None = None,
+) -> bool:
+    """Past the exact-search threshold, build when there is no usable index of the wanted kind, when an ivfflat
+    index's table has doubled since its build, or when an HNSW index's tail has reached its bound. ``tail_rows``:
+    HNSW_TAIL_ROWS (0: a graph of every row, so a partial one is replaced); None leaves the HNSW graph as it is;
+    ``tail_before``: the tail at the previous check (``search.hnsw_tail.tail_due``)."""
     if state.rows < exact_max_rows:
         return False
     if not state.usable or state.kind != kind:
         return True
-    return kind == "ivfflat" and state.rows >= GROWTH_FACTOR * max(state.rows_at_build, 1)
+    if kind == "ivfflat":
+        return state.rows >= GROWTH_FACTOR * max(state.rows_at_build, 1)
+    if tail_rows is None:
+        return False
+    if (state.watermark is not None) != (tail_rows > 0):
+        return True
+    if state.watermark is None:
+        return False
+    return tail_due(state.tail, rows_at_build=state.rows_at_build, tail_rows=tail_rows, tail_before=tail_before)
 
 
 def needs_calibration(
@@ -155,6 +183,7 @@ class IndexCare:
         iterative_scan: bool = True,
         hnsw_m: int = Settings.hnsw_m,
         hnsw_ef_construction: int = Settings.hnsw_ef_construction,
+        hnsw_tail_rows: int = Settings.hnsw_tail_rows,
         seen: QuerySample | None = None,
         metrics: Metrics | None = None,
         configured_setting: int | None = None,
@@ -173,8 +202,29 @@ class IndexCare:
         self._filtered_min_rows = filtered_min_rows
         self._iterative_scan = iterative_scan
         self._hnsw = (hnsw_m, hnsw_ef_construction)
+        self.tail_rows = hnsw_tail_rows
+        self._tail_seen: int | None = None
+        """The tail at this instance's previous check: whether a load is still going on."""
         self._seen = seen
         self.state = IndexState()
+
+    @classmethod
+    def from_settings(cls, db: Database, dsn: str, settings: Settings, **extra: Any) -> IndexCare:
+        """The care the service's settings describe (the server, ``doctor`` and ``model`` agree on when an index is
+        due); ``extra``: the server's own parts (the search sample, the metrics) and overrides."""
+        return cls(
+            db,
+            dsn,
+            exact_max_rows=settings.exact_search_max_rows,
+            kind=settings.vector_index,
+            target_recall=settings.search_target_recall,
+            calibration_queries=settings.search_calibration_queries,
+            filtered_min_rows=settings.search_narrow_filter_rows,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
+            hnsw_tail_rows=settings.hnsw_tail_rows,
+            **extra,
+        )
 
     def for_column(self, column: str) -> IndexCare:
         """The care of another vector column's index with this one's settings (a move's ``embedding_alt``), without
@@ -194,6 +244,9 @@ class IndexCare:
                 exact_max_rows=self.exact_max_rows,
                 configured=self._configured,
             )
+            partial = self.state.watermark is not None
+            bound = tail_bound(self.state.rows_at_build, self.tail_rows) if partial and self.tail_rows else 0
+            self._metrics.index_tail_bound.set(bound)
         return self.state
 
     async def _read(self, conn: Connection) -> IndexState:
@@ -205,6 +258,12 @@ class IndexCare:
         rows_at_build = (
             stored.get(self._key(_ROWS_AT_BUILD)) or (stored.get(_LEGACY[_ROWS_AT_BUILD]) if legacy else None) or "0"
         )
+        tail = 0
+        if info.watermark is not None:
+            # Counted, not estimated: the tail is what searches scan exactly. Past twice the bound the number only
+            # says "rebuild", so the count stops there.
+            cap = 2 * max(self.tail_rows, 1) + 1
+            tail = await index_sql.tail_rows(conn, info.watermark, self.column, cap=cap)
         return IndexState(
             exists=info.exists,
             valid=info.valid,
@@ -215,25 +274,33 @@ class IndexCare:
             rows_at_build=int(rows_at_build),
             built_at=datetime.fromisoformat(built) if built else None,
             calibration=_calibration_of(stored, info.kind, built, self.column),
+            watermark=info.watermark,
+            tail=tail,
         )
 
     def _key(self, base: str) -> str:
         return setting_key(base, self.column)
 
-    def needs_rebuild(self, state: IndexState) -> bool:
-        return needs_rebuild(state, exact_max_rows=self.exact_max_rows, kind=self.kind)
+    def needs_rebuild(self, state: IndexState, tail_before: int | None = None) -> bool:
+        return needs_rebuild(
+            state, exact_max_rows=self.exact_max_rows, kind=self.kind, tail_rows=self.tail_rows, tail_before=tail_before
+        )
 
-    def spec_for(self, rows: int) -> IndexSpec:
+    def spec_for(self, rows: int, watermark: int | None = None) -> IndexSpec:
+        """What to build for ``rows`` rows; an HNSW graph covers ids up to ``watermark`` when tails are kept."""
         if self.kind == "hnsw":
-            return IndexSpec("hnsw", m=self._hnsw[0], ef_construction=self._hnsw[1], column=self.column)
+            m, ef_construction = self._hnsw
+            partial = watermark if self.tail_rows > 0 else None
+            return IndexSpec("hnsw", m=m, ef_construction=ef_construction, column=self.column, watermark=partial)
         return IndexSpec("ivfflat", lists=fitted_lists(rows), column=self.column)
 
     async def maintain(self, *, force: bool = False) -> str:
         """Rebuild when due (or when forced) and calibrate when due; return what was done, for logs and the CLI."""
         state = await self.refresh()
+        before, self._tail_seen = self._tail_seen, state.tail
         async with self._db.connection() as conn:
             writes = await stats_sql.writes_so_far(conn)
-        due = force or self.needs_rebuild(state)
+        due = force or self.needs_rebuild(state, before)
         if not due and not self._needs_calibration(state, writes):
             return "up to date" if state.usable else f"exact search ({state.rows} rows < {self.exact_max_rows})"
         async with index_sql.maintenance_connection(self._dsn) as conn:
@@ -242,16 +309,21 @@ class IndexCare:
             done: list[str] = []
             # Another instance may have done the work while this one waited for the lock: decide again.
             state = await self._read(conn)
-            if force or self.needs_rebuild(state):
+            if force or self.needs_rebuild(state, before):
+                # The watermark first: rows written while the rows are counted and the graph is built are the tail.
+                watermark = await index_sql.next_watermark(conn)
                 rows = await index_sql.row_count(conn, self.column)
-                spec = self.spec_for(rows)
+                spec = self.spec_for(rows, watermark)
                 log.info("building %s index: %d rows (%s)", spec.kind, rows, spec.using())
                 built_at = await index_sql.rebuild(conn, spec)
                 await settings_sql.write_settings(
                     conn, {self._key(_ROWS_AT_BUILD): str(rows), self._key(_BUILT_AT): built_at.isoformat()}
                 )
                 state = await self._read(conn)
+                self._tail_seen = state.tail
                 described = f"lists={spec.lists}" if spec.kind == "ivfflat" else f"m={spec.m}"
+                if spec.watermark is not None:
+                    described += f", graph_seq <= {spec.watermark}"
                 done.append(f"rebuilt {spec.kind} with {described} for {rows} rows")
             writes = await stats_sql.writes_so_far(conn)
             if self._needs_calibration(state, writes):
@@ -286,6 +358,7 @@ class IndexCare:
                 index_built_at=state.built_at.isoformat(),
                 seen=self._seen,
                 column=self.column,
+                watermark=state.watermark,
             )
         except ValueError as exc:
             return f"not calibrated: {exc}"
@@ -304,6 +377,7 @@ def publish(metrics: Metrics, state: IndexState, *, target: float, exact_max_row
     metrics.index_m.set(state.m if state.kind == "hnsw" else 0)
     metrics.index_rows.set(state.rows)
     metrics.index_rows_at_build.set(state.rows_at_build)
+    metrics.index_tail_rows.set(state.tail)
     metrics.index_exact_rows.set(exact_max_rows)
     metrics.index_built.set(state.built_at.timestamp() if state.built_at else 0)
     metrics.index_target_recall.set(target)

@@ -63,6 +63,7 @@ async def nearest(
     exact: bool,
     column: str = "embedding",
     generation: int | None = None,
+    watermark: int | None = None,
 ) -> list[int]:
     """Ids of the ``limit`` nearest among the filter's memories, by distance: exactly, or through the index."""
     found = await search_sql.candidates(
@@ -75,17 +76,26 @@ async def nearest(
         full_rows=False,
         column=column,
         generation=generation,
+        watermark=watermark,
     )
     return [c.id for c in sorted(found, key=lambda c: (c.distance if c.distance is not None else 2.0, c.id))]
 
 
 async def nearest_other(
-    conn: asyncpg.Connection, row_id: int, vector: Vector, *, column: str = "embedding"
+    conn: asyncpg.Connection, row_id: int, vector: Vector, *, column: str = "embedding", watermark: int | None = None
 ) -> float | None:
     """Cosine distance from a stored vector to its nearest other one, found through the index at the connection's
     settings: a scale for ``search.calibration_queries``, not an answer to check."""
     found = await search_sql.candidates(
-        conn, MemoryFilter(), vector=vector, text=None, limit=2, exact=False, full_rows=False, column=column
+        conn,
+        MemoryFilter(),
+        vector=vector,
+        text=None,
+        limit=2,
+        exact=False,
+        full_rows=False,
+        column=column,
+        watermark=watermark,
     )
     distances = [c.distance for c in found if c.id != row_id and c.distance is not None]
     return min(distances) if distances else None

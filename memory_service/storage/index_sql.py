@@ -5,6 +5,13 @@ from one to the other is a rebuild like any other: the new index is built concur
 dropped. ``maintenance_connection`` is the connection a rebuild and a calibration run on: its own, outside the
 pool, holding the session advisory lock that lets one instance maintain the index at a time. When to rebuild and
 how is policy and lives in ``memory_service.search.index_care``.
+
+An HNSW index may be partial, ``WHERE graph_seq <= W``: the graph then covers the rows up to the watermark ``W``.
+Every row created or rewritten takes the next ``graph_seq`` (migration 0013), so rows written after the build land
+above it, in the tail, and are not inserted into the graph one by one (pgvector's per-row insert is a search at
+``ef_construction`` through the buffer manager, about ten times the in-memory build's cost per row);
+``search_sql`` searches them exactly beside the graph. The watermark is read back from the index's own predicate,
+so it can never disagree with the index.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ def setting_key(base: str, column: str) -> str:
 # Held (session level, on a dedicated connection) by the one instance rebuilding; its bytes spell "memsvivf".
 REBUILD_LOCK_KEY = 0x6D656D7376697666
 _OPTION = re.compile(r"(lists|m|ef_construction)=(\d+)")
+# pg_get_expr of ``WHERE graph_seq <= W``: ``(graph_seq <= 123)``, or ``(graph_seq <= '5000000000'::bigint)``.
+_WATERMARK = re.compile(r"\(graph_seq <= '?(\d+)'?(?:::bigint)?\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +70,18 @@ class IndexSpec:
     m: int = 16
     ef_construction: int = 64
     column: str = "embedding"
+    watermark: int | None = None
+    """HNSW only: the graph covers rows with ``graph_seq <= watermark`` (None: every row, each inserted as
+    written)."""
 
     def using(self) -> str:
         if self.kind == "hnsw":
             options = f"m = {int(self.m)}, ef_construction = {int(self.ef_construction)}"
         else:
             options = f"lists = {int(self.lists)}"
-        return f"{self.kind} ({vector_column(self.column)} vector_cosine_ops) WITH ({options})"
+        hnsw_partial = self.kind == "hnsw" and self.watermark is not None
+        partial = f" WHERE graph_seq <= {int(self.watermark or 0)}" if hnsw_partial else ""
+        return f"{self.kind} ({vector_column(self.column)} vector_cosine_ops) WITH ({options}){partial}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +91,8 @@ class IndexInfo:
     kind: IndexKind | None = None
     lists: int = 0
     m: int = 0
+    watermark: int | None = None
+    """A partial HNSW index's ``W`` in ``WHERE graph_seq <= W``; None for an index of every row."""
 
 
 async def index_info(conn: asyncpg.Connection, prefer: IndexKind, column: str = "embedding") -> IndexInfo:
@@ -85,7 +101,8 @@ async def index_info(conn: asyncpg.Connection, prefer: IndexKind, column: str = 
     names = {kind: index_name(column, kind) for kind in KINDS}
     rows = await conn.fetch(
         """
-        SELECT c.relname AS name, i.indisvalid AS valid, c.reloptions AS options
+        SELECT c.relname AS name, i.indisvalid AS valid, c.reloptions AS options,
+               pg_get_expr(i.indpred, i.indrelid) AS predicate
         FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'memory' AND c.relname = ANY($1::text[])
         """,
@@ -101,9 +118,39 @@ async def index_info(conn: asyncpg.Connection, prefer: IndexKind, column: str = 
         for option in found[kind]["options"] or ()
         if (match := _OPTION.fullmatch(option)) is not None
     }
+    predicate = found[kind]["predicate"]
+    watermark = _WATERMARK.fullmatch(predicate) if predicate else None
     return IndexInfo(
-        exists=True, valid=bool(found[kind]["valid"]), kind=kind, lists=options.get("lists", 0), m=options.get("m", 0)
+        exists=True,
+        valid=bool(found[kind]["valid"]),
+        kind=kind,
+        lists=options.get("lists", 0),
+        m=options.get("m", 0),
+        watermark=int(watermark.group(1)) if watermark else None,
     )
+
+
+_TAIL = {
+    c: "SELECT count(*) FROM (SELECT 1 FROM memory.memories WHERE graph_seq > {w} AND " + c + " IS NOT NULL LIMIT $1) s"
+    for c in COLUMNS
+}
+
+
+async def tail_rows(conn: asyncpg.Connection, watermark: int, column: str = "embedding", *, cap: int) -> int:
+    """Rows with an embedding above a partial index's watermark (searched exactly), counted up to ``cap``: a range
+    scan of ``memories_graph_tail`` from the watermark (a literal, so the planner sees it lies in that partial
+    index), which reads the tail, never the graph's rows."""
+    value: int = await conn.fetchval(_TAIL[vector_column(column)].format(w=int(watermark)), cap)
+    return value
+
+
+async def next_watermark(conn: asyncpg.Connection) -> int:
+    """The watermark of a graph about to be built: the highest ``graph_seq`` written so far.
+
+    A row given a lower one by a transaction still open is covered all the same: CREATE INDEX CONCURRENTLY indexes
+    every row its predicate takes, whenever it commits."""
+    value: int = await conn.fetchval("SELECT coalesce(max(graph_seq), 0) FROM memory.memories WHERE graph_seq > 0")
+    return value
 
 
 _COUNT = {c: f"SELECT count(*) FROM memory.memories WHERE {c} IS NOT NULL" for c in COLUMNS}

@@ -39,11 +39,14 @@ def expiry_sql(expires_at: str, ttl_seconds: str) -> str:
 
 
 # On conflict the row is rewritten only when something differs, so "unchanged" costs no new row version and
-# reports no update. The memory's version is bumped under the row lock the conflict takes.
+# reports no update. The memory's version is bumped under the row lock the conflict takes. A rewritten row takes
+# the proposed row's new graph_seq: it moves to the HNSW graph's tail instead of being inserted into the graph
+# (storage.index_sql).
 UPSERT_CONFLICT = f"""
 ON CONFLICT ({columns.IDENTITY}) DO UPDATE SET
     {columns.upsert_set("m", "EXCLUDED")},
     version = m.version + 1,
+    graph_seq = EXCLUDED.graph_seq,
     updated_at = clock_timestamp()
 WHERE {columns.changed("m", "EXCLUDED")}
 """

@@ -2,7 +2,9 @@
 
 Vector candidates come either from the ivfflat index (``ORDER BY embedding <=> q LIMIT n`` directly on the table)
 or from an exact scan: ``OFFSET 0`` fences the subquery so PostgreSQL cannot use the index order and must compute
-every distance among the filtered rows.
+every distance among the filtered rows. A partial HNSW index (``WHERE graph_seq <= W``, ``storage.index_sql``) serves
+the rows up to its watermark, named in the statement as the same literal so the planner can prove the index
+covers them; the rows above it, the tail, are scanned exactly, and the two lists merge by distance.
 
 Text candidates are ranked by Okapi BM25, computed here from the stored ``search_tsv``:
 
@@ -37,13 +39,20 @@ TEXT_CONFIG = "english"
 MAX_QUERY_TERMS = 64
 
 
-def _vector_cte(where: str, query: str, limit: str, *, exact: bool, column: str = "embedding") -> str:
+def _vector_cte(
+    where: str, query: str, limit: str, *, exact: bool, column: str = "embedding", watermark: int | None = None
+) -> str:
     c = vector_column(column)
     if exact:
         return (
             f"SELECT id, distance FROM (SELECT m.id, m.{c} <=> {query} AS distance FROM memory.memories m "
             f"WHERE {where} AND m.{c} IS NOT NULL OFFSET 0) s ORDER BY distance, id LIMIT {limit}"
         )
+    if watermark is not None:
+        w = _bound(watermark)
+        graph = _vector_cte(f"{where} AND m.graph_seq <= {w}", query, limit, exact=False, column=c)
+        tail = _vector_cte(f"{where} AND m.graph_seq > {w}", query, limit, exact=True, column=c)
+        return f"SELECT id, distance FROM (({graph}) UNION ALL ({tail})) g ORDER BY distance, id LIMIT {limit}"
     return (
         f"SELECT m.id, m.{c} <=> {query} AS distance FROM memory.memories m "
         f"WHERE {where} AND m.{c} IS NOT NULL ORDER BY m.{c} <=> {query} LIMIT {limit}"
@@ -140,11 +149,13 @@ def candidates_statement(
     column: str = "embedding",
     generation: int | None = None,
     rls: bool = False,
+    watermark: int | None = None,
 ) -> tuple[str, list[Any]]:
     """The SQL and parameters of ``candidates``: every user value a ``$n`` parameter, the bounds literals.
 
     ``column`` is the vector column searched (a move's other generation is ``embedding_alt``); ``generation`` the
-    embedding epoch the query vector was made for (``generation_guard``)."""
+    embedding epoch the query vector was made for (``generation_guard``); ``watermark`` that of a partial HNSW
+    index on ``column`` (an index search then scans the rows above it exactly)."""
     params = Params()
     where = where_clause(memory_filter, params)
     limit_sql = _bound(limit)
@@ -155,7 +166,9 @@ def candidates_statement(
     from_vector, from_text, every_term = "false", "false", "false"
     if vector is not None:
         vector_param = params.add(vector)
-        ctes.append(f"v AS ({_vector_cte(where, vector_param, limit_sql, exact=exact, column=column)})")
+        ctes.append(
+            f"v AS ({_vector_cte(where, vector_param, limit_sql, exact=exact, column=column, watermark=watermark)})"
+        )
         sources.append("SELECT id FROM v")
         joins.append("LEFT JOIN v ON v.id = m.id")
         distance = f"m.{vector_column(column)} <=> {vector_param}"
@@ -203,6 +216,7 @@ async def candidates(
     column: str = "embedding",
     generation: int | None = None,
     rls: bool = False,
+    watermark: int | None = None,
 ) -> list[Candidate]:
     """Up to ``limit`` nearest by vector and up to ``limit`` best by text (whichever are asked for), merged by id.
 
@@ -222,6 +236,7 @@ async def candidates(
             with_embedding=with_embedding,
             column=column,
             guarded=generation is not None,
+            watermark=watermark,
         )
         values: list[Any] = [vector] if generation is None else [vector, generation]
     else:
@@ -238,6 +253,7 @@ async def candidates(
             column=column,
             generation=generation,
             rls=rls,
+            watermark=watermark,
         )
     rows = await conn.fetch(sql, *values)
     return [
@@ -258,10 +274,17 @@ async def candidates(
 
 @functools.lru_cache(maxsize=256)
 def _unfiltered_vector_sql(
-    limit: int, *, exact: bool, full_rows: bool, with_embedding: bool, column: str, guarded: bool
+    limit: int,
+    *,
+    exact: bool,
+    full_rows: bool,
+    with_embedding: bool,
+    column: str,
+    guarded: bool,
+    watermark: int | None,
 ) -> str:
     """``candidates_statement`` of an unfiltered vector search, whose parameters are the vector and (``guarded``)
-    the generation, in that order."""
+    the generation, in that order. The HNSW watermark is part of the key: it changes once a rebuild."""
     sql, _ = candidates_statement(
         NO_FILTER,
         vector=np.zeros(1, dtype=np.float32),
@@ -272,6 +295,7 @@ def _unfiltered_vector_sql(
         with_embedding=with_embedding,
         column=column,
         generation=0 if guarded else None,
+        watermark=watermark,
     )
     return sql
 

@@ -253,14 +253,27 @@ async def estimated_rows(conn: asyncpg.Connection) -> int:
 
 
 def hybrid_statement(
-    memory_filter: MemoryFilter, *, vector: Vector, limit: int, exact: bool, generation: int | None = None
+    memory_filter: MemoryFilter,
+    *,
+    vector: Vector,
+    limit: int,
+    exact: bool,
+    generation: int | None = None,
+    watermark: int | None = None,
 ) -> tuple[str, list[Any], int]:
     """The vector candidates (``search_sql``'s own statement) and the distances of the given text candidates, in
     one statement; the index of the text ids' parameter in the values. ``generation``: the embedding epoch the
     query vector was made for (``search_sql.generation_guard``: the vector candidates come first and fail the
     statement when a cut-over replaced it)."""
     vector_sql, values = search_sql.candidates_statement(
-        memory_filter, vector=vector, text=None, limit=limit, exact=exact, full_rows=False, generation=generation
+        memory_filter,
+        vector=vector,
+        text=None,
+        limit=limit,
+        exact=exact,
+        full_rows=False,
+        generation=generation,
+        watermark=watermark,
     )
     vector_param = next(i for i, v in enumerate(values) if v is vector) + 1
     values.append(None)
@@ -285,10 +298,13 @@ async def hybrid_candidates(
     exact: bool,
     text_ids: list[int],
     generation: int | None = None,
+    watermark: int | None = None,
 ) -> list[Candidate]:
     """The nearest ``limit`` by vector, and the text candidates ``text_ids`` (still live), each with its distance;
     text scores are the caller's to fill in."""
-    sql, values, at = hybrid_statement(memory_filter, vector=vector, limit=limit, exact=exact, generation=generation)
+    sql, values, at = hybrid_statement(
+        memory_filter, vector=vector, limit=limit, exact=exact, generation=generation, watermark=watermark
+    )
     values[at] = text_ids
     text = set(text_ids)
     return [

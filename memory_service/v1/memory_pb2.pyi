@@ -1083,6 +1083,7 @@ class IndexState(_message.Message):
     ROWS_FIELD_NUMBER: _builtins.int
     TARGET_RECALL_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
+    TAIL_ROWS_FIELD_NUMBER: _builtins.int
     exists: _builtins.bool
     valid: _builtins.bool
     lists: _builtins.int
@@ -1098,6 +1099,10 @@ class IndexState(_message.Message):
     """Rows with an embedding, as PostgreSQL's statistics estimate them."""
     target_recall: _builtins.float
     """SEARCH_TARGET_RECALL: the recall@10 the calibration chooses probes for."""
+    tail_rows: _builtins.int
+    """HNSW with HNSW_TAIL_ROWS > 0: rows written since the graph was built (counted up to twice HNSW_TAIL_ROWS),
+    searched exactly beside it until the next build; 0 otherwise.
+    """
     @_builtins.property
     def built_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1118,10 +1123,11 @@ class IndexState(_message.Message):
         rows: _builtins.int = ...,
         target_recall: _builtins.float = ...,
         calibration: Global___IndexCalibration | None = ...,
+        tail_rows: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at", "calibration", b"calibration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at", "calibration", b"calibration", "exact_threshold", b"exact_threshold", "exists", b"exists", "kind", b"kind", "lists", b"lists", "m", b"m", "rows", b"rows", "rows_at_build", b"rows_at_build", "target_recall", b"target_recall", "valid", b"valid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at", "calibration", b"calibration", "exact_threshold", b"exact_threshold", "exists", b"exists", "kind", b"kind", "lists", b"lists", "m", b"m", "rows", b"rows", "rows_at_build", b"rows_at_build", "tail_rows", b"tail_rows", "target_recall", b"target_recall", "valid", b"valid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,271 @@
+"""An HNSW graph built up to a watermark, and the tail above it searched exactly beside it.
+
+Rows written after the build are not inserted into the graph (a partial index ``WHERE id <= W``); every search
+through the index also scans them exactly and merges the two lists. So a row is findable from the moment it is
+written, whether it is in the graph or the tail, and a rebuild moves the watermark while writes go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import asyncpg
+import numpy as np
+import pytest
+
+from bench.corpus import Corpus
+from bench.datasets import clustered, copy_into_memories, records
+from bench.ingest import memory_input
+from memory_service.models import MemoryFilter
+from memory_service.search.index_care import IndexState, needs_rebuild, tail_bound
+from memory_service.storage import search_sql
+from memory_service.storage.database import init_connection
+from memory_service.v1 import memory_pb2
+from tests.conftest import RunningServer, start_server, stop_server, test_env
+
+BASE = 3000
+MORE = 1200
+TAIL_ROWS = 1000
+
+
+def env_for(database_url: str, **overrides: str) -> dict[str, str]:
+    settings = {
+        "VECTOR_INDEX": "hnsw",
+        "EXACT_SEARCH_MAX_ROWS": "1000",
+        "HNSW_TAIL_ROWS": str(TAIL_ROWS),
+        "SEARCH_NARROW_FILTER_ROWS": "10",
+        "SEARCH_CALIBRATION_QUERIES": "40",
+        "INDEX_CHECK_INTERVAL": "1h",  # the tests drive the rebuilds themselves
+    }
+    return test_env(database_url, **{**settings, **overrides})
+
+
+async def sql(database_url: str, statement: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await init_connection(conn)
+        return await conn.fetch(statement, *args)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def built(database_url: str) -> AsyncIterator[tuple[RunningServer, Corpus]]:
+    """BASE rows in the graph; the rest of the corpus is for the tests to write."""
+    corpus = clustered(BASE + MORE, topics=100, scopes=4, noise=1.0, seed=5)
+    running = await start_server(env_for(database_url))
+    try:
+        await running.server.runtime.binding.bind_now()  # the rows below are copied in behind the service's back
+        conn = await asyncpg.connect(database_url)
+        try:
+            await init_connection(conn)
+            await copy_into_memories(conn, records(corpus, model="hash-ngram-v1")[:BASE])
+            await conn.execute("ANALYZE memory.memories")
+            top = await conn.fetchval("SELECT max(graph_seq) FROM memory.memories")
+        finally:
+            await conn.close()
+        outcome = await running.server.runtime.index.maintain()
+        assert outcome.startswith(f"rebuilt hnsw with m=16, graph_seq <= {top} for {BASE} rows; calibrated"), outcome
+        state = running.server.runtime.index.state
+        assert state.watermark == top and state.tail == 0
+        yield running, corpus
+    finally:
+        await stop_server(running)
+
+
+async def bulk_store(running: RunningServer, corpus: Corpus, rows: range, *, prefix: str = "") -> None:
+    """BulkStore rows ``rows`` of the corpus with their vectors (their values after ``prefix``)."""
+    items = [
+        memory_pb2.BulkItem(sequence=n + 1, memory=memory_input(corpus, i, embedded=True)) for n, i in enumerate(rows)
+    ]
+    for item in items:
+        item.memory.value = prefix + item.memory.value
+    batches = [memory_pb2.BulkStoreRequest(items=items[at : at + 100]) for at in range(0, len(items), 100)]
+
+    async def messages() -> AsyncIterator[memory_pb2.BulkStoreRequest]:
+        for batch in batches:
+            yield batch
+
+    last = 0
+    async for ack in running.memory.BulkStore(messages()):
+        assert ack.rejected == 0
+        last = ack.durable_sequence
+    assert last == len(items)
+
+
+async def nearest_keys(
+    running: RunningServer, vector: np.ndarray, *, scope_id: int | None = None, top_k: int = 10
+) -> tuple[list[str], str]:
+    request = memory_pb2.SearchRequest(query_embedding=vector.tolist(), top_k=top_k, mode=memory_pb2.SEARCH_MODE_VECTOR)
+    if scope_id is not None:
+        request.filter.scopes.add(scope=memory_pb2.SCOPE_PROJECT, scope_id=scope_id)
+    response = await running.memory.Search(request)
+    return [h.memory.key for h in response.hits], response.plan
+
+
+async def test_rows_loaded_after_the_build_are_found_from_the_tail(
+    built: tuple[RunningServer, Corpus], database_url: str
+) -> None:
+    running, corpus = built
+    await bulk_store(running, corpus, range(BASE, BASE + 200))
+    state = await running.server.runtime.index.refresh()
+    assert state.tail == 200 and running.server.runtime.index.needs_rebuild(state) is False
+    stats = await running.memory.Stats(memory_pb2.StatsRequest())
+    assert stats.index.tail_rows == 200 and stats.index.kind == "hnsw"
+    assert running.server.metrics.registry.get_sample_value("memory_index_tail_rows") == 200
+    assert running.server.metrics.registry.get_sample_value("memory_index_tail_bound_rows") == TAIL_ROWS
+    # The graph never saw them: the partial index holds the first BASE rows only.
+    rows = await sql(
+        database_url,
+        "SELECT pg_get_expr(indpred, indrelid) FROM pg_index WHERE indexrelid = "
+        "'memory.memories_embedding_hnsw'::regclass",
+    )
+    assert rows[0][0] == f"(graph_seq <= {state.watermark})"
+    for i in (BASE, BASE + 77, BASE + 199, 5, 1500, BASE - 1):
+        keys, plan = await nearest_keys(running, corpus.vectors[i])
+        assert plan == "hnsw-iterative" and keys[0] == f"row-{i}", (i, keys)
+        # Filtered by the row's scope too: the tail is scanned under the same filter.
+        keys, plan = await nearest_keys(running, corpus.vectors[i], scope_id=int(corpus.scope_ids[i]))
+        assert plan == "hnsw-iterative" and keys[0] == f"row-{i}", (i, keys)
+    # Top-k merges the graph's list with the tail's by distance: a tail row first, graph rows after it.
+    stored = corpus.vectors[: BASE + 200]
+    truth = {f"row-{j}" for j in np.argsort(-(stored @ corpus.vectors[BASE + 3]))[:10]}
+    keys, _ = await nearest_keys(running, corpus.vectors[BASE + 3])
+    assert keys[0] == f"row-{BASE + 3}" and any(int(k.split("-")[1]) < BASE for k in keys)
+    assert len(truth & set(keys)) >= 8
+
+    # The statement carries the index's predicate, so the planner walks the graph for the rows under it.
+    statement, values = search_sql.candidates_statement(
+        MemoryFilter(),
+        vector=corpus.vectors[0],
+        text=None,
+        limit=10,
+        exact=False,
+        full_rows=True,
+        watermark=state.watermark,
+    )
+    plan = "\n".join(r[0] for r in await sql(database_url, "EXPLAIN " + statement, *values))
+    assert "memories_embedding_hnsw" in plan and "memories_graph_tail" in plan, plan
+    assert "Seq Scan on memories" not in plan, plan
+    # The generic plan too (the one a prepared statement settles on): the watermark is a literal, not a parameter.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "CREATE FUNCTION pg_temp.generic_plan(statement text) RETURNS SETOF text LANGUAGE plpgsql AS "
+            "$$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || statement; END $$"
+        )
+        plan = "\n".join(r[0] for r in await conn.fetch("SELECT * FROM pg_temp.generic_plan($1)", statement))
+    finally:
+        await conn.close()
+    assert "memories_embedding_hnsw" in plan and "memories_graph_tail" in plan, plan
+    assert "Seq Scan on memories" not in plan, plan
+
+
+async def test_deletes_and_updates_in_the_graph_and_in_the_tail(
+    built: tuple[RunningServer, Corpus], database_url: str
+) -> None:
+    running, corpus = built
+    await bulk_store(running, corpus, range(BASE, BASE + 100))
+    ids = {r["key"]: r["id"] for r in await sql(database_url, "SELECT key, id FROM memory.memories")}
+    rng = np.random.default_rng(1)
+    for graph, tail in ((10, BASE + 10), (20, BASE + 20)):
+        for i in (graph, tail):
+            await running.memory.Delete(memory_pb2.DeleteRequest(id=ids[f"row-{i}"]))
+            keys, _ = await nearest_keys(running, corpus.vectors[i])
+            assert f"row-{i}" not in keys
+    for i in (30, BASE + 30):
+        moved = rng.normal(size=384).astype(np.float32)
+        moved /= np.linalg.norm(moved)
+        message = memory_input(corpus, i, embedded=False)
+        message.value = "moved " + message.value
+        message.embedding.extend(moved.tolist())
+        stored = await running.memory.Store(memory_pb2.StoreRequest(memory=message))
+        assert stored.outcome == memory_pb2.WRITE_OUTCOME_UPDATED and stored.id == ids[f"row-{i}"]
+        keys, _ = await nearest_keys(running, moved)
+        assert keys[0] == f"row-{i}"
+        keys, _ = await nearest_keys(running, corpus.vectors[i], top_k=1)
+        assert keys != [f"row-{i}"]
+    # The graph's rewritten row moved to the tail (a new graph_seq) instead of into the graph; the tail's stayed.
+    state = await running.server.runtime.index.refresh()
+    assert state.tail == 100 - 2 + 1
+    size = "SELECT pg_relation_size('memory.memories_embedding_hnsw')"
+    before = (await sql(database_url, size))[0][0]
+    await bulk_store(running, corpus, range(0, 300), prefix="again ")  # rewrites of graph rows (new values)
+    assert (await running.server.runtime.index.refresh()).tail == 99 + 300 - 1  # row-30 was in the tail already
+    assert (await sql(database_url, size))[0][0] == before
+
+
+async def test_a_rebuild_moves_the_watermark_while_writes_go_on(
+    built: tuple[RunningServer, Corpus], database_url: str
+) -> None:
+    running, corpus = built
+    care = running.server.runtime.index
+    before = care.state.watermark
+    assert before is not None
+    # The tail reaches its bound (HNSW_TAIL_ROWS, under half the graph's rows): the graph is due a rebuild.
+    assert tail_bound(BASE, TAIL_ROWS) == TAIL_ROWS
+    await bulk_store(running, corpus, range(BASE, BASE + TAIL_ROWS))
+    state = await care.refresh()
+    assert state.tail == TAIL_ROWS and care.needs_rebuild(state)  # due, to one that knows of no load going on
+    # This instance's previous check saw an empty tail: a load is going on, and the graph waits for its end.
+    assert not (await care.maintain()).startswith("rebuilt"), care.state
+    assert care.state.watermark == before
+
+    async def writes() -> None:
+        await asyncio.sleep(0.3)  # after the check below has found the tail quiet, while the graph is built
+        for start in range(BASE + TAIL_ROWS, BASE + MORE, 20):
+            await bulk_store(running, corpus, range(start, min(start + 20, BASE + MORE)))
+            await asyncio.sleep(0)
+
+    outcome, _ = await asyncio.gather(care.maintain(), writes())
+    assert outcome.startswith("rebuilt hnsw"), outcome
+    state = await care.refresh()
+    assert state.watermark is not None and state.watermark > before and not care.needs_rebuild(state)
+    top = (await sql(database_url, "SELECT max(graph_seq) FROM memory.memories"))[0][0]
+    above = (await sql(database_url, "SELECT count(*) FROM memory.memories WHERE graph_seq > $1", state.watermark))[0][
+        0
+    ]
+    assert state.tail == above and above < MORE - TAIL_ROWS + 1 and top >= state.watermark
+    # Every row written, before, during and after the build, is found by its own vector.
+    for i in [*range(0, BASE, 150), *range(BASE, BASE + MORE, 7), BASE + MORE - 1]:
+        keys, plan = await nearest_keys(running, corpus.vectors[i])
+        assert plan == "hnsw-iterative" and keys[0] == f"row-{i}", (i, keys)
+
+
+async def test_without_a_tail_the_graph_takes_every_row(built: tuple[RunningServer, Corpus], database_url: str) -> None:
+    _, corpus = built
+    full = await start_server(env_for(database_url, HNSW_TAIL_ROWS="0"))
+    try:
+        outcome = await full.server.runtime.index.maintain()
+        assert outcome.startswith(f"rebuilt hnsw with m=16 for {BASE} rows"), outcome
+        assert full.server.runtime.index.state.watermark is None
+        await bulk_store(full, corpus, range(BASE, BASE + 50))
+        assert (await full.server.runtime.index.refresh()).tail == 0
+        keys, plan = await nearest_keys(full, corpus.vectors[BASE + 10])
+        assert plan == "hnsw-iterative" and keys[0] == f"row-{BASE + 10}"
+    finally:
+        await stop_server(full)
+
+
+def test_the_tail_bound_is_absolute_and_relative() -> None:
+    assert tail_bound(1_000_000, 10_000) == 10_000
+    assert tail_bound(4000, 10_000) == 2000
+    assert tail_bound(0, 10_000) == 1
+    graph = IndexState(exists=True, valid=True, kind="hnsw", rows=30_000, rows_at_build=25_000, watermark=9, tail=5)
+
+    def due(state: IndexState, tail_rows: int | None, tail_before: int | None = None) -> bool:
+        return needs_rebuild(state, exact_max_rows=20_000, kind="hnsw", tail_rows=tail_rows, tail_before=tail_before)
+
+    assert not due(graph, 10_000)
+    assert due(dataclasses.replace(graph, tail=10_000), 10_000)
+    # A load still going on (the tail grew by a tenth of the bound since the previous check) defers the build...
+    assert not due(dataclasses.replace(graph, tail=10_000), 10_000, tail_before=9000)
+    assert due(dataclasses.replace(graph, tail=10_000), 10_000, tail_before=9001)
+    # ...until the tail reaches twice the bound.
+    assert due(dataclasses.replace(graph, tail=20_000), 10_000, tail_before=15_000)
+    # A partial graph when every row should be in it, or the other way round, is rebuilt.
+    assert due(graph, 0)
+    assert due(dataclasses.replace(graph, watermark=None), 10)
+    assert not due(graph, None)  # no tail policy: the graph is left alone
