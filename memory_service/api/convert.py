@@ -10,12 +10,10 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from memory_service.api import times
-from memory_service.api.move_convert import move_to_proto
 from memory_service.config.settings import Settings
 from memory_service.errors import InvalidArgument
 from memory_service.memories import validation
 from memory_service.memories.ingest import BulkAck
-from memory_service.memories.stats import Stats
 from memory_service.models import (
     NO_FILTER,
     Fence,
@@ -298,13 +296,13 @@ def fill_memory(message: memory_pb2.Memory, memory: Memory) -> None:
         message.metadata.update(memory.metadata)
     if memory.embedding is not None:
         message.embedding.extend(memory.embedding.tolist())
-    _set_timestamp(message.created_at, memory.created_at)
-    _set_timestamp(message.updated_at, memory.updated_at)
+    set_timestamp(message.created_at, memory.created_at)
+    set_timestamp(message.updated_at, memory.updated_at)
     if memory.expires_at is not None:
-        _set_timestamp(message.expires_at, memory.expires_at)
+        set_timestamp(message.expires_at, memory.expires_at)
 
 
-def _set_timestamp(message: timestamp_pb2.Timestamp, value: datetime) -> None:
+def set_timestamp(message: timestamp_pb2.Timestamp, value: datetime) -> None:
     """Like ``FromDatetime`` for the aware datetimes asyncpg returns, without its per-call validation cost,
     which showed in search profiles (three timestamps per hit). Integer arithmetic: through a float, the last
     microsecond of year 9999 rounds up into year 10000, a Timestamp no client can read."""
@@ -361,61 +359,3 @@ def embed_response(vectors: Sequence[Vector], *, model: str, dimension: int) -> 
     return memory_pb2.EmbedResponse(
         embeddings=[memory_pb2.Embedding(values=v.tolist()) for v in vectors], model=model, dimension=dimension
     )
-
-
-def stats_to_proto(stats: Stats) -> memory_pb2.StatsResponse:
-    response = memory_pb2.StatsResponse(
-        memories=stats.memories,
-        by_scope=[
-            memory_pb2.ScopeCount(scope=scope_to_proto(scope), memories=count)
-            for scope, count in sorted(stats.by_scope.items())
-        ],
-        expired_pending_purge=stats.expired_pending_purge,
-        embedding_model=stats.embedding_model,
-        dimension=stats.dimension,
-        pgvector_version=stats.pgvector_version,
-        postgres_version=stats.postgres_version,
-        iterative_scan=stats.iterative_scan,
-        index=_index_to_proto(stats),
-        embedding_cache_entries=stats.embedding_cache_entries,
-        counts_estimated=stats.counts_estimated,
-    )
-    if stats.move is not None:
-        response.model_move.CopyFrom(move_to_proto(stats.move))
-    if (refused := stats.writes_refused) is not None:
-        response.writes_refused.reason = refused.reason
-        response.writes_refused.refused_calls = refused.refused_calls
-        _set_timestamp(response.writes_refused.since, refused.since)
-    return response
-
-
-def _index_to_proto(stats: Stats) -> memory_pb2.IndexState:
-    state = stats.index
-    message = memory_pb2.IndexState(
-        exists=state.exists,
-        valid=state.valid,
-        lists=state.lists,
-        rows_at_build=state.rows_at_build,
-        exact_threshold=stats.exact_threshold,
-        kind=state.kind or "",
-        m=state.m,
-        rows=state.rows,
-        target_recall=stats.target_recall,
-        tail_rows=state.tail,
-    )
-    if state.built_at is not None:
-        message.built_at.FromDatetime(state.built_at)
-    if (calibration := state.calibration) is not None:
-        probes = calibration.setting(filtered=False)
-        message.calibration.probes = probes
-        message.calibration.recall = calibration.unfiltered.recall_at(probes) or 0.0
-        if calibration.filtered is not None:
-            filtered_probes = calibration.setting(filtered=True)
-            message.calibration.filtered_probes = filtered_probes
-            message.calibration.filtered_recall = calibration.filtered.recall_at(filtered_probes) or 0.0
-            message.calibration.filtered_source = calibration.filtered.source
-        message.calibration.queries = calibration.unfiltered.queries
-        message.calibration.source = calibration.unfiltered.source
-        message.calibration.calibrated_at.FromDatetime(calibration.calibrated_at)
-        message.calibration.seconds = calibration.seconds
-    return message

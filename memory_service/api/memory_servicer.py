@@ -11,6 +11,7 @@ from grpc import aio
 
 from memory_service.api import convert, history_convert
 from memory_service.api.interceptor import current_principal
+from memory_service.api.stats_convert import stats_to_proto
 from memory_service.config.settings import Settings
 from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import InvalidArgument
@@ -135,7 +136,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return convert.embed_response(vectors, model=self._embedder.model, dimension=self._embedder.dimension)
 
     async def Stats(self, request: memory_pb2.StatsRequest, context: aio.ServicerContext) -> memory_pb2.StatsResponse:
-        return convert.stats_to_proto(await self._stats())
+        return stats_to_proto(await self._stats())
 
     async def History(
         self, request: memory_pb2.HistoryRequest, context: aio.ServicerContext
