@@ -226,6 +226,7 @@ PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
     rewrites=documents,
     parameters=st.sampled_from([(K1, B), (2.0, 0.3)]),
     scope=st.sets(st.integers(0, 159), max_size=60),
+    seed_share=st.sampled_from([1, 8, 10**9]),
 )
 def test_block_max_is_exact_bm25_on_any_corpus(
     monkeypatch: pytest.MonkeyPatch,
@@ -237,11 +238,14 @@ def test_block_max_is_exact_bm25_on_any_corpus(
     rewrites: list[dict[str, int]],
     parameters: tuple[float, float],
     scope: set[int],
+    seed_share: int,
 ) -> None:
     """Every corpus, pruned with ranges of 1 to 8 documents, after deletes, rewrites and expiries, with the k1 and b
     it was built with or others: the top k unfiltered and within a scope is brute-force BM25's, ties included (few
     words and small frequencies make many equal scores)."""
     monkeypatch.setattr(text_segment, "PRUNE_MIN_DOCS", 1)
+    monkeypatch.setattr(text_segment, "SEED_MIN_DOCS", 0)
+    monkeypatch.setattr(text_segment, "SEED_SHARE", seed_share)
     monkeypatch.setattr(text_blocks, "RANGE_SHIFT", shift)
     docs = {3 * (i + 1): terms for i, terms in enumerate(corpus)}
     index = loaded(docs)
@@ -276,7 +280,9 @@ def test_block_max_is_exact_bm25_on_any_corpus(
 def test_range_bounds_spare_most_of_the_postings_one_bound_per_term_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ranges whose bound cannot reach the threshold are never read: a search reads fewer postings than with one
     range for the whole segment (per-term bounds only, plain MaxScore). On this Zipf corpus, frequent words in most
-    documents and queries of common words, it reads about 0.7 as many; on SciFact sentences at 1M, 0.05-0.3."""
+    documents and queries of common words, it reads about 0.85 as many; on SciFact sentences at 1M, 16-word queries
+    read 0.02-0.6 as many (about 0.1 at the median)."""
+    monkeypatch.setattr(text_segment, "SEED_MIN_DOCS", 0)  # as a large segment, seeded by its rare terms
     docs = synthetic(40_000, seed=21)
     query_list = queries(docs, 20, seed=22)
     read = []
@@ -289,7 +295,7 @@ def test_range_bounds_spare_most_of_the_postings_one_bound_per_term_reads(monkey
             assert_same_top(index.top(scoring_for(docs, query), 10, time.time()), brute_force(docs, query, 10))
             postings += segment.last_read[1]
         read.append(postings)
-    assert read[0] < 0.8 * read[1]
+    assert read[0] < 0.95 * read[1]
 
 
 # -- through the service ------------------------------------------------------------------------------------------

@@ -316,15 +316,10 @@ class TextIndex:
             found, local = segment.locate(wanted)
             if not found.any():
                 continue
-            if k is None:
-                score = segment.score_local(local[found], scoring)
-                hit = score > 0
-                slots.append(wanted[found][hit])
-                scores.append(score[hit])
-            else:
-                best, score = segment.top_of(local[found], scoring, k)
-                slots.append(segment.slots[best])
-                scores.append(score)
+            score = segment.score_local(local[found], scoring)
+            hit = score > 0
+            slots.append(wanted[found][hit])
+            scores.append(score[hit])
         return self._best(slots, scores, k if k is not None else len(ids))
 
     def _best(self, slots: list[Ints], scores: list[Floats], k: int) -> list[tuple[int, float]]:

@@ -42,8 +42,9 @@ the background while TEXT searches use the SQL statement."""
 REBUILD_DEAD_FRACTION = 0.5
 """Dead versions (as a share of live memories) that make the index reload from PostgreSQL."""
 _FINAL_WAIT = 0.02
-POSTING_BYTES = 8
-"""Memory per posting once loaded (its document and frequency, 6 bytes, plus the vocabulary), with some margin."""
+POSTING_BYTES = 9
+"""Memory per posting once loaded (its document and frequency, 6 bytes, the vocabulary, and the range bounds of
+``text_blocks``, at most a byte: 7.1 bytes at 1M SciFact memories), with some margin."""
 DOC_BYTES = 64
 """Memory per memory (id, length, expiry, liveness, slot and scratch arrays)."""
 REFUSED_RECHECK = 60.0

@@ -1,13 +1,18 @@
 """Immutable postings of some memories, and exact BM25 top-k over them without scoring every match.
 
 A segment numbers its documents locally (0..n-1) and keeps, per lexeme, the documents holding it in ascending order
-with their term frequencies, and, in large segments, per lexeme an upper bound of its term-frequency part of BM25
-(the largest among its postings at 1.5x the average length the segment was built with, and the largest frequency
-with the smallest length for beyond it). A search runs MaxScore over them: query terms are read whole, most
-valuable first, only while a document holding none of them yet could still reach the k-th best partial score; the
-documents met then look the remaining terms up and drop out once their bound falls below it. Every document that
-can be in the top k is scored exactly, over every query term. Small segments are scored exhaustively: cheaper than
-the bookkeeping.
+with their term frequencies. A large segment also keeps, per lexeme, an upper bound of its term-frequency part of
+BM25, and per long lexeme and range of 16 documents the same bound within the range (``text_blocks``). A search
+runs block-max MaxScore over them:
+
+1. the documents of the rarest query terms are scored exactly: the k-th best is a first threshold;
+2. query terms are read, the largest bound first, while a document holding none of them yet could still reach the
+   threshold (the k-th best partial score, which only grows), and only in the ranges whose summed bound reaches it;
+3. the documents met look the remaining terms up, dropping out as soon as their partial score plus the remaining
+   terms' bounds in their range falls below the threshold.
+
+Every document that can be in the top k is scored exactly, over every query term. Small segments are scored
+exhaustively: cheaper than the bookkeeping.
 """
 
 from __future__ import annotations
@@ -29,9 +34,15 @@ _BOUND_SLICE = 1 << 20
 _DENSE_LOOKUP = 8
 """A remaining term is looked up for the documents met by spreading its postings into a dense array when it has at
 most this many postings per document looked up; otherwise by binary search in its postings."""
-_SEED_POSTINGS = 2048
-"""Postings of the rarest terms whose documents a pruned search scores exactly for its first threshold."""
-"""Ranges a pruned search scores exactly, the largest bounds first, for its first threshold."""
+_GATHER_SHARE = 0.5
+"""A term is read only in the ranges that can still win when they are less than this share of all ranges;
+otherwise whole (picking the ranges out would cost more than it spares)."""
+SEED_MIN_DOCS = 250_000
+"""Segments with fewer documents take their first threshold from the first term read (a lookup of every query term
+for the seed documents costs more than their lists)."""
+SEED_SHARE = 512
+"""A large segment's first threshold is the k-th best exact score among the documents of its rarest query terms,
+read while their postings stay within 1/SEED_SHARE of its documents."""
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
@@ -297,9 +308,9 @@ class Segment:
         try:
             while read < len(terms) and rest[read] >= threshold:
                 term = terms[read]
-                if threshold > -np.inf:
-                    if threshold != live_at:  # the ranges that can still hold a document of the top k
-                        chosen, live_at = np.flatnonzero(total >= threshold), threshold
+                if threshold != live_at:  # the ranges that can still hold a document of the top k
+                    chosen, live_at = np.flatnonzero(total >= threshold), threshold
+                if len(chosen) < _GATHER_SHARE * len(total):
                     self._range_mask[chosen] = True
                     try:
                         at = gather(self.docs[term.start : term.end], chosen, self.ranges.shift, self._range_mask)
@@ -380,9 +391,11 @@ class Segment:
         """A first threshold: the k-th best exact score among the documents of the terms with the largest bounds
         (the rare terms the best documents usually hold, read until ``_SEED_POSTINGS``); -inf when they hold fewer
         than k documents."""
+        if len(self) < SEED_MIN_DOCS:
+            return -np.inf
         seeds, postings = [], 0
         for term in terms:
-            if postings + term.end - term.start > _SEED_POSTINGS:
+            if postings + term.end - term.start > len(self) // SEED_SHARE:
                 break
             seeds.append(self.docs[term.start : term.end])
             postings += term.end - term.start
@@ -395,13 +408,3 @@ class Segment:
             return -np.inf
         score = self.score_local(local, scoring)
         return float(np.partition(score, len(score) - k)[len(score) - k]) - EPSILON
-
-    def top_of(self, local: Ints, scoring: Scoring, k: int) -> tuple[Ints, Floats]:
-        """Of the given local documents, a set holding the best ``k`` that hold a query term, with exact scores:
-        MaxScore's last step over them (terms looked up the largest bound first; a document drops out once it
-        cannot reach the k-th best partial score)."""
-        if not self.pruned or len(local) <= k:
-            score = self.score_local(local, scoring)
-            keep = score > 0
-            return local[keep], score[keep]
-        return self._finish(local, np.zeros(len(local)), self._terms(scoring), scoring, k=k, threshold=0.0)
