@@ -201,7 +201,16 @@ class Segment:
 
     def _tf_of(self, start: int, end: int, local: Ints) -> Floats:
         """The frequency of the term whose postings are ``start:end`` in each of ``local`` (0 where absent)."""
+        if not len(local) or start == end:
+            return np.zeros(len(local), dtype=np.float64)
+        # Only the postings between the first and the last document asked for can match: a scope of neighbouring
+        # memories (loaded together) reads a slice of each list, not the whole.
         docs = self.docs[start:end]
+        low, high = np.searchsorted(docs, [local.min(), local.max() + 1])
+        start, end = start + int(low), start + int(high)
+        docs = docs[low:high]
+        if not len(docs):
+            return np.zeros(len(local), dtype=np.float64)
         if len(docs) <= _DENSE_LOOKUP * len(local):
             # Spread the term's frequencies over the (clean) accumulator and read them back: linear.
             acc = self._scratch()
