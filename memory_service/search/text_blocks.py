@@ -9,7 +9,7 @@ a much tighter bound than with their bounds over the whole segment, so documents
 
 Small ranges make the bounds tight (a frequent word is absent from most ranges of 16 documents, while it is in
 nearly every range of 128), at a byte per range per long term. Bounds are stored only for terms with at least
-``ranges / LONG_TERM_RANGES`` postings, so the table holds at most ``LONG_TERM_RANGES`` bytes per posting (about 0.9
+``ranges / LONG_TERM_RANGES`` postings, so the table holds at most ``LONG_TERM_RANGES`` bytes per posting (about 0.8
 on SciFact sentences); a shorter list is cheaper to bound at query time from its postings, exactly.
 """
 

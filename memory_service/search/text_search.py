@@ -44,7 +44,7 @@ REBUILD_DEAD_FRACTION = 0.5
 _FINAL_WAIT = 0.02
 POSTING_BYTES = 9
 """Memory per posting once loaded (its document and frequency, 6 bytes, the vocabulary, and the range bounds of
-``text_blocks``, at most a byte: 7.1 bytes at 1M SciFact memories), with some margin."""
+``text_blocks``, about 0.8 byte: 459 MB for 59.6 million postings of 1M SciFact memories), with some margin."""
 DOC_BYTES = 64
 """Memory per memory (id, length, expiry, liveness, slot and scratch arrays)."""
 REFUSED_RECHECK = 60.0
