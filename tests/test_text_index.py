@@ -227,6 +227,7 @@ PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
     parameters=st.sampled_from([(K1, B), (2.0, 0.3)]),
     scope=st.sets(st.integers(0, 159), max_size=60),
     seed_share=st.sampled_from([1, 8, 10**9]),
+    mask_min_docs=st.sampled_from([1, 10**9]),
 )
 def test_block_max_is_exact_bm25_on_any_corpus(
     monkeypatch: pytest.MonkeyPatch,
@@ -239,13 +240,15 @@ def test_block_max_is_exact_bm25_on_any_corpus(
     parameters: tuple[float, float],
     scope: set[int],
     seed_share: int,
+    mask_min_docs: int,
 ) -> None:
-    """Every corpus, pruned with ranges of 1 to 8 documents, after deletes, rewrites and expiries, with the k1 and b
-    it was built with or others: the top k unfiltered and within a scope is brute-force BM25's, ties included (few
-    words and small frequencies make many equal scores)."""
+    """Every corpus, pruned with ranges of 1 to 8 documents, seeded or not, after deletes, rewrites and expiries,
+    with the k1 and b it was built with or others: the top k unfiltered and within a scope (looked up or masked) is
+    brute-force BM25's, ties included (few words and small frequencies make many equal scores)."""
     monkeypatch.setattr(text_segment, "PRUNE_MIN_DOCS", 1)
     monkeypatch.setattr(text_segment, "SEED_MIN_DOCS", 0)
     monkeypatch.setattr(text_segment, "SEED_SHARE", seed_share)
+    monkeypatch.setattr(text_segment, "MASK_MIN_DOCS", mask_min_docs)
     monkeypatch.setattr(text_blocks, "RANGE_SHIFT", shift)
     docs = {3 * (i + 1): terms for i, terms in enumerate(corpus)}
     index = loaded(docs)

@@ -34,6 +34,10 @@ _BOUND_SLICE = 1 << 20
 _DENSE_LOOKUP = 8
 """A remaining term is looked up for the documents met by spreading its postings into a dense array when it has at
 most this many postings per document looked up; otherwise by binary search in its postings."""
+MASK_MIN_DOCS = 256
+"""From this many documents on, ``score_local`` checks postings against a mask of them (``_score_by_mask``)."""
+_MASK_SCAN = 32
+"""... unless a term has more than this many postings per document scored: then it is searched."""
 _GATHER_SHARE = 0.5
 """A term is read only in the ranges that can still win when they are less than this share of all ranges;
 otherwise whole (picking the ranges out would cost more than it spares)."""
@@ -124,6 +128,8 @@ class Segment:
         self._acc: Floats | None = None
         """Scratch space of one search at a time (searches run on the event loop), cleared after each."""
         self._stamp: npt.NDArray[np.int32] | None = None
+        self._wanted: npt.NDArray[np.bool_] | None = None
+        """The documents a search scores by mask (cleared after each)."""
         """Scratch space for finding the documents a search met (never needs clearing)."""
         self.pruned = len(slots) >= PRUNE_MIN_DOCS
         if self.pruned:
@@ -178,7 +184,8 @@ class Segment:
     def nbytes(self) -> int:
         """Memory held: the arrays, and about ``LEXEME_BYTES`` per lexeme for the vocabulary."""
         arrays: list[npt.NDArray[Any] | None] = [
-            self.slots, self.lengths, self.offsets, self.docs, self.tfs, self._slot_order, self._acc, self._stamp,
+            self.slots, self.lengths, self.offsets, self.docs, self.tfs, self._slot_order,
+            self._acc, self._stamp, self._wanted,
         ]  # fmt: skip
         extra = 0
         if self.pruned:
@@ -197,6 +204,7 @@ class Segment:
         if self._acc is None or self._stamp is None or len(self._acc) != len(self):
             self._acc = np.zeros(len(self), dtype=np.float64)
             self._stamp = np.zeros(len(self), dtype=np.int32)
+            self._wanted = np.zeros(len(self), dtype=np.bool_)
         return self._acc
 
     def _tf_of(self, start: int, end: int, local: Ints) -> Floats:
@@ -228,11 +236,43 @@ class Segment:
         total = np.zeros(len(local), dtype=np.float64)
         if not len(local):
             return total
+        if len(local) >= MASK_MIN_DOCS:
+            return self._score_by_mask(local, scoring)
         length = self.lengths[local]
         for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
             span = self._term_slice(lexeme)
             if span is not None:
                 total += idf * scoring.part(self._tf_of(span[0], span[1], local), length)
+        return total
+
+    def _score_by_mask(self, local: Ints, scoring: Scoring) -> Floats:
+        """``score_local`` for many documents (a scope's): each term's postings between the first and the last of
+        them are checked against a byte per document (a mask that stays in cache, where spreading a list over the
+        accumulator misses it at every posting), and only the hits are scored. A list much longer than the
+        documents is searched instead."""
+        acc = self._scratch()
+        wanted = self._wanted
+        assert wanted is not None
+        wanted[local] = True
+        bounds = np.array([local.min(), local.max() + 1])
+        try:
+            for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
+                span = self._term_slice(lexeme)
+                if span is None:
+                    continue
+                low, high = np.searchsorted(self.docs[span[0] : span[1]], bounds) + span[0]
+                if high - low > _MASK_SCAN * len(local):
+                    tf = self._tf_of(span[0], span[1], local)
+                    acc[local] += idf * scoring.part(tf, self.lengths[local])
+                    continue
+                docs = self.docs[low:high]
+                hit = np.flatnonzero(wanted[docs])
+                met = docs[hit]
+                acc[met] += idf * scoring.part(self.tfs[low + hit].astype(np.float64), self.lengths[met])
+            total: Floats = acc[local]
+        finally:
+            wanted[local] = False
+            acc[local] = 0.0
         return total
 
     def exhaustive(self, scoring: Scoring) -> tuple[Ints, Floats]:
