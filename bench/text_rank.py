@@ -120,8 +120,8 @@ async def measure(dsn: str, rows: int, by_length: dict[int, list[str]], against:
         out: list[list[object]] = []
         now = time.time()
         then = None
+        segment = index.segments[0]
         if against is not None:
-            segment = index.segments[0]
             then = segment_at(against).Segment(
                 slots=segment.slots, lengths=segment.lengths, lexemes=segment.lexemes, docs=segment.docs,
                 tfs=segment.tfs, offsets=segment.offsets, avgdl=float(segment.lengths.mean()),
@@ -130,7 +130,6 @@ async def measure(dsn: str, rows: int, by_length: dict[int, list[str]], against:
         cases += [(label, 8, np.array(sorted(ids), dtype=np.int64)) for label, ids in scopes.items()]
         for label, length, ids in cases:
             times, segment_times, before, exact = [], [], [], 0
-            segment = index.segments[0]
             local = None if ids is None else index.slots_of(ids)
             for text in by_length[length]:
                 query = scoring(await text_index_sql.query_terms(conn, text, after=2**62))
