@@ -34,8 +34,8 @@ import numpy as np
 
 from bench.harness import database_server, print_table
 from bench.text import LENGTHS, queries
+from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
-from memory_service.search.text_segment import Scoring
 from memory_service.storage import text_index_sql
 from memory_service.storage.database import init_connection
 

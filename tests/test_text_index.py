@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
 from memory_service.search import text_blocks, text_segment
 from memory_service.search import text_index as text_index_module
+from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
-from memory_service.search.text_segment import Scoring
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.text_index_sql import DocText, PostingsChunk

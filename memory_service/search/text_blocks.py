@@ -11,6 +11,8 @@ Small ranges make the bounds tight (a frequent word is absent from most ranges o
 nearly every range of 128), at a byte per range per long term. Bounds are stored only for terms with at least
 ``ranges / LONG_TERM_RANGES`` postings, so the table holds at most ``LONG_TERM_RANGES`` bytes per posting (about 0.8
 on SciFact sentences); a shorter list is cheaper to bound at query time from its postings, exactly.
+
+``Scoring`` (what BM25 needs besides the postings) lives here because the bounds are computed with it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,23 @@ Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 Postings = tuple[npt.NDArray[np.int32], Floats]
 """A term's documents (ascending) and their exact parts of BM25."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """What BM25 needs besides the postings: the query's lexemes with their idf, the average length, k1 and b."""
+
+    lexemes: tuple[str, ...]
+    idf: tuple[float, ...]
+    avgdl: float
+    k1: float
+    b: float
+
+    def part(self, tf: npt.NDArray[np.float64], length: npt.NDArray[np.float64]) -> Floats:
+        """The term-frequency part of BM25 (0 where ``tf`` is 0)."""
+        norm = self.k1 * (1 - self.b + self.b * length / self.avgdl)
+        result: Floats = tf * (self.k1 + 1) / (tf + norm)
+        return result
 
 
 @dataclasses.dataclass
@@ -103,7 +122,7 @@ class RangeBounds:
         flat[key[starts]] = np.maximum(flat[key[starts]], np.maximum.reduceat(level, starts))
 
     def term(
-        self, row: int, *, start: int, end: int, idf: float, bound: float, scoring: Any, postings: Postings | None
+        self, row: int, *, start: int, end: int, idf: float, bound: float, scoring: Scoring, postings: Postings | None
     ) -> Term:
         """The query term stored at ``row`` (postings ``start:end``, ``bound`` over the segment without idf). Stored
         bounds hold for an average length up to the build's; a larger average raises every part by at most the
@@ -142,3 +161,38 @@ def gather(docs: npt.NDArray[np.int32], chosen: Ints, shift: int, mask: npt.NDAr
     first = np.cumsum(counts) - counts
     positions: Ints = np.arange(total, dtype=np.int64) + np.repeat(low - first, counts)
     return positions
+
+
+def term_bounds(
+    offsets: Ints,
+    docs: npt.NDArray[np.int32],
+    tfs: npt.NDArray[np.uint16],
+    lengths: Floats,
+    *,
+    avgdl: float,
+    k1: float,
+    b: float,
+    slice_size: int,
+) -> tuple[Floats, Floats, Floats, RangeBounds]:
+    """Per term of a segment's postings: the largest part of BM25 at ``avgdl``, the largest frequency, the smallest
+    length; and the range bounds. A slice of postings at a time, so the float temporaries stay small."""
+    terms = len(offsets) - 1
+    max_part = np.zeros(terms, dtype=np.float64)
+    max_tf = np.zeros(terms, dtype=np.float64)
+    min_length = np.full(terms, np.inf, dtype=np.float64)
+    ranges = RangeBounds(offsets, len(lengths), avgdl, k1, b)
+    for low in range(0, len(docs), slice_size):
+        high = min(low + slice_size, len(docs))
+        tf = tfs[low:high].astype(np.float64)
+        length = lengths[docs[low:high]]
+        part = tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / avgdl))
+        # The pieces of terms within the slice: where a term starts inside it, and the slice's start.
+        inside = offsets[(offsets > low) & (offsets < high)]
+        starts = np.unique(np.concatenate([np.array([low], dtype=np.int64), inside]))
+        owner = np.searchsorted(offsets, starts, side="right") - 1
+        np.maximum.at(max_part, owner, np.maximum.reduceat(part, starts - low))
+        np.maximum.at(max_tf, owner, np.maximum.reduceat(tf, starts - low))
+        np.minimum.at(min_length, owner, np.minimum.reduceat(length, starts - low))
+        ranges.add(np.repeat(owner, np.diff(np.append(starts, high))), docs[low:high], part)
+    min_length[np.isinf(min_length)] = 1.0
+    return max_part, max_tf, min_length, ranges

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from memory_service.search.text_segment import Floats, Ints, Scoring, Segment
+from memory_service.search.text_blocks import Scoring
+from memory_service.search.text_segment import Floats, Ints, Segment
 from memory_service.storage.text_index_sql import DocText, PostingsChunk
 
 MAX_SMALL_SEGMENTS = 6

@@ -26,8 +26,8 @@ import math
 import time
 
 from memory_service.models import Candidate, MemoryFilter
+from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
-from memory_service.search.text_segment import Scoring
 from memory_service.search.tuning import TextRanking
 from memory_service.storage import changes_sql, search_sql, text_index_sql
 from memory_service.storage.database import Connection, Database

@@ -1,29 +1,22 @@
 """Immutable postings of some memories, and exact BM25 top-k over them without scoring every match.
 
 A segment numbers its documents locally (0..n-1) and keeps, per lexeme, the documents holding it in ascending order
-with their term frequencies. A large segment also keeps, per lexeme, an upper bound of its term-frequency part of
-BM25, and per long lexeme and range of 16 documents the same bound within the range (``text_blocks``). A search
-runs block-max MaxScore over them:
-
-1. the documents of the rarest query terms are scored exactly: the k-th best is a first threshold;
-2. query terms are read, the largest bound first, while a document holding none of them yet could still reach the
-   threshold (the k-th best partial score, which only grows), and only in the ranges whose summed bound reaches it;
-3. the documents met look the remaining terms up, dropping out as soon as their partial score plus the remaining
-   terms' bounds in their range falls below the threshold.
-
-Every document that can be in the top k is scored exactly, over every query term. Small segments are scored
-exhaustively: cheaper than the bookkeeping.
+with their term frequencies; a large segment also keeps bounds of each lexeme's part of BM25, over the segment and
+per range of 16 documents (``text_blocks``), and runs block-max MaxScore over them: a first threshold from the rarest
+terms' documents, terms read (largest bound first) only while a document holding none of them yet could reach the
+threshold and only in the ranges whose bound reaches it, and the documents met looking the other terms up until
+their bound in their range falls below it (docs/search.md). Every document that can be in the top k is scored
+exactly. Small segments are scored exhaustively: cheaper than the bookkeeping.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from memory_service.search.text_blocks import EPSILON, RangeBounds, Term, gather
+from memory_service.search.text_blocks import EPSILON, Scoring, Term, gather, term_bounds
 
 PRUNE_MIN_DOCS = 20_000
 """Segments with fewer documents are scored exhaustively."""
@@ -50,23 +43,6 @@ read while their postings stay within 1/SEED_SHARE of its documents."""
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
-
-
-@dataclasses.dataclass(frozen=True)
-class Scoring:
-    """What BM25 needs besides the postings: the query's lexemes with their idf, the average length, k1 and b."""
-
-    lexemes: tuple[str, ...]
-    idf: tuple[float, ...]
-    avgdl: float
-    k1: float
-    b: float
-
-    def part(self, tf: npt.NDArray[np.float64], length: npt.NDArray[np.float64]) -> Floats:
-        """The term-frequency part of BM25 (0 where ``tf`` is 0)."""
-        norm = self.k1 * (1 - self.b + self.b * length / self.avgdl)
-        result: Floats = tf * (self.k1 + 1) / (tf + norm)
-        return result
 
 
 class Segment:
@@ -140,26 +116,9 @@ class Segment:
         was built with (``_bound`` scales it to another average), and the largest frequency and smallest length (a
         looser bound for other k1 and b); per long term and range of documents, the largest part in the range."""
         self.avgdl = avgdl
-        terms = len(self.offsets) - 1
-        self.max_part = np.zeros(terms, dtype=np.float64)
-        self.max_tf = np.zeros(terms, dtype=np.float64)
-        self.min_length = np.full(terms, np.inf, dtype=np.float64)
-        self.ranges = RangeBounds(self.offsets, len(self), avgdl, self.k1, self.b)
-        # A slice of postings at a time, so the float temporaries stay small whatever the segment's size.
-        for low in range(0, len(self.docs), _BOUND_SLICE):
-            high = min(low + _BOUND_SLICE, len(self.docs))
-            tf = self.tfs[low:high].astype(np.float64)
-            lengths = self.lengths[self.docs[low:high]]
-            part = tf * (self.k1 + 1) / (tf + self.k1 * (1 - self.b + self.b * lengths / avgdl))
-            # The pieces of terms within the slice: where a term starts inside it, and the slice's start.
-            inside = self.offsets[(self.offsets > low) & (self.offsets < high)]
-            starts = np.unique(np.concatenate([np.array([low], dtype=np.int64), inside]))
-            owner = np.searchsorted(self.offsets, starts, side="right") - 1
-            np.maximum.at(self.max_part, owner, np.maximum.reduceat(part, starts - low))
-            np.maximum.at(self.max_tf, owner, np.maximum.reduceat(tf, starts - low))
-            np.minimum.at(self.min_length, owner, np.minimum.reduceat(lengths, starts - low))
-            self.ranges.add(np.repeat(owner, np.diff(np.append(starts, high))), self.docs[low:high], part)
-        self.min_length[np.isinf(self.min_length)] = 1.0
+        self.max_part, self.max_tf, self.min_length, self.ranges = term_bounds(
+            self.offsets, self.docs, self.tfs, self.lengths, avgdl=avgdl, k1=self.k1, b=self.b, slice_size=_BOUND_SLICE
+        )
         self._range_mask = np.zeros(self.ranges.ranges, dtype=np.bool_)
 
     def locate(self, slots: Ints) -> tuple[npt.NDArray[np.bool_], Ints]:
@@ -333,8 +292,8 @@ class Segment:
         return terms
 
     def _block_max(self, scoring: Scoring, k: int, usable: npt.NDArray[np.bool_] | None) -> tuple[Ints, Floats]:
-        """Block-max MaxScore. The ranges of documents with the largest bounds are scored exactly first, so the
-        threshold (the k-th best score known) starts high. Then MaxScore: terms are read, the largest bound first,
+        """Block-max MaxScore. On a large segment the documents of the rarest terms are scored exactly first, so
+        the threshold (the k-th best score known) starts high. Then MaxScore: terms are read, the largest bound first,
         only while a document holding none of them yet could still reach the threshold, and only in the ranges
         whose bound reaches it; the documents met look the remaining terms up and drop out as soon as their partial
         score plus the remaining terms' bounds in their range falls below it."""
