@@ -13,12 +13,14 @@ import asyncpg
 import numpy as np
 import pytest
 from google.protobuf import timestamp_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
+from memory_service.search import text_blocks, text_segment
 from memory_service.search import text_index as text_index_module
-from memory_service.search import text_segment
+from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
-from memory_service.search.text_segment import Scoring
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.text_index_sql import DocText, PostingsChunk
@@ -45,31 +47,35 @@ def synthetic(count: int, seed: int) -> dict[int, dict[str, int]]:
     return docs
 
 
-def brute_force(docs: dict[int, dict[str, int]], query: list[str], k: int) -> list[tuple[int, float]]:
-    """BM25 written out over every document: statistics from ``docs`` itself."""
+def brute_force(
+    docs: dict[int, dict[str, int]], query: list[str], k: int, *, k1: float = K1, b: float = B, among: object = None
+) -> list[tuple[int, float]]:
+    """BM25 written out over every document (or those ``among``): statistics from ``docs`` itself."""
     n = len(docs)
     avgdl = sum(len(t) for t in docs.values()) / n
     df = {q: sum(1 for t in docs.values() if q in t) for q in query}
     scored = []
     for memory_id, terms in docs.items():
+        if among is not None and memory_id not in among:  # type: ignore[operator]
+            continue
         score = 0.0
         for q in query:
             tf = terms.get(q, 0)
             if tf:
                 idf = math.log(1 + (n - df[q] + 0.5) / (df[q] + 0.5))
-                score += idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * len(terms) / avgdl))
+                score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(terms) / avgdl))
         if score > 0:
             scored.append((memory_id, score))
     scored.sort(key=lambda s: (-s[1], s[0]))
     return scored[:k]
 
 
-def scoring_for(docs: dict[int, dict[str, int]], query: list[str]) -> Scoring:
+def scoring_for(docs: dict[int, dict[str, int]], query: list[str], k1: float = K1, b: float = B) -> Scoring:
     n = len(docs)
     avgdl = sum(len(t) for t in docs.values()) / n
     df = [sum(1 for t in docs.values() if q in t) for q in query]
     idf = tuple(math.log(1 + (n - d + 0.5) / (d + 0.5)) for d in df)
-    return Scoring(tuple(query), idf, avgdl, K1, B)
+    return Scoring(tuple(query), idf, avgdl, k1, b)
 
 
 def loaded(docs: dict[int, dict[str, int]]) -> TextIndex:
@@ -201,6 +207,98 @@ def test_expired_documents_are_never_returned() -> None:
     assert first[0][0] in {i for i, _ in index.top(scoring_for(docs, query), 5, time.time())}
     time.sleep(0.06)
     assert gone not in {i for i, _ in index.top(scoring_for(docs, query), 5, time.time())}
+
+
+VOCABULARY = [f"t{i}" for i in range(10)]
+documents = st.lists(
+    st.dictionaries(st.sampled_from(VOCABULARY), st.integers(1, 4), min_size=1, max_size=6), min_size=1, max_size=160
+)
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@PROPERTY
+@given(
+    corpus=documents,
+    query=st.lists(st.sampled_from([*VOCABULARY, "absent"]), min_size=1, max_size=7, unique=True),
+    k=st.integers(1, 12),
+    shift=st.integers(0, 3),
+    changes=st.lists(st.tuples(st.integers(0, 159), st.sampled_from(["delete", "rewrite", "expire"])), max_size=20),
+    rewrites=documents,
+    parameters=st.sampled_from([(K1, B), (2.0, 0.3)]),
+    scope=st.sets(st.integers(0, 159), max_size=60),
+    seed_share=st.sampled_from([1, 8, 10**9]),
+    mask_min_docs=st.sampled_from([1, 10**9]),
+)
+def test_block_max_is_exact_bm25_on_any_corpus(
+    monkeypatch: pytest.MonkeyPatch,
+    corpus: list[dict[str, int]],
+    query: list[str],
+    k: int,
+    shift: int,
+    changes: list[tuple[int, str]],
+    rewrites: list[dict[str, int]],
+    parameters: tuple[float, float],
+    scope: set[int],
+    seed_share: int,
+    mask_min_docs: int,
+) -> None:
+    """Every corpus, pruned with ranges of 1 to 8 documents, seeded or not, after deletes, rewrites and expiries,
+    with the k1 and b it was built with or others: the top k unfiltered and within a scope (looked up or masked) is
+    brute-force BM25's, ties included (few words and small frequencies make many equal scores)."""
+    monkeypatch.setattr(text_segment, "PRUNE_MIN_DOCS", 1)
+    monkeypatch.setattr(text_segment, "SEED_MIN_DOCS", 0)
+    monkeypatch.setattr(text_segment, "SEED_SHARE", seed_share)
+    monkeypatch.setattr(text_segment, "MASK_MIN_DOCS", mask_min_docs)
+    monkeypatch.setattr(text_blocks, "RANGE_SHIFT", shift)
+    docs = {3 * (i + 1): terms for i, terms in enumerate(corpus)}
+    index = loaded(docs)
+    assert index.segments[0].pruned
+    changed: dict[int, DocText | None] = {}  # the last state of each memory changed
+    for (which, action), rewrite in zip(changes, rewrites * len(changes), strict=False):
+        memory_id = 3 * (which % len(corpus) + 1)
+        if memory_id not in docs:
+            continue
+        if action == "delete":
+            del docs[memory_id]
+            changed[memory_id] = None
+        elif action == "rewrite":
+            docs[memory_id] = rewrite
+            changed[memory_id] = DocText(memory_id, list(rewrite), list(rewrite.values()), None)
+        else:
+            changed[memory_id] = DocText(memory_id, list(docs[memory_id]), list(docs[memory_id].values()), 1.0)
+            del docs[memory_id]  # expired at 1970-01-01T00:00:01
+    if changed:
+        index.apply(list(changed), [d for d in changed.values() if d is not None], avgdl=7.0)
+    if not docs:
+        return
+    k1, b = parameters
+    scoring = scoring_for(docs, query, k1, b)
+    now = time.time()
+    assert_same_top(index.top(scoring, k, now), brute_force(docs, query, k, k1=k1, b=b))
+    ids = [3 * (i + 1) for i in scope]
+    among = set(ids)
+    assert_same_top(index.score_ids(ids, scoring, now, k=k), brute_force(docs, query, k, k1=k1, b=b, among=among))
+
+
+def test_range_bounds_spare_most_of_the_postings_one_bound_per_term_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranges whose bound cannot reach the threshold are never read: a search reads fewer postings than with one
+    range for the whole segment (per-term bounds only, plain MaxScore). On this Zipf corpus, frequent words in most
+    documents and queries of common words, it reads about 0.85 as many; on SciFact sentences at 1M, 16-word queries
+    read 0.02-0.6 as many (about 0.1 at the median)."""
+    monkeypatch.setattr(text_segment, "SEED_MIN_DOCS", 0)  # as a large segment, seeded by its rare terms
+    docs = synthetic(40_000, seed=21)
+    query_list = queries(docs, 20, seed=22)
+    read = []
+    for shift in (text_blocks.RANGE_SHIFT, 30):
+        monkeypatch.setattr(text_blocks, "RANGE_SHIFT", shift)
+        index = loaded(docs)
+        segment = index.segments[0]
+        postings = 0
+        for query in query_list:
+            assert_same_top(index.top(scoring_for(docs, query), 10, time.time()), brute_force(docs, query, 10))
+            postings += segment.last_read[1]
+        read.append(postings)
+    assert read[0] < 0.95 * read[1]
 
 
 # -- through the service ------------------------------------------------------------------------------------------

@@ -13,13 +13,17 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from memory_service.search.text_segment import Floats, Ints, Scoring, Segment, merged
+from memory_service.search.text_blocks import Scoring
+from memory_service.search.text_segment import Floats, Ints, Segment
 from memory_service.storage.text_index_sql import DocText, PostingsChunk
 
 MAX_SMALL_SEGMENTS = 6
 """Segments beside the largest before the two smallest merge."""
 MOVED_BYTES = 100
 """Python's cost of one entry of the moved-ids dict, roughly."""
+BASE_TABLE_SPAN = 4
+"""The load's ids get a direct id -> slot table (4 bytes per id in their span) when the span is at most this many
+times their count: a filtered search maps thousands of ids to slots at once."""
 MERGE_MAX_DOCS = 50_000
 """Largest merge done in place (on the event loop, some 100 ms); beyond it the index is reloaded in the background."""
 
@@ -35,6 +39,8 @@ class TextIndex:
         self.segments: list[Segment] = []
         self._base_ids: Ints = np.empty(0, np.int64)
         """Ids of the first ``len(_base_ids)`` slots, ascending (the load's)."""
+        self._base_table: npt.NDArray[np.int32] | None = None
+        """Id minus the first load id -> load slot (-1 for none), when the load's ids are dense enough."""
         self._moved: dict[int, int] = {}
         """Id -> slot for every id whose slot is not its load slot (-1 once gone)."""
         self.live = 0
@@ -115,6 +121,10 @@ class TextIndex:
         only large arrays are the segment's own."""
         parts, self._load_parts = self._load_parts, []
         self._base_ids = self.ids[: self.count].copy()
+        self._base_table = None
+        if self.count and self._base_ids[-1] - self._base_ids[0] < BASE_TABLE_SPAN * self.count:
+            self._base_table = np.full(int(self._base_ids[-1] - self._base_ids[0]) + 1, -1, dtype=np.int32)
+            self._base_table[self._base_ids - self._base_ids[0]] = np.arange(self.count, dtype=np.int32)
         terms = len(self._load_vocabulary)
         if self.count:
             counts = np.zeros(terms, dtype=np.int64)
@@ -169,7 +179,14 @@ class TextIndex:
         """The live slots of many memories at once (-1 where gone or unknown)."""
         base = self._base_ids
         slots = np.full(len(ids), -1, dtype=np.int64)
-        if len(base):
+        if self._base_table is not None:  # dense ids: one lookup each, no binary search
+            offset = ids - base[0]
+            inside = (offset >= 0) & (offset < len(self._base_table))
+            at = np.where(inside, self._base_table[np.where(inside, offset, 0)], -1).astype(np.int64)
+            hit = at >= 0
+            hit[hit] = self.alive[at[hit]]
+            slots[hit] = at[hit]
+        elif len(base):
             at = np.minimum(np.searchsorted(base, ids), len(base) - 1)
             hit = (base[at] == ids) & self.alive[at]
             slots[hit] = at[hit]
@@ -256,7 +273,7 @@ class TextIndex:
     @property
     def nbytes(self) -> int:
         """Memory the index holds (its arrays and vocabularies; Python's per-object overhead approximated)."""
-        arrays = (self.ids, self.lengths, self.expiry, self.alive, self._base_ids, self._usable)
+        arrays = (self.ids, self.lengths, self.expiry, self.alive, self._base_ids, self._base_table, self._usable)
         return (
             sum(a.nbytes for a in arrays if a is not None)
             + MOVED_BYTES * len(self._moved)
@@ -313,3 +330,46 @@ class TextIndex:
         ids = self.ids[all_slots]
         order = np.lexsort((ids, -all_scores))[:k]
         return list(zip(ids[order].tolist(), all_scores[order].tolist(), strict=True))
+
+
+def merged(
+    segments: list[Segment],
+    *,
+    lengths: Floats,
+    alive: npt.NDArray[np.bool_],
+    avgdl: float,
+    k1: float = 1.2,
+    b: float = 0.75,
+) -> Segment:
+    """One segment holding the live documents of ``segments``; ``lengths`` and ``alive`` are indexed by slot."""
+    vocabulary: dict[str, int] = {}
+    slots, terms, docs, tfs = [], [], [], []
+    base = 0
+    for segment in segments:
+        keep = alive[segment.slots]
+        renumber = np.cumsum(keep) - 1 + base
+        mapping = np.fromiter(
+            (vocabulary.setdefault(lexeme, len(vocabulary)) for lexeme in segment.lexemes),
+            dtype=np.int32,
+            count=len(segment.lexemes),
+        )
+        per_term = np.diff(segment.offsets)
+        term = np.repeat(mapping, per_term)
+        live = keep[segment.docs]
+        slots.append(segment.slots[keep])
+        terms.append(term[live])
+        docs.append(renumber[segment.docs[live]].astype(np.int32))
+        tfs.append(segment.tfs[live])
+        base += int(keep.sum())
+    all_slots = np.concatenate(slots) if slots else np.empty(0, np.int64)
+    return Segment(
+        slots=all_slots,
+        lengths=lengths[all_slots],
+        lexemes=list(vocabulary),
+        term=np.concatenate(terms) if terms else np.empty(0, np.int32),
+        docs=np.concatenate(docs) if docs else np.empty(0, np.int32),
+        tfs=np.concatenate(tfs) if tfs else np.empty(0, np.uint16),
+        avgdl=avgdl,
+        k1=k1,
+        b=b,
+    )

@@ -26,8 +26,8 @@ import math
 import time
 
 from memory_service.models import Candidate, MemoryFilter
+from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
-from memory_service.search.text_segment import Scoring
 from memory_service.search.tuning import TextRanking
 from memory_service.storage import changes_sql, search_sql, text_index_sql
 from memory_service.storage.database import Connection, Database
@@ -42,8 +42,9 @@ the background while TEXT searches use the SQL statement."""
 REBUILD_DEAD_FRACTION = 0.5
 """Dead versions (as a share of live memories) that make the index reload from PostgreSQL."""
 _FINAL_WAIT = 0.02
-POSTING_BYTES = 8
-"""Memory per posting once loaded (its document and frequency, 6 bytes, plus the vocabulary), with some margin."""
+POSTING_BYTES = 9
+"""Memory per posting once loaded (its document and frequency, 6 bytes, the vocabulary, and the range bounds of
+``text_blocks``, about 0.8 byte: 459 MB for 59.6 million postings of 1M SciFact memories), with some margin."""
 DOC_BYTES = 64
 """Memory per memory (id, length, expiry, liveness, slot and scratch arrays)."""
 REFUSED_RECHECK = 60.0

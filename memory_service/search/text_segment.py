@@ -1,22 +1,22 @@
 """Immutable postings of some memories, and exact BM25 top-k over them without scoring every match.
 
 A segment numbers its documents locally (0..n-1) and keeps, per lexeme, the documents holding it in ascending order
-with their term frequencies, and, in large segments, per lexeme an upper bound of its term-frequency part of BM25
-(the largest among its postings at 1.5x the average length the segment was built with, and the largest frequency
-with the smallest length for beyond it). A search runs MaxScore over them: query terms are read whole, most
-valuable first, only while a document holding none of them yet could still reach the k-th best partial score; the
-documents met then look the remaining terms up and drop out once their bound falls below it. Every document that
-can be in the top k is scored exactly, over every query term. Small segments are scored exhaustively: cheaper than
-the bookkeeping.
+with their term frequencies; a large segment also keeps bounds of each lexeme's part of BM25, over the segment and
+per range of 16 documents (``text_blocks``), and runs block-max MaxScore over them: a first threshold from the rarest
+terms' documents, terms read (largest bound first) only while a document holding none of them yet could reach the
+threshold and only in the ranges whose bound reaches it, and the documents met looking the other terms up until
+their bound in their range falls below it (docs/search.md). Every document that can be in the top k is scored
+exactly. Small segments are scored exhaustively: cheaper than the bookkeeping.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from memory_service.search.text_blocks import EPSILON, Scoring, Term, gather, term_bounds
 
 PRUNE_MIN_DOCS = 20_000
 """Segments with fewer documents are scored exhaustively."""
@@ -27,28 +27,22 @@ _BOUND_SLICE = 1 << 20
 _DENSE_LOOKUP = 8
 """A remaining term is looked up for the documents met by spreading its postings into a dense array when it has at
 most this many postings per document looked up; otherwise by binary search in its postings."""
-_EPSILON = 1e-9
-"""Slack for floating-point sums in the bounds: a bound a rounding error below the threshold still counts."""
+MASK_MIN_DOCS = 256
+"""From this many documents on, ``score_local`` checks postings against a mask of them (``_score_by_mask``)."""
+_MASK_SCAN = 32
+"""... unless a term has more than this many postings per document scored: then it is searched."""
+_GATHER_SHARE = 0.5
+"""A term is read only in the ranges that can still win when they are less than this share of all ranges;
+otherwise whole (picking the ranges out would cost more than it spares)."""
+SEED_MIN_DOCS = 250_000
+"""Segments with fewer documents take their first threshold from the first term read (a lookup of every query term
+for the seed documents costs more than their lists)."""
+SEED_SHARE = 512
+"""A large segment's first threshold is the k-th best exact score among the documents of its rarest query terms,
+read while their postings stay within 1/SEED_SHARE of its documents."""
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
-
-
-@dataclasses.dataclass(frozen=True)
-class Scoring:
-    """What BM25 needs besides the postings: the query's lexemes with their idf, the average length, k1 and b."""
-
-    lexemes: tuple[str, ...]
-    idf: tuple[float, ...]
-    avgdl: float
-    k1: float
-    b: float
-
-    def part(self, tf: npt.NDArray[np.float64], length: npt.NDArray[np.float64]) -> Floats:
-        """The term-frequency part of BM25 (0 where ``tf`` is 0)."""
-        norm = self.k1 * (1 - self.b + self.b * length / self.avgdl)
-        result: Floats = tf * (self.k1 + 1) / (tf + norm)
-        return result
 
 
 class Segment:
@@ -101,46 +95,39 @@ class Segment:
                 del order, term_of
         self.docs = docs
         self.tfs = tfs
-        self._identity_slots = bool(len(slots) == 0 or (slots[0] == 0 and slots[-1] == len(slots) - 1))
+        self._identity_slots = bool(
+            len(slots) == 0 or (self._slot_order is None and slots[0] == 0 and slots[-1] == len(slots) - 1)
+        )
         """Document i is slot i (the loaded segment): no indirection needed."""
         self.last_read = (0, 0, 0)
         """Of the last pruned search: terms read whole, their postings, query terms here (for benchmarks)."""
         self._acc: Floats | None = None
         """Scratch space of one search at a time (searches run on the event loop), cleared after each."""
         self._stamp: npt.NDArray[np.int32] | None = None
+        self._wanted: npt.NDArray[np.bool_] | None = None
+        """The documents a search scores by mask (cleared after each)."""
         """Scratch space for finding the documents a search met (never needs clearing)."""
         self.pruned = len(slots) >= PRUNE_MIN_DOCS
         if self.pruned:
             self._build_bounds(avgdl)
 
     def _build_bounds(self, avgdl: float) -> None:
-        """Per term: the largest term-frequency part of BM25 among its postings at ``bound_avgdl`` (above the
-        average length the segment was built with; the part grows with the average length, so the bound holds for
-        any average up to it), and the largest frequency and smallest length (a looser bound beyond it)."""
-        self.bound_avgdl = 1.5 * avgdl
-        terms = len(self.offsets) - 1
-        self.max_part = np.zeros(terms, dtype=np.float64)
-        self.max_tf = np.zeros(terms, dtype=np.float64)
-        self.min_length = np.full(terms, np.inf, dtype=np.float64)
-        # A slice of postings at a time, so the float temporaries stay small whatever the segment's size.
-        for low in range(0, len(self.docs), _BOUND_SLICE):
-            high = min(low + _BOUND_SLICE, len(self.docs))
-            tf = self.tfs[low:high].astype(np.float64)
-            lengths = self.lengths[self.docs[low:high]]
-            part = tf * (self.k1 + 1) / (tf + self.k1 * (1 - self.b + self.b * lengths / self.bound_avgdl))
-            # The pieces of terms within the slice: where a term starts inside it, and the slice's start.
-            inside = self.offsets[(self.offsets > low) & (self.offsets < high)]
-            starts = np.unique(np.concatenate([np.array([low], dtype=np.int64), inside]))
-            owner = np.searchsorted(self.offsets, starts, side="right") - 1
-            np.maximum.at(self.max_part, owner, np.maximum.reduceat(part, starts - low))
-            np.maximum.at(self.max_tf, owner, np.maximum.reduceat(tf, starts - low))
-            np.minimum.at(self.min_length, owner, np.minimum.reduceat(lengths, starts - low))
-        self.min_length[np.isinf(self.min_length)] = 1.0
+        """Per term: the largest term-frequency part of BM25 among its postings at the average length the segment
+        was built with (``_bound`` scales it to another average), and the largest frequency and smallest length (a
+        looser bound for other k1 and b); per long term and range of documents, the largest part in the range."""
+        self.avgdl = avgdl
+        self.max_part, self.max_tf, self.min_length, self.ranges = term_bounds(
+            self.offsets, self.docs, self.tfs, self.lengths, avgdl=avgdl, k1=self.k1, b=self.b, slice_size=_BOUND_SLICE
+        )
+        self._range_mask = np.zeros(self.ranges.ranges, dtype=np.bool_)
 
     def locate(self, slots: Ints) -> tuple[npt.NDArray[np.bool_], Ints]:
         """Which of ``slots`` are documents of this segment, and their local numbers (where they are)."""
         if not len(self.slots):
             return np.zeros(len(slots), np.bool_), np.zeros(len(slots), np.int64)
+        if self._identity_slots:  # slot i is document i
+            found = (slots >= 0) & (slots < len(self.slots))
+            return found, np.where(found, slots, 0)
         at = np.minimum(np.searchsorted(self.slots, slots, sorter=self._slot_order), len(self.slots) - 1)
         local: Ints = at if self._slot_order is None else self._slot_order[at]
         return self.slots[local] == slots, local
@@ -156,11 +143,14 @@ class Segment:
     def nbytes(self) -> int:
         """Memory held: the arrays, and about ``LEXEME_BYTES`` per lexeme for the vocabulary."""
         arrays: list[npt.NDArray[Any] | None] = [
-            self.slots, self.lengths, self.offsets, self.docs, self.tfs, self._slot_order, self._acc, self._stamp,
+            self.slots, self.lengths, self.offsets, self.docs, self.tfs, self._slot_order,
+            self._acc, self._stamp, self._wanted,
         ]  # fmt: skip
+        extra = 0
         if self.pruned:
-            arrays += [self.max_part, self.max_tf, self.min_length]
-        return sum(a.nbytes for a in arrays if a is not None) + LEXEME_BYTES * len(self.lexemes)
+            arrays += [self.max_part, self.max_tf, self.min_length, self._range_mask]
+            extra = self.ranges.nbytes
+        return sum(a.nbytes for a in arrays if a is not None) + extra + LEXEME_BYTES * len(self.lexemes)
 
     def _term_slice(self, lexeme: str) -> tuple[int, int] | None:
         row = self.terms.get(lexeme)
@@ -173,11 +163,21 @@ class Segment:
         if self._acc is None or self._stamp is None or len(self._acc) != len(self):
             self._acc = np.zeros(len(self), dtype=np.float64)
             self._stamp = np.zeros(len(self), dtype=np.int32)
+            self._wanted = np.zeros(len(self), dtype=np.bool_)
         return self._acc
 
     def _tf_of(self, start: int, end: int, local: Ints) -> Floats:
         """The frequency of the term whose postings are ``start:end`` in each of ``local`` (0 where absent)."""
+        if not len(local) or start == end:
+            return np.zeros(len(local), dtype=np.float64)
+        # Only the postings between the first and the last document asked for can match: a scope of neighbouring
+        # memories (loaded together) reads a slice of each list, not the whole.
         docs = self.docs[start:end]
+        low, high = np.searchsorted(docs, [local.min(), local.max() + 1])
+        start, end = start + int(low), start + int(high)
+        docs = docs[low:high]
+        if not len(docs):
+            return np.zeros(len(local), dtype=np.float64)
         if len(docs) <= _DENSE_LOOKUP * len(local):
             # Spread the term's frequencies over the (clean) accumulator and read them back: linear.
             acc = self._scratch()
@@ -195,11 +195,43 @@ class Segment:
         total = np.zeros(len(local), dtype=np.float64)
         if not len(local):
             return total
+        if len(local) >= MASK_MIN_DOCS:
+            return self._score_by_mask(local, scoring)
         length = self.lengths[local]
         for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
             span = self._term_slice(lexeme)
             if span is not None:
                 total += idf * scoring.part(self._tf_of(span[0], span[1], local), length)
+        return total
+
+    def _score_by_mask(self, local: Ints, scoring: Scoring) -> Floats:
+        """``score_local`` for many documents (a scope's): each term's postings between the first and the last of
+        them are checked against a byte per document (a mask that stays in cache, where spreading a list over the
+        accumulator misses it at every posting), and only the hits are scored. A list much longer than the
+        documents is searched instead."""
+        acc = self._scratch()
+        wanted = self._wanted
+        assert wanted is not None
+        wanted[local] = True
+        bounds = np.array([local.min(), local.max() + 1])
+        try:
+            for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
+                span = self._term_slice(lexeme)
+                if span is None:
+                    continue
+                low, high = np.searchsorted(self.docs[span[0] : span[1]], bounds) + span[0]
+                if high - low > _MASK_SCAN * len(local):
+                    tf = self._tf_of(span[0], span[1], local)
+                    acc[local] += idf * scoring.part(tf, self.lengths[local])
+                    continue
+                docs = self.docs[low:high]
+                hit = np.flatnonzero(wanted[docs])
+                met = docs[hit]
+                acc[met] += idf * scoring.part(self.tfs[low + hit].astype(np.float64), self.lengths[met])
+            total: Floats = acc[local]
+        finally:
+            wanted[local] = False
+            acc[local] = 0.0
         return total
 
     def exhaustive(self, scoring: Scoring) -> tuple[Ints, Floats]:
@@ -231,41 +263,72 @@ class Segment:
                 return local, scores
             keep = usable[self.slots[local]]
             return local[keep], scores[keep]
-        return self._max_score(scoring, k, usable)
+        return self._block_max(scoring, k, usable)
 
     def _bound(self, row: int, scoring: Scoring) -> float:
-        """The most term ``row``'s part of BM25 can be in any document of this segment."""
-        if scoring.avgdl <= self.bound_avgdl and (scoring.k1, scoring.b) == (self.k1, self.b):
-            return float(self.max_part[row])
+        """The most term ``row``'s part of BM25 can be in any document of this segment: a larger average length
+        than the build's raises a part by at most their ratio; other k1 and b take the largest frequency at the
+        smallest length."""
+        if (scoring.k1, scoring.b) == (self.k1, self.b):
+            return float(self.max_part[row]) * max(1.0, scoring.avgdl / self.avgdl)
         return float(scoring.part(np.array([self.max_tf[row]]), np.array([self.min_length[row]]))[0])
 
-    def _max_score(self, scoring: Scoring, k: int, usable: npt.NDArray[np.bool_] | None) -> tuple[Ints, Floats]:
-        """MaxScore: terms are read whole, most valuable first, only while a document holding none of them yet could
-        still reach the threshold (the k-th best partial score so far: partial scores only grow); the documents
-        already met then look the remaining terms up, dropping out as soon as their bound falls below it."""
-        terms = []  # (start, end, idf, bound)
+    def _terms(self, scoring: Scoring) -> list[Term]:
+        """The query's terms found here with their range bounds, the largest bound first."""
+        terms = []
         for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
             row = self.terms.get(lexeme)
-            if row is not None:
-                terms.append((int(self.offsets[row]), int(self.offsets[row + 1]), idf, idf * self._bound(row, scoring)))
+            if row is None:
+                continue
+            start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+            bound = self._bound(row, scoring)
+            postings = None
+            if not self.ranges.is_long(row):  # a short list: its exact parts, per range
+                docs = self.docs[start:end]
+                postings = (docs, scoring.part(self.tfs[start:end].astype(np.float64), self.lengths[docs]))
+            term = self.ranges.term(row, start=start, end=end, idf=idf, bound=bound, scoring=scoring, postings=postings)
+            terms.append(term)
+        terms.sort(key=lambda t: -t.bound)
+        return terms
+
+    def _block_max(self, scoring: Scoring, k: int, usable: npt.NDArray[np.bool_] | None) -> tuple[Ints, Floats]:
+        """Block-max MaxScore. On a large segment the documents of the rarest terms are scored exactly first, so
+        the threshold (the k-th best score known) starts high. Then MaxScore: terms are read, the largest bound first,
+        only while a document holding none of them yet could still reach the threshold, and only in the ranges
+        whose bound reaches it; the documents met look the remaining terms up and drop out as soon as their partial
+        score plus the remaining terms' bounds in their range falls below it."""
+        terms = self._terms(scoring)
         if not terms:
             return np.empty(0, np.int64), np.empty(0, np.float64)
-        terms.sort(key=lambda t: -t[3])
-        rest = np.append(np.cumsum([t[3] for t in terms][::-1])[::-1], 0.0)  # bound of terms i.. together
+        usable_here = None if usable is None else usable[: len(self)] if self._identity_slots else usable[self.slots]
+        total = np.zeros(self.ranges.ranges, dtype=np.float64)  # per range: the most a document there can score
+        for term in terms:
+            term.add_to(total)
+        threshold = self._seed(terms, scoring, k, usable_here)
+        rest = np.append(np.cumsum([t.bound for t in terms][::-1])[::-1], 0.0)  # bound of terms i.. together
+        live_at, chosen = np.nan, np.empty(0, np.int64)
         acc = self._scratch()
         stamp = self._stamp
         assert stamp is not None
-        usable_here = None if usable is None else usable[: len(self)] if self._identity_slots else usable[self.slots]
         leaders = np.empty(0, np.int64)  # the k best partial scores so far (partial scores only grow)
-        threshold = -np.inf
         read = 0
         touched: list[npt.NDArray[np.int32]] = []
         try:
             while read < len(terms) and rest[read] >= threshold:
-                start, end, idf, _ = terms[read]
-                docs = self.docs[start:end]
+                term = terms[read]
+                if threshold != live_at:  # the ranges that can still hold a document of the top k
+                    chosen, live_at = np.flatnonzero(total >= threshold), threshold
+                if len(chosen) < _GATHER_SHARE * len(total):
+                    self._range_mask[chosen] = True
+                    try:
+                        at = gather(self.docs[term.start : term.end], chosen, self.ranges.shift, self._range_mask)
+                    finally:
+                        self._range_mask[chosen] = False
+                    docs, tfs = self.docs[term.start + at], self.tfs[term.start + at]
+                else:
+                    docs, tfs = self.docs[term.start : term.end], self.tfs[term.start : term.end]
                 touched.append(docs)
-                values = acc[docs] + idf * scoring.part(self.tfs[start:end].astype(np.float64), self.lengths[docs])
+                values = acc[docs] + term.idf * scoring.part(tfs.astype(np.float64), self.lengths[docs])
                 acc[docs] = values
                 read += 1
                 if read < len(terms):
@@ -274,21 +337,19 @@ class Segment:
                     fresh = docs[values >= threshold] if threshold > -np.inf else docs
                     if usable_here is not None:
                         fresh = fresh[usable_here[fresh]]
-                    if len(leaders):
+                    if len(leaders) and len(docs):
                         at = np.minimum(np.searchsorted(docs, leaders), len(docs) - 1)
                         pool = np.concatenate([leaders[docs[at] != leaders], fresh])
                     else:
-                        pool = fresh.astype(np.int64)
+                        pool = np.concatenate([leaders, fresh.astype(np.int64)])
                     if len(pool) >= k:
                         pooled = acc[pool]
                         best = np.argpartition(pooled, len(pool) - k)[len(pool) - k :]
                         leaders = pool[best]
-                        threshold = max(threshold, float(pooled[best].min()) - _EPSILON)
+                        threshold = max(threshold, float(pooled[best].min()) - EPSILON)
                     else:
                         leaders = pool
             read_postings = sum(len(d) for d in touched)
-            # The documents met, each once: every posting writes its position to its document's stamp, and the
-            # one position that stays names the document (no sort, no scan of the whole segment).
             met = np.concatenate(touched) if len(touched) > 1 else touched[0]
             positions = np.arange(len(met), dtype=np.int32)
             stamp[met] = positions
@@ -303,59 +364,55 @@ class Segment:
             keep = usable_here[local]
             local, partial = local[keep], partial[keep]
         self.last_read = (read, read_postings, len(terms))
+        return self._finish(local, partial, terms[read:], scoring, k=k, threshold=threshold)
+
+    def _finish(
+        self, local: Ints, partial: Floats, remaining_terms: list[Term], scoring: Scoring, *, k: int, threshold: float
+    ) -> tuple[Ints, Floats]:
+        """MaxScore's last step: ``local`` documents, with ``partial`` scores so far, look ``remaining_terms`` up;
+        a document drops out once its partial score plus the remaining terms' bounds in its range is below the
+        threshold, which rises with the k-th best partial score."""
+        which = local >> self.ranges.shift
+        remaining = np.zeros(len(local), dtype=np.float64)
+        for term in remaining_terms:
+            remaining += term.at(which)
         lengths = self.lengths[local]
-        for start, end, idf, _ in terms[read:]:
-            keep = partial + rest[read] >= threshold
-            local, partial, lengths = local[keep], partial[keep], lengths[keep]
+        for step in [*remaining_terms, None]:
+            scored = partial[partial > max(threshold, 0.0)]  # (numpy's partition is slow on many equal values)
+            if len(scored) >= k:
+                kth = float(np.partition(scored, len(scored) - k)[len(scored) - k])
+                threshold = max(threshold, kth - EPSILON)
+            if step is None:
+                break
+            keep = partial + remaining >= threshold
+            if not keep.all():
+                local, which, lengths = local[keep], which[keep], lengths[keep]
+                partial, remaining = partial[keep], remaining[keep]
             if not len(local):
                 break
-            partial = partial + idf * scoring.part(self._tf_of(start, end, local), lengths)
-            read += 1
-            if len(partial) >= k:
-                kth = float(np.partition(partial, len(partial) - k)[len(partial) - k])
-                threshold = max(threshold, kth - _EPSILON)
-        keep = partial >= threshold
+            remaining -= step.at(which)
+            partial = partial + step.idf * scoring.part(self._tf_of(step.start, step.end, local), lengths)
+        keep = (partial > 0) & (partial >= threshold)
         return local[keep], partial[keep]
 
-
-def merged(
-    segments: list[Segment],
-    *,
-    lengths: Floats,
-    alive: npt.NDArray[np.bool_],
-    avgdl: float,
-    k1: float = 1.2,
-    b: float = 0.75,
-) -> Segment:
-    """One segment holding the live documents of ``segments``; ``lengths`` and ``alive`` are indexed by slot."""
-    vocabulary: dict[str, int] = {}
-    slots, terms, docs, tfs = [], [], [], []
-    base = 0
-    for segment in segments:
-        keep = alive[segment.slots]
-        renumber = np.cumsum(keep) - 1 + base
-        mapping = np.fromiter(
-            (vocabulary.setdefault(lexeme, len(vocabulary)) for lexeme in segment.lexemes),
-            dtype=np.int32,
-            count=len(segment.lexemes),
-        )
-        per_term = np.diff(segment.offsets)
-        term = np.repeat(mapping, per_term)
-        live = keep[segment.docs]
-        slots.append(segment.slots[keep])
-        terms.append(term[live])
-        docs.append(renumber[segment.docs[live]].astype(np.int32))
-        tfs.append(segment.tfs[live])
-        base += int(keep.sum())
-    all_slots = np.concatenate(slots) if slots else np.empty(0, np.int64)
-    return Segment(
-        slots=all_slots,
-        lengths=lengths[all_slots],
-        lexemes=list(vocabulary),
-        term=np.concatenate(terms) if terms else np.empty(0, np.int32),
-        docs=np.concatenate(docs) if docs else np.empty(0, np.int32),
-        tfs=np.concatenate(tfs) if tfs else np.empty(0, np.uint16),
-        avgdl=avgdl,
-        k1=k1,
-        b=b,
-    )
+    def _seed(self, terms: list[Term], scoring: Scoring, k: int, usable_here: npt.NDArray[np.bool_] | None) -> float:
+        """A first threshold: the k-th best exact score among the documents of the terms with the largest bounds
+        (the rare terms the best documents usually hold, read until ``_SEED_POSTINGS``); -inf when they hold fewer
+        than k documents."""
+        if len(self) < SEED_MIN_DOCS:
+            return -np.inf
+        seeds, postings = [], 0
+        for term in terms:
+            if postings + term.end - term.start > len(self) // SEED_SHARE:
+                break
+            seeds.append(self.docs[term.start : term.end])
+            postings += term.end - term.start
+        if not seeds:
+            return -np.inf
+        local = np.unique(np.concatenate(seeds)).astype(np.int64)
+        if usable_here is not None:
+            local = local[usable_here[local]]
+        if len(local) < k:
+            return -np.inf
+        score = self.score_local(local, scoring)
+        return float(np.partition(score, len(score) - k)[len(score) - k]) - EPSILON
