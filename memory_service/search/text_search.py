@@ -173,6 +173,10 @@ class TextSearch:
                 await self.build()
             return
         async with self._db.connection() as conn:
+            if self._candidate is None and await changes_sql.high_seq(conn) <= self.frontier:
+                # Idle: no seq drawn past the frontier. One read instead of the probe's three statements, its xid
+                # and the change log query, several times a second in every server process.
+                return
             probe = await changes_sql.frontier_probe(conn)
             if self._candidate is None and probe.high > self.frontier:
                 self._candidate = changes_sql.Settling.of(probe)

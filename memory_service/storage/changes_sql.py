@@ -60,6 +60,14 @@ def _precedes(xid32: int, xid8: int) -> bool:
     return 0 < (xid8 - xid32) % 2**32 < 2**31
 
 
+async def high_seq(conn: asyncpg.Connection) -> int:
+    """The last seq drawn (committed or not): a follower whose frontier is there has nothing to read or settle."""
+    high: int = await conn.fetchval(
+        "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM memory.change_seq"
+    )
+    return high
+
+
 async def frontier_probe(conn: asyncpg.Connection) -> Probe:
     """What the change feed needs to tell which seqs are final; three statements, in this order, on purpose.
 
@@ -71,9 +79,7 @@ async def frontier_probe(conn: asyncpg.Connection) -> Probe:
     stream back. The snapshot's in-progress list would not do: it omits transactions whose xids are past its xmax,
     which may hold seqs already. Drawing ``xid`` costs an xid and an empty commit per probe.
     """
-    high: int = await conn.fetchval(
-        "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM memory.change_seq"
-    )
+    high = await high_seq(conn)
     xid = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
     row = await conn.fetchrow(
         """
