@@ -35,7 +35,7 @@ from pgvector.asyncpg import register_vector
 from bench.lease_floor import BareLeases
 from memory_service.models import MemoryFilter, Scope, ScopeRef
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING
-from memory_service.storage import search_sql
+from memory_service.storage import index_sql, search_sql
 from memory_service.v1 import lease_pb2_grpc, memory_pb2, memory_pb2_grpc
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -64,9 +64,17 @@ _HYBRID_CANDIDATES = 40
 _HYBRID_ALPHA = 0.2
 
 
-def vector_statement(*, scoped: bool, top_k: int, exact: bool) -> str:
-    """The floor's VECTOR search: $1 the query vector, then scope and scope_id when ``scoped``."""
+def vector_statement(*, scoped: bool, top_k: int, exact: bool, watermark: int | None = None) -> str:
+    """The floor's VECTOR search: $1 the query vector, then scope and scope_id when ``scoped``. An HNSW graph up to
+    a watermark (``index_sql.IndexInfo.watermark``) is only usable by a statement carrying its predicate, and the
+    rows past it are found by an exact scan of the tail: the least SQL that still finds every row."""
     where = "scope = $2::text::memory.scope AND scope_id = $3 AND " if scoped else ""
+    if watermark is not None and not exact:
+        k, w = int(top_k), int(watermark)
+        nearest = f"SELECT {_COLUMNS}, embedding <=> $1 AS distance FROM memory.memories WHERE {where}"
+        graph = f"{nearest}graph_seq <= {w} AND embedding IS NOT NULL ORDER BY embedding <=> $1 LIMIT {k}"
+        tail = f"{nearest}graph_seq > {w} AND embedding IS NOT NULL ORDER BY distance LIMIT {k}"
+        return f"SELECT * FROM (({graph}) UNION ALL ({tail})) g ORDER BY distance LIMIT {k}"
     if exact:
         # OFFSET 0 fences the subquery, so the planner cannot take the index's order; only the k nearest are then
         # read whole.
@@ -150,7 +158,8 @@ class Pools:
 
 
 class Floor(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self, pools: Pools, model: str) -> None:
+    def __init__(self, pools: Pools, model: str, watermark: int | None = None) -> None:
+        self._watermark = watermark
         self.pools = pools
         self.model = model
 
@@ -210,7 +219,7 @@ class Floor(memory_pb2_grpc.MemoryServiceServicer):
     async def _vector(
         self, pool: asyncpg.Pool, vector: np.ndarray, scope: tuple[str, int] | None, top_k: int, *, exact: bool
     ) -> list[Any]:
-        sql = vector_statement(scoped=scope is not None, top_k=top_k, exact=exact)
+        sql = vector_statement(scoped=scope is not None, top_k=top_k, exact=exact, watermark=self._watermark)
         async with pool.acquire() as conn:
             rows = await conn.fetch(sql, vector, *(scope or ()))
         return [
@@ -287,10 +296,12 @@ async def serve() -> None:
     pools = Pools(os.environ["DATABASE_URL"], index=index, size=int(os.environ.get("FLOOR_POOL", "4")))
     pool = await pools.get()
     model = await pool.fetchval("SELECT value FROM memory.settings WHERE key = 'embedding_model'") or "floor"
+    async with pool.acquire() as conn:
+        watermark = (await index_sql.index_info(conn, "hnsw" if index == "hnsw" else "ivfflat")).watermark
     # Leases on a plain pool of their own: their statements need neither the vector codecs nor the scan settings.
     lease_pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=pools.size, max_size=pools.size)
     server = aio.server()
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(Floor(pools, model), server)
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(Floor(pools, model, watermark), server)
     lease_pb2_grpc.add_LeaseServiceServicer_to_server(BareLeases(lease_pool), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

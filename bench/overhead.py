@@ -36,7 +36,7 @@ from bench.harness import throughput as calls_per_second
 from bench.scale import build, service_env
 from memory_service.models import IndexKind, MemoryFilter
 from memory_service.search.tuning import scan_settings
-from memory_service.storage import search_sql
+from memory_service.storage import index_sql, search_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.filters import LIVE
 from memory_service.storage.memories_sql import COLUMNS
@@ -94,8 +94,10 @@ async def measure(
         for name, value in scan_settings(kind, first.probes, iterative=True, limit=K, filtered=False).items():
             if not exact:
                 await conn.execute("SELECT set_config($1, $2, false)", name, value)
+        # An HNSW graph up to a watermark is searched with its tail, as the service does.
+        watermark = (await index_sql.index_info(conn, kind)).watermark
         vector_sql, _ = search_sql.candidates_statement(
-            MemoryFilter(), vector=vectors[0], text=None, limit=K, exact=exact, full_rows=True
+            MemoryFilter(), vector=vectors[0], text=None, limit=K, exact=exact, full_rows=True, watermark=watermark
         )
 
         async def get_service(i: int) -> None:
