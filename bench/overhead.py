@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import numpy as np
+import numpy.typing as npt
 from grpc import aio
 
 from bench.datasets import corpus, queries
@@ -152,22 +154,40 @@ async def measure(
             await asyncio.to_thread(floor_server.stop)
 
 
-async def run(args: argparse.Namespace) -> None:
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A loaded and indexed database to time calls on: query vectors, ids to Get, and its row count."""
+
+    dsn: str
+    vectors: npt.NDArray[np.float32]
+    ids: list[int]
+    table_rows: int
+
+
+async def prepare(stack: contextlib.AsyncExitStack, args: argparse.Namespace) -> Prepared:
+    """``args.dsn`` as it is, or a new database (kept until ``stack`` closes) loaded with ``args.rows`` ``hard``
+    rows and indexed with ``args.index``; shared with ``bench.server_cpu``."""
     data = corpus("hard", args.rows)
     vectors = queries(data, 200)[0]
+    dsn = args.dsn
+    if dsn is None:
+        server_dsn = stack.enter_context(database_server())
+        dsn = await stack.enter_async_context(fresh_database(server_dsn))
+        built = await build(dsn, data, args.index)
+        print(f"built: {built}", flush=True)
+    conn = await asyncpg.connect(dsn)
+    try:
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM memory.memories ORDER BY random() LIMIT 500")]
+        table_rows = await conn.fetchval("SELECT count(*) FROM memory.memories")
+    finally:
+        await conn.close()
+    return Prepared(dsn, vectors, ids, table_rows)
+
+
+async def run(args: argparse.Namespace) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        dsn = args.dsn
-        if dsn is None:
-            server_dsn = stack.enter_context(database_server())
-            dsn = await stack.enter_async_context(fresh_database(server_dsn))
-            built = await build(dsn, data, args.index)
-            print(f"built: {built}", flush=True)
-        conn = await asyncpg.connect(dsn)
-        try:
-            ids = [r["id"] for r in await conn.fetch("SELECT id FROM memory.memories ORDER BY random() LIMIT 500")]
-            table_rows = await conn.fetchval("SELECT count(*) FROM memory.memories")
-        finally:
-            await conn.close()
+        prepared = await prepare(stack, args)
+        dsn, vectors, ids, table_rows = prepared.dsn, prepared.vectors, prepared.ids, prepared.table_rows
         rows: list[list[object]] = []
         for processes in args.processes.split(","):
             env = service_env(dsn, args.index, SERVER_PROCESSES=processes)

@@ -32,12 +32,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from grpc import aio
 
-from bench.datasets import corpus, queries
-from bench.harness import ServerProcess, database_server, fresh_database, print_table
-from bench.scale import build, service_env
+from bench.harness import ServerProcess, print_table
+from bench.overhead import prepare
+from bench.scale import service_env
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 K = 10
@@ -182,22 +181,11 @@ async def profile(target: Target, search: Call, args: argparse.Namespace) -> Non
 
 
 async def run(args: argparse.Namespace) -> None:
-    data = corpus("hard", args.rows)
-    vectors = queries(data, 200)[0]
     async with contextlib.AsyncExitStack() as stack:
-        dsn = args.dsn
-        if dsn is None:
-            server_dsn = stack.enter_context(database_server())
-            dsn = await stack.enter_async_context(fresh_database(server_dsn))
-            print(f"built: {await build(dsn, data, args.index)}", flush=True)
-        conn = await asyncpg.connect(dsn)
-        try:
-            ids = [r["id"] for r in await conn.fetch("SELECT id FROM memory.memories ORDER BY random() LIMIT 500")]
-            table_rows = await conn.fetchval("SELECT count(*) FROM memory.memories")
-        finally:
-            await conn.close()
+        prepared = await prepare(stack, args)
+        table_rows = prepared.table_rows
         load = os.getloadavg()[0]
-        rows = await measure(dsn, args, vectors, ids)
+        rows = await measure(prepared.dsn, args, prepared.vectors, prepared.ids)
     loads = f"{load:.2f} before, {os.getloadavg()[0]:.2f} after"
     print(f"\n{table_rows} rows of hard, VECTOR_INDEX={args.index}, load average {loads}\n")
     headers = ["server", "Get ms CPU a call", "VECTOR ms CPU a call", "VECTOR plan", "idle ms CPU a second"]
