@@ -27,6 +27,7 @@ from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
+from tests.plans import generic_plan
 
 ROWS = 8000
 TARGET = 0.95
@@ -262,11 +263,7 @@ async def test_hnsw_replaces_ivfflat_and_is_calibrated_and_complete(
         )
         conn = await asyncpg.connect(database_url)
         try:
-            await conn.execute(
-                "CREATE FUNCTION pg_temp.generic_plan(statement text) RETURNS SETOF text LANGUAGE plpgsql AS "
-                "$$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || statement; END $$"
-            )
-            plan = "\n".join(r[0] for r in await conn.fetch("SELECT * FROM pg_temp.generic_plan($1)", sql))
+            plan = await generic_plan(conn, sql)
         finally:
             await conn.close()
         assert "memories_embedding_hnsw" in plan and "Seq Scan on memories" not in plan, plan

@@ -24,6 +24,7 @@ from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
+from tests.plans import generic_plan
 
 BASE = 3000
 MORE = 1200
@@ -152,11 +153,7 @@ async def test_rows_loaded_after_the_build_are_found_from_the_tail(
     # The generic plan too (the one a prepared statement settles on): the watermark is a literal, not a parameter.
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute(
-            "CREATE FUNCTION pg_temp.generic_plan(statement text) RETURNS SETOF text LANGUAGE plpgsql AS "
-            "$$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || statement; END $$"
-        )
-        plan = "\n".join(r[0] for r in await conn.fetch("SELECT * FROM pg_temp.generic_plan($1)", statement))
+        plan = await generic_plan(conn, statement)
     finally:
         await conn.close()
     assert "memories_embedding_hnsw" in plan and "memories_graph_tail" in plan, plan

@@ -29,6 +29,7 @@ from tests.conftest import (
     stop_server,
     test_env,
 )
+from tests.plans import generic_plan
 
 ROWS = 20000
 SCOPES = 100  # one scope_id selects 1% of the rows
@@ -113,15 +114,9 @@ async def test_search_statements_have_generic_plans_that_use_the_indexes(
     _, _, dsn = indexed
     conn = await asyncpg.connect(dsn)
     try:
-        # Run from PL/pgSQL so no values are bound: over the extended protocol the driver would bind them, and a
-        # plan made with values at hand is a custom plan, not the generic one.
-        await conn.execute(
-            "CREATE FUNCTION pg_temp.generic_plan(statement text) RETURNS SETOF text LANGUAGE plpgsql AS "
-            "$$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || statement; END $$"
-        )
         checked = 0
         for label, sql, needs_index in _statements():
-            plan = "\n".join(r[0] for r in await conn.fetch("SELECT * FROM pg_temp.generic_plan($1)", sql))
+            plan = await generic_plan(conn, sql)
             if needs_index:
                 assert "Seq Scan on memories" not in plan, f"{label}:\n{plan}"
                 checked += 1
@@ -132,7 +127,7 @@ async def test_search_statements_have_generic_plans_that_use_the_indexes(
         await conn.execute("SET enable_sort = off")
         for label, sql, _ in _statements():
             if label in ("vector index scoped", "hybrid index scoped"):
-                plan = "\n".join(r[0] for r in await conn.fetch("SELECT * FROM pg_temp.generic_plan($1)", sql))
+                plan = await generic_plan(conn, sql)
                 assert "memories_embedding_ivfflat" in plan, f"{label}:\n{plan}"
     finally:
         await conn.close()
