@@ -21,7 +21,7 @@ from memory_service.search import text_blocks, text_segment
 from memory_service.search import text_index as text_index_module
 from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
-from memory_service.storage import search_sql
+from memory_service.storage import changes_sql, search_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.text_index_sql import DocText, PostingsChunk
 from memory_service.v1 import memory_pb2
@@ -479,4 +479,33 @@ async def test_an_index_larger_than_its_bound_is_not_loaded_and_sql_answers(data
         got = await text_hits(server, "kiwi word7 word2999")
         assert_same_top(got, await uncapped(database_url, "kiwi word7 word2999", MemoryFilter(), 10))
     finally:
+        await stop_server(server)
+
+
+async def test_an_idle_follower_draws_no_xid_and_a_busy_one_still_catches_up(database_url: str) -> None:
+    """With nothing drawn past its frontier a follow step is one read: the change-log probe (an xid and an empty
+    commit each) ran several times a second in every server process while nothing happened."""
+    server = await start_server(test_env(database_url, TEXT_INDEX_INTERVAL="1h"))
+    conn = await asyncpg.connect(database_url)
+    try:
+        text_search = server.server.runtime.search.text_search
+        assert text_search is not None and text_search.ready
+        item = memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_PROJECT, scope_id=1, value="an idle kiwi orchard")
+        await server.memory.Store(memory_pb2.StoreRequest(memory=item))
+        for _ in range(50):  # until the store's seq is final and the frontier has passed it
+            await text_search.follow()
+            high = await changes_sql.high_seq(conn)
+            if text_search.frontier >= high:
+                break
+            await asyncio.sleep(0.05)
+        assert text_search.frontier >= high
+        xids = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+        before = await conn.fetchval(xids)
+        for _ in range(10):
+            await text_search.follow()
+        # Each probe draws one; other sessions of the cluster might draw a few meanwhile, never ten.
+        assert await conn.fetchval(xids) - before < 10
+        assert [i for i, _ in await text_hits(server, "kiwi orchard")]
+    finally:
+        await conn.close()
         await stop_server(server)

@@ -173,11 +173,12 @@ class TextSearch:
                 await self.build()
             return
         async with self._db.connection() as conn:
-            if self._candidate is None and await changes_sql.high_seq(conn) <= self.frontier:
+            high = await changes_sql.high_seq(conn)
+            if self._candidate is None and high <= self.frontier:
                 # Idle: no seq drawn past the frontier. One read instead of the probe's three statements, its xid
                 # and the change log query, several times a second in every server process.
                 return
-            probe = await changes_sql.frontier_probe(conn)
+            probe = await changes_sql.frontier_probe(conn, high)
             if self._candidate is None and probe.high > self.frontier:
                 self._candidate = changes_sql.Settling.of(probe)
             candidate = self._candidate

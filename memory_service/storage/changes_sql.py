@@ -68,7 +68,7 @@ async def high_seq(conn: asyncpg.Connection) -> int:
     return high
 
 
-async def frontier_probe(conn: asyncpg.Connection) -> Probe:
+async def frontier_probe(conn: asyncpg.Connection, high: int | None = None) -> Probe:
     """What the change feed needs to tell which seqs are final; three statements, in this order, on purpose.
 
     Every seq up to ``high`` was drawn by a transaction that already held its xid (migration 0007 orders the
@@ -77,9 +77,11 @@ async def frontier_probe(conn: asyncpg.Connection) -> Probe:
     (or, without the list, once ``xmin >= xid``), no seq up to ``high`` can still become visible. Only this
     database's sessions can write its change log, so a long transaction elsewhere in the cluster does not hold the
     stream back. The snapshot's in-progress list would not do: it omits transactions whose xids are past its xmax,
-    which may hold seqs already. Drawing ``xid`` costs an xid and an empty commit per probe.
+    which may hold seqs already. Drawing ``xid`` costs an xid and an empty commit per probe. ``high``: the caller's
+    own ``high_seq`` read just before on this connection (read earlier, it can only be lower: still before ``xid``).
     """
-    high = await high_seq(conn)
+    if high is None:
+        high = await high_seq(conn)
     xid = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
     row = await conn.fetchrow(
         """
