@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import socket
 from pathlib import Path
 
 import grpc
 import pytest
 
+from memory_service.storage.database import Database
 from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.v1 import memory_pb2
 from tests.conftest import code_of, start_server, stop_server, test_env
@@ -48,3 +51,29 @@ async def test_database_down_answers_unavailable_then_recovers(tmp_path: Path) -
     finally:
         await stop_server(running)
         await asyncio.to_thread(private.stop, force=True)
+
+
+async def test_an_expired_connection_that_cannot_be_closed_politely_is_dropped_without_an_error(
+    database_url: str,
+) -> None:
+    """The pool closes expired connections from a task nobody awaits; one whose socket broke (its backend was
+    terminated a moment before) must not end as an asyncio "Task exception was never retrieved" error."""
+    unhandled: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    db = await Database.connect(database_url, min_size=1, max_size=1)
+    try:
+        async with db.pool.acquire() as conn:
+            # The socket can no longer be written, as when the peer is gone but the loop has not read its EOF yet.
+            conn._con._transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
+        await db.expire_connections()
+        async with db.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0)
+        assert unhandled == []
+    finally:
+        loop.set_exception_handler(None)
+        await db.close()

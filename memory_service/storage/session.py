@@ -70,6 +70,17 @@ class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.session_settings = SessionSettings()
 
+    async def close(self, *, timeout: float | None = None) -> None:
+        """Close politely, or drop the connection where its socket is already gone.
+
+        The pool closes a connection it has expired from a task nobody awaits: a peer that went away (a terminated
+        backend, a restarted server) would otherwise surface as an asyncio "Task exception was never retrieved"
+        error in the log. ``Connection.close`` has aborted the transport by the time it raises, so nothing leaks."""
+        try:
+            await super().close(timeout=timeout)
+        except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
+            self.terminate()
+
 
 async def use_session_settings(conn: asyncpg.Connection, wanted: Mapping[str, str]) -> None:
     """Give ``conn`` exactly the session settings ``wanted`` (among those the service sets), in at most one trip."""
