@@ -31,6 +31,7 @@ CASES: tuple[tuple[str, str, int, str], ...] = (
     ("hnsw ef_c 64, wal_compression", "hnsw", 64, "SET wal_compression = 'pglz'"),
     ("hnsw ef_c 32", "hnsw", 32, ""),
     ("hnsw ef_c 64, graph up to the load (HNSW_TAIL_ROWS)", "hnsw-tail", 64, ""),
+    ("hnsw ef_c 64, tail fed into the graph afterwards (HNSW_GRAPH_INSERT_ROWS)", "hnsw-feed", 64, ""),
 )
 BATCH = 200
 
@@ -49,8 +50,11 @@ async def _connect(dsn: str, setup: str) -> asyncpg.Connection:
     return conn
 
 
-async def _load(conns: list[asyncpg.Connection], rows: list[tuple[object, ...]]) -> tuple[float, float, int]:
-    """Seconds, backend CPU seconds and WAL bytes of copying ``rows`` split across ``conns``."""
+async def _load(
+    conns: list[asyncpg.Connection], rows: list[tuple[object, ...]], watermark: int | None = None
+) -> tuple[float, float, int]:
+    """Seconds, backend CPU seconds and WAL bytes of copying ``rows`` split across ``conns`` or, given the graph's
+    ``watermark``, of feeding as many tail rows into the graph (the rows were copied in beforehand, untimed)."""
     pids = [await c.fetchval("SELECT pg_backend_pid()") for c in conns]
     lsn = await conns[0].fetchval("SELECT pg_current_wal_lsn()::text")
     cpu = sum(_cpu_seconds(p) for p in pids)
@@ -59,7 +63,10 @@ async def _load(conns: list[asyncpg.Connection], rows: list[tuple[object, ...]])
     async def worker(i: int) -> None:
         mine = rows[i :: len(conns)]
         for at in range(0, len(mine), BATCH):
-            await copy_into_memories(conns[i], mine[at : at + BATCH])
+            if watermark is None:
+                await copy_into_memories(conns[i], mine[at : at + BATCH])
+            else:
+                await index_sql.feed_tail(conns[i], watermark, rows=len(mine[at : at + BATCH]))
 
     await asyncio.gather(*(worker(i) for i in range(len(conns))))
     seconds = time.perf_counter() - started
@@ -82,8 +89,9 @@ async def one(server: str, case: tuple[str, str, int, str], base: int, extra: in
                 await settings_sql.bind_embedding_model(conn, DEFAULT_HASH_MODEL, 384)
             await copy_into_memories(conn, rows[:base])
             await conn.execute("SET maintenance_work_mem = '512MB'")
+            watermark = None
             if kind != "none":
-                watermark = await index_sql.next_watermark(conn) if kind == "hnsw-tail" else None
+                watermark = await index_sql.next_watermark(conn) if kind.startswith("hnsw-") else None
                 spec = index_sql.IndexSpec(
                     "ivfflat" if kind == "ivfflat" else "hnsw",
                     lists=max(10, base // 1000),
@@ -91,12 +99,14 @@ async def one(server: str, case: tuple[str, str, int, str], base: int, extra: in
                     watermark=watermark,
                 )
                 await index_sql.rebuild(conn, spec)
+            if kind == "hnsw-feed":
+                await copy_into_memories(conn, more)
             await conn.execute("CHECKPOINT")
         finally:
             await conn.close()
         conns = [await _connect(dsn, setup) for _ in range(parallel)]
         try:
-            seconds, cpu, wal = await _load(conns, more)
+            seconds, cpu, wal = await _load(conns, more, watermark if kind == "hnsw-feed" else None)
         finally:
             for c in conns:
                 await c.close()
@@ -112,7 +122,7 @@ async def run(args: argparse.Namespace) -> None:
             if args.only and args.only not in case[0]:
                 continue
             for parallel in (1, 2):
-                if parallel == 2 and case[1] != "hnsw":
+                if parallel == 2 and case[1] not in ("hnsw", "hnsw-feed"):
                     continue
                 table.append(await one(server, case, args.base, args.extra, parallel))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -39,7 +39,7 @@ from bench.corpus import Corpus
 from bench.datasets import COPY_COLUMNS, clustered, copy_into_memories, records
 from bench.harness import ServerProcess, database_server, fresh_database, print_table
 from memory_service.config.settings import DEFAULT_HASH_MODEL
-from memory_service.search.index_care import fitted_lists
+from memory_service.search.index_policy import fitted_lists
 from memory_service.storage import index_sql, settings_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.migrations import apply_migrations

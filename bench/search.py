@@ -37,7 +37,7 @@ from memory_service.app.runtime import Runtime
 from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import Candidate, MemoryFilter, Scope, ScopeRef
-from memory_service.search.index_care import fitted_probes
+from memory_service.search.index_policy import fitted_probes
 from memory_service.search.tuning import DEFAULT_TEXT_RANKING, scan_settings
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection

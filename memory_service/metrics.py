@@ -243,7 +243,7 @@ class Metrics:
         self.index_rows_at_build = Gauge("memory_index_rows_at_build", "Rows when the index was built.", registry=r)
         self.index_tail_rows = Gauge(
             "memory_index_tail_rows",
-            "Rows written since the HNSW graph was built, searched exactly beside it until the next build.",
+            "Rows above the HNSW graph's watermark, searched exactly until a build or an insertion takes them.",
             registry=r,
         )
         self.index_tail_bound = Gauge(

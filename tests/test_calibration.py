@@ -20,7 +20,7 @@ from bench.datasets import clustered, copy_into_memories, records
 from memory_service.models import MemoryFilter
 from memory_service.search.calibration import Calibration, Curve, ladder
 from memory_service.search.calibration_queries import COLD_MARGIN, STEP, moved
-from memory_service.search.index_care import IndexState, needs_calibration
+from memory_service.search.index_policy import IndexState, needs_calibration
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.tuning import scan_settings
 from memory_service.storage import search_sql

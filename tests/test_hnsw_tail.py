@@ -19,7 +19,8 @@ from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
 from bench.ingest import memory_input
 from memory_service.models import MemoryFilter
-from memory_service.search.index_care import IndexState, needs_rebuild, tail_bound
+from memory_service.search.hnsw_tail import inserts_tail, tail_bound, tail_due, tail_to_insert
+from memory_service.search.index_policy import IndexState, needs_rebuild
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
@@ -244,6 +245,74 @@ async def test_without_a_tail_the_graph_takes_every_row(built: tuple[RunningServ
         assert plan == "hnsw-iterative" and keys[0] == f"row-{BASE + 10}"
     finally:
         await stop_server(full)
+
+
+async def test_a_large_graph_takes_its_tail_by_insertion_without_a_rebuild(
+    built: tuple[RunningServer, Corpus], database_url: str
+) -> None:
+    running, corpus = built
+    # "Large" is a setting: an instance told that a graph of BASE rows is large inserts its tail instead.
+    inserting = await start_server(env_for(database_url, HNSW_GRAPH_INSERT_ROWS=str(BASE)))
+    try:
+        care = inserting.server.runtime.index
+        watermark = (await care.refresh()).watermark
+        index_oid = "SELECT 'memory.memories_embedding_hnsw'::regclass::oid"
+        graph = (await sql(database_url, index_oid))[0][0]
+        await bulk_store(running, corpus, range(BASE, BASE + 600))
+        observed = "SELECT (SELECT count(*) FROM memory.changes), (SELECT count(*) FROM memory.memory_versions)"
+        history = await sql(database_url, observed)
+        rows = "SELECT id, value, metadata, updated_at FROM memory.memories ORDER BY id"
+        contents = await sql(database_url, rows)
+        state = await care.refresh()
+        assert state.tail == 600 and not care.needs_rebuild(state) and care.tail_to_insert(state)
+
+        # A write holding one tail row is neither waited for nor lost: the row stays in the tail until the next check.
+        holder = await asyncpg.connect(database_url)
+        try:
+            await init_connection(holder)
+            async with holder.transaction():
+                await holder.execute("SELECT 1 FROM memory.memories WHERE key = $1 FOR UPDATE", f"row-{BASE + 5}")
+                async with asyncio.timeout(60):
+                    outcome = await care.maintain()
+        finally:
+            await holder.close()
+        assert outcome.startswith(f"inserted 599 tail rows into the hnsw graph (graph_seq <= {watermark})"), outcome
+        assert care.state.tail == 1 and care.state.watermark == watermark
+        assert (await care.maintain()).startswith("inserted 1 tail rows")
+        assert care.state.tail == 0 and care.state.watermark == watermark
+        assert (await sql(database_url, index_oid))[0][0] == graph  # the same index, grown: no rebuild
+
+        # Only graph_seq moved: no change, no history version, no value or timestamp.
+        assert await sql(database_url, observed) == history
+        assert await sql(database_url, rows) == contents
+        # With no tail left, the rows can only have been found through the graph.
+        for i in [*range(BASE, BASE + 600, 41), BASE + 5, 7]:
+            keys, plan = await nearest_keys(running, corpus.vectors[i])
+            assert plan == "hnsw-iterative" and keys[0] == f"row-{i}", (i, keys)
+    finally:
+        await stop_server(inserting)
+
+
+def test_a_large_graph_inserts_its_tail_and_is_rebuilt_after_a_large_load() -> None:
+    large = {"rows_at_build": 100_000, "tail_rows": 5000, "insert_rows": 30_000}
+    assert inserts_tail(rows=110_000, rows_at_build=100_000, insert_rows=30_000)
+    assert not inserts_tail(rows=110_000, rows_at_build=100_000, insert_rows=0)  # 0: always rebuild
+    assert not inserts_tail(rows=25_000, rows_at_build=20_000, insert_rows=30_000)  # small: a rebuild is cheaper
+    assert not inserts_tail(rows=150_000, rows_at_build=100_000, insert_rows=30_000)  # grown by half since its build
+    assert tail_to_insert(10, tail_before=None, rows=110_000, **large)
+    assert not tail_to_insert(0, tail_before=None, rows=110_000, **large)
+    # A load going on (the tail grew by a tenth of its bound since the previous check) is waited for, up to twice
+    # the bound.
+    assert not tail_to_insert(3000, tail_before=10, rows=110_000, **large)
+    assert tail_to_insert(10_000, tail_before=5000, rows=110_000, **large)
+    # Never rebuilt for its tail, unless the table grew by half.
+    assert not tail_due(10_000, tail_before=None, rows=110_000, **large)
+    assert tail_due(10_000, tail_before=None, rows=150_000, **large)
+    assert not tail_to_insert(10_000, tail_before=None, rows=150_000, **large)
+    state = IndexState(exists=True, valid=True, kind="hnsw", rows=110_000, rows_at_build=100_000, watermark=9)
+    state = dataclasses.replace(state, tail=10_000)
+    assert not needs_rebuild(state, exact_max_rows=20_000, kind="hnsw", tail_rows=5000, insert_rows=30_000)
+    assert needs_rebuild(state, exact_max_rows=20_000, kind="hnsw", tail_rows=5000)
 
 
 def test_the_tail_bound_is_absolute_and_relative() -> None:

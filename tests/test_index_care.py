@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from bench.datasets import clustered, copy_into_memories, records
-from memory_service.search.index_care import IndexState, fitted_lists, fitted_probes, needs_rebuild
+from memory_service.search.index_policy import IndexState, fitted_lists, fitted_probes, needs_rebuild
 from memory_service.storage import settings_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2

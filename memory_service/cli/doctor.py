@@ -17,7 +17,8 @@ from memory_service.cli.backup import database
 from memory_service.config.settings import Settings
 from memory_service.errors import MemoryServiceError
 from memory_service.generations.state import check_configuration
-from memory_service.search.index_care import IndexCare, needs_calibration
+from memory_service.search.index_care import IndexCare
+from memory_service.search.index_policy import needs_calibration
 from memory_service.storage import doctor_sql, generations_sql, stats_sql
 from memory_service.storage.database import Database, check_reachable
 from memory_service.storage.dump import plain_connection

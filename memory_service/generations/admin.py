@@ -10,7 +10,8 @@ from typing import Any
 from memory_service.errors import FailedPrecondition
 from memory_service.generations.types import Backfill, Gate, GenerationState, ModelSpec, MoveStatus, Phase
 from memory_service.metrics import Metrics
-from memory_service.search.index_care import IndexCare, IndexState
+from memory_service.search.index_care import IndexCare
+from memory_service.search.index_policy import IndexState
 from memory_service.storage import generations_sql
 from memory_service.storage.database import Database
 

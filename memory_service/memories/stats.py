@@ -12,7 +12,8 @@ from datetime import datetime
 
 from memory_service.generations.types import MoveStatus
 from memory_service.models import Scope
-from memory_service.search.index_care import IndexCare, IndexState
+from memory_service.search.index_care import IndexCare
+from memory_service.search.index_policy import IndexState
 from memory_service.storage import stats_sql
 from memory_service.storage.database import Database
 from memory_service.tenants import guard

@@ -26,7 +26,8 @@ from memory_service.metrics import Metrics
 from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
 from memory_service.observability import tracing
 from memory_service.search.fusion import rank_candidates
-from memory_service.search.index_care import IndexCare, IndexState, search_setting
+from memory_service.search.index_care import IndexCare
+from memory_service.search.index_policy import IndexState, search_setting
 from memory_service.search.observe import PlanNotes, SearchObserver
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.text_search import TextSearch

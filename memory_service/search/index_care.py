@@ -1,4 +1,4 @@
-"""Keeping the vector index worth using: the policy, and the state it decides on.
+"""Keeping the vector index worth using: reading its state, and building, feeding and calibrating it when due.
 
 An ivfflat index built on an empty or small table has poor recall: its list centroids describe data that is no
 longer there. Below a row threshold every search is exact and no index is kept; past it, the index is built (ivfflat
@@ -9,7 +9,9 @@ the index at a time (``storage.index_sql.maintenance_connection``).
 An HNSW graph is built over the rows up to a watermark (``HNSW_TAIL_ROWS`` > 0): rows written since, the tail, are
 searched exactly beside it instead of being inserted into the graph one by one, which made a bulk load into an
 HNSW table twenty times slower than into ivfflat; when the tail is due (``search.hnsw_tail``) the graph is built
-again, in memory and with parallel workers, over every row.
+again, in memory and with parallel workers, over every row, or, once the graph is large enough that a rebuild costs
+more than inserting the tail (``HNSW_GRAPH_INSERT_ROWS``), the tail's rows are inserted into it in the background.
+The decisions themselves are in ``search.index_policy``.
 
 After each build, whenever a fifth of the rows have been written since, and once this instance has seen enough real
 searches to replace sampled memories as calibration queries, the index is calibrated (``search.calibration``): the
@@ -23,18 +25,23 @@ instance (and on every Stats call) must not scan the table. A rebuild counts exa
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
-import math
 from datetime import datetime
 from typing import Any
 
 from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.models import IndexKind
-from memory_service.search.calibration import MIN_SEEN, Calibration, Curve, calibrate
-from memory_service.search.hnsw_tail import tail_bound, tail_due
+from memory_service.search.calibration import Calibration, calibrate
+from memory_service.search.hnsw_tail import tail_bound, tail_to_insert
+from memory_service.search.index_policy import (
+    IndexState,
+    fitted_lists,
+    needs_calibration,
+    needs_rebuild,
+    search_setting,
+)
 from memory_service.search.query_sample import QuerySample
 from memory_service.storage import calibration_sql, index_sql, settings_sql, stats_sql
 from memory_service.storage.database import Connection, Database
@@ -42,117 +49,11 @@ from memory_service.storage.index_sql import IndexSpec, setting_key
 
 log = logging.getLogger(__name__)
 
-GROWTH_FACTOR = 2.0
-RECALIBRATE_AFTER = 0.2
-"""Recalibrate once rows inserted, updated or deleted since the last calibration reach this share of the rows."""
 _ROWS_AT_BUILD = "vector_index_rows_at_build"
 _BUILT_AT = "vector_index_built_at"
 _LEGACY = {_ROWS_AT_BUILD: "ivfflat_rows_at_build", _BUILT_AT: "ivfflat_built_at"}
-_HNSW_DEFAULT_EF_SEARCH = 40
-"""pgvector's own default, used only until the index's first calibration."""
-
-
-def fitted_lists(rows: int) -> int:
-    """pgvector's guidance: rows / 1000 up to a million rows, sqrt(rows) beyond."""
-    if rows <= 1_000_000:
-        return max(10, rows // 1000)
-    return int(math.sqrt(rows))
-
-
-def fitted_probes(lists: int) -> int:
-    """Probes before the index is calibrated (or when a calibration is unreadable): about sqrt(lists)."""
-    return max(1, min(lists, math.ceil(math.sqrt(lists))))
-
-
-@dataclasses.dataclass(frozen=True)
-class IndexState:
-    exists: bool = False
-    valid: bool = False
-    kind: IndexKind | None = None
-    lists: int = 0
-    m: int = 0
-    rows: int = 0
-    """Rows with an embedding, as the planner estimates them."""
-    rows_at_build: int = 0
-    built_at: datetime | None = None
-    calibration: Calibration | None = None
-    """The calibration of this very index (one of an index since replaced is dropped)."""
-    watermark: int | None = None
-    """A partial HNSW index covers ``graph_seq <= watermark``; None: every row (ivfflat, or HNSW_TAIL_ROWS=0)."""
-    tail: int = 0
-    """Rows with an embedding above the watermark, searched exactly (counted up to a cap: see ``_read``)."""
-
-    @property
-    def usable(self) -> bool:
-        return self.exists and self.valid and (self.kind == "hnsw" or self.lists > 0)
-
-
-def search_setting(state: IndexState, *, filtered: bool, configured: int | None) -> int:
-    """Probes (ef_search for HNSW) an index search uses unless the request names its own: the operator's
-    setting, then the index's calibration for this kind of search, then a rule of thumb until the first one."""
-    setting = configured
-    if not setting:
-        if state.calibration is not None:
-            setting = state.calibration.setting(filtered=filtered)
-        else:
-            setting = _HNSW_DEFAULT_EF_SEARCH if state.kind == "hnsw" else fitted_probes(state.lists)
-    return setting if state.kind == "hnsw" else min(setting, state.lists)
-
-
-def needs_rebuild(
-    state: IndexState,
-    *,
-    exact_max_rows: int,
-    kind: IndexKind = "ivfflat",
-    tail_rows: int | None = None,
-    tail_before: int | None = None,
-) -> bool:
-    """Past the exact-search threshold, build when there is no usable index of the wanted kind, when an ivfflat
-    index's table has doubled since its build, or when an HNSW index's tail has reached its bound. ``tail_rows``:
-    HNSW_TAIL_ROWS (0: a graph of every row, so a partial one is replaced); None leaves the HNSW graph as it is;
-    ``tail_before``: the tail at the previous check (``search.hnsw_tail.tail_due``)."""
-    if state.rows < exact_max_rows:
-        return False
-    if not state.usable or state.kind != kind:
-        return True
-    if kind == "ivfflat":
-        return state.rows >= GROWTH_FACTOR * max(state.rows_at_build, 1)
-    if tail_rows is None:
-        return False
-    if (state.watermark is not None) != (tail_rows > 0):
-        return True
-    if state.watermark is None:
-        return False
-    return tail_due(state.tail, rows_at_build=state.rows_at_build, tail_rows=tail_rows, tail_before=tail_before)
-
-
-def needs_calibration(
-    state: IndexState, *, writes: int, target: float, seen_unfiltered: int = 0, seen_filtered: int = 0
-) -> bool:
-    """A usable index without a calibration of its own, with another target, measured on stored vectors when
-    enough real searches have been seen since, or whose data has changed enough."""
-    if not state.usable:
-        return False
-    calibration = state.calibration
-    if calibration is None or calibration.target != target:
-        return True
-    # Real searches replace stored vectors once there are enough, and a sample of searches that has doubled since
-    # (50, 100, 200: the reservoir's size) measures again, more precisely.
-    if seen_unfiltered >= max(MIN_SEEN, _doubled(calibration.unfiltered)):
-        return True
-    if seen_filtered >= max(MIN_SEEN, _doubled(calibration.filtered)):
-        return True
-    changed = writes - calibration.writes
-    # A counter that went backwards was reset (statistics reset, or a restored database): nothing to measure from.
-    return changed < 0 or changed >= RECALIBRATE_AFTER * max(calibration.rows, 1)
-
-
-def _doubled(curve: Curve | None) -> int:
-    """How many searches of a kind would make a new calibration worth it: any enough, when the curve was measured
-    on stored vectors (or there is none); twice as many as it was measured on, when it was measured on searches."""
-    if curve is None or curve.source != "searches":
-        return 0
-    return 2 * curve.queries
+_INSERT_BATCH = 200
+"""Tail rows inserted into an HNSW graph per transaction: about a third of a second of one core."""
 
 
 def _calibration_of(
@@ -184,6 +85,7 @@ class IndexCare:
         hnsw_m: int = Settings.hnsw_m,
         hnsw_ef_construction: int = Settings.hnsw_ef_construction,
         hnsw_tail_rows: int = Settings.hnsw_tail_rows,
+        hnsw_graph_insert_rows: int = Settings.hnsw_graph_insert_rows,
         seen: QuerySample | None = None,
         metrics: Metrics | None = None,
         configured_setting: int | None = None,
@@ -203,6 +105,7 @@ class IndexCare:
         self._iterative_scan = iterative_scan
         self._hnsw = (hnsw_m, hnsw_ef_construction)
         self.tail_rows = hnsw_tail_rows
+        self.graph_insert_rows = hnsw_graph_insert_rows
         self._tail_seen: int | None = None
         """The tail at this instance's previous check: whether a load is still going on."""
         self._seen = seen
@@ -223,6 +126,7 @@ class IndexCare:
             hnsw_m=settings.hnsw_m,
             hnsw_ef_construction=settings.hnsw_ef_construction,
             hnsw_tail_rows=settings.hnsw_tail_rows,
+            hnsw_graph_insert_rows=settings.hnsw_graph_insert_rows,
             **extra,
         )
 
@@ -283,7 +187,25 @@ class IndexCare:
 
     def needs_rebuild(self, state: IndexState, tail_before: int | None = None) -> bool:
         return needs_rebuild(
-            state, exact_max_rows=self.exact_max_rows, kind=self.kind, tail_rows=self.tail_rows, tail_before=tail_before
+            state,
+            exact_max_rows=self.exact_max_rows,
+            kind=self.kind,
+            tail_rows=self.tail_rows,
+            tail_before=tail_before,
+            insert_rows=self.graph_insert_rows,
+        )
+
+    def tail_to_insert(self, state: IndexState, tail_before: int | None = None) -> bool:
+        """Whether the graph takes its tail by insertion and it is time to (``search.hnsw_tail.tail_to_insert``)."""
+        if state.watermark is None or not state.usable or state.kind != "hnsw" or self.kind != "hnsw":
+            return False
+        return tail_to_insert(
+            state.tail,
+            rows_at_build=state.rows_at_build,
+            tail_rows=self.tail_rows,
+            tail_before=tail_before,
+            rows=state.rows,
+            insert_rows=self.graph_insert_rows,
         )
 
     def spec_for(self, rows: int, watermark: int | None = None) -> IndexSpec:
@@ -300,7 +222,7 @@ class IndexCare:
         before, self._tail_seen = self._tail_seen, state.tail
         async with self._db.connection() as conn:
             writes = await stats_sql.writes_so_far(conn)
-        due = force or self.needs_rebuild(state, before)
+        due = force or self.needs_rebuild(state, before) or self.tail_to_insert(state, before)
         if not due and not self._needs_calibration(state, writes):
             return "up to date" if state.usable else f"exact search ({state.rows} rows < {self.exact_max_rows})"
         async with index_sql.maintenance_connection(self._dsn) as conn:
@@ -325,11 +247,29 @@ class IndexCare:
                 if spec.watermark is not None:
                     described += f", graph_seq <= {spec.watermark}"
                 done.append(f"rebuilt {spec.kind} with {described} for {rows} rows")
+            elif self.tail_to_insert(state, before):
+                assert state.watermark is not None
+                moved = await self._insert_tail(conn, state.watermark, state.tail)
+                state = await self._read(conn)
+                self._tail_seen = state.tail
+                done.append(f"inserted {moved} tail rows into the hnsw graph (graph_seq <= {state.watermark})")
             writes = await stats_sql.writes_so_far(conn)
             if self._needs_calibration(state, writes):
                 done.append(await self._calibrate(conn, state, writes))
         await self.refresh()
         return "; ".join(done) or "up to date"
+
+    async def _insert_tail(self, conn: Connection, watermark: int, tail: int) -> int:
+        """Insert the tail into the graph a batch at a time (each its own short transaction, so a write waits on
+        no lock for long), up to the tail seen when the job began: rows written meanwhile are the next check's."""
+        moved = 0
+        while moved < tail:
+            batch = min(_INSERT_BATCH, tail - moved)
+            done = await index_sql.feed_tail(conn, watermark, self.column, rows=batch)
+            moved += done
+            if done < batch:
+                break
+        return moved
 
     def _needs_calibration(self, state: IndexState, writes: int) -> bool:
         seen = self._seen

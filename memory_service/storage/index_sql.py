@@ -144,6 +144,26 @@ async def tail_rows(conn: asyncpg.Connection, watermark: int, column: str = "emb
     return value
 
 
+_FEED = {
+    c: "UPDATE memory.memories m SET graph_seq = {w} FROM (SELECT id FROM memory.memories WHERE graph_seq > {w} AND "
+    + c
+    + " IS NOT NULL ORDER BY graph_seq LIMIT $1 FOR UPDATE SKIP LOCKED) fed WHERE m.id = fed.id"
+    for c in COLUMNS
+}
+
+
+async def feed_tail(conn: asyncpg.Connection, watermark: int, column: str = "embedding", *, rows: int) -> int:
+    """Move up to ``rows`` of the oldest tail rows into the graph without a rebuild; return how many moved.
+
+    Lowering a row's ``graph_seq`` to the watermark makes its new version satisfy the partial index's predicate, so
+    PostgreSQL inserts it into the graph as it writes the version: the graph grows by these rows and keeps its
+    watermark, which a search statement names. Only ``graph_seq`` changes, which no history, change log or count
+    follows. Rows a write holds locked are skipped and taken at the next call; one a write rewrote meanwhile is fed
+    as its new version, since the update re-reads a row that changed under it."""
+    tag: str = await conn.execute(_FEED[vector_column(column)].format(w=int(watermark)), rows)
+    return int(tag.rsplit(" ", 1)[-1])
+
+
 async def next_watermark(conn: asyncpg.Connection) -> int:
     """The watermark of a graph about to be built: the highest ``graph_seq`` written so far.
 

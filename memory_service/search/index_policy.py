@@ -1,0 +1,134 @@
+"""When the vector index is due for a build or a calibration: decisions on its state, which read and write nothing.
+
+``search.index_care`` reads the state and does the work; the server, ``doctor`` and ``model`` decide through these
+functions, so they agree on when an index is due.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from datetime import datetime
+
+from memory_service.models import IndexKind
+from memory_service.search.calibration import MIN_SEEN, Calibration, Curve
+from memory_service.search.hnsw_tail import tail_due
+
+GROWTH_FACTOR = 2.0
+"""An ivfflat index is rebuilt once its table has grown by this factor since its build."""
+RECALIBRATE_AFTER = 0.2
+"""Recalibrate once rows inserted, updated or deleted since the last calibration reach this share of the rows."""
+HNSW_DEFAULT_EF_SEARCH = 40
+"""pgvector's own default, used only until the index's first calibration."""
+
+
+def fitted_lists(rows: int) -> int:
+    """pgvector's guidance: rows / 1000 up to a million rows, sqrt(rows) beyond."""
+    if rows <= 1_000_000:
+        return max(10, rows // 1000)
+    return int(math.sqrt(rows))
+
+
+def fitted_probes(lists: int) -> int:
+    """Probes before the index is calibrated (or when a calibration is unreadable): about sqrt(lists)."""
+    return max(1, min(lists, math.ceil(math.sqrt(lists))))
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexState:
+    exists: bool = False
+    valid: bool = False
+    kind: IndexKind | None = None
+    lists: int = 0
+    m: int = 0
+    rows: int = 0
+    """Rows with an embedding, as the planner estimates them."""
+    rows_at_build: int = 0
+    built_at: datetime | None = None
+    calibration: Calibration | None = None
+    """The calibration of this very index (one of an index since replaced is dropped)."""
+    watermark: int | None = None
+    """A partial HNSW index covers ``graph_seq <= watermark``; None: every row (ivfflat, or HNSW_TAIL_ROWS=0)."""
+    tail: int = 0
+    """Rows with an embedding above the watermark, searched exactly (counted up to a cap: see ``_read``)."""
+
+    @property
+    def usable(self) -> bool:
+        return self.exists and self.valid and (self.kind == "hnsw" or self.lists > 0)
+
+
+def search_setting(state: IndexState, *, filtered: bool, configured: int | None) -> int:
+    """Probes (ef_search for HNSW) an index search uses unless the request names its own: the operator's
+    setting, then the index's calibration for this kind of search, then a rule of thumb until the first one."""
+    setting = configured
+    if not setting:
+        if state.calibration is not None:
+            setting = state.calibration.setting(filtered=filtered)
+        else:
+            setting = HNSW_DEFAULT_EF_SEARCH if state.kind == "hnsw" else fitted_probes(state.lists)
+    return setting if state.kind == "hnsw" else min(setting, state.lists)
+
+
+def needs_rebuild(
+    state: IndexState,
+    *,
+    exact_max_rows: int,
+    kind: IndexKind = "ivfflat",
+    tail_rows: int | None = None,
+    tail_before: int | None = None,
+    insert_rows: int = 0,
+) -> bool:
+    """Past the exact-search threshold, build when there is no usable index of the wanted kind, when an ivfflat
+    index's table has doubled since its build, or when an HNSW index's tail has reached its bound. ``tail_rows``:
+    HNSW_TAIL_ROWS (0: a graph of every row, so a partial one is replaced); None leaves the HNSW graph as it is;
+    ``tail_before``: the tail at the previous check, ``insert_rows`` HNSW_GRAPH_INSERT_ROWS
+    (``search.hnsw_tail.tail_due``)."""
+    if state.rows < exact_max_rows:
+        return False
+    if not state.usable or state.kind != kind:
+        return True
+    if kind == "ivfflat":
+        return state.rows >= GROWTH_FACTOR * max(state.rows_at_build, 1)
+    if tail_rows is None:
+        return False
+    if (state.watermark is not None) != (tail_rows > 0):
+        return True
+    if state.watermark is None:
+        return False
+    return tail_due(
+        state.tail,
+        rows_at_build=state.rows_at_build,
+        tail_rows=tail_rows,
+        tail_before=tail_before,
+        rows=state.rows,
+        insert_rows=insert_rows,
+    )
+
+
+def needs_calibration(
+    state: IndexState, *, writes: int, target: float, seen_unfiltered: int = 0, seen_filtered: int = 0
+) -> bool:
+    """A usable index without a calibration of its own, with another target, measured on stored vectors when
+    enough real searches have been seen since, or whose data has changed enough."""
+    if not state.usable:
+        return False
+    calibration = state.calibration
+    if calibration is None or calibration.target != target:
+        return True
+    # Real searches replace stored vectors once there are enough, and a sample of searches that has doubled since
+    # (50, 100, 200: the reservoir's size) measures again, more precisely.
+    if seen_unfiltered >= max(MIN_SEEN, _doubled(calibration.unfiltered)):
+        return True
+    if seen_filtered >= max(MIN_SEEN, _doubled(calibration.filtered)):
+        return True
+    changed = writes - calibration.writes
+    # A counter that went backwards was reset (statistics reset, or a restored database): nothing to measure from.
+    return changed < 0 or changed >= RECALIBRATE_AFTER * max(calibration.rows, 1)
+
+
+def _doubled(curve: Curve | None) -> int:
+    """How many searches of a kind would make a new calibration worth it: any enough, when the curve was measured
+    on stored vectors (or there is none); twice as many as it was measured on, when it was measured on searches."""
+    if curve is None or curve.source != "searches":
+        return 0
+    return 2 * curve.queries
