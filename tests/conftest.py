@@ -110,9 +110,7 @@ def test_env(database_url: str, **overrides: str) -> dict[str, str]:
         "PURGE_INTERVAL": "1h",
         # One process: what a test signals or kills is the server itself (tests/test_processes.py runs several).
         "SERVER_PROCESSES": "1",
-        # Most tests were written for ivfflat's lists and probes, the default until issue 19: they keep it, and the
-        # tests of HNSW (the default now) ask for it.
-        "VECTOR_INDEX": "ivfflat",
+        # VECTOR_INDEX is left at its default (hnsw); the tests of ivfflat's lists and probes ask for ivfflat.
     }
     env.update(overrides)
     return env

@@ -50,7 +50,13 @@ async def load(database_url: str, corpus: Corpus, *, prefix: str = "row") -> Non
 
 def env_for(database_url: str, **overrides: str) -> dict[str, str]:
     # Scopes of 2000 rows are "large" (searched through the index) with a narrow-filter threshold of 500.
-    settings = {"EXACT_SEARCH_MAX_ROWS": "1000", "SEARCH_NARROW_FILTER_ROWS": "500", "SEARCH_CALIBRATION_QUERIES": "80"}
+    # ivfflat unless a test asks for HNSW: most of these tests count probes and lists.
+    settings = {
+        "VECTOR_INDEX": "ivfflat",
+        "EXACT_SEARCH_MAX_ROWS": "1000",
+        "SEARCH_NARROW_FILTER_ROWS": "500",
+        "SEARCH_CALIBRATION_QUERIES": "80",
+    }
     return test_env(database_url, **{**settings, **overrides})
 
 

@@ -28,7 +28,7 @@ async def small_threshold_server(database_url: str) -> AsyncIterator[RunningServ
     # The tests call maintain() themselves; the background check (every 60 s by default) would race them on a slow
     # run and do the rebuild a test then expects to do.
     running = await start_server(
-        test_env(database_url, EXACT_SEARCH_MAX_ROWS=str(THRESHOLD), INDEX_CHECK_INTERVAL="1h")
+        test_env(database_url, VECTOR_INDEX="ivfflat", EXACT_SEARCH_MAX_ROWS=str(THRESHOLD), INDEX_CHECK_INTERVAL="1h")
     )
     yield running
     await stop_server(running)
@@ -126,7 +126,7 @@ async def test_rebuild_does_not_block_writes(small_threshold_server: RunningServ
 
 
 async def test_only_one_instance_rebuilds_at_a_time(database_url: str) -> None:
-    env = test_env(database_url, EXACT_SEARCH_MAX_ROWS=str(THRESHOLD))
+    env = test_env(database_url, VECTOR_INDEX="ivfflat", EXACT_SEARCH_MAX_ROWS=str(THRESHOLD))
     first, second = await start_server(env), await start_server(env)
     holder = await asyncpg.connect(database_url)
     observer = await asyncpg.connect(database_url)

@@ -133,7 +133,9 @@ def test_dashboard_panels_are_described_and_distinct() -> None:
 
 @pytest.fixture
 async def busy_server(database_url: str) -> AsyncIterator[RunningServer]:
-    running = await start_server(test_env(database_url, EXACT_SEARCH_MAX_ROWS="500", SEARCH_RECALL_SAMPLE="1"))
+    running = await start_server(
+        test_env(database_url, VECTOR_INDEX="ivfflat", EXACT_SEARCH_MAX_ROWS="500", SEARCH_RECALL_SAMPLE="1")
+    )
     yield running
     await stop_server(running)
 

@@ -154,7 +154,7 @@ SCOPES = 100  # one scope_id selects 1% of the rows
 @pytest.fixture
 async def indexed(database_url: str) -> AsyncIterator[tuple[RunningServer, Corpus]]:
     corpus = clustered(ROWS, topics=60, scopes=SCOPES)
-    env = test_env(database_url, EXACT_SEARCH_MAX_ROWS="1000", SEARCH_NARROW_FILTER_ROWS="10")
+    env = test_env(database_url, VECTOR_INDEX="ivfflat", EXACT_SEARCH_MAX_ROWS="1000", SEARCH_NARROW_FILTER_ROWS="10")
     running = await start_server(env)
     await running.server.runtime.binding.bind_now()  # the rows below are copied in behind the service's back
     conn = await asyncpg.connect(database_url)

@@ -41,7 +41,12 @@ async def indexed(server_dsn: str, template_dsn: str) -> AsyncIterator[tuple[Run
     dsn = await create_database(server_dsn, TEMPLATE_DB)
     corpus = clustered(ROWS, topics=60, scopes=SCOPES)
     env = test_env(
-        dsn, EXACT_SEARCH_MAX_ROWS="1000", SEARCH_NARROW_FILTER_ROWS="10", DATABASE_POOL_MIN="1", DATABASE_POOL_MAX="1"
+        dsn,
+        VECTOR_INDEX="ivfflat",
+        EXACT_SEARCH_MAX_ROWS="1000",
+        SEARCH_NARROW_FILTER_ROWS="10",
+        DATABASE_POOL_MIN="1",
+        DATABASE_POOL_MAX="1",
     )
     running = await start_server(env)
     try:
