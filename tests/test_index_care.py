@@ -43,6 +43,9 @@ async def load(database_url: str, rows: int, *, seed: int, offset: int = 0) -> N
             await settings_sql.bind_embedding_model(conn, "hash-ngram-v1", 384)
         batch = [(r[0], r[1], f"{r[2]}-{offset}", *r[3:]) for r in records(corpus, model="hash-ngram-v1")]
         await copy_into_memories(conn, batch)
+        # The policy watches the planner's estimate: fresh statistics make it exact here, so whether autovacuum has
+        # got round to the table yet (it once had not, on a loaded machine) cannot decide a rebuild.
+        await conn.execute("ANALYZE memory.memories")
     finally:
         await conn.close()
 
