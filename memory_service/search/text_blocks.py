@@ -53,9 +53,38 @@ class Scoring:
 
     def part(self, tf: npt.NDArray[np.float64], length: npt.NDArray[np.float64]) -> Floats:
         """The term-frequency part of BM25 (0 where ``tf`` is 0)."""
-        norm = self.k1 * (1 - self.b + self.b * length / self.avgdl)
+        return self.part_normed(tf, self.norm(length))
+
+    def norm(self, length: npt.NDArray[np.float64]) -> Floats:
+        """The length normalisation of BM25's denominator: a segment keeps it per document between searches."""
+        result: Floats = self.k1 * (1 - self.b + self.b * length / self.avgdl)
+        return result
+
+    def part_normed(self, tf: npt.NDArray[np.float64], norm: Floats) -> Floats:
+        """``part`` from the documents' ``norm``: the same operations in the same order, so the same bits."""
         result: Floats = tf * (self.k1 + 1) / (tf + norm)
         return result
+
+
+class NormCache:
+    """A segment's ``Scoring.norm`` per document for the last statistics snapshot (avgdl, k1, b) searched with:
+    computed once per snapshot rather than per term of every search (four array operations per term, about a tenth
+    of a 16-word search's ranking at 100k documents)."""
+
+    def __init__(self, lengths: Floats) -> None:
+        self._lengths = lengths
+        self._key: tuple[float, float, float] | None = None
+        self._values: Floats = np.empty(0, np.float64)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._values.nbytes)
+
+    def of(self, scoring: Scoring) -> Floats:
+        key = (scoring.avgdl, scoring.k1, scoring.b)
+        if key != self._key:
+            self._values, self._key = scoring.norm(self._lengths), key
+        return self._values
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from memory_service.search.text_blocks import EPSILON, Scoring, Term, gather, term_bounds
+from memory_service.search.text_blocks import EPSILON, NormCache, Scoring, Term, gather, term_bounds
 
 PRUNE_MIN_DOCS = 20_000
 """Segments with fewer documents are scored exhaustively."""
@@ -25,21 +25,17 @@ LEXEME_BYTES = 200
 _BOUND_SLICE = 1 << 20
 """Postings per slice when the bounds are computed."""
 _DENSE_LOOKUP = 8
-"""A remaining term is looked up for the documents met by spreading its postings into a dense array when it has at
-most this many postings per document looked up; otherwise by binary search in its postings."""
+"""At most this many postings per document looked up: spread into a dense array; more: binary search."""
 MASK_MIN_DOCS = 256
 """From this many documents on, ``score_local`` checks postings against a mask of them (``_score_by_mask``)."""
 _MASK_SCAN = 32
 """... unless a term has more than this many postings per document scored: then it is searched."""
 _GATHER_SHARE = 0.5
-"""A term is read only in the ranges that can still win when they are less than this share of all ranges;
-otherwise whole (picking the ranges out would cost more than it spares)."""
+"""Below this share of all ranges still able to win, a term is read only there; above it, whole (cheaper)."""
 SEED_MIN_DOCS = 250_000
-"""Segments with fewer documents take their first threshold from the first term read (a lookup of every query term
-for the seed documents costs more than their lists)."""
+"""Smaller segments take their first threshold from the first term read (a seed would cost more than it saves)."""
 SEED_SHARE = 512
-"""A large segment's first threshold is the k-th best exact score among the documents of its rarest query terms,
-read while their postings stay within 1/SEED_SHARE of its documents."""
+"""A large segment's seed: the k-th best exact score among its rarest terms' documents, up to 1/SEED_SHARE of them."""
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
@@ -101,12 +97,13 @@ class Segment:
         """Document i is slot i (the loaded segment): no indirection needed."""
         self.last_read = (0, 0, 0)
         """Of the last pruned search: terms read whole, their postings, query terms here (for benchmarks)."""
+        # Scratch space of one search at a time (searches run on the event loop): the accumulator and the mask of
+        # the documents a search scores by mask (both cleared after each), and stamps for finding the documents a
+        # search met (never cleared).
         self._acc: Floats | None = None
-        """Scratch space of one search at a time (searches run on the event loop), cleared after each."""
-        self._stamp: npt.NDArray[np.int32] | None = None
         self._wanted: npt.NDArray[np.bool_] | None = None
-        """The documents a search scores by mask (cleared after each)."""
-        """Scratch space for finding the documents a search met (never needs clearing)."""
+        self._stamp: npt.NDArray[np.int32] | None = None
+        self._norms = NormCache(lengths)
         self.pruned = len(slots) >= PRUNE_MIN_DOCS
         if self.pruned:
             self._build_bounds(avgdl)
@@ -150,6 +147,7 @@ class Segment:
         if self.pruned:
             arrays += [self.max_part, self.max_tf, self.min_length, self._range_mask]
             extra = self.ranges.nbytes
+        extra += self._norms.nbytes
         return sum(a.nbytes for a in arrays if a is not None) + extra + LEXEME_BYTES * len(self.lexemes)
 
     def _term_slice(self, lexeme: str) -> tuple[int, int] | None:
@@ -197,11 +195,11 @@ class Segment:
             return total
         if len(local) >= MASK_MIN_DOCS:
             return self._score_by_mask(local, scoring)
-        length = self.lengths[local]
+        norm = self._norms.of(scoring)[local]
         for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
             span = self._term_slice(lexeme)
             if span is not None:
-                total += idf * scoring.part(self._tf_of(span[0], span[1], local), length)
+                total += idf * scoring.part_normed(self._tf_of(span[0], span[1], local), norm)
         return total
 
     def _score_by_mask(self, local: Ints, scoring: Scoring) -> Floats:
@@ -214,6 +212,7 @@ class Segment:
         assert wanted is not None
         wanted[local] = True
         bounds = np.array([local.min(), local.max() + 1])
+        norms = self._norms.of(scoring)
         try:
             for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
                 span = self._term_slice(lexeme)
@@ -222,12 +221,12 @@ class Segment:
                 low, high = np.searchsorted(self.docs[span[0] : span[1]], bounds) + span[0]
                 if high - low > _MASK_SCAN * len(local):
                     tf = self._tf_of(span[0], span[1], local)
-                    acc[local] += idf * scoring.part(tf, self.lengths[local])
+                    acc[local] += idf * scoring.part_normed(tf, norms[local])
                     continue
                 docs = self.docs[low:high]
                 hit = np.flatnonzero(wanted[docs])
                 met = docs[hit]
-                acc[met] += idf * scoring.part(self.tfs[low + hit].astype(np.float64), self.lengths[met])
+                acc[met] += idf * scoring.part_normed(self.tfs[low + hit].astype(np.float64), norms[met])
             total: Floats = acc[local]
         finally:
             wanted[local] = False
@@ -237,6 +236,7 @@ class Segment:
     def exhaustive(self, scoring: Scoring) -> tuple[Ints, Floats]:
         """Every local document holding a query term, with its exact score."""
         parts_docs, parts_scores = [], []
+        norms = self._norms.of(scoring)
         for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
             span = self._term_slice(lexeme)
             if span is None:
@@ -244,7 +244,7 @@ class Segment:
             docs = self.docs[span[0] : span[1]]
             tf = self.tfs[span[0] : span[1]].astype(np.float64)
             parts_docs.append(docs)
-            parts_scores.append(idf * scoring.part(tf, self.lengths[docs]))
+            parts_scores.append(idf * scoring.part_normed(tf, norms[docs]))
         if not parts_docs:
             return np.empty(0, np.int64), np.empty(0, np.float64)
         sums = np.asarray(
@@ -276,6 +276,7 @@ class Segment:
     def _terms(self, scoring: Scoring) -> list[Term]:
         """The query's terms found here with their range bounds, the largest bound first."""
         terms = []
+        norms = self._norms.of(scoring)
         for lexeme, idf in zip(scoring.lexemes, scoring.idf, strict=True):
             row = self.terms.get(lexeme)
             if row is None:
@@ -285,7 +286,7 @@ class Segment:
             postings = None
             if not self.ranges.is_long(row):  # a short list: its exact parts, per range
                 docs = self.docs[start:end]
-                postings = (docs, scoring.part(self.tfs[start:end].astype(np.float64), self.lengths[docs]))
+                postings = (docs, scoring.part_normed(self.tfs[start:end].astype(np.float64), norms[docs]))
             term = self.ranges.term(row, start=start, end=end, idf=idf, bound=bound, scoring=scoring, postings=postings)
             terms.append(term)
         terms.sort(key=lambda t: -t.bound)
@@ -308,6 +309,7 @@ class Segment:
         rest = np.append(np.cumsum([t.bound for t in terms][::-1])[::-1], 0.0)  # bound of terms i.. together
         live_at, chosen = np.nan, np.empty(0, np.int64)
         acc = self._scratch()
+        norms = self._norms.of(scoring)
         stamp = self._stamp
         assert stamp is not None
         leaders = np.empty(0, np.int64)  # the k best partial scores so far (partial scores only grow)
@@ -328,7 +330,7 @@ class Segment:
                 else:
                     docs, tfs = self.docs[term.start : term.end], self.tfs[term.start : term.end]
                 touched.append(docs)
-                values = acc[docs] + term.idf * scoring.part(tfs.astype(np.float64), self.lengths[docs])
+                values = acc[docs] + term.idf * scoring.part_normed(tfs.astype(np.float64), norms[docs])
                 acc[docs] = values
                 read += 1
                 if read < len(terms):
@@ -376,7 +378,7 @@ class Segment:
         remaining = np.zeros(len(local), dtype=np.float64)
         for term in remaining_terms:
             remaining += term.at(which)
-        lengths = self.lengths[local]
+        norms = self._norms.of(scoring)[local]
         for step in [*remaining_terms, None]:
             scored = partial[partial > max(threshold, 0.0)]  # (numpy's partition is slow on many equal values)
             if len(scored) >= k:
@@ -386,12 +388,12 @@ class Segment:
                 break
             keep = partial + remaining >= threshold
             if not keep.all():
-                local, which, lengths = local[keep], which[keep], lengths[keep]
+                local, which, norms = local[keep], which[keep], norms[keep]
                 partial, remaining = partial[keep], remaining[keep]
             if not len(local):
                 break
             remaining -= step.at(which)
-            partial = partial + step.idf * scoring.part(self._tf_of(step.start, step.end, local), lengths)
+            partial = partial + step.idf * scoring.part_normed(self._tf_of(step.start, step.end, local), norms)
         keep = (partial > 0) & (partial >= threshold)
         return local[keep], partial[keep]
 
