@@ -22,10 +22,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import numpy as np
+from grpc import aio
 
 from memory_service.storage.embedded import EmbeddedPostgres
 
 _PORT_LINE = re.compile(r"serving gRPC on [^:]+:(\d+)")
+
+
+def spread_channels(address: str, count: int) -> list[aio.Channel]:
+    """``count`` channels with a TCP connection each. gRPC channels to one address share one connection unless told
+    otherwise (its global subchannel pool), and one connection reaches one of the ``SERVER_PROCESSES`` processes
+    (SO_REUSEPORT spreads connections, not calls): a throughput test must use several, as several clients would."""
+    return [aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)]
 
 
 @contextlib.contextmanager
@@ -94,6 +102,8 @@ class ServerProcess:
             text=True,
         )
         self.port = 0
+        self.serving = 0
+        """Processes that have logged that they serve (each of ``SERVER_PROCESSES`` logs it)."""
         self._ready = threading.Event()
         self._log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -104,15 +114,23 @@ class ServerProcess:
             self._log.append(line)
             if (match := _PORT_LINE.search(line)) is not None:
                 self.port = int(match.group(1))
+                self.serving += 1
                 self._ready.set()
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float = 120.0, *, processes: int = 1) -> None:
+        """Until ``processes`` server processes serve: the first starts alone, the others after it, and a client
+        that connects before they listen reaches the first one only."""
         if not self._ready.wait(timeout):
             raise RuntimeError("server did not start:\n" + "".join(self._log[-20:]))
+        deadline = time.monotonic() + timeout
+        while self.serving < processes:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"{self.serving} of {processes} processes serve:\n" + "".join(self._log[-20:]))
+            time.sleep(0.1)
 
     def wait_for(self, text: str, timeout: float) -> str:
         """The first line the process logged containing ``text``, once it has."""

@@ -33,7 +33,15 @@ import numpy.typing as npt
 from grpc import aio
 
 from bench.datasets import corpus, queries
-from bench.harness import ServerProcess, database_server, fresh_database, latencies, percentile_ms, print_table
+from bench.harness import (
+    ServerProcess,
+    database_server,
+    fresh_database,
+    latencies,
+    percentile_ms,
+    print_table,
+    spread_channels,
+)
 from bench.harness import throughput as calls_per_second
 from bench.scale import build, service_env
 from memory_service.models import IndexKind, MemoryFilter
@@ -67,13 +75,13 @@ async def measure(
     conn = await asyncpg.connect(dsn)
     channels = []
     try:
-        await asyncio.to_thread(server.wait_ready)
+        await asyncio.to_thread(server.wait_ready, processes=int(env.get("SERVER_PROCESSES") or os.cpu_count() or 1))
         if floor_server is not None:
             await asyncio.to_thread(floor_server.wait_ready)
             channels.append(aio.insecure_channel(floor_server.address))
         floor_stub = memory_pb2_grpc.MemoryServiceStub(channels[0]) if floor_server is not None else None
         await init_connection(conn)
-        service_channels = [aio.insecure_channel(server.address) for _ in range(IN_FLIGHT)]
+        service_channels = spread_channels(server.address, IN_FLIGHT)
         channels += service_channels
         stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in service_channels]
         stub = stubs[0]

@@ -44,7 +44,15 @@ from grpc import aio
 
 from bench import text as text_bench
 from bench.datasets import NAMES, queries
-from bench.harness import ServerProcess, database_server, fresh_database, percentile_ms, print_table, throughput
+from bench.harness import (
+    ServerProcess,
+    database_server,
+    fresh_database,
+    percentile_ms,
+    print_table,
+    spread_channels,
+    throughput,
+)
 from bench.scale import K, build, load_corpus, service_env
 from memory_service.config.settings import Settings
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
@@ -120,8 +128,8 @@ async def memory_service(
     server = ServerProcess(env)
     channels: list[aio.Channel] = []
     try:
-        await asyncio.to_thread(server.wait_ready)
-        channels = [aio.insecure_channel(server.address) for _ in range(IN_FLIGHT)]
+        await asyncio.to_thread(server.wait_ready, processes=_processes(env))
+        channels = spread_channels(server.address, IN_FLIGHT)
         stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in channels]
         requests = [
             memory_pb2.SearchRequest(mode=memory_pb2.SEARCH_MODE_VECTOR, top_k=K, query_embedding=v.tolist())
