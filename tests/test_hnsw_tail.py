@@ -293,6 +293,57 @@ async def test_a_large_graph_takes_its_tail_by_insertion_without_a_rebuild(
         await stop_server(inserting)
 
 
+async def test_rows_rewritten_while_the_tail_is_inserted_are_found_by_their_new_vectors(
+    built: tuple[RunningServer, Corpus], database_url: str
+) -> None:
+    running, corpus = built
+    inserting = await start_server(env_for(database_url, HNSW_GRAPH_INSERT_ROWS=str(BASE)))
+    try:
+        care = inserting.server.runtime.index
+        watermark = (await care.refresh()).watermark
+        await bulk_store(running, corpus, range(BASE, BASE + 600))
+        assert (await care.refresh()).tail == 600
+        rng = np.random.default_rng(7)
+        moved: dict[int, np.ndarray] = {}
+
+        async def rewrites() -> None:
+            # Once the first batch is in the graph (only the watermark's own row had graph_seq = W before), tail rows
+            # and graph rows get new vectors, and a new graph_seq, while the other batches are inserted.
+            at_watermark = "SELECT count(*) FROM memory.memories WHERE graph_seq = $1"
+            while (await sql(database_url, at_watermark, watermark))[0][0] <= 1:
+                await asyncio.sleep(0.005)
+            for i in [*range(BASE, BASE + 600, 5), *range(0, BASE, 100)]:
+                vector = rng.normal(size=384).astype(np.float32)
+                vector /= np.linalg.norm(vector)
+                message = memory_input(corpus, i, embedded=False)
+                message.value = "rewritten " + message.value
+                message.embedding.extend(vector.tolist())
+                stored = await running.memory.Store(memory_pb2.StoreRequest(memory=message))
+                assert stored.outcome == memory_pb2.WRITE_OUTCOME_UPDATED
+                moved[i] = vector
+                await asyncio.sleep(0)
+
+        outcome, _ = await asyncio.gather(care.maintain(), rewrites())
+        assert outcome.startswith("inserted "), outcome
+        while (await care.refresh()).tail and (await care.maintain()).startswith("inserted "):
+            pass
+        state = await care.refresh()
+        assert state.watermark == watermark
+        above = "SELECT count(*) FROM memory.memories WHERE graph_seq > $1"
+        assert state.tail == (await sql(database_url, above, watermark))[0][0]
+        assert (await sql(database_url, "SELECT count(*) FROM memory.memories"))[0][0] == BASE + 600
+        # Each row is found by its latest vector, whether it ended in the graph or back in the tail.
+        for i, vector in moved.items():
+            keys, plan = await nearest_keys(running, vector)
+            assert plan == "hnsw-iterative" and keys[0] == f"row-{i}", (i, keys)
+        for i in range(BASE + 1, BASE + 600, 29):
+            if i not in moved:
+                keys, _ = await nearest_keys(running, corpus.vectors[i])
+                assert keys[0] == f"row-{i}", (i, keys)
+    finally:
+        await stop_server(inserting)
+
+
 def test_a_large_graph_inserts_its_tail_and_is_rebuilt_after_a_large_load() -> None:
     large = {"rows_at_build": 100_000, "tail_rows": 5000, "insert_rows": 30_000}
     assert inserts_tail(rows=110_000, rows_at_build=100_000, insert_rows=30_000)
