@@ -352,10 +352,11 @@ def test_a_large_graph_inserts_its_tail_and_is_rebuilt_after_a_large_load() -> N
     assert not inserts_tail(rows=150_000, rows_at_build=100_000, insert_rows=30_000)  # grown by half since its build
     assert tail_to_insert(10, tail_before=None, rows=110_000, **large)
     assert not tail_to_insert(0, tail_before=None, rows=110_000, **large)
-    # A load going on (the tail grew by a tenth of its bound since the previous check) is waited for, up to twice
-    # the bound.
-    assert not tail_to_insert(3000, tail_before=10, rows=110_000, **large)
-    assert tail_to_insert(10_000, tail_before=5000, rows=110_000, **large)
+    # A trickle of writes is inserted at once; a load (the tail grew by its bound or more since the previous check)
+    # is waited for, up to twice the bound.
+    assert tail_to_insert(3000, tail_before=10, rows=110_000, **large)
+    assert not tail_to_insert(6000, tail_before=10, rows=110_000, **large)
+    assert tail_to_insert(10_000, tail_before=4000, rows=110_000, **large)
     # Never rebuilt for its tail, unless the table grew by half.
     assert not tail_due(10_000, tail_before=None, rows=110_000, **large)
     assert tail_due(10_000, tail_before=None, rows=150_000, **large)
