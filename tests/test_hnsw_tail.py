@@ -293,6 +293,26 @@ async def test_a_large_graph_takes_its_tail_by_insertion_without_a_rebuild(
         await stop_server(inserting)
 
 
+async def test_a_tail_past_what_is_counted_is_inserted_whole(
+    built: tuple[RunningServer, Corpus], database_url: str
+) -> None:
+    running, corpus = built
+    inserting = await start_server(env_for(database_url, HNSW_GRAPH_INSERT_ROWS=str(BASE)))
+    try:
+        care = inserting.server.runtime.index
+        # 1,200 new rows and 1,000 rewritten graph rows: a tail of 2,200, past the 2,001 the check counts up to.
+        await bulk_store(running, corpus, range(BASE, BASE + MORE))
+        await bulk_store(running, corpus, range(0, 1000), prefix="again ")
+        # The row estimate counts the rewrites' old versions until the table is analyzed (autovacuum would).
+        await sql(database_url, "ANALYZE memory.memories")
+        assert (await care.refresh()).tail == 2 * TAIL_ROWS + 1
+        outcome = await care.maintain()
+        assert outcome.startswith(f"inserted {MORE + 1000} tail rows into the hnsw graph"), outcome
+        assert care.state.tail == 0
+    finally:
+        await stop_server(inserting)
+
+
 async def test_rows_rewritten_while_the_tail_is_inserted_are_found_by_their_new_vectors(
     built: tuple[RunningServer, Corpus], database_url: str
 ) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from datetime import datetime
 from typing import Any
 
@@ -54,6 +55,8 @@ _BUILT_AT = "vector_index_built_at"
 _LEGACY = {_ROWS_AT_BUILD: "ivfflat_rows_at_build", _BUILT_AT: "ivfflat_built_at"}
 _INSERT_BATCH = 200
 """Tail rows inserted into an HNSW graph per transaction: about a third of a second of one core."""
+_INSERT_BUDGET = 600.0
+"""Seconds one insertion job may run (about 250,000 rows) before it leaves the rest to the next check."""
 
 
 def _calibration_of(
@@ -249,7 +252,7 @@ class IndexCare:
                 done.append(f"rebuilt {spec.kind} with {described} for {rows} rows")
             elif self.tail_to_insert(state, before):
                 assert state.watermark is not None
-                moved = await self._insert_tail(conn, state.watermark, state.tail)
+                moved = await self._insert_tail(conn, state.watermark)
                 state = await self._read(conn)
                 self._tail_seen = state.tail
                 done.append(f"inserted {moved} tail rows into the hnsw graph (graph_seq <= {state.watermark})")
@@ -259,15 +262,17 @@ class IndexCare:
         await self.refresh()
         return "; ".join(done) or "up to date"
 
-    async def _insert_tail(self, conn: Connection, watermark: int, tail: int) -> int:
+    async def _insert_tail(self, conn: Connection, watermark: int) -> int:
         """Insert the tail into the graph a batch at a time (each its own short transaction, so a write waits on
-        no lock for long), up to the tail seen when the job began: rows written meanwhile are the next check's."""
+        no lock for long): every row written before the job began, however many (the tail's count stops at twice
+        its bound), within ``_INSERT_BUDGET`` seconds; rows written meanwhile, and any left, are the next check's."""
+        upto = await index_sql.next_watermark(conn)
+        deadline = time.monotonic() + _INSERT_BUDGET
         moved = 0
-        while moved < tail:
-            batch = min(_INSERT_BATCH, tail - moved)
-            done = await index_sql.feed_tail(conn, watermark, self.column, rows=batch)
+        while time.monotonic() < deadline:
+            done = await index_sql.feed_tail(conn, watermark, self.column, rows=_INSERT_BATCH, upto=upto)
             moved += done
-            if done < batch:
+            if done < _INSERT_BATCH:
                 break
         return moved
 

@@ -146,21 +146,26 @@ async def tail_rows(conn: asyncpg.Connection, watermark: int, column: str = "emb
 
 _FEED = {
     c: "UPDATE memory.memories m SET graph_seq = {w} FROM (SELECT id FROM memory.memories WHERE graph_seq > {w} AND "
+    + "graph_seq <= $2 AND "
     + c
     + " IS NOT NULL ORDER BY graph_seq LIMIT $1 FOR UPDATE SKIP LOCKED) fed WHERE m.id = fed.id"
     for c in COLUMNS
 }
 
 
-async def feed_tail(conn: asyncpg.Connection, watermark: int, column: str = "embedding", *, rows: int) -> int:
-    """Move up to ``rows`` of the oldest tail rows into the graph without a rebuild; return how many moved.
+async def feed_tail(
+    conn: asyncpg.Connection, watermark: int, column: str = "embedding", *, rows: int, upto: int | None = None
+) -> int:
+    """Move up to ``rows`` of the oldest tail rows (up to ``graph_seq`` ``upto``, if given) into the graph without a
+    rebuild; return how many moved.
 
     Lowering a row's ``graph_seq`` to the watermark makes its new version satisfy the partial index's predicate, so
     PostgreSQL inserts it into the graph as it writes the version: the graph grows by these rows and keeps its
     watermark, which a search statement names. Only ``graph_seq`` changes, which no history, change log or count
     follows. Rows a write holds locked are skipped and taken at the next call; one a write rewrote meanwhile is fed
     as its new version, since the update re-reads a row that changed under it."""
-    tag: str = await conn.execute(_FEED[vector_column(column)].format(w=int(watermark)), rows)
+    limit = (1 << 63) - 1 if upto is None else upto
+    tag: str = await conn.execute(_FEED[vector_column(column)].format(w=int(watermark)), rows, limit)
     return int(tag.rsplit(" ", 1)[-1])
 
 
