@@ -306,9 +306,13 @@ async def test_a_tail_past_what_is_counted_is_inserted_whole(
         # The row estimate counts the rewrites' old versions until the table is analyzed (autovacuum would).
         await sql(database_url, "ANALYZE memory.memories")
         assert (await care.refresh()).tail == 2 * TAIL_ROWS + 1
+        # What an interrupted rebuild left (written to by every row version) goes too, since no rebuild will come.
+        await sql(database_url, "CREATE INDEX memories_embedding_hnsw_building ON memory.memories (graph_seq)")
         outcome = await care.maintain()
         assert outcome.startswith(f"inserted {MORE + 1000} tail rows into the hnsw graph"), outcome
         assert care.state.tail == 0
+        leftover = "SELECT count(*) FROM pg_class WHERE relname = 'memories_embedding_hnsw_building'"
+        assert (await sql(database_url, leftover))[0][0] == 0
     finally:
         await stop_server(inserting)
 

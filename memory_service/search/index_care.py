@@ -266,6 +266,8 @@ class IndexCare:
         """Insert the tail into the graph a batch at a time (each its own short transaction, so a write waits on
         no lock for long): every row written before the job began, however many (the tail's count stops at twice
         its bound), within ``_INSERT_BUDGET`` seconds; rows written meanwhile, and any left, are the next check's."""
+        # No rebuild runs while the graph takes its tail by insertion: one that was interrupted is cleaned up here.
+        await index_sql.drop_leftovers(conn, "hnsw", self.column)
         upto = await index_sql.next_watermark(conn)
         deadline = time.monotonic() + _INSERT_BUDGET
         moved = 0

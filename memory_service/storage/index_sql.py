@@ -251,6 +251,20 @@ async def maintenance_connection(dsn: str) -> AsyncIterator[asyncpg.Connection |
                 raise
 
 
+async def drop_leftovers(conn: asyncpg.Connection, kind: IndexKind, column: str = "embedding") -> None:
+    """Drop what an interrupted rebuild left: an index it was building (invalid, but still written to by every
+    insert and update) or the one it was retiring. ``conn`` must be outside a transaction."""
+    name = index_name(column, kind)
+    wanted = [name + "_building", name + "_retired"]
+    # Looked up first: a DROP INDEX CONCURRENTLY waits for every open transaction on the table, even with nothing
+    # to drop.
+    found = await conn.fetch(
+        "SELECT relname FROM pg_class WHERE relnamespace = 'memory'::regnamespace AND relname = ANY($1::text[])", wanted
+    )
+    for row in found:
+        await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{row['relname']}")
+
+
 async def rebuild(conn: asyncpg.Connection, spec: IndexSpec) -> datetime:
     """Build a new index concurrently and swap it in by renaming; drop any index of the other kind; return when
     the build finished. ``conn`` must be outside a transaction.
@@ -260,8 +274,7 @@ async def rebuild(conn: asyncpg.Connection, spec: IndexSpec) -> datetime:
     """
     name = index_name(spec.column, spec.kind)
     building, retired = name + "_building", name + "_retired"
-    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{building}")
-    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS memory.{retired}")
+    await drop_leftovers(conn, spec.kind, spec.column)
     await conn.execute(f"CREATE INDEX CONCURRENTLY {building} ON memory.memories USING {spec.using()}")
     async with conn.transaction():
         await conn.execute(f"ALTER INDEX IF EXISTS memory.{name} RENAME TO {retired}")
