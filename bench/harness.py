@@ -29,6 +29,12 @@ from memory_service.storage.embedded import EmbeddedPostgres
 _PORT_LINE = re.compile(r"serving gRPC on [^:]+:(\d+)")
 
 
+def server_processes(env: dict[str, str]) -> int:
+    """How many processes the service started with ``env`` runs: ``SERVER_PROCESSES``, or as its settings default,
+    one per core."""
+    return int(env.get("SERVER_PROCESSES") or os.cpu_count() or 1)
+
+
 def spread_channels(address: str, count: int) -> list[aio.Channel]:
     """``count`` channels with a TCP connection each. gRPC channels to one address share one connection unless told
     otherwise (its global subchannel pool), and one connection reaches one of the ``SERVER_PROCESSES`` processes

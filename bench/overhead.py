@@ -40,6 +40,7 @@ from bench.harness import (
     latencies,
     percentile_ms,
     print_table,
+    server_processes,
     spread_channels,
 )
 from bench.harness import throughput as calls_per_second
@@ -75,7 +76,7 @@ async def measure(
     conn = await asyncpg.connect(dsn)
     channels = []
     try:
-        await asyncio.to_thread(server.wait_ready, processes=int(env.get("SERVER_PROCESSES") or os.cpu_count() or 1))
+        await asyncio.to_thread(server.wait_ready, processes=server_processes(env))
         if floor_server is not None:
             await asyncio.to_thread(floor_server.wait_ready)
             channels.append(aio.insecure_channel(floor_server.address))

@@ -50,6 +50,7 @@ from bench.harness import (
     fresh_database,
     percentile_ms,
     print_table,
+    server_processes,
     spread_channels,
     throughput,
 )
@@ -128,7 +129,7 @@ async def memory_service(
     server = ServerProcess(env)
     channels: list[aio.Channel] = []
     try:
-        await asyncio.to_thread(server.wait_ready, processes=_processes(env))
+        await asyncio.to_thread(server.wait_ready, processes=server_processes(env))
         channels = spread_channels(server.address, IN_FLIGHT)
         stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in channels]
         requests = [
@@ -149,7 +150,7 @@ async def memory_service(
         await cold.run(call, spread, truth, count=count)
         cold.setting = ", ".join(sorted(plans))
         # Enough searches that every process fills its sample (200 of them) and calibrates on it.
-        await throughput(spread, in_flight=IN_FLIGHT, total=4 * len(requests) * _processes(env))
+        await throughput(spread, in_flight=IN_FLIGHT, total=4 * len(requests) * server_processes(env))
         print(f"memory-service: warm calibration {await warm_calibration(stubs[0])}", flush=True)
         plans.clear()
         warm = Timing("memory-service, warm")
@@ -160,10 +161,6 @@ async def memory_service(
         for channel in channels:
             await channel.close()
         await asyncio.to_thread(server.stop)
-
-
-def _processes(env: dict[str, str]) -> int:
-    return int(env.get("SERVER_PROCESSES") or os.cpu_count() or 1)
 
 
 def _free_port() -> int:
