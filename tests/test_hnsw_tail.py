@@ -20,6 +20,7 @@ from bench.datasets import clustered, copy_into_memories, records
 from bench.ingest import memory_input
 from memory_service.models import MemoryFilter
 from memory_service.search.hnsw_tail import inserts_tail, tail_bound, tail_due, tail_to_insert
+from memory_service.search.index_care import IndexCare
 from memory_service.search.index_policy import IndexState, needs_rebuild
 from memory_service.storage import search_sql
 from memory_service.storage.database import init_connection
@@ -77,6 +78,17 @@ async def built(database_url: str) -> AsyncIterator[tuple[RunningServer, Corpus]
         await stop_server(running)
 
 
+@pytest.fixture
+async def care(built: tuple[RunningServer, Corpus], database_url: str) -> AsyncIterator[IndexCare]:
+    """The index care of a second instance told that the built graph (BASE rows) is large ("large" is a setting):
+    it takes the tail by insertion instead of a rebuild."""
+    running = await start_server(env_for(database_url, HNSW_GRAPH_INSERT_ROWS=str(BASE)))
+    try:
+        yield running.server.runtime.index
+    finally:
+        await stop_server(running)
+
+
 async def bulk_store(running: RunningServer, corpus: Corpus, rows: range, *, prefix: str = "") -> None:
     """BulkStore rows ``rows`` of the corpus with their vectors (their values after ``prefix``)."""
     items = [
@@ -95,6 +107,18 @@ async def bulk_store(running: RunningServer, corpus: Corpus, rows: range, *, pre
         assert ack.rejected == 0
         last = ack.durable_sequence
     assert last == len(items)
+
+
+async def store_moved(
+    running: RunningServer, corpus: Corpus, i: int, rng: np.random.Generator, *, prefix: str
+) -> tuple[np.ndarray, memory_pb2.StoreResponse]:
+    """Store row ``i`` again with a new random unit vector and its value after ``prefix``: an upsert that moves it."""
+    vector = rng.normal(size=384).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    message = memory_input(corpus, i, embedded=False)
+    message.value = prefix + message.value
+    message.embedding.extend(vector.tolist())
+    return vector, await running.memory.Store(memory_pb2.StoreRequest(memory=message))
 
 
 async def nearest_keys(
@@ -174,12 +198,7 @@ async def test_deletes_and_updates_in_the_graph_and_in_the_tail(
             keys, _ = await nearest_keys(running, corpus.vectors[i])
             assert f"row-{i}" not in keys
     for i in (30, BASE + 30):
-        moved = rng.normal(size=384).astype(np.float32)
-        moved /= np.linalg.norm(moved)
-        message = memory_input(corpus, i, embedded=False)
-        message.value = "moved " + message.value
-        message.embedding.extend(moved.tolist())
-        stored = await running.memory.Store(memory_pb2.StoreRequest(memory=message))
+        moved, stored = await store_moved(running, corpus, i, rng, prefix="moved ")
         assert stored.outcome == memory_pb2.WRITE_OUTCOME_UPDATED and stored.id == ids[f"row-{i}"]
         keys, _ = await nearest_keys(running, moved)
         assert keys[0] == f"row-{i}"
@@ -248,124 +267,103 @@ async def test_without_a_tail_the_graph_takes_every_row(built: tuple[RunningServ
 
 
 async def test_a_large_graph_takes_its_tail_by_insertion_without_a_rebuild(
-    built: tuple[RunningServer, Corpus], database_url: str
+    built: tuple[RunningServer, Corpus], care: IndexCare, database_url: str
 ) -> None:
     running, corpus = built
-    # "Large" is a setting: an instance told that a graph of BASE rows is large inserts its tail instead.
-    inserting = await start_server(env_for(database_url, HNSW_GRAPH_INSERT_ROWS=str(BASE)))
+    watermark = (await care.refresh()).watermark
+    index_oid = "SELECT 'memory.memories_embedding_hnsw'::regclass::oid"
+    graph = (await sql(database_url, index_oid))[0][0]
+    await bulk_store(running, corpus, range(BASE, BASE + 600))
+    observed = "SELECT (SELECT count(*) FROM memory.changes), (SELECT count(*) FROM memory.memory_versions)"
+    history = await sql(database_url, observed)
+    rows = "SELECT id, value, metadata, updated_at FROM memory.memories ORDER BY id"
+    contents = await sql(database_url, rows)
+    state = await care.refresh()
+    assert state.tail == 600 and not care.needs_rebuild(state) and care.tail_to_insert(state)
+
+    # A write holding one tail row is neither waited for nor lost: the row stays in the tail until the next check.
+    holder = await asyncpg.connect(database_url)
     try:
-        care = inserting.server.runtime.index
-        watermark = (await care.refresh()).watermark
-        index_oid = "SELECT 'memory.memories_embedding_hnsw'::regclass::oid"
-        graph = (await sql(database_url, index_oid))[0][0]
-        await bulk_store(running, corpus, range(BASE, BASE + 600))
-        observed = "SELECT (SELECT count(*) FROM memory.changes), (SELECT count(*) FROM memory.memory_versions)"
-        history = await sql(database_url, observed)
-        rows = "SELECT id, value, metadata, updated_at FROM memory.memories ORDER BY id"
-        contents = await sql(database_url, rows)
-        state = await care.refresh()
-        assert state.tail == 600 and not care.needs_rebuild(state) and care.tail_to_insert(state)
-
-        # A write holding one tail row is neither waited for nor lost: the row stays in the tail until the next check.
-        holder = await asyncpg.connect(database_url)
-        try:
-            await init_connection(holder)
-            async with holder.transaction():
-                await holder.execute("SELECT 1 FROM memory.memories WHERE key = $1 FOR UPDATE", f"row-{BASE + 5}")
-                async with asyncio.timeout(60):
-                    outcome = await care.maintain()
-        finally:
-            await holder.close()
-        assert outcome.startswith(f"inserted 599 tail rows into the hnsw graph (graph_seq <= {watermark})"), outcome
-        assert care.state.tail == 1 and care.state.watermark == watermark
-        assert (await care.maintain()).startswith("inserted 1 tail rows")
-        assert care.state.tail == 0 and care.state.watermark == watermark
-        assert (await sql(database_url, index_oid))[0][0] == graph  # the same index, grown: no rebuild
-
-        # Only graph_seq moved: no change, no history version, no value or timestamp.
-        assert await sql(database_url, observed) == history
-        assert await sql(database_url, rows) == contents
-        # With no tail left, the rows can only have been found through the graph.
-        for i in [*range(BASE, BASE + 600, 41), BASE + 5, 7]:
-            keys, plan = await nearest_keys(running, corpus.vectors[i])
-            assert plan == "hnsw-iterative" and keys[0] == f"row-{i}", (i, keys)
+        await init_connection(holder)
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM memory.memories WHERE key = $1 FOR UPDATE", f"row-{BASE + 5}")
+            async with asyncio.timeout(60):
+                outcome = await care.maintain()
     finally:
-        await stop_server(inserting)
+        await holder.close()
+    assert outcome.startswith(f"inserted 599 tail rows into the hnsw graph (graph_seq <= {watermark})"), outcome
+    assert care.state.tail == 1 and care.state.watermark == watermark
+    assert (await care.maintain()).startswith("inserted 1 tail rows")
+    assert care.state.tail == 0 and care.state.watermark == watermark
+    assert (await sql(database_url, index_oid))[0][0] == graph  # the same index, grown: no rebuild
+
+    # Only graph_seq moved: no change, no history version, no value or timestamp.
+    assert await sql(database_url, observed) == history
+    assert await sql(database_url, rows) == contents
+    # With no tail left, the rows can only have been found through the graph.
+    for i in [*range(BASE, BASE + 600, 41), BASE + 5, 7]:
+        keys, plan = await nearest_keys(running, corpus.vectors[i])
+        assert plan == "hnsw-iterative" and keys[0] == f"row-{i}", (i, keys)
 
 
 async def test_a_tail_past_what_is_counted_is_inserted_whole(
-    built: tuple[RunningServer, Corpus], database_url: str
+    built: tuple[RunningServer, Corpus], care: IndexCare, database_url: str
 ) -> None:
     running, corpus = built
-    inserting = await start_server(env_for(database_url, HNSW_GRAPH_INSERT_ROWS=str(BASE)))
-    try:
-        care = inserting.server.runtime.index
-        # 1,200 new rows and 1,000 rewritten graph rows: a tail of 2,200, past the 2,001 the check counts up to.
-        await bulk_store(running, corpus, range(BASE, BASE + MORE))
-        await bulk_store(running, corpus, range(0, 1000), prefix="again ")
-        # The row estimate counts the rewrites' old versions until the table is analyzed (autovacuum would).
-        await sql(database_url, "ANALYZE memory.memories")
-        assert (await care.refresh()).tail == 2 * TAIL_ROWS + 1
-        # What an interrupted rebuild left (written to by every row version) goes too, since no rebuild will come.
-        await sql(database_url, "CREATE INDEX memories_embedding_hnsw_building ON memory.memories (graph_seq)")
-        outcome = await care.maintain()
-        assert outcome.startswith(f"inserted {MORE + 1000} tail rows into the hnsw graph"), outcome
-        assert care.state.tail == 0
-        leftover = "SELECT count(*) FROM pg_class WHERE relname = 'memories_embedding_hnsw_building'"
-        assert (await sql(database_url, leftover))[0][0] == 0
-    finally:
-        await stop_server(inserting)
+    # 1,200 new rows and 1,000 rewritten graph rows: a tail of 2,200, past the 2,001 the check counts up to.
+    await bulk_store(running, corpus, range(BASE, BASE + MORE))
+    await bulk_store(running, corpus, range(0, 1000), prefix="again ")
+    # The row estimate counts the rewrites' old versions until the table is analyzed (autovacuum would).
+    await sql(database_url, "ANALYZE memory.memories")
+    assert (await care.refresh()).tail == 2 * TAIL_ROWS + 1
+    # What an interrupted rebuild left (written to by every row version) goes too, since no rebuild will come.
+    await sql(database_url, "CREATE INDEX memories_embedding_hnsw_building ON memory.memories (graph_seq)")
+    outcome = await care.maintain()
+    assert outcome.startswith(f"inserted {MORE + 1000} tail rows into the hnsw graph"), outcome
+    assert care.state.tail == 0
+    leftover = "SELECT count(*) FROM pg_class WHERE relname = 'memories_embedding_hnsw_building'"
+    assert (await sql(database_url, leftover))[0][0] == 0
 
 
 async def test_rows_rewritten_while_the_tail_is_inserted_are_found_by_their_new_vectors(
-    built: tuple[RunningServer, Corpus], database_url: str
+    built: tuple[RunningServer, Corpus], care: IndexCare, database_url: str
 ) -> None:
     running, corpus = built
-    inserting = await start_server(env_for(database_url, HNSW_GRAPH_INSERT_ROWS=str(BASE)))
-    try:
-        care = inserting.server.runtime.index
-        watermark = (await care.refresh()).watermark
-        await bulk_store(running, corpus, range(BASE, BASE + 600))
-        assert (await care.refresh()).tail == 600
-        rng = np.random.default_rng(7)
-        moved: dict[int, np.ndarray] = {}
+    watermark = (await care.refresh()).watermark
+    await bulk_store(running, corpus, range(BASE, BASE + 600))
+    assert (await care.refresh()).tail == 600
+    rng = np.random.default_rng(7)
+    moved: dict[int, np.ndarray] = {}
 
-        async def rewrites() -> None:
-            # Once the first batch is in the graph (only the watermark's own row had graph_seq = W before), tail rows
-            # and graph rows get new vectors, and a new graph_seq, while the other batches are inserted.
-            at_watermark = "SELECT count(*) FROM memory.memories WHERE graph_seq = $1"
-            while (await sql(database_url, at_watermark, watermark))[0][0] <= 1:
-                await asyncio.sleep(0.005)
-            for i in [*range(BASE, BASE + 600, 5), *range(0, BASE, 100)]:
-                vector = rng.normal(size=384).astype(np.float32)
-                vector /= np.linalg.norm(vector)
-                message = memory_input(corpus, i, embedded=False)
-                message.value = "rewritten " + message.value
-                message.embedding.extend(vector.tolist())
-                stored = await running.memory.Store(memory_pb2.StoreRequest(memory=message))
-                assert stored.outcome == memory_pb2.WRITE_OUTCOME_UPDATED
-                moved[i] = vector
-                await asyncio.sleep(0)
+    async def rewrites() -> None:
+        # Once the first batch is in the graph (only the watermark's own row had graph_seq = W before), tail rows
+        # and graph rows get new vectors, and a new graph_seq, while the other batches are inserted.
+        at_watermark = "SELECT count(*) FROM memory.memories WHERE graph_seq = $1"
+        while (await sql(database_url, at_watermark, watermark))[0][0] <= 1:
+            await asyncio.sleep(0.005)
+        for i in [*range(BASE, BASE + 600, 5), *range(0, BASE, 100)]:
+            vector, stored = await store_moved(running, corpus, i, rng, prefix="rewritten ")
+            assert stored.outcome == memory_pb2.WRITE_OUTCOME_UPDATED
+            moved[i] = vector
+            await asyncio.sleep(0)
 
-        outcome, _ = await asyncio.gather(care.maintain(), rewrites())
-        assert outcome.startswith("inserted "), outcome
-        while (await care.refresh()).tail and (await care.maintain()).startswith("inserted "):
-            pass
-        state = await care.refresh()
-        assert state.watermark == watermark
-        above = "SELECT count(*) FROM memory.memories WHERE graph_seq > $1"
-        assert state.tail == (await sql(database_url, above, watermark))[0][0]
-        assert (await sql(database_url, "SELECT count(*) FROM memory.memories"))[0][0] == BASE + 600
-        # Each row is found by its latest vector, whether it ended in the graph or back in the tail.
-        for i, vector in moved.items():
-            keys, plan = await nearest_keys(running, vector)
-            assert plan == "hnsw-iterative" and keys[0] == f"row-{i}", (i, keys)
-        for i in range(BASE + 1, BASE + 600, 29):
-            if i not in moved:
-                keys, _ = await nearest_keys(running, corpus.vectors[i])
-                assert keys[0] == f"row-{i}", (i, keys)
-    finally:
-        await stop_server(inserting)
+    outcome, _ = await asyncio.gather(care.maintain(), rewrites())
+    assert outcome.startswith("inserted "), outcome
+    while (await care.refresh()).tail and (await care.maintain()).startswith("inserted "):
+        pass
+    state = await care.refresh()
+    assert state.watermark == watermark
+    above = "SELECT count(*) FROM memory.memories WHERE graph_seq > $1"
+    assert state.tail == (await sql(database_url, above, watermark))[0][0]
+    assert (await sql(database_url, "SELECT count(*) FROM memory.memories"))[0][0] == BASE + 600
+    # Each row is found by its latest vector, whether it ended in the graph or back in the tail.
+    for i, vector in moved.items():
+        keys, plan = await nearest_keys(running, vector)
+        assert plan == "hnsw-iterative" and keys[0] == f"row-{i}", (i, keys)
+    for i in range(BASE + 1, BASE + 600, 29):
+        if i not in moved:
+            keys, _ = await nearest_keys(running, corpus.vectors[i])
+            assert keys[0] == f"row-{i}", (i, keys)
 
 
 def test_a_large_graph_inserts_its_tail_and_is_rebuilt_after_a_large_load() -> None:
