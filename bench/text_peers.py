@@ -43,8 +43,9 @@ class ExactBM25:
         tf_parts: dict[str, list[np.ndarray]] = {}
         lengths: dict[int, int] = {}
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            async for ids, _expiry, doc_lengths, chunk in text_index_sql.load(conn):
-                lengths.update(zip(ids.tolist(), doc_lengths.tolist(), strict=True))
+            async for loaded in text_index_sql.load(conn):
+                chunk = loaded.postings
+                lengths.update(zip(loaded.ids.tolist(), loaded.lengths.tolist(), strict=True))
                 order = np.argsort(chunk.term, kind="stable")
                 bounds = np.searchsorted(chunk.term[order], np.arange(len(chunk.lexemes) + 1))
                 for t, lexeme in enumerate(chunk.lexemes):

@@ -17,18 +17,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memory_service.models import MemoryFilter, MemoryType, Scope, ScopeRef
-from memory_service.search import text_blocks, text_segment
+from memory_service.search import text_blocks, text_search, text_segment
 from memory_service.search import text_index as text_index_module
 from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
 from memory_service.storage import changes_sql, search_sql
 from memory_service.storage.database import init_connection
-from memory_service.storage.text_index_sql import DocText, PostingsChunk
+from memory_service.storage.text_index_sql import DocText, LoadedChunk, PostingsChunk
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
 
 K1, B = 1.2, 0.75
 PRUNE_DOCS = text_segment.PRUNE_MIN_DOCS + 5000
+SCOPES = 7
+"""The synthetic memories' scopes: project scope id = memory id mod SCOPES."""
 
 
 # -- the index alone, on synthetic documents ---------------------------------------------------------------------
@@ -78,6 +80,12 @@ def scoring_for(docs: dict[int, dict[str, int]], query: list[str], k1: float = K
     return Scoring(tuple(query), idf, avgdl, k1, b)
 
 
+def doc_text(memory_id: int, terms: dict[str, int], expires_at: float | None, scope_id: int | None = None) -> DocText:
+    """A memory as the index reads it back after a change; in project scope ``memory_id % SCOPES`` unless named."""
+    scope = memory_id % SCOPES if scope_id is None else scope_id
+    return DocText(memory_id, list(terms), list(terms.values()), expires_at, "project", scope)
+
+
 def loaded(docs: dict[int, dict[str, int]]) -> TextIndex:
     ids = np.array(sorted(docs), dtype=np.int64)
     vocabulary: dict[str, int] = {}
@@ -95,7 +103,9 @@ def loaded(docs: dict[int, dict[str, int]]) -> TextIndex:
     )
     lengths = np.array([len(docs[i]) for i in ids.tolist()], dtype=np.int32)
     avgdl = float(lengths.mean())
-    return TextIndex.loaded([(ids, np.full(len(ids), np.inf), lengths, chunk)], avgdl)
+    scope_ids = ids % SCOPES
+    part = LoadedChunk(ids, np.full(len(ids), np.inf), lengths, ["project"] * len(ids), scope_ids, chunk)
+    return TextIndex.loaded([part], avgdl)
 
 
 def assert_same_top(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
@@ -141,9 +151,9 @@ def test_max_score_skips_dead_and_expired_documents_of_a_large_segment() -> None
             del docs[memory_id]
         elif roll < 0.7:
             docs[memory_id] = {"rewritten": 1, "w1": 2}
-            present.append(DocText(memory_id, list(docs[memory_id]), list(docs[memory_id].values()), None))
+            present.append(doc_text(memory_id, docs[memory_id], None))
         else:
-            present.append(DocText(memory_id, list(docs[memory_id]), list(docs[memory_id].values()), 1.0))
+            present.append(doc_text(memory_id, docs[memory_id], 1.0))
             del docs[memory_id]  # expired at 1970-01-01T00:00:01
     index.apply(changed, present, avgdl=10.0)
     assert index.segments[0].pruned and not index.usable(time.time())[: len(index.segments[0])].all()
@@ -184,7 +194,7 @@ def test_changes_land_in_segments_that_merge(monkeypatch: pytest.MonkeyPatch) ->
                 docs.pop(memory_id, None)  # deleted
             else:
                 docs[memory_id] = rng.choice(list(later.values()))
-        present = [DocText(i, list(docs[i]), list(docs[i].values()), None) for i in dict.fromkeys(changed) if i in docs]
+        present = [doc_text(i, docs[i], None) for i in dict.fromkeys(changed) if i in docs]
         index.apply(changed, present, avgdl=10.0)
         assert len(index.segments) <= 3
     assert index.live == len(docs)
@@ -197,13 +207,67 @@ def test_changes_land_in_segments_that_merge(monkeypatch: pytest.MonkeyPatch) ->
         assert got == pytest.approx({i: full[i] for i in wanted if i in full}, rel=1e-9)
 
 
+def test_the_index_confines_a_search_to_scopes_it_tracks_through_changes() -> None:
+    """Scopes are the index's own: loaded, moved by a rewrite, gone with a delete, added with a new memory; a named
+    scope, several, and a kind's wildcard; scored slot by slot and through the large segment's pruned top-k."""
+    docs = synthetic(PRUNE_DOCS, seed=21)
+    index = loaded(docs)
+    scope_of = {i: i % SCOPES for i in docs}
+    rng = random.Random(22)
+    changed = rng.sample(sorted(docs), 300)
+    present = []
+    for n, memory_id in enumerate(changed):
+        if n % 3 == 0:
+            del docs[memory_id], scope_of[memory_id]
+            continue
+        scope_of[memory_id] = (scope_of[memory_id] + 1) % SCOPES  # moved to the next scope, perhaps rewritten
+        if n % 3 == 1:
+            docs[memory_id] = {"rewritten": 1, "w1": 2}
+        present.append(doc_text(memory_id, docs[memory_id], None, scope_id=scope_of[memory_id]))
+    for memory_id in range(10**7, 10**7 + 50):  # new memories, one in an agent's scope
+        docs[memory_id], scope_of[memory_id] = {"w2": 1, "fresh": 1}, 2
+        present.append(doc_text(memory_id, docs[memory_id], None, scope_id=2))
+    agent_memory = 10**7 + 50
+    docs[agent_memory] = {"w2": 3}
+    present.append(DocText(agent_memory, ["w2"], [3], None, "agent", 2))
+    index.apply([*changed, *range(10**7, 10**7 + 51)], present, avgdl=10.0)
+    now = time.time()
+    project = {i for i in docs if i != agent_memory}
+    cases = [
+        ((ScopeRef(scope=Scope.PROJECT, scope_id=2),), {i for i in project if scope_of[i] == 2}),
+        (
+            (ScopeRef(scope=Scope.PROJECT, scope_id=2), ScopeRef(scope=Scope.PROJECT, scope_id=5)),
+            {i for i in project if scope_of[i] in (2, 5)},
+        ),
+        ((ScopeRef(scope=Scope.AGENT, scope_id=2),), {agent_memory}),
+        ((ScopeRef(scope=Scope.PROJECT), ScopeRef(scope=Scope.PROJECT, scope_id=1)), project),
+        ((ScopeRef(scope=Scope.PROJECT, scope_id=SCOPES + 1),), set()),
+    ]
+    for refs, members in cases:
+        slots = index.scope_slots(refs, now)
+        assert sorted(index.ids[slots].tolist()) == sorted(members)
+        for query in [*queries(docs, 8, seed=23), ["w2"]]:
+            scoring = scoring_for(docs, query)
+            expected = brute_force(docs, query, 10, among=members)
+            assert_same_top(index.score_slots(slots, scoring, 10), expected)
+            assert_same_top(index.top(scoring, 10, now, within=slots), expected)
+
+
+def test_only_a_filter_of_scopes_alone_is_left_to_the_index() -> None:
+    project = ScopeRef(scope=Scope.PROJECT, scope_id=3)
+    assert text_search.scopes_only(MemoryFilter(scopes=(project,))) == (project,)
+    assert text_search.scopes_only(MemoryFilter(scopes=(project,), tags=("a",))) is None
+    assert text_search.scopes_only(MemoryFilter(scopes=(project,), agent_id=1)) is None
+    assert text_search.scopes_only(MemoryFilter()) is None
+
+
 def test_expired_documents_are_never_returned() -> None:
     docs = synthetic(500, seed=7)
     index = loaded(docs)
     query = queries(docs, 1, seed=8)[0]
     first = index.top(scoring_for(docs, query), 5, time.time())
     gone = first[0][0]
-    index.apply([gone], [DocText(gone, list(docs[gone]), list(docs[gone].values()), time.time() + 0.05)], 10.0)
+    index.apply([gone], [doc_text(gone, docs[gone], time.time() + 0.05)], 10.0)
     assert first[0][0] in {i for i, _ in index.top(scoring_for(docs, query), 5, time.time())}
     time.sleep(0.06)
     assert gone not in {i for i, _ in index.top(scoring_for(docs, query), 5, time.time())}
@@ -263,9 +327,9 @@ def test_block_max_is_exact_bm25_on_any_corpus(
             changed[memory_id] = None
         elif action == "rewrite":
             docs[memory_id] = rewrite
-            changed[memory_id] = DocText(memory_id, list(rewrite), list(rewrite.values()), None)
+            changed[memory_id] = doc_text(memory_id, rewrite, None)
         else:
-            changed[memory_id] = DocText(memory_id, list(docs[memory_id]), list(docs[memory_id].values()), 1.0)
+            changed[memory_id] = doc_text(memory_id, docs[memory_id], 1.0)
             del docs[memory_id]  # expired at 1970-01-01T00:00:01
     if changed:
         index.apply(list(changed), [d for d in changed.values() if d is not None], avgdl=7.0)
@@ -390,7 +454,7 @@ async def test_text_top_k_is_the_sql_bm25_top_k_with_and_without_filters(
     types = [memory_pb2.MEMORY_TYPE_FACT, memory_pb2.MEMORY_TYPE_SKILL, memory_pb2.MEMORY_TYPE_DECISION]
     items = [
         memory_pb2.MemoryInput(
-            scope=memory_pb2.SCOPE_PROJECT,
+            scope=memory_pb2.SCOPE_AGENT if i % 5 == 0 else memory_pb2.SCOPE_PROJECT,
             scope_id=i % 4,
             value=sentence(rng),
             memory_type=types[i % 3],
@@ -415,6 +479,10 @@ async def test_text_top_k_is_the_sql_bm25_top_k_with_and_without_filters(
         (scope, MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=2),))),
         (skills, MemoryFilter(memory_types=(MemoryType.SKILL,))),
         (memory_pb2.MemoryFilter(tags=["even"]), MemoryFilter(tags=("even",))),
+        (
+            memory_pb2.MemoryFilter(scopes=[scope.scopes[0], memory_pb2.ScopeRef(scope=memory_pb2.SCOPE_AGENT)]),
+            MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=2), ScopeRef(scope=Scope.AGENT))),
+        ),
     ]
     for query in ("apple", "kiwi lemon", "olive pear nectar mango", "banana grape zeppelin"):
         for wire, domain in cases:

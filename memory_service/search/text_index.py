@@ -10,12 +10,16 @@ document is rewritten O(log n) times, and the search reads a handful of segments
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import numpy.typing as npt
 
+from memory_service.models import ScopeRef
 from memory_service.search.text_blocks import Scoring
+from memory_service.search.text_scopes import SCOPE_KINDS, ScopeSlots
 from memory_service.search.text_segment import Floats, Ints, Segment
-from memory_service.storage.text_index_sql import DocText, PostingsChunk
+from memory_service.storage.text_index_sql import DocText, LoadedChunk
 
 MAX_SMALL_SEGMENTS = 6
 """Segments beside the largest before the two smallest merge."""
@@ -57,6 +61,8 @@ class TextIndex:
         self._load_vocabulary: dict[str, int] = {}
         self._load_parts: list[tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.uint16]]] = []
         """A load's chunks, compact, until ``finish_load``."""
+        self._load_scopes: list[tuple[npt.NDArray[np.int8], Ints]] = []
+        self.scopes = ScopeSlots()
 
     # -- building ------------------------------------------------------------------------------------------------
 
@@ -85,7 +91,7 @@ class TextIndex:
     @classmethod
     def loaded(
         cls,
-        parts: list[tuple[Ints, Floats, npt.NDArray[np.int32], PostingsChunk]],
+        parts: list[LoadedChunk],
         avgdl: float,
         k1: float = 1.2,
         b: float = 0.75,
@@ -97,12 +103,14 @@ class TextIndex:
         index.finish_load(avgdl)
         return index
 
-    def add_loaded(self, part: tuple[Ints, Floats, npt.NDArray[np.int32], PostingsChunk]) -> None:
+    def add_loaded(self, part: LoadedChunk) -> None:
         """Take one chunk of a load (ascending ids, after the previous chunk's), kept compact (4 bytes per posting
         for its term, 4 for its document, 2 for its frequency) until ``finish_load``."""
-        ids, expiry, lengths, chunk = part
+        ids, chunk = part.ids, part.postings
         first = self.count
-        self._append(ids, lengths.astype(np.float64), expiry)
+        self._append(ids, part.lengths.astype(np.float64), part.expiry)
+        kinds = np.fromiter((SCOPE_KINDS[s] for s in part.scopes), dtype=np.int8, count=len(part.scopes))
+        self._load_scopes.append((kinds, part.scope_ids))
         vocabulary = self._load_vocabulary
         mapping = np.fromiter(
             (vocabulary.setdefault(lexeme, len(vocabulary)) for lexeme in chunk.lexemes),
@@ -120,6 +128,11 @@ class TextIndex:
         """Build the loaded segment from the chunks taken: a counting sort by term, one chunk at a time, so the
         only large arrays are the segment's own."""
         parts, self._load_parts = self._load_parts, []
+        scopes, self._load_scopes = self._load_scopes, []
+        self.scopes = ScopeSlots.of_load(
+            np.concatenate([k for k, _ in scopes]) if scopes else np.empty(0, np.int8),
+            np.concatenate([i for _, i in scopes]) if scopes else np.empty(0, np.int64),
+        )
         self._base_ids = self.ids[: self.count].copy()
         self._base_table = None
         if self.count and self._base_ids[-1] - self._base_ids[0] < BASE_TABLE_SPAN * self.count:
@@ -226,6 +239,7 @@ class TextIndex:
         slots = self._append(ids, lengths, expiry)
         for memory_id, slot in zip(ids.tolist(), slots.tolist(), strict=True):
             self._moved[memory_id] = slot
+        self.scopes.add((SCOPE_KINDS[d.scope] for d in present), (d.scope_id for d in present), slots.tolist())
         vocabulary: dict[str, int] = {}
         terms: list[int] = []
         docs: list[int] = []
@@ -277,6 +291,7 @@ class TextIndex:
         return (
             sum(a.nbytes for a in arrays if a is not None)
             + MOVED_BYTES * len(self._moved)
+            + self.scopes.nbytes
             + sum(s.nbytes for s in self.segments)
         )
 
@@ -293,10 +308,19 @@ class TextIndex:
             self._all_usable = bool(usable.all())
         return self._usable
 
-    def top(self, scoring: Scoring, k: int, now: float) -> list[tuple[int, float]]:
-        """The best ``k`` live memories by exact BM25, best first (ties by id), as (id, score)."""
+    def scope_slots(self, refs: Iterable[ScopeRef], now: float) -> Ints:
+        """The slots of the live memories (unexpired at ``now``) in the scopes ``refs`` name."""
+        slots = self.scopes.slots(refs)
+        return slots[self.usable(now)[slots]]
+
+    def top(self, scoring: Scoring, k: int, now: float, *, within: Ints | None = None) -> list[tuple[int, float]]:
+        """The best ``k`` live memories by exact BM25, best first (ties by id), as (id, score); with ``within``, the
+        best among those usable slots."""
         usable: npt.NDArray[np.bool_] | None = self.usable(now)
-        if self._all_usable:
+        if within is not None:
+            usable = np.zeros(self.count, np.bool_)
+            usable[within] = True
+        elif self._all_usable:
             usable = None  # nothing to check per document
         slots, scores = [], []
         for segment in self.segments:
@@ -311,7 +335,11 @@ class TextIndex:
         """Exact BM25 of the given memories that are live and hold a query term, best first (the best ``k``)."""
         wanted = self.slots_of(np.asarray(ids, dtype=np.int64))
         wanted = wanted[wanted >= 0]
-        wanted = wanted[self.expiry[wanted] > now]
+        return self.score_slots(wanted[self.expiry[wanted] > now], scoring, k if k is not None else len(ids))
+
+    def score_slots(self, wanted: Ints, scoring: Scoring, k: int) -> list[tuple[int, float]]:
+        """Exact BM25 of the memories in the given usable slots that hold a query term, best first (the best
+        ``k``)."""
         slots, scores = [], []
         for segment in self.segments:
             found, local = segment.locate(wanted)
@@ -321,7 +349,7 @@ class TextIndex:
             hit = score > 0
             slots.append(wanted[found][hit])
             scores.append(score[hit])
-        return self._best(slots, scores, k if k is not None else len(ids))
+        return self._best(slots, scores, k)
 
     def _best(self, slots: list[Ints], scores: list[Floats], k: int) -> list[tuple[int, float]]:
         if not slots:

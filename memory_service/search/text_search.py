@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import math
 import time
 
-from memory_service.models import Candidate, MemoryFilter
+from memory_service.models import Candidate, MemoryFilter, ScopeRef
 from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
 from memory_service.search.tuning import TextRanking
@@ -45,8 +46,8 @@ _FINAL_WAIT = 0.02
 POSTING_BYTES = 9
 """Memory per posting once loaded (its document and frequency, 6 bytes, the vocabulary, and the range bounds of
 ``text_blocks``, about 0.8 byte: 459 MB for 59.6 million postings of 1M SciFact memories), with some margin."""
-DOC_BYTES = 64
-"""Memory per memory (id, length, expiry, liveness, slot and scratch arrays)."""
+DOC_BYTES = 80
+"""Memory per memory (id, length, expiry, liveness, slot, scope and scratch arrays)."""
 REFUSED_RECHECK = 60.0
 """Seconds before a corpus found too large for ``max_bytes`` is estimated again."""
 _RERANKS = 3
@@ -58,6 +59,13 @@ def _release_free_memory() -> None:
     load left 340 MB of RSS for a 47 MB index (89 MB after this). Elsewhere a no-op."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def scopes_only(memory_filter: MemoryFilter) -> tuple[ScopeRef, ...] | None:
+    """The scopes of a filter that names nothing else (None for any other filter)."""
+    if memory_filter.scopes and dataclasses.replace(memory_filter, scopes=()).is_empty:
+        return memory_filter.scopes
+    return None
 
 
 def estimated_bytes(docs: int, total_length: int) -> int:
@@ -215,8 +223,10 @@ class TextSearch:
         turn): not loaded yet, or dropped for its size meanwhile."""
         if self.index is None:
             return None
-        # A filter an index narrows lists its matches in the same round trip; the index scores exactly those.
-        bounded = not memory_filter.is_empty and search_sql.count_is_bounded(memory_filter)
+        # A filter of scopes alone is the index's own to apply (it knows each memory's scope); another filter an
+        # index narrows lists its matches in the same round trip, and the index scores exactly those.
+        scopes = scopes_only(memory_filter)
+        bounded = scopes is None and not memory_filter.is_empty and search_sql.count_is_bounded(memory_filter)
         terms = await text_index_sql.query_terms(
             conn, text, after=self.frontier, memory_filter=memory_filter if bounded else None, cap=FILTER_IDS_CAP
         )
@@ -232,6 +242,11 @@ class TextSearch:
         now = time.time()
         if memory_filter.is_empty:
             return index.top(scoring, limit, now), scoring
+        if scopes is not None:
+            slots = index.scope_slots(scopes, now)
+            if len(slots) < FILTER_IDS_CAP:
+                return index.score_slots(slots, scoring, limit), scoring
+            return index.top(scoring, limit, now, within=slots), scoring
         ids = terms.filter_ids
         if ids is not None and len(ids) < FILTER_IDS_CAP:
             return index.score_ids(ids, scoring, now, k=limit), scoring

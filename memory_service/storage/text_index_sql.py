@@ -45,13 +45,16 @@ class QueryTerms:
 
 @dataclasses.dataclass(frozen=True)
 class DocText:
-    """One memory as the index holds it: its distinct lexemes with their frequencies, and when it expires."""
+    """One memory as the index holds it: its distinct lexemes with their frequencies, when it expires, and its
+    scope."""
 
     id: int
     lexemes: list[str]
     tfs: list[int]
     expires_at: float | None
     """Epoch seconds; None when it never expires."""
+    scope: str
+    scope_id: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,19 @@ class PostingsChunk:
     term: npt.NDArray[np.int32]
     ids: npt.NDArray[np.int64]
     tfs: npt.NDArray[np.uint16]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedChunk:
+    """The live memories with ids in one range, ascending: their expiry (inf: never), lengths and scopes, and their
+    postings."""
+
+    ids: npt.NDArray[np.int64]
+    expiry: npt.NDArray[np.float64]
+    lengths: npt.NDArray[np.int32]
+    scopes: list[str]
+    scope_ids: npt.NDArray[np.int64]
+    postings: PostingsChunk
 
 
 TERMS = f"""
@@ -97,14 +113,15 @@ def terms_statement(memory_filter: MemoryFilter | None, *, cap: int) -> tuple[st
 _DOCS = f"""
 SELECT m.id, ARRAY(SELECT u.lexeme FROM unnest(m.search_tsv) u) AS lexemes,
        ARRAY(SELECT coalesce(array_length(u.positions, 1), 0) FROM unnest(m.search_tsv) u) AS tfs,
-       extract(epoch FROM m.expires_at)::float8 AS expires_at
+       extract(epoch FROM m.expires_at)::float8 AS expires_at, m.scope::text AS scope, m.scope_id
 FROM memory.memories m WHERE m.id = ANY($1::bigint[]) AND {LIVE}
 """
 
 _ID_RANGE = "SELECT min(id), max(id) FROM memory.memories"
 
 _LOAD_DOCS = f"""
-SELECT m.id, extract(epoch FROM m.expires_at)::float8 AS expires_at, length(m.search_tsv) AS length
+SELECT m.id, extract(epoch FROM m.expires_at)::float8 AS expires_at, length(m.search_tsv) AS length,
+       m.scope::text AS scope, m.scope_id
 FROM memory.memories m WHERE m.id >= $1 AND m.id < $2 AND {LIVE} ORDER BY m.id
 """
 
@@ -159,14 +176,15 @@ async def changes_between(conn: asyncpg.Connection, after: int, upto: int) -> li
 async def docs(conn: asyncpg.Connection, ids: list[int]) -> list[DocText]:
     """The live memories among ``ids`` as the index holds them; an id not returned is gone (or expired)."""
     rows = await conn.fetch(_DOCS, ids)
-    return [DocText(row["id"], list(row["lexemes"]), list(row["tfs"]), row["expires_at"]) for row in rows]
+    return [
+        DocText(row["id"], list(row["lexemes"]), list(row["tfs"]), row["expires_at"], row["scope"], row["scope_id"])
+        for row in rows
+    ]
 
 
-async def load(
-    conn: asyncpg.Connection,
-) -> AsyncIterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int32], PostingsChunk]]:
-    """Every live memory, a range of ids at a time: (ids, expiry or inf, lengths, postings). Run it inside one
-    repeatable-read transaction, so the chunks are one snapshot."""
+async def load(conn: asyncpg.Connection) -> AsyncIterator[LoadedChunk]:
+    """Every live memory, a range of ids at a time. Run it inside one repeatable-read transaction, so the chunks are
+    one snapshot."""
     bounds = await conn.fetchrow(_ID_RANGE)
     if bounds is None or bounds[0] is None:
         return
@@ -179,6 +197,7 @@ async def load(
             (np.inf if r["expires_at"] is None else r["expires_at"] for r in rows), dtype=np.float64, count=len(rows)
         )
         lengths = np.fromiter((r["length"] for r in rows), dtype=np.int32, count=len(rows))
+        scope_ids = np.fromiter((r["scope_id"] for r in rows), dtype=np.int64, count=len(rows))
         postings = await conn.fetch(_LOAD_POSTINGS, start, end)
         lexemes = [r["lexeme"] for r in postings]
         id_parts = [_array(r["ids"], ">i8", np.int64) for r in postings]
@@ -190,7 +209,7 @@ async def load(
             ids=np.concatenate(id_parts) if id_parts else np.empty(0, np.int64),
             tfs=np.concatenate(tf_parts) if tf_parts else np.empty(0, np.uint16),
         )
-        yield ids, expiry, lengths, chunk
+        yield LoadedChunk(ids, expiry, lengths, [r["scope"] for r in rows], scope_ids, chunk)
 
 
 def rows_statement(memory_filter: MemoryFilter, *, with_embedding: bool) -> tuple[str, list[Any]]:
