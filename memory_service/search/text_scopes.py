@@ -22,8 +22,8 @@ Ints = npt.NDArray[np.int64]
 
 SCOPE_KINDS = {scope.value: code for code, scope in enumerate(Scope)}
 """A scope kind's number in the index (the order of ``Scope``)."""
-ADDED_BYTES = 64
-"""Python's cost of one slot listed since the load (the int and its list entry, and a share of the dict)."""
+ADDED_BYTES = 72
+"""Python's cost of one slot listed since the load (the int, its two list entries, and a share of the dict)."""
 
 
 class ScopeSlots:
@@ -32,6 +32,8 @@ class ScopeSlots:
         """Per kind: the load's scope ids of that kind, ascending, and their slots in the same order."""
         self._added: dict[tuple[int, int], list[int]] = {}
         """(kind, scope id) -> slots appended since the load."""
+        self._added_by_kind: dict[int, list[int]] = {}
+        """Kind -> slots appended since the load (a kind's wildcard reads them without walking every scope)."""
         self._added_count = 0
 
     @classmethod
@@ -49,6 +51,7 @@ class ScopeSlots:
     def add(self, kinds: Iterable[int], scope_ids: Iterable[int], slots: Iterable[int]) -> None:
         for kind, scope_id, slot in zip(kinds, scope_ids, slots, strict=True):
             self._added.setdefault((kind, scope_id), []).append(slot)
+            self._added_by_kind.setdefault(kind, []).append(slot)
             self._added_count += 1
 
     def slots(self, refs: Iterable[ScopeRef]) -> Ints:
@@ -68,7 +71,7 @@ class ScopeSlots:
                     end = np.searchsorted(ids, ref.scope_id, side="right")
                     parts.append(slots[start:end])
             if ref.scope_id is None:
-                parts.extend(np.array(s, np.int64) for (k, _), s in self._added.items() if k == kind)
+                parts.append(np.array(self._added_by_kind.get(kind, ()), np.int64))
             elif (added := self._added.get((kind, ref.scope_id))) is not None:
                 parts.append(np.array(added, np.int64))
         if not parts:
