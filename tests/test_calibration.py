@@ -364,6 +364,12 @@ def test_the_policy_needs_no_database() -> None:
     assert needs_calibration(state, writes=5200, target=0.95)  # a fifth of the rows written since
     assert needs_calibration(state, writes=10, target=0.95)  # the statistics were reset
     assert needs_calibration(state, writes=5000, target=0.9)
+    # Rows fed into an HNSW graph since (200) are updates of no data: 200 fed and 199 written are not a fifth yet.
+    fed = dataclasses.replace(state, fed=300, calibration=dataclasses.replace(calibration, fed=100))
+    assert Calibration.from_json(fed.calibration.to_json()) == fed.calibration  # type: ignore[union-attr]
+    assert not needs_calibration(fed, writes=5000 + 200 + 199, target=0.95)
+    assert needs_calibration(fed, writes=5000 + 200 + 200, target=0.95)
+    assert needs_calibration(fed, writes=4000, target=0.95)  # reset: the raw counter went backwards
     assert not needs_calibration(IndexState(rows=1000), writes=0, target=0.95)  # no index, nothing to calibrate
     assert needs_calibration(state, writes=5000, target=0.95, seen_unfiltered=50)  # real searches to measure on
     assert not needs_calibration(state, writes=5000, target=0.95, seen_unfiltered=49)

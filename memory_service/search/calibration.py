@@ -143,6 +143,9 @@ class Calibration:
     index_built_at: str
     calibrated_at: datetime
     seconds: float
+    fed: int = 0
+    """Rows fed into a graph by then (``index_sql.FED_ROWS_KEY``): writes of no data, left out of ``writes``'
+    growth."""
 
     def curve(self, *, filtered: bool) -> Curve:
         return self.filtered if filtered and self.filtered is not None else self.unfiltered
@@ -161,6 +164,7 @@ class Calibration:
             "index_built_at": self.index_built_at,
             "calibrated_at": self.calibrated_at.isoformat(),
             "seconds": self.seconds,
+            "fed": self.fed,
         }
 
     @classmethod
@@ -176,6 +180,7 @@ class Calibration:
             index_built_at=str(data["index_built_at"]),
             calibrated_at=datetime.fromisoformat(data["calibrated_at"]),
             seconds=float(data["seconds"]),
+            fed=int(data.get("fed", 0)),
         )
 
 
@@ -300,6 +305,7 @@ async def calibrate(
     rows: int,
     writes: int,
     index_built_at: str,
+    fed: int = 0,
     seen: QuerySample | None = None,
     column: str = "embedding",
     watermark: int | None = None,
@@ -375,6 +381,7 @@ async def calibrate(
         index_built_at=index_built_at,
         calibrated_at=datetime.now(UTC),
         seconds=round(time.perf_counter() - started, 3),
+        fed=fed,
     )
     log.info(
         "calibrated %s on %d queries (%d filtered) in %.1fs: %s",

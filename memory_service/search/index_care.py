@@ -183,6 +183,7 @@ class IndexCare:
             calibration=_calibration_of(stored, info.kind, built, self.column),
             watermark=info.watermark,
             tail=tail,
+            fed=int(stored.get(index_sql.FED_ROWS_KEY, "0")),
         )
 
     def _key(self, base: str) -> str:
@@ -303,6 +304,7 @@ class IndexCare:
                 rows=max(state.rows, 1),
                 writes=writes,
                 index_built_at=state.built_at.isoformat(),
+                fed=state.fed,
                 seen=self._seen,
                 column=self.column,
                 watermark=state.watermark,

@@ -51,6 +51,8 @@ class IndexState:
     """A partial HNSW index covers ``graph_seq <= watermark``; None: every row (ivfflat, or HNSW_TAIL_ROWS=0)."""
     tail: int = 0
     """Rows with an embedding above the watermark, searched exactly (counted up to a cap: see ``_read``)."""
+    fed: int = 0
+    """Rows ever fed into a graph (``storage.index_sql.FED_ROWS_KEY``)."""
 
     @property
     def usable(self) -> bool:
@@ -123,7 +125,13 @@ def needs_calibration(
         return True
     changed = writes - calibration.writes
     # A counter that went backwards was reset (statistics reset, or a restored database): nothing to measure from.
-    return changed < 0 or changed >= RECALIBRATE_AFTER * max(calibration.rows, 1)
+    if changed < 0:
+        return True
+    # Rows fed into the graph were counted as updates but changed no data. The statistics take in a transaction's
+    # writes up to a second or so after it commits, the feed's counter at once: around a feed the difference is
+    # off by the rows fed in that second, against a fifth of the table.
+    changed -= max(state.fed - calibration.fed, 0)
+    return changed >= RECALIBRATE_AFTER * max(calibration.rows, 1)
 
 
 def _doubled(curve: Curve | None) -> int:

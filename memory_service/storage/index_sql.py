@@ -144,11 +144,20 @@ async def tail_rows(conn: asyncpg.Connection, watermark: int, column: str = "emb
     return value
 
 
+FED_ROWS_KEY = "vector_index_fed_rows"
+"""memory.settings: rows ever fed into a graph (``feed_tail``), every column's. Each is an UPDATE the table's write
+counters count although no data changed, so what "the data changed enough" is measured from leaves them out."""
+
+# The fed rows and the counter in one statement: committed together, so the counter is exact.
 _FEED = {
-    c: "UPDATE memory.memories m SET graph_seq = {w} FROM (SELECT id FROM memory.memories WHERE graph_seq > {w} AND "
-    + "graph_seq <= $2 AND "
+    c: "WITH fed AS (UPDATE memory.memories m SET graph_seq = {w} FROM (SELECT id FROM memory.memories "
+    + "WHERE graph_seq > {w} AND graph_seq <= $2 AND "
     + c
-    + " IS NOT NULL ORDER BY graph_seq LIMIT $1 FOR UPDATE SKIP LOCKED) fed WHERE m.id = fed.id"
+    + " IS NOT NULL ORDER BY graph_seq LIMIT $1 FOR UPDATE SKIP LOCKED) tail WHERE m.id = tail.id RETURNING m.id), "
+    + "counted AS (INSERT INTO memory.settings (key, value) SELECT $3, count(*)::text FROM fed HAVING count(*) > 0 "
+    + "ON CONFLICT (key) DO UPDATE SET value = (memory.settings.value::bigint + EXCLUDED.value::bigint)::text, "
+    + "updated_at = clock_timestamp()) "
+    + "SELECT count(*) FROM fed"
     for c in COLUMNS
 }
 
@@ -162,11 +171,12 @@ async def feed_tail(
     Lowering a row's ``graph_seq`` to the watermark makes its new version satisfy the partial index's predicate, so
     PostgreSQL inserts it into the graph as it writes the version: the graph grows by these rows and keeps its
     watermark, which a search statement names. Only ``graph_seq`` changes, which no history, change log or count
-    follows. Rows a write holds locked are skipped and taken at the next call; one a write rewrote meanwhile is fed
-    as its new version, since the update re-reads a row that changed under it."""
+    follows (``FED_ROWS_KEY`` counts the rows). Rows a write holds locked are skipped and taken at the next call;
+    one a write rewrote meanwhile is fed as its new version, since the update re-reads a row that changed under
+    it."""
     limit = (1 << 63) - 1 if upto is None else upto
-    tag: str = await conn.execute(_FEED[vector_column(column)].format(w=int(watermark)), rows, limit)
-    return int(tag.rsplit(" ", 1)[-1])
+    moved: int = await conn.fetchval(_FEED[vector_column(column)].format(w=int(watermark)), rows, limit, FED_ROWS_KEY)
+    return moved
 
 
 async def next_watermark(conn: asyncpg.Connection) -> int:
