@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from subprocess import PIPE
 
 import asyncpg
 import numpy as np
@@ -21,6 +24,8 @@ from memory_service.search import text_blocks, text_search, text_segment
 from memory_service.search import text_index as text_index_module
 from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
+from memory_service.search.text_search import TextSearch
+from memory_service.search.tuning import DEFAULT_TEXT_RANKING
 from memory_service.storage import changes_sql, search_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.text_index_sql import DocText, LoadedChunk, PostingsChunk
@@ -513,6 +518,33 @@ async def test_an_expired_memory_is_never_returned(server: RunningServer) -> Non
     assert len(await text_hits(server, "quokka")) == 1
     await asyncio.sleep(1.6)
     assert await text_hits(server, "quokka") == []
+
+
+async def test_a_load_waits_while_another_process_on_the_machine_loads(server: RunningServer, tmp_path: Path) -> None:
+    """One load at a time on a machine (``search.load_turns``): another process holding the lock holds a load back,
+    and the load goes ahead once that process is done (here: gone, which releases its lock too)."""
+    await server.memory.Store(
+        memory_pb2.StoreRequest(
+            memory=memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=1, key="k", value="zeppelin ride")
+        )
+    )
+    lock = tmp_path / "load.lock"
+    holder = "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True)"
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", holder + "; sys.stdin.read()", str(lock), stdin=PIPE, stdout=PIPE
+    )
+    try:
+        assert other.stdout is not None and await other.stdout.readline() == b"held\n"
+        text_search = TextSearch(server.server.runtime.db, DEFAULT_TEXT_RANKING, load_lock=lock)
+        loading = asyncio.create_task(text_search.build())
+        await asyncio.sleep(1.0)
+        assert not loading.done() and not text_search.ready
+    finally:
+        assert other.stdin is not None
+        other.stdin.close()  # it exits, and the kernel drops its lock
+        await other.communicate()
+    await asyncio.wait_for(loading, timeout=60)
+    assert text_search.ready and text_search.index is not None and text_search.index.live == 1
 
 
 async def test_an_index_larger_than_its_bound_is_not_loaded_and_sql_answers(database_url: str) -> None:

@@ -25,8 +25,11 @@ import dataclasses
 import logging
 import math
 import time
+from pathlib import Path
 
 from memory_service.models import Candidate, MemoryFilter, ScopeRef
+from memory_service.search import load_turns
+from memory_service.search.load_turns import load_turn
 from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
 from memory_service.search.tuning import TextRanking
@@ -75,8 +78,12 @@ def estimated_bytes(docs: int, total_length: int) -> int:
 
 
 class TextSearch:
-    def __init__(self, db: Database, ranking: TextRanking, *, max_mb: int = 2048) -> None:
+    def __init__(
+        self, db: Database, ranking: TextRanking, *, max_mb: int = 2048, load_lock: Path = load_turns.LOCK_PATH
+    ) -> None:
         self._db = db
+        self._load_lock = load_lock
+        """Held while loading: one load at a time on the machine (``search.load_turns``)."""
         self._ranking = ranking
         self.max_bytes = max_mb << 20
         """Most memory the index may hold; a corpus estimated larger is ranked by the SQL statement."""
@@ -134,19 +141,20 @@ class TextSearch:
                 self.index, self._refused_at = None, time.monotonic()
                 return
             self._refused_at = None
-            frontier = await self._final_frontier()
-            index = TextIndex(self._ranking.k1, self._ranking.b)
-            async with self._db.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-                # Each chunk is made compact as it arrives (off the event loop), so a load holds little more
-                # than the index it builds.
-                async for part in text_index_sql.load(conn):
-                    await asyncio.to_thread(index.add_loaded, part)
-                docs, total_length = await text_index_sql.corpus(conn)
-            avgdl = total_length / docs if docs and total_length else 1.0
-            await asyncio.to_thread(index.finish_load, avgdl)
-            async with self._lock:
-                self.index, self.frontier, self._applied, self._avgdl = index, frontier, set(), avgdl
-            _release_free_memory()
+            async with load_turn(self._load_lock):
+                frontier = await self._final_frontier()
+                index = TextIndex(self._ranking.k1, self._ranking.b)
+                async with self._db.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                    # Each chunk is made compact as it arrives (off the event loop), so a load holds little more
+                    # than the index it builds.
+                    async for part in text_index_sql.load(conn):
+                        await asyncio.to_thread(index.add_loaded, part)
+                    docs, total_length = await text_index_sql.corpus(conn)
+                avgdl = total_length / docs if docs and total_length else 1.0
+                await asyncio.to_thread(index.finish_load, avgdl)
+                async with self._lock:
+                    self.index, self.frontier, self._applied, self._avgdl = index, frontier, set(), avgdl
+                _release_free_memory()
             log.info(
                 "text index loaded: %d memories, %d postings, %d MB in %.1fs",
                 index.live,
