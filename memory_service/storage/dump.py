@@ -26,6 +26,7 @@ import asyncpg
 
 from memory_service.errors import StartupError
 from memory_service.storage.database import translate_errors
+from memory_service.storage.migrations import migrations_dir
 
 MAGIC = b"MEMORY-SERVICE-BACKUP"
 FORMAT_VERSION = 1
@@ -143,7 +144,7 @@ async def prepare_target(conn: asyncpg.Connection, *, replace: bool) -> None:
     # The archive grants to the calls roles and its policies name them: roles belong to the cluster, so a new one
     # lacks them. As migration 0011 makes them (an owner that is not a superuser becomes a member, to SET ROLE).
     try:
-        await conn.execute(_CALLS_ROLES)
+        await conn.execute(calls_roles_statement())
     except asyncpg.InsufficientPrivilegeError as exc:
         raise StartupError(
             f"cannot create or join the roles memory_calls and memory_calls_kinds ({' '.join(str(exc).split())}): "
@@ -217,28 +218,14 @@ _OWNER_BOUND = re.compile(r"^\d+; \d+ \d+ (POLICY \S+ \S+ maintenance |DEFAULT A
 _DEFAULT_ACL = re.compile(r"^\d+; \d+ \d+ DEFAULT ACL ")
 _FOR_OLD_OWNER = re.compile(r"ALTER DEFAULT PRIVILEGES FOR ROLE \S+ IN SCHEMA")
 
-_CALLS_ROLES = """
-DO $$
-DECLARE
-    role_ text;
-BEGIN
-    FOREACH role_ IN ARRAY ARRAY['memory_calls', 'memory_calls_kinds'] LOOP
-        -- Creating one that exists is refused for want of CREATEROLE before it is found to exist.
-        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = role_) THEN
-            BEGIN
-                EXECUTE format('CREATE ROLE %I NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT', role_);
-            EXCEPTION WHEN duplicate_object THEN
-                NULL;
-            END;
-        END IF;
-        IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-           AND NOT pg_has_role(current_user, role_, 'MEMBER') THEN
-            EXECUTE format('GRANT %I TO %I', role_, current_user);
-        END IF;
-    END LOOP;
-END
-$$
-"""
+
+def calls_roles_statement() -> str:
+    """Migration 0011's first statement, which makes the calls roles (and has an owner that is not a superuser join
+    them, to SET ROLE), read from the migration itself so that a restore makes them exactly as a migration does."""
+    text = (migrations_dir() / "0011_tenants.sql").read_text()
+    start = text.index("DO $$")
+    return text[start : text.index("$$;", start) + 2]
+
 
 _MAINTENANCE_POLICIES = """
 DO $$
