@@ -4,6 +4,7 @@ statistics after deletes and bulk loads, bounded broad queries, and query text t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -215,6 +216,12 @@ def test_refresh_policy() -> None:
     assert policy.due(snapshot(1000, 10, 0), 110, now)  # 10% written
     assert policy.due(snapshot(1000, 10, 61), 11, now)  # old, and something was written
     assert policy.due(snapshot(1000, 10, 0), 5, now)  # counters reset: unknown
+    # Rows fed into an HNSW graph are updates of no text: 100 fed since the snapshot (200 -> 300), 99 written.
+    fed = dataclasses.replace(snapshot(1000, 10, 61), fed_seen=200)
+    assert not policy.due(fed, 10 + 100, now, fed_now=300)  # only fed, even though old
+    assert not policy.due(dataclasses.replace(fed, refreshed_at=now), 10 + 100 + 99, now, fed_now=300)
+    assert policy.due(dataclasses.replace(fed, refreshed_at=now), 10 + 100 + 100, now, fed_now=300)
+    assert policy.due(fed, 10 + 100 + 1, now, fed_now=300)  # old, and something was written
 
 
 async def test_concurrent_refreshes_never_fail(server: RunningServer, database_url: str) -> None:

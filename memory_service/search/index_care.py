@@ -183,7 +183,7 @@ class IndexCare:
             calibration=_calibration_of(stored, info.kind, built, self.column),
             watermark=info.watermark,
             tail=tail,
-            fed=int(stored.get(index_sql.FED_ROWS_KEY, "0")),
+            fed=int(stored.get(stats_sql.FED_ROWS_KEY, "0")),
         )
 
     def _key(self, base: str) -> str:

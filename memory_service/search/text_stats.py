@@ -36,8 +36,9 @@ class RefreshPolicy:
     max_age: float = 300.0
     """Seconds after which any write makes the snapshot due."""
 
-    def due(self, snapshot: Snapshot | None, writes_now: int, now: datetime) -> bool:
-        """Whether the snapshot should be recomputed, given the table's write counter now."""
+    def due(self, snapshot: Snapshot | None, writes_now: int, now: datetime, fed_now: int = 0) -> bool:
+        """Whether the snapshot should be recomputed, given the table's write counter now (and how many rows were
+        fed into an HNSW graph so far, updates of no text: ``stats_sql.FED_ROWS_KEY``)."""
         if snapshot is None:
             return True
         written = writes_now - snapshot.writes_seen
@@ -46,6 +47,9 @@ class RefreshPolicy:
         if written < 0:
             # The statistics collector was reset (or the server restarted after a crash): nothing is known.
             return True
+        written -= max(fed_now - snapshot.fed_seen, 0)
+        if written <= 0:
+            return False
         if snapshot.docs <= self.small_table_rows:
             return True
         if written >= self.change_fraction * snapshot.docs:
@@ -65,7 +69,8 @@ class TextStats:
         async with self._db.connection() as conn:
             snapshot = await text_stats_sql.snapshot(conn)
             writes = await stats_sql.writes_so_far(conn)
-        if not self.policy.due(snapshot, writes, datetime.now(UTC)):
+            fed = await stats_sql.fed_so_far(conn)
+        if not self.policy.due(snapshot, writes, datetime.now(UTC), fed):
             return False
         return await self.refresh()
 

@@ -27,7 +27,7 @@ import asyncpg
 
 from memory_service.models import IndexKind
 from memory_service.storage.database import init_connection, translate_errors
-from memory_service.storage.stats_sql import SMALL_TABLE_PAGES
+from memory_service.storage.stats_sql import FED_ROWS_KEY, SMALL_TABLE_PAGES
 
 KINDS: tuple[IndexKind, ...] = ("ivfflat", "hnsw")
 NAMES: dict[IndexKind, str] = {"ivfflat": "memories_embedding_ivfflat", "hnsw": "memories_embedding_hnsw"}
@@ -143,10 +143,6 @@ async def tail_rows(conn: asyncpg.Connection, watermark: int, column: str = "emb
     value: int = await conn.fetchval(_TAIL[vector_column(column)].format(w=int(watermark)), cap)
     return value
 
-
-FED_ROWS_KEY = "vector_index_fed_rows"
-"""memory.settings: rows ever fed into a graph (``feed_tail``), every column's. Each is an UPDATE the table's write
-counters count although no data changed, so what "the data changed enough" is measured from leaves them out."""
 
 # The fed rows and the counter in one statement: committed together, so the counter is exact.
 _FEED = {

@@ -83,6 +83,19 @@ SELECT e.scope::text AS scope, count(*) AS n FROM (
 _PLANNED_EXPIRED = "EXPLAIN (FORMAT JSON) SELECT 1 FROM memory.memories m WHERE m.expires_at <= now()"
 
 
+FED_ROWS_KEY = "vector_index_fed_rows"
+"""memory.settings: rows ever fed into an HNSW graph (``index_sql.feed_tail``, every column's). Each is an UPDATE that
+``WRITES`` counts although no data changed, so what "the data changed enough" is measured from leaves them out. The
+counter starts at 0 with this key, as do the fed counts stored beside what it is compared with."""
+FED_ROWS = f"SELECT coalesce((SELECT value::bigint FROM memory.settings WHERE key = '{FED_ROWS_KEY}'), 0)"
+
+
+async def fed_so_far(conn: asyncpg.Connection) -> int:
+    """Rows fed into a graph so far (``FED_ROWS_KEY``)."""
+    value: int = await conn.fetchval(FED_ROWS)
+    return value
+
+
 async def writes_so_far(conn: asyncpg.Connection) -> int:
     """Rows inserted, updated and deleted in memory.memories since the statistics' last reset (``WRITES``)."""
     value: int | None = await conn.fetchval(WRITES)

@@ -17,12 +17,19 @@ from datetime import datetime
 import asyncpg
 
 from memory_service.storage.filters import LIVE
-from memory_service.storage.stats_sql import WRITES
+from memory_service.storage.stats_sql import FED_ROWS, WRITES
 
 # pg_try_advisory_xact_lock key: the ASCII bytes "ms-bm25" read as a big-endian integer.
 _REFRESH_LOCK_KEY = int.from_bytes(b"ms-bm25", "big")
 
-_SNAPSHOT = "SELECT docs, total_length, writes_seen, refreshed_at FROM memory.text_corpus"
+_FED_SEEN_KEY = "text_stats_fed_rows"
+"""memory.settings: ``stats_sql.FED_ROWS_KEY``'s count when the statistics were taken."""
+
+_SNAPSHOT = f"""
+SELECT docs, total_length, writes_seen, refreshed_at,
+       coalesce((SELECT value::bigint FROM memory.settings WHERE key = '{_FED_SEEN_KEY}'), 0) AS fed_seen
+FROM memory.text_corpus
+"""
 
 # One statement, so the frequencies, the totals and the write count come from one snapshot, taken after the lock
 # is held (a snapshot taken before it could miss a refresh that committed in between). It only reads: it answers the
@@ -40,13 +47,18 @@ changed AS MATERIALIZED (
 )
 SELECT (SELECT coalesce(array_agg(lexeme ORDER BY lexeme), '{{}}') FROM changed) AS lexemes,
        (SELECT coalesce(array_agg(df ORDER BY lexeme), '{{}}') FROM changed) AS dfs,
-       count(*) AS docs, coalesce(sum(length(m.search_tsv)), 0) AS total_length, coalesce(({WRITES}), 0) AS writes
+       count(*) AS docs, coalesce(sum(length(m.search_tsv)), 0) AS total_length, coalesce(({WRITES}), 0) AS writes,
+       ({FED_ROWS}) AS fed
 FROM memory.memories m WHERE {LIVE}
 """
 
 # The write: the changed lexemes and the totals the read computed, in one short statement.
-_WRITE = """
+_WRITE = f"""
 WITH changes AS (SELECT * FROM unnest($1::text[], $2::integer[]) AS c(lexeme, df)),
+fed AS (
+    INSERT INTO memory.settings (key, value) VALUES ('{_FED_SEEN_KEY}', $6::bigint::text)
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = clock_timestamp()
+),
 gone AS (
     DELETE FROM memory.text_terms t USING changes c WHERE c.df = 0 AND t.lexeme = c.lexeme
 ),
@@ -70,13 +82,15 @@ class Snapshot:
     total_length: int
     writes_seen: int
     refreshed_at: datetime
+    fed_seen: int = 0
+    """Rows fed into an HNSW graph by then (``stats_sql.FED_ROWS_KEY``)."""
 
 
 async def snapshot(conn: asyncpg.Connection) -> Snapshot | None:
     row = await conn.fetchrow(_SNAPSHOT)
     if row is None:
         return None
-    return Snapshot(row["docs"], row["total_length"], row["writes_seen"], row["refreshed_at"])
+    return Snapshot(row["docs"], row["total_length"], row["writes_seen"], row["refreshed_at"], row["fed_seen"])
 
 
 async def refresh(conn: asyncpg.Connection) -> int | None:
@@ -86,6 +100,8 @@ async def refresh(conn: asyncpg.Connection) -> int | None:
         return None
     read = await conn.fetchrow(_READ)
     assert read is not None
-    await conn.execute(_WRITE, read["lexemes"], read["dfs"], read["docs"], read["total_length"], read["writes"])
+    await conn.execute(
+        _WRITE, read["lexemes"], read["dfs"], read["docs"], read["total_length"], read["writes"], read["fed"]
+    )
     docs: int = read["docs"]
     return docs
