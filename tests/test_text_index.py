@@ -256,6 +256,8 @@ def test_the_index_confines_a_search_to_scopes_it_tracks_through_changes() -> No
             expected = brute_force(docs, query, 10, among=members)
             assert_same_top(index.score_slots(slots, scoring, 10), expected)
             assert_same_top(index.top(scoring, 10, now, within=slots), expected)
+            repeating = index.scope_slots(refs, now, unique_below=0)  # as a large scope's mask takes them
+            assert_same_top(index.top(scoring, 10, now, within=repeating), expected)
 
 
 def test_only_a_filter_of_scopes_alone_is_left_to_the_index() -> None:
@@ -536,6 +538,8 @@ async def test_a_load_waits_while_another_process_on_the_machine_loads(server: R
     try:
         assert other.stdout is not None and await other.stdout.readline() == b"held\n"
         text_search = TextSearch(server.server.runtime.db, DEFAULT_TEXT_RANKING, load_lock=lock)
+        await asyncio.wait_for(text_search.build(wait=0), timeout=30)  # a background load: later, not now
+        assert not text_search.ready
         loading = asyncio.create_task(text_search.build())
         await asyncio.sleep(1.0)
         assert not loading.done() and not text_search.ready

@@ -5,8 +5,10 @@ sharing the machine), and a load peaks at about five times the index it builds: 
 million memories. Processes started together would all load at once, and a machine sized for their indexes would
 run out of memory for their loads. So a load first takes an exclusive ``flock`` on a file in the temporary
 directory, shared by every process of every instance on the machine, and holds it until its temporaries are handed
-back: the peak is one load's above the indexes already held. A process that waits serves meanwhile from the SQL
-statement, as it does while any large index loads; the kernel drops the lock of a process that dies.
+back: the peak is one load's above the indexes already held. A process whose turn has not come serves meanwhile
+from the SQL statement, as it does while any large index loads, and tries again later; the kernel drops the lock of
+a process that dies. A load that hangs (on a database that stopped answering) holds the turn until it fails, so no
+process waits for it for long: a load at start-up waits a bounded time, a background one not at all.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import fcntl
 import logging
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,26 +31,47 @@ POLL_SECONDS = 0.2
 
 
 @contextlib.asynccontextmanager
-async def load_turn(path: Path = LOCK_PATH) -> AsyncIterator[None]:
-    """Held while loading; waits while another process on the machine loads. Without a usable lock file (another
-    user's, a read-only directory) the load goes ahead on its own."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        log.debug("text index loads are not serialised on this machine: %s", exc)
-        yield
+async def load_turn(path: Path = LOCK_PATH, *, wait: float | None = None) -> AsyncIterator[bool]:
+    """True while this process holds the machine's turn to load; False once ``wait`` seconds passed without it
+    (None: wait as long as it takes), and the caller leaves its load for later. Without a usable lock file the load
+    goes ahead on its own (True)."""
+    fd = _open(path)
+    if fd is None:
+        yield True
         return
     try:
-        waiting = False
+        deadline = None if wait is None else time.monotonic() + wait
+        logged = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                turn = True
                 break
             except BlockingIOError:
-                if not waiting:
+                if deadline is not None and time.monotonic() >= deadline:
+                    turn = False
+                    break
+                if not logged:
                     log.info("text index load waits for another process's load to finish (%s)", path)
-                    waiting = True
+                    logged = True
                 await asyncio.sleep(POLL_SECONDS)
-        yield
+        yield turn
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open(path: Path) -> int | None:
+    """The lock file, opened for reading (all ``flock`` needs, so a file another account created serves too),
+    created if missing; None when it can be neither opened nor created."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("text index loads are not serialised on this machine (%s): %s", path, exc)
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as exc:
+        log.warning("text index loads are not serialised on this machine (%s): %s", path, exc)
+        return None

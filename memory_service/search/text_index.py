@@ -308,10 +308,13 @@ class TextIndex:
             self._all_usable = bool(usable.all())
         return self._usable
 
-    def scope_slots(self, refs: Iterable[ScopeRef], now: float) -> Ints:
-        """The slots of the live memories (unexpired at ``now``) in the scopes ``refs`` name."""
+    def scope_slots(self, refs: Iterable[ScopeRef], now: float, *, unique_below: int = 1 << 62) -> Ints:
+        """The slots of the live memories (unexpired at ``now``) in the scopes ``refs`` name, each once when they are
+        fewer than ``unique_below`` (more may repeat, which a mask of them does not mind: ``ScopeSlots.slots``)."""
+        refs = tuple(refs)
         slots = self.scopes.slots(refs)
-        return slots[self.usable(now)[slots]]
+        slots = slots[self.usable(now)[slots]]
+        return np.unique(slots) if len(refs) > 1 and len(slots) < unique_below else slots
 
     def top(self, scoring: Scoring, k: int, now: float, *, within: Ints | None = None) -> list[tuple[int, float]]:
         """The best ``k`` live memories by exact BM25, best first (ties by id), as (id, score); with ``within``, the

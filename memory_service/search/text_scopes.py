@@ -23,7 +23,9 @@ Ints = npt.NDArray[np.int64]
 SCOPE_KINDS = {scope.value: code for code, scope in enumerate(Scope)}
 """A scope kind's number in the index (the order of ``Scope``)."""
 ADDED_BYTES = 72
-"""Python's cost of one slot listed since the load (the int, its two list entries, and a share of the dict)."""
+"""Python's cost of one slot listed since the load (the int and its two list entries)."""
+SCOPE_BYTES = 200
+"""Python's cost of one scope first met since the load (its key, list and dict entry), measured roughly."""
 
 
 class ScopeSlots:
@@ -35,6 +37,7 @@ class ScopeSlots:
         self._added_by_kind: dict[int, list[int]] = {}
         """Kind -> slots appended since the load (a kind's wildcard reads them without walking every scope)."""
         self._added_count = 0
+        self._added_bytes = 0
 
     @classmethod
     def of_load(cls, kinds: npt.NDArray[np.int8], scope_ids: Ints) -> ScopeSlots:
@@ -50,15 +53,20 @@ class ScopeSlots:
 
     def add(self, kinds: Iterable[int], scope_ids: Iterable[int], slots: Iterable[int]) -> None:
         for kind, scope_id, slot in zip(kinds, scope_ids, slots, strict=True):
-            self._added.setdefault((kind, scope_id), []).append(slot)
+            listed = self._added.get((kind, scope_id))
+            if listed is None:
+                listed = self._added[(kind, scope_id)] = []
+                self._added_bytes += SCOPE_BYTES
+            listed.append(slot)
             self._added_by_kind.setdefault(kind, []).append(slot)
             self._added_count += 1
 
     def slots(self, refs: Iterable[ScopeRef]) -> Ints:
-        """Every slot (live or not) whose scope one of ``refs`` names (a ref without an id: every id of its kind),
-        each once."""
+        """Every slot (live or not) whose scope one of ``refs`` names (a ref without an id: every id of its kind).
+        A slot repeats when two refs name its scope (a kind's wildcard beside one of its ids, a scope named twice):
+        the caller removes repeats where they matter, after dropping dead slots (sorting a million slots on every
+        search to remove them here would cost more than the search)."""
         parts: list[npt.NDArray[np.integer]] = []
-        refs = tuple(refs)
         for ref in refs:
             kind = SCOPE_KINDS[ref.scope.value]
             base = self._base.get(kind)
@@ -76,10 +84,9 @@ class ScopeSlots:
                 parts.append(np.array(added, np.int64))
         if not parts:
             return np.empty(0, np.int64)
-        found = np.concatenate(parts).astype(np.int64, copy=False)
-        # Two refs name the same slots only when one is a kind's wildcard or a scope is named twice.
-        return np.unique(found) if len(refs) > 1 else found
+        return np.concatenate(parts).astype(np.int64, copy=False)
 
     @property
     def nbytes(self) -> int:
-        return sum(ids.nbytes + slots.nbytes for ids, slots in self._base.values()) + ADDED_BYTES * self._added_count
+        base = sum(ids.nbytes + slots.nbytes for ids, slots in self._base.values())
+        return base + ADDED_BYTES * self._added_count + self._added_bytes

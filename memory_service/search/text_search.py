@@ -51,6 +51,9 @@ POSTING_BYTES = 9
 ``text_blocks``, about 0.8 byte: 459 MB for 59.6 million postings of 1M SciFact memories), with some margin."""
 DOC_BYTES = 80
 """Memory per memory (id, length, expiry, liveness, slot, scope and scratch arrays)."""
+LOAD_TURN_WAIT_AT_START = 30.0
+"""Seconds a load before serving waits for another process's load on the machine; then the process serves, and
+its index loads in the background once its turn comes."""
 REFUSED_RECHECK = 60.0
 """Seconds before a corpus found too large for ``max_bytes`` is estimated again."""
 _RERANKS = 3
@@ -117,10 +120,12 @@ class TextSearch:
         async with self._db.connection() as conn:
             rows = await text_index_sql.estimated_rows(conn)
         if rows <= LOAD_AT_START_ROWS:
-            await self.build()
+            await self.build(wait=LOAD_TURN_WAIT_AT_START)
 
-    async def build(self) -> None:
-        """(Re)load the index from PostgreSQL; searches use the previous one (or the SQL path) meanwhile."""
+    async def build(self, *, wait: float | None = None) -> None:
+        """(Re)load the index from PostgreSQL; searches use the previous one (or the SQL path) meanwhile. ``wait``:
+        seconds to wait for the machine's turn to load (``search.load_turns``; None: as long as it takes); without
+        it the load is left to a later call."""
         if self._building:
             return
         self._building = True
@@ -141,8 +146,12 @@ class TextSearch:
                 self.index, self._refused_at = None, time.monotonic()
                 return
             self._refused_at = None
-            async with load_turn(self._load_lock):
-                frontier = await self._final_frontier()
+            # Before the turn: this waits for older transactions, which must not hold up other processes' loads. An
+            # earlier frontier is as good (the snapshot holds every change up to it; later ones apply again).
+            frontier = await self._final_frontier()
+            async with load_turn(self._load_lock, wait=wait) as turn:
+                if not turn:
+                    return
                 index = TextIndex(self._ranking.k1, self._ranking.b)
                 async with self._db.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
                     # Each chunk is made compact as it arrives (off the event loop), so a load holds little more
@@ -186,7 +195,7 @@ class TextSearch:
         index = self.index
         if index is None:
             if self._refused_at is None or time.monotonic() - self._refused_at > REFUSED_RECHECK:
-                await self.build()
+                await self.build(wait=0)  # not the machine's turn: the next step tries again
             return
         async with self._db.connection() as conn:
             high = await changes_sql.high_seq(conn)
@@ -214,7 +223,7 @@ class TextSearch:
             or index.dead > REBUILD_DEAD_FRACTION * max(index.live, 10_000)
             or index.nbytes > self.max_bytes
         ):
-            await self.build()
+            await self.build(wait=0)
 
     def _scoring(self, terms: text_index_sql.QueryTerms) -> Scoring:
         docs = terms.docs
@@ -251,7 +260,7 @@ class TextSearch:
         if memory_filter.is_empty:
             return index.top(scoring, limit, now), scoring
         if scopes is not None:
-            slots = index.scope_slots(scopes, now)
+            slots = index.scope_slots(scopes, now, unique_below=FILTER_IDS_CAP)
             if len(slots) < FILTER_IDS_CAP:
                 return index.score_slots(slots, scoring, limit), scoring
             return index.top(scoring, limit, now, within=slots), scoring
