@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from memory_service.client import MemoryClient
+from memory_service.config.cores import available_cores, cpu_quota
 from memory_service.config.env import parse_duration
 from memory_service.config.settings import Settings
 from memory_service.errors import ConfigError
@@ -257,3 +260,36 @@ def test_history_settings() -> None:
     assert (custom.history_versions, custom.history_retention, custom.watch_poll_interval) == (False, 172800.0, 0.25)
     with pytest.raises(ConfigError, match="HISTORY_RETENTION is expected to be a positive duration"):
         Settings.from_env({"HISTORY_RETENTION": "0"})
+
+
+def test_the_default_server_processes_are_the_cores_a_container_may_use(tmp_path: Path) -> None:
+    """A CPU quota anywhere along the process's cgroup path bounds the default, v2 and v1 alike, rounded up."""
+    v2 = tmp_path / "v2"
+    for directory, limit in (("", "max 100000"), ("pod", "150000 100000"), ("pod/box", "max 100000")):
+        (v2 / directory).mkdir(parents=True, exist_ok=True)
+        (v2 / directory / "cpu.max").write_text(limit + "\n")
+    (tmp_path / "v2-cgroup").write_text("0::/pod/box\n")
+    assert cpu_quota(v2, tmp_path / "v2-cgroup") == 1.5
+    assert available_cores(v2, tmp_path / "v2-cgroup") == min(2, os.cpu_count() or 1)
+
+    v1 = tmp_path / "v1" / "cpu,cpuacct" / "docker" / "box"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "v1-cgroup").write_text("5:memory:/docker/box\n4:cpu,cpuacct:/docker/box\n")
+    assert cpu_quota(tmp_path / "v1", tmp_path / "v1-cgroup") == 1.0
+    assert available_cores(tmp_path / "v1", tmp_path / "v1-cgroup") == 1
+
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # no limit
+    assert cpu_quota(tmp_path / "v1", tmp_path / "v1-cgroup") is None
+    assert cpu_quota(tmp_path / "none", tmp_path / "missing") is None
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
+def test_a_process_pinned_to_one_cpu_defaults_to_one_server_process() -> None:
+    probe = "from memory_service.config.settings import Settings; print(Settings.from_env({}).server_processes)"
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert pinned.stdout.strip() == "1"
+    assert Settings.from_env({"SERVER_PROCESSES": "3"}).server_processes == 3

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import platformdirs
 
+from memory_service.config.cores import available_cores
 from memory_service.config.env import MIN_TOKEN_LENGTH, EnvReader, parse_duration, redact_url
 from memory_service.errors import ConfigError
 from memory_service.models import IndexKind
@@ -78,9 +79,10 @@ class Settings:
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
-    server_processes: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
-    """Server processes ``serve`` runs on the one port (``app.processes``): the cores. An in-process
-    ``MemoryServer`` (tests, embedding) is always one."""
+    server_processes: int = dataclasses.field(default_factory=available_cores)
+    """Server processes ``serve`` runs on the one port (``app.processes``): the cores this process may use (its
+    CPU affinity and its container's CPU limit, ``config.cores``). An in-process ``MemoryServer`` (tests,
+    embedding) is always one."""
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = DEFAULT_METRICS_PORT
     """None (``METRICS_PORT=off``) disables the metrics endpoint; 0 picks a free port, as GRPC_PORT=0 does."""
