@@ -23,7 +23,8 @@ from memory_service.storage.stats_sql import FED_ROWS, WRITES
 _REFRESH_LOCK_KEY = int.from_bytes(b"ms-bm25", "big")
 
 _FED_SEEN_KEY = "text_stats_fed_rows"
-"""memory.settings: ``stats_sql.FED_ROWS_KEY``'s count when the statistics were taken."""
+"""memory.settings: ``stats_sql.FED_ROWS_KEY``'s count when the statistics were taken (written once there is one:
+a database that never fed a row keeps no setting for it)."""
 
 _SNAPSHOT = f"""
 SELECT docs, total_length, writes_seen, refreshed_at,
@@ -56,7 +57,7 @@ FROM memory.memories m WHERE {LIVE}
 _WRITE = f"""
 WITH changes AS (SELECT * FROM unnest($1::text[], $2::integer[]) AS c(lexeme, df)),
 fed AS (
-    INSERT INTO memory.settings (key, value) VALUES ('{_FED_SEEN_KEY}', $6::bigint::text)
+    INSERT INTO memory.settings (key, value) SELECT '{_FED_SEEN_KEY}', $6::bigint::text WHERE $6::bigint > 0
     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = clock_timestamp()
 ),
 gone AS (
