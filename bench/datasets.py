@@ -22,6 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.corpus import Corpus
+from memory_service.config.settings import DEFAULT_HASH_MODEL
+from memory_service.storage import settings_sql
 
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "zu", "pe", "da", "go", "hi", "ju", "ba", "fe")
 
@@ -154,3 +156,12 @@ COPY_COLUMNS = ("scope", "scope_id", "key", "value", "embedding", "content_hash"
 async def copy_into_memories(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
     """Plain binary COPY straight into memory.memories: the floor any ingest path is measured against."""
     await conn.copy_records_to_table("memories", schema_name="memory", columns=COPY_COLUMNS, records=rows)
+
+
+async def load_for_index(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
+    """Bind a fresh database to the hash model (as its first store would), COPY ``rows`` in, and give the session
+    the memory an index build over them wants: how the index benchmarks start."""
+    async with conn.transaction():
+        await settings_sql.bind_embedding_model(conn, DEFAULT_HASH_MODEL, 384)
+    await copy_into_memories(conn, rows)
+    await conn.execute("SET maintenance_work_mem = '512MB'")

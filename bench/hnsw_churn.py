@@ -22,12 +22,12 @@ import numpy as np
 import numpy.typing as npt
 from pgvector.asyncpg import register_vector
 
-from bench.datasets import copy_into_memories, corpus, queries, records
+from bench.datasets import corpus, load_for_index, queries, records
 from bench.harness import database_server, fresh_database, print_table
 from memory_service.config.settings import DEFAULT_HASH_MODEL
 from memory_service.models import MemoryFilter
 from memory_service.search.tuning import scan_settings
-from memory_service.storage import index_sql, search_sql, settings_sql
+from memory_service.storage import index_sql, search_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.migrations import apply_migrations
 
@@ -89,10 +89,7 @@ async def run(args: argparse.Namespace) -> None:
             try:
                 await init_connection(conn)
                 await register_vector(conn)
-                async with conn.transaction():
-                    await settings_sql.bind_embedding_model(conn, DEFAULT_HASH_MODEL, 384)
-                await copy_into_memories(conn, rows[: args.rows])
-                await conn.execute("SET maintenance_work_mem = '512MB'")
+                await load_for_index(conn, rows[: args.rows])
                 w = await index_sql.next_watermark(conn)
                 await index_sql.rebuild(conn, index_sql.IndexSpec("hnsw", watermark=w))
                 await conn.execute("VACUUM ANALYZE memory.memories")

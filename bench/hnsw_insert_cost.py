@@ -17,10 +17,10 @@ import time
 
 import asyncpg
 
-from bench.datasets import copy_into_memories, corpus, records
+from bench.datasets import copy_into_memories, corpus, load_for_index, records
 from bench.harness import database_server, fresh_database, print_table
 from memory_service.config.settings import DEFAULT_HASH_MODEL
-from memory_service.storage import index_sql, settings_sql
+from memory_service.storage import index_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.migrations import apply_migrations
 
@@ -85,10 +85,7 @@ async def one(server: str, case: tuple[str, str, int, str], base: int, extra: in
         await apply_migrations(dsn)
         conn = await _connect(dsn, "")
         try:
-            async with conn.transaction():
-                await settings_sql.bind_embedding_model(conn, DEFAULT_HASH_MODEL, 384)
-            await copy_into_memories(conn, rows[:base])
-            await conn.execute("SET maintenance_work_mem = '512MB'")
+            await load_for_index(conn, rows[:base])
             watermark = None
             if kind != "none":
                 watermark = await index_sql.next_watermark(conn) if kind.startswith("hnsw-") else None

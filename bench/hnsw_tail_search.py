@@ -20,12 +20,12 @@ import time
 import asyncpg
 from pgvector.asyncpg import register_vector
 
-from bench.datasets import copy_into_memories, corpus, records
+from bench.datasets import copy_into_memories, corpus, load_for_index, records
 from bench.harness import database_server, fresh_database, print_table
 from memory_service.config.settings import DEFAULT_HASH_MODEL
 from memory_service.models import MemoryFilter, Scope, ScopeRef
 from memory_service.search.tuning import scan_settings
-from memory_service.storage import index_sql, search_sql, settings_sql
+from memory_service.storage import index_sql, search_sql
 from memory_service.storage.database import init_connection
 from memory_service.storage.migrations import apply_migrations
 
@@ -66,10 +66,7 @@ async def run(args: argparse.Namespace) -> None:
             try:
                 await init_connection(conn)
                 await register_vector(conn)
-                async with conn.transaction():
-                    await settings_sql.bind_embedding_model(conn, DEFAULT_HASH_MODEL, 384)
-                await copy_into_memories(conn, rows[: args.base])
-                await conn.execute("SET maintenance_work_mem = '512MB'")
+                await load_for_index(conn, rows[: args.base])
                 for name, value in scan_settings("hnsw", 40, iterative=True, limit=10, filtered=False).items():
                     await conn.execute(f"SET {name} = '{value}'")
                 # First a complete graph over the same rows and the statement without a tail: the floor.

@@ -22,7 +22,7 @@ import time
 
 import asyncpg
 
-from bench.datasets import copy_into_memories, corpus, records
+from bench.datasets import corpus, load_for_index, records
 from bench.harness import ServerProcess, database_server, fresh_database, print_table
 from bench.ingest import bulk_store, requests
 from memory_service.config.settings import DEFAULT_HASH_MODEL
@@ -104,10 +104,7 @@ async def one(
         conn = await asyncpg.connect(dsn)
         try:
             await init_connection(conn)
-            async with conn.transaction():
-                await settings_sql.bind_embedding_model(conn, DEFAULT_HASH_MODEL, 384)
-            await copy_into_memories(conn, rows[:base])
-            await conn.execute("SET maintenance_work_mem = '512MB'")
+            await load_for_index(conn, rows[:base])
             started = time.perf_counter()
             watermark = await index_sql.next_watermark(conn) if tail_rows else None
             spec = index_sql.IndexSpec(
