@@ -64,14 +64,11 @@ def _open(path: Path) -> int | None:
     """The lock file, opened for reading (all ``flock`` needs, so a file another account created serves too),
     created if missing; None when it can be neither opened nor created."""
     try:
-        return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("text index loads are not serialised on this machine (%s): %s", path, exc)
-        return None
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            # Only when missing: O_CREAT on another account's file in a sticky directory is refused (protected_regular).
+            return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError as exc:
         log.warning("text index loads are not serialised on this machine (%s): %s", path, exc)
         return None

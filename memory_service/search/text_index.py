@@ -319,12 +319,14 @@ class TextIndex:
     def top(self, scoring: Scoring, k: int, now: float, *, within: Ints | None = None) -> list[tuple[int, float]]:
         """The best ``k`` live memories by exact BM25, best first (ties by id), as (id, score); with ``within``, the
         best among those usable slots."""
-        usable: npt.NDArray[np.bool_] | None = self.usable(now)
+        usable: npt.NDArray[np.bool_] | None
         if within is not None:
             usable = np.zeros(self.count, np.bool_)
             usable[within] = True
-        elif self._all_usable:
-            usable = None  # nothing to check per document
+        else:
+            usable = self.usable(now)
+            if self._all_usable:
+                usable = None  # nothing to check per document
         slots, scores = [], []
         for segment in self.segments:
             local, score = segment.top(scoring, k, usable)

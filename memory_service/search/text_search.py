@@ -29,7 +29,6 @@ from pathlib import Path
 
 from memory_service.models import Candidate, MemoryFilter, ScopeRef
 from memory_service.search import load_turns
-from memory_service.search.load_turns import load_turn
 from memory_service.search.text_blocks import Scoring
 from memory_service.search.text_index import TextIndex
 from memory_service.search.tuning import TextRanking
@@ -149,7 +148,7 @@ class TextSearch:
             # Before the turn: this waits for older transactions, which must not hold up other processes' loads. An
             # earlier frontier is as good (the snapshot holds every change up to it; later ones apply again).
             frontier = await self._final_frontier()
-            async with load_turn(self._load_lock, wait=wait) as turn:
+            async with load_turns.load_turn(self._load_lock, wait=wait) as turn:
                 if not turn:
                     return
                 index = TextIndex(self._ranking.k1, self._ranking.b)

@@ -68,8 +68,7 @@ class TextStats:
         """Refresh if due; True when this call refreshed."""
         async with self._db.connection() as conn:
             snapshot = await text_stats_sql.snapshot(conn)
-            writes = await stats_sql.writes_so_far(conn)
-            fed = await stats_sql.fed_so_far(conn)
+            writes, fed = await stats_sql.writes_and_fed(conn)
         if not self.policy.due(snapshot, writes, datetime.now(UTC), fed):
             return False
         return await self.refresh()

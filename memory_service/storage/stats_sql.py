@@ -87,13 +87,21 @@ FED_ROWS_KEY = "vector_index_fed_rows"
 """memory.settings: rows ever fed into an HNSW graph (``index_sql.feed_tail``, every column's). Each is an UPDATE that
 ``WRITES`` counts although no data changed, so what "the data changed enough" is measured from leaves them out. The
 counter starts at 0 with this key, as do the fed counts stored beside what it is compared with."""
-FED_ROWS = f"SELECT coalesce((SELECT value::bigint FROM memory.settings WHERE key = '{FED_ROWS_KEY}'), 0)"
 
 
-async def fed_so_far(conn: asyncpg.Connection) -> int:
-    """Rows fed into a graph so far (``FED_ROWS_KEY``)."""
-    value: int = await conn.fetchval(FED_ROWS)
-    return value
+def settings_count(key: str) -> str:
+    """A count kept in memory.settings under ``key``, as an SQL expression (0 while unset)."""
+    return f"coalesce((SELECT value::bigint FROM memory.settings WHERE key = '{key}'), 0)"
+
+
+FED_ROWS = settings_count(FED_ROWS_KEY)
+
+
+async def writes_and_fed(conn: asyncpg.Connection) -> tuple[int, int]:
+    """``writes_so_far`` and the rows fed into a graph so far (``FED_ROWS_KEY``), in one round trip."""
+    row = await conn.fetchrow(f"SELECT ({WRITES}) AS writes, {FED_ROWS} AS fed")
+    assert row is not None
+    return row["writes"] or 0, row["fed"]
 
 
 async def writes_so_far(conn: asyncpg.Connection) -> int:

@@ -17,7 +17,7 @@ from datetime import datetime
 import asyncpg
 
 from memory_service.storage.filters import LIVE
-from memory_service.storage.stats_sql import FED_ROWS, WRITES
+from memory_service.storage.stats_sql import FED_ROWS, WRITES, settings_count
 
 # pg_try_advisory_xact_lock key: the ASCII bytes "ms-bm25" read as a big-endian integer.
 _REFRESH_LOCK_KEY = int.from_bytes(b"ms-bm25", "big")
@@ -28,7 +28,7 @@ a database that never fed a row keeps no setting for it)."""
 
 _SNAPSHOT = f"""
 SELECT docs, total_length, writes_seen, refreshed_at,
-       coalesce((SELECT value::bigint FROM memory.settings WHERE key = '{_FED_SEEN_KEY}'), 0) AS fed_seen
+       {settings_count(_FED_SEEN_KEY)} AS fed_seen
 FROM memory.text_corpus
 """
 
@@ -49,7 +49,7 @@ changed AS MATERIALIZED (
 SELECT (SELECT coalesce(array_agg(lexeme ORDER BY lexeme), '{{}}') FROM changed) AS lexemes,
        (SELECT coalesce(array_agg(df ORDER BY lexeme), '{{}}') FROM changed) AS dfs,
        count(*) AS docs, coalesce(sum(length(m.search_tsv)), 0) AS total_length, coalesce(({WRITES}), 0) AS writes,
-       ({FED_ROWS}) AS fed
+       {FED_ROWS} AS fed
 FROM memory.memories m WHERE {LIVE}
 """
 
