@@ -22,7 +22,7 @@ from memory_service.models import MemoryFilter
 from memory_service.search.hnsw_tail import inserts_tail, tail_bound, tail_due, tail_to_insert
 from memory_service.search.index_care import IndexCare
 from memory_service.search.index_policy import IndexState, needs_rebuild
-from memory_service.storage import search_sql
+from memory_service.storage import search_sql, stats_sql
 from memory_service.storage.database import init_connection
 from memory_service.v1 import memory_pb2
 from tests.conftest import RunningServer, start_server, stop_server, test_env
@@ -41,8 +41,17 @@ def env_for(database_url: str, **overrides: str) -> dict[str, str]:
         "SEARCH_NARROW_FILTER_ROWS": "10",
         "SEARCH_CALIBRATION_QUERIES": "40",
         "INDEX_CHECK_INTERVAL": "1h",  # the tests drive the rebuilds themselves
+        "TEXT_STATS_INTERVAL": "1h",  # and the BM25 statistics' refresh
     }
     return test_env(database_url, **{**settings, **overrides})
+
+
+async def writes_reach(database_url: str, writes: int) -> None:
+    """Until PostgreSQL's write counters of memory.memories (which take in a commit up to seconds later) reach
+    ``writes``."""
+    async with asyncio.timeout(60):
+        while (await sql(database_url, stats_sql.WRITES))[0][0] < writes:
+            await asyncio.sleep(0.2)
 
 
 async def sql(database_url: str, statement: str, *args: object) -> list[asyncpg.Record]:
@@ -281,6 +290,12 @@ async def test_a_large_graph_takes_its_tail_by_insertion_without_a_rebuild(
     state = await care.refresh()
     assert state.tail == 600 and not care.needs_rebuild(state) and care.tail_to_insert(state)
     fed_before = state.fed
+    # BM25's statistics taken once the statistics count every row written so far.
+    stored = (await sql(database_url, "SELECT count(*) FROM memory.memories"))[0][0]
+    await writes_reach(database_url, stored)
+    text_stats = running.server.runtime.text_stats
+    assert await text_stats.refresh()
+    refreshed_at = (await sql(database_url, "SELECT writes_seen FROM memory.text_corpus"))[0][0]
 
     # A write holding one tail row is neither waited for nor lost: the row stays in the tail until the next check.
     holder = await asyncpg.connect(database_url)
@@ -298,6 +313,10 @@ async def test_a_large_graph_takes_its_tail_by_insertion_without_a_rebuild(
     assert care.state.tail == 0 and care.state.watermark == watermark
     assert (await sql(database_url, index_oid))[0][0] == graph  # the same index, grown: no rebuild
     assert care.state.fed == fed_before + 600  # counted, so that no calibration takes them for data written
+    # Nor do BM25's statistics: once the statistics count the 600 updates, a refresh is not due for them (on a table
+    # this small any data written would make it due).
+    await writes_reach(database_url, refreshed_at + 600)
+    assert not await text_stats.maintain()
 
     # Only graph_seq moved: no change, no history version, no value or timestamp.
     assert await sql(database_url, observed) == history
