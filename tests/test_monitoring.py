@@ -134,7 +134,13 @@ def test_dashboard_panels_are_described_and_distinct() -> None:
 @pytest.fixture
 async def busy_server(database_url: str) -> AsyncIterator[RunningServer]:
     running = await start_server(
-        test_env(database_url, VECTOR_INDEX="ivfflat", EXACT_SEARCH_MAX_ROWS="500", SEARCH_RECALL_SAMPLE="1")
+        test_env(
+            database_url,
+            VECTOR_INDEX="ivfflat",
+            EXACT_SEARCH_MAX_ROWS="500",
+            SEARCH_RECALL_SAMPLE="1",
+            SEARCH_RECALL_BUDGET="1",
+        )
     )
     yield running
     await stop_server(running)
@@ -223,6 +229,34 @@ def _index_searches(registry: CollectorRegistry, mode: str) -> float:
         registry.get_sample_value("memory_searches_total", {"mode": mode, "plan": plan}) or 0
         for plan in ("index", "iterative_index")
     )
+
+
+async def test_recall_checks_rest_to_keep_to_their_budget(database_url: str) -> None:
+    """Every search drawn, but the checks may take 0.1% of a connection's time: after the first check the worker
+    rests 999 times as long as it took (a second or more), so the searches that follow are not drawn."""
+    running = await start_server(
+        test_env(database_url, EXACT_SEARCH_MAX_ROWS="500", SEARCH_RECALL_SAMPLE="1", SEARCH_RECALL_BUDGET="0.001")
+    )
+    try:
+        await load(database_url, 1000, seed=14)
+        await running.server.runtime.index.maintain(force=True)
+        registry = running.server.metrics.registry
+
+        def checked() -> float:
+            return registry.get_sample_value("memory_search_recall_count", {"filtered": "false"}) or 0
+
+        request = memory_pb2.SearchRequest(query="topic words", mode=memory_pb2.SEARCH_MODE_VECTOR)
+        await running.memory.Search(request)
+        for _ in range(200):
+            if checked():
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(20):
+            await running.memory.Search(request)
+        assert _index_searches(registry, "vector") == 21
+        assert checked() == 1
+    finally:
+        await stop_server(running)
 
 
 async def test_recall_sampling_off_runs_nothing(database_url: str) -> None:

@@ -272,7 +272,9 @@ class Runtime:
                 settings.database_read_url, min_size=1, max_size=settings.database_pool_max, on_query=self._on_query
             )
             read_db.on_wait = self.metrics.pool_wait.observe
-        self._recall = RecallCheck(read_db, self.metrics, sample=settings.search_recall_sample)
+        self._recall = RecallCheck(
+            read_db, self.metrics, sample=settings.search_recall_sample, budget=settings.search_recall_budget
+        )
         ranking = TextRanking(k1=settings.bm25_k1, b=settings.bm25_b, max_scored=settings.text_max_scored)
         text_search = TextSearch(read_db, ranking, max_mb=settings.text_index_max_mb) if settings.text_index else None
         if text_search is not None:

@@ -113,6 +113,9 @@ class Settings:
     ``/v1/traces``); unset: tracing off."""
     search_recall_sample: float = 0.01
     """Share of index searches re-run exactly in the background to estimate recall (``memory_search_recall``)."""
+    search_recall_budget: float = 0.02
+    """Share of one database connection's time those re-runs may take in each server process: an exact scan costs
+    what the table holds, so at a high search rate the share of searches alone would keep a connection busy."""
 
     max_text_bytes: int = 32 * 1024
     """Largest memory value (and search query) accepted, in UTF-8 bytes."""
@@ -266,6 +269,9 @@ class Settings:
             otel_traces_endpoint=_otel_endpoint(reader, env if env is not None else os.environ),
             search_recall_sample=reader.number(
                 "SEARCH_RECALL_SAMPLE", d.search_recall_sample, minimum=0.0, maximum=1.0
+            ),
+            search_recall_budget=reader.number(
+                "SEARCH_RECALL_BUDGET", d.search_recall_budget, minimum=0.001, maximum=1.0
             ),
             max_text_bytes=reader.integer("MAX_TEXT_BYTES", d.max_text_bytes, minimum=16, maximum=1 << 20),
             search_max_top_k=reader.integer("SEARCH_MAX_TOP_K", d.search_max_top_k, minimum=1, maximum=10_000),
