@@ -104,6 +104,7 @@ def test_openai_key_selects_openai_provider() -> None:
         ({"EMBEDDING_PROVIDER": "openai"}, "EMBEDDING_PROVIDER=openai is expected with OPENAI_API_KEY"),
         ({"TLS_CERT_FILE": "/nonexistent.pem"}, "TLS_CERT_FILE and TLS_KEY_FILE are expected together"),
         ({"AUTH_TOKENS": "short"}, "AUTH_TOKENS is expected to hold comma-separated tokens"),
+        ({"SEARCH_RECALL_BUDGET": "0"}, "SEARCH_RECALL_BUDGET is expected to be a number from 0.001 to 1 (got '0')"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], fragment: str) -> None:
