@@ -40,7 +40,7 @@ RECALL_AT = 10
 """Recall is measured on the top 10, the default top_k."""
 MIN_SEEN = 50
 """Recent searches (of a kind: unfiltered, filtered) needed before they replace sampled memories as queries."""
-_Z95 = 1.645
+Z95 = 1.645
 """One-sided 95% normal quantile, for the lower confidence bound the choice is made on."""
 # pgvector accepts ef_search up to 1000; ef_search below the LIMIT cannot return LIMIT rows without an iterative scan.
 HNSW_LADDER = (10, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200, 256, 320, 400, 500, 640, 800, 1000)
@@ -270,7 +270,7 @@ async def _curve(
         per_query = await _recalls(conn, fit, column, watermark)
         recall = round(statistics.fmean(per_query), 4)
         spread = statistics.stdev(per_query) if len(per_query) > 1 else 0.0
-        bound = round(recall - _Z95 * spread / math.sqrt(len(per_query)), 4)
+        bound = round(recall - Z95 * spread / math.sqrt(len(per_query)), 4)
         points.append((setting, recall))
         lower.append(bound)
         if bound < target:
