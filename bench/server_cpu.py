@@ -6,8 +6,8 @@
 Loads the ``hard`` corpus and builds the index as ``bench.overhead`` does (or measures ``--dsn`` as it is), starts one
 server process with the index check held off (``INDEX_CHECK_INTERVAL=1h``, so no calibration runs meanwhile), and
 for each call kind sends ``--calls`` calls one at a time after 200 untimed ones, reading the server's user + system
-CPU time from ``/proc/PID/stat`` before and after. Every search request names the ``probes`` of the first answer,
-so a search costs the same throughout.
+CPU time from ``/proc/PID/stat`` before and after. Every search request names the ``probes`` of the first answer
+(or ``--probes``: a warm setting rather than a cold build's), so a search costs the same throughout.
 
 CPU time per call still moves with what else the machine runs (shared caches and cores), by a third from one
 minute to the next on a busy machine. So servers compared are measured in the same run, alternately, in blocks of
@@ -126,6 +126,8 @@ async def measure(dsn: str, args: argparse.Namespace, vectors: Any, ids: list[in
         )
         for target in targets:
             await target.start(first)
+        if args.probes:
+            targets[0].probes = args.probes
         for target in targets[1:]:
             # Every server scans at the same setting: a call's CPU grows with how long it waits for PostgreSQL (the
             # process's caches go cold meanwhile), so a floor at its default ef_search would look cheaper than it is.
@@ -200,6 +202,9 @@ def main() -> None:
     parser.add_argument("--dsn", help="measure on this database as it is (loaded and indexed) instead of a new one")
     parser.add_argument("--baseline", help="also measure the service of this checkout (a directory), alternately")
     parser.add_argument("--floor", action="store_true", help="also measure bench.floor on uvloop, alternately")
+    parser.add_argument(
+        "--probes", type=int, default=0, help="ef_search (or probes) every request names (default: the first answer's)"
+    )
     parser.add_argument("--profile", type=int, default=0, help="then py-spy this tree's server for this many seconds")
     parser.add_argument("--native", action="store_true", help="py-spy --native")
     parser.add_argument("--profile-out", default="/tmp/server-profile.txt")

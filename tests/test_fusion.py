@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from memory_service.models import Candidate, Fusion, SearchMode, SearchQuery
-from memory_service.search.fusion import rank_candidates
+from memory_service.models import Candidate, Fusion, SearchMode, SearchQuery, assemble
+from memory_service.search.fusion import _fuse, rank_candidates
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -129,3 +131,40 @@ def test_top_k_and_ties_break_by_id() -> None:
 def test_text_mode_scores_by_text_rank_value() -> None:
     candidates = [candidate(1, text=0.1), candidate(2, text=0.3)]
     assert ranked_ids(candidates, text="q", mode=SearchMode.TEXT) == [2, 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    distances=st.lists(st.sampled_from([0.0, 0.1, 0.1 + 1e-17, 0.25, 0.5, 1.0, 1.5, 2.0]), min_size=0, max_size=25),
+    top_k=st.integers(1, 12),
+    min_score=st.one_of(st.none(), st.sampled_from([-1.0, 0.0, 0.5, 0.9])),
+)
+def test_vector_ranking_shortcut_agrees_with_the_general_ranking(
+    distances: list[float], top_k: int, min_score: float | None
+) -> None:
+    """VECTOR without boosts takes a shortcut (no fusion, scale or boost); it must rank, score and cut exactly as
+    the general path does, ties in distance included."""
+    found = [candidate(i, distance=d) for i, d in reversed(list(enumerate(distances, start=1)))]
+    query = SearchQuery(mode=SearchMode.VECTOR, embedding=None, top_k=top_k, min_score=min_score)
+    shortcut = rank_candidates(found, query, NOW)
+    general = _fuse(found, query, NOW, alpha=0.5)
+    assert shortcut == general
+
+
+def test_assemble_equals_the_constructor_and_refuses_missing_or_unknown_fields() -> None:
+    fields = {
+        "id": 7,
+        "distance": 0.25,
+        "text_score": None,
+        "importance": 0.5,
+        "updated_at": NOW,
+        "memory": None,
+        "from_vector": True,
+        "from_text": False,
+        "text_every_term": False,
+    }
+    assert assemble(Candidate, fields) == Candidate(**fields)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Candidate needs exactly its fields"):
+        assemble(Candidate, {k: v for k, v in fields.items() if k != "memory"})
+    with pytest.raises(TypeError, match="Candidate needs exactly its fields"):
+        assemble(Candidate, {**fields, "memroy": None})

@@ -23,7 +23,16 @@ from memory_service.embeddings.service import EmbeddingService
 from memory_service.errors import GenerationChanged
 from memory_service.generations.state import Generations
 from memory_service.metrics import Metrics
-from memory_service.models import Candidate, IndexKind, SearchHit, SearchMode, SearchQuery, SearchResult, Vector
+from memory_service.models import (
+    Candidate,
+    IndexKind,
+    SearchHit,
+    SearchMode,
+    SearchQuery,
+    SearchResult,
+    Vector,
+    assemble,
+)
 from memory_service.observability import tracing
 from memory_service.search.fusion import rank_candidates
 from memory_service.search.index_care import IndexCare
@@ -356,13 +365,16 @@ class SearchEngine:
             )
         )
         return [
-            SearchHit(
-                memory=s.candidate.memory or memories[s.candidate.id],
-                score=s.score,
-                cosine_similarity=s.cosine_similarity,
-                text_score=s.candidate.text_score,
-                vector_rank=s.vector_rank,
-                text_rank=s.text_rank,
+            assemble(
+                SearchHit,
+                {
+                    "memory": s.candidate.memory or memories[s.candidate.id],
+                    "score": s.score,
+                    "cosine_similarity": s.cosine_similarity,
+                    "text_score": s.candidate.text_score,
+                    "vector_rank": s.vector_rank,
+                    "text_rank": s.text_rank,
+                },
             )
             for s in ranked
             if s.candidate.memory is not None or s.candidate.id in memories

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from memory_service.models import Candidate, Fusion, SearchMode, SearchQuery
+from memory_service.models import Candidate, Fusion, SearchMode, SearchQuery, assemble
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,18 @@ def rank_candidates(
 
     ``alpha`` is the vector weight of weighted fusion when the query does not set its own.
     """
+    if (
+        query.mode is SearchMode.VECTOR
+        and not query.importance_boost
+        and not query.recency_boost
+        and all(c.from_vector and c.distance is not None for c in candidates)
+    ):
+        return _rank_by_cosine(candidates, query)
+    return _fuse(candidates, query, now, alpha=alpha)
+
+
+def _fuse(candidates: Sequence[Candidate], query: SearchQuery, now: datetime, *, alpha: float) -> list[Scored]:
+    """``rank_candidates`` in general: every mode, fusion and boost."""
     vector_ranks = _ranks([c for c in candidates if c.from_vector], key=lambda c: c.distance, descending=False)
     text_ranks = _ranks([c for c in candidates if c.from_text], key=lambda c: c.text_score, descending=True)
     scale = _Scale.of(candidates)
@@ -55,6 +67,35 @@ def rank_candidates(
         scored.append(Scored(candidate, score, cosine, v_rank, t_rank))
     scored.sort(key=lambda s: (-s.score, s.candidate.id))
     return scored[: query.top_k]
+
+
+def _rank_by_cosine(candidates: Sequence[Candidate], query: SearchQuery) -> list[Scored]:
+    """``rank_candidates`` of a VECTOR search without boosts, the common call: the score is the cosine itself, so
+    there is nothing to fuse, scale or boost, and each candidate's rank is its place in distance order."""
+    by_distance = sorted(candidates, key=_distance_then_id)
+    scored = []
+    for rank, candidate in enumerate(by_distance, start=1):
+        cosine = 1.0 - candidate.distance  # type: ignore[operator]  # every candidate has one (checked above)
+        if query.min_score is not None and cosine < query.min_score:
+            continue
+        scored.append(
+            assemble(
+                Scored,
+                {
+                    "candidate": candidate,
+                    "score": cosine,
+                    "cosine_similarity": cosine,
+                    "vector_rank": rank,
+                    "text_rank": None,
+                },
+            )
+        )
+    scored.sort(key=lambda s: (-s.score, s.candidate.id))
+    return scored[: query.top_k]
+
+
+def _distance_then_id(candidate: Candidate) -> tuple[float, int]:
+    return candidate.distance, candidate.id  # type: ignore[return-value]
 
 
 def _base_score(

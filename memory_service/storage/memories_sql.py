@@ -8,7 +8,17 @@ from typing import Any
 
 import asyncpg
 
-from memory_service.models import Memory, MemoryFilter, MemoryType, NewMemory, Scope, Vector, WriteContext, WriteOutcome
+from memory_service.models import (
+    Memory,
+    MemoryFilter,
+    MemoryType,
+    NewMemory,
+    Scope,
+    Vector,
+    WriteContext,
+    WriteOutcome,
+    assemble,
+)
 from memory_service.storage import columns
 from memory_service.storage.command_tag import rows_affected
 from memory_service.storage.filters import LIVE, Params, where_clause
@@ -247,23 +257,27 @@ _TYPES = {memory_type.value: memory_type for memory_type in MemoryType}
 
 
 def memory_from_row(row: asyncpg.Record | dict[str, Any]) -> Memory:
-    return Memory(
-        id=row["id"],
-        scope=_SCOPES[row["scope"]],
-        scope_id=row["scope_id"],
-        agent_id=row["agent_id"],
-        memory_type=_TYPES[row["memory_type"]],
-        key=row["key"],
-        value=row["value"],
-        importance=float(row["importance"]),
-        tags=tuple(row["tags"] or ()),
-        metadata=row["metadata"] or {},
-        content_hash=bytes(row["content_hash"]),
-        embedding_model=row["embedding_model"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=_aware(row["expires_at"]),
-        embedding=row.get("embedding"),
+    # Every search hit and listed memory passes here: assembled, not constructed (models.assemble).
+    return assemble(
+        Memory,
+        {
+            "id": row["id"],
+            "scope": _SCOPES[row["scope"]],
+            "scope_id": row["scope_id"],
+            "agent_id": row["agent_id"],
+            "memory_type": _TYPES[row["memory_type"]],
+            "key": row["key"],
+            "value": row["value"],
+            "importance": float(row["importance"]),
+            "tags": tuple(row["tags"] or ()),
+            "metadata": row["metadata"] or {},
+            "content_hash": bytes(row["content_hash"]),
+            "embedding_model": row["embedding_model"],
+            "created_at": row["created_at"],
+            "updated_at": row["updated_at"],
+            "expires_at": _aware(row["expires_at"]),
+            "embedding": row.get("embedding"),
+        },
     )
 
 

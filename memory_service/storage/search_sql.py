@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from memory_service.models import NO_FILTER, Candidate, Memory, MemoryFilter, Vector
+from memory_service.models import NO_FILTER, Candidate, Memory, MemoryFilter, Vector, assemble
 from memory_service.storage.filters import Params, where_clause
 from memory_service.storage.index_sql import vector_column
 from memory_service.storage.memories_sql import COLUMNS, COLUMNS_WITH_EMBEDDING, memory_from_row
@@ -257,16 +257,19 @@ async def candidates(
         )
     rows = await conn.fetch(sql, *values)
     return [
-        Candidate(
-            id=row["id"],
-            distance=row["distance"],
-            text_score=row["text_score"],
-            importance=row["importance"],
-            updated_at=row["updated_at"],
-            memory=memory_from_row(row) if full_rows else None,
-            from_vector=row["from_vector"],
-            from_text=row["from_text"],
-            text_every_term=row["text_every_term"],
+        assemble(
+            Candidate,
+            {
+                "id": row["id"],
+                "distance": row["distance"],
+                "text_score": row["text_score"],
+                "importance": row["importance"],
+                "updated_at": row["updated_at"],
+                "memory": memory_from_row(row) if full_rows else None,
+                "from_vector": row["from_vector"],
+                "from_text": row["from_text"],
+                "text_every_term": row["text_every_term"],
+            },
         )
         for row in rows
     ]
