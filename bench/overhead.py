@@ -13,6 +13,8 @@ Loads the ``hard`` corpus through BulkStore and builds the index (``bench.scale.
 The difference of the p50s is the service's own cost per call: gRPC on both ends, conversions, validation, the
 interceptor, the pool. With ``--floor``, the bare floor (``bench.floor`` on uvloop, at the same ``probes``) takes its
 turn in the same alternation: the least any grpc.aio and asyncpg server adds to the same statement.
+Each service path is also timed from grpc's blocking stub ("blocking client"): grpc.aio's client hands every
+completion from its poller thread to the event loop, and that hop is the caller's cost, not the service's.
 Then calls/s with 16 calls in flight (each in-flight caller its own channel, so the client's own Python is spread
 over connections as real callers would be).
 """
@@ -28,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import grpc
 import numpy as np
 import numpy.typing as npt
 from grpc import aio
@@ -70,11 +73,13 @@ async def measure(
     kind: IndexKind,
     total: int,
     floor: bool = False,
+    probes_wanted: int = 0,
 ) -> list[list[object]]:
     server = ServerProcess(env)
     floor_server = ServerProcess(env, FLOOR) if floor else None
     conn = await asyncpg.connect(dsn)
     channels = []
+    blocking_channels: list[grpc.Channel] = []
     try:
         await asyncio.to_thread(server.wait_ready, processes=server_processes(env))
         if floor_server is not None:
@@ -86,9 +91,15 @@ async def measure(
         channels += service_channels
         stubs = [memory_pb2_grpc.MemoryServiceStub(c) for c in service_channels]
         stub = stubs[0]
+        # The same calls from grpc's blocking stub, which waits in gRPC's core without an event loop: what a caller
+        # that is not asyncio pays (grpc.aio's client hands every completion from its poller thread to the loop).
+        blocking_channels.append(grpc.insecure_channel(server.address))
+        if floor_server is not None:
+            blocking_channels.append(grpc.insecure_channel(floor_server.address))
+        blocking = [memory_pb2_grpc.MemoryServiceStub(c) for c in blocking_channels]
         get_sql = f"SELECT {COLUMNS} FROM memory.memories m WHERE m.id = $1 AND {LIVE}"
 
-        probes = 0
+        probes = probes_wanted
 
         def search_request(i: int) -> memory_pb2.SearchRequest:
             return memory_pb2.SearchRequest(
@@ -99,7 +110,8 @@ async def measure(
             )
 
         first = await stub.Search(search_request(0))
-        # Every call at the setting of the first: the server recalibrates on the searches it serves.
+        # Every call at the setting of the first (or the one asked for): the server recalibrates on the searches
+        # it serves.
         probes = first.probes
         exact = first.plan == "exact"
         for name, value in scan_settings(kind, first.probes, iterative=True, limit=K, filtered=False).items():
@@ -135,9 +147,9 @@ async def measure(
             (f"VECTOR ({first.plan} {first.probes})", search_service, search_sql_only, search_on),
         ]
         for name, service, statement, on in pairs:
-            paths = [service, statement]
+            paths: list[Callable[[int], Awaitable[object]]] = [service, statement, waiting(on(blocking[0]))]
             if floor_stub is not None:
-                paths.append(get_on(floor_stub) if name == "Get" else search_on(floor_stub))
+                paths += [on(floor_stub), waiting(on(blocking[1]))]
             await latencies(*paths, count=50)
             timed = await latencies(*paths, count=count)
             service_p50, sql_p50 = percentile_ms(timed[0], 50), percentile_ms(timed[1], 50)
@@ -149,18 +161,40 @@ async def measure(
             rate = await calls_per_second(spread, in_flight=IN_FLIGHT, total=total)
             processes = env.get("SERVER_PROCESSES", "default")
             p99 = percentile_ms(timed[0], 99)
-            row: list[object] = [processes, name, service_p50, sql_p50, service_p50 - sql_p50, p99, rate]
+            blocking_p50 = percentile_ms(timed[2], 50)
+            row: list[object] = [
+                processes,
+                name,
+                service_p50,
+                sql_p50,
+                service_p50 - sql_p50,
+                blocking_p50 - sql_p50,
+                p99,
+                rate,
+            ]
             if floor_stub is not None:
-                row.append(percentile_ms(timed[2], 50) - sql_p50)
+                row += [percentile_ms(timed[3], 50) - sql_p50, percentile_ms(timed[4], 50) - sql_p50]
             rows.append(row)
         return rows
     finally:
         for channel in channels:
             await channel.close()
+        for blocking_channel in blocking_channels:
+            blocking_channel.close()
         await conn.close()
         await asyncio.to_thread(server.stop)
         if floor_server is not None:
             await asyncio.to_thread(floor_server.stop)
+
+
+def waiting(call: Callable[[int], object]) -> Callable[[int], Awaitable[None]]:
+    """A blocking stub's call as one of ``latencies``' paths: it holds the event loop while it waits, which is
+    fine one call at a time."""
+
+    async def path(i: int) -> None:
+        call(i)
+
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +236,15 @@ async def run(args: argparse.Namespace) -> None:
             env = service_env(dsn, args.index, SERVER_PROCESSES=processes)
             kind: IndexKind = "hnsw" if args.index == "hnsw" else "ivfflat"
             rows += await measure(
-                dsn, env, vectors, ids, count=args.queries, kind=kind, total=args.total, floor=args.floor
+                dsn,
+                env,
+                vectors,
+                ids,
+                count=args.queries,
+                kind=kind,
+                total=args.total,
+                floor=args.floor,
+                probes_wanted=args.probes,
             )
     print(f"\n{table_rows} rows of hard, VECTOR_INDEX={args.index}, load average {os.getloadavg()[0]:.2f}\n")
     print_table(
@@ -212,9 +254,10 @@ async def run(args: argparse.Namespace) -> None:
             "service p50 ms",
             "SQL p50 ms",
             "service - SQL ms",
+            "blocking client: service - SQL ms",
             "service p99 ms",
             f"calls/s at {IN_FLIGHT} in flight",
-            *(["floor - SQL ms"] if args.floor else []),
+            *(["floor - SQL ms", "blocking client: floor - SQL ms"] if args.floor else []),
         ],
         rows,
     )
@@ -229,6 +272,9 @@ def main() -> None:
     parser.add_argument("--dsn", help="measure on this database as it is (loaded and indexed) instead of a new one")
     parser.add_argument("--total", type=int, default=3000, help="calls of the throughput run")
     parser.add_argument("--floor", action="store_true", help="also time bench.floor (uvloop) in the alternation")
+    parser.add_argument(
+        "--probes", type=int, default=0, help="ef_search (or probes) to search at (default: the first answer's)"
+    )
     asyncio.run(run(parser.parse_args()))
 
 
