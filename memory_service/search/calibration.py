@@ -28,6 +28,7 @@ from typing import Any
 
 from memory_service.models import IndexKind, MemoryFilter, ScopeRef, Vector
 from memory_service.search.calibration_queries import COLD_EXTRA, COLD_MARGIN, moved
+from memory_service.search.exact_truth import exact_top
 from memory_service.search.query_sample import QuerySample
 from memory_service.search.tuning import scan_settings
 from memory_service.storage import calibration_sql
@@ -335,10 +336,14 @@ async def calibrate(
         for row in sample
     ]
     queries_made = moved([row.vector for row in sample], nearest)
-    if unfiltered_on_searches:
-        unfiltered = [await _probe(conn, None, q.vector, q.memory_filter, column) for q in seen_unfiltered]
-    else:
-        unfiltered = [await _probe(conn, None, vector, MemoryFilter(), column) for vector in queries_made]
+    unfiltered_vectors = [q.vector for q in seen_unfiltered] if unfiltered_on_searches else queries_made
+    # Their true neighbours in one pass over the table, not an exact scan each (unfiltered searches are those
+    # whose filter is empty: query_sample keeps them apart).
+    truths = await exact_top(unfiltered_vectors, calibration_sql.live_vectors(conn, column=column), RECALL_AT)
+    unfiltered = [
+        _Probe(None, vector, MemoryFilter(), frozenset(truth))
+        for vector, truth in zip(unfiltered_vectors, truths, strict=True)
+    ]
     filtered: list[_Probe] = []
     if filtered_on_searches:
         filtered = [await _probe(conn, None, q.vector, q.memory_filter, column) for q in seen_filtered]

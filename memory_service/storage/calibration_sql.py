@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import asyncpg
 
 from memory_service.models import MemoryFilter, Scope, ScopeRef, Vector
 from memory_service.storage import search_sql, settings_sql
+from memory_service.storage.filters import LIVE
 from memory_service.storage.index_sql import vector_column
 
 CALIBRATION_KEY = "vector_index_calibration"
@@ -46,6 +47,25 @@ async def sample(conn: asyncpg.Connection, size: int, *, rows: int, column: str 
         SampleRow(id=r["id"], vector=r["embedding"], scope=ScopeRef(scope=Scope(r["scope"]), scope_id=r["scope_id"]))
         for r in records
     ]
+
+
+async def live_vectors(
+    conn: asyncpg.Connection, *, column: str = "embedding", batch: int = 10_000
+) -> AsyncIterator[tuple[list[int], list[Vector]]]:
+    """Every live memory's id and vector, ``batch`` rows at a time: the rows the exact scan of an unfiltered search
+    ranks, read once through a cursor (in a transaction of its own unless the connection is in one)."""
+    column = vector_column(column)
+    statement = f"SELECT m.id, m.{column} AS embedding FROM memory.memories m WHERE {LIVE} AND m.{column} IS NOT NULL"
+    transaction = None if conn.is_in_transaction() else conn.transaction(readonly=True)
+    if transaction is not None:
+        await transaction.start()
+    try:
+        cursor = await conn.cursor(statement)
+        while rows := await cursor.fetch(batch):
+            yield [r["id"] for r in rows], [r["embedding"] for r in rows]
+    finally:
+        if transaction is not None:
+            await transaction.rollback()
 
 
 async def use_settings(conn: asyncpg.Connection, settings: Mapping[str, str]) -> None:
