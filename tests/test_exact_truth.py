@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import asyncpg
 import numpy as np
 from hypothesis import given, settings
@@ -44,6 +46,17 @@ def test_batches_find_the_scan_s_neighbours_ties_by_id(rows: int, batch: int, k:
     for start in range(0, rows, batch):
         top.offer(ids[start : start + batch], list(vectors[start : start + batch]))
     assert top.nearest() == (by_scan(queries, ids, vectors, k) if rows else [[] for _ in queries])
+
+
+async def test_no_queries_read_nothing() -> None:
+    async def batches() -> AsyncIterator[tuple[list[int], list[np.ndarray]]]:
+        raise AssertionError("the table was read for no query")
+        yield [], []
+
+    assert await exact_top([], batches(), 10) == []
+    empty = ExactTop([], 10)
+    empty.offer([1, 2], [np.ones(4), np.ones(4)])
+    assert empty.nearest() == []
 
 
 async def test_one_pass_over_the_table_agrees_with_the_exact_scan_of_each_query(database_url: str) -> None:

@@ -28,7 +28,8 @@ class ExactTop:
 
     def __init__(self, queries: Sequence[Vector], k: int) -> None:
         self.k = k
-        self._queries = _unit_rows(np.asarray(queries, dtype=np.float64).reshape(len(queries), -1))
+        matrix = np.asarray(queries, dtype=np.float64).reshape(len(queries), -1) if len(queries) else np.empty((0, 0))
+        self._queries = _unit_rows(matrix)
         self._distances = np.empty((len(queries), 0), dtype=np.float32)
         self._ids = np.empty((len(queries), 0), dtype=np.int64)
 
@@ -59,6 +60,8 @@ async def exact_top(
 ) -> list[list[int]]:
     """``ExactTop`` over every batch of (ids, vectors) that ``batches`` yields."""
     top = ExactTop(queries, k)
+    if not len(queries):
+        return []  # nothing to rank: the table is not read
     async for ids, vectors in batches:
         top.offer(ids, vectors)
     return top.nearest()
