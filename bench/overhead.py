@@ -93,9 +93,12 @@ async def measure(
         stub = stubs[0]
         # The same calls from grpc's blocking stub, which waits in gRPC's core without an event loop: what a caller
         # that is not asyncio pays (grpc.aio's client hands every completion from its poller thread to the loop).
-        blocking_channels.append(grpc.insecure_channel(server.address))
+        # A channel of its own (not grpc's global subchannel pool), so it keeps to one server process as each of
+        # the aio channels does.
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        blocking_channels.append(grpc.insecure_channel(server.address, options=own))
         if floor_server is not None:
-            blocking_channels.append(grpc.insecure_channel(floor_server.address))
+            blocking_channels.append(grpc.insecure_channel(floor_server.address, options=own))
         blocking = [memory_pb2_grpc.MemoryServiceStub(c) for c in blocking_channels]
         get_sql = f"SELECT {COLUMNS} FROM memory.memories m WHERE m.id = $1 AND {LIVE}"
 

@@ -189,6 +189,6 @@ async def test_a_provider_that_answers_a_zero_vector_is_refused(
             )
         )
     assert code_of(caught.value) == grpc.StatusCode.FAILED_PRECONDITION
-    assert "zero or non-finite vector" in caught.value.details()
+    assert "zero, non-finite or out-of-range vector" in caught.value.details()
     listed = await openai_server.memory.List(memory_pb2.ListRequest())
     assert list(listed.memories) == []

@@ -63,7 +63,12 @@ def _text_ok(value: str) -> bool:
 
 
 def _vector_ok(values: list[float]) -> bool:
-    return len(values) == DIMENSION and all(math.isfinite(v) for v in values) and any(v != 0 for v in values)
+    """A vector whose length pgvector's single-precision sums keep: neither zero nor infinite there."""
+    return (
+        len(values) == DIMENSION
+        and all(math.isfinite(v) for v in values)
+        and 1e-30 <= math.fsum(v * v for v in values) <= 1e30
+    )
 
 
 def store_is_valid(
@@ -195,6 +200,15 @@ async def test_search_never_fails_unexpectedly(
         ),
         (
             memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", embedding=[math.inf] * 384),
+            "memory.embedding",
+        ),
+        # Finite and non-zero, but pgvector's float32 sum of squares would be 0 (every cosine NaN) or infinite.
+        (
+            memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", embedding=[1e-25] * 384),
+            "memory.embedding",
+        ),
+        (
+            memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", embedding=[1e20] * 384),
             "memory.embedding",
         ),
         (memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, value="v", tags=["ok", ""]), "memory.tags[1]"),

@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from memory_service.embeddings.base import EmbeddingProvider
 from memory_service.errors import FailedPrecondition
+from memory_service.memories.validation import MAX_SQUARED_LENGTH, MIN_SQUARED_LENGTH
 from memory_service.metrics import Metrics
 from memory_service.models import Vector, content_hash
 from memory_service.observability import tracing
@@ -120,9 +121,13 @@ class EmbeddingService:
 
 
 def _check_usable(vectors: npt.NDArray[np.float32]) -> None:
-    """A zero or non-finite vector has no cosine: stored, it would make every search that meets it NaN."""
-    norms = np.linalg.norm(vectors, axis=1)
-    if not np.isfinite(vectors).all() or not (norms > 0).all():
+    """A zero, non-finite or out-of-range vector has no cosine in pgvector: stored, every search that meets it
+    would rank it by a NaN or wrong distance (the bounds are the ones a caller's vector is held to,
+    ``memories.validation``)."""
+    wide = vectors.astype(np.float64)
+    squared_lengths = np.einsum("ij,ij->i", wide, wide)
+    if not ((squared_lengths >= MIN_SQUARED_LENGTH) & (squared_lengths <= MAX_SQUARED_LENGTH)).all():
         raise FailedPrecondition(
-            "the embedding provider returned a zero or non-finite vector; it cannot be compared by cosine similarity"
+            "the embedding provider returned a zero, non-finite or out-of-range vector; it cannot be compared by "
+            "cosine similarity"
         )

@@ -25,6 +25,11 @@ MAX_ID = 2**63 - 1
 LATEST_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 """The latest ``expires_at`` the service stores: PostgreSQL goes further, but neither the driver's datetimes nor
 protobuf's Timestamps do, so a later row could never be read back."""
+# pgvector computes a cosine's lengths and dot product in float32. In these bounds the largest element's square
+# (at least the squared length over 16,000 dimensions, pgvector's most) is a normal float32, so the sum cannot
+# underflow to zero, and no sum, square or dot product with another valid vector reaches float32's 3.4e38.
+MIN_SQUARED_LENGTH = 1e-30
+MAX_SQUARED_LENGTH = 1e30
 TTL_CLOCK_MARGIN = timedelta(days=1)
 """A TTL is added to the database's clock, not this instance's: the bound keeps a day's skew in hand."""
 
@@ -65,18 +70,24 @@ def check_vector(field: str, values: Sequence[float], dimension: int) -> Vector:
     if len(values) != dimension:
         raise InvalidArgument(field, f"has {len(values)} dimensions; this database stores {dimension}")
     vector = np.asarray(values, dtype=np.float32)
-    # One reduction answers for a valid vector: the sum of squares is finite only when every element is, and
-    # non-zero only when one is. In float64, where no float32 square overflows or underflows (and so nothing
-    # warns). Only a vector it does not clear gets the two checks below, which name what is wrong.
+    # One reduction answers for a valid vector: the squared length is in range only when every element is finite
+    # and the vector is neither zero nor so short or long that single precision loses it. In float64, where no
+    # float32 square overflows or underflows (and so nothing warns). Only a vector it does not clear gets the
+    # checks below, which name what is wrong.
     wide = vector.astype(np.float64)
     square_sum = float(wide @ wide)
-    if square_sum > 0.0 and math.isfinite(square_sum):
+    if MIN_SQUARED_LENGTH <= square_sum <= MAX_SQUARED_LENGTH:
         return vector
     if not np.isfinite(vector).all():
         raise InvalidArgument(field, "must contain only finite numbers (no NaN or infinity)")
     if not vector.any():
         raise InvalidArgument(field, "must not be all zeros (a zero vector has no direction to compare)")
-    return vector
+    raise InvalidArgument(
+        field,
+        f"must have a length between {math.sqrt(MIN_SQUARED_LENGTH):g} and {math.sqrt(MAX_SQUARED_LENGTH):g} "
+        f"(it has {math.sqrt(square_sum):.3g}): pgvector sums squares in single precision, where a shorter vector's "
+        "length is zero and a longer one's infinite, and its cosine distances come out NaN or wrong",
+    )
 
 
 def check_fraction(field: str, value: float) -> float:

@@ -280,7 +280,9 @@ class MemoryInput(_message.Message):
     def metadata(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Optional: a caller-computed embedding of the configured dimension. Empty: the service embeds the value."""
+        """Optional: a caller-computed embedding of the configured dimension. Empty: the service embeds the value.
+        Finite, with a length between 1e-15 and 1e15 (outside it pgvector's single-precision cosine breaks).
+        """
 
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -806,7 +808,9 @@ class SearchRequest(_message.Message):
     exact: _builtins.bool
     """Skip the index and scan exactly."""
     @_builtins.property
-    def query_embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def query_embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Of the configured dimension, finite, with a length between 1e-15 and 1e15, like a stored embedding."""
+
     @_builtins.property
     def filter(self) -> Global___MemoryFilter: ...
     @_builtins.property
