@@ -8,6 +8,7 @@ probes = 1, fails.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 from collections.abc import AsyncIterator
 
@@ -17,7 +18,7 @@ import pytest
 
 from bench.corpus import Corpus
 from bench.datasets import clustered, copy_into_memories, records
-from memory_service.models import MemoryFilter
+from memory_service.models import IndexKind, MemoryFilter
 from memory_service.search.calibration import Calibration, Curve, ladder
 from memory_service.search.calibration_queries import COLD_MARGIN, STEP, moved
 from memory_service.search.index_policy import IndexState, needs_calibration
@@ -344,19 +345,7 @@ def test_the_policy_needs_no_database() -> None:
     assert added.chosen(0.95) == 19 and dataclasses.replace(added, most=10).chosen(0.95) == 10
     assert Curve.from_json(added.to_json()) == added and Curve.from_json(checked.to_json()).extra == 0
 
-    import datetime as dt
-
-    calibration = Calibration(
-        kind="ivfflat",
-        target=0.95,
-        unfiltered=curve,
-        filtered=None,
-        rows=1000,
-        writes=5000,
-        index_built_at="2026-01-01T00:00:00+00:00",
-        calibrated_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
-        seconds=1.5,
-    )
+    calibration = calibration_of("ivfflat", curve)
     assert Calibration.from_json(calibration.to_json()) == calibration
     assert calibration.setting(filtered=True) == 3  # no filtered curve: the unfiltered one serves
     state = IndexState(exists=True, valid=True, kind="ivfflat", lists=10, rows=1000, calibration=calibration)
@@ -377,3 +366,48 @@ def test_the_policy_needs_no_database() -> None:
     measured = dataclasses.replace(state, calibration=on_searches)
     assert not needs_calibration(measured, writes=5000, target=0.95, seen_unfiltered=119)
     assert needs_calibration(measured, writes=5000, target=0.95, seen_unfiltered=120)  # twice the sample: again
+
+
+def test_a_full_sample_of_searches_measures_again_where_the_last_calibration_saw_fewer() -> None:
+    # The sample grows between two checks, so a calibration can be measured on 314 searches of the 400 an instance
+    # keeps: twice that never comes, and a full sample must measure again all the same, once.
+
+    def calibrated_on(searches: int) -> IndexState:
+        curve = Curve(points=((32, 0.96),), queries=searches, source="searches")
+        return IndexState(
+            exists=True, valid=True, kind="hnsw", rows=1000, calibration=calibration_of("hnsw", curve, curve)
+        )
+
+    def due(state: IndexState, *, unfiltered: int = 0, filtered: int = 0, capacity: int | None = 400) -> bool:
+        return needs_calibration(
+            state,
+            writes=5000,
+            target=0.95,
+            seen_unfiltered=unfiltered,
+            seen_filtered=filtered,
+            sample_capacity=capacity,
+        )
+
+    assert not due(calibrated_on(314), unfiltered=399)
+    assert due(calibrated_on(314), unfiltered=400)  # full: measured again
+    assert due(calibrated_on(314), filtered=400)  # either kind
+    assert not due(calibrated_on(314), unfiltered=400, capacity=None)  # unbounded: waits for twice as many
+    assert due(calibrated_on(314), unfiltered=628, capacity=None)
+    assert not due(calibrated_on(400), unfiltered=400)  # measured on a full sample: nothing more to gain
+    assert not due(calibrated_on(398), unfiltered=400)  # a few short (queries without neighbours): not again
+    assert due(calibrated_on(100), unfiltered=200) and not due(calibrated_on(100), unfiltered=199)  # doubling
+
+
+def calibration_of(kind: IndexKind, unfiltered: Curve, filtered: Curve | None = None) -> Calibration:
+    """A calibration of 1,000 rows after 5,000 writes, with these curves."""
+    return Calibration(
+        kind=kind,
+        target=0.95,
+        unfiltered=unfiltered,
+        filtered=filtered,
+        rows=1000,
+        writes=5000,
+        index_built_at="2026-01-01T00:00:00+00:00",
+        calibrated_at=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+        seconds=1.5,
+    )

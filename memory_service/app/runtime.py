@@ -156,7 +156,7 @@ class Runtime:
             self._embedder = embedder = generations.current
             self.metrics.init_embedding(embedder.provider.name)
             self._build_write_path(db, self._embedder, binding, generations)
-            seen = QuerySample()  # the searches of this instance, which its calibrations measure on
+            seen = QuerySample(self.settings.search_calibration_queries)  # this instance's searches, to calibrate on
             index = await self._start_index_care(db, seen)
             self._moves = moves.ModelMoves(generations, index, self._leases, self.settings, self.stopping)
             self._text_stats = TextStats(db)
@@ -172,7 +172,8 @@ class Runtime:
     async def start_index_care(self) -> IndexCare:
         """Start only what index maintenance needs (``memory-service reindex``): the database and the index care."""
         try:
-            return await self._start_index_care(await self._open_database(), QuerySample())
+            seen = QuerySample(self.settings.search_calibration_queries)
+            return await self._start_index_care(await self._open_database(), seen)
         except BaseException:
             await self.close()
             raise

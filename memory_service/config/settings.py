@@ -127,8 +127,11 @@ class Settings:
     ``ivfflat``."""
     search_target_recall: float = 0.95
     """Recall@10 the index's calibration chooses probes (ef_search) for."""
-    search_calibration_queries: int = 200
-    """Queries a calibration measures on before real searches replace them: half choose, half check."""
+    search_calibration_queries: int = 400
+    """Queries a calibration measures on (half choose, half check): points made from sampled memories until real
+    searches replace them, and how many recent searches of each kind an instance keeps for that. 400 rather than
+    200: the choice is made on a 95% lower bound, which a larger sample brings closer to the recall it bounds, so
+    the setting overshoots less (docs/benchmarks.md, "How many queries a calibration measures on")."""
     ivfflat_probes: int | None = None
     """Probes for every approximate search on ivfflat; unset takes the calibrated probes."""
     hnsw_ef_search: int | None = None

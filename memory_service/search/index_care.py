@@ -288,6 +288,7 @@ class IndexCare:
             seen_unfiltered=len(seen.queries(filtered=False)) if seen is not None else 0,
             # Without iterative scans filtered searches are not calibrated at all (see calibration.calibrate).
             seen_filtered=len(seen.queries(filtered=True)) if seen is not None and self._iterative_scan else 0,
+            sample_capacity=seen.capacity if seen is not None else None,
         )
 
     async def _calibrate(self, conn: Connection, state: IndexState, writes: int) -> str:

@@ -108,20 +108,25 @@ def needs_rebuild(
 
 
 def needs_calibration(
-    state: IndexState, *, writes: int, target: float, seen_unfiltered: int = 0, seen_filtered: int = 0
+    state: IndexState,
+    *,
+    writes: int,
+    target: float,
+    seen_unfiltered: int = 0,
+    seen_filtered: int = 0,
+    sample_capacity: int | None = None,
 ) -> bool:
     """A usable index without a calibration of its own, with another target, measured on stored vectors when
-    enough real searches have been seen since, or whose data has changed enough."""
+    enough real searches have been seen since, or whose data has changed enough. ``sample_capacity``: the most
+    searches of a kind an instance keeps (``search.query_sample``; None: no bound)."""
     if not state.usable:
         return False
     calibration = state.calibration
     if calibration is None or calibration.target != target:
         return True
-    # Real searches replace stored vectors once there are enough, and a sample of searches that has doubled since
-    # (50, 100, 200: the reservoir's size) measures again, more precisely.
-    if seen_unfiltered >= max(MIN_SEEN, _doubled(calibration.unfiltered)):
+    if _worth_measuring(seen_unfiltered, calibration.unfiltered, sample_capacity):
         return True
-    if seen_filtered >= max(MIN_SEEN, _doubled(calibration.filtered)):
+    if _worth_measuring(seen_filtered, calibration.filtered, sample_capacity):
         return True
     changed = writes - calibration.writes
     # A counter that went backwards was reset (statistics reset, or a restored database): nothing to measure from.
@@ -134,9 +139,16 @@ def needs_calibration(
     return changed >= RECALIBRATE_AFTER * max(calibration.rows, 1)
 
 
-def _doubled(curve: Curve | None) -> int:
-    """How many searches of a kind would make a new calibration worth it: any enough, when the curve was measured
-    on stored vectors (or there is none); twice as many as it was measured on, when it was measured on searches."""
+def _worth_measuring(seen: int, curve: Curve | None, capacity: int | None) -> bool:
+    """Whether ``seen`` recent searches of a kind make a new calibration worth it. Real searches replace stored
+    vectors once there are ``MIN_SEEN``; then a sample that has doubled since measures again, more precisely (50,
+    100, 200, 400), and so does a full one (``capacity``) where the last was measured on fewer: the sample grows
+    between two checks, so a calibration on 300 of 400 would otherwise wait for 600, which never come. At least
+    ``MIN_SEEN`` more than the last, so that a full sample a query or two short of it (a query whose neighbours
+    all went) does not measure again at every check."""
+    if seen < MIN_SEEN:
+        return False
     if curve is None or curve.source != "searches":
-        return 0
-    return 2 * curve.queries
+        return True
+    wanted = 2 * curve.queries if capacity is None else min(2 * curve.queries, capacity)
+    return seen >= wanted and seen >= curve.queries + MIN_SEEN

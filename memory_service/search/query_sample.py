@@ -15,9 +15,6 @@ import random
 
 from memory_service.models import MemoryFilter, Vector
 
-CAPACITY = 200
-"""Queries kept of each kind (unfiltered, filtered)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class SeenQuery:
@@ -43,8 +40,10 @@ class _Reservoir:
 
 
 class QuerySample:
-    def __init__(self, capacity: int = CAPACITY, *, seed: int | None = None) -> None:
+    def __init__(self, capacity: int, *, seed: int | None = None) -> None:
+        """``capacity``: queries kept of each kind (unfiltered, filtered), as many as a calibration measures on."""
         rng = random.Random(seed)
+        self.capacity = capacity
         self._unfiltered = _Reservoir(capacity, rng)
         self._filtered = _Reservoir(capacity, rng)
 
