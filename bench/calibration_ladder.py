@@ -1,16 +1,17 @@
 """What the calibration's choice costs and risks with a given ladder of ef_search settings.
 
     python -m bench.calibration_ladder --rows 100000 --queries 1200
-    python -m bench.calibration_ladder --dsn DSN --ladder 16,20,24,28,32,36,40,44,48,56,64,72,80
+    python -m bench.calibration_ladder --dsn DSN --samples 200,400
+    python -m bench.calibration_ladder --dataset minilm --queries 1109 --samples 200,400   # SciFact's own queries
 
 The calibration (``search.calibration``) walks up a ladder of settings on half of its sample of searches and
 stops at the first whose one-sided 95% lower bound of mean recall@10 reaches the target, confirmed by the other
 half. A finer ladder overshoots less, but each extra step is one more chance for a sample to pass by luck. This
 measures recall@10 and PostgreSQL's CPU time of ``--queries`` fresh queries (never stored rows) at every setting
-of both ladders on an HNSW index (``bench.overhead``'s database: the ``hard`` corpus, or ``--dsn`` as it is),
-then replays the calibration's rule on ``--draws`` random samples of each size in ``--samples`` and reports, per
-ladder: the settings it picks, PostgreSQL's mean CPU per search at them, and how often the pick's recall over every
-fresh query falls below the target.
+of both ladders on an HNSW index (``bench.overhead``'s database: ``--dataset``, ``hard`` by default, or ``--dsn``
+as it is), then replays the calibration's rule on ``--draws`` random samples of each size in ``--samples`` and
+reports, per ladder: the settings it picks, PostgreSQL's mean CPU per search at them, and how often the pick's
+recall over every fresh query falls below the target.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from bench.datasets import corpus, queries
+from bench.datasets import NAMES, corpus, queries
 from bench.harness import print_table
 from bench.overhead import prepare
 from bench.peers import exact_top
@@ -87,8 +88,8 @@ def choose(ladder: tuple[int, ...], recalls: dict[int, npt.NDArray[np.float64]],
 async def run(args: argparse.Namespace) -> None:
     ladders = {"current": tuple(s for s in HNSW_LADDER if s <= FINER[-1]), "finer": FINER}
     async with contextlib.AsyncExitStack() as stack:
-        prepared = await prepare(stack, args)
-        data = corpus("hard", prepared.table_rows)
+        prepared = await prepare(stack, args, args.dataset)
+        data = corpus(args.dataset, prepared.table_rows)
         query_vectors = queries(data, args.queries)[0]
         truth = exact_top(data.vectors, query_vectors)
         settings = sorted(set(ladders["current"]) | set(FINER))
@@ -108,7 +109,7 @@ async def run(args: argparse.Namespace) -> None:
             below = float(np.mean([recalls[p].mean() < args.target for p in picks]))
             rows.append([size, name, float(np.mean([costs[p] for p in picks])), below, spread])
     print(
-        f"\n{prepared.table_rows} rows of hard, {len(query_vectors)} fresh queries, target {args.target}, "
+        f"\n{prepared.table_rows} rows of {args.dataset}, {len(query_vectors)} fresh queries, target {args.target}, "
         f"{args.draws} draws; load average {os.getloadavg()[0]:.2f}\n"
     )
     print_table(["sample", "ladder", "PostgreSQL ms a search", "picks below target", "picks (2% or more)"], rows)
@@ -117,6 +118,7 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--dataset", default="hard", choices=NAMES)
     parser.add_argument("--dsn", help="measure on this database as it is (loaded and indexed) instead of a new one")
     parser.add_argument("--queries", type=int, default=1200)
     parser.add_argument("--samples", type=lambda v: [int(x) for x in v.split(",")], default=[126, 200])

@@ -20,16 +20,13 @@ import asyncio
 import asyncpg
 import numpy as np
 import numpy.typing as npt
-from pgvector.asyncpg import register_vector
 
-from bench.datasets import corpus, load_for_index, queries, records
-from bench.harness import database_server, fresh_database, print_table
+from bench.datasets import corpus, queries, records
+from bench.harness import loaded_for_index, print_table
 from memory_service.config.settings import DEFAULT_HASH_MODEL
 from memory_service.models import MemoryFilter
 from memory_service.search.tuning import scan_settings
 from memory_service.storage import index_sql, search_sql
-from memory_service.storage.database import init_connection
-from memory_service.storage.migrations import apply_migrations
 
 EF_SEARCH = (24, 40, 64, 100)
 K = 10
@@ -82,44 +79,35 @@ async def run(args: argparse.Namespace) -> None:
     query_vectors = queries(data, args.queries)[0]
     rng = np.random.default_rng(3)
     table: list[list[object]] = []
-    with database_server() as server:
-        async with fresh_database(server) as dsn:
-            await apply_migrations(dsn)
-            conn = await asyncpg.connect(dsn)
-            try:
-                await init_connection(conn)
-                await register_vector(conn)
-                await load_for_index(conn, rows[: args.rows])
-                w = await index_sql.next_watermark(conn)
-                await index_sql.rebuild(conn, index_sql.IndexSpec("hnsw", watermark=w))
-                await conn.execute("VACUUM ANALYZE memory.memories")
-                await measure(conn, "built", query_vectors, w, table)
-                ids = np.array(await conn.fetchval("SELECT array_agg(id ORDER BY id) FROM memory.memories"))
-                spare = iter(range(args.rows, len(data.vectors)))
-                for round_ in range(1, args.rounds + 1):
-                    chosen = rng.choice(ids, size=int(args.share * len(ids)), replace=False)
-                    updates = [(int(i), data.vectors[next(spare)]) for i in chosen]
-                    await conn.executemany(
-                        "UPDATE memory.memories SET embedding = $2, graph_seq = nextval('memory.memories_graph_seq') "
-                        "WHERE id = $1",
-                        updates,
-                    )
-                    upto = await index_sql.next_watermark(conn)
-                    while await index_sql.feed_tail(conn, w, rows=200, upto=upto) == 200:
-                        pass
-                    await conn.execute("VACUUM memory.memories")
-                    await measure(
-                        conn,
-                        f"round {round_}: {round_ * args.share:.0%} rewritten, fed, vacuumed",
-                        query_vectors,
-                        w,
-                        table,
-                    )
-                await index_sql.rebuild(conn, index_sql.IndexSpec("hnsw", watermark=w))
-                await conn.execute("VACUUM ANALYZE memory.memories")
-                await measure(conn, "rebuilt over the same rows", query_vectors, w, table)
-            finally:
-                await conn.close()
+    async with loaded_for_index(rows[: args.rows]) as conn:
+        w = await index_sql.next_watermark(conn)
+        await index_sql.rebuild(conn, index_sql.IndexSpec("hnsw", watermark=w))
+        await conn.execute("VACUUM ANALYZE memory.memories")
+        await measure(conn, "built", query_vectors, w, table)
+        ids = np.array(await conn.fetchval("SELECT array_agg(id ORDER BY id) FROM memory.memories"))
+        spare = iter(range(args.rows, len(data.vectors)))
+        for round_ in range(1, args.rounds + 1):
+            chosen = rng.choice(ids, size=int(args.share * len(ids)), replace=False)
+            updates = [(int(i), data.vectors[next(spare)]) for i in chosen]
+            await conn.executemany(
+                "UPDATE memory.memories SET embedding = $2, graph_seq = nextval('memory.memories_graph_seq') "
+                "WHERE id = $1",
+                updates,
+            )
+            upto = await index_sql.next_watermark(conn)
+            while await index_sql.feed_tail(conn, w, rows=200, upto=upto) == 200:
+                pass
+            await conn.execute("VACUUM memory.memories")
+            await measure(
+                conn,
+                f"round {round_}: {round_ * args.share:.0%} rewritten, fed, vacuumed",
+                query_vectors,
+                w,
+                table,
+            )
+        await index_sql.rebuild(conn, index_sql.IndexSpec("hnsw", watermark=w))
+        await conn.execute("VACUUM ANALYZE memory.memories")
+        await measure(conn, "rebuilt over the same rows", query_vectors, w, table)
     print()
     print(f"{args.rows} rows of hard, {args.queries} fresh queries, recall@10 through the candidates statement")
     print_table(["graph", "index MB", *[f"ef_search {ef}" for ef in EF_SEARCH]], table)

@@ -18,16 +18,13 @@ import statistics
 import time
 
 import asyncpg
-from pgvector.asyncpg import register_vector
 
-from bench.datasets import copy_into_memories, corpus, load_for_index, records
-from bench.harness import database_server, fresh_database, print_table
+from bench.datasets import copy_into_memories, corpus, records
+from bench.harness import loaded_for_index, print_table
 from memory_service.config.settings import DEFAULT_HASH_MODEL
 from memory_service.models import MemoryFilter, Scope, ScopeRef
 from memory_service.search.tuning import scan_settings
 from memory_service.storage import index_sql, search_sql
-from memory_service.storage.database import init_connection
-from memory_service.storage.migrations import apply_migrations
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -59,40 +56,31 @@ async def run(args: argparse.Namespace) -> None:
     queries = [data.vectors[i] for i in range(0, args.base + max(tails), (args.base + max(tails)) // args.queries)]
     scope = MemoryFilter(scopes=(ScopeRef(scope=Scope.PROJECT, scope_id=7),))
     table = []
-    with database_server() as server:
-        async with fresh_database(server) as dsn:
-            await apply_migrations(dsn)
-            conn = await asyncpg.connect(dsn)
-            try:
-                await init_connection(conn)
-                await register_vector(conn)
-                await load_for_index(conn, rows[: args.base])
-                for name, value in scan_settings("hnsw", 40, iterative=True, limit=10, filtered=False).items():
-                    await conn.execute(f"SET {name} = '{value}'")
-                # First a complete graph over the same rows and the statement without a tail: the floor.
-                await index_sql.rebuild(conn, index_sql.IndexSpec("hnsw"))
-                await conn.execute("VACUUM ANALYZE memory.memories")
-                await _searches(conn, queries[:10], MemoryFilter(), None)
-                floor = [
-                    *await _searches(conn, queries, MemoryFilter(), None),
-                    *await _searches(conn, queries, scope, None),
-                ]
-                table.append(["complete graph, no tail statement", *floor])
-                print(table[-1], flush=True)
-                w = await index_sql.next_watermark(conn)
-                await index_sql.rebuild(conn, index_sql.IndexSpec("hnsw", watermark=w))
-                loaded = 0
-                for tail in tails:
-                    await copy_into_memories(conn, rows[args.base + loaded : args.base + tail])
-                    loaded = tail
-                    await conn.execute("VACUUM ANALYZE memory.memories")
-                    await _searches(conn, queries[:10], MemoryFilter(), w)  # warm the caches and the plan
-                    everything = await _searches(conn, queries, MemoryFilter(), w)
-                    scoped = await _searches(conn, queries, scope, w)
-                    table.append([tail, *everything, *scoped])
-                    print(table[-1], flush=True)
-            finally:
-                await conn.close()
+    async with loaded_for_index(rows[: args.base]) as conn:
+        for name, value in scan_settings("hnsw", 40, iterative=True, limit=10, filtered=False).items():
+            await conn.execute(f"SET {name} = '{value}'")
+        # First a complete graph over the same rows and the statement without a tail: the floor.
+        await index_sql.rebuild(conn, index_sql.IndexSpec("hnsw"))
+        await conn.execute("VACUUM ANALYZE memory.memories")
+        await _searches(conn, queries[:10], MemoryFilter(), None)
+        floor = [
+            *await _searches(conn, queries, MemoryFilter(), None),
+            *await _searches(conn, queries, scope, None),
+        ]
+        table.append(["complete graph, no tail statement", *floor])
+        print(table[-1], flush=True)
+        w = await index_sql.next_watermark(conn)
+        await index_sql.rebuild(conn, index_sql.IndexSpec("hnsw", watermark=w))
+        loaded = 0
+        for tail in tails:
+            await copy_into_memories(conn, rows[args.base + loaded : args.base + tail])
+            loaded = tail
+            await conn.execute("VACUUM ANALYZE memory.memories")
+            await _searches(conn, queries[:10], MemoryFilter(), w)  # warm the caches and the plan
+            everything = await _searches(conn, queries, MemoryFilter(), w)
+            scoped = await _searches(conn, queries, scope, w)
+            table.append([tail, *everything, *scoped])
+            print(table[-1], flush=True)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n{args.base} hard rows in the graph, {args.queries} searches per row; load average {load}\n")
     headers = ["graph, tail rows", "CPU ms/search", "p50 ms", "1% scope: CPU ms/search", "p50 ms"]

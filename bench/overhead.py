@@ -210,10 +210,10 @@ class Prepared:
     table_rows: int
 
 
-async def prepare(stack: contextlib.AsyncExitStack, args: argparse.Namespace) -> Prepared:
-    """``args.dsn`` as it is, or a new database (kept until ``stack`` closes) loaded with ``args.rows`` ``hard``
-    rows and indexed with ``args.index``; shared with ``bench.server_cpu``."""
-    data = corpus("hard", args.rows)
+async def prepare(stack: contextlib.AsyncExitStack, args: argparse.Namespace, dataset: str = "hard") -> Prepared:
+    """``args.dsn`` as it is, or a new database (kept until ``stack`` closes) loaded with ``args.rows`` rows of
+    ``dataset`` and indexed with ``args.index``; shared with ``bench.server_cpu``."""
+    data = corpus(dataset, args.rows)
     vectors = queries(data, 200)[0]
     dsn = args.dsn
     if dsn is None:

@@ -149,7 +149,7 @@ async def memory_service(
         cold = Timing("memory-service, cold")
         await cold.run(call, spread, truth, count=count)
         cold.setting = ", ".join(sorted(plans))
-        # Enough searches that every process fills its sample (200 of them) and calibrates on it.
+        # Enough searches that every process fills its sample (SEARCH_CALIBRATION_QUERIES) and calibrates on it.
         await throughput(spread, in_flight=IN_FLIGHT, total=4 * len(requests) * server_processes(env))
         print(f"memory-service: warm calibration {await warm_calibration(stubs[0])}", flush=True)
         plans.clear()
@@ -325,7 +325,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--dataset", default="hard", choices=NAMES)
-    parser.add_argument("--queries", type=int, default=200, help="distinct queries (recall is measured on them)")
+    parser.add_argument(
+        "--queries",
+        type=int,
+        default=1000,
+        help="distinct queries (recall is measured on them); more than a calibration samples, so that each "
+        "process's sample of its searches holds distinct ones, as real traffic's would",
+    )
     parser.add_argument("--count", type=int, default=500, help="timed calls one at a time, per system")
     parser.add_argument(
         "--modes", type=lambda v: v.split(","), default=["vector", "text"], help="vector, text, or both (vector,text)"
