@@ -23,7 +23,6 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import numpy as np
 from grpc import aio
-from pgvector.asyncpg import register_vector
 
 from bench.datasets import load_for_index
 from memory_service.storage.database import init_connection
@@ -78,15 +77,15 @@ async def fresh_database(server_dsn: str) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def loaded_for_index(rows: list[tuple[object, ...]]) -> AsyncIterator[asyncpg.Connection]:
-    """A connection (the service's codecs, pgvector's too) to a new migrated database that ``rows`` were copied
-    into as the index benchmarks start (``bench.datasets.load_for_index``); the database is dropped afterwards."""
+    """A connection (with the service's codecs: vectors decode to numpy arrays) to a new migrated database that
+    ``rows`` were copied into as the index benchmarks start (``bench.datasets.load_for_index``); the database is
+    dropped afterwards."""
     with database_server() as server:
         async with fresh_database(server) as dsn:
             await apply_migrations(dsn)
             conn = await asyncpg.connect(dsn)
             try:
                 await init_connection(conn)
-                await register_vector(conn)
                 await load_for_index(conn, rows)
                 yield conn
             finally:

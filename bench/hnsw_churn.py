@@ -54,7 +54,7 @@ async def recall_at(
 async def state(conn: asyncpg.Connection) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     rows = await conn.fetch("SELECT id, embedding FROM memory.memories ORDER BY id")
     ids = np.array([r["id"] for r in rows], dtype=np.int64)
-    vectors = np.stack([np.asarray(r["embedding"].to_numpy(), dtype=np.float32) for r in rows])
+    vectors = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows])
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), ids
 
 
