@@ -153,6 +153,18 @@ async def test_invalid_rows_are_rejected_and_the_rest_lands(server: RunningServe
     assert sorted(await stored(database_url)) == ["k00001", "k00003", "k00006", "k00010"]
 
 
+async def test_rows_whose_vector_pgvector_cannot_measure_are_rejected(server: RunningServer, database_url: str) -> None:
+    # Finite and non-zero, but outside the lengths pgvector's single-precision sums keep (as Store refuses them).
+    items = [item(s) for s in range(1, 4)]
+    items[0].memory.embedding.extend([1e-25] * 384)
+    items[2].memory.embedding.extend([1e20] * 384)
+    (ack,) = await bulk(server, [memory_pb2.BulkStoreRequest(items=items)])
+    assert (ack.durable_sequence, ack.created, ack.rejected) == (3, 1, 2)
+    assert [(r.sequence, r.field) for r in ack.rejections] == [(1, "memory.embedding"), (3, "memory.embedding")]
+    assert "length" in ack.rejections[0].reason
+    assert sorted(await stored(database_url)) == ["k00002"]
+
+
 async def test_repeated_identity_in_a_batch_keeps_the_last_and_acks_the_others_superseded(
     server: RunningServer, database_url: str
 ) -> None:

@@ -242,6 +242,9 @@ async def test_other_rpcs_validate_their_fields(shared_server: RunningServer) ->
         (memory.Embed(memory_pb2.EmbedRequest(texts=["ok", ""])), "texts[1]"),
         (memory.Embed(memory_pb2.EmbedRequest(texts=["x"] * 1000)), "texts"),
         (memory.Store(memory_pb2.StoreRequest()), "memory"),
+        # A query vector is held to a stored one's bounds: pgvector's float32 length of 1e-25s is 0, of 1e20s infinite.
+        (memory.Search(memory_pb2.SearchRequest(query_embedding=[1e-25] * 384)), "query_embedding"),
+        (memory.Search(memory_pb2.SearchRequest(query_embedding=[1e20] * 384)), "query_embedding"),
         (
             memory.List(memory_pb2.ListRequest(filter=memory_pb2.MemoryFilter(memory_types=[77]))),  # type: ignore[list-item]
             "filter.memory_types[0]",
