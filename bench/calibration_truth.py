@@ -8,7 +8,8 @@ service reads the live rows' vectors once, a batch at a time, and ranks every qu
 ``--rows`` ``hard`` rows are copied into a new database (no index: neither way uses one), then both are timed
 (wall time, this process's CPU, the backend's CPU): the pass for all ``--queries`` queries, and ``--scans``
 per-query exact scans, from which the time for all queries is extrapolated. The scanned queries' top 10 are
-compared with the pass's.
+compared with the pass's. Beside the pass a task asks the event loop to wake it every millisecond: the longest it
+waited is how long a serving process's searches would have waited while a calibration found its truth.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ from memory_service.search.exact_truth import exact_top
 from memory_service.storage import calibration_sql
 
 
+async def longest_pause(stop: asyncio.Event) -> float:
+    """The longest the event loop kept a 1 ms sleeper waiting beyond its millisecond, until ``stop`` is set."""
+    longest = 0.0
+    while not stop.is_set():
+        before = time.perf_counter()
+        await asyncio.sleep(0.001)
+        longest = max(longest, time.perf_counter() - before - 0.001)
+    return longest
+
+
 async def run(args: argparse.Namespace) -> None:
     data = corpus("hard", args.rows)
     query_vectors = list(queries(data, args.queries)[0])
@@ -36,6 +47,8 @@ async def run(args: argparse.Namespace) -> None:
     async with loaded_for_index(rows) as conn:
         await conn.execute("VACUUM ANALYZE memory.memories")
         backend = await conn.fetchval("SELECT pg_backend_pid()")
+        stop = asyncio.Event()
+        ticker = asyncio.create_task(longest_pause(stop))
         started, cpu, pg = time.perf_counter(), time.process_time(), cpu_seconds(backend)
         truth = await exact_top(query_vectors, calibration_sql.live_vectors(conn), RECALL_AT)
         one_pass = (
@@ -43,6 +56,8 @@ async def run(args: argparse.Namespace) -> None:
             time.process_time() - cpu,
             cpu_seconds(backend) - pg,
         )
+        stop.set()
+        pause_ms = await ticker * 1000
         print(f"one pass: {one_pass}", flush=True)
         started, cpu, pg = time.perf_counter(), time.process_time(), cpu_seconds(backend)
         same = 0
@@ -60,10 +75,10 @@ async def run(args: argparse.Namespace) -> None:
         f"top {RECALL_AT} both ways; load average {os.getloadavg()[0]:.2f}\n"
     )
     print_table(
-        ["truth", "wall s", "this process CPU s", "PostgreSQL CPU s"],
+        ["truth", "wall s", "this process CPU s", "PostgreSQL CPU s", "longest event-loop pause ms"],
         [
-            ["one pass, every query", *[f"{v:.1f}" for v in one_pass]],
-            [f"exact scan per query ({args.scans} timed, scaled)", *[f"{v:.1f}" for v in per_query]],
+            ["one pass, every query", *[f"{v:.1f}" for v in one_pass], f"{pause_ms:.0f}"],
+            [f"exact scan per query ({args.scans} timed, scaled)", *[f"{v:.1f}" for v in per_query], "-"],
         ],
     )
 
