@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from memory_service.app import loops, moves
-from memory_service.config.env import redact_url
+from memory_service.app.database_place import DatabasePlace
 from memory_service.config.settings import Settings
 from memory_service.embeddings.factory import hybrid_alpha
 from memory_service.embeddings.service import EmbeddingService
@@ -38,7 +38,6 @@ from memory_service.search.text_stats import TextStats
 from memory_service.search.tuning import TextRanking
 from memory_service.storage import isolation_sql, settings_sql
 from memory_service.storage.database import Database, check_reachable
-from memory_service.storage.embedded import EmbeddedPostgres
 from memory_service.storage.migrations import apply_migrations
 from memory_service.tenants.tokens import Tokens
 
@@ -64,8 +63,7 @@ class Runtime:
         self.metrics = metrics
         self.tracing = tracing
         self._recall: RecallCheck | None = None
-        self.embedded: EmbeddedPostgres | None = None
-        self.dsn = ""
+        self.place = DatabasePlace(settings)
         self._db: Database | None = None
         self._read_db: Database | None = None
         self._embedder: EmbeddingService | None = None
@@ -86,6 +84,10 @@ class Runtime:
         self._closed = False
         self.stopping = asyncio.Event()
         """Set when shutdown begins: streams stop taking new work (BulkStore ends after committing what it has)."""
+
+    @property
+    def dsn(self) -> str:
+        return self.place.dsn
 
     @property
     def db(self) -> Database:
@@ -181,13 +183,13 @@ class Runtime:
     async def _open_database(self) -> Database:
         """Find (or start) the database, migrate it, open the pool and read the server's versions."""
         settings = self.settings
-        self.dsn = await self._database_dsn()
-        await check_reachable(self.dsn, named_by=self._named_by)
+        dsn = await self.place.open()
+        await check_reachable(dsn, named_by=self.place.named_by)
         if settings.migrate_on_start:
-            applied = await apply_migrations(self.dsn)
+            applied = await apply_migrations(dsn)
             log.info("migrations: %s", ", ".join(applied) if applied else "up to date")
         self._db = db = await Database.connect(
-            self.dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max, on_query=self._on_query
+            dsn, min_size=settings.database_pool_min, max_size=settings.database_pool_max, on_query=self._on_query
         )
         db.on_wait = self.metrics.pool_wait.observe
         self.metrics.watch_pool(db.pool_size, db.pool_idle, settings.database_pool_max, lambda: db.refusing)
@@ -215,7 +217,7 @@ class Runtime:
 
     def _new_binding(self, db: Database) -> ModelBinding:
         """The binding of this configuration; checked against the database's generations (moves.start_generations)."""
-        location, start_over = self._where()
+        location, start_over = self.place.where()
         self._binding = ModelBinding(
             db,
             model=self.settings.embedding_model,
@@ -334,34 +336,6 @@ class Runtime:
         await purge.fold_scope_counts(self.db)
         return purged
 
-    async def _database_dsn(self) -> str:
-        if self.settings.database_url is not None:
-            return self.settings.database_url
-        self.embedded = EmbeddedPostgres(self.settings.data_dir)
-        log.info("DATABASE_URL is unset: using the embedded PostgreSQL in %s", self.embedded.pgdata)
-        return await asyncio.to_thread(self.embedded.start)
-
-    @property
-    def _named_by(self) -> str:
-        if self.embedded is not None:
-            return f"embedded in {self.embedded.data_dir} (MEMORY_SERVICE_DATA_DIR)"
-        return "named by DATABASE_URL"
-
-    def _where(self) -> tuple[str, str]:
-        """Where the data lives, and how to start over with an empty database, as an operator reads them."""
-        if self.embedded is not None:
-            data_dir = self.embedded.data_dir
-            return (
-                f"the embedded database in {data_dir} (MEMORY_SERVICE_DATA_DIR)",
-                "start over with an empty database: set MEMORY_SERVICE_DATA_DIR to a new directory, or stop the "
-                f"server and move {data_dir} away (deleting it deletes every memory)",
-            )
-        return (
-            f"the database {redact_url(self.dsn)} (DATABASE_URL)",
-            "start over with an empty database: point DATABASE_URL at a new database, or drop the schema memory "
-            "of this one (DROP SCHEMA memory CASCADE deletes every memory)",
-        )
-
     async def stats(self) -> Stats:
         return await collect(
             self.db,
@@ -403,8 +377,7 @@ class Runtime:
         for db in (self._read_db, self._db):
             if db is not None:
                 await db.close()
-        if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
+        await self.place.close()
 
 
 T = TypeVar("T")
