@@ -8,7 +8,8 @@ directory, shared by every process of every instance on the machine, and holds i
 back: the peak is one load's above the indexes already held. A process whose turn has not come serves meanwhile
 from the SQL statement, as it does while any large index loads, and tries again later; the kernel drops the lock of
 a process that dies. A load that hangs (on a database that stopped answering) holds the turn until it fails, so no
-process waits for it for long: a load at start-up waits a bounded time, a background one not at all.
+process waits for it for long: a load at start-up waits a bounded time, a background one not at all. A load
+cancelled at shutdown keeps the turn until the step its worker thread is on has ended (``in_thread``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+P = ParamSpec("P")
 
 LOCK_PATH = Path(tempfile.gettempdir()) / "memory-service-text-index-load.lock"
 POLL_SECONDS = 0.2
@@ -58,6 +63,25 @@ async def load_turn(path: Path = LOCK_PATH, *, wait: float | None = None) -> Asy
         yield turn
     finally:
         os.close(fd)  # releases the lock
+
+
+async def in_thread(work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``work(*args, **kwargs)`` in a worker thread, for a task holding the turn. A thread cannot be stopped, so
+    when the task is cancelled (at shutdown) this still waits for ``work`` to end before the cancellation goes on:
+    leaving the turn while the thread builds on would let another process's load start beside it, the peak the turn
+    exists to prevent."""
+    running = asyncio.ensure_future(asyncio.to_thread(work, *args, **kwargs))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        while not running.done():
+            try:
+                await asyncio.shield(running)
+            except asyncio.CancelledError:
+                continue  # cancelled again while waiting: the thread still runs
+            except Exception:
+                break  # its failure is moot: the load is being cancelled
+        raise
 
 
 def _open(path: Path) -> int | None:

@@ -156,10 +156,10 @@ class TextSearch:
                     # Each chunk is made compact as it arrives (off the event loop), so a load holds little more
                     # than the index it builds.
                     async for part in text_index_sql.load(conn):
-                        await asyncio.to_thread(index.add_loaded, part)
+                        await load_turns.in_thread(index.add_loaded, part)
                     docs, total_length = await text_index_sql.corpus(conn)
                 avgdl = total_length / docs if docs and total_length else 1.0
-                await asyncio.to_thread(index.finish_load, avgdl)
+                await load_turns.in_thread(index.finish_load, avgdl)
                 async with self._lock:
                     self.index, self.frontier, self._applied, self._avgdl = index, frontier, set(), avgdl
                 _release_free_memory()
