@@ -24,7 +24,7 @@ from memory_service.tenants.types import Permission, ScopeGrant
 from memory_service.v1 import lease_pb2, memory_pb2
 from tests.conftest import start_server, stop_server
 from tests.conftest import test_env as server_env
-from tests.tenancy import bearer, create_token, memory, refused
+from tests.tenancy import bearer, create_token, memory, refused, scopes
 
 AGENT = memory_pb2.SCOPE_AGENT
 STATIC = "operator-token-0123456789abcdef"
@@ -365,4 +365,40 @@ async def test_the_scopes_of_quota_bound_tokens_fold_every_few_seconds(database_
         assert [tuple(await conn.fetchrow(query, i)) for i in (20, 21, 22)] == [(1, 5), (1, 3), (1, 2)]
     finally:
         await conn.close()
+        await stop_server(running)
+
+
+async def test_bulk_loads_of_every_role_share_one_pooled_connection(database_url: str) -> None:
+    """BulkStore stages rows in a temporary table that lives as long as the pooled connection; it belongs to the
+    role that made it, and one connection serves full-access calls (the login role) and scoped ones (the calls
+    roles). Before the staging table was granted to every role, a scoped token's BulkStore into its own scope
+    failed with PERMISSION_DENIED (all of it, not the row) once a full-access load had run on its connection."""
+    one_kind = bearer(await create_token(database_url, "bulk-one", ["agent:7"]))
+    two_kinds = bearer(await create_token(database_url, "bulk-two", ["agent:8", "project:8"]))
+    full = bearer(STATIC)
+    running = await start_server(server_env(database_url, AUTH_TOKENS=STATIC, DATABASE_POOL_MAX="1"))
+    try:
+        for round_, (caller, scope_id, name) in enumerate(
+            [(full, 9, "full"), (one_kind, 7, "one"), (two_kinds, 8, "two"), (full, 9, "full"), (one_kind, 7, "one")]
+        ):
+
+            async def rows(
+                scope_id: int = scope_id, round_: int = round_
+            ) -> AsyncIterator[memory_pb2.BulkStoreRequest]:
+                yield memory_pb2.BulkStoreRequest(
+                    items=[
+                        memory_pb2.BulkItem(
+                            sequence=1, memory=memory(AGENT, scope_id, f"row {round_}", key=f"k{round_}")
+                        ),
+                        memory_pb2.BulkItem(sequence=2, memory=memory(AGENT, 6, "not granted", key=f"x{round_}")),
+                    ]
+                )
+
+            acks = [ack async for ack in running.memory.BulkStore(rows(), metadata=caller)]
+            assert sum(ack.created for ack in acks) == (2 if name == "full" else 1), name
+            rejected = [(r.sequence, r.field) for ack in acks for r in ack.rejections]
+            assert rejected == ([] if name == "full" else [(2, "memory.scope")]), name
+        got = await running.memory.List(memory_pb2.ListRequest(filter=scopes((AGENT, 7))), metadata=one_kind)
+        assert sorted(m.value for m in got.memories) == ["row 1", "row 4"]
+    finally:
         await stop_server(running)

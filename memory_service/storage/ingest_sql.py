@@ -23,17 +23,27 @@ STAGING = "memory_bulk_staging"
 
 # Temporary tables live as long as the session: the pool's reset only rolls back a transaction left open
 # (``session.reset_connection``), so each pooled connection creates its staging table once; ON COMMIT DELETE ROWS
-# empties it at every commit, and a rolled-back batch leaves nothing behind either. Enums and JSON travel as text:
-# asyncpg has no binary COPY encoder for jsonb.
+# empties it at every commit, and a rolled-back batch leaves nothing behind either. The role that creates it owns it,
+# and one pooled connection serves full-access calls (the login role) and scoped ones (the calls roles, which may not
+# touch a table they do not own): so the table is granted to every role as it is made. Only its own session can
+# read a temporary table, so the grant opens nothing to anyone else. Enums and JSON travel as text: asyncpg has no
+# binary COPY encoder for jsonb.
 _STAGED = tuple(c for c in columns.WRITTEN if c.name != "embedding_model")
 """What a staging row holds of a write (besides its order and TTL); the model is the batch's, a parameter."""
 _STAGED_DEFINITIONS = ",\n    ".join(f"{c.name} {c.staged_type}{'' if c.nullable else ' NOT NULL'}" for c in _STAGED)
 _CREATE_STAGING = f"""
-CREATE TEMP TABLE IF NOT EXISTS {STAGING} (
-    ord integer NOT NULL,
-    {_STAGED_DEFINITIONS},
-    ttl_seconds float8
-) ON COMMIT DELETE ROWS
+DO $staging$
+BEGIN
+    IF to_regclass('pg_temp.{STAGING}') IS NULL THEN
+        CREATE TEMP TABLE {STAGING} (
+            ord integer NOT NULL,
+            {_STAGED_DEFINITIONS},
+            ttl_seconds float8
+        ) ON COMMIT DELETE ROWS;
+        GRANT SELECT, INSERT, DELETE, TRUNCATE ON pg_temp.{STAGING} TO PUBLIC;
+    END IF;
+END
+$staging$
 """
 
 _STAGING_COLUMNS = ("ord", *(c.name for c in _STAGED), "ttl_seconds")
