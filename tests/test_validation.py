@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -229,6 +230,60 @@ async def test_metadata_with_nul_or_nan_is_refused(shared_server: RunningServer)
         message.metadata.update(bad)
         code, details = await outcome(shared_server.memory.Store(memory_pb2.StoreRequest(memory=message)))
         assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith("memory.metadata"), details
+
+
+def nested(depth: int, inner: object = 1) -> dict[str, Any]:
+    """Metadata of ``depth`` objects, each inside the one before."""
+    value: dict[str, Any] = {"leaf": inner}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+async def test_metadata_is_refused_where_a_read_could_not_return_it(shared_server: RunningServer) -> None:
+    """Protobuf parsers stop at 100 nested messages and a Struct spends three on each object: a Store 32 objects
+    deep parsed, and every Search and History that returned it then failed in the client (INTERNAL), since both
+    nest a memory one message deeper than a Store does."""
+    memory = shared_server.memory
+    for too_deep in (nested(21), nested(20, [1]), {"a": nested(5, [[[[[[[[[[[[[[[1]]]]]]]]]]]]]]])}):
+        message = memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=31, value="too deep")
+        message.metadata.update(too_deep)
+        code, details = await outcome(memory.Store(memory_pb2.StoreRequest(memory=message)))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith("memory.metadata:"), details
+    deepest = memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=31, value="quetzal nesting record")
+    deepest.metadata.update(nested(20))
+    stored = await memory.Store(memory_pb2.StoreRequest(memory=deepest))
+    found = await memory.Search(
+        memory_pb2.SearchRequest(
+            query="quetzal nesting record",
+            mode=memory_pb2.SEARCH_MODE_TEXT,
+            filter=memory_pb2.MemoryFilter(scopes=[memory_pb2.ScopeRef(scope=memory_pb2.SCOPE_AGENT, scope_id=31)]),
+        )
+    )
+    assert [hit.memory.id for hit in found.hits] == [stored.id]
+    assert found.hits[0].memory.metadata == deepest.metadata
+    versions = (await memory.History(memory_pb2.HistoryRequest(id=stored.id))).versions
+    assert [v.memory.metadata == deepest.metadata for v in versions] == [True]
+
+
+async def test_metadata_text_that_only_looks_like_an_escaped_nul_is_kept(shared_server: RunningServer) -> None:
+    """NUL is refused wherever it is (jsonb cannot store it); a backslash followed by "u0000" is text like any other,
+    and was refused because its JSON holds the escape's six characters."""
+    memory = shared_server.memory
+    windows_path = {"path": "C:\\u0000logs", "deeper": [{"also": "\\u0000"}]}
+    message = memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=32, value="a path that looks escaped")
+    message.metadata.update(windows_path)
+    stored = await memory.Store(memory_pb2.StoreRequest(memory=message))
+    assert (await memory.Get(memory_pb2.GetRequest(id=stored.id))).memory.metadata == message.metadata
+    contains = memory_pb2.MemoryFilter(scopes=[memory_pb2.ScopeRef(scope=memory_pb2.SCOPE_AGENT, scope_id=32)])
+    contains.metadata_contains.update({"path": "C:\\u0000logs"})
+    listed = await memory.List(memory_pb2.ListRequest(filter=contains))
+    assert [m.id for m in listed.memories] == [stored.id]
+    for bad in ({"a\x00": 1}, {"a": [{"b": "x\x00"}]}, {"a": {"b\\u0000\x00": "y"}}):
+        message = memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=32, value="v")
+        message.metadata.update(bad)
+        code, details = await outcome(memory.Store(memory_pb2.StoreRequest(memory=message)))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith("memory.metadata:"), (bad, details)
 
 
 async def test_other_rpcs_validate_their_fields(shared_server: RunningServer) -> None:

@@ -20,6 +20,10 @@ MAX_KEY_CHARS = 200
 MAX_TAGS = 64
 MAX_TAG_CHARS = 100
 MAX_METADATA_BYTES = 64 * 1024
+MAX_METADATA_DEPTH = 20
+"""Objects and lists nested in a memory's metadata, the outermost object counted. Protobuf parsers stop at 100
+nested messages, and a Struct spends three on each object (Struct, map entry, Value): a Store 32 objects deep parsed,
+and then every Search and History that returned it failed in the client, one message deeper."""
 MAX_SCOPES = 100
 MAX_ID = 2**63 - 1
 LATEST_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
@@ -123,11 +127,32 @@ def check_metadata(field: str, metadata: dict[str, Any]) -> dict[str, Any]:
         encoded = json.dumps(metadata, allow_nan=False)
     except ValueError:
         raise InvalidArgument(field, "must not contain NaN or infinite numbers") from None
-    if "\\u0000" in encoded:
-        raise InvalidArgument(field, "must not contain NUL characters")
+    if "\\u0000" in encoded:  # perhaps only an escaped backslash before "u0000": the walk tells
+        _check_shape(field, metadata, nul=True)
     if len(encoded) > MAX_METADATA_BYTES:
         raise InvalidArgument(field, f"is {len(encoded)} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+    if encoded.count("{") + encoded.count("[") > MAX_METADATA_DEPTH:  # else it cannot nest that deep
+        _check_shape(field, metadata, nul=False)
     return metadata
+
+
+def _check_shape(field: str, metadata: dict[str, Any], *, nul: bool) -> None:
+    """Refuse metadata nested deeper than MAX_METADATA_DEPTH, and (``nul``) metadata with a NUL character in a key
+    or a string, which PostgreSQL's jsonb cannot store."""
+    pending: list[tuple[object, int]] = [(metadata, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_METADATA_DEPTH:
+                raise InvalidArgument(field, f"nests objects and lists more than {MAX_METADATA_DEPTH} deep")
+            if isinstance(item, dict):
+                if nul and any("\x00" in key for key in item):
+                    raise InvalidArgument(field, "must not contain NUL characters")
+                pending.extend((inner, depth + 1) for inner in item.values())
+            else:
+                pending.extend((inner, depth + 1) for inner in item)
+        elif nul and isinstance(item, str) and "\x00" in item:
+            raise InvalidArgument(field, "must not contain NUL characters")
 
 
 def check_ttl(field: str, ttl: timedelta, *, now: datetime | None = None) -> float:

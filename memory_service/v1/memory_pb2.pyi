@@ -277,7 +277,11 @@ class MemoryInput(_message.Message):
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
-    def metadata(self) -> _struct_pb2.Struct: ...
+    def metadata(self) -> _struct_pb2.Struct:
+        """At most 64 KiB as JSON, objects and lists nested at most 20 deep (so that every response holding it parses
+        within protobuf's 100 levels), finite numbers, no NUL characters.
+        """
+
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Optional: a caller-computed embedding of the configured dimension. Empty: the service embeds the value.
