@@ -311,6 +311,33 @@ async def test_other_rpcs_validate_their_fields(shared_server: RunningServer) ->
         assert details.startswith(field + ":"), (field, details)
 
 
+async def test_a_fence_naming_a_lease_no_acquire_could_grant_is_invalid_argument(shared_server: RunningServer) -> None:
+    """A fence is held to the lease names' rules: a NUL in one reached PostgreSQL (INTERNAL), and a name no Acquire
+    accepts answered ABORTED, "re-read and retry", which no retry can cure."""
+    memory = shared_server.memory
+    value = memory_pb2.MemoryInput(scope=memory_pb2.SCOPE_AGENT, scope_id=33, value="fenced")
+    cases = [
+        (memory_pb2.Fence(namespace="a\x00b", name="x", fencing_token=1), "fence.namespace"),
+        (memory_pb2.Fence(namespace="jobs", name="x\x00", fencing_token=1), "fence.name"),
+        (memory_pb2.Fence(namespace="bad ns!", name="x", fencing_token=1), "fence.namespace"),
+        (memory_pb2.Fence(namespace="", name="x", fencing_token=1), "fence.namespace"),
+        (memory_pb2.Fence(namespace="jobs", name="n" * 201, fencing_token=1), "fence.name"),
+        (memory_pb2.Fence(namespace="jobs", name="x", fencing_token=0), "fence.fencing_token"),
+    ]
+    for fence, field in cases:
+        code, details = await outcome(memory.Store(memory_pb2.StoreRequest(memory=value, fence=fence)))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field + ":"), (fence, details)
+
+        async def requests(fence: memory_pb2.Fence = fence) -> AsyncIterator[memory_pb2.BulkStoreRequest]:
+            yield memory_pb2.BulkStoreRequest(items=[memory_pb2.BulkItem(sequence=1, memory=value)], fence=fence)
+
+        with pytest.raises(grpc.RpcError) as caught:
+            async for _ack in memory.BulkStore(requests()):
+                pass
+        assert code_of(caught.value) is grpc.StatusCode.INVALID_ARGUMENT, (fence, caught.value.details())
+        assert (caught.value.details() or "").startswith(field + ":"), (fence, caught.value.details())
+
+
 async def test_a_message_that_does_not_parse_is_invalid_argument(shared_server: RunningServer) -> None:
     channel = shared_server.channel
     raw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}

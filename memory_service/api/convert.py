@@ -12,6 +12,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from memory_service.api import times
 from memory_service.config.settings import Settings
 from memory_service.errors import InvalidArgument
+from memory_service.leases.rules import check_name as check_lease_name
 from memory_service.memories import validation
 from memory_service.memories.ingest import BulkAck
 from memory_service.models import (
@@ -98,8 +99,10 @@ def _struct(field: str, message: struct_pb2.Struct) -> dict[str, Any]:
 def fence_from_proto(message: memory_pb2.Fence, field: str = "fence") -> Fence | None:
     if not message.namespace and not message.name and not message.fencing_token:
         return None
-    if not message.name:
-        raise InvalidArgument(f"{field}.name", "is required when a fence is given")
+    # The lease's own rules: a fence naming a lease no Acquire could grant is bad input, not a lost lease (ABORTED),
+    # and a NUL in it would reach PostgreSQL.
+    check_lease_name(f"{field}.namespace", message.namespace)
+    check_lease_name(f"{field}.name", message.name)
     if message.fencing_token <= 0:
         raise InvalidArgument(f"{field}.fencing_token", "must be a token from a lease grant (> 0)")
     return Fence(namespace=message.namespace, name=message.name, token=message.fencing_token)

@@ -330,7 +330,7 @@ Global___MemoryInput: _TypeAlias = MemoryInput  # noqa: Y015
 @_typing.final
 class Fence(_message.Message):
     """Names a lease and the fencing token its holder was granted. A write carrying a fence is refused with
-    ABORTED once the lease has a newer holder.
+    ABORTED once the lease has a newer holder. namespace and name follow Acquire's rules (INVALID_ARGUMENT otherwise).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
