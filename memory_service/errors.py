@@ -39,12 +39,15 @@ class MemoryServiceError(Exception):
 
 class InvalidArgument(MemoryServiceError):
     """The request is malformed; ``field`` is the path of the offending field in the request message ("" when the
-    request as a whole is at fault, such as bytes that do not parse)."""
+    request as a whole is at fault, such as bytes that do not parse). ``also``: more fields the same fault is about,
+    such as the other members of a choice none of which is set (BadRequest names each; a oneof's own name is not a
+    path a client can look up)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, *, also: tuple[str, ...] = ()) -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
+        self.also = also
 
 
 class NotFound(MemoryServiceError):

@@ -34,8 +34,8 @@ MAX_DEPTH = 3
 
 
 def resolves(root: descriptor.Descriptor, path: str) -> bool:
-    """Whether ``path`` (``a.b[2].c``, ``m["key"]``) names a field of ``root``; the last step may also name a oneof
-    (an error such as "give an id or a filter" is about the oneof as a whole)."""
+    """Whether ``path`` (``a.b[2].c``, ``m["key"]``) names a field of ``root``. A oneof's name is not a path (a
+    client cannot set it): a choice none of whose members is set names every member, one violation each."""
     if not path:
         return False
     current: descriptor.Descriptor | None = root
@@ -48,7 +48,7 @@ def resolves(root: descriptor.Descriptor, path: str) -> bool:
         field = current.fields_by_name.get(name)
         last = position == len(steps) - 1
         if field is None:
-            return last and index is None and key is None and name in current.oneofs_by_name
+            return False
         is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
         repeated = field.is_repeated
         if index is not None and (not repeated or is_map):
@@ -70,7 +70,8 @@ def resolves(root: descriptor.Descriptor, path: str) -> bool:
 def test_the_resolver_accepts_real_paths_and_refuses_others() -> None:
     erase = memory_pb2.EraseRequest.DESCRIPTOR
     assert resolves(erase, "scope.scope") and resolves(erase, "filter.scopes[3].scope_id")
-    assert resolves(erase, "target") and resolves(memory_pb2.StoreRequest.DESCRIPTOR, "memory.tags[0]")
+    assert resolves(erase, "id") and resolves(memory_pb2.StoreRequest.DESCRIPTOR, "memory.tags[0]")
+    assert not resolves(erase, "target") and not resolves(lease_pb2.HoldRequest.DESCRIPTOR, "action")  # oneofs
     assert not resolves(erase, "scope.scopes[0].scope")  # what Erase once named
     assert not resolves(erase, "scope[0].scope") and not resolves(erase, "filter.scopes.scope[0]")
     assert not resolves(lease_pb2.HoldRequest.DESCRIPTOR, "namespace")

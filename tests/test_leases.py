@@ -419,6 +419,34 @@ async def test_hold_first_message_must_acquire(lease_server: RunningServer) -> N
     assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize(
+    ("later", "field"),
+    [
+        (lease_pb2.HoldRequest(acquire=acquire_request("second")), "acquire"),
+        (lease_pb2.HoldRequest(release=False), "release"),
+    ],
+)
+async def test_a_later_hold_message_that_is_not_a_release_names_its_field_and_ends_the_lease(
+    lease_server: RunningServer, later: lease_pb2.HoldRequest, field: str
+) -> None:
+    """The error named the oneof ("action"), which is no field a client can look up, and the RELEASED event before it
+    said "released at your request" of a release nobody asked for."""
+    stub = lease_server.leases
+    call = stub.Hold()
+    await call.write(lease_pb2.HoldRequest(acquire=acquire_request(f"misused-{field}", ttl=5, holder="h")))
+    assert (await call.read()).kind == lease_pb2.HoldEvent.KIND_GRANTED
+    await call.write(later)
+    events: list[lease_pb2.HoldEvent] = []
+    with contextlib.suppress(grpc.aio.AioRpcError):  # the error ends the stream after the event
+        async for event in _events(call):
+            events.append(event)
+    assert [e.kind for e in events] == [lease_pb2.HoldEvent.KIND_RELEASED]
+    assert "cannot take" in events[0].reason, events[0].reason
+    assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await call.details() or "").startswith(field + ":")
+    assert await lease_gone(stub, f"misused-{field}")
+
+
 async def test_hold_streams_end_with_lost_when_the_server_begins_shutdown(lease_server: RunningServer) -> None:
     stub = lease_server.leases
     call = stub.Hold()

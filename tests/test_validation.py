@@ -291,7 +291,7 @@ async def test_other_rpcs_validate_their_fields(shared_server: RunningServer) ->
     cases = [
         (memory.Get(memory_pb2.GetRequest(id=0)), "id"),
         (memory.Get(memory_pb2.GetRequest(id=-4)), "id"),
-        (memory.Delete(memory_pb2.DeleteRequest()), "target"),
+        (memory.Delete(memory_pb2.DeleteRequest()), "id"),
         (memory.List(memory_pb2.ListRequest(page_size=-1)), "page_size"),
         (memory.Embed(memory_pb2.EmbedRequest()), "texts"),
         (memory.Embed(memory_pb2.EmbedRequest(texts=["ok", ""])), "texts[1]"),
@@ -336,6 +336,19 @@ async def test_a_fence_naming_a_lease_no_acquire_could_grant_is_invalid_argument
                 pass
         assert code_of(caught.value) is grpc.StatusCode.INVALID_ARGUMENT, (fence, caught.value.details())
         assert (caught.value.details() or "").startswith(field + ":"), (fence, caught.value.details())
+
+
+async def test_a_choice_with_no_member_set_names_every_member(shared_server: RunningServer) -> None:
+    """Delete and Erase take an id or a filter; with neither, BadRequest named their oneof ("target"), which is no
+    field a client can set."""
+    memory = shared_server.memory
+    scope = memory_pb2.ScopeRef(scope=memory_pb2.SCOPE_AGENT, scope_id=1)
+    for call in (memory.Delete(memory_pb2.DeleteRequest()), memory.Erase(memory_pb2.EraseRequest(scope=scope))):
+        with pytest.raises(grpc.RpcError) as caught:
+            await call
+        assert code_of(caught.value) is grpc.StatusCode.INVALID_ARGUMENT
+        assert (caught.value.details() or "").startswith("id:"), caught.value.details()
+        assert bad_request_fields(caught.value) == ["id", "filter"]
 
 
 async def test_a_message_that_does_not_parse_is_invalid_argument(shared_server: RunningServer) -> None:

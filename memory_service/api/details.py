@@ -19,10 +19,14 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 def bad_request(error: InvalidArgument, message: str) -> Metadata:
-    """Trailing metadata carrying a BadRequest with one violation; ``message`` must be the call's details text."""
-    violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+    """Trailing metadata carrying a BadRequest with a violation per field the error names; ``message`` must be the
+    call's details text."""
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(field=field, description=error.message)
+        for field in (error.field, *error.also)
+    ]
     detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    detail.Pack(error_details_pb2.BadRequest(field_violations=violations))
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
     metadata: Metadata = rpc_status.to_status(status).trailing_metadata
     return metadata

@@ -76,7 +76,10 @@ def event_to_proto(event: HoldEvent) -> lease_pb2.HoldEvent:
 
 async def commands_from_proto(requests: AsyncIterator[lease_pb2.HoldRequest]) -> AsyncIterator[HoldCommand]:
     async for request in requests:
-        if request.WhichOneof("action") == "release" and request.release:
+        action = request.WhichOneof("action")
+        if action == "release" and request.release:
             yield HoldCommand.RELEASE
+        elif action == "acquire":
+            raise InvalidArgument("acquire", "only the first message of a Hold stream may acquire; later ones release")
         else:
-            raise InvalidArgument("action", "only the first message of a Hold stream may acquire; later ones release")
+            raise InvalidArgument("release", "must be true: a later message of a Hold stream releases the lease")

@@ -70,7 +70,7 @@ class History:
     ) -> EraseReceipt:
         """Remove for good the memories in ``scope`` with this id, or matching this filter (live or deleted)."""
         if memory_id is None and memory_filter is None:
-            raise InvalidArgument("target", "give an id or a filter")
+            raise InvalidArgument("id", "give an id or a filter (neither is set)", also=("filter",))
         if scope is None:
             raise InvalidArgument("scope", "is required: an erase names the scope it erases in")
         if memory_filter is not None and memory_filter.scopes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -45,7 +46,9 @@ async def hold(
         if not step.acquired or step.lease is None:
             pending = False
             reason = _not_acquired(step, cancelled=release_requested.is_set(), stopping=manager.stopping.is_set())
-            yield HoldEvent(kind=HoldEventKind.NOT_ACQUIRED, holder=step.holder, reason=reason)
+            yield HoldEvent(kind=HoldEventKind.NOT_ACQUIRED, holder=step.holder, reason=_refused(failures) or reason)
+            if failures:
+                raise failures[0]
             return
         lease_id = step.lease.lease_id  # a replayed request id may name an earlier grant
         manager.track_hold(step.lease)
@@ -53,7 +56,8 @@ async def hold(
         async for event in _keep(manager, step.lease, step.started, release_requested):
             # After LOST the grant may still be live (the database was unreachable): release it when possible.
             pending = event.kind is not HoldEventKind.RELEASED
-            yield event
+            refused = event.kind is HoldEventKind.RELEASED and failures
+            yield dataclasses.replace(event, reason=_refused(failures)) if refused else event
         if failures:
             raise failures[0]
     finally:
@@ -133,6 +137,14 @@ async def _first_of(first: asyncio.Event, second: asyncio.Event, *, timeout: flo
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def _refused(failures: list[Exception]) -> str:
+    """Why a stream's lease ended when the client sent a message the stream cannot take ("" when it did not): the
+    lease is not left held for a stream that is about to end with an error."""
+    if not failures:
+        return ""
+    return f"released because the stream sent a message it cannot take ({failures[0]}); the call ends with that error"
 
 
 def _not_acquired(step: Acquired, *, cancelled: bool, stopping: bool) -> str:

@@ -85,7 +85,7 @@ class MemoryStore:
         if memory_id is not None:
             return await self._delete_by_id(validation.check_id("id", memory_id), context=context)
         if memory_filter is None:
-            raise InvalidArgument("target", "give an id or a filter")
+            raise InvalidArgument("id", "give an id or a filter (neither is set)", also=("filter",))
         return await self._delete_matching(memory_filter, context=context)
 
     async def _delete_by_id(self, memory_id: int, *, context: WriteContext) -> int:

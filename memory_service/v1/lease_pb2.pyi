@@ -400,7 +400,9 @@ class HoldEvent(_message.Message):
         KIND_LOST: HoldEvent._Kind.ValueType  # 4
         """The lease could not be kept (taken over, expired, or the database unreachable past the TTL). Stop working."""
         KIND_RELEASED: HoldEvent._Kind.ValueType  # 5
-        """Released at your request."""
+        """Released at your request, or because the stream sent a message it cannot take (reason says so, and the
+        stream then ends with INVALID_ARGUMENT naming the field).
+        """
         KIND_NOT_ACQUIRED: HoldEvent._Kind.ValueType  # 6
         """The wait ended without a grant."""
 
@@ -415,7 +417,9 @@ class HoldEvent(_message.Message):
     KIND_LOST: HoldEvent.Kind.ValueType  # 4
     """The lease could not be kept (taken over, expired, or the database unreachable past the TTL). Stop working."""
     KIND_RELEASED: HoldEvent.Kind.ValueType  # 5
-    """Released at your request."""
+    """Released at your request, or because the stream sent a message it cannot take (reason says so, and the
+    stream then ends with INVALID_ARGUMENT naming the field).
+    """
     KIND_NOT_ACQUIRED: HoldEvent.Kind.ValueType  # 6
     """The wait ended without a grant."""
 
