@@ -402,3 +402,38 @@ async def test_bulk_loads_of_every_role_share_one_pooled_connection(database_url
         assert sorted(m.value for m in got.memories) == ["row 1", "row 4"]
     finally:
         await stop_server(running)
+
+
+async def test_an_admin_token_reaches_every_scope_as_documented(served: tuple[str, object]) -> None:
+    """``--admin`` is "everything, in every scope": the command required a --scope with it, and the token was then
+    confined to that scope for memories while it saw server-wide Stats. A token made that way before keeps working
+    as an admin of every scope."""
+    dsn, start = served
+    made = await asyncio.to_thread(cli, "tokens", "create", "root", "--admin", dsn=dsn)
+    assert made.returncode == 0, made.stderr
+    admin = bearer(made.stdout.strip())
+    mixed = await asyncio.to_thread(cli, "tokens", "create", "odd", "--admin", "--scope", "agent:1", dsn=dsn)
+    assert mixed.returncode != 0 and "--scope" in mixed.stderr
+    unscoped = await asyncio.to_thread(cli, "tokens", "create", "nobody", "--read", dsn=dsn)
+    assert unscoped.returncode != 0 and "--scope" in unscoped.stderr
+    legacy = await asyncio.to_thread(cli, "tokens", "create", "old-root", "--admin", dsn=dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE memory.tokens SET scopes = '{project:99}' WHERE name = 'old-root'")
+    finally:
+        await conn.close()
+    one_scope = bearer(await create_token(dsn, "team", ["agent:1"]))
+    running = await start()  # type: ignore[operator]
+    stub = running.memory
+    await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 1, "team note")), metadata=one_scope)
+    for token in (admin, bearer(legacy.stdout.strip())):
+        stored = await stub.Store(memory_pb2.StoreRequest(memory=memory(AGENT, 7, "admin note")), metadata=token)
+        listed = await stub.List(memory_pb2.ListRequest(), metadata=token)
+        assert {m.value for m in listed.memories} == {"team note", "admin note"}
+        found = await stub.Search(memory_pb2.SearchRequest(query="team note", top_k=5), metadata=token)
+        assert "team note" in [hit.memory.value for hit in found.hits]
+        assert (await stub.Stats(memory_pb2.StatsRequest(), metadata=token)).memories == 2
+        receipt = await stub.Erase(
+            memory_pb2.EraseRequest(scope=memory_pb2.ScopeRef(scope=AGENT, scope_id=7), id=stored.id), metadata=token
+        )
+        assert list(receipt.memory_ids) == [stored.id]

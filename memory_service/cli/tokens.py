@@ -45,10 +45,11 @@ def register(commands: Any) -> None:
     create.add_argument(
         "--scope",
         action="append",
-        required=True,
+        default=[],
         type=_grant,
         metavar="SCOPE[:ID]",
-        help="a granted scope: agent:7 (one id), project:* (every id of a kind), * (every scope); repeatable",
+        help="a granted scope: agent:7 (one id), project:* (every id of a kind), * (every scope); repeatable; "
+        "required unless --admin",
     )
     create.add_argument("--read", action="store_true", help="Get, List, Search, History, as-of reads, Watch, Stats")
     create.add_argument("--write", action="store_true", help="Store, BulkStore, Delete, Embed")
@@ -56,7 +57,11 @@ def register(commands: Any) -> None:
     create.add_argument(
         "--lease", action="append", default=[], metavar="NAMESPACE", help="lease calls in this namespace; repeatable"
     )
-    create.add_argument("--admin", action="store_true", help="everything, including server-wide Stats")
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="everything, in every scope (no --scope), server-wide Stats and every lease namespace",
+    )
     create.add_argument("--expires", type=_duration, metavar="DURATION", help="lifetime, e.g. 90d, 12h, 30m")
     create.add_argument("--max-memories", type=int, metavar="N", help="the granted scopes hold at most N memories")
     create.add_argument("--rate", type=float, metavar="PER_SECOND", help="calls per second, on each instance")

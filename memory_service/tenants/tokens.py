@@ -22,7 +22,7 @@ from memory_service.errors import InvalidArgument, Unauthenticated
 from memory_service.metrics import Metrics
 from memory_service.storage import tokens_sql
 from memory_service.storage.database import Database
-from memory_service.tenants.types import FULL_ACCESS, TOKEN_NAME, Access, Permission, ScopeGrant
+from memory_service.tenants.types import EVERY_SCOPE, FULL_ACCESS, TOKEN_NAME, Access, Permission, ScopeGrant
 
 CACHE_SECONDS = 5.0
 """The longest a resolved grant (or the absence of one) is used without reading the table again."""
@@ -50,7 +50,10 @@ def check_spec(spec: TokenSpec) -> None:
     """Raise InvalidArgument naming the flag that is wrong."""
     if not TOKEN_NAME.match(spec.name):
         raise InvalidArgument("name", "must be 1-63 of a-z, 0-9, '_', '.', '-', starting with a letter or digit")
-    if not spec.scopes:
+    if Permission.ADMIN in spec.permissions:
+        if spec.scopes not in ((), EVERY_SCOPE):
+            raise InvalidArgument("--scope", "--admin grants every scope: give no --scope (or only *)")
+    elif not spec.scopes:
         raise InvalidArgument("--scope", "give at least one: SCOPE:ID, SCOPE:* or *")
     for namespace in spec.lease_namespaces:
         if not namespace or len(namespace) > 200:
@@ -63,11 +66,19 @@ def check_spec(spec: TokenSpec) -> None:
         raise InvalidArgument("--expires", "must be a positive duration")
 
 
+def granted_scopes(spec: TokenSpec) -> tuple[ScopeGrant, ...]:
+    """What a token's scopes are: an admin's are every scope, whatever else was asked."""
+    return EVERY_SCOPE if Permission.ADMIN in spec.permissions else spec.scopes
+
+
 def access_from_row(row: Any) -> Access:
+    permissions = frozenset(Permission(p) for p in row["permissions"])
+    # Tokens made before --admin meant every scope carry the scope their command asked for; they mean every one.
+    scopes = EVERY_SCOPE if Permission.ADMIN in permissions else tuple(ScopeGrant.parse(s) for s in row["scopes"])
     return Access(
         principal=row["name"],
-        scopes=tuple(ScopeGrant.parse(s) for s in row["scopes"]),
-        permissions=frozenset(Permission(p) for p in row["permissions"]),
+        scopes=scopes,
+        permissions=permissions,
         lease_namespaces=tuple(row["lease_namespaces"]),
         max_memories=row["max_memories"],
         rate=row["rate"],
@@ -123,7 +134,7 @@ class Tokens:
                 conn,
                 name=spec.name,
                 secret_sha256=hashlib.sha256(secret.encode()).digest(),
-                scopes=[str(s) for s in sorted(set(spec.scopes))],
+                scopes=[str(s) for s in sorted(set(granted_scopes(spec)))],
                 permissions=sorted(p.value for p in spec.permissions),
                 lease_namespaces=sorted(set(spec.lease_namespaces)),
                 max_memories=spec.max_memories,
