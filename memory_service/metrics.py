@@ -330,6 +330,14 @@ class Metrics:
         self.pool_max.set(maximum)
         self.writes_refused.set_function(lambda: float(refusing()))
 
+    def init_rpcs(self, methods: Iterable[tuple[str, str, str]]) -> None:
+        """Create each method's call series at zero (``grpc_type``, ``grpc_service``, ``grpc_method``; status OK
+        for the handled count), so an idle instance's call panels and rules read 0, not "no data"."""
+        for labels in methods:
+            self.grpc_started.labels(*labels)
+            self.grpc_latency.labels(*labels)
+            self.grpc_handled.labels(*labels, "OK")
+
     def init_embedding(self, provider: str, outcomes: Iterable[str] = ("ok", "retryable_error", "refused")) -> None:
         """Create the provider's series at zero, so its error ratio has something to divide from the start."""
         for outcome in outcomes:

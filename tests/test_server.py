@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from memory_service.v1 import memory_pb2
+from memory_service.v1 import lease_pb2, memory_pb2
 from tests.conftest import RunningServer, code_of
 
 
@@ -48,9 +48,29 @@ async def test_metrics_count_calls_by_method_and_code(server: RunningServer) -> 
         for line in body.splitlines()
         if line.startswith("grpc_server_handled_total") and 'grpc_method="Get"' in line
     ]
-    assert handled and 'grpc_code="NOT_FOUND"' in handled[0] and handled[0].endswith(" 1.0")
+    not_found = [line for line in handled if 'grpc_code="NOT_FOUND"' in line]
+    assert len(not_found) == 1 and not_found[0].endswith(" 1.0"), handled
     assert "grpc_server_handling_seconds_bucket" in body
     assert "memory_db_pool_connections" in body
+
+
+async def test_every_method_has_its_call_series_before_its_first_call(server: RunningServer) -> None:
+    """operations.md: label values known in advance are exported at zero from the start. The call series of a
+    method appeared only with its first call, so an idle instance's call panels and rules read "no data"."""
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    for service in (
+        memory_pb2.DESCRIPTOR.services_by_name["MemoryService"],
+        lease_pb2.DESCRIPTOR.services_by_name["LeaseService"],
+    ):
+        for method in service.methods:
+            labels = f'grpc_method="{method.name}",grpc_service="{service.full_name}"'
+            for series in (
+                f"grpc_server_started_total{{{labels}",
+                f'grpc_server_handled_total{{grpc_code="OK",{labels}',
+                f"grpc_server_handling_seconds_count{{{labels}",
+            ):
+                assert series in body, series
 
 
 async def test_metrics_cover_search_and_embeddings(server: RunningServer) -> None:

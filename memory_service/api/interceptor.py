@@ -13,10 +13,11 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from grpc import aio
 
@@ -132,6 +133,25 @@ class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         return result
 
 
+def rpc_kind(request_streaming: bool, response_streaming: bool) -> str:
+    """The ``grpc_type`` label of a method, by which sides stream."""
+    return {
+        (False, False): "unary",
+        (False, True): "server_stream",
+        (True, False): "client_stream",
+        (True, True): "bidi_stream",
+    }[(request_streaming, response_streaming)]
+
+
+def method_labels(services: Iterable[ServiceDescriptor]) -> list[tuple[str, str, str]]:
+    """The call metrics' labels of every method of ``services``, as the interceptor labels their calls."""
+    return [
+        (rpc_kind(m.client_streaming, m.server_streaming), service.full_name, m.name)
+        for service in services
+        for m in service.methods
+    ]
+
+
 _HANDLER_KINDS: dict[tuple[bool, bool], tuple[Callable[..., grpc.RpcMethodHandler], str]] = {
     (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
     (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
@@ -187,13 +207,7 @@ class _Call:
         *,
         observer: CallObserver | None = None,
     ) -> None:
-        kind = {
-            (False, False): "unary",
-            (False, True): "server_stream",
-            (True, False): "client_stream",
-            (True, True): "bidi_stream",
-        }[(handler.request_streaming, handler.response_streaming)]
-        self.labels = (kind, service, method)
+        self.labels = (rpc_kind(handler.request_streaming, handler.response_streaming), service, method)
         self.metrics = metrics
         self._check: Callable[[Any], Any] = _checked_stream if handler.request_streaming else _checked
         self._started = metrics.grpc_started.labels(*self.labels)

@@ -21,13 +21,13 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from memory_service.api.call_log import CallObserver
 from memory_service.api.health import HealthMonitor
-from memory_service.api.interceptor import Authenticator, ServiceInterceptor
+from memory_service.api.interceptor import Authenticator, ServiceInterceptor, method_labels
 from memory_service.api.lease_servicer import LeaseServicer
 from memory_service.api.memory_servicer import MemoryServicer
 from memory_service.app.runtime import Runtime
@@ -40,10 +40,11 @@ from memory_service.v1 import lease_pb2, lease_pb2_grpc, memory_pb2, memory_pb2_
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
-    lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
+SERVICES = (
+    memory_pb2.DESCRIPTOR.services_by_name["MemoryService"],
+    lease_pb2.DESCRIPTOR.services_by_name["LeaseService"],
 )
+SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 
 
 def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
@@ -136,6 +137,7 @@ class MemoryServer:
         memory_pb2_grpc.add_MemoryServiceServicer_to_server(memory_servicer, server)
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(runtime.leases), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.metrics.init_rpcs(method_labels((*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"])))
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
         address = f"{settings.grpc_host}:{settings.grpc_port}"
         credentials = self._server_credentials()
