@@ -213,7 +213,7 @@ def worker() -> None:
             serve_here(settings, on_ready=None if ready is None else serving, reuse_port=True, parent_gone=fd)
         )
     except StartupError as exc:
-        print(f"memory-service: error: {exc}", file=sys.stderr)
+        print(f"memory-service: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
         code = 2
     except KeyboardInterrupt:
         code = 130

@@ -5,17 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
 from memory_service.cli.ops import _scope
-from memory_service.cli.remote import EX_UNAVAILABLE, add_server_flags, read_ca
+from memory_service.cli.remote import add_server_flags, failed, read_ca
 from memory_service.config.settings import Settings
-
-EX_FAILED = 1
 
 
 def register(commands: Any) -> None:
@@ -38,11 +35,6 @@ def _line(message: Any) -> str:
     return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), sort_keys=True)
 
 
-def _failed(what: str, error: grpc.RpcError) -> int:
-    print(f"memory-service: {what} failed: {error.code().name}: {error.details()}", file=sys.stderr)
-    return EX_UNAVAILABLE if error.code() is grpc.StatusCode.UNAVAILABLE else EX_FAILED
-
-
 def _client(args: argparse.Namespace) -> Any:
     from memory_service.client import MemoryClient
 
@@ -55,7 +47,7 @@ def _history(settings: Settings, args: argparse.Namespace) -> int:
             try:
                 versions = await client.history(args.id)
             except grpc.RpcError as error:
-                return _failed("history", error)
+                return failed("history", error)
         for version in versions:
             print(_line(version))
         return 0
@@ -73,7 +65,7 @@ def _watch(settings: Settings, args: argparse.Namespace) -> int:
                 async for change in stream:
                     print(_line(change), flush=True)
             except grpc.RpcError as error:
-                return _failed("watch", error)
+                return failed("watch", error)
         return 0
 
     try:

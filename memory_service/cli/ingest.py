@@ -15,9 +15,10 @@ backoff and resends what follows the last acknowledged line; the server's upsert
 lines that had in fact committed a no-op. Under ``memory-service lease run`` the load is fenced by that lease, so it
 stops with ABORTED once another holder takes over.
 
-Exit codes: 0 every line stored; 1 some lines rejected; 2 the server refused the load (fence superseded, invalid
-request, authentication, a request too large); 64 the file cannot be read; 69 the server stayed unreachable (or
-overloaded) for ``--retry-timeout``.
+Exit codes, as every command that talks to a server: 0 every line stored; 1 the server answered no to some of it:
+lines rejected (each named on stdout), or the whole load refused (one line on stderr: fence superseded, invalid
+request, authentication, permission, a request too large); 2 a bad flag, or the file (or --ca-file) cannot be
+read; 69 the server stayed unreachable (or overloaded) for ``--retry-timeout``. Neither 1 is helped by a retry.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import grpc
 from grpc import aio
 
 from memory_service.cli.jsonl import LineError, parse_line
-from memory_service.cli.remote import add_server_flags
+from memory_service.cli.remote import EX_FAILED, EX_UNAVAILABLE, EX_USAGE, add_server_flags
 from memory_service.client.bulk import BulkSummary, ResumableBulkStore
 from memory_service.config.env import parse_duration
 from memory_service.config.settings import Settings
@@ -47,10 +48,10 @@ from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-EX_REJECTED = 1
-EX_REFUSED = 2
-EX_NOINPUT = 64
-EX_UNAVAILABLE = 69
+EX_REJECTED = EX_FAILED
+"""Some lines were rejected (by this client, or by the server): each is named on stdout."""
+EX_REFUSED = EX_FAILED
+"""The server refused the load as a whole, as every other command's refusal; stderr says why."""
 
 
 @dataclasses.dataclass
@@ -282,7 +283,7 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> int:
         source: IO[bytes] = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
     except OSError as exc:
         print(f"memory-service ingest: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return EX_NOINPUT
+        return EX_USAGE
     with source:
         return asyncio.run(_load(args, source, ca))
 
@@ -314,7 +315,7 @@ async def _load(args: argparse.Namespace, source: IO[bytes], ca: bytes | None) -
         summary = await loader.run()
     except Refused as exc:
         summary, code = loader.summary, EX_REFUSED
-        print(f"memory-service ingest: the server refused the load: {exc}", file=sys.stderr)
+        print(f"memory-service ingest: the server refused the load: {' '.join(str(exc).split())}", file=sys.stderr)
     except TimeoutError as exc:
         summary, code = loader.summary, EX_UNAVAILABLE
         print(f"memory-service ingest: {exc}", file=sys.stderr)

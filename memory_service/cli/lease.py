@@ -4,9 +4,11 @@
 its environment, renews in the background through unary calls (so any server instance behind a load balancer will
 do), stops COMMAND if the lease is lost, releases at the end, and exits with COMMAND's exit code.
 
-Exit codes of its own: 1 (``-E``) the lease is held by another; 64 a usage error; 69 the server could not be
-reached (for ``--retry-timeout``, default 30s, or until ``--wait`` ran out); 126 COMMAND cannot be executed; 127
-COMMAND was not found.
+Exit codes of its own: 1 (``-E``) the lease is held by another; 2 a usage error; 69 the server could not be
+reached (for ``--retry-timeout``, default 30s, or until ``--wait`` ran out); 125 the server refused the request
+(PERMISSION_DENIED, UNAUTHENTICATED, INVALID_ARGUMENT such as a bad namespace or TTL, RESOURCE_EXHAUSTED ...): a
+fault to fix, not a lease someone else holds, as ``timeout`` and ``env`` answer 125 when they fail themselves; 126
+COMMAND cannot be executed; 127 COMMAND was not found. ``lease list`` exits 0, 1 (the server refused), 2 or 69.
 
 The lease counts as lost when a renewal answers ABORTED, or when none has succeeded for the TTL minus a margin,
 measured on this machine's monotonic clock from the moment the last successful request was *sent*: the server
@@ -31,13 +33,16 @@ import grpc
 from google.protobuf import duration_pb2
 from grpc import aio
 
-from memory_service.cli.remote import EX_UNAVAILABLE, EX_USAGE, OneLineParser, add_server_flags, read_ca
+from memory_service.cli.remote import EX_FAILED, EX_UNAVAILABLE, EX_USAGE, OneLineParser, add_server_flags, read_ca
 from memory_service.config.env import parse_duration
 from memory_service.config.settings import Settings
 from memory_service.v1 import lease_pb2, lease_pb2_grpc
 
 EX_CONFLICT = 1
 """Exit code when the lease is held by someone else, as flock(1) answers."""
+EX_REFUSED = 125
+"""The server refused the Acquire (not UNAVAILABLE, not held by another): distinct from a usage error, a lease held
+elsewhere and (but for a COMMAND that exits 125 itself) COMMAND's own exit code; as timeout(1) and env(1) answer."""
 EX_NOT_FOUND = 127
 """COMMAND was not found, as flock(1) and the shell answer."""
 EX_CANNOT_EXECUTE = 126
@@ -141,7 +146,7 @@ def _seconds(value: float) -> duration_pb2.Duration:
 
 
 def _say(message: str) -> None:
-    print(f"memory-service lease: {message}", file=sys.stderr, flush=True)
+    print(f"memory-service lease: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -203,7 +208,7 @@ class _LeaseRun:
                 out_of_time = give_up is not None and now >= give_up
                 if exc.code() not in _RETRYABLE or out_of_time or now - unreachable_since >= args.retry_timeout:
                     _say(f"cannot acquire {args.namespace}/{args.name}: {exc.code().name}: {exc.details()}")
-                    return EX_UNAVAILABLE if exc.code() in _RETRYABLE else EX_USAGE
+                    return EX_UNAVAILABLE if exc.code() in _RETRYABLE else EX_REFUSED
                 if backoff == 0.1:
                     _say(f"{args.address} answers {exc.code().name}; retrying with the same request id")
                 await asyncio.sleep(backoff)
@@ -334,7 +339,7 @@ async def _list_async(args: argparse.Namespace) -> int:
                 break
     except grpc.RpcError as exc:
         _say(f"cannot list leases: {exc.code().name}: {exc.details()}")
-        return EX_UNAVAILABLE if exc.code() in _RETRYABLE else EX_USAGE
+        return EX_UNAVAILABLE if exc.code() in _RETRYABLE else EX_FAILED
     finally:
         await client.channel.close()
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import select
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
@@ -18,6 +19,9 @@ from memory_service.errors import ConfigError, MemoryServiceError, StartupError
 from memory_service.observability import logs
 
 log = logging.getLogger("memory_service")
+
+EX_PIPE = 141
+"""stdout's reader went away (``| head``): 128 + SIGPIPE, what a shell reports for a tool that SIGPIPE ended."""
 
 EPILOG = """\
 Configuration comes from environment variables (DATABASE_URL, GRPC_PORT, EMBEDDING_PROVIDER, ...); see the
@@ -127,34 +131,91 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Run one command; its exit code. 2 a bad flag or setting, 1 a refusal, 69 (client commands) an unreachable
+    server, 141 a closed stdout: a reader that stopped early (``| head``) ends the command quietly."""
+    try:
+        code = _main(argv, env)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe prints "Exception ignored"
+        return code
+    except Exception as exc:
+        if _reader_gone(exc):
+            return _quiet_exit()
+        if isinstance(exc, StartupError):
+            _error(exc)
+            return 2
+        if isinstance(exc, MemoryServiceError):  # a database command the database refused or dropped midway
+            _error(exc)
+            return 1
+        raise
+    except SystemExit:  # argparse's --help and usage errors: what they printed is flushed here too
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return _quiet_exit()
+        raise
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: Sequence[str] | None, env: Mapping[str, str] | None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[Settings, argparse.Namespace], int] = args.run
     environment = os.environ if env is None else env
     if getattr(args, "client", False):
         # Client commands talk to a server; the server's variables are not theirs to validate.
         environment = {key: value for key, value in environment.items() if key == "LOG_LEVEL"}
+    merged = {**environment, **_overrides(args)}
+    if getattr(args, "needs_database", False) and not (
+        merged.get("DATABASE_URL", "").strip() or merged.get("MEMORY_SERVICE_DATA_DIR", "").strip()
+    ):
+        # Only `serve` falls back to the embedded default: a maintenance command on a database nobody named
+        # would create a fresh one and report on it.
+        raise ConfigError(
+            f"{args.command} works on the database directly and needs it named: --database-url (DATABASE_URL), "
+            "or --data-dir (MEMORY_SERVICE_DATA_DIR) for the embedded one"
+        )
+    settings = Settings.from_env(merged)
+    logs.configure(settings.log_level, settings.log_format)
+    return run(settings, args)
+
+
+def _error(exc: BaseException) -> None:
+    """One line, whatever the message holds: a dependency's exception text quoted in it may span several."""
+    print(f"memory-service: error: {' '.join(str(exc).split())}", file=sys.stderr)
+
+
+def _reader_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or was caused by) a write to a stdout whose reader has closed it.
+
+    A BrokenPipeError may arrive wrapped (export's is a database error "caused" by it) or be a socket's own; the
+    pipe itself tells them apart where it can: a pipe without a reader polls as an error."""
+    seen: set[int] = set()
+    chain: BaseException | None = exc
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, BrokenPipeError):
+            break
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    if chain is None or id(chain) in seen:
+        return False
     try:
-        merged = {**environment, **_overrides(args)}
-        if getattr(args, "needs_database", False) and not (
-            merged.get("DATABASE_URL", "").strip() or merged.get("MEMORY_SERVICE_DATA_DIR", "").strip()
-        ):
-            # Only `serve` falls back to the embedded default: a maintenance command on a database nobody named
-            # would create a fresh one and report on it.
-            raise ConfigError(
-                f"{args.command} works on the database directly and needs it named: --database-url (DATABASE_URL), "
-                "or --data-dir (MEMORY_SERVICE_DATA_DIR) for the embedded one"
-            )
-        settings = Settings.from_env(merged)
-        logs.configure(settings.log_level, settings.log_format)
-        return run(settings, args)
-    except StartupError as exc:
-        print(f"memory-service: error: {exc}", file=sys.stderr)
-        return 2
-    except MemoryServiceError as exc:  # a database command the database refused or dropped midway: one line
-        print(f"memory-service: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, or no stdout: trust the exception
+        return True
+
+
+def _quiet_exit() -> int:
+    """End as a tool that SIGPIPE ended, without a word; stdout now points at /dev/null, so that what is left in
+    its buffer is flushed there at interpreter exit instead of failing again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return EX_PIPE
 
 
 if __name__ == "__main__":

@@ -5,19 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from typing import Any
 
 import grpc
 
 from memory_service.app.runtime import Runtime
-from memory_service.cli.remote import EX_UNAVAILABLE, add_server_flags, read_ca
+from memory_service.cli.remote import add_server_flags, failed, read_ca
 from memory_service.config.settings import Settings
 from memory_service.metrics import Metrics
 from memory_service.v1 import memory_pb2
-
-EX_FAILED = 1
-"""The server answered with an error other than UNAVAILABLE."""
 
 
 def register(commands: Any) -> None:
@@ -80,11 +76,6 @@ def _reindex(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _failed(command: str, error: grpc.RpcError) -> int:
-    print(f"memory-service: {command} failed: {error.code().name}: {error.details()}", file=sys.stderr)
-    return EX_UNAVAILABLE if error.code() is grpc.StatusCode.UNAVAILABLE else EX_FAILED
-
-
 def _client(args: argparse.Namespace) -> Any:
     from memory_service.client import MemoryClient
 
@@ -115,7 +106,7 @@ def _stats(settings: Settings, args: argparse.Namespace) -> int:
             try:
                 stats = await client.stats()
             except grpc.RpcError as error:
-                return _failed("stats", error)
+                return failed("stats", error)
         return {
             "memories": stats.memories,
             "by_scope": {
@@ -185,7 +176,7 @@ def _search(settings: Settings, args: argparse.Namespace) -> int:
                     args.query, mode=args.mode, top_k=args.top_k, scope=scope, scope_id=scope_id
                 )
             except grpc.RpcError as error:
-                return _failed("search", error)
+                return failed("search", error)
         for hit in response.hits:
             print(f"{hit.score:8.4f}  #{hit.memory.id:<8} {hit.memory.value}")
         plan = f"{response.plan}, probes {response.probes}" if response.probes else response.plan

@@ -1,4 +1,5 @@
-"""What every command that talks to a running server shares: the address, token and TLS flags, and its exit codes.
+"""What every command that talks to a running server shares: the address, token and TLS flags, and its exit codes:
+0 done, 1 the server refused (answered with an error), 2 a bad flag or setting, 69 the server could not be reached.
 
 These commands never open a database: they reach the service through ``--address`` (``MEMORY_SERVICE_ADDRESS``),
 with ``--token`` (``MEMORY_SERVICE_TOKEN``) as a bearer token and ``--ca-file`` (``MEMORY_SERVICE_CA_FILE``) for TLS.
@@ -8,16 +9,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import NoReturn
+
+import grpc
 
 from memory_service.client.channel import DEFAULT_ADDRESS
 from memory_service.errors import ConfigError
 
-EX_USAGE = 64
-"""sysexits.h: a bad flag or argument."""
+EX_FAILED = 1
+"""The server answered with an error: it refused the call (permission, invalid argument, quota, ...)."""
+EX_USAGE = 2
+"""A bad flag, argument or setting, as argparse and every other command answer."""
 EX_UNAVAILABLE = 69
 """sysexits.h: the service could not be reached (or stayed unreachable for the retry budget)."""
+
+
+def failed(what: str, error: grpc.RpcError) -> int:
+    """Say in one line that ``what`` failed with ``error``; 69 when the server could not be reached, else 1."""
+    details = " ".join(str(error.details() or "").split())
+    print(f"memory-service: {what} failed: {error.code().name}: {details}", file=sys.stderr)
+    return EX_UNAVAILABLE if error.code() is grpc.StatusCode.UNAVAILABLE else EX_FAILED
 
 
 class OneLineParser(argparse.ArgumentParser):
