@@ -227,6 +227,95 @@ async def test_restore_refuses_a_backup_of_a_newer_schema(database_url: str, tmp
     assert await _cli("restore", str(file), dsn=database_url) == 2
 
 
+def _tampered(file: Path, name: str, change: Any) -> Path:
+    """A copy of the backup whose header line ``change`` edited; the archive after it as it was."""
+    line, _, archive = file.read_bytes().partition(b"\n")
+    header = json.loads(line.split(b" ", 2)[2])
+    change(header)
+    copy = file.with_name(name)
+    copy.write_bytes(b"MEMORY-SERVICE-BACKUP 1 " + json.dumps(header).encode() + b"\n" + archive)
+    return copy
+
+
+async def _schema_exists(dsn: str) -> bool:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return bool(await conn.fetchval("SELECT to_regnamespace('memory') IS NOT NULL"))
+    finally:
+        await conn.close()
+
+
+async def test_a_restore_whose_checks_fail_leaves_the_target_as_it_was(
+    database_url: str, spare_databases: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checks against the header run before the restore commits: a header that does not match what the archive
+    restores (a row count, a migration, a model) fails it and the target keeps what it held, nothing at all or
+    (``--force``) the data it had; so does an archive cut short. A retry with the good file then works."""
+    await load(database_url, 12, seed=5)
+    conn = await asyncpg.connect(database_url)
+    try:  # a row longer than the restore reads at once, holding what ends a COPY's rows in its text format
+        await conn.execute(
+            "UPDATE memory.memories SET value = $1 WHERE id = (SELECT min(id) FROM memory.memories)",
+            "x" * 1_500_000 + "\n\\.\n\t\\.",
+        )
+    finally:
+        await conn.close()
+    file = tmp_path / "good.backup"
+    assert await _cli("backup", str(file), dsn=database_url) == 0
+    archive_at = file.read_bytes().index(b"\n") + 1
+    changes = {
+        "count": lambda h: h.update(memories=h["memories"] + 1),
+        "migration": lambda h: h["migrations"].pop(),
+        "model": lambda h: h.update(model="another-model"),
+        "dimension": lambda h: h.update(dimension=256),
+    }
+    damaged = "the archive does not match the backup's header (migrations, model): the file is damaged"
+    bad = {kind: (_tampered(file, f"{kind}.backup", change), damaged) for kind, change in changes.items()}
+    bad["count"] = (bad["count"][0], "the backup's header counts 13 memories but its archive holds 12")
+    truncated = tmp_path / "truncated.backup"  # cut inside the memories' rows: some COPY, then pg_restore fails
+    truncated.write_bytes(file.read_bytes()[: archive_at + (file.stat().st_size - archive_at) // 2])
+    target, replaced = spare_databases[:2]
+    for kind, (tampered, message) in bad.items():
+        capsys.readouterr()
+        assert await _cli("restore", "--any-model", str(tampered), dsn=target) == 2, kind
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (kind, err)
+        assert not await _schema_exists(target), kind  # nothing of the failed restore stayed
+    capsys.readouterr()
+    assert await _cli("restore", str(truncated), dsn=target) == 2
+    assert "pg_restore failed (exit 1)" in capsys.readouterr().err
+    assert not await _schema_exists(target)
+    # The archive's own SQL failing (its columns name public.vector, installed elsewhere here) rolls back as well.
+    elsewhere = spare_databases[2]
+    conn = await asyncpg.connect(elsewhere)
+    try:
+        await conn.execute("CREATE SCHEMA elsewhere; CREATE EXTENSION vector SCHEMA elsewhere")
+    finally:
+        await conn.close()
+    capsys.readouterr()
+    assert await _cli("restore", str(file), dsn=elsewhere) == 2
+    err = capsys.readouterr().err
+    assert 'the archive\'s SQL failed: type "public.vector" does not exist' in err and err.count("\n") == 1, err
+    assert not await _schema_exists(elsewhere)
+
+    assert await _cli("restore", str(file), dsn=target) == 0
+    original = await _rows(database_url)
+    assert await _rows(target) == original and len(original) == 12
+
+    # --force into a database holding data: a failed restore leaves its data and access as they were.
+    assert await _cli("restore", str(file), dsn=replaced) == 0
+    access = await _access(replaced)
+    for kind, (tampered, message) in bad.items():
+        capsys.readouterr()
+        assert await _cli("restore", "--force", "--any-model", str(tampered), dsn=replaced) == 2, kind
+        assert message in capsys.readouterr().err, kind
+        assert await _rows(replaced) == original, kind
+    assert await _cli("restore", "--force", str(truncated), dsn=replaced) == 2
+    assert await _rows(replaced) == original and await _access(replaced) == access
+    assert await _cli("restore", "--force", str(file), dsn=replaced) == 0
+    assert await _rows(replaced) == original
+
+
 def _export(dsn: str, out: Path, *args: str) -> dict[str, Any]:
     """Run ``export`` as its own process; its own peak memory (KiB), its stderr and the lines it wrote."""
     with out.open("wb") as handle:

@@ -164,9 +164,7 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
         started = time.monotonic()
         with database(settings) as (dsn, named_by):
             asyncio.run(check_reachable(dsn, named_by=named_by))
-            asyncio.run(_prepare(dsn, replace=args.force))
-            default_privileges = dump.restore(dsn, archive, bin_dir=args.pg_bin)
-            restored = asyncio.run(_verify(dsn, header, default_privileges))
+            restored = asyncio.run(_restore_into(dsn, archive, header, replace=args.force, bin_dir=args.pg_bin))
     pending = len({m.name for m in load_migrations()} - set(header.migrations))
     print(
         f"restored {restored} memories (model {header.model or 'unbound'}) in {time.monotonic() - started:.1f}s"
@@ -176,32 +174,35 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _prepare(dsn: str, *, replace: bool) -> None:
-    async with dump.plain_connection(dsn) as conn:
+async def _restore_into(
+    dsn: str, archive: IO[bytes], header: dump.BackupHeader, *, replace: bool, bin_dir: Path | None
+) -> int:
+    """One transaction: the target checked and prepared, the archive restored and owned by the restoring user, the
+    tables analyzed, and the restored database checked against the header (the same migrations, model and rows)
+    before it commits; any failure rolls all of it back, leaving the target as it was."""
+    async with dump.plain_connection(dsn) as conn, conn.transaction():
         if not replace and not await dump.is_empty(conn):
             raise StartupError(
                 "refusing to restore into a database that already holds memory-service data (schema memory); "
                 "restore into an empty database, or pass --force to replace it"
             )
         await dump.prepare_target(conn, replace=replace)
-
-
-async def _verify(dsn: str, header: dump.BackupHeader, default_privileges: str) -> int:
-    """The restoring user takes the old owner's place; then the restored database says what the header said: the
-    same migrations, model and rows."""
-    async with dump.plain_connection(dsn) as conn:
-        await dump.take_ownership(conn, default_privileges)
+        await dump.restore(conn, archive, bin_dir=bin_dir)
         await dump.analyze(conn)
         restored = await dump.read_header(conn)
-    if restored.migrations != header.migrations or (restored.model, restored.dimension) != (
-        header.model,
-        header.dimension,
-    ):
-        raise StartupError("the restored database does not match the backup's header: the file is damaged")
-    if restored.memories != header.memories:
-        raise StartupError(
-            f"the backup's header counts {header.memories} memories but {restored.memories} were restored"
-        )
+        if restored.migrations != header.migrations or (restored.model, restored.dimension) != (
+            header.model,
+            header.dimension,
+        ):
+            raise StartupError(
+                "the archive does not match the backup's header (migrations, model): the file is damaged; "
+                "nothing was restored"
+            )
+        if restored.memories != header.memories:
+            raise StartupError(
+                f"the backup's header counts {header.memories} memories but its archive holds {restored.memories}: "
+                "the file is damaged; nothing was restored"
+            )
     return restored.memories
 
 

