@@ -6,6 +6,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -122,3 +124,29 @@ def test_server_processes_default_to_the_cores_and_are_checked() -> None:
     assert Settings.from_env({"SERVER_PROCESSES": "3"}).server_processes == 3
     with pytest.raises(ConfigError, match="SERVER_PROCESSES"):
         Settings.from_env({"SERVER_PROCESSES": "0"})
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+async def test_a_second_server_on_a_port_another_holds_stops_with_one_line(database_url: str, processes: str) -> None:
+    """Workers bind with SO_REUSEPORT, and so did the port's check: a second multi-process server on a running one's
+    port started and shared its connections unnoticed. A single process failed inside gRPC, whose core logged a line
+    of its own before the service's."""
+    first = ServerProcess(test_env(database_url, SERVER_PROCESSES="2", METRICS_PORT="off"))
+    try:
+        await asyncio.to_thread(first.wait_serving)
+        second = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "memory_service", "serve"],
+            env={**os.environ, **test_env(database_url, SERVER_PROCESSES=processes, METRICS_PORT="off"),
+                 "GRPC_PORT": str(first.port)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        lines = [line for line in second.stderr.splitlines() if "error" in line.lower() or "E1" in line[:3]]
+        assert len(lines) == 1 and "cannot listen on" in lines[0] and "GRPC_PORT" in lines[0], second.stderr
+        assert "add_port" not in second.stderr
+    finally:
+        first.stop()

@@ -30,6 +30,7 @@ from memory_service.api.health import HealthMonitor
 from memory_service.api.interceptor import Authenticator, ServiceInterceptor, method_labels
 from memory_service.api.lease_servicer import LeaseServicer
 from memory_service.api.memory_servicer import MemoryServicer
+from memory_service.app.processes import check_port_free
 from memory_service.app.runtime import Runtime
 from memory_service.config.settings import Settings
 from memory_service.errors import StartupError
@@ -140,6 +141,8 @@ class MemoryServer:
         self.metrics.init_rpcs(method_labels((*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"])))
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
         address = f"{settings.grpc_host}:{settings.grpc_port}"
+        if not self._reuse_port:  # the workers of SERVER_PROCESSES bind a port their parent checked and holds
+            check_port_free(settings.grpc_host, settings.grpc_port)
         credentials = self._server_credentials()
         try:
             if credentials is None:
