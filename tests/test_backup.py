@@ -262,7 +262,6 @@ async def test_a_restore_whose_checks_fail_leaves_the_target_as_it_was(
         await conn.close()
     file = tmp_path / "good.backup"
     assert await _cli("backup", str(file), dsn=database_url) == 0
-    archive_at = file.read_bytes().index(b"\n") + 1
     changes = {
         "count": lambda h: h.update(memories=h["memories"] + 1),
         "migration": lambda h: h["migrations"].pop(),
@@ -272,8 +271,12 @@ async def test_a_restore_whose_checks_fail_leaves_the_target_as_it_was(
     damaged = "the archive does not match the backup's header (migrations, model): the file is damaged"
     bad = {kind: (_tampered(file, f"{kind}.backup", change), damaged) for kind, change in changes.items()}
     bad["count"] = (bad["count"][0], "the backup's header counts 13 memories but its archive holds 12")
-    truncated = tmp_path / "truncated.backup"  # cut inside the memories' rows: some COPY, then pg_restore fails
-    truncated.write_bytes(file.read_bytes()[: archive_at + (file.stat().st_size - archive_at) // 2])
+    # Cut inside the memories' rows: some COPY, then pg_restore fails. Its header is one of a backup made before
+    # the archive's digest was recorded, which would refuse the file before pg_restore ever started.
+    legacy = _tampered(file, "legacy.backup", lambda h: [h.pop("archive_sha256"), h.pop("archive_bytes")])
+    legacy_at = legacy.read_bytes().index(b"\n") + 1
+    truncated = tmp_path / "truncated.backup"
+    truncated.write_bytes(legacy.read_bytes()[: legacy_at + (legacy.stat().st_size - legacy_at) // 2])
     target, replaced = spare_databases[:2]
     for kind, (tampered, message) in bad.items():
         capsys.readouterr()
@@ -314,6 +317,36 @@ async def test_a_restore_whose_checks_fail_leaves_the_target_as_it_was(
     assert await _rows(replaced) == original and await _access(replaced) == access
     assert await _cli("restore", "--force", str(file), dsn=replaced) == 0
     assert await _rows(replaced) == original
+
+
+async def test_a_backup_cut_short_or_changed_anywhere_is_refused_before_anything_is_restored(
+    database_url: str, spare_databases: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pg_restore reads a custom archive by its offsets and never reached the last third of a small backup: a file
+    cut there restored "completely" with exit 0. The header records the archive's SHA-256 and size, checked first;
+    a backup made before they were recorded still restores."""
+    await load(database_url, 12, seed=6)
+    file = tmp_path / "good.backup"
+    assert await _cli("backup", str(file), dsn=database_url) == 0
+    whole = file.read_bytes()
+    header = json.loads(whole.partition(b"\n")[0].split(b" ", 2)[2])
+    archive_at = whole.index(b"\n") + 1
+    assert header["archive_bytes"] == len(whole) - archive_at and len(header["archive_sha256"]) == 64
+    tail_cut = tmp_path / "tail-cut.backup"
+    tail_cut.write_bytes(whole[: len(whole) - (len(whole) - archive_at) // 3])
+    flipped = tmp_path / "flipped.backup"
+    middle = archive_at + (len(whole) - archive_at) // 2
+    flipped.write_bytes(whole[:middle] + bytes([whole[middle] ^ 1]) + whole[middle + 1 :])
+    target = spare_databases[0]
+    for bad in (tail_cut, flipped):
+        capsys.readouterr()
+        assert await _cli("restore", str(bad), dsn=target) == 2, bad.name
+        err = capsys.readouterr().err
+        assert "the file is truncated or damaged; nothing was restored" in err and err.count("\n") == 1, err
+        assert not await _schema_exists(target), bad.name
+    legacy = _tampered(file, "legacy.backup", lambda h: [h.pop("archive_sha256"), h.pop("archive_bytes")])
+    assert await _cli("restore", str(legacy), dsn=target) == 0
+    assert await _rows(target) == await _rows(database_url)
 
 
 def _export(dsn: str, out: Path, *args: str) -> dict[str, Any]:

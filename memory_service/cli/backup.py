@@ -99,7 +99,9 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
                 snapshot = await dump.snapshot_for_dump(conn)
                 try:
                     header = await dump.read_header(conn)
-                    await asyncio.to_thread(_write, args.file, header, dsn, snapshot, args.pg_bin)
+                    await asyncio.to_thread(
+                        dump.write_backup, args.file, header, dsn, snapshot=snapshot, bin_dir=args.pg_bin
+                    )
                 finally:
                     await conn.execute("ROLLBACK")
         finally:
@@ -121,13 +123,6 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _write(path: Path, header: dump.BackupHeader, dsn: str, snapshot: str, pg_bin: Path | None) -> None:
-    with open(path, "wb") as out:
-        out.write(header.to_line())
-        out.flush()
-        dump.dump(dsn, out, snapshot=snapshot, bin_dir=pg_bin)
 
 
 def check_header(header: dump.BackupHeader, settings: Settings, *, any_model: bool) -> list[str]:
@@ -187,7 +182,7 @@ async def _restore_into(
                 "restore into an empty database, or pass --force to replace it"
             )
         await dump.prepare_target(conn, replace=replace)
-        await dump.restore(conn, archive, bin_dir=bin_dir)
+        await dump.restore(conn, archive, header, bin_dir=bin_dir)
         await dump.analyze(conn)
         restored = await dump.read_header(conn)
         if restored.migrations != header.migrations or (restored.model, restored.dimension) != (

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
-import shutil
 import subprocess
 import tempfile
 import warnings
@@ -45,6 +45,11 @@ class BackupHeader:
     postgres_version: str
     pgvector_version: str
     created_at: str
+    archive_sha256: str = ""
+    """SHA-256 of the archive after the header line, and its size: a backup cut short or changed is refused before
+    anything is restored (pg_restore reads a custom archive by offsets and may never reach a lost tail). Empty and
+    -1 in backups made before they were recorded."""
+    archive_bytes: int = -1
 
     def to_line(self) -> bytes:
         body = json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -105,6 +110,26 @@ async def snapshot_for_dump(conn: asyncpg.Connection) -> str:
     return snapshot
 
 
+def write_backup(path: Path, header: BackupHeader, dsn: str, *, snapshot: str | None, bin_dir: Path | None) -> None:
+    """The header line, then the archive; the header is written twice: first with room for the archive's digest and
+    size (the largest they can take), then, once pg_dump is done, with them (padded to the same length)."""
+    room = dataclasses.replace(header, archive_sha256="0" * 64, archive_bytes=10**19).to_line()
+    with open(path, "wb") as out:
+        out.write(room)
+        out.flush()
+        dump(dsn, out, snapshot=snapshot, bin_dir=bin_dir)
+    # Opened again: pg_dump moved the shared file offset behind the first file object's back.
+    with open(path, "r+b") as written:
+        written.seek(len(room))
+        digest, size = hashlib.sha256(), 0
+        while chunk := written.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        final = dataclasses.replace(header, archive_sha256=digest.hexdigest(), archive_bytes=size).to_line()
+        written.seek(0)
+        written.write(final[:-1] + b" " * (len(room) - len(final)) + b"\n")  # JSON ends where spaces begin
+
+
 def dump(dsn: str, out: IO[bytes], *, snapshot: str | None, bin_dir: Path | None = None) -> None:
     """Append a custom-format archive of the schema ``memory`` to ``out`` (a file already holding the header)."""
     # gzip level 1: embeddings barely compress, and the default level 6 spent most of a backup's time on them.
@@ -159,7 +184,9 @@ async def prepare_target(conn: asyncpg.Connection, *, replace: bool) -> None:
         await conn.execute("DROP SCHEMA IF EXISTS memory")
 
 
-async def restore(conn: asyncpg.Connection, archive: IO[bytes], *, bin_dir: Path | None = None) -> None:
+async def restore(
+    conn: asyncpg.Connection, archive: IO[bytes], header: BackupHeader, *, bin_dir: Path | None = None
+) -> None:
     """Restore the archive that follows the header in ``archive`` on ``conn``, inside the caller's transaction, so
     that whatever fails before it commits (the checks against the header, too) leaves the database as it was.
 
@@ -171,7 +198,16 @@ async def restore(conn: asyncpg.Connection, archive: IO[bytes], *, bin_dir: Path
     with tempfile.TemporaryDirectory(prefix="memory-service-restore-") as work:
         copy, kept, owners = (Path(work) / name for name in ("archive.dump", "kept.list", "owner.list"))
         with copy.open("wb") as out:
-            shutil.copyfileobj(archive, out, 1 << 20)
+            digest, size = hashlib.sha256(), 0
+            while chunk := archive.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        if header.archive_sha256 and (digest.hexdigest(), size) != (header.archive_sha256, header.archive_bytes):
+            raise StartupError(
+                f"the archive is {size} bytes with another SHA-256 than the {header.archive_bytes} bytes its header "
+                "records: the file is truncated or damaged; nothing was restored"
+            )
         entries = _run([program, "--list", str(copy)], stdout=subprocess.PIPE).splitlines()
         kept.write_text("\n".join(e for e in entries if not _OWNER_BOUND.match(e)) + "\n")
         await _run_script(conn, [program, "--no-owner", f"--use-list={kept}", "--file=-", str(copy)])
