@@ -30,7 +30,7 @@ from memory_service.api.health import HealthMonitor
 from memory_service.api.interceptor import Authenticator, ServiceInterceptor, method_labels
 from memory_service.api.lease_servicer import LeaseServicer
 from memory_service.api.memory_servicer import MemoryServicer
-from memory_service.app.processes import check_port_free
+from memory_service.app.ports import check_port_free
 from memory_service.app.runtime import Runtime
 from memory_service.config.settings import Settings
 from memory_service.errors import StartupError
