@@ -33,6 +33,12 @@ classes (``memory_service.storage.database.DRIVER_ERRORS``), and these classes t
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace, line breaks included, as one space: how an error reaches an operator's
+    terminal or log line, whatever a dependency's message quoted in it holds."""
+    return " ".join(text.split())
+
+
 class MemoryServiceError(Exception):
     """Root of every error the service raises on purpose."""
 

@@ -208,23 +208,23 @@ async def _access(dsn: str) -> list[tuple[Any, ...]]:
     return [tuple(sorted(v) if isinstance(v, list) else v for v in row) for row in rows]
 
 
-async def _rows_exist(dsn: str) -> bool:
+async def _holds(dsn: str, condition: str) -> bool:
     conn = await asyncpg.connect(dsn)
     try:
-        return bool(await conn.fetchval("SELECT to_regclass('memory.memories') IS NOT NULL"))
+        return bool(await conn.fetchval(f"SELECT {condition}"))
     finally:
         await conn.close()
 
 
+async def _rows_exist(dsn: str) -> bool:
+    return await _holds(dsn, "to_regclass('memory.memories') IS NOT NULL")
+
+
 async def test_restore_refuses_a_backup_of_a_newer_schema(database_url: str, tmp_path: Path) -> None:
-    file = tmp_path / "newer.backup"
+    file = tmp_path / "good.backup"
     assert await _cli("backup", str(file), dsn=database_url) == 0
-    data = file.read_bytes()
-    line, _, archive = data.partition(b"\n")
-    header = json.loads(line.split(b" ", 2)[2])
-    header["migrations"].append("9999_from_the_future.sql")
-    file.write_bytes(b"MEMORY-SERVICE-BACKUP 1 " + json.dumps(header).encode() + b"\n" + archive)
-    assert await _cli("restore", str(file), dsn=database_url) == 2
+    newer = _tampered(file, "newer.backup", lambda h: h["migrations"].append("9999_from_the_future.sql"))
+    assert await _cli("restore", str(newer), dsn=database_url) == 2
 
 
 def _tampered(file: Path, name: str, change: Any) -> Path:
@@ -238,11 +238,7 @@ def _tampered(file: Path, name: str, change: Any) -> Path:
 
 
 async def _schema_exists(dsn: str) -> bool:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return bool(await conn.fetchval("SELECT to_regnamespace('memory') IS NOT NULL"))
-    finally:
-        await conn.close()
+    return await _holds(dsn, "to_regnamespace('memory') IS NOT NULL")
 
 
 async def test_a_restore_whose_checks_fail_leaves_the_target_as_it_was(

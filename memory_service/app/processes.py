@@ -40,7 +40,7 @@ from typing import Any
 
 from memory_service.app.ports import reserve_port
 from memory_service.config.settings import Settings
-from memory_service.errors import StartupError
+from memory_service.errors import StartupError, one_line
 from memory_service.observability import logs
 from memory_service.storage.embedded import EmbeddedPostgres
 
@@ -199,7 +199,7 @@ def worker() -> None:
             serve_here(settings, on_ready=None if ready is None else serving, reuse_port=True, parent_gone=fd)
         )
     except StartupError as exc:
-        print(f"memory-service: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
+        print(f"memory-service: error: {one_line(str(exc))}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130

@@ -44,6 +44,7 @@ from memory_service.cli.remote import EX_FAILED, EX_UNAVAILABLE, EX_USAGE, add_s
 from memory_service.client.bulk import BulkSummary, ResumableBulkStore
 from memory_service.config.env import parse_duration
 from memory_service.config.settings import Settings
+from memory_service.errors import one_line
 from memory_service.v1 import memory_pb2, memory_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -315,7 +316,7 @@ async def _load(args: argparse.Namespace, source: IO[bytes], ca: bytes | None) -
         summary = await loader.run()
     except Refused as exc:
         summary, code = loader.summary, EX_REFUSED
-        print(f"memory-service ingest: the server refused the load: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"memory-service ingest: the server refused the load: {one_line(str(exc))}", file=sys.stderr)
     except TimeoutError as exc:
         summary, code = loader.summary, EX_UNAVAILABLE
         print(f"memory-service ingest: {exc}", file=sys.stderr)

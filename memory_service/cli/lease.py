@@ -36,6 +36,7 @@ from grpc import aio
 from memory_service.cli.remote import EX_FAILED, EX_UNAVAILABLE, EX_USAGE, OneLineParser, add_server_flags, read_ca
 from memory_service.config.env import parse_duration
 from memory_service.config.settings import Settings
+from memory_service.errors import one_line
 from memory_service.v1 import lease_pb2, lease_pb2_grpc
 
 EX_CONFLICT = 1
@@ -146,7 +147,7 @@ def _seconds(value: float) -> duration_pb2.Duration:
 
 
 def _say(message: str) -> None:
-    print(f"memory-service lease: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    print(f"memory-service lease: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from memory_service.cli.remote import OneLineParser
 from memory_service.config.settings import Settings
-from memory_service.errors import ConfigError, MemoryServiceError, StartupError
+from memory_service.errors import ConfigError, MemoryServiceError, StartupError, one_line
 from memory_service.observability import logs
 
 log = logging.getLogger("memory_service")
@@ -181,7 +181,7 @@ def _main(argv: Sequence[str] | None, env: Mapping[str, str] | None) -> int:
 
 def _error(exc: BaseException) -> None:
     """One line, whatever the message holds: a dependency's exception text quoted in it may span several."""
-    print(f"memory-service: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    print(f"memory-service: error: {one_line(str(exc))}", file=sys.stderr)
 
 
 def _reader_gone(exc: BaseException) -> bool:

@@ -16,7 +16,7 @@ from typing import NoReturn
 import grpc
 
 from memory_service.client.channel import DEFAULT_ADDRESS
-from memory_service.errors import ConfigError
+from memory_service.errors import ConfigError, one_line
 
 EX_FAILED = 1
 """The server answered with an error: it refused the call (permission, invalid argument, quota, ...)."""
@@ -28,7 +28,7 @@ EX_UNAVAILABLE = 69
 
 def failed(what: str, error: grpc.RpcError) -> int:
     """Say in one line that ``what`` failed with ``error``; 69 when the server could not be reached, else 1."""
-    details = " ".join(str(error.details() or "").split())
+    details = one_line(str(error.details() or ""))
     print(f"memory-service: {what} failed: {error.code().name}: {details}", file=sys.stderr)
     return EX_UNAVAILABLE if error.code() is grpc.StatusCode.UNAVAILABLE else EX_FAILED
 

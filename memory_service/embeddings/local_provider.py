@@ -63,9 +63,8 @@ def model_directory(model: str, model_path: Path | None, data_dir: Path) -> Path
     try:
         snapshot_download(repo_id=model, local_dir=target, allow_patterns=_DOWNLOAD_PATTERNS)
     except Exception as exc:
-        reason = " ".join(str(exc).split())  # the hub's messages span lines; a start-up error is one
         raise StartupError(
-            f"could not download embedding model {model!r} ({type(exc).__name__}: {reason}); "
+            f"could not download embedding model {model!r} ({type(exc).__name__}: {exc}); "
             "set EMBEDDING_MODEL_PATH to a local copy of it"
         ) from exc
     return target

@@ -30,6 +30,7 @@ from memory_service.errors import (
     MemoryServiceError,
     PermissionDenied,
     StartupError,
+    one_line,
 )
 from memory_service.storage.access import QUOTA_SQLSTATE, access_settings, quota_exceeded
 from memory_service.storage.probe import WriteRefusals
@@ -140,7 +141,7 @@ async def check_reachable(dsn: str, *, named_by: str, timeout: float = 10.0) -> 
     try:
         conn = await asyncpg.connect(dsn, timeout=timeout)
     except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+        reason = one_line(str(exc)) or type(exc).__name__
         raise StartupError(f"cannot connect to the database {named_by} ({redact_url(dsn)}): {reason}") from exc
     await conn.close()
 

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import asyncpg
 
-from memory_service.errors import StartupError
+from memory_service.errors import StartupError, one_line
 from memory_service.storage.database import driver_error, translate_errors
 from memory_service.storage.migrations import migrations_dir
 
@@ -173,7 +173,7 @@ async def prepare_target(conn: asyncpg.Connection, *, replace: bool) -> None:
         await conn.execute(calls_roles_statement())
     except asyncpg.InsufficientPrivilegeError as exc:
         raise StartupError(
-            f"cannot create or join the roles memory_calls and memory_calls_kinds ({' '.join(str(exc).split())}): "
+            f"cannot create or join the roles memory_calls and memory_calls_kinds ({one_line(str(exc))}): "
             "have a superuser create "
             "them (NOLOGIN NOBYPASSRLS) and grant them to the restoring user, then restore again"
         ) from exc
@@ -244,11 +244,11 @@ async def _run_script(conn: asyncpg.Connection, command: list[str]) -> None:
         if process.returncode is None and (failure is not None or not process.stdout.at_eof()):
             process.kill()  # what failed here, or an interruption, ends it; a failure of its own ends it anyway
         returncode = await process.wait()
-        message = " ".join((await errors).decode(errors="replace").split())
+        message = one_line((await errors).decode(errors="replace"))
     if returncode > 0:  # its own failure (a truncated or damaged archive) explains any that followed here
         raise StartupError(f"pg_restore failed (exit {returncode}): {message}") from failure
     if isinstance(failure, asyncpg.PostgresError) and driver_error(failure) is None:
-        raise StartupError(f"the archive's SQL failed: {' '.join(str(failure).split())}") from failure
+        raise StartupError(f"the archive's SQL failed: {one_line(str(failure))}") from failure
     if failure is not None:
         raise failure
 
@@ -343,7 +343,7 @@ def _run(command: list[str], **kwargs: Any) -> str:
     except OSError as exc:
         raise StartupError(f"cannot run {command[0]}: {exc}") from exc
     if result.returncode != 0:
-        message = " ".join(result.stderr.decode(errors="replace").split())
+        message = one_line(result.stderr.decode(errors="replace"))
         raise StartupError(f"{Path(command[0]).name} failed (exit {result.returncode}): {message}")
     return result.stdout.decode() if result.stdout is not None else ""
 
